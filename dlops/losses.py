@@ -1,0 +1,133 @@
+"""The three losses of the ResNet18 studies, as modules ``loss(embedding, logits, labels)``.
+
+``LOSSES`` maps the name used in specs and on the command line to the class. Each
+class says how its model is scored (``scored_by``: ``"logits"`` or ``"centroids"``)
+and whether it needs P x K batches (``needs_pk``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class CrossEntropyLoss(nn.Module):
+    """Softmax cross-entropy on the logits, averaged over the batch."""
+
+    scored_by = "logits"
+    needs_pk = False
+
+    def __init__(self, num_classes: int, embedding_dim: int, **_: float):
+        super().__init__()
+
+    def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding
+
+
+def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance matrix of the rows of ``x`` from one matrix product.
+
+    Squared distances are clamped at 1e-12 before the square root so that the zero
+    diagonal has a finite gradient.
+    """
+    sq = (x * x).sum(1)
+    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017, eq. 5) with a hinge.
+
+    For every anchor ``a`` of the batch: ``d_ap`` = distance to its farthest positive
+    (same label, not ``a`` itself), ``d_an`` = distance to its nearest negative; the loss
+    is the mean over anchors of ``max(0, margin + d_ap - d_an)``. Anchors with no
+    positive or no negative in the batch are left out. Distances are Euclidean on the
+    embeddings exactly as given (this function does not normalise them).
+    """
+    d = pairwise_distances(embedding.float())
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos_mask = same & ~eye
+    neg_mask = ~same
+    d_ap = torch.where(pos_mask, d, torch.zeros_like(d)).amax(1)
+    d_an = torch.where(neg_mask, d, torch.full_like(d, float("inf"))).amin(1)
+    valid = pos_mask.any(1) & neg_mask.any(1)
+    if not bool(valid.any()):
+        return embedding.sum() * 0.0
+    return F.relu(margin + d_ap - d_an)[valid].mean()
+
+
+class BatchHardTripletLoss(nn.Module):
+    """Batch-hard triplet loss on L2-normalised embeddings (distances lie in [0, 2], so
+    the margin is on that scale). Needs P x K batches. The model has no classifier:
+    it is scored by its nearest class centroids in the same normalised space."""
+
+    scored_by = "centroids"
+    needs_pk = True
+
+    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.2, **_: float):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return batch_hard_triplet_loss(F.normalize(embedding.float(), dim=1), labels, self.margin)
+
+    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embedding.float(), dim=1)
+
+
+class CenterLoss(nn.Module):
+    """Softmax cross-entropy plus center loss (Wen et al. 2016)::
+
+        L = CE(logits, y) + lambda / 2 * mean_i ||f_i - c_{y_i}||^2
+
+    ``f_i`` is the pooled embedding. The centers ``c_j`` are a buffer, not parameters:
+    the main SGD (its learning rate, momentum and weight decay) never touches them.
+    After computing the loss of a training batch they move toward the batch's class
+    means (Wen et al., eq. 4)::
+
+        delta_j = sum_{i: y_i = j} (c_j - f_i) / (1 + n_j)      n_j = #{i: y_i = j}
+        c_j    <- c_j - alpha * delta_j
+
+    Classes absent from the batch keep their center. Centers start at zero.
+    """
+
+    scored_by = "logits"
+    needs_pk = False
+
+    def __init__(
+        self, num_classes: int, embedding_dim: int, center_lambda: float = 0.003, center_alpha: float = 0.5, **_: float
+    ):
+        super().__init__()
+        self.center_lambda = center_lambda
+        self.center_alpha = center_alpha
+        self.register_buffer("centers", torch.zeros(num_classes, embedding_dim))
+
+    def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        f = embedding.float()
+        center_term = ((f - self.centers[labels]) ** 2).sum(1).mean()
+        loss = F.cross_entropy(logits.float(), labels) + 0.5 * self.center_lambda * center_term
+        if self.training:
+            self.update_centers(f.detach(), labels)
+        return loss
+
+    @torch.no_grad()
+    def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        counts = torch.bincount(labels, minlength=self.centers.shape[0]).to(features.dtype)
+        sums = torch.zeros_like(self.centers).index_add_(0, labels, features)
+        delta = (counts[:, None] * self.centers - sums) / (1.0 + counts[:, None])
+        self.centers -= self.center_alpha * delta
+
+    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "ce": CrossEntropyLoss,
+    "triplet": BatchHardTripletLoss,
+    "center": CenterLoss,
+}

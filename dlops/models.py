@@ -1,0 +1,62 @@
+"""ResNet18 as in the original report: 3x3 stem conv + BN + ReLU (no max-pool), four
+stages of two BasicBlocks, global average pooling, linear head.
+
+``forward`` returns ``(embedding, logits)``: the pooled 512-d embedding (``8 * width``
+in general) feeds metric losses, the logits feed cross-entropy. ``width`` is the
+number of channels of the first stage (64 in ResNet18); smaller widths keep the same
+architecture for quick tests.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        stages, in_planes = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            planes = width * 2**i
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.embedding_dim = in_planes
+        self.fc = nn.Linear(in_planes, num_classes)
+        # Class centroids in embedding space, for models scored by nearest centroid
+        # (triplet loss). A buffer, so checkpoints carry them.
+        self.register_buffer("centroids", torch.zeros(num_classes, in_planes))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.stages(self.stem(x))
+        embedding = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        return embedding, self.fc(embedding)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18": ResNet18}

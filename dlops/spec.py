@@ -1,0 +1,250 @@
+"""Study specs: one TOML file per study, turned into checked dataclasses.
+
+A spec names a trainer (``resnet18``, ``autoencoder``), its fixed settings
+(``[train]``, with per-dataset overrides in ``[datasets.NAME]``), the search space
+(``[search.PARAM]``), the baseline enqueued as trial 0 (``[baseline]``), the pruner,
+the sampler and the default budget. Unknown keys, bad ranges and unknown losses are
+rejected with a :class:`~dlops.errors.SpecError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlops.errors import DlopsError, SpecError
+from dlops.trainers import get_trainer
+
+TOP_LEVEL_KEYS = {
+    "name", "description", "trainer", "metric", "direction", "n_trials", "timeout",
+    "train", "final", "datasets", "search", "baseline", "pruner", "sampler",
+}
+PARAM_TYPES = {"float", "int", "categorical"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
+PRUNERS = {"median", "percentile", "hyperband", "successive_halving", "none"}
+SAMPLERS = {"tpe", "random"}
+FINAL_KEYS = {"epochs", "seeds"}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in self.choices
+        return self.low <= value <= self.high  # type: ignore[operator]
+
+
+@dataclass
+class StudySpec:
+    name: str
+    trainer: str
+    train: dict[str, Any]
+    search: dict[str, ParamSpec]
+    baseline: dict[str, Any]
+    description: str = ""
+    metric: str = "val_top5"
+    direction: str = "maximize"
+    n_trials: int = 20
+    timeout: float | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+    path: Path | None = None
+
+    def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
+        """The trainer's config: ``[train]``, then ``[datasets.<dataset>]``, then
+        ``params`` (a trial's or the baseline's), then explicit ``overrides``
+        (``None`` values are ignored)."""
+        trainer = get_trainer(self.trainer)
+        values = dict(self.train)
+        ds = dataset or values.get("dataset")
+        if ds is not None:
+            values["dataset"] = ds
+            values.update(self.datasets.get(ds, {}))
+        values.update(params or {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = trainer.config_cls(**values)
+        trainer.validate(config)
+        return config
+
+    def baseline_params(self) -> dict[str, Any]:
+        """Trial 0: the baseline's values for every searched parameter (a parameter the
+        baseline leaves out takes its fixed ``[train]`` value or the config default)."""
+        defaults = self.config().__dict__
+        return {name: self.baseline.get(name, defaults[name]) for name in self.search}
+
+
+def builtin_spec_dir() -> Path:
+    """The specs shipped with dlops: ``study/`` of the source tree, which a wheel
+    installs as ``dlops/study/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "study", here / "study"):
+        if candidate.is_dir():
+            return candidate
+    raise SpecError("the built-in study specs are missing from this installation")
+
+
+def builtin_specs() -> list[str]:
+    return sorted(p.stem for p in builtin_spec_dir().glob("*.toml"))
+
+
+def resolve_spec_path(name_or_path: str) -> Path:
+    """A path to a TOML file, or the name of a built-in spec."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SpecError(f"spec file {name_or_path} does not exist")
+        return path
+    builtin = builtin_spec_dir() / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    raise SpecError(f"unknown spec {name_or_path!r} (built-in: {', '.join(builtin_specs())}; or a path to a .toml file)")
+
+
+def load_spec(name_or_path: str) -> StudySpec:
+    path = resolve_spec_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_spec(raw, default_name=path.stem, path=path)
+    except SpecError as exc:
+        raise SpecError(f"{path.name}: {exc}") from None
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise SpecError(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _parse_param(name: str, raw: Any) -> ParamSpec:
+    where = f"[search.{name}]"
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must be a table")
+    _check_keys(raw, PARAM_KEYS, where)
+    kind = raw.get("type", "float")
+    if kind not in PARAM_TYPES:
+        raise SpecError(f"{where}: unknown type {kind!r} (float, int, categorical)")
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpecError(f"{where}: categorical needs a non-empty list 'choices'")
+        return ParamSpec(name, kind, choices=tuple(choices))
+    if "low" not in raw or "high" not in raw:
+        raise SpecError(f"{where}: {kind} needs 'low' and 'high'")
+    low, high = raw["low"], raw["high"]
+    for bound in (low, high):
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
+            raise SpecError(f"{where}: low and high must be finite numbers")
+    if kind == "int" and not (isinstance(low, int) and isinstance(high, int)):
+        raise SpecError(f"{where}: int bounds must be integers")
+    if low > high:
+        raise SpecError(f"{where}: low ({low}) > high ({high})")
+    log = bool(raw.get("log", False))
+    if log and low <= 0:
+        raise SpecError(f"{where}: log scale needs low > 0, got {low}")
+    step = raw.get("step")
+    if step is not None and (log or step <= 0):
+        raise SpecError(f"{where}: step must be positive and cannot be combined with log")
+    return ParamSpec(name, kind, float(low) if kind == "float" else low, float(high) if kind == "float" else high, log, step)
+
+
+def _check_types(table: dict[str, Any], config_cls: type, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    _check_keys(table, set(fields), where)
+    for key, value in table.items():
+        default = fields[key].default
+        if default is None or default is dataclasses.MISSING or value is None:
+            continue
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if isinstance(value, bool) != isinstance(default, bool):
+            ok = False
+        if not ok:
+            raise SpecError(f"{where}: {key} = {value!r} should be a {type(default).__name__}")
+
+
+def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | None = None) -> StudySpec:
+    _check_keys(raw, TOP_LEVEL_KEYS, "the spec")
+    trainer_name = raw.get("trainer", "resnet18")
+    trainer = get_trainer(trainer_name)
+    config_cls = trainer.config_cls
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+
+    train = raw.get("train", {})
+    _check_types(train, config_cls, "[train]")
+    datasets = raw.get("datasets", {})
+    for ds, table in datasets.items():
+        _check_types(table, config_cls, f"[datasets.{ds}]")
+
+    search = {}
+    for name, table in raw.get("search", {}).items():
+        if name not in fields:
+            raise SpecError(f"[search.{name}]: {name!r} is not a setting of trainer {trainer_name!r}")
+        search[name] = _parse_param(name, table)
+
+    baseline = raw.get("baseline", {})
+    _check_types(baseline, config_cls, "[baseline]")
+    for name, value in baseline.items():
+        if name in search and not search[name].contains(value):
+            raise SpecError(f"[baseline]: {name} = {value!r} lies outside its search range")
+
+    final = raw.get("final", {})
+    _check_keys(final, FINAL_KEYS, "[final]")
+
+    pruner = dict(raw.get("pruner", {"type": "median"}))
+    if pruner.get("type", "median") not in PRUNERS:
+        raise SpecError(f"[pruner]: unknown type {pruner.get('type')!r} ({', '.join(sorted(PRUNERS))})")
+    sampler = dict(raw.get("sampler", {"type": "tpe", "seed": 0}))
+    _check_keys(sampler, {"type", "seed", "n_startup_trials"}, "[sampler]")
+    if sampler.get("type", "tpe") not in SAMPLERS:
+        raise SpecError(f"[sampler]: unknown type {sampler.get('type')!r} ({', '.join(sorted(SAMPLERS))})")
+
+    direction = raw.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise SpecError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+    n_trials = raw.get("n_trials", 20)
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise SpecError(f"n_trials must be a positive integer, got {n_trials!r}")
+
+    spec = StudySpec(
+        name=raw.get("name", default_name),
+        description=raw.get("description", ""),
+        trainer=trainer_name,
+        metric=raw.get("metric", "val_top5"),
+        direction=direction,
+        n_trials=n_trials,
+        timeout=raw.get("timeout"),
+        train=train,
+        final=final,
+        datasets=datasets,
+        search=search,
+        baseline=baseline,
+        pruner=pruner,
+        sampler=sampler,
+        path=path,
+    )
+    # Building the configs checks values no type check can (unknown loss, bad sizes).
+    try:
+        spec.config(params=spec.baseline_params())
+        for ds in datasets:
+            spec.config(dataset=ds, params=spec.baseline_params())
+    except SpecError:
+        raise
+    except DlopsError as exc:
+        raise SpecError(str(exc)) from None
+    return spec

@@ -1,0 +1,65 @@
+"""Reading studies back: listing, describing, serving the dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from dlops.errors import DlopsError
+from dlops.paths import artifacts_dir
+from dlops.search import summarize
+from dlops.storage import mask_url, open_storage
+
+
+def list_studies(url: str) -> list[dict[str, Any]]:
+    storage = open_storage(url)
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        summary = summarize(study)
+        rows.append({
+            "name": s.study_name,
+            "n_trials": summary["n_trials"],
+            "states": summary["states"],
+            "best_value": summary["best"]["value"] if summary["best"] else None,
+        })
+    return rows
+
+
+def load_existing_study(name: str, url: str) -> optuna.Study:
+    storage = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        known = ", ".join(names) or "none"
+        raise DlopsError(f"no study named {name!r} in {mask_url(url)} (studies: {known})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def describe_study(name: str, url: str) -> dict[str, Any]:
+    study = load_existing_study(name, url)
+    info = summarize(study)
+    info["trials"] = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "epochs": len(t.intermediate_values),
+            "baseline": bool(t.user_attrs.get("baseline", False)),
+            "stopped_reason": t.user_attrs.get("stopped_reason"),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+    return info
+
+
+def serve_dashboard(url: str, host: str, port: int) -> None:
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    storage = open_storage(url)
+    artifacts = artifacts_dir()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))

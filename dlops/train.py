@@ -1,0 +1,339 @@
+"""The one training loop: ``fit(config, report=None) -> FitResult``.
+
+It serves studies, final runs and tests alike. It knows nothing of Optuna: after each
+epoch it calls ``report(epoch, metrics)``; the search layer turns that into
+``trial.report`` and pruning (by raising from the callback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlops.data import Dataset, Split, get_dataset, take_subset
+from dlops.data.loader import BatchLoader, pk_shape
+from dlops.errors import DlopsError
+from dlops.losses import LOSSES
+from dlops.metrics import centroid_scores, class_centroids, topk_correct
+from dlops.models import MODELS
+
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Specs set these; trials override some."""
+
+    model: str = "resnet18"
+    loss: str = "ce"
+    dataset: str = "digits"
+    data_root: str | None = None
+    subset_classes: int | None = None  # cheap fidelity: the first N classes...
+    subset_per_class: int | None = None  # ...and the first M training images of each
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "cosine"  # "cosine" (per epoch, to 0 after the last) or "constant"
+    margin: float = 0.2  # triplet
+    center_lambda: float = 0.003  # center loss weight (Wen et al. 2016)
+    center_alpha: float = 0.5  # center update rate
+    samples_per_class: int = 4  # K of P x K batches (triplet)
+    width: int = 64  # ResNet18 first-stage channels
+    augment: bool = True
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (usually: the learning rate is too high)."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+@dataclass
+class FitResult:
+    config: TrainConfig
+    history: dict[str, list[float]]
+    model: nn.Module
+    loss_fn: nn.Module
+    dataset: Dataset
+    device: torch.device
+    start_epoch: int = 0  # > 0 when resumed from a checkpoint
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)  # last epoch's
+
+
+ReportFn = Callable[[int, dict[str, float]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DlopsError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    if config.model not in MODELS:
+        raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
+    if config.loss not in LOSSES:
+        raise DlopsError(f"unknown loss {config.loss!r} (known: {', '.join(LOSSES)})")
+    model = MODELS[config.model](dataset.num_classes, in_channels=dataset.image_shape[0], width=config.width)
+    loss_fn = LOSSES[config.loss](
+        dataset.num_classes,
+        model.embedding_dim,
+        margin=config.margin,
+        center_lambda=config.center_lambda,
+        center_alpha=config.center_alpha,
+    )
+    model, loss_fn = model.to(device), loss_fn.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, loss_fn
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    root = Path(config.data_root) if config.data_root else None
+    return take_subset(get_dataset(config.dataset, root), config.subset_classes, config.subset_per_class)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    split: Split,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
+    model.eval()
+    loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
+    correct = {1: 0, 5: 0}
+    loss_sum, n = 0.0, 0
+    for x, y in loader:
+        with _autocast(device):
+            embedding, logits = model(x)
+        if loss_fn.scored_by == "centroids":
+            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
+        else:
+            scores = logits.float()
+            loss_sum += float(nn.functional.cross_entropy(scores, y, reduction="sum"))
+        for k, c in topk_correct(scores, y).items():
+            correct[k] += c
+        n += len(y)
+    out = {"top1": correct[1] / max(n, 1), "top5": correct[5] / max(n, 1)}
+    out["loss"] = loss_sum / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
+    return out
+
+
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    if config.lr_schedule == "constant":
+        return 1.0
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    config: TrainConfig,
+    report: ReportFn | None = None,
+    *,
+    dataset: Dataset | None = None,
+    checkpoint_path: Path | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``config`` and validate after every epoch.
+
+    ``report(epoch, metrics)`` is called after each epoch (epochs count from 0) with
+    ``train_loss``, ``train_acc``, ``val_loss``, ``val_top1``, ``val_top5``, ``lr`` and
+    ``epoch_seconds``; it may raise to stop training (pruning). With
+    ``checkpoint_path``, the full state (model, optimizer, loss state, loader and RNG
+    state, history) is saved after every epoch, and an existing checkpoint is resumed:
+    the result equals that of an uninterrupted run (exactly, on the CPU). Epochs
+    restored from a checkpoint are reported again, so a new trial sees all of them.
+    """
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    if dataset is None:
+        dataset = load_dataset(config)
+    mean, std = dataset.channel_stats()
+    model, loss_fn = build_model_and_loss(config, dataset, device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov and config.momentum > 0,
+    )
+    pk = pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class) if loss_fn.needs_pk else None
+    train_loader = BatchLoader(
+        dataset.train,
+        config.batch_size,
+        mean,
+        std,
+        device,
+        shuffle=True,
+        augment=config.augment,
+        hflip=dataset.hflip,
+        crop_padding=dataset.crop_padding,
+        seed=config.seed,
+        pk=pk,
+        channels_last=device.type == "cuda",
+    )
+    history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+    start_epoch = 0
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        for epoch in range(start_epoch):
+            metrics = {k: history[k][epoch] for k in HISTORY_KEYS}
+            if report is not None:
+                report(epoch, metrics)
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        lr = config.lr * _lr_factor(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss_fn.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        embeddings, labels = [], []
+        for step, (x, y) in enumerate(train_loader):
+            with _autocast(device):
+                embedding, logits = model(x)
+            loss = loss_fn(embedding, logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            if loss_fn.scored_by == "centroids":
+                embeddings.append(loss_fn.scoring_embedding(embedding.detach()))
+                labels.append(y)
+            else:
+                correct += (logits.detach().argmax(1) == y).sum()
+            if step % 20 == 0 and not math.isfinite(float(loss.detach())):
+                raise NonFiniteLossError(epoch, step, float(loss))
+        train_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(epoch, step, train_loss)
+        if loss_fn.scored_by == "centroids":
+            # Centroids from this epoch's own training embeddings: no extra pass over
+            # the training data. Training accuracy is nearest-centroid top-1 on them.
+            emb, lab = torch.cat(embeddings), torch.cat(labels)
+            model.centroids.copy_(class_centroids(emb, lab, dataset.num_classes))
+            train_acc = topk_correct(centroid_scores(emb, model.centroids), lab, (1,))[1] / len(lab)
+        else:
+            train_acc = float(correct) / max(seen, 1)
+        val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
+        metrics = {
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - t0,
+        }
+        for k in HISTORY_KEYS:
+            history[k].append(metrics[k])
+        if checkpoint_path is not None:
+            _save_checkpoint(
+                Path(checkpoint_path),
+                {
+                    "config": config.to_dict(),
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "loader": train_loader.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                },
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+        if report is not None:
+            report(epoch, metrics)
+
+    last = {k: v[-1] for k, v in history.items() if v}
+    return FitResult(
+        config=config,
+        history=history,
+        model=model,
+        loss_fn=loss_fn,
+        dataset=dataset,
+        device=device,
+        start_epoch=start_epoch,
+        seconds=time.perf_counter() - started,
+        metrics=last,
+    )
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Reject settings no run could use, with one clear line."""
+    if config.loss not in LOSSES:
+        raise DlopsError(f"unknown loss {config.loss!r} (known: {', '.join(LOSSES)})")
+    if config.model not in MODELS:
+        raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
+    if config.lr_schedule not in ("cosine", "constant"):
+        raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
+    for name in ("epochs", "batch_size", "width", "samples_per_class", "eval_batch_size"):
+        if getattr(config, name) < 1:
+            raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.lr <= 0:
+        raise DlopsError(f"lr must be positive, got {config.lr}")
