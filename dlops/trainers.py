@@ -40,6 +40,7 @@ class Trainer:
 
 TRAINERS: dict[str, Trainer] = {
     "resnet18": Trainer("resnet18", "dlops.train", "TrainConfig", validate_function="validate_config"),
+    "autoencoder": Trainer("autoencoder", "dlops.autoencoder", "AEConfig", validate_function="validate_config"),
 }
 
 

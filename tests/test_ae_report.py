@@ -1,0 +1,104 @@
+"""Report pieces of the autoencoder experiment: per-class accuracy, t-SNE selection, plots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from dlops.ae_report import (
+    class_accuracy,
+    class_accuracy_table,
+    plot_ae_losses,
+    plot_class_accuracy,
+    plot_tsne,
+    tsne_embedding,
+    tsne_selection,
+)
+
+NAMES = [f"class{i}" for i in range(10)]
+
+
+def test_class_accuracy_on_a_hand_made_case() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predictions = np.array([0, 1, 0, 1, 1, 0])
+    acc = class_accuracy(labels, predictions, ["a", "b", "c", "d"])
+    assert list(acc) == ["a", "b", "c", "d"]
+    assert acc["a"] == pytest.approx(2 / 3) and acc["b"] == 1.0 and acc["c"] == 0.0
+    assert math.isnan(acc["d"])  # no images of that class
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_class_accuracies_weighted_by_class_counts_give_the_overall_accuracy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(10, size=997, p=rng.dirichlet(np.ones(10)))  # unbalanced classes
+    predictions = np.where(rng.random(997) < 0.6, labels, rng.integers(0, 10, size=997))
+    acc = class_accuracy(labels, predictions, NAMES)
+    counts = np.bincount(labels, minlength=10)
+    weighted = sum(acc[name] * counts[i] for i, name in enumerate(NAMES) if counts[i])
+    assert weighted / counts.sum() == pytest.approx(float(np.mean(predictions == labels)), abs=1e-12)
+
+
+def test_class_accuracy_table_lists_every_class_and_the_total() -> None:
+    labels = np.array([0, 0, 1, 1, 1])
+    predictions = np.array([0, 1, 1, 1, 0])
+    table = class_accuracy_table(labels, predictions, ["cat", "dog"])
+    assert "| cat | 2 | 1 | 0.500 |" in table
+    assert "| dog | 3 | 2 | 0.667 |" in table
+    assert "| **all** | 5 | 3 | 0.600 |" in table
+
+
+def test_tsne_selection_is_the_first_n_of_each_class_in_test_order() -> None:
+    labels = np.array([2, 0, 2, 1, 0, 2, 2, 0, 1, 0])
+    # first 2 of class 0: 1, 4; class 1 (only 2): 3, 8; class 2: 0, 2
+    np.testing.assert_array_equal(tsne_selection(labels, per_class=2), [0, 1, 2, 3, 4, 8])
+    np.testing.assert_array_equal(tsne_selection(labels, per_class=100), np.arange(10))
+
+
+def test_tsne_selection_matches_a_naive_loop_on_stl10_sized_labels() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=8000)
+    labels[labels == 7] = 3  # class 7 has no images, class 3 many
+    labels[np.flatnonzero(labels == 5)[300:]] = 4  # class 5 has fewer than 500
+    chosen = tsne_selection(labels, per_class=500)
+    seen: dict[int, int] = {}
+    expected = []
+    for i, label in enumerate(labels):
+        if seen.get(label, 0) < 500:
+            expected.append(i)
+            seen[label] = seen.get(label, 0) + 1
+    np.testing.assert_array_equal(chosen, expected)
+    counts = np.bincount(labels[chosen], minlength=10)
+    assert counts[5] == 300 and counts[7] == 0 and set(counts[[0, 1, 2, 3, 4, 6, 8, 9]]) == {500}
+
+
+def test_tsne_embedding_is_seeded() -> None:
+    features = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    a, b = tsne_embedding(features, seed=0), tsne_embedding(features, seed=0)
+    assert a.shape == (40, 2)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_plots_are_figures_with_the_expected_panels() -> None:
+    layer_history = {"hidden_sizes": [16, 8, 4]}
+    for k, n in enumerate([3, 0, 2]):
+        layer_history[f"ae{k}_train_loss"] = list(np.linspace(1.0, 0.5, n))
+        layer_history[f"ae{k}_val_loss"] = list(np.linspace(1.1, 0.6, n))
+        layer_history[f"ae{k}_epoch_seconds"] = [0.1] * n
+    history = {"train_loss": [2.0, 1.0], "val_loss": [2.1, None], "train_acc": [0.3, 0.6], "val_top1": [0.2, 0.5]}
+    fig = plot_ae_losses(history, layer_history)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3 + 2
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "AE 0 (16 units)\n0.10 s/epoch" and titles[1] == "AE 1 (8 units)"
+    assert any("not pretrained" in t.get_text() for t in fig.axes[1].texts)
+
+    bars = plot_class_accuracy({"cat": 0.5, "dog": 1.0, "owl": float("nan")})
+    assert [round(p.get_height(), 3) for p in bars.axes[0].patches] == [0.5, 1.0, 0.0]
+
+    points = np.random.default_rng(0).normal(size=(30, 2))
+    labels = np.repeat(np.arange(3), 10)
+    scatter = plot_tsne(points, labels, ["a", "b", "c"])
+    legend = [t.get_text() for t in scatter.axes[0].get_legend().get_texts()]
+    assert legend == ["a (10)", "b (10)", "c (10)"]

@@ -1,0 +1,372 @@
+"""Greedy layer-wise autoencoder pretraining, the stacked classifier and its study.
+
+Most tests use narrow hidden layers (the architecture, not the sizes, is under test)
+and 20 digits per class, so a whole fit takes well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dlops.autoencoder as ae
+from dlops.autoencoder import AEConfig, AutoencoderStack, StackedClassifier, fit, predict, validate_config
+from dlops.cli import app
+from dlops.errors import DlopsError, SpecError
+from dlops.spec import load_spec, parse_spec
+from dlops.train import HISTORY_KEYS
+
+SMALL = [32, 24, 20, 16, 12, 8]
+
+
+def small_config(**changes) -> AEConfig:
+    base = dict(dataset="digits", hidden_sizes=list(SMALL), subset_per_class=20, pretrain_epochs=2, epochs=2,
+                batch_size=32, device="cpu", seed=3)
+    base.update(changes)
+    return AEConfig(**base)
+
+
+def encoder_state(module: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [copy.deepcopy(e.state_dict()) for e in module.encoders]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- the spec
+
+
+def test_builtin_spec_baseline_is_the_original_setting() -> None:
+    spec = load_spec("autoencoder")
+    assert spec.trainer == "autoencoder" and spec.metric == "val_top1"
+    baseline = spec.baseline_params()
+    assert baseline == {**{f"pretrain_epochs_{k}": 10 for k in range(6)}, "lr": 1e-3}
+    for dataset in ("stl10", "digits"):
+        config = spec.config(dataset, baseline)
+        assert config.dataset == dataset and config.pretrain_data == "train"
+        assert config.hidden_sizes == [1024, 1000, 500, 256, 128, 64]
+        assert config.layer_epochs() == [10] * 6 and config.epochs == 20 and config.lr == 1e-3
+    assert spec.config().dataset == "stl10"
+    # 0 pretraining epochs lie in every layer's search range
+    assert all(spec.search[f"pretrain_epochs_{k}"].low == 0 for k in range(6))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"pretrain_data": "web"}, "unknown pretrain_data"),
+        ({"pretrain_data": "unlabeled"}, "needs dataset stl10"),
+        ({"hidden_sizes": [8, 4], "pretrain_epochs_3": 1}, "pretrain_epochs_3 is set"),
+        ({"pretrain_epochs_2": -1}, "layer 2"),
+        ({"hidden_sizes": []}, "hidden_sizes"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"lr": 0.0}, "lr must be positive"),
+    ],
+)
+def test_validate_config_rejects_unusable_settings(changes: dict, message: str) -> None:
+    with pytest.raises(DlopsError, match=message):
+        validate_config(small_config(**changes))
+
+
+def test_spec_with_a_bad_autoencoder_setting_is_one_error() -> None:
+    with pytest.raises(SpecError, match="pretrain_data"):
+        parse_spec({"trainer": "autoencoder", "train": {"dataset": "digits", "pretrain_data": "unlabeled"}})
+
+
+# --------------------------------------------------------------- greedy pretraining
+
+
+def test_earlier_encoders_stay_frozen_while_layer_k_pretrains(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, list, list]] = []
+    original = ae.pretrain_epoch
+
+    def watched(stack, layer, loader, optimizer, epoch=0):
+        before = copy.deepcopy(stack.state_dict())
+        loss = original(stack, layer, loader, optimizer, epoch)
+        calls.append((layer, before, copy.deepcopy(stack.state_dict())))
+        return loss
+
+    monkeypatch.setattr(ae, "pretrain_epoch", watched)
+    fit(small_config(pretrain_epochs=2, epochs=1))
+    assert [c[0] for c in calls] == [k for k in range(len(SMALL)) for _ in range(2)]
+    for layer, before, after in calls:
+        for name in before:
+            k, changed = int(name.split(".")[1]), not torch.equal(before[name], after[name])
+            # only autoencoder `layer` (its encoder and decoder) learns
+            assert changed == (k == layer), (layer, name)
+
+
+def test_classifier_starts_from_the_pretrained_encoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, object] = {}
+    original_pretrain, original_finetune = ae.pretrain_epoch, ae.finetune_epoch
+
+    def pretrain(stack, layer, loader, optimizer, epoch=0):
+        seen.setdefault("initial", encoder_state(stack))
+        loss = original_pretrain(stack, layer, loader, optimizer, epoch)
+        seen["pretrained"] = encoder_state(stack)
+        return loss
+
+    def finetune(model, loader, optimizer, epoch):
+        seen.setdefault("classifier", encoder_state(model))  # before the first fine-tuning step
+        return original_finetune(model, loader, optimizer, epoch)
+
+    monkeypatch.setattr(ae, "pretrain_epoch", pretrain)
+    monkeypatch.setattr(ae, "finetune_epoch", finetune)
+    result = fit(small_config(pretrain_epochs=1, epochs=2))
+    for k in range(len(SMALL)):
+        assert same(seen["classifier"][k], seen["pretrained"][k]), k
+        assert not same(seen["pretrained"][k], seen["initial"][k]), k  # pretraining did move them
+        # ...and fine-tuning moved them on from there
+        assert not same(result.model.encoders[k].state_dict(), seen["pretrained"][k]), k
+
+
+def test_zero_epoch_layers_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers: list[int] = []
+    original = ae.pretrain_epoch
+
+    def counted(stack, layer, loader, optimizer, epoch=0):
+        layers.append(layer)
+        return original(stack, layer, loader, optimizer, epoch)
+
+    monkeypatch.setattr(ae, "pretrain_epoch", counted)
+    config = small_config(pretrain_epochs=0, pretrain_epochs_0=3, pretrain_epochs_2=1, epochs=1)
+    result = fit(config)
+    assert layers == [0, 0, 0, 2]
+    h = result.layer_history
+    assert h["hidden_sizes"] == SMALL
+    for k, n in enumerate([3, 0, 1, 0, 0, 0]):
+        for key in ("train_loss", "val_loss", "epoch_seconds"):
+            assert len(h[f"ae{k}_{key}"]) == n
+        assert all(s > 0 for s in h[f"ae{k}_epoch_seconds"])
+    per_epoch = result.pretrain_seconds_per_epoch
+    assert per_epoch[1] is None and per_epoch[3:] == [None, None, None]
+    assert per_epoch[0] == pytest.approx(sum(h["ae0_epoch_seconds"]) / 3)
+    from dlops.ae_report import layer_cost_table
+
+    table = layer_cost_table(h)
+    assert "| X[1] | 24 | 0 | 0 (skipped) | 0.00 |" in table
+    assert "| X[0] | 32 | 3 |" in table
+
+
+def test_history_has_the_resnet_keys_and_reports_each_finetuning_epoch() -> None:
+    reported: list[tuple[int, dict]] = []
+    layer_epochs: list[tuple[int, int]] = []
+    result = fit(small_config(pretrain_epochs=1, epochs=3), report=lambda e, m: reported.append((e, m)),
+                 on_layer_epoch=lambda k, e, m: layer_epochs.append((k, e)))
+    assert set(result.history) == set(HISTORY_KEYS)
+    assert {len(v) for v in result.history.values()} == {3}
+    assert [e for e, _ in reported] == [0, 1, 2]
+    assert result.metrics == reported[-1][1]
+    assert layer_epochs == [(k, 0) for k in range(len(SMALL))]
+    for k in range(len(SMALL)):
+        assert result.layer_history[f"ae{k}_train_loss"][0] > 0
+    attrs = result.extra_user_attrs["layer_history"]
+    assert attrs["ae3_val_loss"] == result.layer_history["ae3_val_loss"]
+
+
+def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
+    config = small_config(pretrain_epochs=2, epochs=3, dropout=0.2)
+    whole = fit(config)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(layer: int, epoch: int):
+        def callback(k, e, m):
+            if (k, e) == (layer, epoch):
+                raise Stop
+
+        return callback
+
+    ckpt = tmp_path / "ae.pt"
+    with pytest.raises(Stop):  # in the middle of layer 2's pretraining
+        fit(config, checkpoint_path=ckpt, on_layer_epoch=stop_at(2, 0))
+    saved = torch.load(ckpt, weights_only=False)
+    assert (saved["phase"], saved["epoch"]) == ("pretrain", -1)  # "epoch": fine-tuning epochs, as in dlops.train
+    assert [len(saved["layer_history"][f"ae{k}_train_loss"]) for k in range(6)] == [2, 2, 1, 0, 0, 0]
+
+    def stop_finetune(e, m):
+        if e == 1:
+            raise Stop
+
+    with pytest.raises(Stop):  # in the middle of fine-tuning
+        fit(config, checkpoint_path=ckpt, on_epoch_end=stop_finetune)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    reported: list[int] = []
+    resumed = fit(config, checkpoint_path=ckpt, report=lambda e, m: reported.append(e))
+    assert resumed.start_epoch == 2 and reported == [0, 1, 2]  # restored epochs are reported again
+
+    for key in ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5"):
+        assert resumed.history[key] == whole.history[key], key
+    for key, values in whole.layer_history.items():
+        if not key.endswith("epoch_seconds"):
+            assert resumed.layer_history[key] == values, key
+    assert same(resumed.model.state_dict(), whole.model.state_dict())
+
+    with pytest.raises(DlopsError, match="another configuration.*lr"):
+        fit(config.replace(lr=0.01), checkpoint_path=ckpt)
+
+
+def test_layer_activations_are_those_of_hidden_layer_x3() -> None:
+    from dlops.ae_report import layer_activations
+
+    torch.manual_seed(0)
+    mean, std = np.array([0.3]), np.array([0.2])
+    model = StackedClassifier((1, 8, 8), SMALL, 10, mean=mean, std=std)
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 1, 8, 8), dtype=np.uint8)
+    x = torch.from_numpy((images.astype(np.float32) / 255.0 - 0.3) / 0.2).flatten(1)
+    for k in range(4):
+        x = torch.relu(model.encoders[k][0](x))
+    got = layer_activations(model, images, batch_size=3)
+    assert got.shape == (7, SMALL[3])
+    np.testing.assert_allclose(got, x.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_digits_baseline_shape_learns_quickly() -> None:
+    """A cheap stand-in for the full baseline (README: 0.967 test accuracy on digits
+    after 10 epochs per layer and 20 of fine-tuning): the real hidden sizes, 1 epoch per
+    layer and 3 fine-tuning epochs of 32-image batches already pass 0.90 (0.944)."""
+    config = load_spec("autoencoder").config("digits", device="cpu")
+    config = config.replace(pretrain_epochs=1, epochs=3, batch_size=32)
+    assert config.hidden_sizes == [1024, 1000, 500, 256, 128, 64] and config.lr == 1e-3
+    result = fit(config)
+    test = result.dataset.test()
+    accuracy = float(np.mean(predict(result.model, test.images) == test.labels))
+    assert accuracy >= 0.90
+
+
+# ----------------------------------------------------------------------- the study
+
+
+def tiny_autoencoder_spec(tmp_path: Path, *, dataset: str = "digits", pretrain_data: str = "train") -> Path:
+    """The built-in spec with narrow layers; the searched ranges and the baseline stay."""
+    text = load_spec("autoencoder").path.read_text()
+    text = text.replace("hidden_sizes = [1024, 1000, 500, 256, 128, 64]", f"hidden_sizes = {SMALL}")
+    text = text.replace('dataset = "stl10"', f'dataset = "{dataset}"\nsubset_per_class = 10')
+    text = text.replace('pretrain_data = "train"      #', f'pretrain_data = "{pretrain_data}"  #')
+    text = text.replace('name = "autoencoder"', 'name = "tiny-autoencoder"')
+    path = tmp_path / "tiny-autoencoder.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_home: Path) -> None:
+    spec_path = tiny_autoencoder_spec(tmp_path)
+    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "3",
+                                   "--epochs", "2", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    study = optuna.load_study(study_name="tiny-autoencoder", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 3 and study.metric_names == ["val_top1"]
+    first = trials[0]
+    assert first.user_attrs["baseline"] is True
+    assert first.params == {**{f"pretrain_epochs_{k}": 10 for k in range(6)}, "lr": 1e-3}
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        layers = t.user_attrs["layer_history"]
+        for k in range(6):
+            n = t.params[f"pretrain_epochs_{k}"]
+            assert len(layers[f"ae{k}_train_loss"]) == len(layers[f"ae{k}_val_loss"]) == n
+            assert len(layers[f"ae{k}_epoch_seconds"]) == n
+        assert {len(v) for v in t.user_attrs["history"].values()} == {2}
+        assert t.value == t.user_attrs["history"]["val_top1"][-1]
+
+
+# ----------------------------------------------------- STL-10 fixture, whole pipeline
+
+
+def write_stl10_binary(directory: Path, train_per_class: int, test_per_class: int, unlabeled: int,
+                       seed: int = 0) -> Path:
+    """A small ``stl10_binary/`` tree in the official layout: ``{train,test,unlabeled}_X.bin``
+    (uint8, 3x96x96 per image, each channel stored column-major), ``{train,test}_y.bin``
+    (labels 1..10), ``class_names.txt``, ``fold_indices.txt``. Each class has its own
+    mean colour, so a classifier can learn it."""
+    rng = np.random.default_rng(seed)
+    tree = directory / "stl10_binary"
+    tree.mkdir(parents=True)
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (tree / "class_names.txt").write_text("\n".join(names) + "\n")
+    colours = rng.integers(30, 226, size=(10, 3))
+
+    def images(labels: np.ndarray) -> np.ndarray:
+        base = colours[labels][:, :, None, None] if len(labels) else np.zeros((0, 3, 1, 1))
+        noise = rng.normal(0, 25, size=(len(labels), 3, 96, 96))
+        return np.clip(base + noise, 0, 255).astype(np.uint8)  # (N, 3, rows, cols)
+
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.tile(np.arange(10), per_class)  # interleaved classes, like the real files
+        rng.shuffle(labels)
+        images(labels).swapaxes(2, 3).tofile(tree / f"{split}_X.bin")  # column-major per channel
+        (labels + 1).astype(np.uint8).tofile(tree / f"{split}_y.bin")
+    unl = images(rng.integers(0, 10, size=unlabeled))
+    unl.swapaxes(2, 3).tofile(tree / "unlabeled_X.bin")
+    (tree / "fold_indices.txt").write_text(" ".join(map(str, range(10 * train_per_class))) + "\n")
+    return tree
+
+
+def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Path, dlops_home: Path) -> None:
+    from dlops.ae_report import (
+        class_accuracy,
+        layer_activations,
+        plot_ae_losses,
+        plot_class_accuracy,
+        plot_tsne,
+        tsne_embedding,
+        tsne_selection,
+    )
+    from dlops.data.manage import prepare_dataset
+    from dlops.data.stl10 import load_unlabeled
+
+    tree = write_stl10_binary(tmp_path / "raw", train_per_class=10, test_per_class=7, unlabeled=40)
+    prepare_dataset("stl10", raw=tree.parent, progress=False)  # into $DLOPS_HOME/data
+    assert len(load_unlabeled()) == 40
+
+    config = AEConfig(dataset="stl10", hidden_sizes=[48, 40, 32, 24, 16, 8], pretrain_data="unlabeled",
+                      pretrain_limit=32, pretrain_epochs=1, epochs=3, batch_size=16, device="cpu")
+    result = fit(config)
+    assert result.dataset.image_shape == (3, 96, 96)
+    assert result.model.encoders[0][0].in_features == 27_648
+    # pretraining saw the 32 unlabeled images: 2 batches of 16 per epoch
+    assert all(len(result.layer_history[f"ae{k}_train_loss"]) == 1 for k in range(6))
+
+    test = result.dataset.test()
+    predictions = predict(result.model, test.images)
+    acc = class_accuracy(test.labels, predictions, result.dataset.class_names)
+    assert list(acc)[:2] == ["airplane", "bird"]
+    chosen = tsne_selection(test.labels, per_class=5)
+    assert len(chosen) == 50
+    features = layer_activations(result.model, test.images[chosen])
+    assert features.shape == (50, 24)  # X[3] of these hidden sizes
+    points = tsne_embedding(features, seed=0)
+    assert points.shape == (50, 2) and np.isfinite(points).all()
+    for name, fig in {
+        "losses": plot_ae_losses(result.history, result.layer_history),
+        "class_accuracy": plot_class_accuracy(acc),
+        "tsne": plot_tsne(points, test.labels[chosen], result.dataset.class_names),
+    }.items():
+        fig.savefig(tmp_path / f"{name}.png", dpi=50)
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+    # The same pretraining option through a study on the prepared fixture.
+    spec_path = tiny_autoencoder_spec(tmp_path, dataset="stl10", pretrain_data="unlabeled")
+    text = spec_path.read_text().replace("subset_per_class = 10", "subset_per_class = 5\npretrain_limit = 16")
+    spec_path.write_text(text)
+    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--n-trials", "1", "--epochs", "1",
+                                   "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    trial = optuna.load_study(study_name="tiny-autoencoder", storage=f"sqlite:///{dlops_home / 'dlops.db'}").trials[0]
+    assert trial.user_attrs["config"]["pretrain_data"] == "unlabeled"
+    assert len(trial.user_attrs["layer_history"]["ae5_train_loss"]) == 10
+
+
+def test_unlabeled_pretraining_without_the_cache_is_one_line(tmp_path: Path, dlops_home: Path) -> None:
+    out = CliRunner().invoke(app, ["study", "run", "autoencoder", "--n-trials", "1", "--device", "cpu"])
+    assert out.exit_code == 2
+    assert "stl10 is not prepared" in out.output and "Traceback" not in out.output
