@@ -12,6 +12,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 activations (CUDA autocast) are upcast; fp32/fp64 pass unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class CrossEntropyLoss(nn.Module):
     """Softmax cross-entropy on the logits, averaged over the batch."""
 
@@ -22,7 +27,7 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(at_least_fp32(logits), labels)
 
     def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         return embedding
@@ -48,7 +53,7 @@ def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margi
     positive or no negative in the batch are left out. Distances are Euclidean on the
     embeddings exactly as given (this function does not normalise them).
     """
-    d = pairwise_distances(embedding.float())
+    d = pairwise_distances(at_least_fp32(embedding))
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos_mask = same & ~eye
@@ -74,10 +79,10 @@ class BatchHardTripletLoss(nn.Module):
         self.margin = margin
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_triplet_loss(F.normalize(embedding.float(), dim=1), labels, self.margin)
+        return batch_hard_triplet_loss(F.normalize(at_least_fp32(embedding), dim=1), labels, self.margin)
 
     def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        return F.normalize(embedding.float(), dim=1)
+        return F.normalize(at_least_fp32(embedding), dim=1)
 
 
 class CenterLoss(nn.Module):
@@ -108,9 +113,9 @@ class CenterLoss(nn.Module):
         self.register_buffer("centers", torch.zeros(num_classes, embedding_dim))
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        f = embedding.float()
+        f = at_least_fp32(embedding)
         center_term = ((f - self.centers[labels]) ** 2).sum(1).mean()
-        loss = F.cross_entropy(logits.float(), labels) + 0.5 * self.center_lambda * center_term
+        loss = F.cross_entropy(at_least_fp32(logits), labels) + 0.5 * self.center_lambda * center_term
         if self.training:
             self.update_centers(f.detach(), labels)
         return loss

@@ -1,0 +1,91 @@
+"""Study specs: the built-ins load; bad ones end in one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dlops.cli import app
+from dlops.errors import SpecError
+from dlops.spec import builtin_specs, load_spec
+
+GOOD = """
+name = "tiny"
+trainer = "resnet18"
+[train]
+loss = "ce"
+dataset = "digits"
+epochs = 1
+[search.lr]
+type = "float"
+low = 1e-4
+high = 1e-1
+log = true
+[baseline]
+lr = 1e-3
+"""
+
+
+@pytest.mark.parametrize("loss", ["ce", "triplet", "center"])
+def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
+    spec = load_spec(f"resnet18-{loss}")
+    assert spec.name == f"resnet18-{loss}" and spec.metric == "val_top5" and spec.direction == "maximize"
+    lr = spec.search["lr"]
+    assert lr.log and lr.low <= 1e-4 and lr.high >= 1e-1
+    base = spec.config(params=spec.baseline_params())
+    assert base.lr == 1e-3 and base.momentum == 0.9 and base.loss == loss and base.dataset == "tiny-imagenet"
+    assert spec.config("digits").epochs < base.epochs  # quick on the embedded dataset
+    if loss == "triplet":
+        assert "margin" in spec.search
+    if loss == "center":
+        assert {"center_lambda", "center_alpha"} <= set(spec.search)
+
+
+def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert {"resnet18-ce", "resnet18-triplet", "resnet18-center"} <= set(builtin_specs())
+    assert load_spec("resnet18-ce").path.is_file()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("[train]", "[train]\nbogus = 1"), "unknown key 'bogus' in [train]"),
+        (('name = "tiny"', 'name = "tiny"\ncolour = "red"'), "unknown key 'colour' in the spec"),
+        (("low = 1e-4\nhigh = 1e-1", "low = 1e-1\nhigh = 1e-4"), "low (0.1) > high (0.0001)"),
+        (('loss = "ce"', 'loss = "hinge"'), "unknown loss 'hinge'"),
+        (("[baseline]\nlr = 1e-3", "[baseline]\nlr = 5.0"), "outside its search range"),
+        (("epochs = 1", 'epochs = "ten"'), "epochs = 'ten' should be a int"),
+        (('type = "float"', 'type = "complex"'), "unknown type 'complex'"),
+        (("[search.lr]", "[search.lr_decay]"), "'lr_decay' is not a setting"),
+        (("log = true", "log = true\nlow2 = 3"), "unknown key 'low2' in [search.lr]"),
+    ],
+)
+def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace(*change, 1))
+    with pytest.raises(SpecError) as info:
+        load_spec(str(path))
+    assert message in str(info.value) and "bad.toml" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_a_bad_spec_in_one_line_and_exits_nonzero(tmp_path: Path, dlops_home: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace('loss = "ce"', 'loss = "hinge"'))
+    result = CliRunner().invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown loss 'hinge'" in lines[0]
+    assert not (dlops_home / "dlops.db").exists()  # nothing written
+
+
+def test_cli_rejects_unknown_loss_and_unknown_spec(dlops_home: Path) -> None:
+    r = CliRunner().invoke(app, ["study", "run", "--loss", "arcface"])
+    assert r.exit_code != 0 and "unknown loss 'arcface'" in r.output
+    r = CliRunner().invoke(app, ["study", "run", "resnet50-ce"])
+    assert r.exit_code != 0 and "unknown spec 'resnet50-ce'" in r.output
+    r = CliRunner().invoke(app, ["study", "run", "missing.toml"])
+    assert r.exit_code != 0 and "does not exist" in r.output

@@ -1,0 +1,64 @@
+"""The training loop: checkpoints resume exactly; devices; centroid scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlops.errors import DlopsError
+from dlops.train import TrainConfig, fit, resolve_device
+
+
+class Stop(Exception):
+    pass
+
+
+def small(loss: str, **kw) -> TrainConfig:
+    base = dict(loss=loss, dataset="digits", width=8, subset_per_class=12, batch_size=24, epochs=3,
+                lr=0.02, device="cpu", eval_batch_size=64, seed=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("loss", ["triplet", "center"])
+def test_resume_from_checkpoint_gives_the_same_result_as_an_uninterrupted_run(loss: str, tmp_path: Path) -> None:
+    config = small(loss)
+    full = fit(config)
+
+    ckpt = tmp_path / "ckpt.pt"
+
+    def stop_after_first(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(config, report=stop_after_first, checkpoint_path=ckpt)
+    assert ckpt.exists()
+    reported = []
+    resumed = fit(config, report=lambda e, m: reported.append(e), checkpoint_path=ckpt)
+    assert resumed.start_epoch == 1
+    assert reported == [0, 1, 2]  # restored epoch re-reported, then the rest
+    for key in ("train_loss", "train_acc", "val_top1", "val_top5"):
+        assert resumed.history[key] == full.history[key]
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_triplet_model_is_scored_by_its_stored_centroids() -> None:
+    result = fit(small("triplet", epochs=1))
+    centroids = result.model.centroids
+    assert centroids.shape == (10, 64) and centroids.abs().sum() > 0
+    # L2-normalised embeddings: class means lie inside the unit ball
+    assert bool((centroids.norm(dim=1) <= 1.0 + 1e-5).all())
+
+
+def test_device_choice() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DlopsError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DlopsError, match="no CUDA device"):
+            resolve_device("cuda")
