@@ -55,11 +55,27 @@ def describe_study(name: str, url: str) -> dict[str, Any]:
     return info
 
 
-def serve_dashboard(url: str, host: str, port: int) -> None:
+def dashboard_app(url: str):
+    """optuna-dashboard's WSGI app on the study storage, with dlops's artifact store."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
     storage = open_storage(url)
     artifacts = artifacts_dir()
     artifacts.mkdir(parents=True, exist_ok=True)
-    optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+    return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
+
+
+def serve_dashboard(url: str, host: str, port: int) -> None:
+    from wsgiref.simple_server import make_server
+
+    app = dashboard_app(url)
+    try:
+        server = make_server(host, port, app)
+    except OSError as exc:
+        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
