@@ -91,6 +91,7 @@ class BatchLoader:
         pk: tuple[int, int] | None = None,
         drop_last: bool = False,
         channels_last: bool = False,
+        device_cache_bytes: int = 4 << 30,
     ):
         self.split = split
         self.batch_size = batch_size
@@ -104,6 +105,13 @@ class BatchLoader:
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1) * 255.0
         self._pin = self.device.type == "cuda"
+        # On a GPU a split that fits is uploaded once as uint8 and batches are gathered
+        # there: no host work per step at all.
+        self._device_images: torch.Tensor | None = None
+        self._device_labels: torch.Tensor | None = None
+        if self.device.type == "cuda" and split.images.nbytes <= device_cache_bytes:
+            self._device_images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
+            self._device_labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(self.device)
 
     def __len__(self) -> int:
         if self.sampler is not None:
@@ -126,6 +134,12 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.split.images, self.split.labels
         for idx in self.batch_indices():
+            if self._device_images is not None:
+                index = torch.from_numpy(idx).to(self.device, non_blocking=True)
+                x = self._device_images.index_select(0, index)
+                y = self._device_labels.index_select(0, index)
+                yield self._finish(x, y)
+                continue
             # sorted reads are sequential in a memmap; order inside a batch is irrelevant
             idx = np.sort(idx) if self.sampler is None else idx
             x = torch.from_numpy(np.ascontiguousarray(images[idx]))
@@ -134,12 +148,15 @@ class BatchLoader:
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            x = (x.float() - self.mean) / self.std
-            if self.augment:
-                x = self._augment(x)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+            yield self._finish(x, y)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (x.float() - self.mean) / self.std
+        if self.augment:
+            x = self._augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
