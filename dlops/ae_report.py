@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dlops.autoencoder import StackedClassifier, layer_seconds_per_epoch
 
@@ -59,22 +60,27 @@ def class_accuracy_table(labels: np.ndarray, predictions: np.ndarray, class_name
 
 
 def plot_class_accuracy(acc: dict[str, float]) -> Figure:
-    """Bar chart of the per-class accuracies, with the unweighted mean as a line."""
+    """Bar chart of the per-class accuracies, with the unweighted mean as a dashed line."""
     names, values = list(acc), np.array(list(acc.values()), dtype=float)
     fig = Figure(figsize=(max(6.0, 0.6 * len(names) + 2), 4.0), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.bar(range(len(names)), np.nan_to_num(values), color="tab:blue")
-    for bar, v in zip(bars, values):
-        ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8, xytext=(0, 2), textcoords="offset points")
+    for bar, v in zip(bars, values):  # inside the bar's top, clear of the mean line
+        inside = bar.get_height() > 0.15
+        ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="top" if inside else "bottom", fontsize=8, color="white" if inside else "black",
+                    xytext=(0, -3 if inside else 2), textcoords="offset points")
+    title = "Per-class test accuracy"
     if np.isfinite(values).any():
         mean = float(np.nanmean(values))
-        ax.axhline(mean, color="tab:red", ls="--", lw=1, label=f"mean of classes {mean:.3f}")
-        ax.legend(loc="lower right")
-    ax.set_xticks(range(len(names)), names, rotation=45 if max(map(len, names), default=0) > 3 else 0, ha="right" if max(map(len, names), default=0) > 3 else "center")
-    ax.set_ylim(0, 1.08)
+        ax.axhline(mean, color="tab:red", ls="--", lw=1)
+        title += f" (dashed: mean of classes, {mean:.3f})"
+    long_names = max(map(len, names), default=0) > 3
+    ax.set_xticks(range(len(names)), names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("class")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Per-class test accuracy")
+    ax.set_title(title)
     return fig
 
 
@@ -117,6 +123,7 @@ def plot_ae_losses(history: dict[str, list[float]], layer_history: dict[str, lis
             ax.plot(epochs, val, marker=".", label="validation")
             ax.set_yscale("log")
             ax.set_xlabel("pretraining epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if seconds[k] is not None:
                 title += f"\n{seconds[k]:.2f} s/epoch"
         if k == 0:
@@ -139,6 +146,8 @@ def plot_ae_losses(history: dict[str, list[float]], layer_history: dict[str, lis
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_title("Fine-tuning accuracy")
     ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Greedy layer-wise pretraining (top) and fine-tuning (bottom)")
     return fig
 

@@ -366,7 +366,7 @@ def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Pat
     assert len(trial.user_attrs["layer_history"]["ae5_train_loss"]) == 10
 
 
-def test_unlabeled_pretraining_without_the_cache_is_one_line(tmp_path: Path, dlops_home: Path) -> None:
+def test_stl10_study_without_the_cache_is_one_line(tmp_path: Path, dlops_home: Path) -> None:
     out = CliRunner().invoke(app, ["study", "run", "autoencoder", "--n-trials", "1", "--device", "cpu"])
     assert out.exit_code == 2
     assert "stl10 is not prepared" in out.output and "Traceback" not in out.output
