@@ -22,6 +22,8 @@ from dlops.errors import DlopsError, SpecError
 from dlops.spec import load_spec, parse_spec
 from dlops.train import HISTORY_KEYS
 
+from data_trees import write_stl10
+
 SMALL = [32, 24, 20, 16, 12, 8]
 
 
@@ -282,35 +284,6 @@ def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_ho
 # ----------------------------------------------------- STL-10 fixture, whole pipeline
 
 
-def write_stl10_binary(directory: Path, train_per_class: int, test_per_class: int, unlabeled: int,
-                       seed: int = 0) -> Path:
-    """A small ``stl10_binary/`` tree in the official layout: ``{train,test,unlabeled}_X.bin``
-    (uint8, 3x96x96 per image, each channel stored column-major), ``{train,test}_y.bin``
-    (labels 1..10), ``class_names.txt``, ``fold_indices.txt``. Each class has its own
-    mean colour, so a classifier can learn it."""
-    rng = np.random.default_rng(seed)
-    tree = directory / "stl10_binary"
-    tree.mkdir(parents=True)
-    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-    (tree / "class_names.txt").write_text("\n".join(names) + "\n")
-    colours = rng.integers(30, 226, size=(10, 3))
-
-    def images(labels: np.ndarray) -> np.ndarray:
-        base = colours[labels][:, :, None, None] if len(labels) else np.zeros((0, 3, 1, 1))
-        noise = rng.normal(0, 25, size=(len(labels), 3, 96, 96))
-        return np.clip(base + noise, 0, 255).astype(np.uint8)  # (N, 3, rows, cols)
-
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        labels = np.tile(np.arange(10), per_class)  # interleaved classes, like the real files
-        rng.shuffle(labels)
-        images(labels).swapaxes(2, 3).tofile(tree / f"{split}_X.bin")  # column-major per channel
-        (labels + 1).astype(np.uint8).tofile(tree / f"{split}_y.bin")
-    unl = images(rng.integers(0, 10, size=unlabeled))
-    unl.swapaxes(2, 3).tofile(tree / "unlabeled_X.bin")
-    (tree / "fold_indices.txt").write_text(" ".join(map(str, range(10 * train_per_class))) + "\n")
-    return tree
-
-
 def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Path, dlops_home: Path) -> None:
     from dlops.ae_report import (
         class_accuracy,
@@ -324,7 +297,8 @@ def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Pat
     from dlops.data.manage import prepare_dataset
     from dlops.data.stl10 import load_unlabeled
 
-    tree = write_stl10_binary(tmp_path / "raw", train_per_class=10, test_per_class=7, unlabeled=40)
+    # the official binary layout (tests/data_trees.py), through the real prepare path
+    tree, _ = write_stl10(tmp_path / "raw", train=100, test=70, unlabeled=40)
     prepare_dataset("stl10", raw=tree.parent, progress=False)  # into $DLOPS_HOME/data
     assert len(load_unlabeled()) == 40
 
