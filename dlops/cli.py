@@ -19,6 +19,8 @@ app = typer.Typer(help="Optuna studies for deep-learning experiments, and refere
                   no_args_is_help=True, pretty_exceptions_enable=False)
 study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
+data_app = typer.Typer(help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -176,6 +178,164 @@ def dashboard(
     url = storage or default_storage_url()
     console.print(f"optuna-dashboard for {mask_url(url)} on http://{host}:{port}/ (Ctrl-C stops)")
     serve_dashboard(url, host, port)
+
+
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root [default: $DLOPS_HOME/data]")]
+WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Decoding processes [default: the CPU count, at most 8]")]
+
+
+def _progress_on() -> bool:
+    return err_console.is_terminal
+
+
+def _print_prepared(manifest: dict[str, Any]) -> None:
+    build = manifest.get("build") or {}
+    splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
+    console.print(f"{manifest['dataset']}: {manifest['classes']} classes, {splits}; image shape {manifest['image_shape']}",
+                  highlight=False, soft_wrap=True)
+    if build:
+        console.print(f"decoded {build['images']:,} images in {build['seconds']:.1f}s "
+                      f"({build['images_per_second']:,.0f} images/s, {build['workers']} workers)", highlight=False)
+
+
+@data_app.command("fetch")
+@user_errors
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    root: RootOpt = None,
+    source: Annotated[Optional[str], typer.Option(help="Local archive or URL (mirror) instead of the official URL")] = None,
+    md5: Annotated[Optional[str], typer.Option(help="Expected md5 of --source [default: the official archive's]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch and rebuild even if a cache exists")] = False,
+    keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")] = False,
+    workers: WorkersOpt = None,
+) -> None:
+    """Download (or take) the archive, verify its md5, extract it safely and build the cache."""
+    from dlops.data.manage import fetch_dataset
+
+    manifest = fetch_dataset(name, root, source, md5, force=force, keep_archive=keep_archive, workers=workers,
+                             progress=_progress_on(), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    _print_prepared(manifest)
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    root: RootOpt = None,
+    raw: Annotated[Optional[str], typer.Option(help="Extracted tree [default: ROOT/NAME/raw]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Hold-out of each training class for validation")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the validation hold-out")] = 0,
+    workers: WorkersOpt = None,
+) -> None:
+    """Build the uint8 cache (and manifest) from an extracted tree."""
+    from dlops.data.manage import prepare_dataset
+
+    manifest = prepare_dataset(name, root, raw=raw, force=force, val_fraction=val_fraction, seed=seed, workers=workers,
+                               progress=_progress_on(), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    _print_prepared(manifest)
+
+
+@data_app.command("info")
+@user_errors
+def data_info(
+    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    root: RootOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Counts per split, classes, image shape, cache size and place."""
+    from dlops.data.manage import dataset_info
+
+    info = dataset_info(name, root)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    table = Table(title=f"dataset {name}", show_header=False)
+    table.add_row("classes", str(info["classes"]))
+    for split, count in info["splits"].items():
+        table.add_row(f"  {split}", f"{count:,}")
+    table.add_row("image shape", " x ".join(map(str, info["image_shape"])))
+    table.add_row("cache", f"{info['cache_dir']} ({info['cache_bytes'] / 2**20:,.1f} MiB)" if info["cache_dir"] else "in memory")
+    if info.get("holdout"):
+        h = info["holdout"]
+        table.add_row("validation", f"{h['count']:,} held out of {h['from']} ({h['fraction']:.0%} of each class, seed {h['seed']})")
+    if info.get("source"):
+        s = info["source"]
+        table.add_row("source", f"{s['archive']} md5 {s['md5']}" + ("" if s.get("official") else " (not the official archive)"))
+    console.print(table)
+
+
+@data_app.command("show")
+@user_errors
+def data_show(
+    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    root: RootOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="PNG path [default: $DLOPS_HOME/reports/data/NAME.png]")] = None,
+    count: Annotated[int, typer.Option(min=1, max=256, help="Sample images in the grid")] = 32,
+) -> None:
+    """Write a PNG grid of sample images with class names and a per-class count histogram."""
+    from dlops.data.manage import show_dataset
+
+    path = show_dataset(name, root, out, count=count)
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command("final")
+@user_errors
+def final(
+    spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="ce | triplet | center: the spec resnet18-LOSS")] = None,
+    params: Annotated[str, typer.Option(help="best (the study's best trial) | baseline | FILE.json")] = "best",
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs [default: the spec's [final] epochs]")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds 0..N-1 [default: the spec's [final] seeds]")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset [default: the study's, else the spec's]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")] = False,
+    storage: StorageOpt = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from [default: the spec's name]")] = None,
+    subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
+    subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
+) -> None:
+    """Reference run: train the chosen settings, test once per seed, write reports/<spec>/."""
+    from dlops.final import FinalOptions, run_final
+
+    quiet_optuna()
+    overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
+    options = FinalOptions(params=params, dataset=dataset, epochs=epochs, seeds=seeds, device=device, resume=resume,
+                           storage=storage, study_name=study_name, train_overrides=overrides)
+
+    def on_epoch(seed: int, epoch: int, m: dict[str, float], restored: bool) -> None:
+        console.print(
+            f"seed {seed}  epoch {epoch + 1:>3}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}"
+            f"  val_top1 {m.get('val_top1', float('nan')):.4f}  val_top5 {m.get('val_top5', float('nan')):.4f}"
+            + ("  (from checkpoint)" if restored else f"  ({m['epoch_seconds']:.1f}s)"),
+            highlight=False, soft_wrap=True,
+        )
+
+    result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch,
+                       notify=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+    f = result.final
+    table = Table(title=f"final {f['spec']} on {f['dataset']['name']} ({len(f['seeds'])} seeds x {f['epochs']} epochs)",
+                  show_header=False)
+    for key, mean in f["mean"].items():
+        if mean is not None:
+            table.add_row(key, f"{mean:.4f} ± {f['std'][key]:.4f}")
+    table.add_row("wall time", f"{f['wall_seconds']:.1f}s on {f['device']}")
+    console.print(table)
+    console.print(f"wrote {result.report_dir}/ ({len(result.files)} files)"
+                  + (f"; {len(result.artifacts)} artifacts attached in the study" if result.artifacts else ""),
+                  highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+@user_errors
+def report(storage: StorageOpt = None) -> None:
+    """Write $DLOPS_HOME/reports/index.md: the losses side by side, then the autoencoder."""
+    from dlops.report import build_report
+
+    quiet_optuna()
+    result = build_report(storage)
+    console.print(f"wrote {result.index} ({len(result.entries)} specs, {len(result.files)} files)", highlight=False)
 
 
 if __name__ == "__main__":

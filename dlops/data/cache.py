@@ -1,0 +1,195 @@
+"""The decoded-image cache: one directory per dataset, memory-mappable ``.npy`` arrays
+plus ``manifest.json``.
+
+Layout under the data root (default ``$DLOPS_HOME/data``)::
+
+    <root>/<dataset>/cache/manifest.json          written last: no manifest, no cache
+    <root>/<dataset>/cache/<split>_images.npy     uint8 (N, 3, H, W)
+    <root>/<dataset>/cache/<split>_labels.npy     int64 (N,)
+    <root>/<dataset>/cache/val_source_index.npy   positions of the hold-out in the official train order
+
+A cache is built in a scratch directory next to it and swapped in by renames only once
+complete, so a failed or interrupted build leaves the previous cache as it was.
+Readers open the arrays with ``np.load(mmap_mode="r")``: several processes share one
+copy through the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlops.data import Dataset, Split
+from dlops.errors import DatasetNotAvailable
+from dlops.paths import data_root
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def resolve_root(root: Path | str | None) -> Path:
+    return Path(root).expanduser().absolute() if root is not None else data_root()
+
+
+def dataset_dir(root: Path | str | None, name: str) -> Path:
+    return resolve_root(root) / name
+
+
+def cache_dir(root: Path | str | None, name: str) -> Path:
+    return dataset_dir(root, name) / "cache"
+
+
+def images_file(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def labels_file(split: str) -> str:
+    return f"{split}_labels.npy"
+
+
+def how_to_get(name: str) -> str:
+    return f"get it with `dlops data fetch {name}` (or `--source FILE_OR_URL`); `--dataset digits` works now"
+
+
+def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
+    """The manifest of a complete cache of the current format; else :class:`DatasetNotAvailable`."""
+    directory = cache_dir(root, name)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise DatasetNotAvailable(f"{name} is not prepared under {resolve_root(root)}: {how_to_get(name)}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetNotAvailable(
+            f"{name} cache manifest {path} is unreadable ({exc}): rebuild it with `dlops data prepare {name} --force`"
+        ) from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetNotAvailable(
+            f"{name} cache at {directory} has format version {version}, this dlops reads {FORMAT_VERSION}: "
+            f"rebuild it with `dlops data prepare {name} --force`"
+        )
+    for split in manifest["splits"]:
+        for file in (images_file(split), labels_file(split)):
+            if not (directory / file).is_file():
+                raise DatasetNotAvailable(
+                    f"{name} cache at {directory} lacks {file}: rebuild it with `dlops data prepare {name} --force`"
+                )
+    return manifest
+
+
+def is_prepared(root: Path | str | None, name: str) -> bool:
+    try:
+        read_manifest(root, name)
+        return True
+    except DatasetNotAvailable:
+        return False
+
+
+def open_split(root: Path | str | None, name: str, split: str) -> Split:
+    """One cached split: images memory-mapped read-only, labels in memory."""
+    directory = cache_dir(root, name)
+    images = np.load(directory / images_file(split), mmap_mode="r")
+    labels = np.load(directory / labels_file(split))
+    return Split(images, labels)
+
+
+def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_padding: int) -> Dataset:
+    """A :class:`Dataset` over the cache of ``name``; the test split is opened when asked for."""
+    manifest = read_manifest(root, name)
+    root_path = resolve_root(root)
+    return Dataset(
+        name=name,
+        class_ids=list(manifest["class_ids"]),
+        class_names=list(manifest["class_names"]),
+        train=open_split(root_path, name, "train"),
+        val=open_split(root_path, name, "val"),
+        load_test=lambda: open_split(root_path, name, "test"),
+        hflip=hflip,
+        crop_padding=crop_padding,
+    )
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def replace_dir(scratch: Path, final: Path) -> None:
+    """Put ``scratch`` where ``final`` is, by renames; the old ``final`` is removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(scratch, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class CacheBuilder:
+    """Writes a new cache for ``name`` in a scratch directory; :meth:`commit` swaps it in.
+
+    Use as a context manager: leaving the block by an exception (or without a commit)
+    deletes the scratch directory and leaves any existing cache untouched.
+    """
+
+    def __init__(self, root: Path | str | None, name: str):
+        self.name = name
+        self.final = cache_dir(root, name)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = self.final.parent / f".cache-tmp-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir()
+        self.splits: dict[str, int] = {}
+        self.image_shape: tuple[int, ...] | None = None
+        self.committed = False
+
+    def __enter__(self) -> "CacheBuilder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.committed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def images_path(self, split: str) -> Path:
+        return self.dir / images_file(split)
+
+    def new_images(self, split: str, count: int, shape: tuple[int, int, int]) -> np.memmap:
+        """A writable uint8 ``(count, *shape)`` array backed by the split's ``.npy`` file."""
+        if self.image_shape is None:
+            self.image_shape = tuple(shape)
+        elif tuple(shape) != self.image_shape:
+            raise ValueError(f"split {split} has shape {shape}, others {self.image_shape}")
+        self.splits[split] = count
+        return np.lib.format.open_memmap(self.images_path(split), mode="w+", dtype=np.uint8, shape=(count, *shape))
+
+    def save_labels(self, split: str, labels: np.ndarray) -> None:
+        np.save(self.dir / labels_file(split), np.asarray(labels, dtype=np.int64))
+
+    def save_array(self, filename: str, array: np.ndarray) -> None:
+        np.save(self.dir / filename, array)
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write ``manifest.json`` (with format version, splits, image shape) and swap in."""
+        for split, count in self.splits.items():
+            labels = np.load(self.dir / labels_file(split), mmap_mode="r")
+            if len(labels) != count:
+                raise ValueError(f"split {split}: {count} images but {len(labels)} labels")
+        full = {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.name,
+            "image_shape": list(self.image_shape or ()),
+            "splits": dict(self.splits),
+            **manifest,
+        }
+        full["cache_bytes"] = directory_bytes(self.dir)
+        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(full, indent=2) + "\n")
+        os.replace(tmp, self.dir / MANIFEST)
+        replace_dir(self.dir, self.final)
+        self.committed = True
+        return full

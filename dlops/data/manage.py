@@ -1,0 +1,254 @@
+"""The library behind ``dlops data fetch | prepare | info | show``.
+
+``fetch`` gets an archive (download or local file), checks its md5, extracts it into a
+scratch directory, builds the cache from it and only then moves the extracted tree to
+``<root>/<name>/raw`` and the cache to ``<root>/<name>/cache``. Any failure removes the
+scratch files and leaves what was there before (a good cache included) untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import numpy as np
+
+from dlops.data import get_dataset
+from dlops.data.cache import (
+    CacheBuilder,
+    cache_dir,
+    dataset_dir,
+    directory_bytes,
+    is_prepared,
+    read_manifest,
+    replace_dir,
+    resolve_root,
+)
+from dlops.data.fetch import download, is_url, md5_file, safe_extract
+from dlops.errors import DatasetNotAvailable, DlopsError
+
+Log = Callable[[str], None]
+SOURCE_FILE = "source.json"  # in raw/: where the extracted tree came from
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def cached_module(name: str) -> ModuleType:
+    """The module of a dataset that is fetched and cached (tinyimagenet, stl10)."""
+    if name == "tiny-imagenet":
+        from dlops.data import tinyimagenet as module
+    elif name == "stl10":
+        from dlops.data import stl10 as module
+    elif name == "digits":
+        raise DlopsError("digits ships with scikit-learn: there is nothing to fetch or prepare")
+    else:
+        raise DlopsError(f"unknown dataset {name!r} to fetch (tiny-imagenet, stl10)")
+    return module
+
+
+def _build(module: ModuleType, tree: Path, root: Path, source: dict[str, Any], *, val_fraction: float,
+           seed: int, workers: int | None, progress: bool) -> dict[str, Any]:
+    if not 0 < val_fraction < 1:
+        raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    with CacheBuilder(root, module.NAME) as builder:
+        entries = module.build_cache(tree, builder, val_fraction=val_fraction, seed=seed, workers=workers,
+                                     progress=progress)
+        return builder.commit({"classes": len(entries["class_ids"]), **entries, "source": source,
+                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def fetch_dataset(name: str, root: Path | str | None = None, source: str | None = None, md5: str | None = None, *,
+                  force: bool = False, keep_archive: bool = False, workers: int | None = None,
+                  progress: bool = True, log: Log = _quiet) -> dict[str, Any]:
+    """Download (or take) the archive of ``name``, verify, extract and cache it; the manifest.
+
+    ``source`` is a URL or a local archive (default: the official URL). A download must
+    match ``md5`` (default: the official md5). A local file must match ``md5`` when one is
+    given; otherwise one that differs from the official md5 (a repack, a sample) is
+    used only if its layout checks out. A downloaded archive is deleted once the cache is
+    built unless ``keep_archive``.
+    """
+    module = cached_module(name)
+    root = resolve_root(root)
+    if not force and is_prepared(root, name):
+        log(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
+        return read_manifest(root, name)
+    home = dataset_dir(root, name)
+    src = source or module.URL
+    downloaded = False
+    if is_url(src):
+        expected = md5 or module.MD5
+        filename = Path(urlparse(src).path).name or module.ARCHIVE
+        archive = home / "downloads" / filename
+        log(f"downloading {src}")
+        try:
+            actual = download(src, archive, expected, progress=progress)
+        except DlopsError:
+            _remove_empty(archive.parent, home)
+            raise
+        downloaded = True
+    else:
+        archive = Path(src).expanduser().absolute()
+        if not archive.is_file():
+            raise DlopsError(f"{name}: source archive not found: {archive}")
+        actual = md5_file(archive)
+        if md5 is not None and actual != md5.lower():
+            raise DlopsError(f"md5 mismatch for {archive}: got {actual}, expected {md5}")
+        if md5 is None and actual != module.MD5:
+            log(f"note: {archive.name} has md5 {actual}, not the official {module.MD5} "
+                "(a repack or a sample?): using it only if its layout checks out")
+    info = {"archive": archive.name, "location": src, "md5": actual, "official_md5": module.MD5,
+            "official": actual == module.MD5}
+
+    scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        log(f"extracting {archive.name}")
+        count = safe_extract(archive, scratch, progress=progress)
+        tree = module.find_tree(scratch)
+        (scratch / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        log(f"extracted {count:,} members; building the cache")
+        manifest = _build(module, tree, root, {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
+                          val_fraction=0.1, seed=0, workers=workers, progress=progress)
+        replace_dir(scratch, home / "raw")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if downloaded and not keep_archive:
+            archive.unlink(missing_ok=True)
+        _remove_empty(home / "downloads", home)
+    return manifest
+
+
+def _remove_empty(*folders: Path) -> None:
+    """Remove folders this fetch created and left empty (innermost first)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def prepare_dataset(name: str, root: Path | str | None = None, *, raw: Path | str | None = None, force: bool = False,
+                    val_fraction: float = 0.1, seed: int = 0, workers: int | None = None, progress: bool = True,
+                    log: Log = _quiet) -> dict[str, Any]:
+    """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
+    module = cached_module(name)
+    root = resolve_root(root)
+    if not force and is_prepared(root, name):
+        log(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
+        return read_manifest(root, name)
+    where = Path(raw).expanduser().absolute() if raw is not None else dataset_dir(root, name) / "raw"
+    if not where.is_dir():
+        raise DatasetNotAvailable(f"no extracted {name} tree at {where}: run `dlops data fetch {name}` "
+                                  "(or give --raw DIR); `--dataset digits` works now")
+    tree = module.find_tree(where)
+    source: dict[str, Any] = {"tree": str(tree)}
+    for candidate in (where / SOURCE_FILE, tree / SOURCE_FILE):
+        if candidate.is_file():
+            source = {**json.loads(candidate.read_text()), **source}
+            break
+    return _build(module, tree, root, source, val_fraction=val_fraction, seed=seed, workers=workers,
+                  progress=progress)
+
+
+def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
+    """Counts per split, classes, image shape, cache place and size (JSON-ready)."""
+    if name in ("tiny-imagenet", "stl10"):
+        manifest = read_manifest(root, name)
+        directory = cache_dir(root, name)
+        return {
+            "name": name,
+            "classes": manifest["classes"],
+            "splits": manifest["splits"],
+            "image_shape": manifest["image_shape"],
+            "cache_dir": str(directory),
+            "cache_bytes": directory_bytes(directory),
+            "format_version": manifest["format_version"],
+            "holdout": manifest.get("holdout"),
+            "source": manifest.get("source"),
+            "build": manifest.get("build"),
+            "class_ids": manifest["class_ids"],
+            "class_names": manifest["class_names"],
+        }
+    ds = get_dataset(name, root)  # in-memory datasets (digits) have no cache
+    return {
+        "name": name,
+        "classes": ds.num_classes,
+        "splits": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test())},
+        "image_shape": list(ds.image_shape),
+        "cache_dir": None,
+        "cache_bytes": 0,
+        "class_ids": ds.class_ids,
+        "class_names": ds.class_names,
+    }
+
+
+# --------------------------------------------------------------------------- show
+
+
+def dataset_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                   counts: dict[str, np.ndarray], title: str, columns: int = 8):
+    """A grid of ``images`` (uint8 N x C x H x W) titled by class, above a per-class
+    histogram of ``counts`` (split -> count per class, stacked). Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    rows = -(-len(images) // columns)
+    fig = Figure(figsize=(1.5 * columns, 1.6 * rows + 3.2), layout="constrained")
+    grid = fig.add_gridspec(rows + 2, columns, height_ratios=[1.0] * rows + [0.15, 1.6])
+    for k, (image, label) in enumerate(zip(images, labels)):
+        ax = fig.add_subplot(grid[k // columns, k % columns])
+        picture = image.transpose(1, 2, 0)
+        ax.imshow(picture[:, :, 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        name = class_names[int(label)]
+        ax.set_title(name if len(name) <= 16 else name[:15] + "…", fontsize=8)
+        ax.set_axis_off()
+    hist = fig.add_subplot(grid[rows + 1, :])
+    x = np.arange(len(class_names))
+    bottom = np.zeros(len(class_names))
+    for split, c in counts.items():
+        hist.bar(x, c, bottom=bottom, width=1.0 if len(x) > 50 else 0.8, label=f"{split} ({int(c.sum()):,})")
+        bottom += c
+    hist.set_xlabel("class index")
+    hist.set_ylabel("images")
+    hist.set_xlim(-0.5, len(x) - 0.5)
+    hist.set_ylim(0, max(1.0, bottom.max()) * 1.3)  # headroom for the legend
+    hist.legend(fontsize=8, loc="upper center", ncols=len(counts), frameon=False)
+    hist.set_title("images per class", fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def show_dataset(name: str, root: Path | str | None = None, out: Path | str | None = None, *,
+                 count: int = 32, seed: int = 0) -> Path:
+    """Write a PNG of ``count`` training images (distinct classes when there are enough)
+    and the per-class histogram of every split; returns its path."""
+    from dlops.paths import reports_dir
+
+    ds = get_dataset(name, root)
+    labels = np.asarray(ds.train.labels)
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(ds.num_classes)[:count]
+    picks = []
+    for k in range(count):
+        pool = np.flatnonzero(labels == classes[k % len(classes)])
+        if len(pool):
+            picks.append(int(rng.choice(pool)))
+    picks = np.sort(np.asarray(picks, dtype=np.int64))
+    test = ds.test()
+    counts = {split: np.bincount(np.asarray(s.labels), minlength=ds.num_classes)
+              for split, s in (("train", ds.train), ("val", ds.val), ("test", test))}
+    total = sum(len(s) for s in (ds.train, ds.val, test))
+    title = f"{name}: {ds.num_classes} classes, {total:,} images {list(ds.image_shape)}"
+    fig = dataset_figure(np.asarray(ds.train.images[picks]), labels[picks], ds.class_names, counts, title)
+    path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,265 @@
+"""Tiny ImageNet (CS231n): 200 classes of 64x64 images, 500 train and 50 val per class.
+
+The official ``val/`` is labelled and is our **test** split (in the order of
+``val_annotations.txt``); **val** is a stratified, seeded hold-out of the official
+``train/`` (10% of each class by default) made once, when the cache is built, and
+recorded in the manifest. The official ``test/`` has no labels and is not used.
+
+Class ``i`` is line ``i`` of ``wnids.txt``; its name is the first synonym of its
+``words.txt`` entry. JPEGs are decoded once, here (grayscale ones become RGB), across
+a pool of processes that write straight into the memory-mapped cache arrays.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dlops.data import Dataset, register_dataset
+from dlops.data.cache import CacheBuilder, open_dataset
+from dlops.data.digits import stratified_holdout
+from dlops.data.fetch import count_progress
+from dlops.errors import DlopsError
+
+NAME = "tiny-imagenet"
+URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+ARCHIVE = "tiny-imagenet-200.zip"
+TREE = "tiny-imagenet-200"
+SIZE = 64
+IMAGE_SHAPE = (3, SIZE, SIZE)
+# Random crops shift by up to 8 px of 64 (as CIFAR's 4 of 32); left-right mirroring keeps the label.
+HFLIP = True
+CROP_PADDING = 8
+CHUNK = 256  # images per pool task
+
+
+@dataclass
+class Layout:
+    """What an extracted tree holds, read from its index files (no image decoded yet)."""
+
+    tree: Path
+    wnids: list[str]
+    names: list[str]
+    train_files: list[str]  # relative to ``tree``, class by class in wnids order
+    train_labels: np.ndarray
+    test_files: list[str]  # official val, in val_annotations.txt order
+    test_labels: np.ndarray
+
+
+def find_tree(directory: Path) -> Path:
+    """The Tiny ImageNet tree in ``directory``: itself, ``tiny-imagenet-200/`` or its only subdirectory."""
+    directory = Path(directory)
+    candidates = [directory, directory / TREE]
+    subdirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
+    if len(subdirs) == 1:
+        candidates.append(subdirs[0])
+    for c in candidates:
+        if (c / "wnids.txt").is_file():
+            return c
+    for c in candidates:
+        if (c / "train").is_dir() or (c / "val").is_dir():
+            raise DlopsError(f"{NAME}: wnids.txt missing in {c}: not a complete Tiny ImageNet tree")
+    raise DlopsError(f"{NAME}: no Tiny ImageNet tree (wnids.txt, train/, val/) in {directory}")
+
+
+def _image_sort_key(path: Path) -> tuple[int, str]:
+    # <wnid>_<k>.JPEG in numeric order of k, so the first 50 by index come first
+    stem = path.stem.rsplit("_", 1)[-1]
+    return (int(stem), path.name) if stem.isdigit() else (1 << 62, path.name)
+
+
+def _is_jpeg(path: Path) -> bool:
+    return path.suffix.lower() in (".jpeg", ".jpg")
+
+
+def read_layout(tree: Path) -> Layout:
+    """Check the tree's layout and list its images; any problem is a one-line DlopsError."""
+    tree = Path(tree)
+    wnids_path = tree / "wnids.txt"
+    if not wnids_path.is_file():
+        raise DlopsError(f"{NAME}: wnids.txt missing in {tree}")
+    wnids = [line.strip() for line in wnids_path.read_text().splitlines() if line.strip()]
+    if not wnids:
+        raise DlopsError(f"{NAME}: wnids.txt in {tree} is empty")
+    if len(set(wnids)) != len(wnids):
+        raise DlopsError(f"{NAME}: wnids.txt in {tree} lists a class twice")
+    index = {w: i for i, w in enumerate(wnids)}
+
+    words_path = tree / "words.txt"
+    if not words_path.is_file():
+        raise DlopsError(f"{NAME}: words.txt missing in {tree}")
+    words: dict[str, str] = {}
+    for line in words_path.read_text(errors="replace").splitlines():
+        wnid, _, text = line.partition("\t")
+        if wnid in index:
+            words[wnid] = text.split(",")[0].strip() or wnid
+    names = [words.get(w, w) for w in wnids]
+
+    train_files: list[str] = []
+    train_labels: list[int] = []
+    for i, wnid in enumerate(wnids):
+        folder = tree / "train" / wnid / "images"
+        if not folder.is_dir():
+            raise DlopsError(f"{NAME}: train/{wnid}/images missing in {tree} (class {i} of wnids.txt)")
+        files = sorted((p for p in folder.iterdir() if _is_jpeg(p)), key=_image_sort_key)
+        if not files:
+            raise DlopsError(f"{NAME}: train/{wnid}/images in {tree} holds no JPEG")
+        train_files += [str(p.relative_to(tree)) for p in files]
+        train_labels += [i] * len(files)
+
+    ann_path = tree / "val" / "val_annotations.txt"
+    if not ann_path.is_file():
+        raise DlopsError(f"{NAME}: val/val_annotations.txt missing in {tree}")
+    test_files: list[str] = []
+    test_labels: list[int] = []
+    for n, line in enumerate(ann_path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DlopsError(f"{NAME}: val/val_annotations.txt line {n} is not 'file<TAB>wnid...': {line[:60]!r}")
+        file, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise DlopsError(f"{NAME}: val/val_annotations.txt line {n} names {wnid!r}, which is not in wnids.txt")
+        rel = Path("val") / "images" / file
+        if "/" in file or "\\" in file or not (tree / rel).is_file():
+            raise DlopsError(f"{NAME}: val/val_annotations.txt line {n} names {file!r}, not found in val/images")
+        test_files.append(str(rel))
+        test_labels.append(index[wnid])
+    if not test_files:
+        raise DlopsError(f"{NAME}: val/val_annotations.txt in {tree} lists no image")
+    return Layout(tree, wnids, names, train_files, np.asarray(train_labels, np.int64),
+                  test_files, np.asarray(test_labels, np.int64))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """One JPEG as uint8 (3, 64, 64), exactly as PIL decodes it (grayscale -> RGB)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")  # forces the full decode: a truncated file raises here
+    if rgb.size != (SIZE, SIZE):
+        raise ValueError(f"is {rgb.size[0]}x{rgb.size[1]}, expected {SIZE}x{SIZE}")
+    return np.asarray(rgb).transpose(2, 0, 1)
+
+
+_worker_arrays: dict[str, np.ndarray] = {}
+
+
+def _open_worker_arrays(paths: dict[str, str]) -> None:
+    _worker_arrays.clear()
+    for split, path in paths.items():
+        _worker_arrays[split] = np.load(path, mmap_mode="r+")
+
+
+def _decode_chunk(chunk: list[tuple[str, str, str, int]]) -> tuple[int, str | None]:
+    """Decode ``(tree, relpath, split, index)`` jobs into the open arrays; ``(done, error)``."""
+    done = 0
+    for tree, rel, split, i in chunk:
+        try:
+            _worker_arrays[split][i] = decode_image(os.path.join(tree, rel))
+        except Exception as exc:  # noqa: BLE001 (any decoder failure names the file)
+            return done, f"cannot decode {rel}: {exc}"
+        done += 1
+    return done, None
+
+
+def _chunks(jobs: list, size: int) -> Iterator[list]:
+    for start in range(0, len(jobs), size):
+        yield jobs[start : start + size]
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def decode_all(jobs: list[tuple[str, str, str, int]], arrays: dict[str, Path], *, workers: int,
+               progress: bool, label: str) -> None:
+    """Decode every job into the ``.npy`` files ``arrays`` (split -> path), in a pool when
+    ``workers > 1``. The first undecodable image stops the work with a DlopsError."""
+    paths = {split: str(p) for split, p in arrays.items()}
+    if workers <= 1 or len(jobs) <= CHUNK:
+        _open_worker_arrays(paths)
+        try:
+            with count_progress(progress) as bar:
+                task = bar.add_task(label, total=len(jobs))
+                for chunk in _chunks(jobs, CHUNK):
+                    done, error = _decode_chunk(chunk)
+                    if error:
+                        raise DlopsError(f"{NAME}: {error}")
+                    bar.advance(task, done)
+        finally:
+            for a in _worker_arrays.values():
+                a.flush()
+            _worker_arrays.clear()
+        return
+    # fork starts a worker in milliseconds (spawn: a second or more here); the workers only
+    # run PIL and numpy. The pool starts before the progress bar's thread does.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, initializer=_open_worker_arrays, initargs=(paths,)) as pool:
+        with count_progress(progress) as bar:
+            task = bar.add_task(label, total=len(jobs))
+            for done, error in pool.imap_unordered(_decode_chunk, _chunks(jobs, CHUNK)):
+                if error:
+                    pool.terminate()
+                    raise DlopsError(f"{NAME}: {error}")
+                bar.advance(task, done)
+
+
+def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
+                workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Decode the tree into ``builder``'s arrays; returns the manifest entries it knows."""
+    layout = read_layout(tree)
+    keep, held = stratified_holdout(layout.train_labels, val_fraction, seed)
+    splits = {
+        "train": (keep, [layout.train_files[i] for i in keep], layout.train_labels[keep]),
+        "val": (held, [layout.train_files[i] for i in held], layout.train_labels[held]),
+        "test": (None, layout.test_files, layout.test_labels),
+    }
+    jobs: list[tuple[str, str, str, int]] = []
+    arrays: dict[str, Path] = {}
+    tree_str = str(layout.tree)
+    for split, (_, files, labels) in splits.items():
+        images = builder.new_images(split, len(files), IMAGE_SHAPE)
+        del images  # the header is written; workers fill the data through their own maps
+        builder.save_labels(split, labels)
+        arrays[split] = builder.images_path(split)
+        jobs += [(tree_str, rel, split, i) for i, rel in enumerate(files)]
+    builder.save_array("val_source_index.npy", held.astype(np.int64))
+
+    workers = default_workers() if workers is None else workers
+    start = time.perf_counter()
+    decode_all(jobs, arrays, workers=workers, progress=progress, label=f"decode {NAME}")
+    seconds = time.perf_counter() - start
+    return {
+        "class_ids": layout.wnids,
+        "class_names": layout.names,
+        "holdout": {
+            "from": "official train/",
+            "fraction": val_fraction,
+            "seed": seed,
+            "count": int(len(held)),
+            "index_file": "val_source_index.npy",
+        },
+        "test_source": "official val/ (labelled), in val_annotations.txt order",
+        "build": {"images": len(jobs), "seconds": round(seconds, 3), "workers": workers,
+                  "images_per_second": round(len(jobs) / max(seconds, 1e-9), 1)},
+    }
+
+
+def load(root: Path | None = None) -> Dataset:
+    """The cached Tiny ImageNet: train/val memory-mapped, test opened when asked for."""
+    return open_dataset(root, NAME, hflip=HFLIP, crop_padding=CROP_PADDING)
+
+
+register_dataset(NAME, load)

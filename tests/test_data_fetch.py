@@ -1,0 +1,124 @@
+"""Downloads over HTTP (a server on 127.0.0.1), md5 checks and safe extraction."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
+from data_trees import one_error_line, serve_directory, write_tiny_imagenet, zip_tree
+from dlops.cli import app
+from dlops.data.cache import is_prepared
+from dlops.data.fetch import download, md5_file, safe_extract
+from dlops.errors import DlopsError
+
+SAMPLE_MD5 = "3aedffe5d8f9734b88a46c4fe71ed6eb"
+runner = CliRunner()
+
+
+def dlops(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+@requires_tiny_imagenet_sample()
+def test_fetch_the_sample_by_url_with_its_md5_and_fail_cleanly_with_a_wrong_one(tmp_path: Path) -> None:
+    with serve_directory(TINY_IMAGENET_SAMPLE.parent) as base:
+        url = f"{base}/{TINY_IMAGENET_SAMPLE.name}"
+        root = tmp_path / "good"
+        result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", url, "--md5", SAMPLE_MD5)
+        assert result.exit_code == 0, result.output
+        info = json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)
+        assert info["classes"] == 200 and info["splits"]["test"] == 2_000
+        assert info["source"]["location"] == url and info["source"]["md5"] == SAMPLE_MD5
+        assert files_under(root / "tiny-imagenet" / "downloads") == []  # not kept unless --keep-archive
+
+        bad = tmp_path / "bad"
+        line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(bad), "--source", url,
+                                    "--md5", "0" * 32))
+        assert f"md5 mismatch for {url}: got {SAMPLE_MD5}, expected {'0' * 32}" in line
+        assert not is_prepared(bad, "tiny-imagenet")
+        assert not bad.exists() or list(bad.rglob("*")) == []  # no partial download, tree or cache
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    site = tmp_path / "site"
+    site.mkdir()
+    zip_tree(write_tiny_imagenet(tmp_path / "src"), site / "mini.zip")
+    with serve_directory(site) as base:
+        yield base, site / "mini.zip"
+
+
+def test_a_url_is_checked_against_the_official_md5_by_default(served, tmp_path: Path) -> None:
+    base, _ = served
+    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"),
+                                "--source", f"{base}/mini.zip"))
+    assert "expected 90528d7ca1a48142e341f4ef8d21d0de" in line
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").rglob("*")) == []
+
+
+def test_keep_archive_keeps_the_verified_download(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/mini.zip",
+                   "--md5", md5_file(archive), "--keep-archive", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert files_under(root / "tiny-imagenet" / "downloads") == ["mini.zip"]
+    assert md5_file(root / "tiny-imagenet" / "downloads" / "mini.zip") == md5_file(archive)
+
+
+def test_unreachable_url_and_missing_file_are_one_line(served, tmp_path: Path) -> None:
+    base, _ = served
+    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"),
+                                "--source", f"{base}/nothing.zip"))
+    assert "cannot download" in line and "HTTP 404" in line
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").rglob("*")) == []
+    line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"),
+                                "--source", str(tmp_path / "nothing.tar.gz")))
+    assert "source archive not found" in line
+    line = one_error_line(dlops("data", "fetch", "digits"))
+    assert "nothing to fetch" in line
+
+
+def test_download_removes_the_partial_file_on_a_wrong_md5(served, tmp_path: Path) -> None:
+    base, archive = served
+    dest = tmp_path / "d" / "mini.zip"
+    with pytest.raises(DlopsError, match="md5 mismatch"):
+        download(f"{base}/mini.zip", dest, "f" * 32, progress=False)
+    assert files_under(tmp_path / "d") == []
+    assert download(f"{base}/mini.zip", dest, md5_file(archive), progress=False) == md5_file(archive)
+    assert dest.read_bytes() == archive.read_bytes()
+
+
+def test_safe_extract_refuses_escapes_before_writing(tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "x"
+    hostile = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(hostile, "w") as zf:
+        zf.writestr("fine.txt", b"ok")
+        zf.writestr("a/../../escaped.txt", b"gotcha")
+    with pytest.raises(DlopsError, match="outside the target directory"):
+        safe_extract(hostile, dest, progress=False)
+    assert files_under(tmp_path / "out") == []  # the zip is checked as a whole first
+
+    hardlink = tmp_path / "hardlink.tar"
+    with tarfile.open(hardlink, "w") as tf:
+        info = tarfile.TarInfo("passwd")
+        info.type, info.linkname = tarfile.LNKTYPE, "/etc/passwd"
+        tf.addfile(info)
+    with pytest.raises(DlopsError, match="link or special file"):
+        safe_extract(hardlink, tmp_path / "out2", progress=False)
+    assert files_under(tmp_path / "out2") == []
+
+    good = zip_tree(write_tiny_imagenet(tmp_path / "src", classes=1, train_per_class=1, val_per_class=1),
+                    tmp_path / "good.zip")
+    safe_extract(good, tmp_path / "out3", progress=False)
+    assert (tmp_path / "out3" / "tiny-imagenet-200" / "wnids.txt").read_text() == "n90000000\n"

@@ -1,0 +1,327 @@
+"""Tiny ImageNet: fetch, cache, splits, the loader, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
+from data_trees import one_error_line, write_tiny_imagenet, zip_tree
+from dlops.cli import app
+from dlops.data import DATASETS, get_dataset, load_split, take_subset
+from dlops.data import tinyimagenet
+from dlops.data.cache import read_manifest
+from dlops.data.digits import stratified_holdout
+from dlops.errors import DatasetNotAvailable
+
+runner = CliRunner()
+
+
+def dlops(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """md5 of every file of the cache and of the extracted tree's index files."""
+    home = root / "tiny-imagenet"
+    files = sorted((home / "cache").iterdir()) + [home / "raw" / "tiny-imagenet-200" / "wnids.txt"]
+    return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def assert_survived(root: Path, before: dict[str, str]) -> None:
+    assert snapshot(root) == before
+    leftovers = [p.name for p in (root / "tiny-imagenet").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    ds = get_dataset("tiny-imagenet", root)
+    assert len(ds.train) + len(ds.val) == 30
+
+
+# --------------------------------------------------------------------------- the real sample
+
+
+@pytest.fixture(scope="module")
+def sample_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """$DLOPS_HOME with the real Tiny ImageNet sample fetched into its data root."""
+    if not TINY_IMAGENET_SAMPLE.exists():
+        pytest.skip(f"real Tiny ImageNet sample not found at {TINY_IMAGENET_SAMPLE}")
+    home = tmp_path_factory.mktemp("sample-home")
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(home / "data"), "--source", str(TINY_IMAGENET_SAMPLE))
+    assert result.exit_code == 0, result.output
+    assert "not the official" in result.stdout  # the sample's md5 differs: said, then used
+    return home
+
+
+@requires_tiny_imagenet_sample()
+def test_sample_fetch_gives_the_documented_splits_and_pixels(sample_home: Path) -> None:
+    root = sample_home / "data"
+    result = dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["classes"] == 200
+    assert info["splits"]["train"] + info["splits"]["val"] == 10_000
+    assert info["splits"] == {"train": 9_000, "val": 1_000, "test": 2_000}
+    assert info["image_shape"] == [3, 64, 64]
+
+    with zipfile.ZipFile(TINY_IMAGENET_SAMPLE) as zf:
+        wnids = zf.read("tiny-imagenet-200/wnids.txt").decode().split()
+        val_0 = pil_rgb(zf.read("tiny-imagenet-200/val/images/val_0.JPEG"))
+        images, labels, class_ids, class_names = load_split("tiny-imagenet", "test", root)
+        assert isinstance(images, np.memmap) and images.dtype == np.uint8 and labels.dtype == np.int64
+        np.testing.assert_array_equal(images[0], val_0)
+        assert labels[0] == wnids.index("n03444034") and class_ids == wnids
+        # test = official val in val_annotations.txt order, every label by its wnid
+        annotations = zf.read("tiny-imagenet-200/val/val_annotations.txt").decode().splitlines()
+        expected = [wnids.index(line.split("\t")[1]) for line in annotations]
+        np.testing.assert_array_equal(labels, expected)
+        np.testing.assert_array_equal(images[1999], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[1999].split()[0]}")))
+
+        # val: 5 of each class's 50 (stratified), the ones the manifest records
+        ds = get_dataset("tiny-imagenet", root)
+        assert np.bincount(ds.val.labels, minlength=200).tolist() == [5] * 200
+        assert np.bincount(ds.train.labels, minlength=200).tolist() == [45] * 200
+        manifest = read_manifest(root, "tiny-imagenet")
+        assert manifest["holdout"] == {**manifest["holdout"], "fraction": 0.1, "seed": 0, "count": 1000}
+        held = np.load(root / "tiny-imagenet" / "cache" / "val_source_index.npy")
+        official_labels = np.repeat(np.arange(200), 50)
+        np.testing.assert_array_equal(held, stratified_holdout(official_labels, 0.1, 0)[1])
+        k = int(held[7])  # official train image k = class k // 50, file <wnid>_<k % 50>
+        w = wnids[k // 50]
+        np.testing.assert_array_equal(ds.val.images[7], pil_rgb(zf.read(f"tiny-imagenet-200/train/{w}/images/{w}_{k % 50}.JPEG")))
+        assert class_names[labels[0]] == "go-kart"  # the first name of its words.txt entry
+
+        # a grayscale JPEG of the official data becomes RGB with three equal channels
+        gray = next(i for i, line in enumerate(annotations)
+                    if Image.open(io.BytesIO(zf.read(f"tiny-imagenet-200/val/images/{line.split()[0]}"))).mode == "L")
+        assert (images[gray][0] == images[gray][1]).all() and (images[gray][1] == images[gray][2]).all()
+        np.testing.assert_array_equal(images[gray], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[gray].split()[0]}")))
+
+
+@requires_tiny_imagenet_sample()
+def test_a_subset_study_runs_on_the_sample(sample_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the built-in spec at width 8 (the CPU cost of width 64 does not belong in a test)
+    src = (Path(__file__).parents[1] / "study" / "resnet18-ce.toml").read_text()
+    spec = tmp_path / "tin-ce.toml"
+    spec.write_text(src.replace('dataset = "tiny-imagenet"', 'dataset = "tiny-imagenet"\nwidth = 8', 1)
+                    .replace('name = "resnet18-ce"', 'name = "tin-ce"', 1))
+    monkeypatch.setenv("DLOPS_HOME", str(sample_home))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    result = dlops("study", "run", str(spec), "--dataset", "tiny-imagenet", "--subset-classes", "10",
+                   "--subset-per-class", "8", "--n-trials", "2", "--epochs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "complete" in result.stdout and "trial   1  epoch   1" in result.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="tin-ce", storage=f"sqlite:///{sample_home / 'dlops.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    config = study.trials[1].user_attrs["config"]
+    assert (config["dataset"], config["subset_classes"], config["subset_per_class"]) == ("tiny-imagenet", 10, 8)
+
+
+# --------------------------------------------------------------------------- a small generated tree
+
+
+@pytest.fixture
+def mini_zip(tmp_path: Path) -> Path:
+    return zip_tree(write_tiny_imagenet(tmp_path / "src"), tmp_path / "mini.zip")
+
+
+@pytest.fixture
+def good_root(tmp_path: Path, mini_zip: Path) -> Path:
+    """A data root holding a good cache of the mini tree."""
+    root = tmp_path / "data"
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(mini_zip), "--workers", "1")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_mini_tree_round_trip(good_root: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "src" / "tiny-imagenet-200"
+    ds = get_dataset("tiny-imagenet", good_root)
+    assert ds.class_ids == [f"n{90000000 + i:08d}" for i in range(3)]
+    assert ds.class_names == ["thing 0", "thing 1", "thing 2"]
+    assert (ds.hflip, ds.crop_padding) == (True, tinyimagenet.CROP_PADDING)
+    assert isinstance(ds.train.images, np.memmap) and ds.train.images.shape == (27, 3, 64, 64)
+    # 10 per class: one (10%) held out of each
+    held = np.load(good_root / "tiny-imagenet" / "cache" / "val_source_index.npy")
+    keep = np.setdiff1d(np.arange(30), held)
+    assert np.bincount(ds.val.labels).tolist() == [1, 1, 1]
+    for split, positions in ((ds.train, keep), (ds.val, held)):
+        for j, k in enumerate(positions):
+            w = ds.class_ids[k // 10]
+            np.testing.assert_array_equal(split.images[j], pil_rgb((tree / "train" / w / "images" / f"{w}_{k % 10}.JPEG").read_bytes()))
+            assert split.labels[j] == k // 10
+    gray = ds.train.images[list(keep).index(1)]  # class 0's image 1 is a grayscale JPEG
+    assert (gray[0] == gray[1]).all() and (gray[0] == gray[2]).all()
+    test = ds.test()
+    for k, line in enumerate((tree / "val" / "val_annotations.txt").read_text().splitlines()):
+        file, w = line.split("\t")[:2]
+        np.testing.assert_array_equal(test.images[k], pil_rgb((tree / "val" / "images" / file).read_bytes()))
+        assert test.labels[k] == ds.class_ids.index(w)
+    # what a subset study reads
+    sub = take_subset(ds, 2, 4)
+    assert np.bincount(sub.train.labels).tolist() == [4, 4]
+
+
+def test_pool_decoding_matches_in_process_decoding(good_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {s: np.array(getattr(get_dataset("tiny-imagenet", good_root), s).images) for s in ("train", "val")}
+    monkeypatch.setattr(tinyimagenet, "CHUNK", 4)  # 36 images -> 9 pool tasks
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "2 workers" in result.stdout
+    ds = get_dataset("tiny-imagenet", good_root)
+    for s in ("train", "val"):
+        np.testing.assert_array_equal(getattr(ds, s).images, before[s])
+
+
+def test_fetch_and_prepare_leave_a_good_cache_alone(good_root: Path, mini_zip: Path) -> None:
+    before = snapshot(good_root)
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(mini_zip))
+    assert result.exit_code == 0 and "already prepared" in result.stdout
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root))
+    assert result.exit_code == 0 and "already prepared" in result.stdout
+    assert snapshot(good_root) == before
+
+
+def test_prepare_rebuilds_from_the_extracted_tree_with_another_holdout(good_root: Path) -> None:
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", "0.2",
+                   "--seed", "3")
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(good_root, "tiny-imagenet")
+    assert manifest["splits"] == {"train": 24, "val": 6, "test": 6}
+    assert manifest["holdout"]["seed"] == 3 and manifest["source"]["archive"] == "mini.zip"
+
+
+def test_missing_cache_says_how_to_get_it(tmp_path: Path, dlops_home: Path) -> None:
+    with pytest.raises(DatasetNotAvailable, match=r"dlops data fetch tiny-imagenet.*--dataset digits"):
+        get_dataset("tiny-imagenet", tmp_path / "empty")
+    assert "tiny-imagenet" in DATASETS
+    line = one_error_line(dlops("data", "info", "tiny-imagenet"))
+    assert "dlops data fetch tiny-imagenet" in line and str(dlops_home / "data") in line
+    line = one_error_line(dlops("study", "run", "--loss", "ce", "--dataset", "tiny-imagenet", "--n-trials", "1"))
+    assert "dlops data fetch tiny-imagenet" in line and "--dataset digits" in line
+    line = one_error_line(dlops("data", "prepare", "tiny-imagenet"))
+    assert "dlops data fetch tiny-imagenet" in line
+
+
+def test_an_old_cache_format_is_refused_with_the_fix(good_root: Path) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(DatasetNotAvailable, match="format version 0.*prepare tiny-imagenet --force"):
+        get_dataset("tiny-imagenet", good_root)
+
+
+def test_show_writes_a_grid_and_histogram_png(good_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "show.png"
+    result = dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(out), "--count", "6")
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _rewrite(tmp_path: Path, edit) -> Path:
+    tree = write_tiny_imagenet(tmp_path / "bad")
+    edit(tree)
+    return zip_tree(tree, tmp_path / "bad.zip")
+
+
+def corrupt_bytes(tmp_path: Path, mini_zip: Path) -> Path:
+    data = bytearray(mini_zip.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # inside some member's compressed data
+    path = tmp_path / "bad.zip"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def truncated_zip(tmp_path: Path, mini_zip: Path) -> Path:
+    path = tmp_path / "bad.zip"
+    path.write_bytes(mini_zip.read_bytes()[: mini_zip.stat().st_size // 2])
+    return path
+
+
+def truncated_jpeg(tmp_path: Path, mini_zip: Path) -> Path:
+    def edit(tree: Path) -> None:
+        jpeg = tree / "train" / "n90000002" / "images" / "n90000002_5.JPEG"
+        jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+
+    return _rewrite(tmp_path, edit)
+
+
+def missing_wnids(tmp_path: Path, mini_zip: Path) -> Path:
+    return _rewrite(tmp_path, lambda tree: (tree / "wnids.txt").unlink())
+
+
+def unknown_wnid(tmp_path: Path, mini_zip: Path) -> Path:
+    def edit(tree: Path) -> None:
+        ann = tree / "val" / "val_annotations.txt"
+        ann.write_text(ann.read_text() + "val_0.JPEG\tn99999999\t0\t0\t10\t10\n")
+
+    return _rewrite(tmp_path, edit)
+
+
+def escaping_member(tmp_path: Path, mini_zip: Path) -> Path:
+    tree = write_tiny_imagenet(tmp_path / "bad")
+    return zip_tree(tree, tmp_path / "bad.zip", extra={"tiny-imagenet-200/../../evil.txt": b"gotcha"})
+
+
+def absolute_member(tmp_path: Path, mini_zip: Path) -> Path:
+    path = tmp_path / "bad.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("tiny-imagenet-200/wnids.txt", "n1\n")
+        info = zipfile.ZipInfo("x")
+        info.filename = str(tmp_path / "evil.txt")  # an absolute name, as a hostile zip can hold
+        zf.writestr(info, b"gotcha")
+    return path
+
+
+BAD_INPUTS = {  # case: (archive maker, decoding processes, what the error line says)
+    "corrupt zip": (corrupt_bytes, 1, "corrupt archive"),
+    "truncated zip": (truncated_zip, 1, "not a readable zip or tar archive"),
+    "truncated JPEG": (truncated_jpeg, 1, "cannot decode train/n90000002/images/n90000002_5.JPEG"),
+    "truncated JPEG, pool": (truncated_jpeg, 2, "cannot decode train/n90000002/images/n90000002_5.JPEG"),
+    "missing wnids.txt": (missing_wnids, 1, "wnids.txt missing"),
+    "unknown wnid in val_annotations.txt": (unknown_wnid, 1, "line 7 names 'n99999999', which is not in wnids.txt"),
+    "member escaping the root": (escaping_member, 1, "would be written outside the target directory"),
+    "absolute member": (absolute_member, 1, "would be written outside the target directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line_and_the_good_cache_survives(case: str, good_root: Path, tmp_path: Path,
+                                                                 mini_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tinyimagenet, "CHUNK", 4)  # several pool tasks even for 36 images
+    make, workers, message = BAD_INPUTS[case]
+    bad = make(tmp_path, mini_zip)
+    before = snapshot(good_root)
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(bad), "--force",
+                   "--workers", str(workers))
+    assert message in one_error_line(result)
+    assert_survived(good_root, before)
+    assert list(tmp_path.rglob("evil.txt")) == []
+
+
+def test_prepare_from_a_bad_tree_keeps_the_good_cache(good_root: Path, tmp_path: Path) -> None:
+    tree = write_tiny_imagenet(tmp_path / "other")
+    (tree / "wnids.txt").unlink()
+    before = snapshot(good_root)
+    line = one_error_line(dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--raw", str(tmp_path / "other"),
+                                "--force"))
+    assert "wnids.txt missing" in line
+    assert_survived(good_root, before)
