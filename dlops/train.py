@@ -233,7 +233,7 @@ def fit(
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         history = state["history"]
         start_epoch = state["epoch"] + 1
         for epoch in range(start_epoch):
