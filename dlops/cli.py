@@ -312,14 +312,18 @@ def final(
             highlight=False, soft_wrap=True,
         )
 
-    result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch,
+    def on_layer_epoch(seed: int, layer: int, epoch: int, m: dict[str, float]) -> None:
+        console.print(f"seed {seed}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+                      f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)", highlight=False, soft_wrap=True)
+
+    result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, on_layer_epoch=on_layer_epoch,
                        notify=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
     f = result.final
     table = Table(title=f"final {f['spec']} on {f['dataset']['name']} ({len(f['seeds'])} seeds x {f['epochs']} epochs)",
                   show_header=False)
     for key, mean in f["mean"].items():
         if mean is not None:
-            table.add_row(key, f"{mean:.4f} ± {f['std'][key]:.4f}")
+            table.add_row(key, f"{mean:.4f} ± {f['std'][key]:.4f}" if len(f["seeds"]) > 1 else f"{mean:.4f}")
     table.add_row("wall time", f"{f['wall_seconds']:.1f}s on {f['device']}")
     console.print(table)
     console.print(f"wrote {result.report_dir}/ ({len(result.files)} files)"

@@ -1,0 +1,506 @@
+"""The written reports: per-spec ``report.md`` folders and the ``index.md`` that puts
+the three losses side by side, then the autoencoder.
+
+``$DLOPS_HOME/reports/<spec>/`` holds ``final.json`` (from ``dlops final``), the plots
+drawn from it (``curves.png``; for the autoencoder ``class_accuracy.png``,
+``ae_losses.png`` and ``tsne.png``), the study's own plots under ``study/`` and a
+``report.md`` that embeds them. :func:`build_report` (``dlops report``) redraws all of
+that from the files and the study storage and writes ``reports/index.md``.
+
+The final run's files are also uploaded to an Optuna artifact store under
+``$DLOPS_HOME/artifacts`` and attached to the trial they came from (or the study), so
+``dlops dashboard`` shows them (:func:`attach_artifacts`).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from dlops import plots
+from dlops.paths import artifacts_dir, default_storage_url, reports_dir
+
+LOSS_ORDER = ("ce", "triplet", "center")
+LOSS_TITLES = {"ce": "cross-entropy", "triplet": "triplet (batch-hard)", "center": "center loss"}
+STUDY_PLOT_TITLES = {
+    "optimization_history": "Optimization history",
+    "intermediate_values": "Intermediate values (validation metric per epoch of every trial)",
+    "param_importances": "Parameter importances",
+    "slice": "Slice plot",
+    "parallel_coordinate": "Parallel coordinates",
+}
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Save a figure atomically and release it (pyplot figures are closed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    # Optuna's figures put legends and rotated labels outside the axes: keep them.
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    os.replace(tmp, path)
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        import matplotlib.pyplot as plt
+
+        if plt.fignum_exists(getattr(fig, "number", -1)):
+            plt.close(fig)
+    return path
+
+
+def load_final(spec_name: str) -> dict[str, Any] | None:
+    path = reports_dir() / spec_name / "final.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Plots drawn from ``final.json`` alone: ``curves.png`` and, for the autoencoder,
+    ``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (seed 0)."""
+    histories = [s["history"] for s in final["per_seed"]]
+    panels = list(plots.CURVE_PANELS)
+    metric = final.get("metric")
+    if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
+        panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
+    n = len(histories)
+    title = f"{final['spec']} on {final['dataset']['name']}: {n} seed{'s' if n > 1 else ''}, {final['epochs']} epochs"
+    files = [save_figure(plots.plot_training_curves(histories, panels, title), out_dir / "curves.png")]
+    if final.get("class_accuracy"):
+        from dlops import ae_report
+
+        files.append(save_figure(ae_report.plot_class_accuracy(final["class_accuracy"]), out_dir / "class_accuracy.png"))
+    layer_history = final["per_seed"][0].get("layer_history")
+    if layer_history:
+        from dlops import ae_report
+
+        fig = ae_report.plot_ae_losses(final["per_seed"][0]["history"], layer_history)
+        files.append(save_figure(fig, out_dir / "ae_losses.png"))
+    return files
+
+
+def write_study_plots(study: Any, out_dir: Path) -> list[Path]:
+    """The study's Optuna plots as ``out_dir/<name>.png`` (stale ones removed)."""
+    plots.use_headless_backend()
+    figures = plots.study_figures(study)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        if old.stem not in figures:
+            old.unlink()
+    return [save_figure(fig, out_dir / f"{name}.png") for name, fig in figures.items()]
+
+
+# --------------------------------------------------------------------------- studies
+
+
+@dataclass
+class StudyFacts:
+    name: str
+    metric: str | None
+    best_value: float | None
+    best_trial: int | None
+    complete: int
+    pruned: int
+    failed: int
+    trial_seconds: float
+    best_history: dict[str, list[Any]] | None
+
+    @classmethod
+    def of(cls, study: Any) -> "StudyFacts":
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
+        seconds = sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in trials
+            if t.datetime_start is not None and t.datetime_complete is not None
+        )
+        try:
+            best = study.best_trial
+        except ValueError:
+            best = None
+        return cls(
+            name=study.study_name,
+            metric=(study.metric_names or [None])[0],
+            best_value=best.value if best else None,
+            best_trial=best.number if best else None,
+            complete=count(TrialState.COMPLETE),
+            pruned=count(TrialState.PRUNED),
+            failed=count(TrialState.FAIL),
+            trial_seconds=seconds,
+            best_history=best.user_attrs.get("history") if best else None,
+        )
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "–"
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _mean_pm(final: dict[str, Any] | None, key: str) -> str:
+    if not final or final["mean"].get(key) is None:
+        return "–"
+    n = len(final["per_seed"])
+    if n == 1:
+        return f"{final['mean'][key]:.4f} (1 seed)"
+    return f"{final['mean'][key]:.4f} ± {final['std'][key]:.4f} ({n} seeds)"
+
+
+def _source_text(final: dict[str, Any]) -> str:
+    src = final["params_source"]
+    if src["kind"] == "trial":
+        base = " (the baseline)" if src.get("baseline") else ""
+        return f"best trial #{src['trial']}{base} of study `{src['study']}` ({src.get('metric') or 'value'} {_fmt(src.get('value'))})"
+    if src["kind"] == "file":
+        return f"file `{src['path']}`"
+    return "the spec's baseline"
+
+
+# --------------------------------------------------------------------------- per-spec report
+
+
+def write_spec_report(spec_name: str, study: Any | None) -> Path:
+    """``reports/<spec>/report.md`` from ``final.json`` (if any) and the study (if any)."""
+    out_dir = reports_dir() / spec_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = load_final(spec_name)
+    facts = StudyFacts.of(study) if study is not None else None
+    lines = [f"# {spec_name}", ""]
+    if final:
+        if final.get("description"):
+            lines += [final["description"], ""]
+        ds = final["dataset"]
+        sizes = ds["splits"]
+        lines += [
+            "## Reference run (`dlops final`)",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| dataset | {ds['name']} ({ds['num_classes']} classes; train {sizes['train']}, "
+            f"validation {sizes['val']}, test {sizes['test']}) |",
+            f"| settings | {_fmt_params(final['params'])} |",
+            f"| from | {_source_text(final)} |",
+            f"| epochs × seeds | {final['epochs']} × {len(final['seeds'])} |",
+            f"| device | {final['device']} ({final.get('device_name') or '?'}) |",
+            f"| wall time | {_fmt_seconds(final['wall_seconds'])} |",
+            f"| commit | {final.get('git_commit') or '–'} |",
+            f"| written | {final['created']} |",
+            "",
+        ]
+        keys = [k for k in ("test_accuracy", "test_top1", "test_top5", "test_loss") if k in final["mean"]]
+        metric = final.get("metric") or "val_top5"
+        lines += [
+            "### Test split (read once per seed, after training)",
+            "",
+            "| seed | " + " | ".join(keys) + f" | last {metric} | epochs trained (resumed at) | train time |",
+            "|---" * (len(keys) + 4) + "|",
+        ]
+        for s in final["per_seed"]:
+            last_val = (s["history"].get(metric) or [None])[-1]
+            lines.append(
+                f"| {s['seed']} | " + " | ".join(_fmt(s.get(k)) for k in keys)
+                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']}) | {_fmt_seconds(s['train_seconds'])} |"
+            )
+        lines.append("| **mean ± std** | " + " | ".join(
+            "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}" for k in keys
+        ) + " | | | |")
+        lines += ["", "Standard deviation: sample (n-1) over seeds.", "", "![training curves](curves.png)", ""]
+        if final.get("class_accuracy"):
+            lines += ["### Per-class test accuracy (mean over seeds)", "", "| class | accuracy |", "|---|---|"]
+            lines += [f"| {name} | {_fmt(acc)} |" for name, acc in final["class_accuracy"].items()]
+            lines += [""]
+            for png, caption in (("class_accuracy.png", "per-class accuracy"),
+                                 ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
+                                 ("tsne.png", "t-SNE of hidden layer X[3], test images")):
+                if (out_dir / png).exists():
+                    lines += [f"![{caption}]({png})", ""]
+    else:
+        lines += ["No reference run yet: `dlops final " + spec_name + "` trains one.", ""]
+    if facts is not None:
+        lines += [
+            f"## Study `{facts.name}`",
+            "",
+            f"- best {facts.metric or 'value'}: {_fmt(facts.best_value)} (trial {_fmt(facts.best_trial)})",
+            f"- trials: {facts.complete} complete, {facts.pruned} pruned, {facts.failed} failed",
+            f"- compute: {_fmt_seconds(facts.trial_seconds)} of trial time",
+            "",
+        ]
+        for name, title in STUDY_PLOT_TITLES.items():
+            if (out_dir / "study" / f"{name}.png").exists():
+                lines += [f"### {title}", "", f"![{title}](study/{name}.png)", ""]
+    path = out_dir / "report.md"
+    _write_text(path, "\n".join(lines))
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+FINAL_ARTIFACTS_KEY = "dlops:final_artifacts:"  # study system attr: earlier uploads per spec
+DASHBOARD_TRIAL_ARTIFACT = "dashboard:artifacts:{trial_id}:{artifact_id}"
+
+
+def attach_artifacts(study: Any, files: Iterable[Path], trial_number: int | None = None, tag: str = "final") -> list[str]:
+    """Upload ``files`` to the artifact store under ``$DLOPS_HOME/artifacts`` and
+    attach them to trial ``trial_number`` of ``study`` (or to the study itself).
+
+    A finished trial is read-only in Optuna's storage, so a trial's files are attached
+    the way optuna-dashboard attaches its own uploads: a study attribute
+    ``dashboard:artifacts:<trial_id>:<artifact_id>``, which the dashboard lists on that
+    trial's page. Files attached by an earlier run with the same ``tag`` are withdrawn
+    (trial attachments) so a trial shows only the latest reference run.
+    """
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    root = artifacts_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(root))
+    storage, study_id = study._storage, study._study_id
+    key = FINAL_ARTIFACTS_KEY + tag
+    for attr_key, artifact_id in storage.get_study_system_attrs(study_id).get(key, []):
+        if attr_key.startswith("dashboard:"):  # Optuna's own lister cannot skip nulled artifacts:* keys
+            storage.set_study_system_attr(study_id, attr_key, json.dumps(None))
+            try:
+                store.remove(artifact_id)
+            except ArtifactNotFound:
+                pass
+    trial_id = None
+    if trial_number is not None:
+        trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial_number)
+    attached: list[list[str]] = []
+    for path in files:
+        if trial_id is None:
+            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+            attached.append(["artifacts:" + artifact_id, artifact_id])
+            continue
+        artifact_id = str(uuid.uuid4())
+        mimetype, encoding = mimetypes.guess_type(path.name)
+        with open(path, "rb") as f:
+            store.write(artifact_id, f)
+        attr_key = DASHBOARD_TRIAL_ARTIFACT.format(trial_id=trial_id, artifact_id=artifact_id)
+        meta = {"artifact_id": artifact_id, "filename": path.name,
+                "mimetype": mimetype or "application/octet-stream", "encoding": encoding}
+        storage.set_study_system_attr(study_id, attr_key, json.dumps(meta))
+        attached.append([attr_key, artifact_id])
+    storage.set_study_system_attr(study_id, key, attached)
+    return [artifact_id for _, artifact_id in attached]
+
+
+# --------------------------------------------------------------------------- the index
+
+
+@dataclass
+class Entry:
+    name: str
+    trainer: str | None
+    loss: str | None
+    final: dict[str, Any] | None
+    study: Any | None
+
+
+@dataclass
+class ReportResult:
+    index: Path
+    files: list[Path]
+    entries: list[Entry]
+
+
+def _entries(url: str) -> list[Entry]:
+    """Every spec with a reference run or a study: built-in names first."""
+    import optuna
+
+    from dlops.spec import builtin_specs, load_spec
+    from dlops.storage import open_storage
+
+    storage = open_storage(url)
+    studies = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
+    builtin = builtin_specs()
+    names = [n for n in builtin if n in studies or n in finals]
+    names += sorted(n for n in finals - set(builtin))
+    names += sorted(n for n in studies - set(builtin) - finals)
+    out = []
+    for name in names:
+        final = load_final(name)
+        study = optuna.load_study(study_name=name, storage=storage) if name in studies else None
+        trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
+        loss = ((final or {}).get("config") or {}).get("loss")
+        if name in builtin:
+            spec = load_spec(name)
+            trainer = trainer or spec.trainer
+            loss = loss or spec.train.get("loss")
+        elif loss is None and study is not None:
+            try:
+                loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
+            except ValueError:
+                pass
+        out.append(Entry(name, trainer, loss, final, study))
+    return out
+
+
+def _curves_for(entry: Entry, key: str) -> tuple[list[list[Any]], bool]:
+    """The entry's validation curves: its reference run's seeds, or else its study's
+    best trial (second value True)."""
+    if entry.final:
+        return [s["history"].get(key, []) for s in entry.final["per_seed"]], False
+    if entry.study is not None:
+        history = StudyFacts.of(entry.study).best_history
+        if history and history.get(key):
+            return [history[key]], True
+    return [], False
+
+
+def loss_curve_series(entries: list[Entry], key: str = "val_top5") -> tuple[dict[str, list[list[Any]]], list[str]]:
+    """Label -> validation curves (one per seed) for the chart of all losses, and the
+    labels that stand in with a study's best trial for a missing reference run."""
+    series: dict[str, list[list[Any]]] = {}
+    dashed: list[str] = []
+    for e in entries:
+        runs, from_study = _curves_for(e, key)
+        if not runs:
+            continue
+        label = f"{e.loss or e.name}" + (f" ({e.name})" if e.name != f"resnet18-{e.loss}" else "")
+        label += " – best study trial" if from_study else f" – final, {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        series[label] = runs
+        if from_study:
+            dashed.append(label)
+    return series, dashed
+
+
+def _stale(product: Path, source: Path) -> bool:
+    return not product.exists() or product.stat().st_mtime < source.stat().st_mtime
+
+
+def build_report(storage: str | None = None) -> ReportResult:
+    """``dlops report``: refresh every spec's folder and write ``reports/index.md``."""
+    from dlops.storage import mask_url
+
+    plots.use_headless_backend()
+    url = storage or default_storage_url()
+    root = reports_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    entries = _entries(url)
+    files: list[Path] = []
+    for e in entries:
+        out_dir = root / e.name
+        if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
+            files += write_final_plots(e.final, out_dir)
+        if e.study is not None:
+            files += write_study_plots(e.study, out_dir / "study")
+        files.append(write_spec_report(e.name, e.study))
+
+    resnets = sorted((e for e in entries if e.trainer == "resnet18"),
+                     key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name))
+    others = [e for e in entries if e.trainer != "resnet18"]
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    lines = [
+        "# dlops report",
+        "",
+        f"Written {now} by `dlops report` from `{mask_url(url)}` and `{root}`. Study figures come from "
+        "`dlops study run`, test figures from `dlops final` (the test split is read only there, once per seed).",
+        "",
+    ]
+    if resnets:
+        lines += _loss_table(resnets)
+        series, dashed = loss_curve_series(resnets)
+        fig = plots.plot_validation_curves(series, "validation top-5", "Validation top-5 per epoch", dashed)
+        files.append(save_figure(fig, root / "val_top5_by_loss.png"))
+        lines += ["![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)", "",
+                  "Solid: reference runs (mean over seeds, band min–max). Dashed: a study's best trial "
+                  "where there is no reference run yet.", ""]
+    else:
+        lines += ["## ResNet18: the three losses", "", "No ResNet18 study or reference run yet "
+                  "(`dlops study run --loss ce`, `dlops final --loss ce`).", ""]
+    for e in others:
+        lines += _other_section(e)
+    index = root / "index.md"
+    _write_text(index, "\n".join(lines))
+    return ReportResult(index=index, files=[index, *files], entries=entries)
+
+
+def _loss_table(entries: list[Entry]) -> list[str]:
+    head = [f"[{LOSS_TITLES.get(e.loss, e.loss or e.name)}]({e.name}/report.md)" for e in entries]
+    rows: list[tuple[str, list[str]]] = []
+    facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
+    rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
+    rows.append(("dataset", [(e.final or {}).get("dataset", {}).get("name")
+                             or ((e.study.user_attrs.get("dataset") if e.study is not None else None) or "–") for e in entries]))
+    rows.append(("best validation top-5 in the study",
+                 [f"{_fmt(f.best_value)} (trial {f.best_trial})" if f and f.best_value is not None else "–" for f in facts]))
+    rows.append(("final test top-1 (mean ± std)", [_mean_pm(e.final, "test_top1") for e in entries]))
+    rows.append(("final test top-5 (mean ± std)", [_mean_pm(e.final, "test_top5") for e in entries]))
+    rows.append(("trials complete / pruned", [f"{f.complete} / {f.pruned}" if f else "–" for f in facts]))
+    rows.append(("compute: study trials / final run",
+                 [f"{_fmt_seconds(f.trial_seconds) if f else '–'} / {_fmt_seconds((e.final or {}).get('wall_seconds'))}"
+                  for e, f in zip(entries, facts)]))
+    rows.append(("final settings", [f"{_fmt_params(e.final['params'])} ({_source_text(e.final)})" if e.final else "–"
+                                    for e in entries]))
+    rows.append(("final epochs × seeds", [f"{e.final['epochs']} × {len(e.final['seeds'])}" if e.final else "–"
+                                          for e in entries]))
+    lines = ["## ResNet18: the three losses", "",
+             "| | " + " | ".join(head) + " |", "|---" * (len(entries) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    return lines + [""]
+
+
+def _other_section(e: Entry) -> list[str]:
+    title = "Autoencoder (greedy layer-wise pretraining)" if e.trainer == "autoencoder" else f"{e.name}"
+    facts = StudyFacts.of(e.study) if e.study is not None else None
+    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.name}/report.md)", ""]
+    lines += ["| | |", "|---|---|"]
+    if e.final:
+        lines.append(f"| dataset | {e.final['dataset']['name']} |")
+        if "test_accuracy" in e.final["mean"]:
+            lines.append(f"| final test accuracy (mean ± std) | {_mean_pm(e.final, 'test_accuracy')} |")
+        lines.append(f"| final test top-5 (mean ± std) | {_mean_pm(e.final, 'test_top5')} |")
+        lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final)}) |")
+        lines.append(f"| final epochs × seeds | {e.final['epochs']} × {len(e.final['seeds'])} |")
+    if facts:
+        lines.append(f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |")
+        lines.append(f"| trials complete / pruned | {facts.complete} / {facts.pruned} |")
+    lines.append(f"| compute: study trials / final run | {_fmt_seconds(facts.trial_seconds) if facts else '–'} / "
+                 f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |")
+    lines.append("")
+    for png, caption in (("curves.png", "curves"), ("class_accuracy.png", "per-class test accuracy"),
+                         ("ae_losses.png", "pretraining and fine-tuning losses"),
+                         ("tsne.png", "t-SNE of hidden layer X[3]")):
+        if (reports_dir() / e.name / png).exists():
+            lines += [f"![{caption}]({e.name}/{png})", ""]
+    return lines

@@ -1,0 +1,184 @@
+"""Plots and the written report (`dlops report`), on synthetic studies and final.json
+files: no training here (tests/test_final.py covers the real runs)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+from typer.testing import CliRunner
+
+from dlops import plots
+from dlops.report import Entry, build_report, loss_curve_series, write_spec_report
+
+
+def history(val: list[float]) -> dict[str, list[float | None]]:
+    n = len(val)
+    return {"train_loss": [1.0 / (e + 1) for e in range(n)], "train_acc": [0.5] * n, "val_loss": [None] * n,
+            "val_top1": [v / 2 for v in val], "val_top5": val, "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+
+
+def make_final(spec: str, loss: str | None, tops: list[float], trainer: str = "resnet18", **extra) -> dict:
+    per_seed = [{"seed": i, "test_top1": t / 2, "test_top5": t, "test_loss": None, "history": history([0.2, 0.4, t]),
+                 "epochs_trained": 3, "resumed_from_epoch": 0, "train_seconds": 10.0} for i, t in enumerate(tops)]
+    mean = float(np.mean(tops))
+    std = float(np.std(tops, ddof=1)) if len(tops) > 1 else 0.0
+    return {
+        "spec": spec, "trainer": trainer, "description": f"{spec} test", "metric": "val_top5",
+        "params": {"lr": 0.01}, "params_source": {"kind": "baseline"},
+        "dataset": {"name": "digits", "num_classes": 10, "class_names": [str(i) for i in range(10)],
+                    "image_shape": [1, 8, 8], "splits": {"train": 1293, "val": 143, "test": 361}},
+        "epochs": 3, "seeds": list(range(len(tops))), "config": {"loss": loss} if loss else {},
+        "mean": {"test_top1": mean / 2, "test_top5": mean}, "std": {"test_top1": std / 2, "test_top5": std},
+        "per_seed": per_seed, "wall_seconds": 125.0, "device": "cpu", "device_name": "x86_64",
+        "versions": {}, "git_commit": None, "created": "2026-01-01T00:00:00+00:00", "study": None, **extra,
+    }
+
+
+def write_final(home: Path, final: dict) -> None:
+    out = home / "reports" / final["spec"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "final.json").write_text(json.dumps(final))
+
+
+def make_study(home: Path, name: str, params: tuple[str, ...] = ("lr",), n: int = 4, loss: str = "ce") -> optuna.Study:
+    """A finished study without training: each trial reports 3 epochs of val_top5."""
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{home / 'dlops.db'}", direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_top5"])
+    study.set_user_attr("trainer", "resnet18")
+    study.set_user_attr("dataset", "digits")
+
+    def objective(trial: optuna.Trial) -> float:
+        values = [trial.suggest_float(p, 1e-3, 1e-1, log=True) for p in params]
+        curve = [min(1.0, 0.3 + 0.1 * e + values[0]) for e in range(3)]
+        for epoch, v in enumerate(curve):
+            trial.report(v, epoch)
+        trial.set_user_attr("history", history(curve))
+        trial.set_user_attr("config", {"loss": loss})
+        return curve[-1]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n)
+    return study
+
+
+def test_training_curves_show_the_mean_and_a_min_max_band():
+    a, b = history([0.2, 0.4, 0.6]), history([0.4, 0.6, 1.0])
+    fig = plots.plot_training_curves([a, b])
+    assert isinstance(fig, Figure)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["training loss", "training accuracy (top-1)", "validation top-5"]
+    line = axes[2].get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2, 3]
+    assert np.allclose(line.get_ydata(), [0.3, 0.5, 0.8])
+    band = [c for c in axes[2].collections if isinstance(c, PolyCollection)]
+    assert len(band) == 1
+    ys = band[0].get_paths()[0].vertices[:, 1]
+    assert np.isclose(ys.min(), 0.2) and np.isclose(ys.max(), 1.0)
+    single = plots.plot_training_curves([a])
+    assert not [c for c in single.axes[2].collections if isinstance(c, PolyCollection)]  # no band for one seed
+
+
+def test_validation_curves_put_every_run_on_one_chart():
+    fig = plots.plot_validation_curves({"ce": [[0.1, 0.5]], "triplet": [[0.2, 0.3], [0.4, 0.5]]}, dashed=["ce"])
+    (ax,) = fig.axes
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == {"ce", "triplet"}
+    assert lines["ce"].get_linestyle() == "--" and lines["triplet"].get_linestyle() == "-"
+    assert np.allclose(lines["triplet"].get_ydata(), [0.3, 0.4])
+
+
+def test_report_puts_the_three_losses_side_by_side_then_the_autoencoder(dlops_home):
+    dlops_home.mkdir(parents=True)
+    write_final(dlops_home, make_final("resnet18-triplet", "triplet", [0.80, 0.82]))
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))
+    ae = make_final("autoencoder", None, [0.6], trainer="autoencoder",
+                    class_accuracy={str(i): i / 10 for i in range(10)})
+    ae["mean"]["test_accuracy"], ae["std"]["test_accuracy"] = 0.55, 0.0
+    ae["metric"] = "val_top1"
+    write_final(dlops_home, ae)
+    make_study(dlops_home, "resnet18-ce", n=3)
+    # a study with two parameters and no reference run yet
+    make_study(dlops_home, "resnet18-center", ("lr", "center_lambda"), n=3, loss="center")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = build_report()
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert result.index == dlops_home / "reports" / "index.md"
+    header = next(l for l in index.splitlines() if l.startswith("| | "))
+    assert header.index("resnet18-ce/report.md") < header.index("resnet18-triplet/report.md") < header.index(
+        "resnet18-center/report.md")
+    assert "0.9100 ± 0.0141 (2 seeds)" in index  # ce test top-5
+    assert "0.8100 ± 0.0141 (2 seeds)" in index  # triplet test top-5
+    assert "| trials complete / pruned | 3 / 0 | – | 3 / 0 |" in index
+    assert "![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)" in index
+    assert (dlops_home / "reports" / "val_top5_by_loss.png").is_file()
+    ae_part = index[index.index("## Autoencoder"):]
+    assert "0.5500 (1 seed)" in ae_part and "(autoencoder/class_accuracy.png)" in ae_part
+    for spec in ("resnet18-ce", "resnet18-triplet", "resnet18-center", "autoencoder"):
+        assert (dlops_home / "reports" / spec / "report.md").is_file()
+    # Optuna's plots; parameter importances and parallel coordinates only with two parameters or more
+    ce_plots = {p.stem for p in (dlops_home / "reports" / "resnet18-ce" / "study").glob("*.png")}
+    center_plots = {p.stem for p in (dlops_home / "reports" / "resnet18-center" / "study").glob("*.png")}
+    assert ce_plots == {"optimization_history", "intermediate_values", "slice"}
+    assert center_plots == ce_plots | {"param_importances", "parallel_coordinate"}
+    assert "![Parameter importances](study/param_importances.png)" in (
+        dlops_home / "reports" / "resnet18-center" / "report.md").read_text()
+    assert (dlops_home / "reports" / "autoencoder" / "class_accuracy.png").is_file()
+    assert "No reference run yet" in (dlops_home / "reports" / "resnet18-center" / "report.md").read_text()
+
+    entries = {e.name: e for e in result.entries}
+    series, dashed = loss_curve_series([entries[n] for n in ("resnet18-ce", "resnet18-triplet", "resnet18-center")])
+    assert list(series) == ["ce – final, 2 seeds", "triplet – final, 2 seeds", "center – best study trial"]
+    assert dashed == ["center – best study trial"]
+    assert series["ce – final, 2 seeds"] == [[0.2, 0.4, 0.90], [0.2, 0.4, 0.92]]
+
+
+def test_spec_report_tables_every_seed(dlops_home):
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.5, 0.7]))
+    text = write_spec_report("resnet18-ce", None).read_text()
+    assert "| seed | test_top1 | test_top5 | last val_top5 | epochs trained (resumed at) | train time |" in text
+    assert "| 0 | 0.2500 | 0.5000 | 0.5000 | 3 (0) | 10 s |" in text
+    assert "| 1 | 0.3500 | 0.7000 | 0.7000 | 3 (0) | 10 s |" in text
+    assert "| **mean ± std** | 0.3000 ± 0.0707 | 0.6000 ± 0.1414 | | | |" in text
+    assert "train 1293, validation 143, test 361" in text and "the spec's baseline" in text
+
+
+def test_cli_report_on_an_empty_storage(dlops_home):
+    from dlops.cli import app
+
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "No ResNet18 study or reference run yet" in index
+
+
+def test_cli_report_bad_storage_is_one_line(dlops_home):
+    from dlops.cli import app
+
+    result = CliRunner().invoke(app, ["report", "--storage", "nosuch://x"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_study_figures_label_the_metric_and_read_integer_epochs(dlops_home):
+    from matplotlib.ticker import MaxNLocator
+
+    dlops_home.mkdir(parents=True)
+    study = make_study(dlops_home, "s", n=2)
+    figures = plots.study_figures(study)
+    assert figures["optimization_history"].axes[0].get_ylabel() == "val_top5"
+    assert isinstance(figures["intermediate_values"].axes[0].xaxis.get_major_locator(), MaxNLocator)
+    import matplotlib.pyplot as plt
+
+    for fig in figures.values():
+        plt.close(fig)
