@@ -180,8 +180,8 @@ def dashboard(
     serve_dashboard(url, host, port)
 
 
-RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root [default: $DLOPS_HOME/data]")]
-WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Decoding processes [default: the CPU count, at most 8]")]
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
+WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
 
 
 def _progress_on() -> bool:
@@ -193,9 +193,10 @@ def _print_prepared(manifest: dict[str, Any]) -> None:
     splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
     console.print(f"{manifest['dataset']}: {manifest['classes']} classes, {splits}; image shape {manifest['image_shape']}",
                   highlight=False, soft_wrap=True)
-    if build:
-        console.print(f"decoded {build['images']:,} images in {build['seconds']:.1f}s "
-                      f"({build['images_per_second']:,.0f} images/s, {build['workers']} workers)", highlight=False)
+    if build and not manifest.get("reused"):
+        console.print(f"cached {build['images']:,} images in {build['seconds']:.1f}s "
+                      f"({build['images_per_second']:,.0f} images/s, {build['workers']} decoding "
+                      f"process{'es' if build['workers'] != 1 else ''})", highlight=False)
 
 
 @data_app.command("fetch")
@@ -204,7 +205,7 @@ def data_fetch(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
     root: RootOpt = None,
     source: Annotated[Optional[str], typer.Option(help="Local archive or URL (mirror) instead of the official URL")] = None,
-    md5: Annotated[Optional[str], typer.Option(help="Expected md5 of --source [default: the official archive's]")] = None,
+    md5: Annotated[Optional[str], typer.Option(help="Expected md5 of --source (default: the official archive's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and rebuild even if a cache exists")] = False,
     keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")] = False,
     workers: WorkersOpt = None,
@@ -222,7 +223,7 @@ def data_fetch(
 def data_prepare(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
     root: RootOpt = None,
-    raw: Annotated[Optional[str], typer.Option(help="Extracted tree [default: ROOT/NAME/raw]")] = None,
+    raw: Annotated[Optional[str], typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
     val_fraction: Annotated[float, typer.Option(help="Hold-out of each training class for validation")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the validation hold-out")] = 0,
@@ -270,7 +271,7 @@ def data_info(
 def data_show(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
-    out: Annotated[Optional[str], typer.Option(help="PNG path [default: $DLOPS_HOME/reports/data/NAME.png]")] = None,
+    out: Annotated[Optional[str], typer.Option(help="PNG path (default: $DLOPS_HOME/reports/data/NAME.png)")] = None,
     count: Annotated[int, typer.Option(min=1, max=256, help="Sample images in the grid")] = 32,
 ) -> None:
     """Write a PNG grid of sample images with class names and a per-class count histogram."""

@@ -85,6 +85,8 @@ def test_unreachable_url_and_missing_file_are_one_line(served, tmp_path: Path) -
     line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"),
                                 "--source", str(tmp_path / "nothing.tar.gz")))
     assert "source archive not found" in line
+    line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"), "--source", str(tmp_path)))
+    assert "is a directory" in line and "dlops data prepare stl10 --raw" in line
     line = one_error_line(dlops("data", "fetch", "digits"))
     assert "nothing to fetch" in line
 

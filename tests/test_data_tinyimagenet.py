@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import importlib.util
 import json
+import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -180,7 +183,7 @@ def test_pool_decoding_matches_in_process_decoding(good_root: Path, monkeypatch:
     monkeypatch.setattr(tinyimagenet, "CHUNK", 4)  # 36 images -> 9 pool tasks
     result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--workers", "2")
     assert result.exit_code == 0, result.output
-    assert "2 workers" in result.stdout
+    assert "2 decoding processes" in result.stdout and "cached 36 images" in result.stdout
     ds = get_dataset("tiny-imagenet", good_root)
     for s in ("train", "val"):
         np.testing.assert_array_equal(getattr(ds, s).images, before[s])
@@ -191,7 +194,7 @@ def test_fetch_and_prepare_leave_a_good_cache_alone(good_root: Path, mini_zip: P
     result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(mini_zip))
     assert result.exit_code == 0 and "already prepared" in result.stdout
     result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root))
-    assert result.exit_code == 0 and "already prepared" in result.stdout
+    assert result.exit_code == 0 and "already prepared" in result.stdout and "cached" not in result.stdout
     assert snapshot(good_root) == before
 
 
@@ -230,6 +233,21 @@ def test_show_writes_a_grid_and_histogram_png(good_root: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
+
+
+def test_the_data_benchmark_prints_its_speedup_last(good_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "data.py"
+    spec = importlib.util.spec_from_file_location("benchmark_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["data.py", "--root", str(good_root), "--images", "48", "--batch-size", "8",
+                                      "--workers", "0", "--device", "cpu"])
+    module.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "study loader" in lines[-3] and "ImageFolder" in lines[-2]
+    assert re.fullmatch(r"speedup_vs_imagefolder: \d+\.\d+", lines[-1])
+    assert float(lines[-1].split()[1]) > 0
 
 
 # --------------------------------------------------------------------------- bad input

@@ -74,13 +74,14 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
     match ``md5`` (default: the official md5). A local file must match ``md5`` when one is
     given; otherwise one that differs from the official md5 (a repack, a sample) is
     used only if its layout checks out. A downloaded archive is deleted once the cache is
-    built unless ``keep_archive``.
+    built unless ``keep_archive``. An existing cache is kept (the manifest comes back with
+    ``"reused": True``) unless ``force``.
     """
     module = cached_module(name)
     root = resolve_root(root)
     if not force and is_prepared(root, name):
         log(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
-        return read_manifest(root, name)
+        return {**read_manifest(root, name), "reused": True}
     home = dataset_dir(root, name)
     src = source or module.URL
     downloaded = False
@@ -97,6 +98,9 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
         downloaded = True
     else:
         archive = Path(src).expanduser().absolute()
+        if archive.is_dir():
+            raise DlopsError(f"{name}: {archive} is a directory, not an archive: for an extracted tree run "
+                             f"`dlops data prepare {name} --raw {archive}`")
         if not archive.is_file():
             raise DlopsError(f"{name}: source archive not found: {archive}")
         actual = md5_file(archive)
@@ -143,7 +147,7 @@ def prepare_dataset(name: str, root: Path | str | None = None, *, raw: Path | st
     root = resolve_root(root)
     if not force and is_prepared(root, name):
         log(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
-        return read_manifest(root, name)
+        return {**read_manifest(root, name), "reused": True}
     where = Path(raw).expanduser().absolute() if raw is not None else dataset_dir(root, name) / "raw"
     if not where.is_dir():
         raise DatasetNotAvailable(f"no extracted {name} tree at {where}: run `dlops data fetch {name}` "

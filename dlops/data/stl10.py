@@ -53,15 +53,24 @@ def find_tree(directory: Path) -> Path:
     raise DlopsError(f"{NAME}: no stl10_binary tree (train_X.bin, class_names.txt, ...) in {directory}")
 
 
-def read_images(path: Path) -> np.ndarray:
-    """A read-only ``(N, 3, 96, 96)`` view of an ``*_X.bin`` file, rows and columns in place."""
+def count_images(path: Path) -> int:
+    """The number of images in an ``*_X.bin`` file; its size must be a multiple of 27,648."""
     if not path.is_file():
         raise DlopsError(f"{NAME}: {path.name} missing in {path.parent}")
     size = path.stat().st_size
     if size == 0 or size % IMAGE_BYTES:
-        raise DlopsError(f"{NAME}: {path.name} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (3x96x96): truncated or not STL-10")
-    raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(size // IMAGE_BYTES, 3, SIZE, SIZE))
-    return raw.swapaxes(2, 3)  # stored column-major
+        raise DlopsError(f"{NAME}: {path.name} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (3x96x96): "
+                         "truncated or not STL-10")
+    return size // IMAGE_BYTES
+
+
+def read_images(path: Path, start: int = 0, count: int | None = None) -> np.ndarray:
+    """Images ``start .. start+count`` of an ``*_X.bin`` file as uint8 (n, 3, 96, 96), rows
+    and columns in place (the file stores each channel column by column)."""
+    total = count_images(path)
+    count = total - start if count is None else min(count, total - start)
+    raw = np.fromfile(path, dtype=np.uint8, count=count * IMAGE_BYTES, offset=start * IMAGE_BYTES)
+    return raw.reshape(count, 3, SIZE, SIZE).swapaxes(2, 3)
 
 
 def read_labels(path: Path, count: int) -> np.ndarray:
@@ -87,33 +96,36 @@ def read_class_names(tree: Path) -> list[str]:
 
 def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
                 workers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Convert the binary files into ``builder``'s arrays (``workers`` unused: it is a copy)."""
+    """Convert the binary files into ``builder``'s split files (``workers`` unused: it is a copy)."""
     tree = Path(tree)
     names = read_class_names(tree)
     # Check every file before writing anything.
-    images = {split: read_images(tree / x) for split, (x, _) in FILES.items()}
-    labels = {split: read_labels(tree / y, len(images[split])) for split, (_, y) in FILES.items() if y}
-    labels["unlabeled"] = np.full(len(images["unlabeled"]), -1, dtype=np.int64)
+    counts = {split: count_images(tree / x) for split, (x, _) in FILES.items()}
+    labels = {split: read_labels(tree / y, counts[split]) for split, (_, y) in FILES.items() if y}
+    labels["unlabeled"] = np.full(counts["unlabeled"], -1, dtype=np.int64)
 
     keep, held = stratified_holdout(labels["train"], val_fraction, seed)
-    plan = {  # split -> (source split, positions in the source)
-        "train": ("train", keep),
-        "val": ("train", held),
-        "test": ("test", np.arange(len(images["test"]))),
-        "unlabeled": ("unlabeled", np.arange(len(images["unlabeled"]))),
-    }
-    total = sum(len(pos) for _, pos in plan.values())
+    total = sum(counts.values())
     start = time.perf_counter()
     with count_progress(progress) as bar:
         task = bar.add_task(f"convert {NAME}", total=total)
-        for split, (source, positions) in plan.items():
-            out = builder.new_images(split, len(positions), IMAGE_SHAPE)
-            for a in range(0, len(positions), CHUNK):
-                out[a : a + CHUNK] = images[source][positions[a : a + CHUNK]]
-                bar.advance(task, len(positions[a : a + CHUNK]))
-            out.flush()
-            del out
-            builder.save_labels(split, labels[source][positions])
+        # train (138 MB) is read whole and split; test and unlabeled are streamed in chunks,
+        # so memory stays small even for the 2.8 GB of unlabeled images.
+        train = read_images(tree / FILES["train"][0])
+        for split, positions in (("train", keep), ("val", held)):
+            with builder.new_images(split, len(positions), IMAGE_SHAPE) as writer:
+                for a in range(0, len(positions), CHUNK):
+                    writer.write(a, train[positions[a : a + CHUNK]])
+                    bar.advance(task, len(positions[a : a + CHUNK]))
+            builder.save_labels(split, labels["train"][positions])
+        del train
+        for split in ("test", "unlabeled"):
+            with builder.new_images(split, counts[split], IMAGE_SHAPE) as writer:
+                for a in range(0, counts[split], CHUNK):
+                    chunk = read_images(tree / FILES[split][0], a, CHUNK)
+                    writer.write(a, chunk)
+                    bar.advance(task, len(chunk))
+            builder.save_labels(split, labels[split])
     builder.save_array("val_source_index.npy", held.astype(np.int64))
     seconds = time.perf_counter() - start
     return {

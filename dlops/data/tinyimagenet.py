@@ -7,7 +7,7 @@ recorded in the manifest. The official ``test/`` has no labels and is not used.
 
 Class ``i`` is line ``i`` of ``wnids.txt``; its name is the first synonym of its
 ``words.txt`` entry. JPEGs are decoded once, here (grayscale ones become RGB), across
-a pool of processes that write straight into the memory-mapped cache arrays.
+a pool of processes that write each image straight into the cache files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dlops.data import Dataset, register_dataset
-from dlops.data.cache import CacheBuilder, open_dataset
+from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
 from dlops.data.digits import stratified_holdout
 from dlops.data.fetch import count_progress
 from dlops.errors import DlopsError
@@ -153,21 +153,26 @@ def decode_image(path: str | Path) -> np.ndarray:
     return np.asarray(rgb).transpose(2, 0, 1)
 
 
-_worker_arrays: dict[str, np.ndarray] = {}
+_writers: dict[str, ImageWriter] = {}
 
 
-def _open_worker_arrays(paths: dict[str, str]) -> None:
-    _worker_arrays.clear()
-    for split, path in paths.items():
-        _worker_arrays[split] = np.load(path, mmap_mode="r+")
+def _open_writers(writers: dict[str, ImageWriter]) -> None:
+    _close_writers()
+    _writers.update(writers)
+
+
+def _close_writers() -> None:
+    for w in _writers.values():
+        w.close()
+    _writers.clear()
 
 
 def _decode_chunk(chunk: list[tuple[str, str, str, int]]) -> tuple[int, str | None]:
-    """Decode ``(tree, relpath, split, index)`` jobs into the open arrays; ``(done, error)``."""
+    """Decode ``(tree, relpath, split, index)`` jobs into the split files; ``(done, error)``."""
     done = 0
     for tree, rel, split, i in chunk:
         try:
-            _worker_arrays[split][i] = decode_image(os.path.join(tree, rel))
+            _writers[split].write(i, decode_image(os.path.join(tree, rel)))
         except Exception as exc:  # noqa: BLE001 (any decoder failure names the file)
             return done, f"cannot decode {rel}: {exc}"
         done += 1
@@ -183,13 +188,12 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def decode_all(jobs: list[tuple[str, str, str, int]], arrays: dict[str, Path], *, workers: int,
+def decode_all(jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWriter], *, workers: int,
                progress: bool, label: str) -> None:
-    """Decode every job into the ``.npy`` files ``arrays`` (split -> path), in a pool when
-    ``workers > 1``. The first undecodable image stops the work with a DlopsError."""
-    paths = {split: str(p) for split, p in arrays.items()}
+    """Decode every job into its split's file, in a pool when ``workers > 1``. The first
+    undecodable image stops the work with a DlopsError."""
     if workers <= 1 or len(jobs) <= CHUNK:
-        _open_worker_arrays(paths)
+        _open_writers(writers)
         try:
             with count_progress(progress) as bar:
                 task = bar.add_task(label, total=len(jobs))
@@ -199,14 +203,12 @@ def decode_all(jobs: list[tuple[str, str, str, int]], arrays: dict[str, Path], *
                         raise DlopsError(f"{NAME}: {error}")
                     bar.advance(task, done)
         finally:
-            for a in _worker_arrays.values():
-                a.flush()
-            _worker_arrays.clear()
+            _close_writers()
         return
     # fork starts a worker in milliseconds (spawn: a second or more here); the workers only
     # run PIL and numpy. The pool starts before the progress bar's thread does.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, initializer=_open_worker_arrays, initargs=(paths,)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, initializer=_open_writers, initargs=(writers,)) as pool:
         with count_progress(progress) as bar:
             task = bar.add_task(label, total=len(jobs))
             for done, error in pool.imap_unordered(_decode_chunk, _chunks(jobs, CHUNK)):
@@ -218,7 +220,7 @@ def decode_all(jobs: list[tuple[str, str, str, int]], arrays: dict[str, Path], *
 
 def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
                 workers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Decode the tree into ``builder``'s arrays; returns the manifest entries it knows."""
+    """Decode the tree into ``builder``'s split files; returns the manifest entries it knows."""
     layout = read_layout(tree)
     keep, held = stratified_holdout(layout.train_labels, val_fraction, seed)
     splits = {
@@ -227,19 +229,17 @@ def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1,
         "test": (None, layout.test_files, layout.test_labels),
     }
     jobs: list[tuple[str, str, str, int]] = []
-    arrays: dict[str, Path] = {}
+    writers: dict[str, ImageWriter] = {}
     tree_str = str(layout.tree)
     for split, (_, files, labels) in splits.items():
-        images = builder.new_images(split, len(files), IMAGE_SHAPE)
-        del images  # the header is written; workers fill the data through their own maps
+        writers[split] = builder.new_images(split, len(files), IMAGE_SHAPE)
         builder.save_labels(split, labels)
-        arrays[split] = builder.images_path(split)
         jobs += [(tree_str, rel, split, i) for i, rel in enumerate(files)]
     builder.save_array("val_source_index.npy", held.astype(np.int64))
 
     workers = default_workers() if workers is None else workers
     start = time.perf_counter()
-    decode_all(jobs, arrays, workers=workers, progress=progress, label=f"decode {NAME}")
+    decode_all(jobs, writers, workers=workers, progress=progress, label=f"decode {NAME}")
     seconds = time.perf_counter() - start
     return {
         "class_ids": layout.wnids,
