@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlops.data import Dataset, Split, get_dataset, take_subset
+from dlops.data import Dataset, Split, first_per_class, get_dataset, take_subset
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.errors import DlopsError
 from dlops.losses import LOSSES
@@ -50,6 +50,7 @@ class TrainConfig:
     center_lambda: float = 0.003  # center loss weight (Wen et al. 2016)
     center_alpha: float = 0.5  # center update rate
     samples_per_class: int = 4  # K of P x K batches (triplet)
+    centroid_images_per_class: int | None = 50  # centroids from the first M of each class (None: all)
     width: int = 64  # ResNet18 first-stage channels
     augment: bool = True
     eval_batch_size: int = 512
@@ -161,6 +162,22 @@ def evaluate(
     return out
 
 
+@torch.no_grad()
+def update_centroids(
+    model: nn.Module, loss_fn: nn.Module, split: Split, mean: np.ndarray, std: np.ndarray,
+    device: torch.device, batch_size: int = 512,
+) -> None:
+    """Set ``model.centroids`` to the class means of the eval-mode embeddings of ``split``."""
+    model.eval()
+    embs, labels = [], []
+    for x, y in BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda"):
+        with _autocast(device):
+            embedding, _ = model(x)
+        embs.append(loss_fn.scoring_embedding(embedding))
+        labels.append(y)
+    model.centroids.copy_(class_centroids(torch.cat(embs).float(), torch.cat(labels), model.centroids.shape[0]))
+
+
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "constant":
         return 1.0
@@ -225,6 +242,11 @@ def fit(
         pk=pk,
         channels_last=device.type == "cuda",
     )
+    centroid_split = None
+    if loss_fn.scored_by == "centroids":
+        cap = config.centroid_images_per_class
+        keep = first_per_class(dataset.train.labels, cap) if cap else np.arange(len(dataset.train))
+        centroid_split = Split(np.ascontiguousarray(dataset.train.images[keep]), np.asarray(dataset.train.labels)[keep])
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -272,11 +294,13 @@ def fit(
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(epoch, step, train_loss)
         if loss_fn.scored_by == "centroids":
-            # Centroids from this epoch's own training embeddings: no extra pass over
-            # the training data. Training accuracy is nearest-centroid top-1 on them.
+            # Training accuracy: nearest-centroid top-1 of this epoch's own training
+            # embeddings (train mode, as they came). The model's centroids, used for
+            # validation and test, are taken in eval mode (the mode they are compared in)
+            # from a fixed sample of the training images.
             emb, lab = torch.cat(embeddings), torch.cat(labels)
-            model.centroids.copy_(class_centroids(emb, lab, dataset.num_classes))
-            train_acc = topk_correct(centroid_scores(emb, model.centroids), lab, (1,))[1] / len(lab)
+            train_acc = topk_correct(centroid_scores(emb, class_centroids(emb, lab, dataset.num_classes)), lab, (1,))[1] / len(lab)
+            update_centroids(model, loss_fn, centroid_split, mean, std, device, config.eval_batch_size)
         else:
             train_acc = float(correct) / max(seen, 1)
         val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)

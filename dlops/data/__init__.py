@@ -125,6 +125,19 @@ def load_split(name: str, split: str, root: Path | None = None):
     return s.images, s.labels, ds.class_ids, ds.class_names
 
 
+def first_per_class(labels: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first ``k`` items of each class, in their original order."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = np.empty(len(labels), dtype=np.int64)
+    ranks[order] = np.arange(len(labels)) - np.repeat(starts, counts)
+    return np.flatnonzero(ranks < k)
+
+
 def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | None = None) -> Dataset:
     """A cheaper dataset: the first ``num_classes`` classes and, in the training split,
     the first ``per_class`` images of each (validation keeps at most as many per class).
@@ -143,14 +156,7 @@ def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | No
         labels = np.asarray(split.labels)
         keep = np.flatnonzero(labels < n)
         if cap is not None:
-            # rank of each kept image within its class, in split order
-            kept_labels = labels[keep]
-            order = np.argsort(kept_labels, kind="stable")
-            ranks = np.empty(len(keep), dtype=np.int64)
-            counts = np.bincount(kept_labels, minlength=n)
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            ranks[order] = np.arange(len(keep)) - np.repeat(starts, counts)
-            keep = keep[ranks < cap]
+            keep = keep[first_per_class(labels[keep], cap)]
         return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
 
     load_test = ds.load_test
