@@ -70,7 +70,7 @@ def pk_shape(batch_size: int, num_classes: int, k: int) -> tuple[int, int]:
 class BatchLoader:
     """Yields ``(images, labels)`` on ``device``: float, normalised, optionally augmented.
 
-    ``augment`` applies a random crop from a zero-padded image (``crop_padding`` pixels
+    ``augment`` applies a random crop from a black-padded image (``crop_padding`` pixels
     each side) and, when ``hflip``, a random horizontal flip; both per image, computed
     for the whole batch at once. Random numbers come from a CPU generator seeded by
     ``seed``, so a run is reproducible whatever the device.
@@ -151,9 +151,9 @@ class BatchLoader:
             yield self._finish(x, y)
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (x.float() - self.mean) / self.std
-        if self.augment:
+        if self.augment:  # on uint8: a quarter of the bytes of float
             x = self._augment(x)
+        x = (x.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -162,7 +162,7 @@ class BatchLoader:
         b, _, h, w = x.shape
         p = self.crop_padding
         if p > 0:
-            # zero padding after normalisation = padding with the mean colour
+            # black padding, as torchvision's RandomCrop(padding=p)
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             dy = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
             dx = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
