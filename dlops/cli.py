@@ -83,16 +83,23 @@ def study_run(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); "
+                                         "not with SQLite")] = 1,
+    heartbeat_interval: Annotated[int, typer.Option(min=1, help="PostgreSQL: seconds between trial heartbeats")] = 60,
+    grace_period: Annotated[Optional[int], typer.Option(min=1, help="PostgreSQL: a trial silent this long is failed "
+                                                        "and retried [default: 2x heartbeat]")] = None,
 ) -> None:
-    """Run (or continue) the Optuna study of a spec."""
-    from dlops.search import RunOptions, run_study, summarize
+    """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
+    from dlops.search import RunOptions, summarize
     from dlops.spec import load_spec
+    from dlops.workers import run_workers, stopped_message
 
     quiet_optuna()
     the_spec = load_spec(_spec_name(spec, loss))
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
     options = RunOptions(dataset=dataset, n_trials=n_trials, timeout=timeout, epochs=epochs, storage=storage,
-                         study_name=study_name, seed=seed, device=device, train_overrides=overrides)
+                         study_name=study_name, seed=seed, device=device, train_overrides=overrides,
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     metric = the_spec.metric
 
     def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:
@@ -103,8 +110,12 @@ def study_run(
         )
 
     console.print(f"study [bold]{options.study_name or the_spec.name}[/] ({the_spec.description or the_spec.name})")
-    result = run_study(the_spec, options, on_epoch=on_epoch)
+    result = run_workers(the_spec, options, workers, on_epoch=on_epoch,
+                         say=lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False))
     _print_summary(summarize(result.study))
+    if result.interrupted:
+        console.print(stopped_message(result, ["dlops", *sys.argv[1:]]), highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(128 + result.interrupted)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

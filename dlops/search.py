@@ -3,11 +3,20 @@
 Training itself happens in the spec's trainer (``dlops.train.fit`` for ResNet18); it
 calls back after every epoch and this module turns that into ``trial.report`` and,
 when the pruner says so, :class:`optuna.TrialPruned`.
+
+Every trial checkpoints each epoch under ``$DLOPS_HOME/checkpoints/<study>/trial-<n>.pt``
+(``n``: the trial's number, or for a retried trial the number of the trial it retries), so
+a trial whose worker died resumes where it stopped; the file goes when the trial finishes.
+Workers of one study share a target count of finished trials (see :func:`run_study`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +27,9 @@ from optuna.trial import TrialState
 
 from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError
-from dlops.paths import default_storage_url
+from dlops.paths import checkpoints_dir, default_storage_url
 from dlops.spec import ParamSpec, StudySpec
-from dlops.storage import open_storage
+from dlops.storage import StudyStorage, connect
 from dlops.trainers import get_trainer
 from dlops.train import NonFiniteLossError
 
@@ -81,6 +90,8 @@ class RunOptions:
     seed: int | None = None
     device: str | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    heartbeat_interval: int | None = 60  # RDB storages (not SQLite): a dead worker's trial is
+    grace_period: int | None = None  # failed and retried after grace_period s (default 2x interval)
 
 
 def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], trial_number: int) -> Any:
@@ -97,15 +108,82 @@ def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], t
     )
 
 
+class TrialInterrupted(Exception):
+    """SIGINT/SIGTERM reached a trial at an epoch end: it stops there, its checkpoint stays."""
+
+
+def checkpoint_path(study_name: str, trial_key: int) -> Path:
+    return checkpoints_dir() / re.sub(r"[^A-Za-z0-9._-]", "_", study_name) / f"trial-{trial_key}.pt"
+
+
+def remove_checkpoint(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".tmp")):
+        p.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()  # the study's folder, once its last trial is done
+    except OSError:
+        pass
+
+
+_RESUME_IGNORES = {"device", "eval_batch_size", "data_root"}  # may differ between machines; results do not
+
+
+def checkpointed_epochs(path: Path, config: Any) -> int | None:
+    """Epochs saved in the checkpoint at ``path`` (None without a usable one). A checkpoint
+    written for another configuration (a deleted study of the same name) is removed."""
+    if not path.exists():
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours to judge: the trainer loads (or rejects) it
+        return None
+    if not isinstance(state, dict):
+        return None
+    saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
+    if isinstance(saved, dict) and isinstance(now, dict):
+        if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in _RESUME_IGNORES):
+            remove_checkpoint(path)
+            return None
+    epoch = state.get("epoch")
+    return int(epoch) + 1 if isinstance(epoch, int) else 0
+
+
 def make_objective(
-    spec: StudySpec, options: RunOptions, on_epoch: EpochCallback | None = None
+    spec: StudySpec,
+    options: RunOptions,
+    on_epoch: EpochCallback | None = None,
+    *,
+    stop: Any = None,
+    on_trial_start: Callable[[optuna.Trial], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Callable[[optuna.Trial], float]:
+    """The objective of ``spec``. ``on_trial_start(trial)`` runs first (the worker loop
+    records the trial's owner there); ``stop.requested`` ends a trial at its next epoch."""
     trainer = get_trainer(spec.trainer)
 
     def objective(trial: optuna.Trial) -> float:
+        # A retry (RetryHeartbeatStaleTrialCallback, or dlops after a dead worker or a
+        # signal) carries the original number: it trains with that trial's seed and resumes
+        # from that trial's checkpoint.
+        origin = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        key = trial.number if origin is None else int(origin)
+        if on_trial_start is not None:
+            on_trial_start(trial)
         params = {name: suggest(trial, p) for name, p in spec.search.items()}
-        config = trial_config(spec, options, params, trial.number)
+        config = trial_config(spec, options, params, key)
         trial.set_user_attr("config", config.to_dict())
+        for inherited in ("stopped_reason", "resumed_from"):  # copied from the failed trial by a retry
+            if trial.user_attrs.get(inherited) is not None:
+                trial.set_user_attr(inherited, None)
+        ckpt = checkpoint_path(trial.study.study_name, key)
+        resumed = checkpointed_epochs(ckpt, config)
+        if resumed is not None:
+            trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
+            if say is not None:
+                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({resumed} epoch(s) done)")
+        last_epoch = getattr(config, "epochs", None)
         history_so_far: dict[str, list[float]] = {}
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -119,26 +197,44 @@ def make_objective(
             if trial.should_prune():
                 trial.set_user_attr("stopped_reason", f"pruned after epoch {epoch} ({spec.metric}={value:.4f})")
                 raise optuna.TrialPruned()
+            if stop is not None and stop.requested and (last_epoch is None or epoch + 1 < last_epoch):
+                _INTERRUPTED_LOG.numbers.add(trial.number)
+                trial.set_user_attr("stopped_reason", f"interrupted after epoch {epoch + 1}; queued again to resume "
+                                                      "from its checkpoint")
+                raise TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
+        keep_checkpoint = False
         try:
-            result = trainer.fit(config, report=report)
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so
             # the sampler learns from it and the study goes on.
             trial.set_user_attr("stopped_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        except (TrialInterrupted, KeyboardInterrupt):
+            keep_checkpoint = True  # the retry resumes from it
+            raise
+        finally:
+            if not keep_checkpoint:
+                remove_checkpoint(ckpt)
         trial.set_user_attr("history", json_safe(result.history))
+        # A trainer may hand over more per-trial results (the autoencoder's layer curves).
+        for key, value in getattr(result, "extra_user_attrs", {}).items():
+            trial.set_user_attr(key, value)
         return float(result.metrics[spec.metric])
 
     return objective
 
 
-def open_study(spec: StudySpec, options: RunOptions) -> optuna.Study:
-    storage = open_storage(options.storage or default_storage_url())
+def open_study(spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0) -> optuna.Study:
+    """Create or load the study. Worker ``k`` of a many-worker run seeds its sampler with
+    seed + k, so workers do not propose the same random start-up trials."""
+    storage = storage or connect(options.storage or default_storage_url())
+    base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
     study = optuna.create_study(
         study_name=options.study_name or spec.name,
-        storage=storage,
-        sampler=make_sampler(spec, options.seed),
+        storage=storage.optuna,
+        sampler=make_sampler(spec, base_seed + worker),
         pruner=make_pruner(spec),
         direction=spec.direction,
         load_if_exists=True,
@@ -161,19 +257,43 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-class _StopAt:
-    """Stop once the study has ``target`` finished trials, or after ``max_failures``
-    failed trials in this run (a broken setup should not loop forever)."""
+class _InterruptedTrialLog(logging.Filter):
+    """Optuna logs a failed trial with its traceback; an interrupted trial is no error."""
 
-    def __init__(self, target: int, max_failures: int):
-        self.target, self.max_failures, self.failures = target, max_failures, 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            self.failures += 1
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if finished >= self.target or self.failures >= self.max_failures:
-            study.stop()
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(msg.startswith(f"Trial {n} failed") for n in self.numbers)
+
+
+_INTERRUPTED_LOG = _InterruptedTrialLog()
+logging.getLogger("optuna.study._optimize").addFilter(_INTERRUPTED_LOG)
+
+
+class _TrialGate:
+    """Holds the study lock from "how many trials are left?" until the new trial is RUNNING
+    and carries its owner (the objective's first step): workers never start more trials
+    than asked for, and no RUNNING trial is ever seen without its owner."""
+
+    def __init__(self) -> None:
+        from dlops.workers import worker_identity
+
+        self.identity = worker_identity()
+        self.lock: Any = None
+        self.trial_number: int | None = None
+        self.trial_id: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        from dlops.workers import OWNER_KEY
+
+        trial.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self.identity)
+        self.trial_number, self.trial_id = trial.number, trial._trial_id
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 @dataclass
@@ -181,6 +301,111 @@ class StudyResult:
     study: optuna.Study
     counts: dict[str, int]
     best: dict[str, Any] | None
+    interrupted: int | None = None  # the signal that stopped the run (SIGINT 2, SIGTERM 15)
+    target: int | None = None  # finished trials the study was to reach
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s.name, 0) for s in FINISHED)
+
+
+def check_run(spec: StudySpec, options: RunOptions) -> None:
+    """Check the configuration and the data before touching storage."""
+    config = trial_config(spec, options, spec.baseline_params(), 0)
+    if getattr(config, "dataset", None):
+        get_dataset(config.dataset, Path(config.data_root) if getattr(config, "data_root", None) else None)
+
+
+def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
+    """Labels, and the baseline as trial 0 of a new study. Run under the study lock, so
+    workers starting at once enqueue one baseline. Returns whether the study was new."""
+    new = not study.get_trials(deepcopy=False)
+    if new:  # checkpoints left by a deleted study of the same name are not this study's
+        shutil.rmtree(checkpoint_path(study.study_name, 0).parent, ignore_errors=True)
+    if study.metric_names != [spec.metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+    attrs = study.user_attrs
+    for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", options.dataset or spec.train.get("dataset"))):
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    enqueue_baseline(study, spec)
+    return new
+
+
+def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], n_trials: int, target: int,
+                      workers: int = 1) -> str:
+    """Where a study stands when a run (re)joins it."""
+    if not any(counts.values()):
+        head = f"study {name}: new, in {storage.masked}"
+    else:
+        head = (f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
+                f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting")
+    tail = f"; this run adds {n_trials} finished trials (until {target} finished)"
+    return head + tail + (f" with {workers} workers" if workers > 1 else "")
+
+
+def _sleep(seconds: float, stop: Any) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.requested:
+        time.sleep(0.1)
+
+
+def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[[optuna.Trial], float],
+                gate: _TrialGate, *, target: int, max_failures: int, timeout: float | None, stop: Any,
+                say: Callable[[str], None], gc_after_trial: bool = True) -> None:
+    """One worker's loop: under the study lock, recover trials of dead workers, then start
+    a trial only while finished + running < target. When the rest of the target is running
+    in other workers, wait for them where they can still end (alive here, or heartbeats)."""
+    from dlops.workers import recover_dead_trials, retry_trial, worth_waiting_for
+
+    started, failures, waiting = time.monotonic(), 0, False
+    while not stop.requested:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            say(f"timeout ({timeout:g}s): starting no more trials")
+            break
+        gate.trial_number = None
+        lock = storage.lock(study.study_name)
+        lock.acquire()
+        try:
+            trials = study.get_trials(deepcopy=False)
+            if recover_dead_trials(study, storage, say, trials):
+                trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if finished >= target:
+                break
+            if finished + len(running) >= target:
+                if not any(worth_waiting_for(t, storage) for t in running):
+                    say(f"{len(running)} trial(s) RUNNING whose workers cannot be checked from here "
+                        "(another machine, journal storage); not waiting for them")
+                    break
+                lock.release()
+                if not waiting:
+                    say(f"waiting for {len(running)} running trial(s) of other workers to reach {target} finished")
+                    waiting = True
+                _sleep(1.0, stop)
+                continue
+            waiting = False
+            gate.lock = lock
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=gc_after_trial)
+        except KeyboardInterrupt:
+            stop.signum = stop.signum or 2  # a second signal: the trial stopped at once
+        finally:
+            gate.lock = None
+            lock.release()
+        if gate.trial_number is None:
+            continue
+        trial = storage.optuna.get_trial(gate.trial_id)
+        if trial.state == TrialState.FAIL:
+            if stop.requested:
+                retry_trial(study, trial, max_retry=None)  # resumes from its checkpoint next run
+                break
+            failures += 1
+            if failures >= max_failures:
+                say(f"{failures} trials failed in this run; giving up (see `dlops study show {study.study_name}`)")
+                break
 
 
 def summarize(study: optuna.Study) -> dict[str, Any]:
@@ -203,31 +428,45 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     }
 
 
-def run_study(spec: StudySpec, options: RunOptions, on_epoch: EpochCallback | None = None) -> StudyResult:
-    """Run ``n_trials`` more finished trials (COMPLETE or PRUNED) of ``spec``'s study.
+def run_study(
+    spec: StudySpec,
+    options: RunOptions,
+    on_epoch: EpochCallback | None = None,
+    *,
+    say: Callable[[str], None] | None = None,
+    target: int | None = None,
+    worker: int = 0,
+    workers: int = 1,
+    announce: bool = True,
+    label: str = "",
+) -> StudyResult:
+    """Run ``n_trials`` more finished trials (COMPLETE or PRUNED) of ``spec``'s study, or,
+    for a worker of a many-worker run, work until the study has ``target`` finished trials.
 
+    SIGINT/SIGTERM stop the current trial at its next epoch end (recorded FAIL, queued
+    again to resume from its checkpoint); ``StudyResult.interrupted`` says which signal.
     The test split is off limits inside: any read raises.
     """
-    # Check the configuration and the data before touching storage.
-    config = trial_config(spec, options, spec.baseline_params(), 0)
-    if getattr(config, "dataset", None):
-        get_dataset(config.dataset, Path(config.data_root) if getattr(config, "data_root", None) else None)
-    study = open_study(spec, options)
-    study.set_metric_names([spec.metric])
-    study.set_user_attr("spec", spec.name)
-    study.set_user_attr("trainer", spec.trainer)
-    study.set_user_attr("dataset", options.dataset or spec.train.get("dataset"))
-    enqueue_baseline(study, spec)
+    from dlops.workers import GracefulStop, failure_budget
+
+    say = say or (lambda msg: None)
+    check_run(spec, options)
+    storage = connect(options.storage or default_storage_url(), heartbeat_interval=options.heartbeat_interval,
+                      grace_period=options.grace_period)
+    study = open_study(spec, options, storage, worker)
+    with storage.lock(study.study_name):
+        counts = state_counts(study)  # where the study stood on (re)joining
+        prepare_study(study, spec, options)
     n_trials = options.n_trials or spec.n_trials
-    already = len(study.get_trials(deepcopy=False, states=FINISHED))
-    stop = _StopAt(already + n_trials, max_failures=n_trials)
-    with forbid_test_split(), warnings.catch_warnings():
+    if target is None:
+        target = sum(counts[s.name] for s in FINISHED) + n_trials
+    if announce:
+        say(study_counts_line(study.study_name, storage, counts, n_trials, target, workers))
+    gate = _TrialGate()
+    with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label) as stop:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.optimize(
-            make_objective(spec, options, on_epoch),
-            timeout=options.timeout if options.timeout is not None else spec.timeout,
-            callbacks=[stop],
-            catch=(Exception,),
-            gc_after_trial=True,
-        )
-    return StudyResult(study=study, counts=state_counts(study), best=summarize(study)["best"])
+        objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
+        _run_trials(study, storage, objective, gate, target=target, max_failures=failure_budget(n_trials, workers),
+                    timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say)
+    return StudyResult(study=study, counts=state_counts(study), best=summarize(study)["best"],
+                       interrupted=stop.signum, target=target)

@@ -1,32 +1,276 @@
-"""Opening Optuna storages from a URL, and keeping passwords out of every message."""
+"""Opening Optuna storages from a URL, locking a study across workers, and keeping
+passwords out of every message.
+
+``--storage`` (or ``$DLOPS_STORAGE``) takes one of these forms:
+
+=====================================================  ==========================================
+``sqlite:///relative/dlops.db``,                       one worker at a time (the default, under
+``sqlite:////absolute/dlops.db``                       ``$DLOPS_HOME``)
+``postgresql+psycopg2://user:password@host:5432/db``   many workers on many machines (heartbeats)
+``journal:///absolute/path.log``,                      many workers on one machine (an append-only
+``journal:relative/path.log``, or a plain path         Optuna journal file, ``fcntl``-locked)
+ending in ``.log`` / ``.journal``
+``redis://[:password@]host:6379/0[?prefix=NAME]``      many workers on many machines (Optuna's
+                                                       Redis journal; ``prefix`` namespaces keys)
+=====================================================  ==========================================
+
+Other SQLAlchemy URLs (``mysql+pymysql://...``) are passed to Optuna's ``RDBStorage``.
+Every message that may show a URL goes through :func:`mask_url`.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import re
+import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import optuna
 
 from dlops.errors import StorageError
 
-_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<tail>@)")
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<tail>@)")
+_KEY_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>[^&\s'\"]+)", re.IGNORECASE)
+
+JOURNAL_SUFFIXES = (".log", ".journal")
+RETRY_LIMIT = 3  # a trial whose worker keeps dying is retried this often, then left FAIL
+REDIS_LOCK_TTL = 120  # seconds; a lock whose holder vanished expires after this
 
 
 def mask_url(text: str) -> str:
-    """Replace the password of every URL in ``text`` by ``***``."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+    """Replace every password in ``text`` (``scheme://user:PASSWORD@``, ``password=...``) by ``***``."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+    return _KEY_PASSWORD.sub(lambda m: f"{m['head']}***", text)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``. SQLite files get their folder created."""
+def storage_kind(url: str) -> str:
+    """``sqlite``, ``postgresql``, ``rdb`` (another SQLAlchemy database), ``journal`` or ``redis``."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if url.startswith("journal:") or (not scheme and url.endswith(JOURNAL_SUFFIXES)):
+        return "journal"
+    if scheme in ("redis", "rediss", "unix"):
+        return "redis"
+    if scheme.startswith("sqlite"):
+        return "sqlite"
+    if scheme.startswith("postgresql") or scheme.startswith("postgres"):
+        return "postgresql"
+    if scheme:
+        return "rdb"
+    raise StorageError(
+        f"unsupported storage {mask_url(url)!r}: use sqlite:///path.db, postgresql+psycopg2://user@host/db, "
+        "journal:///path.log or redis://host:6379/0"
+    )
+
+
+def journal_path(url: str) -> Path:
+    """The file of a journal URL: ``journal:///abs/x.log`` -> ``/abs/x.log``, ``journal:x.log`` -> ``x.log``."""
+    rest = url[len("journal:") :] if url.startswith("journal:") else url
+    if rest.startswith("//"):
+        rest = rest[2:]
+    if not rest:
+        raise StorageError(f"journal storage {url!r} names no file (e.g. journal:///path/to/study.log)")
+    return Path(rest).expanduser()
+
+
+def _split_redis_prefix(url: str) -> tuple[str, str]:
+    """dlops' own ``?prefix=`` query parameter is not a redis-py option: take it out."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = "".join(v for k, v in query if k == "prefix")
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+class StudyLock(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class _Lock:
+    """Base: idempotent release and ``with`` support."""
+
+    held = False
+
+    def acquire(self) -> None:
+        self._acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._release()
+
+    def _acquire(self) -> None: ...
+
+    def _release(self) -> None: ...
+
+    def __enter__(self) -> "_Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class _FileLock(_Lock):
+    """``flock`` on a side file: released by the kernel when the holder dies."""
+
+    def __init__(self, path: Path):
+        self.path, self._file = path, None
+
+    def _acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def _release(self) -> None:
+        assert self._file is not None
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
+class _PostgresLock(_Lock):
+    """A session-level advisory lock: released by the server when the holder's connection dies."""
+
+    def __init__(self, engine: Any, name: str):
+        self.engine, self.key, self._conn = engine, zlib.crc32(f"dlops:{name}".encode()), None
+
+    def _acquire(self) -> None:
+        from sqlalchemy import text
+
+        self._conn = self.engine.connect()
+        self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        self._conn.commit()
+
+    def _release(self) -> None:
+        from sqlalchemy import text
+
+        assert self._conn is not None
+        try:
+            self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            self._conn.commit()
+        finally:
+            self._conn.close()
+            self._conn = None
+
+
+class _RedisLock(_Lock):
+    def __init__(self, client: Any, name: str):
+        self._lock = client.lock(name, timeout=REDIS_LOCK_TTL)
+
+    def _acquire(self) -> None:
+        self._lock.acquire(blocking=True)
+
+    def _release(self) -> None:
+        try:
+            self._lock.release()
+        except Exception:  # noqa: BLE001 - expired: someone else may hold it now, nothing to undo
+            pass
+
+
+class _NoLock(_Lock):
+    pass
+
+
+@dataclass
+class StudyStorage:
+    """An opened storage and what dlops needs to know about it."""
+
+    url: str
+    kind: str
+    optuna: optuna.storages.BaseStorage
+    lock_file: Path | None = None
+    redis_url: str | None = None
+    redis_prefix: str = ""
+
+    @property
+    def masked(self) -> str:
+        return mask_url(self.url)
+
+    @property
+    def many_workers(self) -> bool:
+        """SQLite takes one writer at a time: parallel workers get "database is locked"."""
+        return self.kind != "sqlite"
+
+    @property
+    def heartbeat(self) -> bool:
+        """Optuna's heartbeats are on (RDB storages opened with a heartbeat interval)."""
+        return getattr(self.optuna, "get_heartbeat_interval", lambda: None)() is not None
+
+    def lock(self, study_name: str) -> _Lock:
+        """A lock every dlops worker of ``study_name`` takes around "how many trials are
+        left? then ask": the baseline is enqueued once and no more trials start than asked for."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", study_name)
+        if self.lock_file is not None:
+            return _FileLock(self.lock_file.with_name(f"{self.lock_file.name}.{safe}.dlops-lock"))
+        if self.kind == "postgresql":
+            return _PostgresLock(self.optuna.engine, study_name)  # type: ignore[attr-defined]
+        if self.kind == "redis":
+            import redis
+
+            return _RedisLock(redis.Redis.from_url(self.redis_url), f"{self.redis_prefix}:dlops-lock:{study_name}")
+        return _NoLock()  # another SQL database: best effort (no cross-worker lock)
+
+
+def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None) -> StudyStorage:
+    """Open ``url`` (see the module docstring for the forms).
+
+    For RDB storages other than SQLite, ``heartbeat_interval`` (seconds) turns on Optuna's
+    heartbeats: a trial whose worker stops beating for ``grace_period`` seconds (default
+    twice the interval) is marked FAIL and re-queued by ``RetryHeartbeatStaleTrialCallback``.
+    The journal storages have no heartbeat (dlops proves dead workers by pid instead).
+    """
+    kind = storage_kind(url)
     try:
-        if url.startswith("sqlite:///"):
-            path = Path(url[len("sqlite:///") :])
-            if str(path) not in ("", ":memory:"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(url)
-        if "://" in url:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:  # noqa: BLE001 - any driver error is the user's URL
-        raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(str(exc).splitlines()[0])}") from None
-    raise StorageError(f"unsupported storage URL {mask_url(url)!r} (e.g. sqlite:///path/to/dlops.db)")
+        with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _connect(url, kind, heartbeat_interval, grace_period)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
+        detail = " ".join(lines)[:300] or type(exc).__name__
+        raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
+
+
+def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: int | None) -> StudyStorage:
+    if kind == "sqlite":
+        path_text = url.split(":///", 1)[1] if ":///" in url else ""
+        lock_file = None
+        if path_text not in ("", ":memory:"):
+            path = Path(path_text)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = path
+        return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
+    if kind == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = journal_path(url).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return StudyStorage(url, kind, JournalStorage(JournalFileBackend(str(path))), lock_file=path)
+    if kind == "redis":
+        import redis
+        from optuna.storages.journal import JournalRedisBackend, JournalStorage
+
+        redis_url, prefix = _split_redis_prefix(url)
+        redis.Redis.from_url(redis_url).ping()  # fail here, in one line, not mid-study
+        backend = JournalRedisBackend(redis_url, prefix=prefix)
+        return StudyStorage(url, kind, JournalStorage(backend), redis_url=redis_url, redis_prefix=prefix)
+    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}  # PostgreSQL drops idle connections
+    if heartbeat_interval is not None:
+        kwargs.update(
+            heartbeat_interval=int(heartbeat_interval),
+            grace_period=int(grace_period) if grace_period is not None else None,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRY_LIMIT),
+        )
+    return StudyStorage(url, kind, optuna.storages.RDBStorage(url, **kwargs))
+
+
+def open_storage(url: str, **kwargs: Any) -> optuna.storages.BaseStorage:
+    """The Optuna storage for ``url`` (see :func:`connect`)."""
+    return connect(url, **kwargs).optuna

@@ -1,0 +1,158 @@
+"""Storage URLs: the forms dlops accepts, one-line errors, masked passwords, the study lock.
+
+PostgreSQL and Redis are the real servers on 127.0.0.1 (.ci/run starts them); every test
+uses its own study name or key prefix and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from dlops.cli import app
+from dlops.errors import StorageError
+from dlops.storage import connect, journal_path, mask_url, storage_kind
+from dlops.studies import list_studies
+
+PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def _missing(kind: str) -> str | None:
+    try:
+        if kind == "postgresql":
+            import psycopg2
+
+            psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3).close()
+        else:
+            import redis
+
+            redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=3).ping()
+    except Exception as exc:  # noqa: BLE001
+        return f"{kind} is not reachable on 127.0.0.1 ({str(exc).strip().splitlines()[0]}); .ci/run starts it"
+    return None
+
+
+PG_MISSING, REDIS_MISSING = _missing("postgresql"), _missing("redis")
+requires_pg = pytest.mark.skipif(PG_MISSING is not None, reason=PG_MISSING or "")
+requires_redis = pytest.mark.skipif(REDIS_MISSING is not None, reason=REDIS_MISSING or "")
+
+
+def test_mask_url_hides_every_password() -> None:
+    assert mask_url("postgresql+psycopg2://me:s3cret@db:5432/x") == "postgresql+psycopg2://me:***@db:5432/x"
+    assert mask_url("redis://:s3cret@host:6379/0?prefix=a") == "redis://:***@host:6379/0?prefix=a"
+    assert mask_url("error at mysql://u:p%40ss@h/db and redis://h:6379") == "error at mysql://u:***@h/db and redis://h:6379"
+    assert mask_url("host=db user=me password=s3cret") == "host=db user=me password=***"
+    assert mask_url("sqlite:///storage/dlops.db") == "sqlite:///storage/dlops.db"
+    assert mask_url("postgresql://me@db/x") == "postgresql://me@db/x"
+
+
+def test_url_forms() -> None:
+    assert storage_kind("sqlite:///storage/dlops.db") == "sqlite"
+    assert storage_kind("postgresql+psycopg2://u@h/db") == storage_kind("postgresql://u@h/db") == "postgresql"
+    assert storage_kind("journal:///tmp/x.log") == storage_kind("runs/study.log") == "journal"
+    assert storage_kind("redis://h:6379/0") == "redis"
+    assert storage_kind("mysql+pymysql://u@h/db") == "rdb"
+    assert journal_path("journal:///abs/x.log") == Path("/abs/x.log")
+    assert journal_path("journal:rel/x.log") == Path("rel/x.log")
+    assert journal_path("runs/x.journal") == Path("runs/x.journal")
+    with pytest.raises(StorageError, match="unsupported storage"):
+        storage_kind("my-study.db")
+
+
+BACKENDS = [
+    "sqlite",
+    "journal",
+    "journal-path",
+    pytest.param("postgresql", marks=requires_pg),
+    pytest.param("redis", marks=requires_redis),
+]
+
+
+@pytest.fixture
+def url(request: pytest.FixtureRequest, tmp_path: Path):
+    tag = uuid.uuid4().hex[:10]
+    urls = {
+        "sqlite": f"sqlite:///{tmp_path / 'dlops.db'}",
+        "journal": f"journal://{tmp_path / 'j' / 'study.log'}",
+        "journal-path": str(tmp_path / "study.journal"),
+        "postgresql": PG,
+        "redis": f"redis://127.0.0.1:6379/0?prefix=dlops-test-{tag}",
+    }
+    name = f"s-{tag}"
+    yield urls[request.param], name
+    if request.param == "postgresql":
+        try:
+            optuna.delete_study(study_name=name, storage=PG)
+        except KeyError:
+            pass
+    if request.param == "redis":
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        for key in client.scan_iter(f"dlops-test-{tag}*"):
+            client.delete(key)
+
+
+@pytest.mark.parametrize("url", BACKENDS, indirect=True)
+def test_every_backend_stores_and_lists_a_study(url: tuple[str, str]) -> None:
+    url, name = url
+    storage = connect(url, heartbeat_interval=5)
+    assert storage.many_workers == (storage.kind != "sqlite")
+    assert storage.heartbeat == (storage.kind == "postgresql")  # Optuna heartbeats: RDB only; not SQLite
+    study = optuna.create_study(study_name=name, storage=storage.optuna)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    again = connect(url)  # a second worker sees the same study
+    rows = [r for r in list_studies(url) if r["name"] == name]
+    assert rows and rows[0]["n_trials"] == 2
+    assert len(optuna.load_study(study_name=name, storage=again.optuna).trials) == 2
+
+
+@pytest.mark.parametrize("url", [b for b in BACKENDS if b != "journal-path"], indirect=True)
+def test_the_study_lock_excludes_other_workers(url: tuple[str, str]) -> None:
+    url, name = url
+    first, second = connect(url).lock(name), connect(url).lock(name)
+    other_study = connect(url).lock(name + "-other")
+    got: list[float] = []
+    first.acquire()
+    with other_study:  # another study's lock is independent
+        pass
+    thread = threading.Thread(target=lambda: (second.acquire(), got.append(time.monotonic()), second.release()))
+    thread.start()
+    time.sleep(0.5)
+    assert got == []  # still waiting
+    released = time.monotonic()
+    first.release()
+    thread.join(timeout=10)
+    assert got and got[0] >= released
+    first.release()  # releasing twice is harmless
+
+
+@requires_pg
+def test_a_bad_postgresql_url_is_one_masked_line(dlops_home: Path) -> None:
+    bad = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:5432/no_such_db_dlops"
+    with pytest.raises(StorageError) as err:
+        connect(bad)
+    message = str(err.value)
+    assert "s3cret" not in message and "postgres:***@" in message and "no_such_db_dlops" in message
+    assert "\n" not in message
+    result = CliRunner().invoke(app, ["study", "list", "--storage", bad])
+    assert result.exit_code == 2 and "s3cret" not in result.output and "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_servers_are_one_masked_line() -> None:
+    for bad in ("redis://:s3cret@127.0.0.1:1/0", "postgresql+psycopg2://u:s3cret@127.0.0.1:1/db"):
+        with pytest.raises(StorageError) as err:
+            connect(bad)
+        assert "s3cret" not in str(err.value) and ":***@127.0.0.1:1" in str(err.value)
+
+
+def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
+    result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
+    assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output

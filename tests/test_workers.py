@@ -1,0 +1,449 @@
+"""Many workers, one study: shared storages, dead workers, graceful stops.
+
+The storage tests run against the real PostgreSQL (127.0.0.1:5432, trust auth) and Redis
+(127.0.0.1:6379) that .ci/run starts; each test uses its own study name / key prefix and
+removes it afterwards. Worker runs are real ``dlops study run`` processes on tiny trials
+(ResNet18 width 8 on 10-30 digits per class).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from dlops.search import RunOptions, open_study, prepare_study, run_study
+from dlops.spec import load_spec
+from dlops.storage import StudyStorage, connect
+from dlops.workers import OWNER_KEY, is_dead, plan_workers, recover_dead_trials, worker_identity, worth_waiting_for
+
+PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+PG_PASSWORD = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:5432/test"  # trust auth ignores the password
+REDIS = "redis://127.0.0.1:6379/0"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _pg_missing() -> str | None:
+    try:
+        import psycopg2
+
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001
+        return f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip().splitlines()[0]}); .ci/run starts it"
+    return None
+
+
+def _redis_missing() -> str | None:
+    try:
+        import redis
+
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=3).ping()
+    except Exception as exc:  # noqa: BLE001
+        return f"Redis is not reachable on 127.0.0.1:6379 ({exc}); .ci/run starts it"
+    return None
+
+
+PG_MISSING, REDIS_MISSING = _pg_missing(), _redis_missing()
+requires_pg = pytest.mark.skipif(PG_MISSING is not None, reason=PG_MISSING or "")
+requires_redis = pytest.mark.skipif(REDIS_MISSING is not None, reason=REDIS_MISSING or "")
+
+
+def tiny_spec(tmp_path: Path, *, epochs: int = 1, per_class: int = 10, n_trials: int = 3) -> Path:
+    path = tmp_path / "tiny-workers.toml"
+    path.write_text(f"""
+name = "tiny-workers"
+trainer = "resnet18"
+metric = "val_top5"
+direction = "maximize"
+n_trials = {n_trials}
+
+[train]
+dataset = "digits"
+loss = "ce"
+width = 8
+subset_per_class = {per_class}
+epochs = {epochs}
+batch_size = 32
+eval_batch_size = 256
+lr = 1e-2
+
+[search.lr]
+type = "float"
+low = 1e-3
+high = 1e-1
+log = true
+
+[baseline]
+lr = 1e-2
+
+[pruner]
+type = "none"
+
+[sampler]
+type = "tpe"
+seed = 0
+""")
+    return path
+
+
+class Backend:
+    """One storage under test, with its own namespace and cleanup."""
+
+    def __init__(self, kind: str, tmp_path: Path, password: bool = False):
+        self.kind, self.tag = kind, uuid.uuid4().hex[:10]
+        self.study_name = f"w-{self.tag}"
+        if kind == "postgresql":
+            self.url = PG_PASSWORD if password else PG
+        elif kind == "redis":
+            self.url = f"redis://:s3cret@127.0.0.1:6379/0?prefix=dlops-test-{self.tag}" if password else \
+                f"{REDIS}?prefix=dlops-test-{self.tag}"
+        else:
+            self.url = f"journal://{tmp_path / 'journal' / 'study.log'}"
+
+    def storage(self, **kwargs) -> StudyStorage:
+        return connect(self.url, **kwargs)
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name=self.study_name, storage=self.storage().optuna)
+
+    def cleanup(self) -> None:
+        if self.kind == "postgresql":
+            try:
+                optuna.delete_study(study_name=self.study_name, storage=self.storage().optuna)
+            except KeyError:
+                pass
+        elif self.kind == "redis":
+            import redis
+
+            client = redis.Redis(host="127.0.0.1", port=6379)
+            for key in client.scan_iter(f"dlops-test-{self.tag}*"):
+                client.delete(key)
+
+
+BACKENDS = [
+    pytest.param("postgresql", marks=requires_pg),
+    "journal",
+    pytest.param("redis", marks=requires_redis),
+]
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, tmp_path: Path):
+    b = Backend(request.param, tmp_path, password=True)
+    yield b
+    b.cleanup()
+
+
+def wait_until(predicate, timeout: float = 120, every: float = 0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+# --- pure parts ----------------------------------------------------------------------------
+
+
+def test_each_worker_gets_its_gpu_and_a_share_of_the_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    plans = plan_workers(4, "auto", gpus=["2", "5"], cpus=16)
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in plans] == ["2", "5", "2", "5"]
+    assert {p["OMP_NUM_THREADS"] for p in plans} == {"4"}
+    cpu_only = plan_workers(3, "cpu", cpus=2)
+    assert all("CUDA_VISIBLE_DEVICES" not in p for p in cpu_only) and {p["OMP_NUM_THREADS"] for p in cpu_only} == {"1"}
+    assert all("CUDA_VISIBLE_DEVICES" not in p for p in plan_workers(2, "cuda:1", cpus=8))  # pinned by the user
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a lower limit set by the user stays
+    assert {p["OMP_NUM_THREADS"] for p in plan_workers(2, "cpu", cpus=16)} == {"2"}
+
+
+def test_a_worker_is_proven_dead_only_on_this_machine() -> None:
+    me = worker_identity()
+    assert is_dead(me) is False
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    gone = {**me, "pid": child.pid, "started": None}
+    assert is_dead(gone) is True
+    assert is_dead({**me, "started": "1"}) is True  # our pid, but another process's start time: reused pid
+    assert is_dead({**me, "boot": "an-earlier-boot"}) is True  # the machine rebooted since
+    assert is_dead({**me, "host": "another-machine"}) is None
+
+
+def test_sqlite_is_refused_for_several_workers(tmp_path: Path, dlops_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    result = CliRunner().invoke(app, ["study", "run", str(tiny_spec(tmp_path)), "--workers", "3", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "SQLite" in result.output and "database is locked" in result.output and "journal://" in result.output
+    assert "Traceback" not in result.output
+    assert not (dlops_home / "dlops.db").exists() or optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == []
+
+
+# --- the shared-storage machinery, without training -------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # catch_warnings is per process, not thread
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_path: Path, dlops_home: Path) -> None:
+    spec = load_spec(str(tiny_spec(tmp_path)))
+    options = RunOptions(storage=backend.url, study_name=backend.study_name)
+    barrier, errors = threading.Barrier(4), []
+
+    def join(worker: int) -> None:
+        try:
+            storage = backend.storage()
+            study = open_study(spec, options, storage, worker)
+            barrier.wait()
+            with storage.lock(study.study_name):
+                prepare_study(study, spec, options)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    trials = backend.study().get_trials()
+    assert len(trials) == 1 and trials[0].state == TrialState.WAITING and trials[0].user_attrs["baseline"] is True
+
+
+@requires_pg
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
+def test_heartbeats_fail_and_requeue_the_trial_of_a_silent_worker_elsewhere(tmp_path: Path) -> None:
+    b = Backend("postgresql", tmp_path)
+    try:
+        storage = b.storage(heartbeat_interval=1, grace_period=1)
+        assert storage.heartbeat
+        study = optuna.create_study(study_name=b.study_name, storage=storage.optuna)
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+        elsewhere = {**worker_identity(), "host": "another-machine"}
+        storage.optuna.set_trial_system_attr(trial._trial_id, OWNER_KEY, elsewhere)
+        storage.optuna.record_heartbeat(trial._trial_id)
+        frozen = study.get_trials()[0]
+        assert worth_waiting_for(frozen, storage)  # heartbeats will settle it either way
+        assert recover_dead_trials(study, storage) == [] and study.get_trials()[0].state == TrialState.RUNNING
+        time.sleep(2.5)  # no heartbeat for longer than the grace period
+        recover_dead_trials(study, storage)
+        failed, retry = study.get_trials()
+        assert failed.state == TrialState.FAIL
+        assert retry.state == TrialState.WAITING and retry.params == failed.params
+        assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == failed.number
+    finally:
+        b.cleanup()
+
+
+def test_journal_leaves_a_running_trial_of_another_machine_alone(tmp_path: Path) -> None:
+    storage = connect(f"journal:{tmp_path / 'j.log'}")
+    assert not storage.heartbeat
+    study = optuna.create_study(study_name="x", storage=storage.optuna)
+    elsewhere, here_dead = study.ask(), study.ask()
+    storage.optuna.set_trial_system_attr(elsewhere._trial_id, OWNER_KEY, {**worker_identity(), "host": "another-machine"})
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    storage.optuna.set_trial_system_attr(here_dead._trial_id, OWNER_KEY, {**worker_identity(), "pid": child.pid})
+    assert not worth_waiting_for(study.get_trials()[0], storage)  # cannot tell: do not wait for it
+    assert recover_dead_trials(study, storage) == [1]
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert "died" in study.get_trials()[1].user_attrs["stopped_reason"]
+
+
+# --- real worker processes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_three_workers_finish_nine_trials_of_one_study(backend: Backend, tmp_path: Path, dlops_home: Path,
+                                                       capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = tiny_spec(tmp_path, epochs=1)
+    args = ["study", "run", str(spec), "--storage", backend.url, "--study-name", backend.study_name,
+            "--workers", "3", "--n-trials", "9", "--device", "cpu"]
+    # `dlops study run` in this process; its three worker processes write to the real stdout.
+    result = CliRunner().invoke(app, args)
+    workers_out = capfd.readouterr()
+    output = result.output + workers_out.out + workers_out.err
+    assert result.exit_code == 0, output
+    trials = backend.study().get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 9  # no more, no fewer, none failed
+    assert sorted(t.number for t in trials) == list(range(9))
+    assert [t.number for t in trials if t.user_attrs.get("baseline")] == [0]
+    assert len({t.system_attrs[OWNER_KEY]["pid"] for t in trials}) >= 2  # really in parallel
+    for needle in ("database is locked", "Traceback", "error", "Error"):
+        assert needle not in output
+    assert "3 workers" in output and "this run adds 9 finished trials" in output
+    assert not list((dlops_home / "checkpoints").rglob("*.pt*"))  # removed as trials finish
+    # The password of the storage URL appears nowhere: not in the output, not in any file.
+    if ":s3cret@" in backend.url:
+        assert "s3cret" not in output and ":***@" in output
+        for f in dlops_home.rglob("*"):
+            assert not f.is_file() or b"s3cret" not in f.read_bytes(), f
+
+
+def invoke_in_background_of(action, args: list[str]):
+    """``dlops ARGS`` in this process (main thread: it installs signal handlers) while
+    ``action()`` runs in a thread; returns (CliRunner result, action's value)."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    box: dict = {}
+
+    def run_action() -> None:
+        try:
+            box["value"] = action()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run_action, daemon=True)
+    thread.start()
+    result = CliRunner().invoke(app, args)
+    thread.join(timeout=60)
+    if "error" in box:
+        raise box["error"]
+    return result, box.get("value")
+
+
+def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
+    """A RUNNING trial that has checkpointed its first epoch and has more than one to go."""
+    def find():
+        for f in ckpt_dir.glob("trial-*.pt"):
+            t = study_of().get_trials()[int(f.stem.split("-")[1])]
+            if t.state == TrialState.RUNNING and 1 <= len(t.intermediate_values) < epochs - 1:
+                return t
+        return None
+
+    return wait_until(find)
+
+
+@requires_pg
+def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
+        tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    b = Backend("postgresql", tmp_path)
+    epochs = 3
+    spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
+
+    def kill_a_worker_mid_trial():
+        victim = running_with_checkpoint(b.study, dlops_home / "checkpoints" / b.study_name, epochs)
+        os.kill(victim.system_attrs[OWNER_KEY]["pid"], signal.SIGKILL)
+        return victim
+
+    try:
+        result, victim = invoke_in_background_of(kill_a_worker_mid_trial, [
+            "study", "run", str(spec), "--storage", b.url, "--study-name", b.study_name, "--workers", "2",
+            "--n-trials", "3", "--device", "cpu", "--heartbeat-interval", "1", "--grace-period", "2"])
+        output = result.output + "".join(capfd.readouterr())
+        assert result.exit_code == 0, output
+        trials = b.study().get_trials()
+        assert sum(t.state in FINISHED for t in trials) == 3  # the requested count, despite the kill
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        killed = trials[victim.number]
+        assert killed.state == TrialState.FAIL
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+        assert len(retries) == 1
+        retry = retries[0]
+        assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+        resumed = retry.user_attrs["resumed_from"]["epoch"]
+        assert resumed >= len(victim.intermediate_values) >= 1
+        # The restored epochs are the killed trial's own (same timings to the last bit), the rest are new.
+        before = killed.user_attrs["history"]["epoch_seconds"]
+        after = retry.user_attrs["history"]["epoch_seconds"]
+        assert len(after) == epochs and sorted(retry.intermediate_values) == list(range(epochs))
+        assert after[: len(before)] == before and len(before) <= resumed
+        assert "killed by SIGKILL" in output and f"resuming from its checkpoint ({resumed} epoch(s) done)" in output
+        assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
+    finally:
+        b.cleanup()
+
+
+def test_sigint_stops_cleanly_and_the_printed_command_continues(
+        tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    epochs = 3
+    spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
+    url = f"journal://{tmp_path / 'study.log'}"
+    storage = connect(url)
+    args = ["study", "run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "3", "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", ["dlops", *args])  # what the printed command is made from
+
+    def ctrl_c_mid_trial():
+        running_with_checkpoint(lambda: optuna.load_study(study_name="tiny-workers", storage=storage.optuna),
+                                dlops_home / "checkpoints" / "tiny-workers", epochs)
+        os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: to `dlops`, which tells its workers
+
+    result, _ = invoke_in_background_of(ctrl_c_mid_trial, args)
+    out = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 130, out
+    assert "stopped by SIGINT" in out and "Traceback" not in out
+    study = optuna.load_study(study_name="tiny-workers", storage=storage.optuna)
+    trials = study.get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert stopped and all("interrupted after epoch" in t.user_attrs["stopped_reason"] for t in stopped)
+    assert len([t for t in trials if t.state == TrialState.WAITING]) == len(stopped)  # queued to resume
+
+    command = out.split("To continue:")[1].strip().splitlines()[0]
+    assert command.startswith("dlops study run") and "--n-trials" in command
+    again = CliRunner().invoke(app, shlex.split(command)[1:])
+    out = again.output + "".join(capfd.readouterr())
+    assert again.exit_code == 0, out
+    assert f"{len(stopped)} failed, 0 running, {len(stopped)} waiting" in out  # where it stood on rejoining
+    trials = study.get_trials()
+    assert sum(t.state in FINISHED for t in trials) == 3
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for t in stopped:
+        retry = next(r for r in trials if r.system_attrs.get("failed_trial") == t.number)
+        assert retry.state == TrialState.COMPLETE
+        assert retry.user_attrs["resumed_from"]["epoch"] == len(t.intermediate_values)
+        assert retry.user_attrs["history"]["epoch_seconds"][: len(t.intermediate_values)] == \
+            t.user_attrs["history"]["epoch_seconds"]
+    assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
+
+
+def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> None:
+    spec = load_spec(str(tiny_spec(tmp_path, epochs=2)))
+    sent = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if trial == 1 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    result = run_study(spec, RunOptions(n_trials=3, device="cpu"), on_epoch)
+    assert result.interrupted == signal.SIGTERM and result.finished == 1 and result.target == 3
+    assert signal.getsignal(signal.SIGTERM) == handler  # handlers restored
+    states = [t.state for t in result.study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert (dlops_home / "checkpoints" / "tiny-workers" / "trial-1.pt").exists()
+
+    again = run_study(spec, RunOptions(n_trials=2, device="cpu"))
+    assert again.interrupted is None and again.finished == 3
+    retry = again.study.get_trials()[2]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
+    assert retry.user_attrs["config"]["seed"] == result.study.get_trials()[1].user_attrs["config"]["seed"]
+    assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
