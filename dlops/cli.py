@@ -105,7 +105,9 @@ def study_run(
     def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:
         console.print(
             f"trial {trial:>3}  epoch {epoch + 1:>3}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}"
-            f"  val_top1 {m.get('val_top1', float('nan')):.4f}  {metric} {m[metric]:.4f}  ({m['epoch_seconds']:.1f}s)",
+            f"  val_top1 {m.get('val_top1', float('nan')):.4f}  val_top5 {m.get('val_top5', float('nan')):.4f}"
+            + ("" if metric in ("val_top1", "val_top5") else f"  {metric} {m[metric]:.4f}")
+            + f"  ({m['epoch_seconds']:.1f}s)",
             highlight=False, soft_wrap=True,
         )
 
