@@ -65,7 +65,7 @@ def _spec_name(spec: Optional[str], loss: Optional[str]) -> str:
     return spec
 
 
-StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL [default: $DLOPS_STORAGE or sqlite:///$DLOPS_HOME/dlops.db]")]
+StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db)")]
 
 
 @study_app.command("run")
