@@ -44,6 +44,7 @@ from dlops.train import (
     HISTORY_KEYS,
     NonFiniteLossError,
     _save_checkpoint,
+    epoch_metrics,
     evaluate,
     load_dataset,
     resolve_device,
@@ -472,15 +473,7 @@ def fit(
         t0 = time.perf_counter()
         train_loss, train_acc = finetune_epoch(model, finetune_loader, optimizer, epoch)
         val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
-        metrics = {
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "lr": config.lr,
-            "epoch_seconds": time.perf_counter() - t0,
-        }
+        metrics = epoch_metrics(train_loss, train_acc, val, config.lr, time.perf_counter() - t0)
         for k in HISTORY_KEYS:
             history[k].append(metrics[k])
         save("finetune", epoch, optimizer)

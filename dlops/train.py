@@ -178,6 +178,19 @@ def update_centroids(
     model.centroids.copy_(class_centroids(torch.cat(embs).float(), torch.cat(labels), model.centroids.shape[0]))
 
 
+def epoch_metrics(train_loss: float, train_acc: float, val: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+    """One epoch's row of the history (the keys of ``HISTORY_KEYS``)."""
+    return {
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "lr": lr,
+        "epoch_seconds": seconds,
+    }
+
+
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "constant":
         return 1.0
@@ -304,15 +317,7 @@ def fit(
         else:
             train_acc = float(correct) / max(seen, 1)
         val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
-        metrics = {
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "lr": lr,
-            "epoch_seconds": time.perf_counter() - t0,
-        }
+        metrics = epoch_metrics(train_loss, train_acc, val, lr, time.perf_counter() - t0)
         for k in HISTORY_KEYS:
             history[k].append(metrics[k])
         if checkpoint_path is not None:

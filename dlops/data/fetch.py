@@ -189,3 +189,14 @@ def _extract_tar(archive: Path, dest: Path, progress: bool) -> int:
             count += 1
             bar.advance(task)
     return count
+
+
+def tree_candidates(directory: Path, tree: str) -> list[Path]:
+    """Where an extracted dataset tree may be: ``directory`` itself, ``directory/tree``,
+    or the only subdirectory of ``directory``."""
+    directory = Path(directory)
+    candidates = [directory, directory / tree]
+    subdirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
+    if len(subdirs) == 1:
+        candidates.append(subdirs[0])
+    return candidates

@@ -21,7 +21,7 @@ import numpy as np
 from dlops.data import Dataset, Split, register_dataset
 from dlops.data.cache import CacheBuilder, open_dataset, open_split, read_manifest
 from dlops.data.digits import stratified_holdout
-from dlops.data.fetch import count_progress
+from dlops.data.fetch import count_progress, tree_candidates
 from dlops.errors import DatasetNotAvailable, DlopsError
 
 NAME = "stl10"
@@ -42,11 +42,7 @@ CHUNK = 2048  # images converted per step (about 57 MB)
 
 def find_tree(directory: Path) -> Path:
     """The ``stl10_binary`` tree in ``directory`` (itself, ``stl10_binary/`` or its only subdirectory)."""
-    directory = Path(directory)
-    candidates = [directory, directory / TREE]
-    subdirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
-    if len(subdirs) == 1:
-        candidates.append(subdirs[0])
+    candidates = tree_candidates(directory, TREE)
     for c in candidates:
         if (c / "train_X.bin").is_file() or (c / "class_names.txt").is_file():
             return c

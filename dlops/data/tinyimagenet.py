@@ -24,7 +24,7 @@ import numpy as np
 from dlops.data import Dataset, register_dataset
 from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
 from dlops.data.digits import stratified_holdout
-from dlops.data.fetch import count_progress
+from dlops.data.fetch import count_progress, tree_candidates
 from dlops.errors import DlopsError
 
 NAME = "tiny-imagenet"
@@ -55,11 +55,7 @@ class Layout:
 
 def find_tree(directory: Path) -> Path:
     """The Tiny ImageNet tree in ``directory``: itself, ``tiny-imagenet-200/`` or its only subdirectory."""
-    directory = Path(directory)
-    candidates = [directory, directory / TREE]
-    subdirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
-    if len(subdirs) == 1:
-        candidates.append(subdirs[0])
+    candidates = tree_candidates(directory, TREE)
     for c in candidates:
         if (c / "wnids.txt").is_file():
             return c
