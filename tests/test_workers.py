@@ -340,7 +340,8 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
         tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     b = Backend("postgresql", tmp_path)
-    epochs = 3
+    # Enough epochs that a busy machine's poll still catches a trial between two of them.
+    epochs = 6
     spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
 
     def kill_a_worker_mid_trial():
@@ -354,6 +355,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
             "--n-trials", "3", "--device", "cpu", "--heartbeat-interval", "1", "--grace-period", "2"])
         output = result.output + "".join(capfd.readouterr())
         assert result.exit_code == 0, output
+        assert victim is not None, "the study finished before a checkpointed trial could be killed"
         trials = b.study().get_trials()
         assert sum(t.state in FINISHED for t in trials) == 3  # the requested count, despite the kill
         assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -383,7 +385,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
     from dlops.cli import app
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    epochs = 3
+    epochs = 6  # a wide window between checkpoints, for a busy machine's poll
     spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
     url = f"journal://{tmp_path / 'study.log'}"
     storage = connect(url)
