@@ -7,6 +7,7 @@ import io
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -187,6 +188,42 @@ def test_pool_decoding_matches_in_process_decoding(good_root: Path, monkeypatch:
     ds = get_dataset("tiny-imagenet", good_root)
     for s in ("train", "val"):
         np.testing.assert_array_equal(getattr(ds, s).images, before[s])
+
+
+POOL_ERROR_LOOP = """
+import faulthandler, sys
+faulthandler.dump_traceback_later(120, exit=True)  # a watchdog thread, as a CLI or test runner has
+from pathlib import Path
+from dlops.data import tinyimagenet
+from dlops.data.cache import CacheBuilder
+from dlops.errors import DlopsError
+tinyimagenet.CHUNK = 4
+tree, cache = Path(sys.argv[1]), Path(sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    with CacheBuilder(cache, "tiny-imagenet") as builder:
+        try:
+            tinyimagenet.build_cache(tree, builder, workers=2, progress=False)
+        except DlopsError as exc:
+            assert "cannot decode" in str(exc), exc
+        else:
+            raise SystemExit("a truncated JPEG was decoded")
+print("ok")
+"""
+
+
+def test_a_decoding_error_in_the_pool_never_hangs(tmp_path: Path) -> None:
+    """Stopping the pool at the first bad image, over and over: a pool torn down by killing
+    its workers (multiprocessing.Pool.terminate) deadlocked within ~150 tries here."""
+    tree = write_tiny_imagenet(tmp_path / "raw")
+    jpeg = tree / "train" / "n90000002" / "images" / "n90000002_5.JPEG"
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    try:
+        done = subprocess.run([sys.executable, "-c", POOL_ERROR_LOOP, str(tree), str(tmp_path / "cache"), "200"],
+                              capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the decoding pool hung after an error")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert not any((tmp_path / "cache").rglob("*.npy"))  # every failed build removed its scratch files
 
 
 def test_fetch_and_prepare_leave_a_good_cache_alone(good_root: Path, mini_zip: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,16 +203,23 @@ def decode_all(jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWr
             _close_writers()
         return
     # fork starts a worker in milliseconds (spawn: a second or more here); the workers only
-    # run PIL and numpy. The pool starts before the progress bar's thread does.
+    # run PIL and numpy. On the first error the chunks not yet started are cancelled and
+    # the running ones finish: no worker is killed, since killing pool workers mid-task
+    # can deadlock multiprocessing's own queues (Pool.terminate hangs on Python 3.11).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, initializer=_open_writers, initargs=(writers,)) as pool:
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_open_writers, initargs=(writers,))
+    try:
+        futures = [executor.submit(_decode_chunk, chunk) for chunk in _chunks(jobs, CHUNK)]
         with count_progress(progress) as bar:
             task = bar.add_task(label, total=len(jobs))
-            for done, error in pool.imap_unordered(_decode_chunk, _chunks(jobs, CHUNK)):
+            for future in as_completed(futures):
+                done, error = future.result()
                 if error:
-                    pool.terminate()
                     raise DlopsError(f"{NAME}: {error}")
                 bar.advance(task, done)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
