@@ -111,7 +111,9 @@ def study_run(
             highlight=False, soft_wrap=True,
         )
 
-    console.print(f"study [bold]{options.study_name or the_spec.name}[/] ({the_spec.description or the_spec.name})")
+    on = dataset or the_spec.train.get("dataset")
+    console.print(f"study [bold]{options.study_name or the_spec.name}[/] ({the_spec.description or the_spec.name})"
+                  + (f" on {on}" if on else ""), highlight=False)
     result = run_workers(the_spec, options, workers, on_epoch=on_epoch,
                          say=lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False))
     _print_summary(summarize(result.study))
