@@ -13,6 +13,7 @@ SEEDS="${SEEDS:-2}"
 EPOCHS="${EPOCHS:-10}"
 DLOPS="${DLOPS:-dlops}"
 PYTHON="${PYTHON:-python}"
+mkdir -p "$DLOPS_HOME"
 echo "DLOPS_HOME=$DLOPS_HOME trials=$TRIALS seeds=$SEEDS final epochs=$EPOCHS"
 
 stamp() { date +%s; }
