@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dlops.data import Split, get_dataset, take_subset
+from dlops.data import loader as loader_module
 from dlops.data.loader import BatchLoader, PKSampler, pk_shape
 
 
@@ -89,6 +90,29 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror() -> None:
         seen_shift.add(found[0][:2])
         seen_flip.add(found[0][2])
     assert len(seen_shift) > 5 and seen_flip == {False, True}  # really random, per image
+
+
+@pytest.mark.parametrize("padding,hflip,shape", [(2, True, (3, 8, 8)), (4, True, (3, 5, 7)), (0, True, (1, 6, 6)),
+                                                  (3, False, (2, 6, 9)), (12, True, (3, 10, 10))])
+def test_cpu_slice_crop_equals_the_whole_batch_tensor_crop(padding: int, hflip: bool, shape: tuple,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path (one slice copy per image, in chunks) and the device path (pad, gather,
+    flip the whole batch) give identical batches from the same random numbers, padding
+    larger than the image included."""
+    monkeypatch.setattr(loader_module, "CPU_CHUNK", 5)  # batches of 16: chunks of 5, 5, 5, 1
+    rng = np.random.default_rng(1)
+    split = Split(rng.integers(0, 256, size=(40, *shape), dtype=np.uint8), np.arange(40, dtype=np.int64) % 4)
+    mean, std = np.full(shape[0], 0.4), np.full(shape[0], 0.2)
+    kw = dict(shuffle=True, augment=True, hflip=hflip, crop_padding=padding, seed=3)
+    fast = BatchLoader(split, 16, mean, std, **kw)
+    reference = BatchLoader(split, 16, mean, std, **kw)  # driven by hand through the tensor path
+    batches = 0
+    for (xa, ya), idx in zip(fast, reference.batch_indices()):
+        idx = np.sort(idx)
+        x_ref, y_ref = reference._finish(torch.from_numpy(split.images[idx]), torch.from_numpy(split.labels[idx]))
+        assert torch.equal(xa, x_ref) and torch.equal(ya, y_ref)
+        batches += 1
+    assert batches == 3
 
 
 def test_digits_splits_are_stratified_and_disjoint() -> None:

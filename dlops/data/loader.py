@@ -1,6 +1,14 @@
-"""The batch loader every trial uses: batches sliced from uint8 arrays, moved to the
-device as uint8 (4x fewer bytes than float), then normalised and augmented as whole
-batches with tensor ops. No per-image Python or PIL work happens in a training loop.
+"""The batch loader every trial uses: batches sliced from uint8 arrays, augmented on
+uint8 (a quarter of the bytes of float) and normalised on the device. No JPEG decoding
+or PIL work happens in a training loop.
+
+* On a GPU, a split that fits is uploaded once; each batch is gathered, cropped,
+  flipped and normalised there with whole-batch tensor ops.
+* On the CPU, each image's crop (and mirror) is one slice copy straight from the
+  memory-mapped cache (:func:`crop_flip`), about 4x faster here than gathering the
+  batch and indexing a padded copy; chunks of images are normalised in place while
+  they are still in the CPU cache.
+  Both paths draw the same random numbers and give identical batches.
 
 Two ways to draw a training epoch:
 
@@ -17,6 +25,9 @@ import numpy as np
 import torch
 
 from dlops.data import Split
+
+
+CPU_CHUNK = 32  # images cropped and normalised together on the CPU (about 1.9 MB of float)
 
 
 class PKSampler:
@@ -65,6 +76,32 @@ def pk_shape(batch_size: int, num_classes: int, k: int) -> tuple[int, int]:
     the number of classes; with fewer classes, ``K`` grows to keep the batch size."""
     p = max(2, min(num_classes, batch_size // k))
     return p, max(k, batch_size // p)
+
+
+def crop_flip(images: np.ndarray, idx: np.ndarray, dy: np.ndarray | None, dx: np.ndarray | None,
+              flip: np.ndarray | None, padding: int) -> np.ndarray:
+    """``images[idx]`` (uint8, N x C x H x W), each cropped from its black-padded self and
+    optionally mirrored: image ``i`` of the batch is the ``H x W`` window at offset
+    ``(dy[i], dx[i])`` of ``images[idx[i]]`` padded by ``padding`` pixels, flipped
+    left-right where ``flip[i]`` (``dy``/``dx`` ``None``: no crop; ``flip`` ``None``: no
+    flip). One slice copy per image, read straight from ``images`` (a memmap is fine);
+    the same result as padding, gathering and flipping the whole batch."""
+    b = len(idx)
+    c, h, w = images.shape[1:]
+    out = np.zeros((b, c, h, w), dtype=images.dtype)
+    for i in range(b):
+        oy = int(dy[i]) - padding if dy is not None else 0
+        ox = int(dx[i]) - padding if dx is not None else 0
+        r0, r1 = max(0, -oy), min(h, h - oy)  # the output rows and columns the image covers
+        c0, c1 = max(0, -ox), min(w, w - ox)
+        if r0 >= r1 or c0 >= c1:
+            continue  # the window lies wholly in the padding: black
+        window = images[idx[i], :, r0 + oy : r1 + oy, c0 + ox : c1 + ox]
+        if flip is not None and flip[i]:
+            out[i, :, r0:r1, w - c1 : w - c0] = window[..., ::-1]
+        else:
+            out[i, :, r0:r1, c0:c1] = window
+    return out
 
 
 class BatchLoader:
@@ -142,8 +179,11 @@ class BatchLoader:
                 continue
             # sorted reads are sequential in a memmap; order inside a batch is irrelevant
             idx = np.sort(idx) if self.sampler is None else idx
-            x = torch.from_numpy(np.ascontiguousarray(images[idx]))
             y = torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
+            if self.augment and self.device.type == "cpu":
+                yield self._cpu_batch(images, idx), y
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(images[idx]))
             if self._pin:
                 x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
@@ -153,26 +193,59 @@ class BatchLoader:
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment:  # on uint8: a quarter of the bytes of float
             x = self._augment(x)
-        x = (x.float() - self.mean) / self.std
+        return self._normalise(x), y
+
+    def _cpu_batch(self, images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Crop, flip and normalise on the CPU, :data:`CPU_CHUNK` images at a time so that
+        each chunk's uint8 and float copies stay in the CPU cache between the steps."""
+        if isinstance(images, np.memmap):  # the memmap subclass makes every slice slow
+            images = images.view(np.ndarray)
+        dy, dx, flip = self._draw(len(idx))
+        out = torch.empty((len(idx), *images.shape[1:]), dtype=torch.float32)
+        for a in range(0, len(idx), CPU_CHUNK):
+            b = a + CPU_CHUNK
+            chunk = crop_flip(images, idx[a:b], None if dy is None else dy[a:b], None if dx is None else dx[a:b],
+                              None if flip is None else flip[a:b], self.crop_padding)
+            part = out[a:b]
+            part.copy_(torch.from_numpy(chunk))
+            part.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # a new tensor: the in-place steps below never touch the cache
+        x.sub_(self.mean).div_(self.std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return x
+
+    def _draw(self, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """This batch's crop offsets ``dy``, ``dx`` (in ``0..2p``; ``None`` without
+        padding) and mirror flags (``None`` without flips), from the loader's generator."""
+        dy = dx = flip = None
+        if self.crop_padding > 0:
+            dy = torch.randint(0, 2 * self.crop_padding + 1, (b,), generator=self.generator).numpy()
+            dx = torch.randint(0, 2 * self.crop_padding + 1, (b,), generator=self.generator).numpy()
+        if self.hflip:
+            flip = (torch.rand(b, generator=self.generator) < 0.5).numpy()
+        return dy, dx, flip
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop and flip a uint8 batch with whole-batch tensor ops (the device path)."""
         b, _, h, w = x.shape
         p = self.crop_padding
-        if p > 0:
+        dy, dx, flip = self._draw(b)
+        if dy is not None:
             # black padding, as torchvision's RandomCrop(padding=p)
             padded = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(x.device)
-            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+            ty, tx = torch.from_numpy(dy).to(x.device), torch.from_numpy(dx).to(x.device)
+            rows = (ty[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+            cols = (tx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
             batch = torch.arange(b, device=x.device)[:, None, None]
             x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-        if self.hflip:
-            flip = (torch.rand(b, generator=self.generator) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if flip is not None:
+            x = torch.where(torch.from_numpy(flip).to(x.device)[:, None, None, None], x.flip(3), x)
         return x.contiguous()
 
     def state_dict(self) -> dict:
