@@ -95,7 +95,7 @@ def study_run(
     from dlops.workers import run_workers, stopped_message
 
     quiet_optuna()
-    the_spec = load_spec(_spec_name(spec, loss))
+    the_spec = load_spec(_spec_name(spec, loss)).for_dataset(dataset)
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
     options = RunOptions(dataset=dataset, n_trials=n_trials, timeout=timeout, epochs=epochs, storage=storage,
                          study_name=study_name, seed=seed, device=device, train_overrides=overrides,

@@ -443,6 +443,7 @@ def run_final(
     url = options.storage or default_storage_url()
     study = find_study(url, study_name_for(spec, options))
     chosen = choose_params(spec, options, study)
+    spec = spec.for_dataset(options.dataset or chosen.dataset)
     seeds = final_seeds(spec, options)
     epochs = final_epochs(spec, options)
     configs = [

@@ -316,18 +316,33 @@ def check_run(spec: StudySpec, options: RunOptions) -> None:
         get_dataset(config.dataset, Path(config.data_root) if getattr(config, "data_root", None) else None)
 
 
+def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
+    """One study, one objective: a run never adds trials of another dataset or metric to
+    an existing study (their values would not compare)."""
+    dataset = options.dataset or spec.train.get("dataset")
+    ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names or [None])[0]
+    if ran_on is not None and dataset is not None and ran_on != dataset:
+        raise DlopsError(f"study {study.study_name!r} ran on {ran_on}, not {dataset}: give this run another --study-name")
+    if metric is not None and metric != spec.metric:
+        raise DlopsError(f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: "
+                         "give this run another --study-name")
+
+
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
     """Labels, and the baseline as trial 0 of a new study. Run under the study lock, so
     workers starting at once enqueue one baseline. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
+    dataset = options.dataset or spec.train.get("dataset")
     if new:  # checkpoints left by a deleted study of the same name are not this study's
         shutil.rmtree(checkpoint_path(study.study_name, 0).parent, ignore_errors=True)
+    else:
+        check_same_objective(study, spec, options)
     if study.metric_names != [spec.metric]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.metric])
     attrs = study.user_attrs
-    for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", options.dataset or spec.train.get("dataset"))):
+    for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", dataset)):
         if attrs.get(key) != value:
             study.set_user_attr(key, value)
     enqueue_baseline(study, spec)
@@ -450,6 +465,7 @@ def run_study(
     from dlops.workers import GracefulStop, failure_budget
 
     say = say or (lambda msg: None)
+    spec = spec.for_dataset(options.dataset)
     check_run(spec, options)
     storage = connect(options.storage or default_storage_url(), heartbeat_interval=options.heartbeat_interval,
                       grace_period=options.grace_period)

@@ -60,9 +60,16 @@ class StudySpec:
     timeout: float | None = None
     final: dict[str, Any] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dataset_metrics: dict[str, str] = field(default_factory=dict)  # [datasets.NAME] metric
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     path: Path | None = None
+
+    def for_dataset(self, dataset: str | None) -> "StudySpec":
+        """The spec as it runs on ``dataset`` (default: its own): with that dataset's
+        ``metric`` where ``[datasets.NAME]`` names one."""
+        ds = dataset or self.train.get("dataset")
+        return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric))
 
     def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
         """The trainer's config: ``[train]``, then ``[datasets.<dataset>]``, then
@@ -126,6 +133,12 @@ def load_spec(name_or_path: str) -> StudySpec:
         raise SpecError(f"{path.name}: {exc}") from None
 
 
+def _check_metric(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith("val_"):
+        raise SpecError(f"{where} must name a validation metric such as 'val_top5' or 'val_top1', got {value!r}")
+    return value
+
+
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -187,8 +200,11 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
 
     train = raw.get("train", {})
     _check_types(train, config_cls, "[train]")
-    datasets = raw.get("datasets", {})
+    datasets = {ds: dict(table) if isinstance(table, dict) else table for ds, table in raw.get("datasets", {}).items()}
+    dataset_metrics = {}
     for ds, table in datasets.items():
+        if isinstance(table, dict) and "metric" in table:
+            dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric")
         _check_types(table, config_cls, f"[datasets.{ds}]")
 
     search = {}
@@ -225,7 +241,8 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         name=raw.get("name", default_name),
         description=raw.get("description", ""),
         trainer=trainer_name,
-        metric=raw.get("metric", "val_top5"),
+        metric=_check_metric(raw.get("metric", "val_top5"), "metric"),
+        dataset_metrics=dataset_metrics,
         direction=direction,
         n_trials=n_trials,
         timeout=raw.get("timeout"),

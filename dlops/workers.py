@@ -298,9 +298,10 @@ def run_workers(
             f"for {workers} workers use --storage journal://{journal} (this machine) "
             "or postgresql+psycopg2://user@host/db (many machines)"
         )
+    spec = spec.for_dataset(options.dataset)
     check_run(spec, options)
     name = options.study_name or spec.name
-    counts = study_counts(storage, name)
+    counts = study_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
     n_trials = options.n_trials or spec.n_trials
     target = finished + n_trials
@@ -373,14 +374,17 @@ def run_workers(
     return StudyResult(study=study, counts=counts_now, best=summarize(study)["best"], interrupted=interrupted, target=target)
 
 
-def study_counts(storage: StudyStorage, name: str) -> dict[str, int]:
-    """Trial counts by state of study ``name`` ({} when it does not exist yet)."""
+def study_counts(storage: StudyStorage, name: str, spec: Any = None, options: Any = None) -> dict[str, int]:
+    """Trial counts by state of study ``name`` ({} when it does not exist yet); with
+    ``spec`` and ``options``, first checks that this run may join it."""
     try:
         study = optuna.load_study(study_name=name, storage=storage.optuna)
     except KeyError:
         return {}
-    from dlops.search import state_counts
+    from dlops.search import check_same_objective, state_counts
 
+    if spec is not None and study.get_trials(deepcopy=False):
+        check_same_objective(study, spec, options)
     return state_counts(study)
 
 

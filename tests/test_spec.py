@@ -37,6 +37,9 @@ def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
     base = spec.config(params=spec.baseline_params())
     assert base.lr == 1e-3 and base.momentum == 0.9 and base.loss == loss and base.dataset == "tiny-imagenet"
     assert spec.config("digits").epochs < base.epochs  # quick on the embedded dataset
+    # top-5 on Tiny ImageNet; top-1 on the 10 digits, where top-5 is 1.0 after an epoch
+    assert spec.for_dataset(None).metric == spec.for_dataset("tiny-imagenet").metric == "val_top5"
+    assert spec.for_dataset("digits").metric == "val_top1" and spec.metric == "val_top5"
     if loss == "triplet":
         assert "margin" in spec.search
     if loss == "center":
@@ -61,6 +64,8 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         (('type = "float"', 'type = "complex"'), "unknown type 'complex'"),
         (("[search.lr]", "[search.lr_decay]"), "'lr_decay' is not a setting"),
         (("log = true", "log = true\nlow2 = 3"), "unknown key 'low2' in [search.lr]"),
+        (("[baseline]", "[datasets.digits]\nmetric = 5\n[baseline]"), "[datasets.digits] metric must name a validation metric"),
+        (('name = "tiny"', 'name = "tiny"\nmetric = "top5"'), "metric must name a validation metric"),
     ],
 )
 def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from dlops.cli import app
+from dlops.errors import DlopsError
 from dlops.search import RunOptions, run_study
 from dlops.spec import load_spec
 from dlops.train import HISTORY_KEYS
@@ -19,12 +20,14 @@ from dlops.train import HISTORY_KEYS
 
 def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-4, 1e-1), baseline_lr=1e-3,
               pruner: str = 'type = "median"\nn_startup_trials = 3\nn_warmup_steps = 1', epochs: int = 2,
-              per_class: int = 20) -> Path:
+              per_class: int = 20, digits_metric: bool = False) -> Path:
     """The built-in spec of ``loss``, made cheap: width 8, 20 images per class."""
     src = load_spec(f"resnet18-{loss}").path.read_text()
     text = src.replace('dataset = "tiny-imagenet"', f'dataset = "digits"\nwidth = 8\nsubset_per_class = {per_class}\neval_batch_size = 64\n{extra_train}')
     text = text.replace("[datasets.digits]            # the embedded 8x8 dataset: a few epochs suffice\nepochs = 5",
                         f"[datasets.digits]\nepochs = {epochs}")
+    if not digits_metric:  # keep the spec's own objective (top-5) on digits too
+        text = "\n".join(line for line in text.splitlines() if not line.startswith('metric = "val_top1"')) + "\n"
     text = text.replace(f'name = "resnet18-{loss}"', f'name = "tiny-{loss}"')
     text = text.replace("low = 1e-4\nhigh = 1e-1", f"low = {lr_range[0]}\nhigh = {lr_range[1]}", 1)
     text = text.replace("[baseline]\nlr = 1e-3", f"[baseline]\nlr = {baseline_lr}")
@@ -130,3 +133,28 @@ def test_unavailable_dataset_says_how_to_get_it(dlops_home: Path) -> None:
     assert "Traceback" not in result.output
     assert "dlops data fetch tiny-imagenet" in result.output.replace("\n", " ")
     assert "--dataset digits" in result.output.replace("\n", " ")
+
+
+def test_digits_studies_optimise_top1_and_a_study_keeps_one_objective(tmp_path: Path, dlops_home: Path) -> None:
+    """On digits (10 classes) the built-in specs optimise and prune on validation top-1;
+    a run that would add trials of another metric or dataset to a study is refused and
+    leaves the study as it was."""
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True)))
+    run_study(spec, RunOptions(n_trials=2, device="cpu"))
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    study = optuna.load_study(study_name="tiny-ce", storage=url)
+    assert study.metric_names == ["val_top1"]
+    for t in study.get_trials():
+        history = t.user_attrs["history"]
+        assert [t.intermediate_values[e] for e in sorted(t.intermediate_values)] == history["val_top1"]
+        if t.state == TrialState.COMPLETE:
+            assert t.value == history["val_top1"][-1]
+    before = [(t.number, t.state, t.value) for t in study.get_trials()]
+
+    top5 = load_spec(str(tiny_spec(tmp_path, "ce")))  # same study name, top-5 objective
+    with pytest.raises(DlopsError, match="optimises val_top1, this run val_top5"):
+        run_study(top5, RunOptions(n_trials=1, device="cpu"))
+    study.set_user_attr("dataset", "tiny-imagenet")  # as if it had run there
+    with pytest.raises(DlopsError, match="ran on tiny-imagenet, not digits"):
+        run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
