@@ -462,8 +462,9 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
     rows.append(("dataset", [(e.final or {}).get("dataset", {}).get("name")
                              or ((e.study.user_attrs.get("dataset") if e.study is not None else None) or "–") for e in entries]))
-    rows.append(("best validation top-5 in the study",
-                 [f"{_fmt(f.best_value)} (trial {f.best_trial})" if f and f.best_value is not None else "–" for f in facts]))
+    rows.append(("best in the study (its objective)",
+                 [f"{_fmt(f.best_value)} {f.metric or ''} (trial {f.best_trial})" if f and f.best_value is not None else "–"
+                  for f in facts]))
     rows.append(("final test top-1 (mean ± std)", [_mean_pm(e.final, "test_top1") for e in entries]))
     rows.append(("final test top-5 (mean ± std)", [_mean_pm(e.final, "test_top5") for e in entries]))
     rows.append(("trials complete / pruned", [f"{f.complete} / {f.pruned}" if f else "–" for f in facts]))
