@@ -5,7 +5,7 @@ or PIL work happens in a training loop.
 * On a GPU, a split that fits is uploaded once; each batch is gathered, cropped,
   flipped and normalised there with whole-batch tensor ops.
 * On the CPU, each image's crop (and mirror) is one slice copy straight from the
-  memory-mapped cache (:func:`crop_flip`), about 4x faster here than gathering the
+  memory-mapped cache (:func:`crop_flip`), about 5x faster here than gathering the
   batch and indexing a padded copy; chunks of images are normalised in place while
   they are still in the CPU cache.
   Both paths draw the same random numbers and give identical batches.
