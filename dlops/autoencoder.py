@@ -39,11 +39,11 @@ from torch.nn import functional as F
 from dlops.data import Dataset, Split
 from dlops.data.loader import BatchLoader
 from dlops.errors import DlopsError
+from dlops.io import load_checkpoint, save_checkpoint
 from dlops.losses import CrossEntropyLoss
 from dlops.train import (
     HISTORY_KEYS,
     NonFiniteLossError,
-    _save_checkpoint,
     epoch_metrics,
     evaluate,
     load_dataset,
@@ -400,7 +400,7 @@ def fit(
     resume: dict[str, Any] | None = None
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        resume = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        resume = load_checkpoint(checkpoint_path, map_location="cpu")  # CorruptCheckpoint if damaged
         mine = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IGNORES}
         theirs = {k: v for k, v in resume["config"].items() if k not in _RESUME_IGNORES}
         if mine != theirs:
@@ -416,8 +416,7 @@ def fit(
     def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if checkpoint_path is None:
             return
-        _save_checkpoint(
-            Path(checkpoint_path),
+        save_checkpoint(
             {
                 "config": config.to_dict(),
                 "phase": phase,  # "pretrain" or "finetune"
@@ -431,6 +430,7 @@ def fit(
                 "history": history,
                 "layer_history": layer_history,
             },
+            Path(checkpoint_path),
         )
 
     # ---- greedy pretraining: layer k learns while encoders 0..k-1 stay frozen

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -49,6 +50,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except DlopsError as exc:
             fail(str(exc), exc.exit_code)
+        except OSError as exc:  # a full disk where no dlops writer saw it (a library's own file)
+            from dlops.io import DiskFull, write_error
+
+            error = write_error(exc, Path(exc.filename)) if exc.filename else None
+            if not isinstance(error, DiskFull):
+                raise
+            fail(str(error), error.exit_code)
 
     return wrapper
 
@@ -313,7 +321,7 @@ def final(
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
 ) -> None:
     """Reference run: train the chosen settings, test once per seed, write reports/<spec>/."""
-    from dlops.final import FinalOptions, run_final
+    from dlops.final import FinalOptions, Interrupted, resume_command, run_final
 
     quiet_optuna()
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
@@ -332,8 +340,13 @@ def final(
         console.print(f"seed {seed}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
                       f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)", highlight=False, soft_wrap=True)
 
-    result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, on_layer_epoch=on_layer_epoch,
-                       notify=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+    try:
+        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, on_layer_epoch=on_layer_epoch,
+                           notify=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+    except Interrupted as exc:  # Ctrl-C or SIGTERM: say how to continue
+        tail = f":\n  {resume_command(['dlops', *sys.argv[1:]])}" if exc.resumable else ""
+        err_console.print(mask_url(str(exc)) + tail, highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(exc.exit_code) from None
     f = result.final
     table = Table(title=f"final {f['spec']} on {f['dataset']['name']} ({len(f['seeds'])} seeds x {f['epochs']} epochs)",
                   show_header=False)

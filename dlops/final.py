@@ -9,11 +9,23 @@ Where the configuration comes from (``--params``):
 - ``baseline``: the spec's ``[baseline]``, no study needed;
 - ``FILE.json``: an object of settings, or an earlier ``final.json`` (its ``params``).
 
-Every seed checkpoints after every epoch under
-``$DLOPS_HOME/checkpoints/final/<spec>/seed<k>/``. ``resume=True`` continues from those
-checkpoints (the trainer restores the full state, so the numbers equal those of an
-uninterrupted run); without it an existing checkpoint is discarded, never reused. A
-checkpoint made with another configuration is refused rather than resumed.
+A run is built aside and swapped in only once it has succeeded, so a run that fails
+(a bad device, Ctrl-C, SIGTERM, a full disk, a diverging loss) leaves the previous
+reference run whole. Under ``$DLOPS_HOME/checkpoints/final/<spec>-<hash>/``:
+
+- ``lock``: held for the whole run; a second ``dlops final`` of the spec is refused;
+- ``staging/seed<k>/checkpoint.pt``: the run in progress, checkpointed after every epoch.
+  ``resume=True`` continues from those checkpoints (the trainer restores the full state,
+  so the numbers equal those of an uninterrupted run); without it they are discarded,
+  never reused. A checkpoint made with another configuration is refused rather than
+  resumed; one that does not load (or fails its checksum) is discarded with a warning
+  and its seed starts from epoch 0;
+- ``run-<time>-<id>/seed<k>/``: the completed run that ``reports/<spec>/final.json``
+  points to (``weights.pt``, the last ``checkpoint.pt``).
+
+The report is written to ``reports/.staging/<spec>-<hash>/``; at the end ``staging/``
+becomes ``run-<...>/``, the report folder takes the place of ``reports/<spec>/``, and
+only then are the previous run's folders removed.
 
 The test split is read exactly once per seed, after training; the final weights are
 kept (``weights.pt``) so that :func:`recompute_test_metrics` can check the figures.
@@ -21,25 +33,33 @@ kept (``weights.pt``) so that :func:`recompute_test_metrics` can check the figur
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import inspect
 import json
 import math
 import os
 import platform
+import shlex
+import shutil
+import signal
 import subprocess
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from dlops.errors import DlopsError
-from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, reports_dir
+from dlops.io import CorruptCheckpoint, load_checkpoint, run_lock, save_checkpoint, write_text_atomic
+from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, reports_dir
 from dlops.spec import StudySpec, load_spec
 from dlops.trainers import get_trainer
 
@@ -197,15 +217,32 @@ def final_seeds(spec: StudySpec, options: FinalOptions) -> list[int]:
 
 
 def final_checkpoint_dir(spec_name: str) -> Path:
-    return checkpoints_dir() / "final" / spec_name
+    """The spec's folder of reference-run checkpoints (a slug and a hash of the exact name)."""
+    return checkpoints_dir() / "final" / folder_name(spec_name)
+
+
+def staging_dir(spec_name: str) -> Path:
+    """Where a run in progress checkpoints (``--resume`` continues it)."""
+    return final_checkpoint_dir(spec_name) / "staging"
 
 
 def seed_dir(spec_name: str, seed: int) -> Path:
-    return final_checkpoint_dir(spec_name) / f"seed{seed}"
+    """A seed's folder in the run in progress."""
+    return staging_dir(spec_name) / f"seed{seed}"
+
+
+def lock_path(spec_name: str) -> Path:
+    return final_checkpoint_dir(spec_name) / "lock"
 
 
 def report_dir(spec_name: str) -> Path:
     return reports_dir() / spec_name
+
+
+def report_staging_dir(spec_name: str) -> Path:
+    """Where the report of a run in progress is written, beside ``reports/<spec>/`` (same
+    file system, so it can take that folder's place) but out of ``dlops report``'s sight."""
+    return reports_dir() / ".staging" / folder_name(spec_name)
 
 
 def _relative_to_home(path: Path) -> str:
@@ -228,24 +265,25 @@ RESUMABLE_DIFFERENCES = {"device", "data_root", "eval_batch_size"}
 
 
 def discard_checkpoints(spec_name: str, notify: Notify) -> None:
-    """A fresh run: remove every seed's checkpoint and weights of an earlier run."""
-    stale = sorted(final_checkpoint_dir(spec_name).glob("seed*/*.pt"))
-    for path in stale:
-        path.unlink()
-    if any(p.name == "checkpoint.pt" for p in stale):
-        notify(f"discarded the checkpoints of an earlier run under {final_checkpoint_dir(spec_name)} "
-               "(--resume continues them instead)")
+    """A fresh run: remove the checkpoints of an interrupted run (never a completed one's)."""
+    staging = staging_dir(spec_name)
+    if any(staging.glob("seed*/checkpoint.pt")):
+        notify(f"discarded the checkpoints of an interrupted run under {staging} (--resume continues them instead)")
+    shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_checkpoint(path: Path, config: Any) -> int:
+def _check_checkpoint(path: Path, config: Any, notify: Notify | None = None) -> int:
     """Check that an existing checkpoint belongs to ``config``; returns how many
-    (fine-tuning) epochs it holds, 0 when there is none."""
+    (fine-tuning) epochs it holds, 0 when there is none. One that does not load or fails
+    its checksum is discarded (with a word through ``notify``): its seed starts over."""
     if not path.exists():
         return 0
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise DlopsError(f"cannot resume from {path}: {str(exc).splitlines()[0]}; run without --resume to start over") from None
+        state = load_checkpoint(path)
+    except CorruptCheckpoint as exc:
+        path.unlink(missing_ok=True)
+        (notify or (lambda message: None))(f"{exc}: discarded, this seed starts from epoch 0")
+        return 0
     saved = state.get("config") if isinstance(state, dict) else None
     if isinstance(saved, dict):
         now = config.to_dict()
@@ -261,18 +299,49 @@ def _check_checkpoint(path: Path, config: Any) -> int:
     return int(state.get("epoch", -1)) + 1
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` atomically; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """Put folder ``new`` in the place of ``dest`` (in one step where the system can) and
+    remove what was there."""
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(new, dest)
+        return
+    if _exchange(new, dest):
+        shutil.rmtree(new, ignore_errors=True)  # now the previous contents
+        return
+    old = new.with_name(new.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dest, old)
+    os.rename(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done (the swap at the end of a run)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 # --------------------------------------------------------------------------- test evaluation
@@ -365,9 +434,47 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 
 class Interrupted(DlopsError):
-    """Ctrl-C during a reference run: the checkpoints stay, ``--resume`` continues."""
+    """Ctrl-C or SIGTERM during a reference run: the checkpoints stay, ``--resume``
+    continues; the previous reference run is untouched."""
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = signal.SIGINT, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.signum, self.resumable = signum, resumable
+        self.exit_code = 128 + signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is (as Ctrl-C raises KeyboardInterrupt)."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops a reference run the way Ctrl-C does (checkpoints kept, a message
+    with the ``--resume`` command) instead of killing it without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line ``argv`` with ``--resume`` (once), passwords masked."""
+    from dlops.storage import mask_url
+
+    args = [a for a in argv if a != "--resume"] + ["--resume"]
+    return mask_url(" ".join(shlex.quote(a) for a in args))
 
 
 @dataclass
@@ -378,9 +485,11 @@ class _Seeded:
 
 
 def _run_seed(spec: StudySpec, hooks: FinalHooks, seed: int, config: Any, restored: int, out_dir: Path,
-              draw_extras: bool, on_epoch: EpochCallback | None, on_layer_epoch: LayerEpochCallback | None,
-              notify: Notify) -> _Seeded:
-    """Train one seed (from its checkpoint, if any), then read the test split once."""
+              run_dir: Path, draw_extras: bool, on_epoch: EpochCallback | None,
+              on_layer_epoch: LayerEpochCallback | None, notify: Notify) -> _Seeded:
+    """Train one seed (from its checkpoint, if any), then read the test split once. Files
+    go to the staging folders; the record names where they will be once swapped in
+    (``run_dir``)."""
     from dlops.search import json_safe as history_json_safe
     from dlops.train import NonFiniteLossError
 
@@ -401,17 +510,15 @@ def _run_seed(spec: StudySpec, hooks: FinalHooks, seed: int, config: Any, restor
     try:
         result = fit(config, report=report, checkpoint_path=checkpoint, **extra)
     except NonFiniteLossError as exc:
-        raise DlopsError(f"seed {seed} diverged: {exc} (lr {config.lr} too high?)") from None
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted during seed {seed}; the checkpoints under {final_checkpoint_dir(spec.name)} "
-                          "stay: the same command with --resume continues") from None
+        raise DlopsError(f"seed {seed} diverged: {exc} (lr {config.lr} too high?); "
+                         "the previous reference run is untouched") from None
     train_seconds = time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.
     split = result.dataset.test()
     figures = hooks.test_metrics(result, split)
     weights_path = sdir / "weights.pt"
-    _save_atomic({"trainer": spec.trainer, "config": config.to_dict(), **hooks.weights(result)}, weights_path)
+    save_checkpoint({"trainer": spec.trainer, "config": config.to_dict(), **hooks.weights(result)}, weights_path)
     files = hooks.extras(result, split, out_dir) if hooks.extras is not None and draw_extras else []
     record = {
         "seed": seed,
@@ -420,8 +527,8 @@ def _run_seed(spec: StudySpec, hooks: FinalHooks, seed: int, config: Any, restor
         "resumed_from_epoch": result.start_epoch,
         "train_seconds": train_seconds,
         "split_sizes": {"train": len(result.dataset.train), "val": len(result.dataset.val), "test": len(split)},
-        "checkpoint": _relative_to_home(checkpoint),
-        "weights": _relative_to_home(weights_path),
+        "checkpoint": _relative_to_home(run_dir / sdir.name / checkpoint.name),
+        "weights": _relative_to_home(run_dir / sdir.name / weights_path.name),
         "history": history_json_safe(result.history),
         **(hooks.seed_record(result) if hooks.seed_record else {}),
     }
@@ -435,7 +542,15 @@ def run_final(
     notify: Notify | None = None,
     on_layer_epoch: LayerEpochCallback | None = None,
 ) -> FinalResult:
-    """Train, test once per seed, write the report folder and attach it to the study."""
+    """Train, test once per seed, write the report folder and attach it to the study.
+
+    Everything is checked (spec, params, device, dataset) before any file is touched; the
+    run then holds the spec's lock (:class:`dlops.io.Busy` if another run has it), builds
+    its checkpoints and report aside and swaps them in at the end. Ctrl-C or SIGTERM ends
+    it with :class:`Interrupted`, its checkpoints kept for ``--resume``.
+    """
+    from dlops.train import resolve_device
+
     notify = notify or (lambda message: None)
     started = time.perf_counter()
     spec = load_spec(spec_name)
@@ -451,22 +566,52 @@ def run_final(
                      seed=s, **options.train_overrides)
         for s in seeds
     ]
+    resolve_device(getattr(configs[0], "device", None) or options.device or "auto")  # a missing device: one line, now
     if getattr(configs[0], "dataset", None):  # an unknown or unprepared dataset: one line, before any work
         from dlops.data import get_dataset
 
         root = getattr(configs[0], "data_root", None)
         get_dataset(configs[0].dataset, Path(root) if root else None)
 
+    progress: dict[str, Any] = {"seed": seeds[0], "swapped": False}
+    with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):
+        try:
+            return _run_locked(spec, options, hooks, url, study, chosen, seeds, configs, started, progress,
+                               on_epoch, on_layer_epoch, notify)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            name = signal.Signals(signum).name
+            if progress["swapped"]:
+                raise Interrupted(f"stopped by {name} after the run was complete: {report_dir(spec.name)} holds it; "
+                                  "its files may not be attached in the study (`dlops report` redraws the report)",
+                                  signum, resumable=False) from None
+            raise Interrupted(
+                f"stopped by {name} during seed {progress['seed']}: its checkpoints under {staging_dir(spec.name)} "
+                "stay (the previous reference run is untouched); the same command with --resume continues",
+                signum) from None
+
+
+def _run_locked(spec: StudySpec, options: FinalOptions, hooks: FinalHooks, url: str, study: Any,
+                chosen: ChosenParams, seeds: list[int], configs: list[Any], started: float,
+                progress: dict[str, Any], on_epoch: EpochCallback | None,
+                on_layer_epoch: LayerEpochCallback | None, notify: Notify) -> FinalResult:
+    """The part of :func:`run_final` that holds the spec's lock."""
     if options.resume:
-        restored = [_check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c) for s, c in zip(seeds, configs)]
+        if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
+            notify(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
+        restored = [_check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c, notify)
+                    for s, c in zip(seeds, configs)]
     else:
         discard_checkpoints(spec.name, notify)
         restored = [0] * len(seeds)
-    out_dir = report_dir(spec.name)
-    runs = [
-        _run_seed(spec, hooks, seed, config, r, out_dir, i == 0, on_epoch, on_layer_epoch, notify)
-        for i, (seed, config, r) in enumerate(zip(seeds, configs, restored))
-    ]
+    stage = report_staging_dir(spec.name)  # rebuilt by every run, resumed or not
+    shutil.rmtree(stage, ignore_errors=True)
+    run_id = datetime.now(timezone.utc).strftime("run-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run_dir = final_checkpoint_dir(spec.name) / run_id
+    runs = []
+    for i, (seed, config, r) in enumerate(zip(seeds, configs, restored)):
+        progress["seed"] = seed
+        runs.append(_run_seed(spec, hooks, seed, config, r, stage, run_dir, i == 0, on_epoch, on_layer_epoch, notify))
 
     per_seed = [run.record for run in runs]
     last = runs[-1].result
@@ -508,16 +653,27 @@ def run_final(
         final["class_accuracy"] = {name: mean_std([s["class_accuracy"][name] for s in per_seed])[0]
                                    for name in per_seed[0]["class_accuracy"]}
     final = json_safe(final)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final_path = out_dir / "final.json"
-    _write_text_atomic(final_path, json.dumps(final, indent=2) + "\n")
+    write_text_atomic(stage / "final.json", json.dumps(final, indent=2) + "\n")
 
     from dlops import report as report_mod
 
-    files = [final_path, *report_mod.write_final_plots(final, out_dir), *(f for run in runs for f in run.files)]
+    files = [stage / "final.json", *report_mod.write_final_plots(final, stage), *(f for run in runs for f in run.files)]
     if study is not None:
-        files += report_mod.write_study_plots(study, out_dir / "study")
-    files.append(report_mod.write_spec_report(spec.name, study))
+        files += report_mod.write_study_plots(study, stage / "study")
+    files.append(report_mod.write_spec_report(spec.name, study, stage))
+
+    # The swap: the new run's checkpoints take their final name, then its report takes the
+    # place of the old one; only then do the previous run's files go.
+    out_dir = report_dir(spec.name)
+    with _signals_held():
+        os.rename(staging_dir(spec.name), run_dir)
+        _swap_in(stage, out_dir)
+        progress["swapped"] = True
+    for old in final_checkpoint_dir(spec.name).glob("run-*"):
+        if old != run_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    files = [out_dir / f.relative_to(stage) for f in files]
+
     artifacts: list[str] = []
     if study is not None:
         attach_to = chosen.source.get("trial") if chosen.source.get("kind") == "trial" else None
@@ -547,7 +703,7 @@ def recompute_test_metrics(final_json: Path, device: str = "cpu") -> list[dict[s
     trainer = get_trainer(final["trainer"])
     out = []
     for entry in final["per_seed"]:
-        saved = torch.load(_resolve_home_path(entry["weights"]), map_location="cpu", weights_only=False)
+        saved = load_checkpoint(_resolve_home_path(entry["weights"]))
         config = trainer.config_cls(**{**saved["config"], "device": device})
         figures = hooks.evaluate_weights(config, saved, resolve_device(device))
         out.append({"seed": entry["seed"], **json_safe(figures)})

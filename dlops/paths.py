@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 
@@ -17,6 +19,13 @@ def data_root() -> Path:
 
 def checkpoints_dir() -> Path:
     return dlops_home() / "checkpoints"
+
+
+def folder_name(name: str) -> str:
+    """A folder name for ``name`` (a study or spec) that no other name maps to: a
+    readable slug plus a short hash of the exact name (``a/b`` and ``a_b`` differ)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:48] or "x"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def reports_dir() -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dlops import plots
+from dlops.io import write_atomic, write_text_atomic
 from dlops.paths import artifacts_dir, default_storage_url, reports_dir
 
 LOSS_ORDER = ("ce", "triplet", "center")
@@ -39,11 +39,8 @@ STUDY_PLOT_TITLES = {
 
 def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     """Save a figure atomically and release it (pyplot figures are closed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     # Optuna's figures put legends and rotated labels outside the axes: keep them.
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight"))
     import sys
 
     if "matplotlib.pyplot" in sys.modules:
@@ -54,8 +51,8 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     return path
 
 
-def load_final(spec_name: str) -> dict[str, Any] | None:
-    path = reports_dir() / spec_name / "final.json"
+def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
+    path = (out_dir or reports_dir() / spec_name) / "final.json"
     if not path.is_file():
         return None
     try:
@@ -189,11 +186,12 @@ def _source_text(final: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- per-spec report
 
 
-def write_spec_report(spec_name: str, study: Any | None) -> Path:
-    """``reports/<spec>/report.md`` from ``final.json`` (if any) and the study (if any)."""
-    out_dir = reports_dir() / spec_name
+def write_spec_report(spec_name: str, study: Any | None, out_dir: Path | None = None) -> Path:
+    """``reports/<spec>/report.md`` (or ``out_dir/report.md``) from the ``final.json``
+    beside it (if any) and the study (if any)."""
+    out_dir = out_dir or reports_dir() / spec_name
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = load_final(spec_name)
+    final = load_final(spec_name, out_dir)
     facts = StudyFacts.of(study) if study is not None else None
     lines = [f"# {spec_name}", ""]
     if final:
@@ -264,9 +262,7 @@ def write_spec_report(spec_name: str, study: Any | None) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- artifacts

@@ -4,9 +4,10 @@ Training itself happens in the spec's trainer (``dlops.train.fit`` for ResNet18)
 calls back after every epoch and this module turns that into ``trial.report`` and,
 when the pruner says so, :class:`optuna.TrialPruned`.
 
-Every trial checkpoints each epoch under ``$DLOPS_HOME/checkpoints/<study>/trial-<n>.pt``
+Every trial checkpoints each epoch under ``$DLOPS_HOME/checkpoints/<study>-<hash>/trial-<n>.pt``
 (``n``: the trial's number, or for a retried trial the number of the trial it retries), so
 a trial whose worker died resumes where it stopped; the file goes when the trial finishes.
+A checkpoint that does not load or fails its checksum is discarded with a warning.
 Workers of one study share a target count of finished trials (see :func:`run_study`).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 import time
 import warnings
@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 
 from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError
-from dlops.paths import checkpoints_dir, default_storage_url
+from dlops.io import CorruptCheckpoint, load_checkpoint
+from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
 from dlops.storage import StudyStorage, connect
 from dlops.trainers import get_trainer
@@ -113,7 +114,9 @@ class TrialInterrupted(Exception):
 
 
 def checkpoint_path(study_name: str, trial_key: int) -> Path:
-    return checkpoints_dir() / re.sub(r"[^A-Za-z0-9._-]", "_", study_name) / f"trial-{trial_key}.pt"
+    """The checkpoint of trial ``trial_key``: one folder per exact study name (a slug and a
+    hash, so ``a/b`` and ``a_b`` never share one)."""
+    return checkpoints_dir() / folder_name(study_name) / f"trial-{trial_key}.pt"
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -128,16 +131,22 @@ def remove_checkpoint(path: Path) -> None:
 _RESUME_IGNORES = {"device", "eval_batch_size", "data_root"}  # may differ between machines; results do not
 
 
-def checkpointed_epochs(path: Path, config: Any) -> int | None:
+def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:
     """Epochs saved in the checkpoint at ``path`` (None without a usable one). A checkpoint
-    written for another configuration (a deleted study of the same name) is removed."""
+    written for another configuration (a deleted study of the same name) is removed; so is
+    one that does not load or fails its checksum, with a warning through ``say``: the
+    trial then trains from epoch 0."""
     if not path.exists():
         return None
-    import torch
-
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - not ours to judge: the trainer loads (or rejects) it
+        state = load_checkpoint(path)
+    except CorruptCheckpoint as exc:
+        remove_checkpoint(path)
+        message = f"{exc}: discarded, the trial trains from epoch 0"
+        if say is not None:
+            say(message)
+        else:
+            logging.getLogger("dlops").warning(message)
         return None
     if not isinstance(state, dict):
         return None
@@ -178,7 +187,7 @@ def make_objective(
             if trial.user_attrs.get(inherited) is not None:
                 trial.set_user_attr(inherited, None)
         ckpt = checkpoint_path(trial.study.study_name, key)
-        resumed = checkpointed_epochs(ckpt, config)
+        resumed = checkpointed_epochs(ckpt, config, say)
         if resumed is not None:
             trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
             if say is not None:
@@ -213,6 +222,9 @@ def make_objective(
             raise optuna.TrialPruned(str(exc)) from None
         except (TrialInterrupted, KeyboardInterrupt):
             keep_checkpoint = True  # the retry resumes from it
+            raise
+        except DlopsError as exc:  # a full disk, a damaged file: the trial fails with one line
+            trial.set_user_attr("stopped_reason", str(exc))
             raise
         finally:
             if not keep_checkpoint:
@@ -271,6 +283,17 @@ class _InterruptedTrialLog(logging.Filter):
 
 _INTERRUPTED_LOG = _InterruptedTrialLog()
 logging.getLogger("optuna.study._optimize").addFilter(_INTERRUPTED_LOG)
+
+
+def _one_line_user_errors(record: logging.LogRecord) -> bool:
+    """A trial failed by a user-side problem (a full disk...) is logged in one line, its
+    reason, without Optuna's traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], DlopsError):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_one_line_user_errors)
 
 
 class _TrialGate:

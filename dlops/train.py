@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from dlops.data import Dataset, Split, first_per_class, get_dataset, take_subset
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.errors import DlopsError
+from dlops.io import load_checkpoint, save_checkpoint
 from dlops.losses import LOSSES
 from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
@@ -199,14 +199,6 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def fit(
     config: TrainConfig,
     report: ReportFn | None = None,
@@ -263,7 +255,7 @@ def fit(
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     start_epoch = 0
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, map_location=device)  # CorruptCheckpoint if damaged
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
@@ -321,8 +313,7 @@ def fit(
         for k in HISTORY_KEYS:
             history[k].append(metrics[k])
         if checkpoint_path is not None:
-            _save_checkpoint(
-                Path(checkpoint_path),
+            save_checkpoint(
                 {
                     "config": config.to_dict(),
                     "epoch": epoch,
@@ -333,6 +324,7 @@ def fit(
                     "torch_rng": torch.get_rng_state(),
                     "history": history,
                 },
+                Path(checkpoint_path),
             )
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)

@@ -19,6 +19,7 @@ import dlops.autoencoder as ae
 from dlops.autoencoder import AEConfig, AutoencoderStack, StackedClassifier, fit, predict, validate_config
 from dlops.cli import app
 from dlops.errors import DlopsError, SpecError
+from dlops.io import load_checkpoint
 from dlops.spec import load_spec, parse_spec
 from dlops.train import HISTORY_KEYS
 
@@ -190,7 +191,7 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
     ckpt = tmp_path / "ae.pt"
     with pytest.raises(Stop):  # in the middle of layer 2's pretraining
         fit(config, checkpoint_path=ckpt, on_layer_epoch=stop_at(2, 0))
-    saved = torch.load(ckpt, weights_only=False)
+    saved = load_checkpoint(ckpt)
     assert (saved["phase"], saved["epoch"]) == ("pretrain", -1)  # "epoch": fine-tuning epochs, as in dlops.train
     assert [len(saved["layer_history"][f"ae{k}_train_loss"]) for k in range(6)] == [2, 2, 1, 0, 0, 0]
 
@@ -200,7 +201,7 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
 
     with pytest.raises(Stop):  # in the middle of fine-tuning
         fit(config, checkpoint_path=ckpt, on_epoch_end=stop_finetune)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert load_checkpoint(ckpt)["epoch"] == 1
     reported: list[int] = []
     resumed = fit(config, checkpoint_path=ckpt, report=lambda e, m: reported.append(e))
     assert resumed.start_epoch == 2 and reported == [0, 1, 2]  # restored epochs are reported again

@@ -17,7 +17,7 @@ from dlops import data as dlops_data
 from dlops.data import DATASETS, forbid_test_split
 from dlops.data.digits import load_digits_dataset
 from dlops.errors import DlopsError
-from dlops.final import FinalOptions, Interrupted, recompute_test_metrics, run_final
+from dlops.final import FinalOptions, Interrupted, final_checkpoint_dir, recompute_test_metrics, run_final
 
 SEARCH = {
     "lr": 'type = "float"\nlow = 1e-3\nhigh = 1e-1\nlog = true',
@@ -144,8 +144,11 @@ def test_final_json_figures_equal_a_recomputation_from_the_saved_weights(studied
         assert recomputed["test_top1"] == stored["test_top1"]
         assert recomputed["test_top5"] == stored["test_top5"]
     # ...and the two seeds' weights differ, so the check compares something.
-    assert [e["weights"] for e in final["per_seed"]] == ["checkpoints/final/tiny-triplet/seed0/weights.pt",
-                                                          "checkpoints/final/tiny-triplet/seed1/weights.pt"]
+    run = final_checkpoint_dir("tiny-triplet").relative_to(studied.home)
+    weights = [Path(e["weights"]) for e in final["per_seed"]]
+    assert [(w.parent.parent.parent, w.parent.name, w.name) for w in weights] == \
+        [(run, "seed0", "weights.pt"), (run, "seed1", "weights.pt")]
+    assert weights[0].parent.parent.name.startswith("run-") and (studied.home / weights[1]).is_file()
 
 
 def test_final_writes_the_report_folder(studied):

@@ -1,0 +1,239 @@
+"""Files that are never half-written: the one atomic writer (text, figures, checkpoints),
+checkpoints that carry a checksum, and a per-folder lock for runs that must not overlap.
+
+An atomic write goes to ``NAME.tmp`` in the same folder, is flushed to disk and renamed
+over ``NAME``; on any failure (a full disk, Ctrl-C) the temporary file is removed and
+``NAME`` keeps its previous contents. A full disk or quota ends in one line,
+:class:`DiskFull`: "no space left on device while writing PATH".
+
+A checkpoint is a fixed-size header (magic, the sha256 and length of the payload) followed
+by ``torch.save``'s payload. :func:`load_checkpoint` checks both before unpickling, so a
+file truncated or garbled in place is a :class:`CorruptCheckpoint`, never silently
+different numbers. Files of earlier dlops versions (a bare ``torch.save`` zip) still load,
+unchecked.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from dlops.errors import DlopsError
+
+CHECKPOINT_MAGIC = b"DLOPS-CHECKPOINT 1"
+HEADER_SIZE = 128
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|failed writing|file write failed", re.IGNORECASE)
+_LOW_SPACE = 16 * 2**20  # bytes: a torch write failure on a disk this full is the disk
+
+
+class DiskFull(DlopsError):
+    """The disk (or quota) ran out while writing a file; nothing half-written is left."""
+
+
+class WriteFailed(DlopsError):
+    """A file could not be written (other than a full disk); the previous one is intact."""
+
+
+class CorruptCheckpoint(DlopsError):
+    """A checkpoint that does not load: truncated, garbled in place, or not a checkpoint."""
+
+
+class Busy(DlopsError):
+    """Another process holds the lock of the run this one would start."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _errors(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (torch wraps a failed
+    write of a Python file object in a RuntimeError whose context is the OSError)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def write_error(exc: BaseException, path: Path) -> DlopsError | None:
+    """The one-line error for a failed write of ``path``, or None when ``exc`` is not a
+    write failure (a bug, Ctrl-C: those propagate as they are)."""
+    chain = list(_errors(exc))
+    if any(isinstance(e, OSError) and e.errno in _NO_SPACE for e in chain):
+        return DiskFull(f"no space left on device while writing {path}")
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILURE.search(str(exc)):
+        try:
+            low = shutil.disk_usage(path.parent).free < _LOW_SPACE
+        except OSError:
+            low = False
+        if low:
+            return DiskFull(f"no space left on device while writing {path}")
+        return WriteFailed(f"could not write {path}: {str(exc).strip().splitlines()[-1]}")
+    oserror = next((e for e in chain if isinstance(e, OSError)), None)
+    if oserror is not None:
+        return WriteFailed(f"could not write {path}: {oserror.strerror or oserror}")
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system syncs a directory
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through ``write(file)`` atomically: the old file stays until the new
+    one is complete and on disk. Raises :class:`DiskFull` / :class:`WriteFailed`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        error = write_error(exc, path) if isinstance(exc, Exception) else None
+        if error is None:
+            raise
+        raise error from None
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class _HashingWriter:
+    """What ``torch.save`` writes to: the file, hashing and counting as it goes."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _header(digest: str, size: int) -> bytes:
+    line = CHECKPOINT_MAGIC + f" sha256={digest} size={size}\n".encode()
+    return line.ljust(HEADER_SIZE, b" ")
+
+
+def save_checkpoint(obj: Any, path: Path) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, behind a header with its sha256."""
+    import torch
+
+    def write(f: BinaryIO) -> None:
+        f.write(b" " * HEADER_SIZE)
+        payload = _HashingWriter(f)
+        torch.save(obj, payload)
+        f.seek(0)
+        f.write(_header(payload.sha256.hexdigest(), payload.size))
+
+    return write_atomic(path, write)
+
+
+def _check_payload(f: BinaryIO, path: Path) -> None:
+    """Check the header's sha256 and length against the payload that follows it."""
+    head = f.read(HEADER_SIZE)
+    match = re.match(rb"DLOPS-CHECKPOINT 1 sha256=([0-9a-f]{64}) size=(\d+)\n", head)
+    if match is None or len(head) < HEADER_SIZE:
+        raise CorruptCheckpoint(f"checkpoint {path} has a damaged header")
+    digest, size = match.group(1).decode(), int(match.group(2))
+    actual = os.fstat(f.fileno()).st_size - HEADER_SIZE
+    if actual != size:
+        raise CorruptCheckpoint(f"checkpoint {path} is {'truncated' if actual < size else 'too long'} "
+                                f"({actual} of {size} bytes)")
+    sha256 = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        sha256.update(chunk)
+    if sha256.hexdigest() != digest:
+        raise CorruptCheckpoint(f"checkpoint {path} fails its checksum (changed or damaged on disk)")
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Any:
+    """The object saved by :func:`save_checkpoint` at ``path``, after checking its
+    checksum. Raises :class:`CorruptCheckpoint` for anything that does not load."""
+    import torch
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(CHECKPOINT_MAGIC))
+            f.seek(0)
+            if start == CHECKPOINT_MAGIC:
+                _check_payload(f, path)
+                f.seek(HEADER_SIZE)
+            elif not start.startswith(b"PK\x03\x04"):  # an earlier version's bare torch.save zip
+                raise CorruptCheckpoint(f"{path} is not a checkpoint")
+            return torch.load(f, map_location=map_location, weights_only=False)
+    except CorruptCheckpoint:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error: all "does not load"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise CorruptCheckpoint(f"checkpoint {path} does not load ({reason})") from None
+
+
+# --------------------------------------------------------------------------- run lock
+
+
+@contextmanager
+def run_lock(path: Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if need be) for the ``with`` block, or
+    raise :class:`Busy` naming the process that holds it. The kernel drops the lock when
+    its process ends, however it ends: a lock left by a dead process never blocks."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+            raise Busy(f"{what} is already running ({holder}; lock {path}): wait for it to end") from None
+        except OSError:
+            pass  # a file system without flock: run unlocked rather than not at all
+        else:
+            os.ftruncate(fd, 0)
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
