@@ -672,6 +672,10 @@ def _run_locked(spec: StudySpec, options: FinalOptions, hooks: FinalHooks, url: 
     for old in final_checkpoint_dir(spec.name).glob("run-*"):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)
+    try:
+        stage.parent.rmdir()  # reports/.staging, once no run is being built
+    except OSError:
+        pass
     files = [out_dir / f.relative_to(stage) for f in files]
 
     artifacts: list[str] = []

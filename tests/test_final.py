@@ -363,3 +363,196 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     again = recompute_test_metrics(out / "final.json")[0]
     assert again["test_accuracy"] == seed["test_accuracy"] and again["class_accuracy"] == seed["class_accuracy"]
     assert "Per-class test accuracy" in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- a run never loses the previous one
+
+
+def _snapshot(home: Path, spec_name: str) -> dict:
+    """The previous run as a reader sees it: its report files and the weights final.json names."""
+    out = home / "reports" / spec_name
+    final = json.loads((out / "final.json").read_text())
+    return {"report": {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()},
+            "weights": {e["weights"]: (home / e["weights"]).read_bytes() for e in final["per_seed"]}}
+
+
+def _full_disk_torch_save(obj, f, *args, **kwargs):
+    """torch.save on a full disk: part of the file, then ENOSPC."""
+    import errno
+
+    if isinstance(f, (str, Path)):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+    else:
+        f.write(b"PK\x03\x04 half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", ["bad device", "Ctrl-C", "diverged", "full disk"])
+def test_a_failed_run_leaves_the_previous_run_whole(tmp_path, monkeypatch, failure):
+    import torch
+
+    from dlops.train import NonFiniteLossError
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=2, final_seeds=2))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    good = run_final(spec, FinalOptions(params="baseline", device="cpu")).final
+    before = _snapshot(home, "tiny-ce")
+
+    def fail_in_seed_1(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if seed == 1:
+            raise KeyboardInterrupt if failure == "Ctrl-C" else NonFiniteLossError(epoch, 0, float("nan"))
+
+    options = FinalOptions(params="baseline", device="tpu" if failure == "bad device" else "cpu")
+    if failure == "full disk":
+        monkeypatch.setattr(torch, "save", _full_disk_torch_save)
+    with pytest.raises(DlopsError):
+        run_final(spec, options, on_epoch=fail_in_seed_1 if failure in ("Ctrl-C", "diverged") else None)
+    monkeypatch.undo()
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+
+    assert _snapshot(home, "tiny-ce") == before  # report and weights untouched
+    again = recompute_test_metrics(home / "reports" / "tiny-ce" / "final.json")
+    assert [(s["test_top1"], s["test_top5"]) for s in again] == \
+        [(s["test_top1"], s["test_top5"]) for s in good["per_seed"]]
+    assert not list(home.rglob("*.tmp"))
+
+
+def test_an_interrupted_run_resumes_and_only_then_replaces_the_previous_one(tmp_path, monkeypatch):
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=2, final_seeds=2))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    first = run_final(spec, FinalOptions(params="baseline", device="cpu")).final
+    before = _snapshot(home, "tiny-ce")
+
+    def ctrl_c(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if (seed, epoch) == (1, 0):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="previous reference run is untouched"):
+        run_final(spec, FinalOptions(params="baseline", device="cpu", epochs=3), on_epoch=ctrl_c)
+    assert _snapshot(home, "tiny-ce") == before
+    resumed = run_final(spec, FinalOptions(params="baseline", device="cpu", epochs=3, resume=True)).final
+    assert [s["resumed_from_epoch"] for s in resumed["per_seed"]] == [3, 1]
+    assert resumed["epochs"] == 3 and first["epochs"] == 2
+    # now the new run is in place, and the previous run's files are gone
+    runs = list(final_checkpoint_dir("tiny-ce").glob("run-*"))
+    assert len(runs) == 1 and all((home / s["weights"]).is_file() for s in resumed["per_seed"])
+    assert not any((home / w).exists() for w in before["weights"])
+    assert json.loads((home / "reports" / "tiny-ce" / "final.json").read_text())["epochs"] == 3
+    assert not (home / "reports" / ".staging").exists() and not (final_checkpoint_dir("tiny-ce") / "staging").exists()
+
+
+def test_cli_final_on_a_bad_device_touches_nothing(tmp_path, dlops_home):
+    from dlops.cli import app
+
+    args = ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits", "--epochs", "1", "--seeds", "1",
+            "--subset-per-class", "5"]
+    assert CliRunner().invoke(app, [*args, "--device", "cpu"]).exit_code == 0
+    before = _snapshot(dlops_home, "resnet18-ce")
+    result = CliRunner().invoke(app, [*args, "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.output
+    assert "discarded" not in result.output and "Traceback" not in result.output
+    assert _snapshot(dlops_home, "resnet18-ce") == before
+
+
+def test_cli_final_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(tmp_path, dlops_home, monkeypatch):
+    import torch
+
+    from dlops.cli import app
+
+    args = ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits", "--epochs", "1", "--seeds", "1",
+            "--subset-per-class", "5", "--device", "cpu"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = _snapshot(dlops_home, "resnet18-ce")
+    monkeypatch.setattr(torch, "save", _full_disk_torch_save)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert errors[0].startswith("error: no space left on device while writing ") and errors[0].endswith("checkpoint.pt")
+    assert not list(dlops_home.rglob("*.tmp"))
+    assert _snapshot(dlops_home, "resnet18-ce") == before
+
+
+# --------------------------------------------------------------------------- one run of a spec at a time
+
+
+def test_a_second_final_of_the_same_spec_is_refused_while_one_runs(tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=1))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    refused: list[str] = []
+
+    def second_run(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        with pytest.raises(DlopsError, match="already running") as info:
+            run_final(spec, FinalOptions(params="baseline", device="cpu"))
+        refused.append(str(info.value))
+
+    first = run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=second_run).final
+    lock = final_checkpoint_dir("tiny-ce") / "lock"
+    assert len(refused) == 1
+    assert refused[0].startswith(f"another `dlops final` of tiny-ce is already running (pid {os.getpid()} on ")
+    assert refused[0].endswith(f"; lock {lock}): wait for it to end")
+    assert (tmp_path / "home" / first["per_seed"][0]["weights"]).is_file()  # the first run was not disturbed
+
+    # A lock left by a process that died (kill -9) blocks nothing: the kernel released it.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(DlopsError, match="already running"):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"))
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert run_final(spec, FinalOptions(params="baseline", device="cpu")).final["per_seed"][0]["epochs_trained"] == 1
+
+
+# --------------------------------------------------------------------------- damaged checkpoints, folder names
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_resume_discards_a_damaged_checkpoint_and_that_seed_starts_over(tmp_path, monkeypatch, damage):
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=2, final_seeds=1))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "whole"))
+    whole = run_final(spec, FinalOptions(params="baseline", device="cpu")).final
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+
+    def ctrl_c(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=ctrl_c)
+    [ckpt] = (tmp_path / "home" / "checkpoints" / "final").rglob("checkpoint.pt")
+    data = ckpt.read_bytes()
+    if damage == "truncate":
+        ckpt.write_bytes(data[:5000])
+    else:  # one byte of the weights, in place: the file still loads without a checksum
+        garbled = bytearray(data)
+        garbled[len(data) // 2] ^= 0x01
+        ckpt.write_bytes(bytes(garbled))
+    messages: list[str] = []
+    resumed = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True), notify=messages.append).final
+    assert any(str(ckpt) in m and "discarded, this seed starts from epoch 0" in m for m in messages), messages
+    seed = resumed["per_seed"][0]
+    assert seed["resumed_from_epoch"] == 0 and seed["epochs_trained"] == 2
+    for key in ("train_loss", "val_loss", "val_top5"):  # the same numbers as a run never interrupted
+        assert seed["history"][key] == whole["per_seed"][0]["history"][key]
+    assert (seed["test_top1"], seed["test_top5"]) == (whole["per_seed"][0]["test_top1"], whole["per_seed"][0]["test_top5"])
+
+
+def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
+    root = dlops_home / "checkpoints" / "final"
+    folders = {name: final_checkpoint_dir(name) for name in ("a/b", "a_b", "a", "../evil", "..")}
+    assert len(set(folders.values())) == len(folders)
+    assert all(f.parent == root for f in folders.values())
+    assert folders["a/b"].name.startswith("a_b-") and folders["a_b"].name.startswith("a_b-")
+    from dlops.final import report_staging_dir
+
+    assert report_staging_dir("a/b") != report_staging_dir("a_b")

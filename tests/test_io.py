@@ -1,0 +1,134 @@
+"""The one atomic writer and the checksummed checkpoints (dlops/io.py): a full disk is one
+line naming the path and leaves the previous file whole and no temporary file; a
+checkpoint truncated or garbled in place is caught before it is used."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dlops import io as dlops_io
+from dlops.io import CorruptCheckpoint, DiskFull, WriteFailed, load_checkpoint, save_checkpoint, write_text_atomic
+from dlops.train import TrainConfig, fit
+
+UNEXPECTED_POS = "[enforce fail at inline_container.cc:672] . unexpected pos 4704 vs 598"
+
+
+def full_disk_after(limit: int):
+    """A replacement for the file write under torch.save that runs out of space after
+    ``limit`` bytes, as a full disk does."""
+    written = [0]
+    real = dlops_io._HashingWriter.write
+
+    def write(self, data: bytes) -> int:
+        if written[0] + len(data) > limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written[0] += len(data)
+        return real(self, data)
+
+    return write
+
+
+def state(value: float) -> dict:
+    return {"epoch": 3, "weights": torch.full((1000,), value)}
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "trial-0.pt"
+    save_checkpoint(state(1.0), path)
+    before = path.read_bytes()
+    monkeypatch.setattr(dlops_io._HashingWriter, "write", full_disk_after(2000))
+    with pytest.raises(DiskFull) as info:
+        save_checkpoint(state(2.0), path)
+    assert str(info.value) == f"no space left on device while writing {path}"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trial-0.pt"]  # no .tmp left
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], torch.full((1000,), 1.0))
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    RuntimeError(UNEXPECTED_POS),  # torch's own words for a short write, on a disk with no space left
+])
+def test_torch_save_failing_on_a_full_disk_is_disk_full(tmp_path, monkeypatch, error):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(state(1.0), path)
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half of a zip")
+        raise error
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 4096, free=4096))
+    with pytest.raises(DiskFull, match=f"^no space left on device while writing {path}$"):
+        save_checkpoint(state(2.0), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], torch.full((1000,), 1.0))
+
+
+def test_a_torch_write_failure_with_space_left_names_the_path(tmp_path, monkeypatch):
+    def failing_save(obj, f, *args, **kwargs):
+        raise RuntimeError(UNEXPECTED_POS)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(WriteFailed, match=r"could not write .*checkpoint\.pt: .*unexpected pos"):
+        save_checkpoint(state(1.0), tmp_path / "checkpoint.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_text_writes_are_atomic_too(tmp_path, monkeypatch):
+    """A full disk often shows only when the data is flushed to it (delayed allocation)."""
+    path = tmp_path / "final.json"
+    write_text_atomic(path, '{"a": 1}\n')
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dlops_io.os, "fsync", fsync)
+    with pytest.raises(DiskFull, match=f"^no space left on device while writing {path}$"):
+        write_text_atomic(path, '{"a": 2}\n')
+    monkeypatch.undo()
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["final.json"]
+
+
+def test_a_truncated_or_garbled_checkpoint_is_caught(tmp_path):
+    path = tmp_path / "trial-0.pt"
+    save_checkpoint({"weights": torch.arange(20000, dtype=torch.float32)}, path)
+    good = path.read_bytes()
+    assert load_checkpoint(path)["weights"][-1] == 19999
+
+    path.write_bytes(good[:5000])  # truncate -s 5000
+    with pytest.raises(CorruptCheckpoint, match="truncated"):
+        load_checkpoint(path)
+    garbled = bytearray(good)
+    garbled[len(good) // 2] ^= 0xFF  # one byte of the tensor data, same size: torch.load alone would load it
+    path.write_bytes(bytes(garbled))
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CorruptCheckpoint, match="not a checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"epoch": 1}, path)  # a bare torch.save zip, as dlops wrote before checksums
+    assert load_checkpoint(path) == {"epoch": 1}
+
+
+def test_fit_refuses_a_damaged_checkpoint_in_one_line(tmp_path, dlops_home):
+    config = TrainConfig(dataset="digits", width=8, subset_per_class=5, epochs=1, batch_size=32, device="cpu")
+    ckpt = tmp_path / "c.pt"
+    fit(config, checkpoint_path=ckpt)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        fit(config.replace(epochs=2), checkpoint_path=ckpt)
