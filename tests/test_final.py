@@ -556,3 +556,34 @@ def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
     from dlops.final import report_staging_dir
 
     assert report_staging_dir("a/b") != report_staging_dir("a_b")
+
+
+def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path, dlops_home):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from dlops.cli import app
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "dlops.cli", "final", str(spec), "--params", "baseline",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("seed 0  epoch   2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out + err
+    assert "stopped by SIGTERM during seed 0" in err and "Traceback" not in err
+    command = err.split("--resume continues:")[1].strip().splitlines()[0]
+    assert command == f"dlops final {spec} --params baseline --device cpu --resume"
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())
+    assert final["per_seed"][0]["resumed_from_epoch"] >= 2 and len(final["per_seed"][0]["history"]["val_top5"]) == 20

@@ -158,3 +158,90 @@ def test_digits_studies_optimise_top1_and_a_study_keeps_one_objective(tmp_path: 
     with pytest.raises(DlopsError, match="ran on tiny-imagenet, not digits"):
         run_study(spec, RunOptions(n_trials=1, device="cpu"))
     assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
+
+
+# --------------------------------------------------------------------------- checkpoints of trials
+
+
+def test_checkpoint_folders_of_similar_study_names_do_not_collide(tmp_path: Path, dlops_home: Path) -> None:
+    """`a/b` and `a_b` once shared checkpoints/a_b: creating one study deleted the other's."""
+    from dlops.search import checkpoint_path, open_study, prepare_study
+
+    assert checkpoint_path("a/b", 0).parent != checkpoint_path("a_b", 0).parent
+    assert checkpoint_path("../x", 0).parent.parent == dlops_home / "checkpoints"
+    kept = checkpoint_path("a/b", 3)
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"trial 3 of study a/b")
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1)))
+    options = RunOptions(device="cpu", study_name="a_b")
+    assert prepare_study(open_study(spec, options), spec, options)  # a new study: clears its own folder only
+    assert kept.read_bytes() == b"trial 3 of study a/b"
+
+
+def _interrupted_trial(tmp_path: Path):
+    """A study whose trial 1 was stopped by SIGTERM after its first epoch: FAIL, queued
+    again, its checkpoint kept."""
+    import os
+    import signal
+
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=2, pruner='type = "none"')))
+    sent: list[bool] = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if trial == 1 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = run_study(spec, RunOptions(n_trials=3, device="cpu"), on_epoch)
+    assert [t.state for t in result.study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    return spec, result.study
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_trial_checkpoint_is_discarded_and_the_retry_trains_from_epoch_0(
+        tmp_path: Path, dlops_home: Path, damage: str) -> None:
+    from dlops.search import checkpoint_path
+
+    spec, study = _interrupted_trial(tmp_path)
+    ckpt = checkpoint_path(study.study_name, 1)
+    data = ckpt.read_bytes()
+    if damage == "truncate":  # truncate -s 5000
+        ckpt.write_bytes(data[:5000])
+    else:  # garbled in place: same size, one byte of the weights changed
+        garbled = bytearray(data)
+        garbled[len(data) // 2] ^= 0x01
+        ckpt.write_bytes(bytes(garbled))
+    said: list[str] = []
+    again = run_study(spec, RunOptions(n_trials=2, device="cpu"), say=said.append)
+    retry = again.study.get_trials()[2]
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs.get("failed_trial") == 1
+    assert retry.user_attrs.get("resumed_from") is None  # trained from epoch 0
+    check_history(retry, 2)
+    assert any(str(ckpt) in m and "discarded, the trial trains from epoch 0" in m for m in said), said
+    assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
+
+
+def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):  # torch.save on a full disk: part of the file, then ENOSPC
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        else:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, pruner='type = "none"')))
+    result = run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    trials = result.study.get_trials()
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    reason = trials[0].user_attrs["stopped_reason"]
+    assert reason.startswith("no space left on device while writing ") and reason.endswith("trial-0.pt")
+    failed = [r for r in caplog.records if "Trial 0 failed with parameters" in r.getMessage()]
+    assert len(failed) == 1 and "no space left on device while writing" in failed[0].getMessage()
+    assert "Traceback" not in caplog.text and "unexpected pos" not in caplog.text
+    assert not list((dlops_home / "checkpoints").rglob("*.tmp"))
