@@ -22,7 +22,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from dlops.search import RunOptions, open_study, prepare_study, run_study
+from dlops.search import RunOptions, checkpoint_path, open_study, prepare_study, run_study
 from dlops.spec import load_spec
 from dlops.storage import StudyStorage, connect
 from dlops.workers import OWNER_KEY, is_dead, plan_workers, recover_dead_trials, worker_identity, worth_waiting_for
@@ -345,7 +345,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
 
     def kill_a_worker_mid_trial():
-        victim = running_with_checkpoint(b.study, dlops_home / "checkpoints" / b.study_name, epochs)
+        victim = running_with_checkpoint(b.study, checkpoint_path(b.study_name, 0).parent, epochs)
         os.kill(victim.system_attrs[OWNER_KEY]["pid"], signal.SIGKILL)
         return victim
 
@@ -394,7 +394,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
 
     def ctrl_c_mid_trial():
         running_with_checkpoint(lambda: optuna.load_study(study_name="tiny-workers", storage=storage.optuna),
-                                dlops_home / "checkpoints" / "tiny-workers", epochs)
+                                checkpoint_path("tiny-workers", 0).parent, epochs)
         os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: to `dlops`, which tells its workers
 
     result, _ = invoke_in_background_of(ctrl_c_mid_trial, args)
@@ -441,7 +441,7 @@ def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> Non
     assert signal.getsignal(signal.SIGTERM) == handler  # handlers restored
     states = [t.state for t in result.study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
-    assert (dlops_home / "checkpoints" / "tiny-workers" / "trial-1.pt").exists()
+    assert checkpoint_path("tiny-workers", 1).exists()
 
     again = run_study(spec, RunOptions(n_trials=2, device="cpu"))
     assert again.interrupted is None and again.finished == 3
