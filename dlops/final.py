@@ -332,16 +332,21 @@ def _swap_in(new: Path, dest: Path) -> None:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT/SIGTERM wait until the block is done (the swap at the end of a run)."""
+    """SIGINT/SIGTERM wait until the block is done (the swap at the end of a run), then
+    stop the run as they would have."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 # --------------------------------------------------------------------------- test evaluation
