@@ -502,9 +502,9 @@ def test_a_second_final_of_the_same_spec_is_refused_while_one_runs(tmp_path, mon
     assert (tmp_path / "home" / first["per_seed"][0]["weights"]).is_file()  # the first run was not disturbed
 
     # A lock left by a process that died (kill -9) blocks nothing: the kernel released it.
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
-                              stdout=subprocess.PIPE, text=True)
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(DlopsError, match="already running"):
         run_final(spec, FinalOptions(params="baseline", device="cpu"))
@@ -544,7 +544,8 @@ def test_resume_discards_a_damaged_checkpoint_and_that_seed_starts_over(tmp_path
     assert seed["resumed_from_epoch"] == 0 and seed["epochs_trained"] == 2
     for key in ("train_loss", "val_loss", "val_top5"):  # the same numbers as a run never interrupted
         assert seed["history"][key] == whole["per_seed"][0]["history"][key]
-    assert (seed["test_top1"], seed["test_top5"]) == (whole["per_seed"][0]["test_top1"], whole["per_seed"][0]["test_top5"])
+    assert (seed["test_top1"], seed["test_top5"]) == \
+        (whole["per_seed"][0]["test_top1"], whole["per_seed"][0]["test_top5"])
 
 
 def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
