@@ -114,6 +114,9 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        stop = next((e for e in _errors(exc) if not isinstance(e, Exception)), None)
+        if stop is not None and stop is not exc:
+            raise stop from None  # Ctrl-C or SIGTERM inside a library that wrapped it: a stop, not a write error
         error = write_error(exc, path) if isinstance(exc, Exception) else None
         if error is None:
             raise
@@ -136,9 +139,14 @@ class _HashingWriter:
         self.file = file
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: BaseException | None = None  # what a write raised (torch reports it as "unexpected pos")
 
     def write(self, data: bytes) -> int:
-        written = self.file.write(data)
+        try:
+            written = self.file.write(data)
+        except BaseException as exc:
+            self.error = exc
+            raise
         self.sha256.update(data)
         self.size += len(data)
         return written
@@ -159,7 +167,12 @@ def save_checkpoint(obj: Any, path: Path) -> Path:
     def write(f: BinaryIO) -> None:
         f.write(b" " * HEADER_SIZE)
         payload = _HashingWriter(f)
-        torch.save(obj, payload)
+        try:
+            torch.save(obj, payload)
+        except Exception:
+            if payload.error is not None:  # the real cause: a full disk, Ctrl-C, SIGTERM
+                raise payload.error from None
+            raise
         f.seek(0)
         f.write(_header(payload.sha256.hexdigest(), payload.size))
 

@@ -4,6 +4,7 @@ checkpoint truncated or garbled in place is caught before it is used."""
 
 from __future__ import annotations
 
+import builtins
 import errno
 import shutil
 from types import SimpleNamespace
@@ -18,19 +19,33 @@ from dlops.train import TrainConfig, fit
 UNEXPECTED_POS = "[enforce fail at inline_container.cc:672] . unexpected pos 4704 vs 598"
 
 
-def full_disk_after(limit: int):
-    """A replacement for the file write under torch.save that runs out of space after
-    ``limit`` bytes, as a full disk does."""
-    written = [0]
-    real = dlops_io._HashingWriter.write
+class _FailingFile:
+    """A file that raises ``error`` once ``limit`` bytes are written (a full disk, or a
+    signal arriving in the middle of a write)."""
+
+    def __init__(self, f, limit: int, error: BaseException) -> None:
+        self.f, self.limit, self.error, self.written = f, limit, error, 0
 
     def write(self, data: bytes) -> int:
-        if written[0] + len(data) > limit:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written[0] += len(data)
-        return real(self, data)
+        if self.written + len(data) > self.limit:
+            raise self.error
+        self.written += len(data)
+        return self.f.write(data)
 
-    return write
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def failing_after(monkeypatch: pytest.MonkeyPatch, limit: int, error: BaseException) -> None:
+    """Every file dlops.io writes fails after ``limit`` bytes."""
+    monkeypatch.setattr(dlops_io, "open", lambda path, mode: _FailingFile(builtins.open(path, mode), limit, error),
+                        raising=False)
 
 
 def state(value: float) -> dict:
@@ -41,7 +56,7 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_leaves_the_previous_file(tmp
     path = tmp_path / "ckpt" / "trial-0.pt"
     save_checkpoint(state(1.0), path)
     before = path.read_bytes()
-    monkeypatch.setattr(dlops_io._HashingWriter, "write", full_disk_after(2000))
+    failing_after(monkeypatch, 2000, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(DiskFull) as info:
         save_checkpoint(state(2.0), path)
     assert str(info.value) == f"no space left on device while writing {path}"
@@ -70,6 +85,19 @@ def test_torch_save_failing_on_a_full_disk_is_disk_full(tmp_path, monkeypatch, e
         save_checkpoint(state(2.0), path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], torch.full((1000,), 1.0))
+
+
+def test_a_signal_in_the_middle_of_a_checkpoint_stops_and_is_no_write_error(tmp_path, monkeypatch):
+    """torch.save reports any exception of the file it writes as "unexpected pos": a
+    Ctrl-C (or SIGTERM, raised the same way by dlops final) must stay a stop."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(state(1.0), path)
+    failing_after(monkeypatch, 2000, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(state(2.0), path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     assert torch.equal(load_checkpoint(path)["weights"], torch.full((1000,), 1.0))
 
 
