@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError, StorageError
-from dlops.storage import RETRY_LIMIT, StudyStorage, connect, mask_url
+from dlops.storage import RETRY_LIMIT, StudyStorage, connect, journal_url, mask_url
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -291,11 +291,10 @@ def run_workers(
     url = options.storage or default_storage_url()
     storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
     if not storage.many_workers:
-        db = url.split(":///", 1)[-1] if url.startswith("sqlite:///") else "dlops.db"
-        journal = Path(db).with_suffix(".log").absolute()
+        journal = (storage.lock_file or Path("dlops.db")).with_suffix(".log")
         raise StorageError(
             f"SQLite ({storage.masked}) takes one worker at a time (parallel writers get \"database is locked\"); "
-            f"for {workers} workers use --storage journal://{journal} (this machine) "
+            f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
             "or postgresql+psycopg2://user@host/db (many machines)"
         )
     spec = spec.for_dataset(options.dataset)
