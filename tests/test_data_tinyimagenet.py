@@ -380,3 +380,32 @@ def test_prepare_from_a_bad_tree_keeps_the_good_cache(good_root: Path, tmp_path:
                                 "--force"))
     assert "wnids.txt missing" in line
     assert_survived(good_root, before)
+
+
+@pytest.mark.parametrize(("file", "damage"), [("train_images.npy", "truncate"), ("val_labels.npy", "truncate"),
+                                              ("test_images.npy", "append"), ("train_images.npy", "reshape")])
+def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(file: str, damage: str, good_root: Path,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / file
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 3)
+    elif damage == "append":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 100)
+    else:  # a file of the right size whose header says another shape
+        array = np.load(path)
+        np.save(path, array.reshape(array.shape[0], 3, -1))
+    fix = "dlops data prepare tiny-imagenet --force"
+    line = one_error_line(dlops("data", "info", "tiny-imagenet", "--root", str(good_root)))
+    assert file in line and fix in line
+    with pytest.raises(DatasetNotAvailable, match=re.escape(fix)):
+        get_dataset("tiny-imagenet", good_root)
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path))  # its data root is good_root
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    line = one_error_line(dlops("study", "run", "--loss", "ce", "--dataset", "tiny-imagenet", "--n-trials", "1",
+                                "--epochs", "1"))
+    assert file in line and fix in line
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force")
+    assert result.exit_code == 0, result.output
+    assert len(get_dataset("tiny-imagenet", good_root).train) == 27
