@@ -409,3 +409,25 @@ def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(file: str, dam
     result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force")
     assert result.exit_code == 0, result.output
     assert len(get_dataset("tiny-imagenet", good_root).train) == 27
+
+
+def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(good_root: Path, mini_zip: Path,
+                                                                                tmp_path: Path) -> None:
+    before = snapshot(good_root)
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    for source in ("/etc/passwd", str(other), "https://127.0.0.1:9/tiny-imagenet-200.zip"):
+        line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", source))
+        assert "already prepared from mini.zip" in line and "--force" in line, line
+    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source",
+                                str(tmp_path / "nope.zip")))
+    assert "not found" in line
+    assert_survived(good_root, before)
+    copy = tmp_path / "elsewhere" / "same.zip"  # the same archive under another name: nothing to do
+    copy.parent.mkdir()
+    copy.write_bytes(mini_zip.read_bytes())
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(copy))
+    assert result.exit_code == 0 and "already prepared" in result.stdout, result.output
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(other), "--force",
+                   "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(good_root, "tiny-imagenet")["source"]["archive"] == "other.zip"

@@ -80,8 +80,11 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
     module = cached_module(name)
     root = resolve_root(root)
     if not force and is_prepared(root, name):
+        manifest = read_manifest(root, name)
+        if source is not None or md5 is not None:
+            _check_same_source(name, manifest.get("source") or {}, source or module.URL, md5)
         log(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
-        return {**read_manifest(root, name), "reused": True}
+        return {**manifest, "reused": True}
     home = dataset_dir(root, name)
     src = source or module.URL
     downloaded = False
@@ -128,6 +131,30 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
             archive.unlink(missing_ok=True)
         _remove_empty(home / "downloads", home)
     return manifest
+
+
+def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: str | None) -> None:
+    """A fetch of ``source`` (``md5``) over a cache built from another archive is refused: it
+    would do nothing while the user thinks the data is theirs. Same archive: md5 equal (a
+    local file is hashed) or, for a URL, the same URL."""
+    if built_from.get("md5"):
+        was = f"{built_from.get('archive', '?')} (md5 {built_from['md5']})"
+    else:
+        was = f"the extracted tree {built_from.get('tree', '?')} (no archive recorded)"
+    again = f"add --force to rebuild {name} from {source}"
+    if is_url(source):
+        same = source == built_from.get("location") and md5 in (None, built_from.get("md5"))
+        if not same:
+            raise DlopsError(f"{name} is already prepared from {was}, not from {source}: {again}")
+        return
+    path = Path(source).expanduser().absolute()
+    if not path.is_file():
+        raise DlopsError(f"{name}: source archive not found: {path} ({name} is already prepared from {was})")
+    actual = md5_file(path)
+    if md5 is not None and actual != md5.lower():
+        raise DlopsError(f"md5 mismatch for {path}: got {actual}, expected {md5}")
+    if actual != built_from.get("md5"):
+        raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
 
 
 def _remove_empty(*folders: Path) -> None:
