@@ -12,6 +12,7 @@ Workers of one study share a target count of finished trials (see :func:`run_stu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -150,6 +151,12 @@ def checkpointed_epochs(path: Path, config: Any) -> int | None:
     return int(epoch) + 1 if isinstance(epoch, int) else 0
 
 
+def layer_epoch_line(trial: int, layer: int, epoch: int, m: dict[str, float]) -> str:
+    """The progress line of one layer-wise pretraining epoch (the autoencoder's)."""
+    return (f"trial {trial:>3}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
+
+
 def make_objective(
     spec: StudySpec,
     options: RunOptions,
@@ -203,9 +210,12 @@ def make_objective(
                                                       "from its checkpoint")
                 raise TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
+        extra: dict[str, Any] = {}  # a layer-wise trainer also reports each pretraining epoch
+        if say is not None and "on_layer_epoch" in inspect.signature(trainer.fit).parameters:
+            extra["on_layer_epoch"] = lambda layer, epoch, m: say(layer_epoch_line(trial.number, layer, epoch, m))
         keep_checkpoint = False
         try:
-            result = trainer.fit(config, report=report, checkpoint_path=ckpt)
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt, **extra)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so
             # the sampler learns from it and the study goes on.
