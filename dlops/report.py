@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from dlops import plots
 from dlops.paths import artifacts_dir, default_storage_url, reports_dir
+from dlops.text import plural
 
 LOSS_ORDER = ("ce", "triplet", "center")
 LOSS_TITLES = {"ce": "cross-entropy", "triplet": "triplet (batch-hard)", "center": "center loss"}
@@ -76,7 +77,7 @@ def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
     if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
         panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
     n = len(histories)
-    title = f"{final['spec']} on {final['dataset']['name']}: {n} seed{'s' if n > 1 else ''}, {final['epochs']} epochs"
+    title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
     files = [save_figure(plots.plot_training_curves(histories, panels, title), out_dir / "curves.png")]
     if final.get("class_accuracy"):
         from dlops import ae_report
@@ -403,7 +404,7 @@ def loss_curve_series(entries: list[Entry], key: str = "val_top5") -> tuple[dict
         if not runs:
             continue
         label = f"{e.loss or e.name}" + (f" ({e.name})" if e.name != f"resnet18-{e.loss}" else "")
-        label += " – best study trial" if from_study else f" – final, {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        label += " – best study trial" if from_study else f" – final, {plural(len(runs), 'seed')}"
         series[label] = runs
         if from_study:
             dashed.append(label)

@@ -31,6 +31,7 @@ from dlops.errors import DlopsError
 from dlops.paths import checkpoints_dir, default_storage_url
 from dlops.spec import ParamSpec, StudySpec
 from dlops.storage import StudyStorage, connect
+from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.train import NonFiniteLossError
 
@@ -189,7 +190,7 @@ def make_objective(
         if resumed is not None:
             trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
             if say is not None:
-                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({resumed} epoch(s) done)")
+                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({plural(resumed, 'epoch')} done)")
         last_epoch = getattr(config, "epochs", None)
         history_so_far: dict[str, list[float]] = {}
 
@@ -367,7 +368,7 @@ def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], 
     else:
         head = (f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
                 f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting")
-    tail = f"; this run adds {n_trials} finished trials (until {target} finished)"
+    tail = f"; this run adds {plural(n_trials, 'finished trial')} (until {target} finished)"
     return head + tail + (f" with {workers} workers" if workers > 1 else "")
 
 
@@ -403,12 +404,12 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             if finished + len(running) >= target:
                 if not any(worth_waiting_for(t, storage) for t in running):
-                    say(f"{len(running)} trial(s) RUNNING whose workers cannot be checked from here "
+                    say(f"{plural(len(running), 'trial')} RUNNING whose workers cannot be checked from here "
                         "(another machine, journal storage); not waiting for them")
                     break
                 lock.release()
                 if not waiting:
-                    say(f"waiting for {len(running)} running trial(s) of other workers to reach {target} finished")
+                    say(f"waiting for {plural(len(running), 'running trial')} of other workers to reach {target} finished")
                     waiting = True
                 _sleep(1.0, stop)
                 continue
@@ -429,7 +430,7 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             failures += 1
             if failures >= max_failures:
-                say(f"{failures} trials failed in this run; giving up (see `dlops study show {study.study_name}`)")
+                say(f"{plural(failures, 'trial')} failed in this run; giving up (see `dlops study show {study.study_name}`)")
                 break
 
 

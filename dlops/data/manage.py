@@ -32,6 +32,7 @@ from dlops.data.cache import (
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
+from dlops.text import plural
 
 Log = Callable[[str], None]
 SOURCE_FILE = "source.json"  # in raw/: where the extracted tree came from
@@ -121,7 +122,7 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
         count = safe_extract(archive, scratch, progress=progress)
         tree = module.find_tree(scratch)
         (scratch / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        log(f"extracted {count:,} members; building the cache")
+        log(f"extracted {plural(count, 'member')}; building the cache")
         manifest = _build(module, tree, root, {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
                           val_fraction=0.1, seed=0, workers=workers, progress=progress)
         replace_dir(scratch, home / "raw")
@@ -277,7 +278,7 @@ def show_dataset(name: str, root: Path | str | None = None, out: Path | str | No
     counts = {split: np.bincount(np.asarray(s.labels), minlength=ds.num_classes)
               for split, s in (("train", ds.train), ("val", ds.val), ("test", test))}
     total = sum(len(s) for s in (ds.train, ds.val, test))
-    title = f"{name}: {ds.num_classes} classes, {total:,} images {list(ds.image_shape)}"
+    title = f"{name}: {plural(ds.num_classes, 'class')}, {plural(total, 'image')} {list(ds.image_shape)}"
     fig = dataset_figure(np.asarray(ds.train.images[picks]), labels[picks], ds.class_names, counts, title)
     path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
