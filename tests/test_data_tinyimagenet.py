@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
+from conftest import TINY_IMAGENET_SAMPLE, TINY_IMAGENET_SAMPLE_MISSING, requires_tiny_imagenet_sample
 from data_trees import one_error_line, write_tiny_imagenet, zip_tree
 from dlops.cli import app
 from dlops.data import DATASETS, get_dataset, load_split, take_subset
@@ -60,7 +60,7 @@ def assert_survived(root: Path, before: dict[str, str]) -> None:
 def sample_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$DLOPS_HOME with the real Tiny ImageNet sample fetched into its data root."""
     if not TINY_IMAGENET_SAMPLE.exists():
-        pytest.skip(f"real Tiny ImageNet sample not found at {TINY_IMAGENET_SAMPLE}")
+        pytest.skip(TINY_IMAGENET_SAMPLE_MISSING)
     home = tmp_path_factory.mktemp("sample-home")
     result = dlops("data", "fetch", "tiny-imagenet", "--root", str(home / "data"), "--source", str(TINY_IMAGENET_SAMPLE))
     assert result.exit_code == 0, result.output
