@@ -210,7 +210,8 @@ def _progress_on() -> bool:
 def _print_prepared(manifest: dict[str, Any]) -> None:
     build = manifest.get("build") or {}
     splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
-    console.print(f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; image shape {manifest['image_shape']}",
+    console.print(f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; "
+                  f"image shape {manifest['image_shape']}",
                   highlight=False, soft_wrap=True)
     if build and not manifest.get("reused"):
         console.print(f"cached {build['images']:,} images in {build['seconds']:.1f}s "

@@ -120,7 +120,8 @@ def recover_dead_trials(study: optuna.Study, storage: StudyStorage, say: Say | N
         recovered += stale
         running = [t for t in now if t.state == TrialState.RUNNING]
         if say and stale:
-            say(f"{'trial' if len(stale) == 1 else 'trials'} {', '.join(map(str, stale))}: no heartbeat for the grace period; marked FAIL and queued again")
+            say(f"{'trial' if len(stale) == 1 else 'trials'} {', '.join(map(str, stale))}: no heartbeat for the "
+                "grace period; marked FAIL and queued again")
     for t in running:
         owner = t.system_attrs.get(OWNER_KEY)
         if not owner or is_dead(owner) is not True:
