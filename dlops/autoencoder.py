@@ -49,6 +49,7 @@ from dlops.train import (
     load_dataset,
     resolve_device,
 )
+from dlops.text import plural
 
 HIDDEN_SIZES = (1024, 1000, 500, 256, 128, 64)
 MAX_LAYERS = len(HIDDEN_SIZES)  # one pretrain_epochs_<k> field per layer
@@ -109,7 +110,8 @@ def validate_config(config: AEConfig) -> None:
         raise DlopsError(f"at most {MAX_LAYERS} hidden layers are supported, got {len(sizes)}")
     for k in range(len(sizes), MAX_LAYERS):
         if getattr(config, f"pretrain_epochs_{k}") is not None:
-            raise DlopsError(f"pretrain_epochs_{k} is set, but there are only {len(sizes)} hidden layers")
+            raise DlopsError(f"pretrain_epochs_{k} is set, but there {'is' if len(sizes) == 1 else 'are'} only "
+                             f"{plural(len(sizes), 'hidden layer')}")
     for k, n in enumerate(config.layer_epochs()):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DlopsError(f"pretraining epochs of layer {k} must be an integer >= 0, got {n!r}")

@@ -15,12 +15,16 @@ from rich.table import Table
 
 from dlops.errors import DlopsError
 from dlops.storage import mask_url
+from dlops.text import plural
 
+# Plain (click-style) help: Typer's rich help shows a flag as "<bool>", reads "[default: ...]"
+# in a help text as markup (and drops it) and cuts a long default with "…" at 80 columns.
 app = typer.Typer(help="Optuna studies for deep-learning experiments, and reference runs with reports.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(study_app, name="study")
-data_app = typer.Typer(help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -76,7 +80,7 @@ def _spec_name(spec: Optional[str], loss: Optional[str]) -> str:
 StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db)")]
 
 
-@study_app.command("run")
+@study_app.command("run", short_help="Run (or continue) the Optuna study of a spec.")
 @user_errors
 def study_run(
     spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
@@ -163,7 +167,7 @@ def study_list(storage: StorageOpt = None) -> None:
     console.print(table)
 
 
-@study_app.command("show")
+@study_app.command("show", short_help="Show a study: states, best trial, every trial.")
 @user_errors
 def study_show(
     name: Annotated[str, typer.Argument(help="Study name")],
@@ -187,7 +191,7 @@ def study_show(
     console.print(table)
 
 
-@app.command("dashboard")
+@app.command("dashboard", short_help="Serve optuna-dashboard on the study storage.")
 @user_errors
 def dashboard(
     storage: StorageOpt = None,
@@ -214,15 +218,16 @@ def _progress_on() -> bool:
 def _print_prepared(manifest: dict[str, Any]) -> None:
     build = manifest.get("build") or {}
     splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
-    console.print(f"{manifest['dataset']}: {manifest['classes']} classes, {splits}; image shape {manifest['image_shape']}",
+    console.print(f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; "
+                  f"image shape {manifest['image_shape']}",
                   highlight=False, soft_wrap=True)
     if build and not manifest.get("reused"):
         console.print(f"cached {build['images']:,} images in {build['seconds']:.1f}s "
-                      f"({build['images_per_second']:,.0f} images/s, {build['workers']} decoding "
-                      f"process{'es' if build['workers'] != 1 else ''})", highlight=False)
+                      f"({build['images_per_second']:,.0f} images/s, {plural(build['workers'], 'decoding process')})",
+                      highlight=False)
 
 
-@data_app.command("fetch")
+@data_app.command("fetch", short_help="Download or take the archive, check it, build the cache.")
 @user_errors
 def data_fetch(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
@@ -289,7 +294,7 @@ def data_info(
     console.print(table)
 
 
-@data_app.command("show")
+@data_app.command("show", short_help="Write a PNG of sample images and class counts.")
 @user_errors
 def data_show(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
@@ -304,7 +309,7 @@ def data_show(
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
-@app.command("final")
+@app.command("final", short_help="Reference run: train, test once per seed, write a report.")
 @user_errors
 def final(
     spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")] = None,
@@ -348,19 +353,29 @@ def final(
         err_console.print(mask_url(str(exc)) + tail, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exc.exit_code) from None
     f = result.final
-    table = Table(title=f"final {f['spec']} on {f['dataset']['name']} ({len(f['seeds'])} seeds x {f['epochs']} epochs)",
+    table = Table(title=f"final {f['spec']} on {f['dataset']['name']} "
+                        f"({plural(len(f['seeds']), 'seed')} x {plural(f['epochs'], 'epoch')})",
                   show_header=False)
     for key, mean in f["mean"].items():
         if mean is not None:
             table.add_row(key, f"{mean:.4f} ± {f['std'][key]:.4f}" if len(f["seeds"]) > 1 else f"{mean:.4f}")
     table.add_row("wall time", f"{f['wall_seconds']:.1f}s on {f['device']}")
     console.print(table)
-    console.print(f"wrote {result.report_dir}/ ({len(result.files)} files)"
-                  + (f"; {len(result.artifacts)} artifacts attached in the study" if result.artifacts else ""),
+    console.print(f"wrote {result.report_dir}/ ({plural(len(result.files), 'file')})"
+                  + (f"; {plural(len(result.artifacts), 'artifact')} attached to {_attached_to(f)}"
+                     if result.artifacts else ""),
                   highlight=False, soft_wrap=True)
 
 
-@app.command("report")
+def _attached_to(final: dict[str, Any]) -> str:
+    """Where ``dlops final`` put its artifacts: the trial its settings came from, else the study."""
+    source, study = final.get("params_source") or {}, (final.get("study") or {}).get("name")
+    if source.get("kind") == "trial" and source.get("trial") is not None:
+        return f"trial {source['trial']} of study {study}"
+    return f"study {study}"
+
+
+@app.command("report", short_help="Write reports/index.md over every spec.")
 @user_errors
 def report(storage: StorageOpt = None) -> None:
     """Write $DLOPS_HOME/reports/index.md: the losses side by side, then the autoencoder."""
@@ -368,7 +383,8 @@ def report(storage: StorageOpt = None) -> None:
 
     quiet_optuna()
     result = build_report(storage)
-    console.print(f"wrote {result.index} ({len(result.entries)} specs, {len(result.files)} files)", highlight=False)
+    console.print(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})",
+                  highlight=False)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 
 def dlops_home() -> Path:
@@ -41,4 +42,10 @@ def default_storage_url() -> str:
     env = os.environ.get("DLOPS_STORAGE")
     if env:
         return env
-    return f"sqlite:///{dlops_home() / 'dlops.db'}"
+    return sqlite_url(dlops_home() / "dlops.db")
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite file ``path``, percent-encoded so that a ``?``, ``%`` or
+    ``#`` in a folder name stays part of the path (SQLAlchemy decodes it; ``?`` would start options)."""
+    return "sqlite:///" + quote(str(path))

@@ -115,6 +115,35 @@ def plot_validation_curves(
     best trial standing in for a missing reference run)."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
+    _validation_axes(ax, series, ylabel, dashed)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+@_default_style
+def plot_validation_curves_by_dataset(
+    panels: dict[str, tuple[dict[str, Sequence[Sequence[float | None]]], Sequence[str]]],
+    ylabel: str = "validation top-5",
+    title: str | None = None,
+) -> Figure:
+    """One chart per dataset (``panels``: dataset -> (series, dashed labels), as for
+    :func:`plot_validation_curves`), side by side: runs on different datasets are never
+    drawn against each other. Each chart and its legend name the dataset."""
+    fig = Figure(figsize=(6.4 * max(1, len(panels)), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0])
+    for ax, (dataset, (series, dashed)) in zip(axes, panels.items()):
+        _validation_axes(ax, series, ylabel, dashed, legend_title=dataset)
+        ax.set_title(f"on {dataset}")
+    if not panels:
+        _validation_axes(axes[0], {}, ylabel, ())
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _validation_axes(ax: Any, series: dict[str, Sequence[Sequence[float | None]]], ylabel: str,
+                     dashed: Sequence[str], legend_title: str | None = None) -> None:
     drawn = 0
     for label, runs in series.items():
         drawn += _mean_band(ax, runs, label, linestyle="--" if label in dashed else "-")
@@ -124,12 +153,9 @@ def plot_validation_curves(
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     if drawn:
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="lower right", fontsize="small", title=legend_title, title_fontsize="small")
     else:
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
-    if title:
-        ax.set_title(title)
-    return fig
 
 
 def _figure_of(axes: Any) -> Any:

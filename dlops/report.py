@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from dlops import plots
 from dlops.io import write_atomic, write_text_atomic
 from dlops.paths import artifacts_dir, default_storage_url, reports_dir
+from dlops.text import plural
 
 LOSS_ORDER = ("ce", "triplet", "center")
 LOSS_TITLES = {"ce": "cross-entropy", "triplet": "triplet (batch-hard)", "center": "center loss"}
@@ -73,7 +74,7 @@ def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
     if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
         panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
     n = len(histories)
-    title = f"{final['spec']} on {final['dataset']['name']}: {n} seed{'s' if n > 1 else ''}, {final['epochs']} epochs"
+    title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
     files = [save_figure(plots.plot_training_curves(histories, panels, title), out_dir / "curves.png")]
     if final.get("class_accuracy"):
         from dlops import ae_report
@@ -371,6 +372,12 @@ def _entries(url: str) -> list[Entry]:
     return out
 
 
+def entry_dataset(entry: Entry) -> str | None:
+    """The dataset of an entry's reference run, else of its study."""
+    name = (entry.final or {}).get("dataset", {}).get("name")
+    return name or (entry.study.user_attrs.get("dataset") if entry.study is not None else None)
+
+
 def _curves_for(entry: Entry, key: str) -> tuple[list[list[Any]], bool]:
     """The entry's validation curves: its reference run's seeds, or else its study's
     best trial (second value True)."""
@@ -393,7 +400,7 @@ def loss_curve_series(entries: list[Entry], key: str = "val_top5") -> tuple[dict
         if not runs:
             continue
         label = f"{e.loss or e.name}" + (f" ({e.name})" if e.name != f"resnet18-{e.loss}" else "")
-        label += " – best study trial" if from_study else f" – final, {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        label += " – best study trial" if from_study else f" – final, {plural(len(runs), 'seed')}"
         series[label] = runs
         if from_study:
             dashed.append(label)
@@ -435,10 +442,14 @@ def build_report(storage: str | None = None) -> ReportResult:
     ]
     if resnets:
         lines += _loss_table(resnets)
-        series, dashed = loss_curve_series(resnets)
-        fig = plots.plot_validation_curves(series, "validation top-5", "Validation top-5 per epoch", dashed)
+        by_dataset: dict[str, list[Entry]] = {}
+        for e in resnets:
+            by_dataset.setdefault(entry_dataset(e) or "an unknown dataset", []).append(e)
+        panels = {name: loss_curve_series(group) for name, group in by_dataset.items()}
+        fig = plots.plot_validation_curves_by_dataset(panels, "validation top-5", "Validation top-5 per epoch")
         files.append(save_figure(fig, root / "val_top5_by_loss.png"))
         lines += ["![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)", "",
+                  f"One chart per dataset ({', '.join(by_dataset)}). "
                   "Solid: reference runs (mean over seeds, band min–max). Dashed: a study's best trial "
                   "where there is no reference run yet.", ""]
     else:
@@ -456,8 +467,7 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
     rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
-    rows.append(("dataset", [(e.final or {}).get("dataset", {}).get("name")
-                             or ((e.study.user_attrs.get("dataset") if e.study is not None else None) or "–") for e in entries]))
+    rows.append(("dataset", [entry_dataset(e) or "–" for e in entries]))
     rows.append(("best in the study (its objective)",
                  [f"{_fmt(f.best_value)} {f.metric or ''} (trial {f.best_trial})" if f and f.best_value is not None else "–"
                   for f in facts]))

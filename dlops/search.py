@@ -13,6 +13,7 @@ Workers of one study share a target count of finished trials (see :func:`run_stu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -31,6 +32,7 @@ from dlops.io import CorruptCheckpoint, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
 from dlops.storage import StudyStorage, connect
+from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.train import NonFiniteLossError
 
@@ -159,6 +161,12 @@ def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | No
     return int(epoch) + 1 if isinstance(epoch, int) else 0
 
 
+def layer_epoch_line(trial: int, layer: int, epoch: int, m: dict[str, float]) -> str:
+    """The progress line of one layer-wise pretraining epoch (the autoencoder's)."""
+    return (f"trial {trial:>3}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
+
+
 def make_objective(
     spec: StudySpec,
     options: RunOptions,
@@ -191,7 +199,7 @@ def make_objective(
         if resumed is not None:
             trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
             if say is not None:
-                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({resumed} epoch(s) done)")
+                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({plural(resumed, 'epoch')} done)")
         last_epoch = getattr(config, "epochs", None)
         history_so_far: dict[str, list[float]] = {}
 
@@ -212,9 +220,12 @@ def make_objective(
                                                       "from its checkpoint")
                 raise TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
+        extra: dict[str, Any] = {}  # a layer-wise trainer also reports each pretraining epoch
+        if say is not None and "on_layer_epoch" in inspect.signature(trainer.fit).parameters:
+            extra["on_layer_epoch"] = lambda layer, epoch, m: say(layer_epoch_line(trial.number, layer, epoch, m))
         keep_checkpoint = False
         try:
-            result = trainer.fit(config, report=report, checkpoint_path=ckpt)
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt, **extra)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so
             # the sampler learns from it and the study goes on.
@@ -380,7 +391,7 @@ def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], 
     else:
         head = (f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
                 f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting")
-    tail = f"; this run adds {n_trials} finished trials (until {target} finished)"
+    tail = f"; this run adds {plural(n_trials, 'finished trial')} (until {target} finished)"
     return head + tail + (f" with {workers} workers" if workers > 1 else "")
 
 
@@ -416,12 +427,12 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             if finished + len(running) >= target:
                 if not any(worth_waiting_for(t, storage) for t in running):
-                    say(f"{len(running)} trial(s) RUNNING whose workers cannot be checked from here "
+                    say(f"{plural(len(running), 'trial')} RUNNING whose workers cannot be checked from here "
                         "(another machine, journal storage); not waiting for them")
                     break
                 lock.release()
                 if not waiting:
-                    say(f"waiting for {len(running)} running trial(s) of other workers to reach {target} finished")
+                    say(f"waiting for {plural(len(running), 'running trial')} of other workers to reach {target} finished")
                     waiting = True
                 _sleep(1.0, stop)
                 continue
@@ -442,7 +453,7 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             failures += 1
             if failures >= max_failures:
-                say(f"{failures} trials failed in this run; giving up (see `dlops study show {study.study_name}`)")
+                say(f"{plural(failures, 'trial')} failed in this run; giving up (see `dlops study show {study.study_name}`)")
                 break
 
 

@@ -15,6 +15,9 @@ ending in ``.log`` / ``.journal``
 =====================================================  ==========================================
 
 Other SQLAlchemy URLs (``mysql+pymysql://...``) are passed to Optuna's ``RDBStorage``.
+In ``sqlite:`` and ``journal:`` URLs a path with ``?``, ``%`` or ``#`` is percent-encoded
+(``%3F``, ``%25``, ``%23``), as the default URL under ``$DLOPS_HOME`` is; a password with
+``@`` in a SQL URL is written ``%40``.
 Every message that may show a URL goes through :func:`mask_url`.
 """
 
@@ -27,13 +30,21 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
 
 from dlops.errors import StorageError
 
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<tail>@)")
+# ``scheme://user:PASSWORD@host``: the password runs to the last ``@`` before the host (a
+# password may hold ``@``; the host part ends at ``/``, ``?`` or ``#``, so an ``@`` in a query
+# string is not taken for one). A password with a raw ``/``, ``?`` or ``#`` (not a valid URL,
+# though SQLAlchemy reads one) is masked up to its first ``@``, unless it is all digits up to
+# the ``/`` (``host:6379/0?prefix=a@b`` has a port there, not a password).
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)"
+    r"(?P<password>[^\s/?#]*|(?!\d*(?:[/?#\s]|$))[^@\s]*)(?P<tail>@)"
+)
 _KEY_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>[^&\s'\"]+)", re.IGNORECASE)
 
 JOURNAL_SUFFIXES = (".log", ".journal")
@@ -67,13 +78,46 @@ def storage_kind(url: str) -> str:
 
 
 def journal_path(url: str) -> Path:
-    """The file of a journal URL: ``journal:///abs/x.log`` -> ``/abs/x.log``, ``journal:x.log`` -> ``x.log``."""
-    rest = url[len("journal:") :] if url.startswith("journal:") else url
-    if rest.startswith("//"):
-        rest = rest[2:]
+    """The file of a journal URL: ``journal:///abs/x.log`` -> ``/abs/x.log``, ``journal:x.log`` -> ``x.log``.
+
+    As in a ``sqlite:///`` URL, ``%XX`` in a ``journal:`` URL is decoded (``%3F`` is ``?``,
+    ``%25`` is ``%``; see :func:`journal_url`); a plain path is taken as it is."""
+    if url.startswith("journal:"):
+        rest = unquote(url[len("journal:") :])
+        if rest.startswith("//"):
+            rest = rest[2:]
+    else:
+        rest = url
     if not rest:
         raise StorageError(f"journal storage {url!r} names no file (e.g. journal:///path/to/study.log)")
     return Path(rest).expanduser()
+
+
+def journal_url(path: Path) -> str:
+    """The ``journal:///...`` URL of ``path`` (made absolute), read back by :func:`journal_path`."""
+    return "journal://" + quote(str(Path(path).absolute()))
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL as SQLAlchemy reads it (``%XX`` decoded);
+    None for an in-memory database."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if database not in (None, "", ":memory:") else None
+
+
+def _check_sqlite_url(url: str) -> None:
+    """SQLAlchemy takes everything after a ``?`` for options and silently drops what is not
+    ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Refuse such a URL."""
+    if "?" not in url:
+        return
+    options = url.split("?", 1)[1]
+    if "/" in options or any("=" not in part for part in options.split("&")):
+        raise StorageError(
+            f"SQLite URL {mask_url(url)!r} has a '?' in its path (SQLAlchemy would read the rest as options "
+            f"and open another file): write it as %3F (and a '%' as %25)"
+        )
 
 
 def _split_redis_prefix(url: str) -> tuple[str, str]:
@@ -226,6 +270,11 @@ def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: in
     The journal storages have no heartbeat (dlops proves dead workers by pid instead).
     """
     kind = storage_kind(url)
+    password = _URL_PASSWORD.match(url)
+    if kind in ("postgresql", "rdb") and password and "@" in password["password"]:
+        # SQLAlchemy splits at the first '@' and would send the rest of the password out as
+        # the host name (and print it in the driver's error).
+        raise StorageError(f"the password in {mask_url(url)} contains '@': write it as %40 in the URL")
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -240,12 +289,10 @@ def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: in
 
 def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: int | None) -> StudyStorage:
     if kind == "sqlite":
-        path_text = url.split(":///", 1)[1] if ":///" in url else ""
-        lock_file = None
-        if path_text not in ("", ":memory:"):
-            path = Path(path_text)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock_file = path
+        _check_sqlite_url(url)
+        lock_file = sqlite_path(url)
+        if lock_file is not None:
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage

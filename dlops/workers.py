@@ -33,7 +33,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError, StorageError
-from dlops.storage import RETRY_LIMIT, StudyStorage, connect, mask_url
+from dlops.storage import RETRY_LIMIT, StudyStorage, connect, journal_url, mask_url
+from dlops.text import plural
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -119,7 +120,8 @@ def recover_dead_trials(study: optuna.Study, storage: StudyStorage, say: Say | N
         recovered += stale
         running = [t for t in now if t.state == TrialState.RUNNING]
         if say and stale:
-            say(f"trial(s) {', '.join(map(str, stale))}: no heartbeat for the grace period; marked FAIL and queued again")
+            say(f"{'trial' if len(stale) == 1 else 'trials'} {', '.join(map(str, stale))}: no heartbeat for the "
+                "grace period; marked FAIL and queued again")
     for t in running:
         owner = t.system_attrs.get(OWNER_KEY)
         if not owner or is_dead(owner) is not True:
@@ -198,7 +200,7 @@ def stopped_message(result: Any, argv: Sequence[str]) -> str:
     """What a stopped run says: where the study stands and the command that continues it."""
     name = signal.Signals(result.interrupted).name if result.interrupted else "a signal"
     running = result.counts.get("RUNNING", 0)
-    left = f"{running} trial(s) RUNNING in other workers" if running else "no trial left RUNNING"
+    left = f"{plural(running, 'trial')} RUNNING in other workers" if running else "no trial left RUNNING"
     remaining = (result.target or 0) - result.finished
     head = f"stopped by {name}: {result.finished} of {result.target} finished trials, {left}"
     if remaining <= 0:
@@ -291,11 +293,10 @@ def run_workers(
     url = options.storage or default_storage_url()
     storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
     if not storage.many_workers:
-        db = url.split(":///", 1)[-1] if url.startswith("sqlite:///") else "dlops.db"
-        journal = Path(db).with_suffix(".log").absolute()
+        journal = (storage.lock_file or Path("dlops.db")).with_suffix(".log")
         raise StorageError(
             f"SQLite ({storage.masked}) takes one worker at a time (parallel writers get \"database is locked\"); "
-            f"for {workers} workers use --storage journal://{journal} (this machine) "
+            f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
             "or postgresql+psycopg2://user@host/db (many machines)"
         )
     spec = spec.for_dataset(options.dataset)
@@ -310,9 +311,9 @@ def run_workers(
     plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:
         say("GPUs: " + ", ".join(f"w{i} -> {p['CUDA_VISIBLE_DEVICES']}" for i, p in enumerate(plans))
-            + f"; {plans[0]['OMP_NUM_THREADS']} CPU threads each")
+            + f"; {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
     else:
-        say(f"{workers} workers, {plans[0]['OMP_NUM_THREADS']} CPU thread(s) each")
+        say(f"{workers} workers, {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
 
     procs: list[subprocess.Popen] = []
     received: list[int] = []

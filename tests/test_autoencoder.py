@@ -21,6 +21,7 @@ from dlops.cli import app
 from dlops.errors import DlopsError, SpecError
 from dlops.io import load_checkpoint
 from dlops.spec import load_spec, parse_spec
+from dlops.storage import connect
 from dlops.train import HISTORY_KEYS
 
 from data_trees import write_stl10
@@ -345,3 +346,36 @@ def test_stl10_study_without_the_cache_is_one_line(tmp_path: Path, dlops_home: P
     out = CliRunner().invoke(app, ["study", "run", "autoencoder", "--n-trials", "1", "--device", "cpu"])
     assert out.exit_code == 2
     assert "stl10 is not prepared" in out.output and "Traceback" not in out.output
+
+
+def _pretraining_lines(out: str) -> list[str]:
+    import re
+
+    return re.findall(r"(?:\[w\d+\] )?trial +(\d+) +pretraining AE (\d) epoch +(\d+) +train_mse [\d.]+ +val_mse [\d.]+", out)
+
+
+def test_study_run_prints_a_line_per_pretraining_epoch(tmp_path: Path, dlops_home: Path) -> None:
+    spec_path = tiny_autoencoder_spec(tmp_path)
+    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "1",
+                                   "--epochs", "1", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    lines = _pretraining_lines(out.output)
+    # the baseline: 10 epochs of each of the six layers, in order
+    assert lines == [("0", str(k), str(e)) for k in range(6) for e in range(1, 11)]
+
+
+def test_workers_print_a_line_per_pretraining_epoch(tmp_path: Path, dlops_home: Path,
+                                                    capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec_path = tiny_autoencoder_spec(tmp_path)
+    url = f"journal://{tmp_path / 'study.log'}"
+    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "2",
+                                   "--epochs", "1", "--device", "cpu", "--storage", url, "--workers", "2"])
+    text = out.output + "".join(capfd.readouterr())
+    assert out.exit_code == 0, text
+    study = optuna.load_study(study_name="tiny-autoencoder", storage=connect(url).optuna)
+    lines = _pretraining_lines(text)
+    for t in study.get_trials():
+        expected = sum(t.params[f"pretrain_epochs_{k}"] for k in range(6))
+        assert len([line for line in lines if line[0] == str(t.number)]) == expected
+    assert any(line.startswith("[w") and "pretraining AE" in line for line in text.splitlines())

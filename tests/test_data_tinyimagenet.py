@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
+from conftest import TINY_IMAGENET_SAMPLE, TINY_IMAGENET_SAMPLE_MISSING, requires_tiny_imagenet_sample
 from data_trees import one_error_line, write_tiny_imagenet, zip_tree
 from dlops.cli import app
 from dlops.data import DATASETS, get_dataset, load_split, take_subset
@@ -60,7 +60,7 @@ def assert_survived(root: Path, before: dict[str, str]) -> None:
 def sample_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """$DLOPS_HOME with the real Tiny ImageNet sample fetched into its data root."""
     if not TINY_IMAGENET_SAMPLE.exists():
-        pytest.skip(f"real Tiny ImageNet sample not found at {TINY_IMAGENET_SAMPLE}")
+        pytest.skip(TINY_IMAGENET_SAMPLE_MISSING)
     home = tmp_path_factory.mktemp("sample-home")
     result = dlops("data", "fetch", "tiny-imagenet", "--root", str(home / "data"), "--source", str(TINY_IMAGENET_SAMPLE))
     assert result.exit_code == 0, result.output
@@ -380,3 +380,54 @@ def test_prepare_from_a_bad_tree_keeps_the_good_cache(good_root: Path, tmp_path:
                                 "--force"))
     assert "wnids.txt missing" in line
     assert_survived(good_root, before)
+
+
+@pytest.mark.parametrize(("file", "damage"), [("train_images.npy", "truncate"), ("val_labels.npy", "truncate"),
+                                              ("test_images.npy", "append"), ("train_images.npy", "reshape")])
+def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(file: str, damage: str, good_root: Path,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / file
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 3)
+    elif damage == "append":
+        with open(path, "ab") as f:
+            f.write(b"\0" * 100)
+    else:  # a file of the right size whose header says another shape
+        array = np.load(path)
+        np.save(path, array.reshape(array.shape[0], 3, -1))
+    fix = "dlops data prepare tiny-imagenet --force"
+    line = one_error_line(dlops("data", "info", "tiny-imagenet", "--root", str(good_root)))
+    assert file in line and fix in line
+    with pytest.raises(DatasetNotAvailable, match=re.escape(fix)):
+        get_dataset("tiny-imagenet", good_root)
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path))  # its data root is good_root
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    line = one_error_line(dlops("study", "run", "--loss", "ce", "--dataset", "tiny-imagenet", "--n-trials", "1",
+                                "--epochs", "1"))
+    assert file in line and fix in line
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force")
+    assert result.exit_code == 0, result.output
+    assert len(get_dataset("tiny-imagenet", good_root).train) == 27
+
+
+def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(good_root: Path, mini_zip: Path,
+                                                                                tmp_path: Path) -> None:
+    before = snapshot(good_root)
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    for source in ("/etc/passwd", str(other), "https://127.0.0.1:9/tiny-imagenet-200.zip"):
+        line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", source))
+        assert "already prepared from mini.zip" in line and "--force" in line, line
+    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source",
+                                str(tmp_path / "nope.zip")))
+    assert "not found" in line
+    assert_survived(good_root, before)
+    copy = tmp_path / "elsewhere" / "same.zip"  # the same archive under another name: nothing to do
+    copy.parent.mkdir()
+    copy.write_bytes(mini_zip.read_bytes())
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(copy))
+    assert result.exit_code == 0 and "already prepared" in result.stdout, result.output
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(other), "--force",
+                   "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(good_root, "tiny-imagenet")["source"]["archive"] == "other.zip"

@@ -182,3 +182,29 @@ def test_study_figures_label_the_metric_and_read_integer_epochs(dlops_home):
 
     for fig in figures.values():
         plt.close(fig)
+
+
+def test_the_loss_chart_has_one_panel_per_dataset_named_in_title_and_legend(dlops_home, monkeypatch):
+    dlops_home.mkdir(parents=True)
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))  # on digits
+    tiny = make_final("resnet18-triplet", "triplet", [0.30])
+    tiny["dataset"] = {**tiny["dataset"], "name": "tiny-imagenet", "num_classes": 200}
+    write_final(dlops_home, tiny)
+    make_study(dlops_home, "resnet18-center", n=2, loss="center")  # a study on digits, no reference run
+    drawn = {}
+    real = plots.plot_validation_curves_by_dataset
+
+    def keep(*args, **kwargs):
+        drawn["fig"] = real(*args, **kwargs)
+        return drawn["fig"]
+
+    monkeypatch.setattr(plots, "plot_validation_curves_by_dataset", keep)
+    build_report()
+    axes = {ax.get_title(): ax for ax in drawn["fig"].axes}
+    assert set(axes) == {"on digits", "on tiny-imagenet"}
+    digits = {l.get_label() for l in axes["on digits"].get_lines()}
+    assert digits == {"ce – final, 2 seeds", "center – best study trial"}
+    assert {l.get_label() for l in axes["on tiny-imagenet"].get_lines()} == {"triplet – final, 1 seed"}
+    assert axes["on tiny-imagenet"].get_legend().get_title().get_text() == "tiny-imagenet"
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "One chart per dataset (digits, tiny-imagenet)" in index

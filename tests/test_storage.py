@@ -156,3 +156,63 @@ def test_unreachable_servers_are_one_masked_line() -> None:
 def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
     result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
+
+
+@pytest.mark.parametrize("folder", ["c9q?x", "p%q", "a%41b", "h#sh", "sp ace%3F"])
+def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(folder: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlops.paths import default_storage_url, dlops_home
+
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / folder / "storage"))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    url = default_storage_url()
+    storage = connect(url)
+    optuna.create_study(study_name="s", storage=storage.optuna)
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [Path(folder, "storage", "dlops.db")]
+    assert storage.lock_file == dlops_home() / "dlops.db"
+    assert [r["name"] for r in list_studies(url)] == ["s"]
+
+
+def test_a_sqlite_url_with_a_raw_question_mark_in_its_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=r"'\?' in its path.*%3F"):
+        connect(f"sqlite:///{tmp_path / 'c9q?x' / 'storage' / 'dlops.db'}")
+    assert list(tmp_path.iterdir()) == []
+    assert connect(f"sqlite:///{tmp_path / 'ok.db'}?timeout=5").lock_file == tmp_path / "ok.db"  # real options pass
+
+
+def test_journal_urls_round_trip_odd_folders(tmp_path: Path) -> None:
+    from dlops.storage import journal_url
+
+    for folder in ("c9q?x", "p%q", "a%41b", "h#sh"):
+        path = tmp_path / folder / "study.log"
+        assert journal_path(journal_url(path)) == path
+        assert journal_path(str(path)) == path  # a plain path is taken literally
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql+psycopg2://postgres:s3c@ret@host:5432/db", "postgresql+psycopg2://postgres:***@host:5432/db"),
+        ("postgresql://u:a@b@c@host/db", "postgresql://u:***@host/db"),
+        ("postgresql://u:p:w@host/db", "postgresql://u:***@host/db"),
+        ("postgresql://u:p@host/db?application_name=a@b", "postgresql://u:***@host/db?application_name=a@b"),
+        ("postgresql://u:pa/ss@host/db", "postgresql://u:***@host/db"),
+        ("postgresql://u@host/db?x=a@b", "postgresql://u@host/db?x=a@b"),
+        ("postgresql://host:5432/db?x=a@b", "postgresql://host:5432/db?x=a@b"),
+        ("redis://:s3c@ret@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://:s3c@ret@host:6379/0?prefix=me@work", "redis://:***@host:6379/0?prefix=me@work"),
+        ("redis://host:6379/0?prefix=me@work", "redis://host:6379/0?prefix=me@work"),
+        ("rediss://user:p@ss@host", "rediss://user:***@host"),
+        ("cannot open postgresql://a:b@c@d/x (and redis://:e@f@g/0)", "cannot open postgresql://a:***@d/x (and redis://:***@g/0)"),
+    ],
+)
+def test_mask_url_hides_the_whole_password(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_an_unencoded_at_in_a_sql_password_is_refused_without_leaking_it() -> None:
+    with pytest.raises(StorageError) as caught:
+        connect("postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test")
+    assert "ret" not in str(caught.value) and "%40" in str(caught.value)
+    result = CliRunner().invoke(app, ["study", "list", "--storage", "postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test"])
+    assert result.exit_code != 0 and "s3c" not in result.output and "ret@" not in result.output

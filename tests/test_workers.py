@@ -372,7 +372,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
         after = retry.user_attrs["history"]["epoch_seconds"]
         assert len(after) == epochs and sorted(retry.intermediate_values) == list(range(epochs))
         assert after[: len(before)] == before and len(before) <= resumed
-        assert "killed by SIGKILL" in output and f"resuming from its checkpoint ({resumed} epoch(s) done)" in output
+        assert "killed by SIGKILL" in output and f"resuming from its checkpoint ({resumed} epoch{'' if resumed == 1 else 's'} done)" in output
         assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
     finally:
         b.cleanup()

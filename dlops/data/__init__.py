@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from dlops.errors import DatasetNotAvailable, DlopsError
+from dlops.text import plural
 
 
 @dataclass
@@ -148,7 +149,7 @@ def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | No
         return ds
     n = ds.num_classes if num_classes is None else num_classes
     if not 1 <= n <= ds.num_classes:
-        raise DlopsError(f"subset of {n} classes asked for; {ds.name} has {ds.num_classes}")
+        raise DlopsError(f"subset of {plural(n, 'class')} asked for; {ds.name} has {ds.num_classes}")
     if per_class is not None and per_class < 1:
         raise DlopsError(f"subset per_class must be at least 1, got {per_class}")
 

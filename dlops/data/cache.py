@@ -75,13 +75,42 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
             f"{name} cache at {directory} has format version {version}, this dlops reads {FORMAT_VERSION}: "
             f"rebuild it with `dlops data prepare {name} --force`"
         )
-    for split in manifest["splits"]:
-        for file in (images_file(split), labels_file(split)):
-            if not (directory / file).is_file():
+    for split, count in manifest["splits"].items():
+        expected = {
+            images_file(split): (np.dtype(np.uint8), (int(count), *map(int, manifest.get("image_shape", ())))),
+            labels_file(split): (np.dtype(np.int64), (int(count),)),
+        }
+        for file, (dtype, shape) in expected.items():
+            problem = _array_file_problem(directory / file, dtype, shape)
+            if problem:
                 raise DatasetNotAvailable(
-                    f"{name} cache at {directory} lacks {file}: rebuild it with `dlops data prepare {name} --force`"
+                    f"{name} cache at {directory}: {file} {problem}: rebuild it with `dlops data prepare {name} --force`"
                 )
     return manifest
+
+
+def _array_file_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with the ``.npy`` file ``path`` for an array of ``dtype`` and ``shape``
+    (missing, unreadable header, other dtype or shape, fewer or more bytes), or None.
+    Reads the header only: cheap enough for every load."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header = read_header(f)  # (shape, fortran_order, dtype)
+            offset = f.tell()
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as exc:
+        return f"is unreadable ({exc})"
+    found_shape, _, found_dtype = header
+    if np.dtype(found_dtype) != dtype or tuple(found_shape) != tuple(shape):
+        return f"holds {found_dtype} {tuple(found_shape)}, the manifest says {dtype} {tuple(shape)}"
+    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != want:
+        return f"has {size:,} bytes, {want:,} expected (truncated or damaged)"
+    return None
 
 
 def is_prepared(root: Path | str | None, name: str) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dlops.data import Split
+from dlops.text import plural
 
 
 CPU_CHUNK = 32  # images cropped and normalised together on the CPU (about 1.9 MB of float)
@@ -44,7 +45,7 @@ class PKSampler:
         labels = np.asarray(labels)
         self.classes = np.unique(labels)
         if p > len(self.classes):
-            raise ValueError(f"P={p} classes per batch, but only {len(self.classes)} classes")
+            raise ValueError(f"P={p} classes per batch, but only {plural(len(self.classes), 'class')}")
         if p < 1 or k < 1:
             raise ValueError("P and K must be at least 1")
         self.p, self.k = p, k

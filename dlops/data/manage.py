@@ -32,6 +32,7 @@ from dlops.data.cache import (
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
+from dlops.text import plural
 
 Log = Callable[[str], None]
 SOURCE_FILE = "source.json"  # in raw/: where the extracted tree came from
@@ -80,8 +81,11 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
     module = cached_module(name)
     root = resolve_root(root)
     if not force and is_prepared(root, name):
+        manifest = read_manifest(root, name)
+        if source is not None or md5 is not None:
+            _check_same_source(name, manifest.get("source") or {}, source or module.URL, md5)
         log(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
-        return {**read_manifest(root, name), "reused": True}
+        return {**manifest, "reused": True}
     home = dataset_dir(root, name)
     src = source or module.URL
     downloaded = False
@@ -118,7 +122,7 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
         count = safe_extract(archive, scratch, progress=progress)
         tree = module.find_tree(scratch)
         (scratch / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        log(f"extracted {count:,} members; building the cache")
+        log(f"extracted {plural(count, 'member')}; building the cache")
         manifest = _build(module, tree, root, {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
                           val_fraction=0.1, seed=0, workers=workers, progress=progress)
         replace_dir(scratch, home / "raw")
@@ -128,6 +132,30 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
             archive.unlink(missing_ok=True)
         _remove_empty(home / "downloads", home)
     return manifest
+
+
+def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: str | None) -> None:
+    """A fetch of ``source`` (``md5``) over a cache built from another archive is refused: it
+    would do nothing while the user thinks the data is theirs. Same archive: md5 equal (a
+    local file is hashed) or, for a URL, the same URL."""
+    if built_from.get("md5"):
+        was = f"{built_from.get('archive', '?')} (md5 {built_from['md5']})"
+    else:
+        was = f"the extracted tree {built_from.get('tree', '?')} (no archive recorded)"
+    again = f"add --force to rebuild {name} from {source}"
+    if is_url(source):
+        same = source == built_from.get("location") and md5 in (None, built_from.get("md5"))
+        if not same:
+            raise DlopsError(f"{name} is already prepared from {was}, not from {source}: {again}")
+        return
+    path = Path(source).expanduser().absolute()
+    if not path.is_file():
+        raise DlopsError(f"{name}: source archive not found: {path} ({name} is already prepared from {was})")
+    actual = md5_file(path)
+    if md5 is not None and actual != md5.lower():
+        raise DlopsError(f"md5 mismatch for {path}: got {actual}, expected {md5}")
+    if actual != built_from.get("md5"):
+        raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
 
 
 def _remove_empty(*folders: Path) -> None:
@@ -250,7 +278,7 @@ def show_dataset(name: str, root: Path | str | None = None, out: Path | str | No
     counts = {split: np.bincount(np.asarray(s.labels), minlength=ds.num_classes)
               for split, s in (("train", ds.train), ("val", ds.val), ("test", test))}
     total = sum(len(s) for s in (ds.train, ds.val, test))
-    title = f"{name}: {ds.num_classes} classes, {total:,} images {list(ds.image_shape)}"
+    title = f"{name}: {plural(ds.num_classes, 'class')}, {plural(total, 'image')} {list(ds.image_shape)}"
     fig = dataset_figure(np.asarray(ds.train.images[picks]), labels[picks], ds.class_names, counts, title)
     path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

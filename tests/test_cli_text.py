@@ -1,0 +1,90 @@
+"""What the command line says: counts in the right number, `--help` of every command
+readable at 80 columns (plain flags, whole defaults)."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dlops.cli import app
+from dlops.text import plural
+
+
+def test_plural() -> None:
+    assert plural(1, "seed") == "1 seed" and plural(2, "seed") == "2 seeds" and plural(0, "trial") == "0 trials"
+    assert plural(1, "finished trial") == "1 finished trial" and plural(4, "finished trial") == "4 finished trials"
+    assert plural(2, "decoding process") == "2 decoding processes" and plural(3, "class") == "3 classes"
+    assert plural(2, "study") == "2 studies" and plural(2, "day") == "2 days"
+    assert plural(12000, "image") == "12,000 images" and plural(2, "mouse", "mice") == "2 mice"
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+COMMANDS = [path for path, _ in _commands(typer.main.get_command(app))]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) or "dlops" for p in COMMANDS])
+def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80, text
+    assert "<bool>" not in text and "…" not in text, text
+    assert not [line for line in lines if line.rstrip().endswith("...") and "[ARGS]" not in line], text  # nothing cut off
+    command = dict(_commands(typer.main.get_command(app)))[path]
+    flat = " ".join(text.split())
+    for param in getattr(command, "params", []):
+        if getattr(param, "hidden", False) or not getattr(param, "opts", None) or not param.opts[0].startswith("--"):
+            continue
+        assert param.opts[0] in text, (param.opts[0], text)
+        for default in re.findall(r"[\[(]default: [^\])]*[\])]", param.help or ""):
+            assert " ".join(default.split()) in flat, (default, text)  # a default in the help text is shown whole
+    if any(getattr(p, "name", None) == "storage" for p in getattr(command, "params", [])):
+        assert "sqlite:///$DLOPS_HOME/dlops.db)" in text
+
+
+def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_path: Path, dlops_home: Path) -> None:
+    spec = tmp_path / "wording.toml"
+    spec.write_text(textwrap.dedent("""\
+        name = "wording"
+        trainer = "resnet18"
+        n_trials = 1
+        [train]
+        loss = "ce"
+        dataset = "digits"
+        epochs = 1
+        width = 8
+        subset_per_class = 10
+        batch_size = 40
+        [final]
+        epochs = 1
+        seeds = 1
+        [baseline]
+        lr = 0.01
+        [search.lr]
+        type = "float"
+        low = 0.001
+        high = 0.1
+        log = true
+        """))
+    runner = CliRunner()
+    result = runner.invoke(app, ["study", "run", str(spec), "--study-name", "wording-study", "--n-trials", "1",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "this run adds 1 finished trial (" in result.output
+    result = runner.invoke(app, ["final", str(spec), "--study-name", "wording-study", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "(1 seed x 1 epoch)" in flat
+    assert re.search(r"\(\d+ files\); \d+ artifacts attached to trial 0 of study wording-study", flat), flat
