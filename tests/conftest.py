@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_IMAGENET_SAMPLE = SHARED_DATA / "tiny-imagenet-200-sample.zip"
+# $DLOPS_TINY_IMAGENET_SAMPLE points elsewhere (the GPU machine gets a copy in device/).
+TINY_IMAGENET_SAMPLE = Path(os.environ.get("DLOPS_TINY_IMAGENET_SAMPLE") or SHARED_DATA / "tiny-imagenet-200-sample.zip")
 
 # Two cores: one intra-op thread per test process keeps timings steady.
 torch.set_num_threads(1)
