@@ -125,7 +125,7 @@ def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(loss: str) -> 
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = ResNet18(200, 3, 64).to(device).to(memory_format=torch.channels_last).eval()  # BN on running stats
-    loss_fn = LOSSES[loss](200, model.embedding_dim).to(device)
+    loss_fn = LOSSES[loss](200, model.embedding_dim).to(device).eval()  # eval: the centers stay put between calls
     x = torch.randn(128, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.arange(32, device=device).repeat_interleave(4)  # P x K: triplets have positives
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
