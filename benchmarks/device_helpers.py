@@ -33,7 +33,7 @@ HEAVY = {"torch", "torchvision", "numpy", "matplotlib", "scikit-learn", "scipy",
 # What dlops and its tests import (module -> distribution), checked before and after installing.
 IMPORTS = {
     "optuna": "optuna", "sqlalchemy": "sqlalchemy", "alembic": "alembic", "colorlog": "colorlog", "mako": "mako",
-    "yaml": "pyyaml", "tqdm": "tqdm", "packaging": "packaging", "typer": "typer", "rich": "rich", "click": "click",
+    "yaml": "pyyaml", "tqdm": "tqdm", "packaging": "packaging", "typer": "typer", "rich": "rich",
     "optuna_dashboard": "optuna-dashboard", "bottle": "bottle", "redis": "redis", "psycopg2": "psycopg2-binary",
     "torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "matplotlib": "matplotlib",
     "sklearn": "scikit-learn", "PIL": "pillow", "pytest": "pytest", "pytest_timeout": "pytest-timeout",
@@ -90,9 +90,16 @@ def _has(dist: str) -> bool:
 
 
 def failing_imports() -> dict[str, str]:
+    """Modules of :data:`IMPORTS` that do not import (the heavy ones: that are not found)."""
+    import importlib.util
+
     out = {}
-    for module in IMPORTS:
+    for module, dist in IMPORTS.items():
         try:
+            if norm(dist) in HEAVY:  # the machine's own; importing torch & co. here costs seconds
+                if importlib.util.find_spec(module) is None:
+                    raise ModuleNotFoundError(f"No module named {module!r}")
+                continue
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - any failure means: bring it
             out[module] = f"{type(exc).__name__}: {exc}"
@@ -166,7 +173,8 @@ def versions(args: argparse.Namespace) -> int:
 def write_spec(args: argparse.Namespace) -> int:
     """The built-in ``resnet18-LOSS`` spec, with extra ``[train]`` settings (a CPU rehearsal's width)."""
     text = (ROOT / "study" / f"resnet18-{args.loss}.toml").read_text()
-    extra = "".join(f"\n{k} = {v}" for k, v in (("width", args.width), ("eval_batch_size", args.eval_batch_size)) if v)
+    extra = "".join(f"\n{k} = {v}" for k, v in (("width", args.width), ("batch_size", args.batch_size),
+                                                 ("eval_batch_size", args.eval_batch_size)) if v)
     text = text.replace("[train]", "[train]" + extra, 1)
     Path(args.out).write_text(text)
     return 0
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--loss", required=True, choices=LOSSES)
     s.add_argument("--out", required=True)
     s.add_argument("--width", type=int)
+    s.add_argument("--batch-size", type=int)
     s.add_argument("--eval-batch-size", type=int)
     c = sub.add_parser("curves")
     c.add_argument("--storage", required=True)

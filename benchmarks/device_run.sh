@@ -55,10 +55,10 @@ if [ "$SMOKE" = 1 ]; then
   [ -f "$SAMPLE" ] || SAMPLE=$ROOT/../shared/data/tiny-imagenet-200-sample.zip
   export DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  BUDGET=${BUDGET:-300}
+  BUDGET=${BUDGET:-480}
   # stage limits (s), CPU rehearsal sizes
   L_INSTALL=60 L_VERSIONS=60 L_TESTS=90 L_THROUGHPUT=90 L_FETCH=120 L_STUDY=90 L_CURVES=90
-  STUDY_ARGS="--n-trials 4 --epochs 2" CURVE_EPOCHS=2 SPEC_WIDTH=8
+  STUDY_ARGS="--n-trials 4 --epochs 2" CURVE_EPOCHS=2 SPEC_WIDTH=8 SPEC_BATCH=32
   TINY_SUBSET="--subset-classes 10 --subset-per-class 3"
   THROUGHPUT_ARGS="--smoke"
 else
@@ -66,11 +66,11 @@ else
   export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
   BUDGET=${BUDGET:-470}
   L_INSTALL=90 L_VERSIONS=30 L_TESTS=200 L_THROUGHPUT=210 L_FETCH=60 L_STUDY=70 L_CURVES=70
-  STUDY_ARGS="--n-trials 4 --epochs 3" CURVE_EPOCHS=5 SPEC_WIDTH=
+  STUDY_ARGS="--n-trials 4 --epochs 3" CURVE_EPOCHS=5 SPEC_WIDTH= SPEC_BATCH=
   TINY_SUBSET=""
   THROUGHPUT_ARGS="--compile-budget-s 90"
 fi
-export SAMPLE DLOPS_TINY_IMAGENET_SAMPLE=$SAMPLE OUT WORK ROOT SMOKE STUDY_ARGS CURVE_EPOCHS SPEC_WIDTH TINY_SUBSET THROUGHPUT_ARGS
+export SAMPLE DLOPS_TINY_IMAGENET_SAMPLE=$SAMPLE OUT WORK ROOT SMOKE STUDY_ARGS CURVE_EPOCHS SPEC_WIDTH SPEC_BATCH TINY_SUBSET THROUGHPUT_ARGS
 RESERVE=15  # seconds kept for the summary
 START=$(date +%s)
 FAILED=0
@@ -140,7 +140,7 @@ dataset_args() {
 }
 study_stage() {  # $LOSS
   local spec="$WORK/specs/resnet18-$LOSS.toml"
-  "$PYTHON" benchmarks/device_helpers.py spec --loss "$LOSS" --out "$spec" ${SPEC_WIDTH:+--width $SPEC_WIDTH} || return
+  "$PYTHON" benchmarks/device_helpers.py spec --loss "$LOSS" --out "$spec" ${SPEC_WIDTH:+--width $SPEC_WIDTH} ${SPEC_BATCH:+--batch-size $SPEC_BATCH} || return
   # shellcheck disable=SC2046,SC2086
   "$PYTHON" -m dlops.cli study run "$spec" $(dataset_args) $STUDY_ARGS --device "$DEVICE" \
     --storage "sqlite:///$WORK/studies.db" --study-name "device-$LOSS" --seed 0
