@@ -173,10 +173,16 @@ def versions(args: argparse.Namespace) -> int:
 def write_spec(args: argparse.Namespace) -> int:
     """The built-in ``resnet18-LOSS`` spec, with extra ``[train]`` settings (a CPU rehearsal's width)."""
     text = (ROOT / "study" / f"resnet18-{args.loss}.toml").read_text()
-    extra = "".join(f"\n{k} = {v}" for k, v in (("width", args.width), ("batch_size", args.batch_size),
-                                                 ("eval_batch_size", args.eval_batch_size)) if v)
-    text = text.replace("[train]", "[train]" + extra, 1)
-    Path(args.out).write_text(text)
+    head, train = text.split("\n[train]", 1)
+    train, sep, rest = train.partition("\n[")  # the [train] table alone
+    for key, value in (("width", args.width), ("batch_size", args.batch_size), ("eval_batch_size", args.eval_batch_size)):
+        if value:
+            line = f"{key} = {value}"
+            train, found = re.subn(rf"(?m)^{key}\s*=.*$", line, train, count=1)
+            if not found:  # a new line right under the [train] header (and its comment)
+                first, nl, body = train.partition("\n")
+                train = f"{first}{nl}{line}\n{body}"
+    Path(args.out).write_text(head + "\n[train]" + train + sep + rest)
     return 0
 
 

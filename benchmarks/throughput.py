@@ -50,7 +50,7 @@ TRAIN_IMAGES, VAL_IMAGES, CENTROID_IMAGES = 90_000, 10_000, 10_000  # one full T
 MEAN, STD = np.array([0.480, 0.448, 0.398]), np.array([0.277, 0.269, 0.282])
 
 FULL = dict(image_size=64, width=64, classes=200, batch_sizes="128,256,512", eval_batch_sizes="512,1024,2048",
-            train_images=20_000, val_images=10_000, steps=20, repeats=5, warmup=8)
+            train_images=20_000, val_images=10_000, steps=10, repeats=5, warmup=5)
 SMOKE = dict(image_size=32, width=8, classes=20, batch_sizes="16,32", eval_batch_sizes="64,128",
              train_images=512, val_images=256, steps=2, repeats=3, warmup=1)
 
