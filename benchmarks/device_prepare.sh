@@ -62,6 +62,7 @@ On the GPU session (device tool, one call; the script keeps itself within about 
   carry:     ["device"]
   timeout_s: 560
   command:   bash benchmarks/device_run.sh "\$OUT"
-A second call for a part only: bash benchmarks/device_run.sh "\$OUT" --stages install,versions,throughput
-(stages: install versions cuda_tests throughput fetch studies curves; summary always runs)
+A second call for a part only, e.g.: bash benchmarks/device_run.sh "\$OUT" --stages install,fetch,studies,curves
+(stages: install versions cuda_tests throughput fetch studies curves; summary always runs; a fresh
+machine needs install, and studies and curves need fetch, else they run on digits)
 EOF
