@@ -261,7 +261,7 @@ def _resolve_home_path(text: str) -> Path:
 
 
 # Settings that may differ between an interrupted run and its resumption.
-RESUMABLE_DIFFERENCES = {"device", "data_root", "eval_batch_size"}
+RESUMABLE_DIFFERENCES = {"device", "data_root", "eval_batch_size", "compile", "cudnn_benchmark"}
 
 
 def discard_checkpoints(spec_name: str, notify: Notify) -> None:

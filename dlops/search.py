@@ -130,7 +130,7 @@ def remove_checkpoint(path: Path) -> None:
         pass
 
 
-_RESUME_IGNORES = {"device", "eval_batch_size", "data_root"}  # may differ between machines; results do not
+_RESUME_IGNORES = {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"}  # may differ between machines; results do not
 
 
 def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:

@@ -56,6 +56,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"
+    # Speed only (results agree within rounding; a checkpoint resumes across them):
+    compile: bool = False  # torch.compile the model for training and evaluation
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels for each shape
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -86,6 +89,7 @@ class FitResult:
     start_epoch: int = 0  # > 0 when resumed from a checkpoint
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)  # last epoch's
+    extra_user_attrs: dict[str, Any] = field(default_factory=dict)  # kept with a study's trial
 
 
 ReportFn = Callable[[int, dict[str, float]], None]
@@ -99,6 +103,15 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda)")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """What ran a run: the device, its name, and the GPUs the process was given."""
+    out: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        out["name"] = torch.cuda.get_device_name(device)
+        out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return out
 
 
 def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -131,6 +144,13 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile(model)``: the compiled module shares the parameters and buffers of
+    ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
+    taken from ``model`` itself)."""
+    return torch.compile(model)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -144,8 +164,10 @@ def evaluate(
     """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
     model.eval()
     loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
-    correct = {1: 0, 5: 0}
-    loss_sum, n = 0.0, 0
+    # Sums stay on the device and are read once at the end: no host sync per batch.
+    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
     for x, y in loader:
         with _autocast(device):
             embedding, logits = model(x)
@@ -153,12 +175,14 @@ def evaluate(
             scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
         else:
             scores = logits.float()
-            loss_sum += float(nn.functional.cross_entropy(scores, y, reduction="sum"))
-        for k, c in topk_correct(scores, y).items():
-            correct[k] += c
+            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
+        hits[0] += top[:, 0].sum()
+        hits[1] += top.any(1).sum()
         n += len(y)
-    out = {"top1": correct[1] / max(n, 1), "top5": correct[5] / max(n, 1)}
-    out["loss"] = loss_sum / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
+    top1, top5 = hits.tolist()
+    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+    out["loss"] = float(loss_sum) / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
     return out
 
 
@@ -225,6 +249,10 @@ def fit(
         dataset = load_dataset(config)
     mean, std = dataset.channel_stats()
     model, loss_fn = build_model_and_loss(config, dataset, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    # ``model`` stays the plain module (checkpoints, results); ``net`` runs the batches.
+    net = compile_model(model) if config.compile else model
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -281,7 +309,7 @@ def fit(
         embeddings, labels = [], []
         for step, (x, y) in enumerate(train_loader):
             with _autocast(device):
-                embedding, logits = model(x)
+                embedding, logits = net(x)
             loss = loss_fn(embedding, logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -305,10 +333,10 @@ def fit(
             # from a fixed sample of the training images.
             emb, lab = torch.cat(embeddings), torch.cat(labels)
             train_acc = topk_correct(centroid_scores(emb, class_centroids(emb, lab, dataset.num_classes)), lab, (1,))[1] / len(lab)
-            update_centroids(model, loss_fn, centroid_split, mean, std, device, config.eval_batch_size)
+            update_centroids(net, loss_fn, centroid_split, mean, std, device, config.eval_batch_size)
         else:
             train_acc = float(correct) / max(seen, 1)
-        val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
+        val = evaluate(net, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
         metrics = epoch_metrics(train_loss, train_acc, val, lr, time.perf_counter() - t0)
         for k in HISTORY_KEYS:
             history[k].append(metrics[k])
@@ -342,6 +370,7 @@ def fit(
         start_epoch=start_epoch,
         seconds=time.perf_counter() - started,
         metrics=last,
+        extra_user_attrs={"device": describe_device(device)},
     )
 
 

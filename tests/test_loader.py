@@ -128,3 +128,24 @@ def test_digits_splits_are_stratified_and_disjoint() -> None:
     assert sub.num_classes == 4 and len(sub.train) == 20
     assert np.bincount(sub.train.labels).tolist() == [5, 5, 5, 5]
     assert sub.val.labels.max() < 4 and sub.test().labels.max() < 4
+
+
+@pytest.mark.parametrize("pk", [None, (4, 4)], ids=["shuffled", "pk"])
+def test_the_device_resident_path_gives_the_cpu_paths_batches(pk: tuple[int, int] | None) -> None:
+    """On a GPU a split that fits is kept on the device and each batch is gathered there
+    (``_device_images``). Driven here with CPU tensors in its place: for the same seed it
+    gives the slice path's batches, image for image (same order, same crop and flip)."""
+    rng = np.random.default_rng(2)
+    split = Split(rng.integers(0, 256, size=(60, 3, 12, 12), dtype=np.uint8), np.arange(60, dtype=np.int64) % 6)
+    mean, std = np.full(3, 0.4), np.full(3, 0.2)
+    kw = dict(shuffle=True, augment=True, hflip=True, crop_padding=3, seed=7, pk=pk)
+    cpu = BatchLoader(split, 16, mean, std, **kw)
+    resident = BatchLoader(split, 16, mean, std, **kw)
+    resident._device_images = torch.from_numpy(split.images.copy())
+    resident._device_labels = torch.from_numpy(split.labels.copy())
+    batches = 0
+    for _ in range(2):
+        for (xa, ya), (xb, yb) in zip(cpu, resident, strict=True):
+            assert torch.equal(ya, yb) and torch.equal(xa, xb)
+            batches += 1
+    assert batches == 2 * len(cpu) >= 6

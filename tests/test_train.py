@@ -62,3 +62,59 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DlopsError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_compile_runs_batches_through_the_compiled_module_and_keeps_plain_checkpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile = true`` trains and evaluates through ``compile_model(model)`` (here a
+    stand-in wrapper: compiling takes minutes on a CPU); the checkpoint and the result
+    hold the plain model, so they load without ``torch.compile``."""
+    import dlops.train as train
+
+    calls = []
+
+    class Wrapped(torch.nn.Module):  # like torch.compile's OptimizedModule: the model is a submodule
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self._orig_mod(x)
+
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._orig_mod, name)
+
+    monkeypatch.setattr(train, "compile_model", Wrapped)
+    ckpt = tmp_path / "ckpt.pt"
+    config = small("triplet", epochs=1)
+    result = fit(config.replace(compile=True), checkpoint_path=ckpt)
+    assert calls  # batches went through the wrapper (training, centroids, validation)
+    saved = torch.load(ckpt, weights_only=False)["model"]
+    assert not any(k.startswith("_orig_mod") for k in saved) and set(saved) == set(result.model.state_dict())
+    plain = fit(config)
+    assert result.history["train_loss"] == plain.history["train_loss"]  # the same computation
+    assert result.history["val_top5"] == plain.history["val_top5"]
+
+
+def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
+    import numpy as np
+
+    from dlops.metrics import topk_accuracy
+    from dlops.train import evaluate
+
+    result = fit(small("ce", epochs=1))
+    ds, device = result.dataset, result.device
+    mean, std = ds.channel_stats()
+    got = evaluate(result.model, result.loss_fn, ds.val, mean, std, device, batch_size=7)  # many batches, a ragged last
+    x = (torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)) \
+        / torch.tensor(std).float().view(1, -1, 1, 1)
+    y = torch.from_numpy(np.asarray(ds.val.labels))
+    with torch.no_grad():
+        _, logits = result.model.eval()(x)
+    acc = topk_accuracy(logits, y)
+    assert got["top1"] == pytest.approx(acc[1]) and got["top5"] == pytest.approx(acc[5])
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)

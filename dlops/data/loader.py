@@ -172,14 +172,15 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.split.images, self.split.labels
         for idx in self.batch_indices():
+            # sorted reads are sequential in a memmap; order inside a batch is irrelevant.
+            # Both paths sort, so that image i of a batch gets the same crop on every device.
+            idx = np.sort(idx) if self.sampler is None else idx
             if self._device_images is not None:
                 index = torch.from_numpy(idx).to(self.device, non_blocking=True)
                 x = self._device_images.index_select(0, index)
                 y = self._device_labels.index_select(0, index)
                 yield self._finish(x, y)
                 continue
-            # sorted reads are sequential in a memmap; order inside a batch is irrelevant
-            idx = np.sort(idx) if self.sampler is None else idx
             y = torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
             if self.augment and self.device.type == "cpu":
                 yield self._cpu_batch(images, idx), y
