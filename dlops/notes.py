@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-KEEP_MARKER = "<!-- dlops: notes written below this line are kept when dlops refreshes the note -->"
+KEEP_MARKER = "*Your notes go below this line: dlops keeps them when it refreshes this note.*"
 STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
 HISTORY_COLUMNS = (  # (history key, column title, format)
     ("train_loss", "train loss", ".4f"),
@@ -269,7 +269,7 @@ def write_study_note(study: optuna.Study, ctx: StudyContext, trials: list[Frozen
     body = study_note(study, ctx, trials)
     old = get_note(study)
     kept = old.split(KEEP_MARKER, 1)[1] if KEEP_MARKER in old else "\n"
-    body = body + "\n\n" + KEEP_MARKER + kept
+    body = body + "\n\n---\n\n" + KEEP_MARKER + kept
     if body != old:
         save_note(study, body)
 
