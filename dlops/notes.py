@@ -262,16 +262,37 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     return "\n".join(lines)
 
 
+def save_note(storage: Any, study_id: int, trial_id: int | None, body: str,
+              attrs: dict[str, Any] | None = None) -> None:
+    """optuna-dashboard's note format (a version, then the body in chunks of study system
+    attrs), writing only the chunks that changed: each write is a commit on SQLite and
+    PostgreSQL, and a refreshed study note mostly changes at its end."""
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    attrs = storage.get_study_system_attrs(study_id) if attrs is None else attrs
+    prefix = note_str_key_prefix(trial_id)
+    old = {k: v for k, v in attrs.items() if k.startswith(prefix)}
+    new = split_body(body, trial_id)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), int(attrs.get(note_ver_key(trial_id), 0)) + 1)
+    for key, chunk in new.items():
+        if old.get(key) != chunk:
+            storage.set_study_system_attr(study_id, key, chunk)
+    for i in range(len(new), len(old)):
+        if old.get(f"{prefix}{i}"):
+            storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
+
+
 def write_study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> None:
     """Refresh the study note; text below :data:`KEEP_MARKER` stays. Call under the study lock."""
-    from optuna_dashboard import get_note, save_note
+    from optuna_dashboard._note import get_note_from_system_attrs
 
     body = study_note(study, ctx, trials)
-    old = get_note(study)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    old = get_note_from_system_attrs(attrs, None)["body"]
     kept = old.split(KEEP_MARKER, 1)[1] if KEEP_MARKER in old else "\n"
     body = body + "\n\n---\n\n" + KEEP_MARKER + kept
     if body != old:
-        save_note(study, body)
+        save_note(study._storage, study._study_id, None, body, attrs)
 
 
 # --------------------------------------------------------------------------- trial notes
@@ -351,17 +372,11 @@ def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str
 
 def write_trial_note(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial] | None = None) -> None:
     """The note of a finished ``trial``: its own, written by the worker that ran it."""
-    from optuna_dashboard._note import note_ver_key, save_note_with_version
-
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     base = _baseline_trial(trials)
     baseline_config = (base.user_attrs.get("config") if base is not None else None) or None
     metric = (study.metric_names or [None])[0]
-    body = trial_note(trial, metric, baseline_config)
-    storage, study_id = study._storage, study._study_id
-    # save_note wants a live Trial; a finished one is a FrozenTrial: the same system attrs.
-    version = storage.get_study_system_attrs(study_id).get(note_ver_key(trial._trial_id), 0) + 1
-    save_note_with_version(storage, study_id, trial._trial_id, version, body)
+    save_note(study._storage, study._study_id, trial._trial_id, trial_note(trial, metric, baseline_config))
 
 
 # --------------------------------------------------------------------------- during a run
