@@ -63,6 +63,13 @@ def run(kind: str, url: str, trials: int, epochs: int) -> dict[str, float]:
         start = time.perf_counter()
         notes.trial_finished(study, storage, frozen)
         costs.append((time.perf_counter() - start) * 1000)
+    from optuna_dashboard import get_note
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    note = get_note(study)
+    attrs = storage.optuna.get_study_system_attrs(study._study_id)
+    last = get_note_from_system_attrs(attrs, study.trials[-1]._trial_id)["body"]
+    assert f"Trials: {trials} complete" in note and f"# Trial {trials - 1}" in last, "the notes were not written"
     if kind == "postgresql":
         optuna.delete_study(study_name=study.study_name, storage=storage.optuna)
     return {"ms_median": statistics.median(costs), "ms_mean": statistics.fmean(costs),
