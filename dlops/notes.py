@@ -398,6 +398,8 @@ class RunNotes:
         start = time.perf_counter()
         try:
             fn(*args)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: the run is stopping anyway (the first one set stop.requested)
         except Exception as exc:  # noqa: BLE001 - a note is never worth a failed study
             if not self._warned:
                 self.say(f"could not write the dashboard notes: {exc}")
@@ -484,6 +486,8 @@ def finish_study_run(spec: Any, options: Any, study: optuna.Study, *, plots: boo
             write_study_note(study, ctx)
         if plots:
             refresh_study_plots(study)
+    except KeyboardInterrupt:
+        say("Ctrl-C: the study's plots were not redrawn (`dlops report` redraws them)")
     except Exception as exc:  # noqa: BLE001 - the study itself is stored; say what was not
         say(f"could not refresh the dashboard notes and plots: {exc}")
 
