@@ -444,7 +444,8 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
     for path in files:
         path = Path(path)
         artifact_id = known.get(path.name)
-        if artifact_id and attrs.get("artifacts:" + artifact_id):
+        meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
+        if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
             tmp = root / f".{artifact_id}.tmp"
             tmp.write_bytes(path.read_bytes())
             os.replace(tmp, root / artifact_id)
