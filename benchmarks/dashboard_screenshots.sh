@@ -33,7 +33,7 @@ read -r STUDY_ID BEST PRUNED < <(curl -sf "http://127.0.0.1:$PORT/api/studies" |
 import json, sys, urllib.request
 for s in json.load(sys.stdin)["study_summaries"]:
     if s["study_name"] == sys.argv[1]:
-        url = f"http://127.0.0.1:{sys.argv[2]}/api/studies/{s['study_id']}"
+        url = "http://127.0.0.1:%s/api/studies/%s" % (sys.argv[2], s["study_id"])
         detail = json.load(urllib.request.urlopen(url))
         best = detail["best_trials"][0]["number"] if detail["best_trials"] else 0
         pruned = [t["number"] for t in detail["trials"] if t["state"] == "Pruned"]
