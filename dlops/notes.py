@@ -173,7 +173,10 @@ def dataset_facts(spec: Any, options: Any) -> dict[str, Any]:
 
 
 def _baseline_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
-    return next((t for t in trials if t.user_attrs.get("baseline")), None)
+    """Trial 0, or where it was interrupted or its worker died, its completed retry."""
+    baselines = [t for t in trials if t.user_attrs.get("baseline")]
+    done = [t for t in baselines if t.state == TrialState.COMPLETE]
+    return (done or baselines or [None])[0]
 
 
 def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> str:
