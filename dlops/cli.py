@@ -126,8 +126,11 @@ def study_run(
     on = dataset or the_spec.train.get("dataset")
     console.print(f"study [bold]{options.study_name or the_spec.name}[/] ({the_spec.description or the_spec.name})"
                   + (f" on {on}" if on else ""), highlight=False)
-    result = run_workers(the_spec, options, workers, on_epoch=on_epoch,
-                         say=lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False))
+    say = lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False)  # noqa: E731
+    result = run_workers(the_spec, options, workers, on_epoch=on_epoch, say=say)
+    from dlops.notes import finish_study_run
+
+    finish_study_run(the_spec, options, result.study, plots=not result.interrupted, say=say)
     _print_summary(summarize(result.study))
     if result.interrupted:
         console.print(stopped_message(result, ["dlops", *sys.argv[1:]]), highlight=False, soft_wrap=True, markup=False)

@@ -413,6 +413,7 @@ def _stale(product: Path, source: Path) -> bool:
 
 def build_report(storage: str | None = None) -> ReportResult:
     """``dlops report``: refresh every spec's folder and write ``reports/index.md``."""
+    from dlops.notes import attach_study_plots
     from dlops.storage import mask_url
 
     plots.use_headless_backend()
@@ -426,7 +427,9 @@ def build_report(storage: str | None = None) -> ReportResult:
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
-            files += write_study_plots(e.study, out_dir / "study")
+            study_files = write_study_plots(e.study, out_dir / "study")
+            attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
+            files += study_files
         files.append(write_spec_report(e.name, e.study))
 
     resnets = sorted((e for e in entries if e.trainer == "resnet18"),

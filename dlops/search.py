@@ -403,7 +403,8 @@ def _sleep(seconds: float, stop: Any) -> None:
 
 def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[[optuna.Trial], float],
                 gate: _TrialGate, *, target: int, max_failures: int, timeout: float | None, stop: Any,
-                say: Callable[[str], None], gc_after_trial: bool = True) -> None:
+                say: Callable[[str], None], gc_after_trial: bool = True,
+                after_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> None:
     """One worker's loop: under the study lock, recover trials of dead workers, then start
     a trial only while finished + running < target. When the rest of the target is running
     in other workers, wait for them where they can still end (alive here, or heartbeats)."""
@@ -447,6 +448,8 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
         if gate.trial_number is None:
             continue
         trial = storage.optuna.get_trial(gate.trial_id)
+        if after_trial is not None:
+            after_trial(trial)
         if trial.state == TrialState.FAIL:
             if stop.requested:
                 retry_trial(study, trial, max_retry=None)  # resumes from its checkpoint next run
@@ -496,6 +499,7 @@ def run_study(
     again to resume from its checkpoint); ``StudyResult.interrupted`` says which signal.
     The test split is off limits inside: any read raises.
     """
+    from dlops.notes import RunNotes, StudyContext
     from dlops.workers import GracefulStop, failure_budget
 
     say = say or (lambda msg: None)
@@ -504,9 +508,11 @@ def run_study(
     storage = connect(options.storage or default_storage_url(), heartbeat_interval=options.heartbeat_interval,
                       grace_period=options.grace_period)
     study = open_study(spec, options, storage, worker)
+    notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
         counts = state_counts(study)  # where the study stood on (re)joining
         prepare_study(study, spec, options)
+        notes.opened(study)
     n_trials = options.n_trials or spec.n_trials
     if target is None:
         target = sum(counts[s.name] for s in FINISHED) + n_trials
@@ -517,6 +523,7 @@ def run_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
         _run_trials(study, storage, objective, gate, target=target, max_failures=failure_budget(n_trials, workers),
-                    timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say)
+                    timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say,
+                    after_trial=lambda trial: notes.trial_finished(study, storage, trial))
     return StudyResult(study=study, counts=state_counts(study), best=summarize(study)["best"],
                        interrupted=stop.signum, target=target)

@@ -292,7 +292,7 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     assert "test_top5" in result.output and "no study 'resnet18-ce'" in result.output
     final = json.loads((dlops_home / "reports" / "resnet18-ce" / "final.json").read_text())
     assert final["params_source"] == {"kind": "baseline"} and final["params"] == {"lr": 0.001}
-    assert final["config"]["width"] == 64 and final["epochs"] == 1 and final["study"] is None
+    assert final["config"]["width"] == 16 and final["epochs"] == 1 and final["study"] is None  # [datasets.digits]
     assert (dlops_home / "reports" / "resnet18-ce" / "curves.png").is_file()
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
 

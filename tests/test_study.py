@@ -26,6 +26,7 @@ def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-
     text = src.replace('dataset = "tiny-imagenet"', f'dataset = "digits"\nwidth = 8\nsubset_per_class = {per_class}\neval_batch_size = 64\n{extra_train}')
     text = text.replace("[datasets.digits]            # the embedded 8x8 dataset: a few epochs suffice\nepochs = 5",
                         f"[datasets.digits]\nepochs = {epochs}")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("width = 16 ")) + "\n"  # keep width 8
     if not digits_metric:  # keep the spec's own objective (top-5) on digits too
         text = "\n".join(line for line in text.splitlines() if not line.startswith('metric = "val_top1"')) + "\n"
     text = text.replace(f'name = "resnet18-{loss}"', f'name = "tiny-{loss}"')

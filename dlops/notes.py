@@ -1,0 +1,501 @@
+"""What optuna-dashboard shows besides the charts: Markdown notes and the study's plots.
+
+- The **study note** says what the study is (spec and description, dataset and split
+  sizes, search space, pruner, sampler, fixed settings), where it stands (baseline value,
+  best value and what tuning bought, trials by state, the best trials) and the command
+  that continues it. ``dlops study run`` writes it when it opens the study and refreshes
+  it after every trial, under the study lock (workers of one study take turns).
+- A **trial note** has the trial's whole per-epoch history as one table, why it stopped
+  (completed, pruned at epoch k with the value, diverged, interrupted, its worker died,
+  failed) and whether it resumed from a checkpoint, and the settings in which it differs
+  from the baseline (trial 0). It is written once the trial has finished.
+- The **study plots** that ``dlops report`` draws are attached to the study as artifacts
+  (``$DLOPS_HOME/artifacts``) at the end of ``dlops study run`` and by ``dlops report``.
+  Each plot keeps its artifact id: a refresh rewrites the file, so the study's artifact
+  list does not grow.
+
+Notes are optuna-dashboard's own (``optuna_dashboard.save_note``): study system attrs, so
+they work on every storage (SQLite, PostgreSQL, journal file, Redis journal). Text a
+person adds in the dashboard below :data:`KEEP_MARKER` in the study note is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+KEEP_MARKER = "*Your notes go below this line: dlops keeps them when it refreshes this note.*"
+STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
+HISTORY_COLUMNS = (  # (history key, column title, format)
+    ("train_loss", "train loss", ".4f"),
+    ("train_acc", "train acc", ".4f"),
+    ("val_loss", "val loss", ".4f"),
+    ("val_top1", "val top-1", ".4f"),
+    ("val_top5", "val top-5", ".4f"),
+    ("lr", "lr", ".3g"),
+    ("epoch_seconds", "s", ".1f"),
+)
+_CONFIG_IGNORES = {"seed", "device", "data_root", "eval_batch_size"}  # differ by design, not by choice
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–" if value is None else str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return format(value, fmt)
+
+
+def _value(value: Any) -> str:
+    return _num(value, ".4g") if isinstance(value, float) and (abs(value) < 1e-3 or abs(value) >= 1e4) else _num(value)
+
+
+def _param(value: Any) -> str:
+    return format(value, ".4g") if isinstance(value, float) else str(value)
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_param(v)}" for k, v in params.items()) or "–"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _pruner_text(pruner: dict[str, Any]) -> str:
+    cfg = dict(pruner)
+    kind = cfg.pop("type", "median")
+    args = ", ".join(f"{k}={v}" for k, v in cfg.items())
+    what = {
+        "median": "stops a trial whose value at an epoch is worse than the median of earlier trials at that epoch",
+        "percentile": "stops a trial below the given percentile of earlier trials at the same epoch",
+        "hyperband": "Hyperband: successive halving over several brackets",
+        "successive_halving": "asynchronous successive halving",
+        "none": "no pruning: every trial runs all its epochs",
+    }.get(kind, "")
+    return f"`{kind}`" + (f" ({args})" if args else "") + (f": {what}" if what else "")
+
+
+def _search_rows(spec: Any) -> list[str]:
+    baseline = spec.baseline_params()
+    rows = ["| parameter | type | range | baseline |", "| --- | --- | --- | --- |"]
+    for name, p in spec.search.items():
+        if p.type == "categorical":
+            rng = ", ".join(map(str, p.choices))
+        else:
+            rng = f"{_param(p.low)} – {_param(p.high)}" + (" (log)" if p.log else "") + (f", step {p.step}" if p.step else "")
+        rows.append(f"| {name} | {p.type} | {rng} | {_param(baseline.get(name))} |")
+    return rows
+
+
+def _continue_command(spec: Any, options: Any, study_name: str) -> str:
+    from dlops.spec import builtin_spec_dir
+    from dlops.storage import mask_url
+
+    path = getattr(spec, "path", None)
+    try:
+        builtin = path is not None and Path(path).resolve().parent == builtin_spec_dir().resolve()
+    except Exception:  # noqa: BLE001 - no built-in specs here: name the file
+        builtin = False
+    args = ["dlops", "study", "run", spec.name if builtin or path is None else str(path)]
+    if options.dataset:
+        args += ["--dataset", options.dataset]
+    args += ["--study-name", study_name]
+    if options.epochs:
+        args += ["--epochs", str(options.epochs)]
+    for key, value in sorted(options.train_overrides.items()):
+        if value is not None:
+            args += ["--" + key.replace("_", "-"), str(value)]
+    if options.seed is not None:
+        args += ["--seed", str(options.seed)]
+    if options.device and options.device != "auto":
+        args += ["--device", options.device]
+    if options.storage:
+        args += ["--storage", options.storage]
+    args += ["--n-trials", str(options.n_trials or spec.n_trials)]
+    return mask_url(" ".join(shlex.quote(a) for a in args))
+
+
+# --------------------------------------------------------------------------- the study note
+
+
+@dataclass
+class StudyContext:
+    """What the study note says about the study itself: fixed for one run."""
+
+    spec: Any
+    options: Any
+    dataset: dict[str, Any] = field(default_factory=dict)
+    storage: str = ""
+
+    @classmethod
+    def of(cls, spec: Any, options: Any, storage_masked: str = "") -> "StudyContext":
+        return cls(spec=spec, options=options, dataset=dataset_facts(spec, options), storage=storage_masked)
+
+
+def dataset_facts(spec: Any, options: Any) -> dict[str, Any]:
+    """Name, classes, image shape and split sizes of the data a trial trains on."""
+    from dlops.search import trial_config
+
+    config = trial_config(spec, options, spec.baseline_params(), 0)
+    name = getattr(config, "dataset", None)
+    facts: dict[str, Any] = {"name": name}
+    if not name:
+        return facts
+    try:
+        from dlops.train import load_dataset
+
+        ds = load_dataset(config)
+    except Exception as exc:  # noqa: BLE001 - the note is a courtesy; the run reports data errors itself
+        facts["error"] = str(exc)
+        return facts
+    facts.update(classes=ds.num_classes, image_shape=list(ds.image_shape), train=len(ds.train), val=len(ds.val),
+                 subset_classes=getattr(config, "subset_classes", None),
+                 subset_per_class=getattr(config, "subset_per_class", None))
+    return facts
+
+
+def _baseline_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
+    """Trial 0, or where it was interrupted or its worker died, its completed retry."""
+    baselines = [t for t in trials if t.user_attrs.get("baseline")]
+    done = [t for t in baselines if t.state == TrialState.COMPLETE]
+    return (done or baselines or [None])[0]
+
+
+def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> str:
+    """The study note's Markdown (without the text a person kept below the marker)."""
+    from dlops.search import trial_config
+
+    spec, options = ctx.spec, ctx.options
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    metric = (study.metric_names or [spec.metric])[0]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    config = trial_config(spec, options, spec.baseline_params(), 0)
+    lines = [f"# {study.study_name}", ""]
+    lines.append(f"**{spec.description or spec.name}**: spec `{spec.name}`, trainer `{spec.trainer}`. "
+                 f"Objective: {'maximise' if maximize else 'minimise'} `{metric}`, reported every epoch.")
+    lines.append("")
+    ds = ctx.dataset
+    if ds.get("name"):
+        if "train" in ds:
+            subset = ""
+            if ds.get("subset_classes") or ds.get("subset_per_class"):
+                subset = (f" (subset: {ds.get('subset_classes') or 'all'} classes, "
+                          f"{ds.get('subset_per_class') or 'all'} training images per class)")
+            shape = "x".join(map(str, ds["image_shape"]))
+            lines.append(f"**Data**: `{ds['name']}`{subset}, {ds['classes']} classes, images {shape}; "
+                         f"train {ds['train']:,}, validation {ds['val']:,} (a stratified hold-out of the training "
+                         "split). The test split is never read by a study.")
+        else:
+            lines.append(f"**Data**: `{ds['name']}` ({ds.get('error', 'not loaded')})")
+        lines.append("")
+    fixed = {k: v for k, v in config.to_dict().items()
+             if k not in _CONFIG_IGNORES and k not in spec.search and k != "dataset" and v is not None}
+    lines.append("**Fixed settings**: " + ", ".join(f"{k} {_param(v)}" for k, v in fixed.items()))
+    lines.append("")
+    lines.append("**Search space** (trial 0 is the baseline):")
+    lines.append("")
+    lines += _search_rows(spec)
+    lines.append("")
+    sampler = dict(spec.sampler)
+    seed = options.seed if options.seed is not None else sampler.get("seed", 0)
+    lines.append(f"**Pruner**: {_pruner_text(spec.pruner)}. **Sampler**: `{sampler.get('type', 'tpe')}`, seed {seed}.")
+    lines.append("")
+    lines.append("## Where it stands")
+    lines.append("")
+    lines.append("Trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in
+                                         (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                          TrialState.RUNNING, TrialState.WAITING)))
+    seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
+    if seconds:
+        lines[-1] += f"; {_duration(seconds)} of trial time."
+    lines.append("")
+    base = _baseline_trial(trials)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
+    if base is None:
+        lines.append("Baseline: not in this study.")
+    elif base.state == TrialState.COMPLETE:
+        lines.append(f"Baseline (trial {base.number}, {_params(base.params)}): `{metric}` **{_value(base.value)}**.")
+    else:
+        lines.append(f"Baseline (trial {base.number}, {_params(base.params)}): {base.state.name.lower()}.")
+    if best is not None:
+        lines.append("")
+        text = f"Best: trial {best.number} ({_params(best.params)}): `{metric}` **{_value(best.value)}**"
+        if base is not None and base.state == TrialState.COMPLETE and base.value is not None:
+            if best.number == base.number:
+                text += ": the baseline is still the best trial"
+            else:
+                gain = (best.value - base.value) if maximize else (base.value - best.value)
+                text += f": tuning bought {gain:+.4f} over the baseline"
+                if base.value:
+                    text += f" ({gain / abs(base.value):+.1%})"
+        lines.append(text + ".")
+        top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:5]
+        lines += ["", f"| trial | {metric} | params | epochs |", "| ---: | ---: | --- | ---: |"]
+        lines += [f"| {t.number}{' (baseline)' if t.user_attrs.get('baseline') else ''} | {_value(t.value)} | "
+                  f"{_params(t.params)} | {len(t.intermediate_values)} |" for t in top]
+    else:
+        lines.append("")
+        lines.append("Best: no complete trial yet.")
+    lines.append("")
+    lines.append("## Continue")
+    lines.append("")
+    lines += ["```", _continue_command(spec, options, study.study_name), "```", ""]
+    lines.append("Each trial's note has its per-epoch table and why it stopped; the study's plots are under "
+                 "Study Artifacts (redrawn at the end of `dlops study run` and by `dlops report`).")
+    return "\n".join(lines)
+
+
+def save_note(storage: Any, study_id: int, trial_id: int | None, body: str,
+              attrs: dict[str, Any] | None = None) -> None:
+    """optuna-dashboard's note format (a version, then the body in chunks of study system
+    attrs), writing only the chunks that changed: each write is a commit on SQLite and
+    PostgreSQL, and a refreshed study note mostly changes at its end."""
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    attrs = storage.get_study_system_attrs(study_id) if attrs is None else attrs
+    prefix = note_str_key_prefix(trial_id)
+    old = {k: v for k, v in attrs.items() if k.startswith(prefix)}
+    new = split_body(body, trial_id)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), int(attrs.get(note_ver_key(trial_id), 0)) + 1)
+    for key, chunk in new.items():
+        if old.get(key) != chunk:
+            storage.set_study_system_attr(study_id, key, chunk)
+    for i in range(len(new), len(old)):
+        if old.get(f"{prefix}{i}"):
+            storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
+
+
+def write_study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> None:
+    """Refresh the study note; text below :data:`KEEP_MARKER` stays. Call under the study lock."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    body = study_note(study, ctx, trials)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    old = get_note_from_system_attrs(attrs, None)["body"]
+    kept = old.split(KEEP_MARKER, 1)[1] if KEEP_MARKER in old else "\n"
+    body = body + "\n\n---\n\n" + KEEP_MARKER + kept
+    if body != old:
+        save_note(study._storage, study._study_id, None, body, attrs)
+
+
+# --------------------------------------------------------------------------- trial notes
+
+
+def stop_reason(trial: FrozenTrial, metric: str | None) -> str:
+    """Why the trial stopped, in one sentence."""
+    history = trial.user_attrs.get("history") or {}
+    done = max((len(v) for v in history.values() if isinstance(v, list)), default=len(trial.intermediate_values))
+    epochs = (trial.user_attrs.get("config") or {}).get("epochs")
+    of = f" of {epochs}" if epochs else ""
+    reason = trial.user_attrs.get("stopped_reason") or ""
+    last = trial.intermediate_values.get(max(trial.intermediate_values)) if trial.intermediate_values else None
+    if trial.state == TrialState.COMPLETE:
+        return f"Completed all {done} epochs: `{metric}` {_value(trial.value)}."
+    if trial.state == TrialState.PRUNED:
+        if reason.startswith("non-finite"):
+            return f"Diverged: {reason}; pruned, so the sampler learns from it."
+        value = f" (`{metric}` {_value(last)})" if last is not None else ""
+        return f"Pruned after epoch {done}{of}{value}: below the pruner's bar at that epoch."
+    if trial.state == TrialState.FAIL:
+        if reason.startswith("interrupted"):
+            return f"Interrupted (Ctrl-C or SIGTERM) after epoch {done}{of}; queued again to resume from its checkpoint."
+        if reason:
+            return f"Failed: {reason}."
+        fail = trial.system_attrs.get("fail_reason")
+        return "Failed" + (f": {str(fail).strip().splitlines()[-1]}" if fail else "") + f" after epoch {done}{of}."
+    return f"{trial.state.name.capitalize()} after epoch {done}{of}."
+
+
+def history_table(history: dict[str, list[Any]]) -> list[str]:
+    columns = [(k, title, fmt) for k, title, fmt in HISTORY_COLUMNS if history.get(k)]
+    n = max((len(history[k]) for k, _, _ in columns), default=0)
+    if not n:
+        return ["No epoch finished."]
+    rows = ["| epoch | " + " | ".join(t for _, t, _ in columns) + " |",
+            "| ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    for i in range(n):
+        cells = [_num(history[k][i] if i < len(history[k]) else None, fmt) for k, _, fmt in columns]
+        rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def config_changes(config: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
+    if not baseline:
+        return []
+    return [f"{k} {_param(v)} (baseline {_param(baseline.get(k))})" for k, v in config.items()
+            if k not in _CONFIG_IGNORES and baseline.get(k) != v]
+
+
+def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str, Any] | None) -> str:
+    title = f"# Trial {trial.number}" + (" (baseline)" if trial.user_attrs.get("baseline") else "")
+    lines = [title, "", stop_reason(trial, metric)]
+    resumed = trial.user_attrs.get("resumed_from")
+    origin = trial.system_attrs.get("failed_trial")
+    if origin is not None:
+        lines.append(f"A retry of trial {origin} (same parameters and seed).")
+    if isinstance(resumed, dict):
+        lines.append(f"Resumed from trial {resumed.get('trial')}'s checkpoint after {resumed.get('epoch')} epoch(s); "
+                     "the table repeats the restored epochs.")
+    if trial.duration is not None:
+        lines[-1] += f" Wall time {_duration(trial.duration.total_seconds())}."
+    lines += ["", *history_table(trial.user_attrs.get("history") or {}), ""]
+    config = trial.user_attrs.get("config") or {}
+    if trial.user_attrs.get("baseline"):
+        lines.append("The baseline: " + (_params(trial.params) if trial.params else "no searched parameters") + ".")
+    else:
+        changes = config_changes(config, baseline_config)
+        if changes:
+            lines.append("Differs from the baseline in: " + "; ".join(changes) + ".")
+        elif config:
+            lines.append("Same settings as the baseline.")
+    if "seed" in config:
+        lines.append(f"Seed {config['seed']}.")
+    return "\n".join(lines)
+
+
+def write_trial_note(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial] | None = None) -> None:
+    """The note of a finished ``trial``: its own, written by the worker that ran it."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    base = _baseline_trial(trials)
+    baseline_config = (base.user_attrs.get("config") if base is not None else None) or None
+    metric = (study.metric_names or [None])[0]
+    save_note(study._storage, study._study_id, trial._trial_id, trial_note(trial, metric, baseline_config))
+
+
+# --------------------------------------------------------------------------- during a run
+
+
+class RunNotes:
+    """The hooks ``dlops study run`` calls: when the study opens, after each trial, at the end.
+    A failure to write a note never stops a study: it is said once and the run goes on."""
+
+    def __init__(self, ctx: StudyContext, say: Any = None) -> None:
+        self.ctx = ctx
+        self.say = say or (lambda msg: None)
+        self.seconds = 0.0  # spent writing notes in this process (for the cost benchmark)
+        self._warned = False
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        import time
+
+        start = time.perf_counter()
+        try:
+            fn(*args)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: the run is stopping anyway (the first one set stop.requested)
+        except Exception as exc:  # noqa: BLE001 - a note is never worth a failed study
+            if not self._warned:
+                self.say(f"could not write the dashboard notes: {exc}")
+                self._warned = True
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def opened(self, study: optuna.Study) -> None:
+        """The study is open (new or continued): the study note. Call under the study lock."""
+        self._guard(write_study_note, study, self.ctx)
+
+    def trial_finished(self, study: optuna.Study, storage: Any, trial: FrozenTrial) -> None:
+        """After one of this worker's trials: its note, then the study note under the lock."""
+        def both() -> None:
+            trials = study.get_trials(deepcopy=False)
+            write_trial_note(study, trial, trials)
+            with storage.lock(study.study_name):
+                write_study_note(study, self.ctx)
+
+        self._guard(both)
+
+
+# --------------------------------------------------------------------------- study artifacts
+
+
+def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, str]:
+    """Attach the study's plot files to the study in the artifact store under
+    ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
+    content is replaced (atomically), so refreshing never piles up artifacts. Returns
+    file name -> artifact id."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    from dlops.paths import artifacts_dir
+
+    root = artifacts_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(root))
+    storage, study_id = study._storage, study._study_id
+    attrs = storage.get_study_system_attrs(study_id)
+    known: dict[str, str] = dict(attrs.get(STUDY_PLOTS_KEY) or {})
+    changed = False
+    for path in files:
+        path = Path(path)
+        artifact_id = known.get(path.name)
+        meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
+        if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
+            tmp = root / f".{artifact_id}.tmp"
+            tmp.write_bytes(path.read_bytes())
+            os.replace(tmp, root / artifact_id)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            known[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+        changed = True
+    if changed:
+        storage.set_study_system_attr(study_id, STUDY_PLOTS_KEY, known)
+    return known
+
+
+def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> list[Path]:
+    """Draw the study's plots (as ``dlops report`` does) and attach them to the study.
+    ``out_dir``: where the PNGs stay (default: a temporary folder)."""
+    from dlops.report import write_study_plots
+
+    if out_dir is not None:
+        files = write_study_plots(study, out_dir)
+        attach_study_plots(study, files)
+        return files
+    with tempfile.TemporaryDirectory(prefix="dlops-plots-") as tmp:
+        files = write_study_plots(study, Path(tmp))
+        attach_study_plots(study, files)
+    return []
+
+
+def finish_study_run(spec: Any, options: Any, study: optuna.Study, *, plots: bool = True, say: Any = None) -> None:
+    """The end of ``dlops study run``: the study note, then (unless stopped) the plots."""
+    from dlops.paths import default_storage_url
+    from dlops.storage import connect
+
+    say = say or (lambda msg: None)
+    try:
+        storage = connect(options.storage or default_storage_url())
+        ctx = StudyContext.of(spec.for_dataset(options.dataset), options, storage.masked)
+        with storage.lock(study.study_name):
+            write_study_note(study, ctx)
+        if plots:
+            refresh_study_plots(study)
+    except KeyboardInterrupt:
+        say("Ctrl-C: the study's plots were not redrawn (`dlops report` redraws them)")
+    except Exception as exc:  # noqa: BLE001 - the study itself is stored; say what was not
+        say(f"could not refresh the dashboard notes and plots: {exc}")
+
+
+def study_plot_ids(study: optuna.Study) -> dict[str, str]:
+    raw = study._storage.get_study_system_attrs(study._study_id).get(STUDY_PLOTS_KEY) or {}
+    return dict(raw) if isinstance(raw, dict) else json.loads(raw)
