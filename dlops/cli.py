@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dlops.errors import DlopsError
@@ -36,7 +37,8 @@ def quiet_optuna() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {mask_url(message)}", highlight=False, soft_wrap=True)
+    # escape: a message naming a spec table ("[search.lr]: ...") is text, not rich markup
+    err_console.print(f"[bold red]error:[/] {escape(mask_url(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -60,7 +60,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         if kind == "successive_halving":
             return optuna.pruners.SuccessiveHalvingPruner(**cfg)
         return optuna.pruners.NopPruner()
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise DlopsError(f"[pruner] of {spec.name}: {exc}") from None
 
 
