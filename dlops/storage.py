@@ -246,6 +246,11 @@ def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: 
             path = Path(path_text)
             path.parent.mkdir(parents=True, exist_ok=True)
             lock_file = path
+            # Optuna creates the tables of a new database without a transaction around them:
+            # two processes opening one new file at once collide ("table ... already exists").
+            # Whoever holds the lock creates them; the others find them there.
+            with _FileLock(path.with_name(f"{path.name}.dlops-create-lock")):
+                return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage

@@ -156,3 +156,33 @@ def test_unreachable_servers_are_one_masked_line() -> None:
 def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
     result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
+
+
+def _open_at_once(url: str, barrier, errors) -> None:
+    barrier.wait()
+    try:
+        connect(url)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        errors.put(str(exc)[:300])
+
+
+def test_processes_opening_a_new_sqlite_database_at_once_all_get_it(tmp_path: Path) -> None:
+    """Two `dlops study run` on a fresh SQLite file: Optuna's table creation is not atomic
+    ("table trial_system_attributes already exists"); dlops creates it under a file lock."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    failed = []
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'r{round_}' / 'dlops.db'}"
+        barrier, errors = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, errors)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        while not errors.empty():
+            failed.append(errors.get())
+        optuna.create_study(study_name="s", storage=connect(url).optuna)  # usable afterwards
+    assert not failed, failed[0]
