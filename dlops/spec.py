@@ -71,6 +71,13 @@ class StudySpec:
         ds = dataset or self.train.get("dataset")
         return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric))
 
+    def study_name(self, dataset: str | None = None) -> str:
+        """The default study name: the spec's name on its own dataset, ``NAME-DATASET`` on
+        another (``resnet18-ce-digits``), so a digits quickstart and the Tiny ImageNet study
+        of one spec never meet in one study."""
+        own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_cls, "dataset", None)
+        return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
+
     def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
         """The trainer's config: ``[train]``, then ``[datasets.<dataset>]``, then
         ``params`` (a trial's or the baseline's), then explicit ``overrides``
