@@ -304,3 +304,64 @@ def test_cli_total_trials_is_one_target_for_every_run(tmp_path: Path, dlops_home
     assert len(study.get_trials()) == 2  # nothing to add: the study already has 2
     help_text = " ".join(CliRunner().invoke(app, ["study", "run", "--help"]).output.replace("│", " ").split())
     assert "--total-trials" in help_text and "other runs' trials do not count" in help_text
+
+
+# --- default study names: the spec's own dataset, or NAME-DATASET -------------------------------
+
+
+def test_default_study_names_carry_a_dataset_other_than_the_specs_own() -> None:
+    ce, ae = load_spec("resnet18-ce"), load_spec("autoencoder")
+    assert ce.study_name() == ce.study_name("tiny-imagenet") == "resnet18-ce"
+    assert ce.study_name("digits") == "resnet18-ce-digits" and ae.study_name("digits") == "autoencoder-digits"
+    assert RunOptions(dataset="digits").study_name_for(ce) == "resnet18-ce-digits"
+    assert RunOptions(dataset="digits", study_name="mine").study_name_for(ce) == "mine"
+
+
+def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
+        tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's path: a digits study of a spec, then the spec on its own dataset (here a
+    registered copy of digits standing in for Tiny ImageNet), then `final --dataset digits`
+    and `report`, which find the digits study by its derived name."""
+    from dlops.data import DATASETS, get_dataset
+    from dlops.final import FinalOptions, run_final
+
+    get_dataset("digits")  # built-in datasets registered first
+    monkeypatch.setitem(DATASETS, "own-data", DATASETS["digits"])
+    text = tiny_spec(tmp_path, "ce", epochs=1, per_class=5).read_text()
+    spec = tmp_path / "tiny-ce.toml"
+    spec.write_text(text.replace('dataset = "digits"', 'dataset = "own-data"', 1)
+                    .replace("[final]                      # `dlops final`\nepochs = 30", "[final]\nepochs = 1"))
+    runner = CliRunner()
+    digits = runner.invoke(app, ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--device", "cpu"])
+    assert digits.exit_code == 0 and "study tiny-ce-digits" in digits.output, digits.output
+    own = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
+    assert own.exit_code == 0, own.output  # before: "study 'tiny-ce' ran on digits, not own-data"
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    assert sorted(optuna.get_all_study_names(url)) == ["tiny-ce", "tiny-ce-digits"]
+    assert optuna.load_study(study_name="tiny-ce-digits", storage=url).user_attrs["dataset"] == "digits"
+
+    final = run_final(str(spec), FinalOptions(dataset="digits", device="cpu")).final
+    assert final["study"]["name"] == "tiny-ce-digits" and final["params_source"]["kind"] == "trial"
+    report = runner.invoke(app, ["report"])
+    assert report.exit_code == 0, report.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "tiny-ce-digits/report.md" not in index  # the digits study is the spec's, not an entry of its own
+    assert "tiny-ce-digits" in (dlops_home / "reports" / "tiny-ce" / "report.md").read_text()
+
+
+def test_top5_on_five_classes_or_fewer_becomes_top1_and_says_so(tmp_path: Path, dlops_home: Path) -> None:
+    spec = str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5))  # objective: val_top5
+    result = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "5", "--n-trials", "1",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "val_top5 is always 1.0 with 5 classes or fewer: this study optimises val_top1 instead" in result.output
+    study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    assert study.metric_names == ["val_top1"]
+    trial = study.get_trials()[0]
+    assert trial.value == trial.user_attrs["history"]["val_top1"][-1] < 1.0
+    assert trial.user_attrs["history"]["val_top5"][-1] == 1.0  # what the study would have optimised
+
+    too_many = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "11", "--study-name", "x",
+                                        "--device", "cpu"])
+    assert too_many.exit_code == 2 and "--subset-classes 11: digits has 10 classes" in too_many.output
+    assert optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == ["tiny-ce"]
