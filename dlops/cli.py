@@ -77,15 +77,15 @@ def study_run(
     loss: Annotated[Optional[str], typer.Option(help="ce | triplet | center: the spec resnet18-LOSS")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
     n_trials: Annotated[Optional[int], typer.Option(min=1, help="Finished trials this run adds, counted from when it "
-                                                    "joins; other runs' trials do not count [default: the spec's]")] = None,
+                                                    "joins; other runs' trials do not count (default: the spec's)")] = None,
     total_trials: Annotated[Optional[int], typer.Option(min=1, help="Instead of --n-trials: work until the study has N "
                                                         "finished trials in all, whichever run or machine ran them")] = None,
     timeout: Annotated[Optional[float], typer.Option(min=0, help="Stop starting trials after S seconds")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs per trial [default: the spec's]")] = None,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study name [default: the spec's name; SPEC-DATASET "
+    study_name: Annotated[Optional[str], typer.Option(help="Study name (default: the spec's name; SPEC-DATASET "
                                                       "with a --dataset other than the spec's own, e.g. "
-                                                      "resnet18-ce-digits]")] = None,
+                                                      "resnet18-ce-digits)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
@@ -320,7 +320,9 @@ def final(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")] = False,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from [default: the spec's name]")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from (default: the spec's "
+                                                      "name; SPEC-DATASET with a --dataset other than the spec's "
+                                                      "own)")] = None,
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
 ) -> None:

@@ -7,7 +7,9 @@ when the pruner says so, :class:`optuna.TrialPruned`.
 Every trial checkpoints each epoch under ``$DLOPS_HOME/checkpoints/<study>/trial-<n>.pt``
 (``n``: the trial's number, or for a retried trial the number of the trial it retries), so
 a trial whose worker died resumes where it stopped; the file goes when the trial finishes.
-Workers of one study share a target count of finished trials (see :func:`run_study`).
+A run (one ``dlops study run``, all its workers) adds ``--n-trials`` finished trials of its
+own, or works until the study has ``--total-trials``; each run that joins a study gets a
+number that seeds its sampler (see :func:`run_study`, :func:`sampler_seed`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``run_workers(spec, options, n)`` runs one study with ``n`` worker processes on this
 machine (``n == 1`` runs in this process). Every worker is an ordinary
-:func:`dlops.search.run_study` that shares the study's target count; the same command on
+:func:`dlops.search.run_study` that shares the run's trial count; the same command on
 another machine with the same PostgreSQL or Redis URL joins the same study.
 
 A worker records who runs each trial (host, boot id, pid and the pid's start time) in the

@@ -315,6 +315,9 @@ def test_default_study_names_carry_a_dataset_other_than_the_specs_own() -> None:
     assert ce.study_name("digits") == "resnet18-ce-digits" and ae.study_name("digits") == "autoencoder-digits"
     assert RunOptions(dataset="digits").study_name_for(ce) == "resnet18-ce-digits"
     assert RunOptions(dataset="digits", study_name="mine").study_name_for(ce) == "mine"
+    for command in (["study", "run"], ["final"]):
+        help_text = " ".join(CliRunner().invoke(app, [*command, "--help"]).output.replace("│", " ").split())
+        assert "SPEC-DATASET with a --dataset other than the spec's own" in help_text, help_text
 
 
 def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
