@@ -39,7 +39,7 @@ from dlops.trainers import get_trainer
 from dlops.train import NonFiniteLossError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RUN_KEY = "dlops:run"  # trial system attr: the run (one `dlops study run`, all its workers) that ran it
+RUN_FIELD = "run"  # in a trial's owner (workers.OWNER_KEY): the run (one `dlops study run`, all its workers)
 RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
@@ -325,8 +325,8 @@ class _TrialGate:
     def __init__(self, run_id: str | None = None) -> None:
         from dlops.workers import worker_identity
 
-        self.identity = worker_identity()
         self.run_id = run_id or uuid.uuid4().hex
+        self.identity = {**worker_identity(), RUN_FIELD: self.run_id}
         self.lock: Any = None
         self.trial_number: int | None = None
         self.trial_id: int | None = None
@@ -336,7 +336,6 @@ class _TrialGate:
         from dlops.workers import OWNER_KEY
 
         trial.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self.identity)
-        trial.storage.set_trial_system_attr(trial._trial_id, RUN_KEY, self.run_id)
         self.trial_number, self.trial_id = trial.number, trial._trial_id
         if self.lock is not None:
             self.lock.release()
@@ -362,9 +361,16 @@ class TrialsFailed(DlopsError):
     """A run gave up after too many failed trials: a broken setup must not loop, nor exit 0."""
 
 
+def of_run(trial: Any, run_id: str) -> bool:
+    """Whether ``trial`` ran (or runs) in the run ``run_id``: its owner names the run."""
+    from dlops.workers import OWNER_KEY
+
+    return (trial.system_attrs.get(OWNER_KEY) or {}).get(RUN_FIELD) == run_id
+
+
 def run_trials_finished(study: optuna.Study, run_id: str) -> int:
     """Finished trials of the run ``run_id`` (all its workers)."""
-    return sum(t.state in FINISHED and t.system_attrs.get(RUN_KEY) == run_id for t in study.get_trials(deepcopy=False))
+    return sum(t.state in FINISHED and of_run(t, run_id) for t in study.get_trials(deepcopy=False))
 
 
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
@@ -490,7 +496,7 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
             trials = study.get_trials(deepcopy=False)
             if recover_dead_trials(study, storage, say, trials):
                 trials = study.get_trials(deepcopy=False)
-            counted = [t for t in trials if t.system_attrs.get(RUN_KEY) == gate.run_id] if own_trials else trials
+            counted = [t for t in trials if of_run(t, gate.run_id)] if own_trials else trials
             finished = sum(t.state in FINISHED for t in counted)
             running = [t for t in counted if t.state == TrialState.RUNNING]
             if finished >= target:
@@ -557,7 +563,7 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
 class RunSlot:
     """One run (a ``dlops study run`` command, all its workers) in a study."""
 
-    run_id: str  # marks its trials (RUN_KEY): --n-trials counts these
+    run_id: str  # in the owner of each of its trials: --n-trials counts these
     index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
 
 

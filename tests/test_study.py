@@ -16,6 +16,7 @@ from dlops.errors import DlopsError
 from dlops.search import RunOptions, run_study
 from dlops.spec import load_spec
 from dlops.train import HISTORY_KEYS
+from dlops.workers import OWNER_KEY
 
 
 def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-4, 1e-1), baseline_lr=1e-3,
@@ -272,7 +273,7 @@ def _another_machine_finishes_a_trial(study_name: str, dlops_home: Path):
             other = optuna.load_study(study_name=study_name, storage=f"sqlite:///{dlops_home / 'dlops.db'}")
             other.add_trial(optuna.trial.create_trial(
                 params={"lr": 0.05}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)},
-                value=0.5, system_attrs={"dlops:run": "another-machine"}))
+                value=0.5, system_attrs={OWNER_KEY: {"host": "another-machine", "pid": 1, "run": "another-run"}}))
 
     return on_epoch
 
