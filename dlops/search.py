@@ -453,7 +453,8 @@ def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], 
         tail = (f"; this run works until the study has {total} finished trials in all ({finished} now, "
                 "counting every run's)")
     else:
-        tail = f"; this run adds {n_trials} finished trials of its own (other runs' trials not counted)"
+        tail = (f"; this run adds {n_trials} finished trial{'' if n_trials == 1 else 's'} of its own "
+                "(other runs' trials not counted)")
     return head + tail + (f" with {workers} workers" if workers > 1 else "")
 
 
