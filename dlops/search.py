@@ -357,6 +357,23 @@ class StudyResult:
         return sum(self.counts.get(s.name, 0) for s in FINISHED)
 
 
+def failure_reason(exc: BaseException) -> str:
+    """An exception as one short line: its message (with its type unless it is a DlopsError)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, DlopsError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def last_failure(study: optuna.Study, run_id: str) -> str | None:
+    """The reason of the latest failed trial of the run ``run_id``."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if of_run(t, run_id) and str(t.user_attrs.get("stopped_reason") or "").startswith("failed: ")]
+    if not failed:
+        return None
+    return max(failed, key=lambda t: t.datetime_complete or t.datetime_start).user_attrs["stopped_reason"][len("failed: "):]
+
+
 class TrialsFailed(DlopsError):
     """A run gave up after too many failed trials: a broken setup must not loop, nor exit 0."""
 
@@ -479,10 +496,14 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
     def guarded(trial: optuna.Trial) -> float:
         try:
             return objective(trial)
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, TrialInterrupted):
             raise
         except Exception as exc:
             gate.last_error = exc
+            try:  # the reason stays with the trial (study show, the dashboard, a --workers parent)
+                trial.set_user_attr("stopped_reason", f"failed: {failure_reason(exc)}")
+            except Exception:  # noqa: BLE001 - the storage itself may be what failed
+                pass
             raise
 
     started, failures, waiting = time.monotonic(), 0, False
@@ -532,12 +553,9 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             failures += 1
             if failures >= max_failures:
-                last = gate.last_error
-                reason = "" if last is None else (str(last).strip().splitlines() or [""])[0][:300]
-                if last is not None and not isinstance(last, DlopsError):
-                    reason = f"{type(last).__name__}: {reason}" if reason else type(last).__name__
+                reason = failure_reason(gate.last_error) if gate.last_error is not None else "no reason recorded"
                 raise TrialsFailed(f"{failures} trials failed in this run; giving up (see `dlops study show "
-                                   f"{study.study_name}`). The last one: {reason or 'no reason recorded'}")
+                                   f"{study.study_name}`). The last one: {reason}")
 
 
 def summarize(study: optuna.Study) -> dict[str, Any]:

@@ -293,8 +293,9 @@ def run_workers(
     import uuid
 
     from dlops.paths import default_storage_url
-    from dlops.search import (FINISHED, RunSlot, StudyResult, check_run, join_run, objective_note, open_study,
-                              run_study, run_target, run_trials_finished, state_counts, summarize, study_counts_line)
+    from dlops.search import (FINISHED, RunSlot, StudyResult, check_run, join_run, last_failure, objective_note,
+                              open_study, run_study, run_target, run_trials_finished, state_counts, summarize,
+                              study_counts_line)
 
     say = say or (lambda msg: None)
     if workers < 1:
@@ -391,6 +392,8 @@ def run_workers(
     done = sum(counts_now[s.name] for s in FINISHED)
     stand = (f"the study has {done} of {target} finished trials" if total is not None
              else f"this run added {added} of its {n_trials} finished trials")
+    reason = last_failure(study, run.run_id)
+    stand += f"; the last failed trial: {reason}" if reason else ""
     if interrupted is None and all(c != 0 for c in codes):
         raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
     gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]

@@ -489,3 +489,26 @@ def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> Non
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
     assert retry.user_attrs["config"]["seed"] == result.study.get_trials()[1].user_attrs["config"]["seed"]
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
+
+
+def test_workers_that_give_up_fail_the_run_with_the_last_reason(tmp_path: Path, dlops_home: Path,
+                                                                capfd: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial fails for real (no checkpoint can be written: `checkpoints` is a file):
+    the workers give up, and `dlops` exits non-zero with the last failure's reason."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    dlops_home.mkdir(parents=True)
+    (dlops_home / "checkpoints").write_text("not a folder")
+    spec = tiny_spec(tmp_path, epochs=1, per_class=5)
+    result = CliRunner().invoke(app, ["study", "run", str(spec), "--storage", f"journal://{tmp_path / 'j.log'}",
+                                      "--workers", "2", "--n-trials", "2", "--device", "cpu"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 2, output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert "workers failed" in last and "this run added 0 of its 2 finished trials" in last, output
+    assert "the last failed trial: " in last and ("NotADirectoryError" in last or "FileExistsError" in last), last
+    assert "giving up" in output  # each worker's own line
