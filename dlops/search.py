@@ -313,8 +313,18 @@ class _InterruptedTrialLog(logging.Filter):
         return not any(msg.startswith(f"Trial {n} failed") for n in self.numbers)
 
 
+class _UserErrorLog(logging.Filter):
+    """A trial failed by a DlopsError (bad input, missing data): its line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DlopsError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 _INTERRUPTED_LOG = _InterruptedTrialLog()
 logging.getLogger("optuna.study._optimize").addFilter(_INTERRUPTED_LOG)
+logging.getLogger("optuna.study._optimize").addFilter(_UserErrorLog())
 
 
 class _TrialGate:
