@@ -2,7 +2,8 @@
 # The README's digits reference runs, end to end on a fresh $DLOPS_HOME: an N-trial study
 # per loss, each study's best trial retrained with `dlops final` (S seeds, E epochs, one
 # test evaluation per seed), the autoencoder study and its final run, then `dlops report`.
-# Prints one summary line per spec from its final.json.
+# Prints one summary line per spec from its final.json. The studies are named SPEC-digits
+# (resnet18-ce-digits, ..., autoencoder-digits): digits is not the specs' own dataset.
 #
 #   bash benchmarks/reference_digits.sh                 # 8 trials, 2 seeds, 10 final epochs
 #   TRIALS=3 SEEDS=1 EPOCHS=2 bash benchmarks/reference_digits.sh   # a quick look

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dlops.errors import DlopsError
@@ -41,7 +42,8 @@ def quiet_optuna() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {mask_url(message)}", highlight=False, soft_wrap=True)
+    # escape: a message naming a spec table ("[search.lr]: ...") is text, not rich markup
+    err_console.print(f"[bold red]error:[/] {escape(mask_url(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -86,13 +88,18 @@ def study_run(
     spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
     loss: Annotated[Optional[str], typer.Option(help="ce | triplet | center: the spec resnet18-LOSS")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
-    n_trials: Annotated[Optional[int], typer.Option(min=1, help="Finished trials to add [default: the spec's]")] = None,
+    n_trials: Annotated[Optional[int], typer.Option(min=1, help="Finished trials this run adds, counted from when it "
+                                                    "joins; other runs' trials do not count (default: the spec's)")] = None,
+    total_trials: Annotated[Optional[int], typer.Option(min=1, help="Instead of --n-trials: work until the study has N "
+                                                        "finished trials in all, whichever run or machine ran them")] = None,
     timeout: Annotated[Optional[float], typer.Option(min=0, help="Stop starting trials after S seconds")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs per trial [default: the spec's]")] = None,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study name [default: the spec's name]")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study name (default: the spec's name; SPEC-DATASET "
+                                                      "with a --dataset other than the spec's own, e.g. "
+                                                      "resnet18-ce-digits)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); "
@@ -102,16 +109,18 @@ def study_run(
                                                         "and retried [default: 2x heartbeat]")] = None,
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
-    from dlops.search import RunOptions, summarize
+    from dlops.search import RunOptions, check_run, objective_note, run_target, summarize
     from dlops.spec import load_spec
     from dlops.workers import run_workers, stopped_message
 
     quiet_optuna()
-    the_spec = load_spec(_spec_name(spec, loss)).for_dataset(dataset)
+    asked = load_spec(_spec_name(spec, loss)).for_dataset(dataset)
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
     options = RunOptions(dataset=dataset, n_trials=n_trials, timeout=timeout, epochs=epochs, storage=storage,
                          study_name=study_name, seed=seed, device=device, train_overrides=overrides,
-                         heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, total_trials=total_trials)
+    run_target(asked, options)
+    the_spec = check_run(asked, options)  # device, data, classes: one line before anything is written
     metric = the_spec.metric
 
     def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:
@@ -124,8 +133,11 @@ def study_run(
         )
 
     on = dataset or the_spec.train.get("dataset")
-    console.print(f"study [bold]{options.study_name or the_spec.name}[/] ({the_spec.description or the_spec.name})"
+    console.print(f"study [bold]{escape(options.study_name_for(the_spec))}[/] ({escape(the_spec.description or the_spec.name)})"
                   + (f" on {on}" if on else ""), highlight=False)
+    note = objective_note(asked, the_spec)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True, markup=False)
     say = lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False)  # noqa: E731
     result = run_workers(the_spec, options, workers, on_epoch=on_epoch, say=say)
     from dlops.notes import finish_study_run
@@ -324,7 +336,9 @@ def final(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")] = False,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from [default: the spec's name]")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from (default: the spec's "
+                                                      "name; SPEC-DATASET with a --dataset other than the spec's "
+                                                      "own)")] = None,
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
 ) -> None:

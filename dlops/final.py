@@ -124,7 +124,9 @@ def json_safe(obj: Any) -> Any:
 
 
 def study_name_for(spec: StudySpec, options: FinalOptions) -> str:
-    return options.study_name or spec.name
+    """The study ``--params best`` reads: ``--study-name``, else the name ``dlops study run``
+    gives the spec on ``--dataset`` (``resnet18-ce-digits``; the spec's own name on its own dataset)."""
+    return options.study_name or spec.study_name(options.dataset)
 
 
 def find_study(url: str, name: str):

@@ -350,13 +350,30 @@ def _entries(url: str) -> list[Entry]:
     studies = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
     builtin = builtin_specs()
+
+    def study_of(name: str) -> str | None:
+        """A spec's study: the one its reference run names, else the default name that
+        `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own)."""
+        final = load_final(name) or {}
+        recorded = (final.get("study") or {}).get("name")
+        if recorded in studies:
+            return recorded
+        dataset = (final.get("dataset") or {}).get("name")
+        if name in builtin and dataset:
+            derived = load_spec(name).study_name(dataset)
+            if derived in studies:
+                return derived
+        return name if name in studies else None
+
     names = [n for n in builtin if n in studies or n in finals]
     names += sorted(n for n in finals - set(builtin))
-    names += sorted(n for n in studies - set(builtin) - finals)
+    claimed = {study_of(n) for n in names}
+    names += sorted(n for n in studies - set(builtin) - finals - claimed)
     out = []
     for name in names:
         final = load_final(name)
-        study = optuna.load_study(study_name=name, storage=storage) if name in studies else None
+        study_name = study_of(name)
+        study = optuna.load_study(study_name=study_name, storage=storage) if study_name else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
         if name in builtin:

@@ -71,6 +71,13 @@ class StudySpec:
         ds = dataset or self.train.get("dataset")
         return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric))
 
+    def study_name(self, dataset: str | None = None) -> str:
+        """The default study name: the spec's name on its own dataset, ``NAME-DATASET`` on
+        another (``resnet18-ce-digits``), so a digits quickstart and the Tiny ImageNet study
+        of one spec never meet in one study."""
+        own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_cls, "dataset", None)
+        return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
+
     def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
         """The trainer's config: ``[train]``, then ``[datasets.<dataset>]``, then
         ``params`` (a trial's or the baseline's), then explicit ``overrides``
@@ -133,10 +140,35 @@ def load_spec(name_or_path: str) -> StudySpec:
         raise SpecError(f"{path.name}: {exc}") from None
 
 
-def _check_metric(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.startswith("val_"):
-        raise SpecError(f"{where} must name a validation metric such as 'val_top5' or 'val_top1', got {value!r}")
+def _check_metric(value: Any, where: str, reported: tuple[str, ...] = ()) -> str:
+    """A study's objective: one of the validation metrics its trainer reports every epoch."""
+    allowed = [m for m in reported if m.startswith("val_")]
+    if not isinstance(value, str) or not value.startswith("val_") or (allowed and value not in allowed):
+        raise SpecError(f"{where} must name a validation metric the trainer reports "
+                        f"({', '.join(allowed) or 'val_top5, val_top1'}), got {value!r}")
     return value
+
+
+def _check_sampler(sampler: dict[str, Any]) -> None:
+    _check_keys(sampler, {"type", "seed", "n_startup_trials"}, "[sampler]")
+    if sampler.get("type", "tpe") not in SAMPLERS:
+        raise SpecError(f"[sampler]: unknown type {sampler.get('type')!r} ({', '.join(sorted(SAMPLERS))})")
+    seed = sampler.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise SpecError(f"[sampler]: seed = {seed!r} should be an integer from 0 to 2**32 - 1")
+    startup = sampler.get("n_startup_trials", 0)
+    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
+        raise SpecError(f"[sampler]: n_startup_trials = {startup!r} should be a non-negative integer")
+
+
+def _check_pruner(spec: "StudySpec") -> None:
+    """Build the pruner once: Optuna checks the values (a negative count, an unknown key)."""
+    from dlops.search import make_pruner
+
+    try:
+        make_pruner(spec)
+    except DlopsError as exc:
+        raise SpecError(str(exc).replace(f" of {spec.name}", "")) from None
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -204,7 +236,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     dataset_metrics = {}
     for ds, table in datasets.items():
         if isinstance(table, dict) and "metric" in table:
-            dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric")
+            dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
         _check_types(table, config_cls, f"[datasets.{ds}]")
 
     search = {}
@@ -226,9 +258,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     if pruner.get("type", "median") not in PRUNERS:
         raise SpecError(f"[pruner]: unknown type {pruner.get('type')!r} ({', '.join(sorted(PRUNERS))})")
     sampler = dict(raw.get("sampler", {"type": "tpe", "seed": 0}))
-    _check_keys(sampler, {"type", "seed", "n_startup_trials"}, "[sampler]")
-    if sampler.get("type", "tpe") not in SAMPLERS:
-        raise SpecError(f"[sampler]: unknown type {sampler.get('type')!r} ({', '.join(sorted(SAMPLERS))})")
+    _check_sampler(sampler)
 
     direction = raw.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
@@ -241,7 +271,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         name=raw.get("name", default_name),
         description=raw.get("description", ""),
         trainer=trainer_name,
-        metric=_check_metric(raw.get("metric", "val_top5"), "metric"),
+        metric=_check_metric(raw.get("metric", "val_top5"), "metric", trainer.metrics),
         dataset_metrics=dataset_metrics,
         direction=direction,
         n_trials=n_trials,
@@ -255,6 +285,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         sampler=sampler,
         path=path,
     )
+    _check_pruner(spec)
     # Building the configs checks values no type check can (unknown loss, bad sizes).
     try:
         spec.config(params=spec.baseline_params())

@@ -293,6 +293,11 @@ def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: 
         lock_file = sqlite_path(url)
         if lock_file is not None:
             lock_file.parent.mkdir(parents=True, exist_ok=True)
+            # Optuna creates the tables of a new database without a transaction around them:
+            # two processes opening one new file at once collide ("table ... already exists").
+            # Whoever holds the lock creates them; the others find them there.
+            with _FileLock(lock_file.with_name(f"{lock_file.name}.dlops-create-lock")):
+                return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage

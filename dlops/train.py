@@ -96,13 +96,23 @@ ReportFn = Callable[[int, dict[str, float]], None]
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of ``--device`` (auto, cpu, cuda, cuda:K); anything this machine
+    cannot run on is a :class:`DlopsError` in one line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DlopsError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DlopsError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DlopsError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    return device
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:

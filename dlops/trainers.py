@@ -2,7 +2,8 @@
 
 A trainer's ``fit(config, report=None, *, checkpoint_path=None, on_epoch_end=None)``
 returns an object with ``history`` (dict of per-epoch lists) and ``metrics`` (the last
-epoch's values); ``report(epoch, metrics)`` is called once per epoch.
+epoch's values); ``report(epoch, metrics)`` is called once per epoch with the keys that
+the trainer module lists in ``metrics_attribute`` (``HISTORY_KEYS``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Trainer:
     config_class: str
     fit_function: str = "fit"
     validate_function: str | None = None
+    metrics_attribute: str = "HISTORY_KEYS"  # the module's tuple of the keys ``report`` gets each epoch
 
     def _module(self):
         return importlib.import_module(self.module)
@@ -32,6 +34,11 @@ class Trainer:
     @property
     def fit(self) -> Callable[..., Any]:
         return getattr(self._module(), self.fit_function)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """What the trainer reports after every epoch: a spec's ``metric`` is one of these."""
+        return tuple(getattr(self._module(), self.metrics_attribute))
 
     def validate(self, config: Any) -> None:
         if self.validate_function:

@@ -2,7 +2,7 @@
 
 ``run_workers(spec, options, n)`` runs one study with ``n`` worker processes on this
 machine (``n == 1`` runs in this process). Every worker is an ordinary
-:func:`dlops.search.run_study` that shares the study's target count; the same command on
+:func:`dlops.search.run_study` that shares the run's trial count; the same command on
 another machine with the same PostgreSQL or Redis URL joins the same study.
 
 A worker records who runs each trial (host, boot id, pid and the pid's start time) in the
@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError, StorageError
-from dlops.storage import RETRY_LIMIT, StudyStorage, connect, journal_url, mask_url
+from dlops.storage import RETRY_LIMIT, StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
 from dlops.text import plural
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
@@ -201,16 +201,28 @@ def stopped_message(result: Any, argv: Sequence[str]) -> str:
     name = signal.Signals(result.interrupted).name if result.interrupted else "a signal"
     running = result.counts.get("RUNNING", 0)
     left = f"{plural(running, 'trial')} RUNNING in other workers" if running else "no trial left RUNNING"
-    remaining = (result.target or 0) - result.finished
-    head = f"stopped by {name}: {result.finished} of {result.target} finished trials, {left}"
-    if remaining <= 0:
-        return head + "; the study has all the trials this run asked for."
+    if getattr(result, "n_trials", None) is None:  # --total-trials: the same command goes on to the same total
+        remaining: int | None = (result.target or 0) - result.finished
+        head = f"stopped by {name}: the study has {result.finished} of {result.target} finished trials, {left}"
+        done = "; the study has all the trials this run asked for."
+    else:
+        remaining = result.n_trials - result.added
+        head = f"stopped by {name}: this run finished {result.added} of its {result.n_trials} trials, {left}"
+        done = "; this run added all the trials it asked for."
+    if remaining is not None and remaining <= 0:
+        return head + done
     queued = "; interrupted trials are queued to resume from their checkpoints" if result.counts.get("WAITING") else ""
-    return head + queued + ". To continue:\n  " + continue_command(argv, remaining)
+    return head + queued + ". To continue:\n  " + continue_command(
+        argv, remaining if getattr(result, "n_trials", None) is not None else None)
 
 
-def continue_command(argv: Sequence[str], remaining: int) -> str:
-    """The command line ``argv`` with ``--n-trials`` set to ``remaining``, passwords masked."""
+def continue_command(argv: Sequence[str], remaining: int | None) -> str:
+    """The command line ``argv`` with ``--n-trials`` set to ``remaining`` (None: as it was,
+    for ``--total-trials``), passwords masked."""
+    import shlex
+
+    if remaining is None:
+        return mask_url(" ".join(shlex.quote(a) for a in argv))
     args, i = list(argv), 0
     out: list[str] = []
     while i < len(args):
@@ -224,8 +236,6 @@ def continue_command(argv: Sequence[str], remaining: int) -> str:
         out.append(a)
         i += 1
     out += ["--n-trials", str(remaining)]
-    import shlex
-
     return mask_url(" ".join(shlex.quote(a) for a in out))
 
 
@@ -266,7 +276,7 @@ def visible_gpus() -> list[str]:
 class _Payload:
     spec: Any
     options: Any
-    target: int
+    run: Any  # dlops.search.RunSlot, shared by the run's workers
     worker: int
     workers: int
 
@@ -280,9 +290,14 @@ def run_workers(
     say: Say | None = None,
 ) -> Any:
     """Run ``options.n_trials`` (or the spec's) more finished trials of ``spec``'s study
-    with ``workers`` processes. Returns :class:`dlops.search.StudyResult`."""
+    with ``workers`` processes (or, with ``options.total_trials``, work until the study has
+    that many). Returns :class:`dlops.search.StudyResult`."""
+    import uuid
+
     from dlops.paths import default_storage_url
-    from dlops.search import FINISHED, StudyResult, check_run, run_study, state_counts, summarize, study_counts_line
+    from dlops.search import (FINISHED, RunSlot, StudyResult, check_run, join_run, last_failure, objective_note,
+                              open_study, run_study, run_target, run_trials_finished, state_counts, summarize,
+                              study_counts_line)
 
     say = say or (lambda msg: None)
     if workers < 1:
@@ -290,23 +305,28 @@ def run_workers(
     if workers == 1:
         return run_study(spec, options, on_epoch, say=say)
 
+    n_trials, total = run_target(spec, options)
+    asked = spec.for_dataset(options.dataset)
+    spec = check_run(spec, options)  # device, data, classes: before any storage or file is touched
     url = options.storage or default_storage_url()
-    storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
-    if not storage.many_workers:
-        journal = (storage.lock_file or Path("dlops.db")).with_suffix(".log")
+    if storage_kind(url) == "sqlite":
+        journal = (sqlite_path(url) or Path("dlops.db")).with_suffix(".log").absolute()
         raise StorageError(
-            f"SQLite ({storage.masked}) takes one worker at a time (parallel writers get \"database is locked\"); "
+            f"SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get \"database is locked\"); "
             f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
             "or postgresql+psycopg2://user@host/db (many machines)"
         )
-    spec = spec.for_dataset(options.dataset)
-    check_run(spec, options)
-    name = options.study_name or spec.name
+    note = objective_note(asked, spec)
+    if note:
+        say(note)
+    storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+    name = options.study_name_for(spec)
     counts = study_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
-    n_trials = options.n_trials or spec.n_trials
-    target = finished + n_trials
-    say(study_counts_line(name, storage, counts, n_trials, target, workers))
+    target = total if total is not None else finished + n_trials
+    with storage.lock(name):  # one index per run, its workers share it
+        run = RunSlot(uuid.uuid4().hex, join_run(open_study(spec, options, storage), storage))
+    say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
 
     plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:
@@ -341,7 +361,7 @@ def run_workers(
             procs.append(p)
             # The payload (with the storage URL) goes through a pipe: not argv, not a file.
             assert p.stdin is not None
-            p.stdin.write(pickle.dumps(_Payload(spec, options, target, i, workers)))
+            p.stdin.write(pickle.dumps(_Payload(spec, options, run, i, workers)))
             p.stdin.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
         reported: set[int] = set()
@@ -369,10 +389,20 @@ def run_workers(
         stopped = [c for c in codes if c in (130, 143)]
         interrupted = stopped[0] - 128 if stopped else None
     counts_now = state_counts(study)
+    added = run_trials_finished(study, run.run_id)
+    done = sum(counts_now[s.name] for s in FINISHED)
+    stand = (f"the study has {done} of {target} finished trials" if total is not None
+             else f"this run added {added} of its {n_trials} finished trials")
+    reason = last_failure(study, run.run_id)
+    stand += f"; the last failed trial: {reason}" if reason else ""
     if interrupted is None and all(c != 0 for c in codes):
-        done = sum(counts_now[s.name] for s in FINISHED)
-        raise DlopsError(f"all {workers} workers failed (exit codes {codes}); the study has {done} of {target} finished trials")
-    return StudyResult(study=study, counts=counts_now, best=summarize(study)["best"], interrupted=interrupted, target=target)
+        raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
+    gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
+    if interrupted is None and gave_up:
+        raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); "
+                         f"{stand}")
+    return StudyResult(study=study, counts=counts_now, best=summarize(study)["best"], interrupted=interrupted,
+                       target=target, n_trials=n_trials, added=added)
 
 
 def study_counts(storage: StudyStorage, name: str, spec: Any = None, options: Any = None) -> dict[str, int]:
@@ -413,7 +443,7 @@ def worker_main() -> int:
 
     options = replace(payload.options)
     try:
-        result = run_study(payload.spec, options, on_epoch, say=say, target=payload.target,
+        result = run_study(payload.spec, options, on_epoch, say=say, run=payload.run,
                            worker=payload.worker, workers=payload.workers, announce=False, label=prefix)
     except DlopsError as exc:
         say(f"error: {exc}")

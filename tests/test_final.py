@@ -289,7 +289,7 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     result = CliRunner().invoke(app, ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits",
                                       "--epochs", "1", "--seeds", "1", "--subset-per-class", "5", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "test_top5" in result.output and "no study 'resnet18-ce'" in result.output
+    assert "test_top5" in result.output and "no study 'resnet18-ce-digits'" in result.output
     final = json.loads((dlops_home / "reports" / "resnet18-ce" / "final.json").read_text())
     assert final["params_source"] == {"kind": "baseline"} and final["params"] == {"lr": 0.001}
     assert final["config"]["width"] == 16 and final["epochs"] == 1 and final["study"] is None  # [datasets.digits]

@@ -66,6 +66,15 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         (("log = true", "log = true\nlow2 = 3"), "unknown key 'low2' in [search.lr]"),
         (("[baseline]", "[datasets.digits]\nmetric = 5\n[baseline]"), "[datasets.digits] metric must name a validation metric"),
         (('name = "tiny"', 'name = "tiny"\nmetric = "top5"'), "metric must name a validation metric"),
+        # a metric the trainer never reports: refused when the spec loads, not after an epoch of each trial
+        (('name = "tiny"', 'name = "tiny"\nmetric = "val_nope"'), "metric must name a validation metric"),
+        (("[baseline]", '[datasets.digits]\nmetric = "val_nope"\n[baseline]'), "[datasets.digits] metric must name"),
+        (("[baseline]", '[pruner]\ntype = "median"\nn_startup_trials = -3\n[baseline]'),
+         "[pruner]: Number of startup trials cannot be negative"),
+        (("[baseline]", '[pruner]\ntype = "median"\nwarmup = 2\n[baseline]'), "[pruner]: "),
+        (("[baseline]", '[sampler]\nseed = "x"\n[baseline]'), "[sampler]: seed = 'x' should be an integer"),
+        (("[baseline]", '[sampler]\nseed = -1\n[baseline]'), "[sampler]: seed = -1 should be an integer"),
+        (("[baseline]", '[sampler]\nn_startup_trials = 1.5\n[baseline]'), "[sampler]: n_startup_trials = 1.5"),
     ],
 )
 def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -85,6 +94,30 @@ def test_cli_reports_a_bad_spec_in_one_line_and_exits_nonzero(tmp_path: Path, dl
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown loss 'hinge'" in lines[0]
     assert not (dlops_home / "dlops.db").exists()  # nothing written
+
+
+@pytest.mark.parametrize("trainer_spec", ["resnet18-ce", "autoencoder"])
+def test_the_allowed_metrics_are_what_the_trainer_reports(trainer_spec: str) -> None:
+    from dlops.trainers import get_trainer
+
+    spec = load_spec(trainer_spec)
+    reported = get_trainer(spec.trainer).metrics
+    assert spec.metric in reported and "val_top1" in reported and "val_nope" not in reported
+
+
+def test_cli_names_the_search_key_of_a_bad_parameter(tmp_path: Path, dlops_home: Path) -> None:
+    """The table name in brackets is text, not rich markup swallowed from the message."""
+    path = tmp_path / "cat_empty.toml"
+    path.write_text(GOOD.replace('type = "float"\nlow = 1e-4\nhigh = 1e-1\nlog = true', 'type = "categorical"\nchoices = []')
+                    .replace("[baseline]\nlr = 1e-3", "[baseline]"))
+    result = CliRunner().invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "cat_empty.toml: [search.lr]: categorical needs a non-empty list 'choices'" in result.output
+    bad_metric = tmp_path / "nope.toml"
+    bad_metric.write_text(GOOD.replace('name = "tiny"', 'name = "tiny"\nmetric = "val_nope"'))
+    result = CliRunner().invoke(app, ["study", "run", str(bad_metric), "--n-trials", "1"])
+    assert result.exit_code == 2 and "metric must name a validation metric" in result.output
+    assert "Traceback" not in result.output and not (dlops_home / "dlops.db").exists()
 
 
 def test_cli_rejects_unknown_loss_and_unknown_spec(dlops_home: Path) -> None:

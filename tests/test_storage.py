@@ -216,3 +216,33 @@ def test_an_unencoded_at_in_a_sql_password_is_refused_without_leaking_it() -> No
     assert "ret" not in str(caught.value) and "%40" in str(caught.value)
     result = CliRunner().invoke(app, ["study", "list", "--storage", "postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test"])
     assert result.exit_code != 0 and "s3c" not in result.output and "ret@" not in result.output
+
+
+def _open_at_once(url: str, barrier, errors) -> None:
+    barrier.wait()
+    try:
+        connect(url)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        errors.put(str(exc)[:300])
+
+
+def test_processes_opening_a_new_sqlite_database_at_once_all_get_it(tmp_path: Path) -> None:
+    """Two `dlops study run` on a fresh SQLite file: Optuna's table creation is not atomic
+    ("table trial_system_attributes already exists"); dlops creates it under a file lock."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    failed = []
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'r{round_}' / 'dlops.db'}"
+        barrier, errors = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, errors)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        while not errors.empty():
+            failed.append(errors.get())
+        optuna.create_study(study_name="s", storage=connect(url).optuna)  # usable afterwards
+    assert not failed, failed[0]

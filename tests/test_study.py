@@ -16,6 +16,7 @@ from dlops.errors import DlopsError
 from dlops.search import RunOptions, run_study
 from dlops.spec import load_spec
 from dlops.train import HISTORY_KEYS
+from dlops.workers import OWNER_KEY
 
 
 def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-4, 1e-1), baseline_lr=1e-3,
@@ -246,3 +247,213 @@ def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: P
     assert len(failed) == 1 and "no space left on device while writing" in failed[0].getMessage()
     assert "Traceback" not in caplog.text and "unexpected pos" not in caplog.text
     assert not list((dlops_home / "checkpoints").rglob("*.tmp"))
+
+
+# --- a run checks everything before it writes, and a failure is never exit 0 ------------------
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "no CUDA device is available"),
+    ("cuda:3", "no CUDA device is available"),
+    ("tpu", "unknown device 'tpu'"),
+    ("cuda:x", "unknown device 'cuda:x'"),
+])
+def test_an_unusable_device_is_one_line_and_writes_nothing(device: str, message: str, tmp_path: Path,
+                                                           dlops_home: Path) -> None:
+    spec = tiny_spec(tmp_path, "ce", epochs=1)
+    for extra in ([], ["--workers", "2", "--storage", f"journal://{dlops_home / 'dlops.log'}"]):
+        result = CliRunner().invoke(app, ["study", "run", str(spec), "--n-trials", "2", "--device", device, *extra])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], result.output
+        assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))  # no database, no study, no trial, no file
+
+
+def test_resolve_device_checks_the_visible_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dlops.train import resolve_device
+
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DlopsError, match=r"--device cuda:2: only 2 CUDA device\(s\) visible"):
+        resolve_device("cuda:2")
+    for bad in ("", "mps", "xla", "cuda:-1"):
+        with pytest.raises(DlopsError, match="unknown device"):
+            resolve_device(bad)
+
+
+def failing_fit(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None = None) -> list[int]:
+    """The ResNet trainer, with the calls numbered in ``fail_calls`` (all when None) failing
+    as a full disk does. Returns the list of call numbers made."""
+    import errno
+
+    import dlops.train
+
+    real_fit, calls = dlops.train.fit, []
+
+    def fit(config, *args, **kwargs):
+        calls.append(len(calls))
+        if fail_calls is None or calls[-1] in fail_calls:
+            raise OSError(errno.ENOSPC, "No space left on device", "checkpoint.pt")
+        return real_fit(config, *args, **kwargs)
+
+    monkeypatch.setattr(dlops.train, "fit", fit)
+    return calls
+
+
+def test_giving_up_after_failed_trials_exits_nonzero_with_the_last_reason(
+        tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failing_fit(monkeypatch)
+    result = CliRunner().invoke(app, ["study", "run", str(tiny_spec(tmp_path, "ce", epochs=1)), "--n-trials", "3",
+                                      "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert "3 trials failed in this run; giving up" in last and "No space left on device" in last, result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_baseline_is_queued_again_until_one_finishes(tmp_path: Path, dlops_home: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    failing_fit(monkeypatch, fail_calls={0})  # trial 0, the baseline, fails (a full disk)
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1)))
+    messages: list[str] = []
+    study = run_study(spec, RunOptions(n_trials=2, device="cpu"), say=messages.append).study
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["baseline"] is True
+    baselines = [t for t in trials if t.user_attrs.get("baseline") and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(baselines) == 1 and baselines[0].number == 1 and baselines[0].params == spec.baseline_params()
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
+    assert any("baseline is queued again" in m for m in messages)
+    run_study(spec, RunOptions(n_trials=1, device="cpu"))  # once one finished, it is not queued again
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.get_trials()) == 2
+
+
+# --- a continued study samples new points; a fresh one reproduces ------------------------------
+
+
+def test_a_continued_study_samples_new_points_and_a_fresh_rerun_reproduces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5, pruner='type = "none"')))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "a"))
+    first = [t.params["lr"] for t in run_study(spec, RunOptions(n_trials=3, device="cpu", seed=3)).study.get_trials()]
+    study = run_study(spec, RunOptions(n_trials=2, device="cpu", seed=3)).study
+    more = [t.params["lr"] for t in study.get_trials()][3:]
+    assert len(first) == 3 and len(more) == 2
+    assert not set(more) & set(first), (first, more)  # new points, not a replay of trials 1 and 2
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "b"))
+    again = [t.params["lr"] for t in run_study(spec, RunOptions(n_trials=3, device="cpu", seed=3)).study.get_trials()]
+    assert again == first  # a rerun from scratch with the same seed is the same study
+
+
+# --- --n-trials per run, --total-trials for the study ------------------------------------------
+
+
+def _another_machine_finishes_a_trial(study_name: str, dlops_home: Path):
+    """An on_epoch hook: during this run's first trial, a trial of another run completes."""
+    done: list[bool] = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if not done:
+            done.append(True)
+            other = optuna.load_study(study_name=study_name, storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+            other.add_trial(optuna.trial.create_trial(
+                params={"lr": 0.05}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)},
+                value=0.5, system_attrs={OWNER_KEY: {"host": "another-machine", "pid": 1, "run": "another-run"}}))
+
+    return on_epoch
+
+
+def test_n_trials_counts_this_runs_trials_and_total_trials_the_study(tmp_path: Path, dlops_home: Path) -> None:
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5, pruner='type = "none"')))
+    messages: list[str] = []
+    result = run_study(spec, RunOptions(n_trials=2, device="cpu"), _another_machine_finishes_a_trial("tiny-ce", dlops_home),
+                       say=messages.append)
+    assert result.added == 2 and result.finished == 3  # its own 2, whatever another machine adds
+    assert "this run adds 2 finished trials of its own" in messages[0]
+
+    messages.clear()
+    result = run_study(spec, RunOptions(total_trials=6, device="cpu"), _another_machine_finishes_a_trial("tiny-ce", dlops_home),
+                       say=messages.append)
+    assert result.finished == 6 and result.added == 2  # 3 there, 1 from elsewhere, 2 from this run
+    assert "until the study has 6 finished trials in all (3 now" in messages[0]
+    with pytest.raises(DlopsError, match="not both"):
+        run_study(spec, RunOptions(n_trials=1, total_trials=9, device="cpu"))
+
+
+def test_cli_total_trials_is_one_target_for_every_run(tmp_path: Path, dlops_home: Path) -> None:
+    spec = str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5))
+    result = CliRunner().invoke(app, ["study", "run", spec, "--total-trials", "2", "--device", "cpu"])
+    assert result.exit_code == 0 and "until the study has 2 finished trials in all" in result.output, result.output
+    result = CliRunner().invoke(app, ["study", "run", spec, "--total-trials", "2", "--device", "cpu"])
+    assert result.exit_code == 0 and "2 complete" in result.output, result.output
+    study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    assert len(study.get_trials()) == 2  # nothing to add: the study already has 2
+    help_text = " ".join(CliRunner().invoke(app, ["study", "run", "--help"]).output.replace("│", " ").split())
+    assert "--total-trials" in help_text and "other runs' trials do not count" in help_text
+
+
+# --- default study names: the spec's own dataset, or NAME-DATASET -------------------------------
+
+
+def test_default_study_names_carry_a_dataset_other_than_the_specs_own() -> None:
+    ce, ae = load_spec("resnet18-ce"), load_spec("autoencoder")
+    assert ce.study_name() == ce.study_name("tiny-imagenet") == "resnet18-ce"
+    assert ce.study_name("digits") == "resnet18-ce-digits" and ae.study_name("digits") == "autoencoder-digits"
+    assert RunOptions(dataset="digits").study_name_for(ce) == "resnet18-ce-digits"
+    assert RunOptions(dataset="digits", study_name="mine").study_name_for(ce) == "mine"
+    for command in (["study", "run"], ["final"]):
+        help_text = " ".join(CliRunner().invoke(app, [*command, "--help"]).output.replace("│", " ").split())
+        assert "SPEC-DATASET with a --dataset other than the spec's own" in help_text, help_text
+
+
+def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
+        tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's path: a digits study of a spec, then the spec on its own dataset (here a
+    registered copy of digits standing in for Tiny ImageNet), then `final --dataset digits`
+    and `report`, which find the digits study by its derived name."""
+    from dlops.data import DATASETS, get_dataset
+    from dlops.final import FinalOptions, run_final
+
+    get_dataset("digits")  # built-in datasets registered first
+    monkeypatch.setitem(DATASETS, "own-data", DATASETS["digits"])
+    text = tiny_spec(tmp_path, "ce", epochs=1, per_class=5).read_text()
+    spec = tmp_path / "tiny-ce.toml"
+    spec.write_text(text.replace('dataset = "digits"', 'dataset = "own-data"', 1)
+                    .replace("[final]                      # `dlops final`\nepochs = 30", "[final]\nepochs = 1"))
+    runner = CliRunner()
+    digits = runner.invoke(app, ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--device", "cpu"])
+    assert digits.exit_code == 0 and "study tiny-ce-digits" in digits.output, digits.output
+    own = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
+    assert own.exit_code == 0, own.output  # before: "study 'tiny-ce' ran on digits, not own-data"
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    assert sorted(optuna.get_all_study_names(url)) == ["tiny-ce", "tiny-ce-digits"]
+    assert optuna.load_study(study_name="tiny-ce-digits", storage=url).user_attrs["dataset"] == "digits"
+
+    final = run_final(str(spec), FinalOptions(dataset="digits", device="cpu")).final
+    assert final["study"]["name"] == "tiny-ce-digits" and final["params_source"]["kind"] == "trial"
+    report = runner.invoke(app, ["report"])
+    assert report.exit_code == 0, report.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "tiny-ce-digits/report.md" not in index  # the digits study is the spec's, not an entry of its own
+    assert "tiny-ce-digits" in (dlops_home / "reports" / "tiny-ce" / "report.md").read_text()
+
+
+def test_top5_on_five_classes_or_fewer_becomes_top1_and_says_so(tmp_path: Path, dlops_home: Path) -> None:
+    spec = str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5))  # objective: val_top5
+    result = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "5", "--n-trials", "1",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "val_top5 is always 1.0 with 5 classes or fewer: this study optimises val_top1 instead" in result.output
+    study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    assert study.metric_names == ["val_top1"]
+    trial = study.get_trials()[0]
+    assert trial.value == trial.user_attrs["history"]["val_top1"][-1] < 1.0
+    assert trial.user_attrs["history"]["val_top5"][-1] == 1.0  # what the study would have optimised
+
+    too_many = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "11", "--study-name", "x",
+                                        "--device", "cpu"])
+    assert too_many.exit_code == 2 and "--subset-classes 11: digits has 10 classes" in too_many.output
+    assert optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == ["tiny-ce"]

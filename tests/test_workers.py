@@ -223,6 +223,46 @@ def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_pat
     assert len(trials) == 1 and trials[0].state == TrialState.WAITING and trials[0].user_attrs["baseline"] is True
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_runs_joining_at_once_get_their_own_sampler_seeds(backend: Backend, tmp_path: Path, dlops_home: Path) -> None:
+    """Two machines starting one new study at once both see it empty; under the study lock
+    each run still gets its own index, so only the first replays the spec's seed and the
+    others sample elsewhere (before, both proposed the same lr)."""
+    from dlops.search import join_run, make_sampler, sampler_seed
+
+    spec = load_spec(str(tiny_spec(tmp_path)))
+    options = RunOptions(storage=backend.url, study_name=backend.study_name)
+    barrier, indexes, errors = threading.Barrier(4), [], []
+
+    def join(worker: int) -> None:
+        try:
+            storage = backend.storage()
+            study = open_study(spec, options, storage)
+            barrier.wait()
+            with storage.lock(study.study_name):
+                prepare_study(study, spec, options)
+                indexes.append(join_run(study, storage))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=join, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(indexes) == [0, 1, 2, 3]
+    assert sampler_seed(0, 0, 0) == 0 and sampler_seed(0, 1, 0) == 1  # the run that starts a study: seed + worker
+    seeds = {sampler_seed(0, w, i) for w in range(3) for i in indexes}
+    assert len(seeds) == 12
+    space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
+    firsts = set()
+    for i in indexes:  # what each run's sampler proposes first on a fresh study
+        probe = optuna.create_study(sampler=make_sampler(spec, sampler_seed(0, 0, i)))
+        firsts.add(probe.ask(space).params["lr"])
+    assert len(firsts) == 4
+
+
 @requires_pg
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
 def test_heartbeats_fail_and_requeue_the_trial_of_a_silent_worker_elsewhere(tmp_path: Path) -> None:
@@ -449,3 +489,26 @@ def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> Non
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
     assert retry.user_attrs["config"]["seed"] == result.study.get_trials()[1].user_attrs["config"]["seed"]
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
+
+
+def test_workers_that_give_up_fail_the_run_with_the_last_reason(tmp_path: Path, dlops_home: Path,
+                                                                capfd: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every trial fails for real (no checkpoint can be written: `checkpoints` is a file):
+    the workers give up, and `dlops` exits non-zero with the last failure's reason."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    dlops_home.mkdir(parents=True)
+    (dlops_home / "checkpoints").write_text("not a folder")
+    spec = tiny_spec(tmp_path, epochs=1, per_class=5)
+    result = CliRunner().invoke(app, ["study", "run", str(spec), "--storage", f"journal://{tmp_path / 'j.log'}",
+                                      "--workers", "2", "--n-trials", "2", "--device", "cpu"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 2, output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert "workers failed" in last and "this run added 0 of its 2 finished trials" in last, output
+    assert "the last failed trial: " in last and ("NotADirectoryError" in last or "FileExistsError" in last), last
+    assert "giving up" in output  # each worker's own line
