@@ -177,6 +177,13 @@ def study_show(
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), params)
     console.print(table)
+    ep = info.get("epochs")
+    if ep:
+        stops = ep["pruned_stop_epochs"]
+        console.print(f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
+                      f"({100 * ep['share']:.0f}%)" + (
+                          "; pruned trials stopped after epoch " + ", ".join(f"{e} (#{n})" for n, e in stops.items())
+                          if stops else "; no trial pruned"), highlight=False, soft_wrap=True, markup=False)
 
 
 @study_app.command("replay")

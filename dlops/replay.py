@@ -98,6 +98,38 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def pruned_by_pruner(trial: optuna.trial.FrozenTrial) -> bool:
+    """A PRUNED trial stopped by the study's pruner (not by a non-finite loss, which dlops
+    also records as PRUNED, with its reason in the ``stopped_reason`` user attr)."""
+    if trial.state != TrialState.PRUNED:
+        return False
+    reason = str(trial.user_attrs.get("stopped_reason") or "")
+    return not reason or reason.startswith("pruned after")
+
+
+def epochs_summary(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
+    """Epochs the finished trials trained against what the same trials would have trained
+    unpruned (a trial its pruner stopped counted at its config's ``epochs``, else at the
+    longest complete trial), and the epoch each pruned trial stopped after."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if not finished:
+        return None
+    longest = max((len(t.intermediate_values) for t in finished if t.state == TrialState.COMPLETE), default=0)
+    trained = unpruned = 0
+    stops: dict[int, int] = {}
+    for t in finished:
+        n = len(t.intermediate_values)
+        trained += n
+        if pruned_by_pruner(t):
+            planned = (t.user_attrs.get("config") or {}).get("epochs") or longest
+            unpruned += max(int(planned), n)
+            stops[t.number] = n
+        else:
+            unpruned += n
+    return {"trained": trained, "unpruned": unpruned, "share": trained / unpruned if unpruned else None,
+            "pruned_stop_epochs": stops}
+
+
 def curves_from_study(study: optuna.Study) -> Curves:
     """The finished trials of ``study`` as curves, in trial order. A PRUNED trial is
     ``diverged`` when its stop was a non-finite loss (dlops records the reason), else
@@ -105,11 +137,7 @@ def curves_from_study(study: optuna.Study) -> Curves:
     trials = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         values = [float(t.intermediate_values[s]) for s in sorted(t.intermediate_values)]
-        if t.state == TrialState.COMPLETE:
-            end = "complete"
-        else:
-            reason = str(t.user_attrs.get("stopped_reason") or "")
-            end = "pruned" if not reason or reason.startswith("pruned after") else "diverged"
+        end = "complete" if t.state == TrialState.COMPLETE else "pruned" if pruned_by_pruner(t) else "diverged"
         value = float(t.value) if t.value is not None and math.isfinite(t.value) else None
         trials.append(TrialCurve(number=t.number, values=values, end=end, value=value, params=dict(t.params)))
     return Curves(

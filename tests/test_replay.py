@@ -26,6 +26,7 @@ from dlops.replay import (
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT / "benchmarks" / "results" / "pruning"
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 # Four trials of three epochs, maximised. Trial 2 starts worst and ends best.
 KNOWN = {0: [0.5, 0.6, 0.7], 1: [0.6, 0.7, 0.8], 2: [0.1, 0.9, 0.95], 3: [0.7, 0.75, 0.85]}
@@ -161,3 +162,41 @@ def test_cli_replays_the_recorded_digits_curves():
     out = CliRunner().invoke(app, ["study", "replay", str(RECORDED / "resnet18-ce-digits.json")])
     assert out.exit_code == 0, out.output
     assert all(any(line.startswith(p) for line in out.output.splitlines()) for p in DEFAULT_CANDIDATES)
+
+
+def _stored_known_study(url: str, name: str, pruned: dict[int, int]) -> None:
+    src = known_study(pruned=pruned)
+    dst = optuna.create_study(storage=url, study_name=name, direction="maximize")
+    dst.set_metric_names(["val_top1"])
+    for t in src.get_trials():
+        t.user_attrs["config"] = {"epochs": 3}
+        dst.add_trial(t)
+
+
+def test_study_show_gives_epochs_trained_against_unpruned(dlops_home: Path):
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    _stored_known_study(url, "cut", {2: 1, 0: 2})
+    runner = CliRunner()
+    info = json.loads(runner.invoke(app, ["study", "show", "cut", "--json"]).output)
+    # trials 1 and 3 train 3 epochs each, trial 0 stops after 2, trial 2 after 1: 9 of 12
+    assert info["epochs"] == {"trained": 9, "unpruned": 12, "share": 0.75, "pruned_stop_epochs": {"0": 2, "2": 1}}
+    assert [t["stop_epoch"] for t in info["trials"]] == [2, None, 1, None]
+    out = runner.invoke(app, ["study", "show", "cut"])
+    assert out.exit_code == 0, out.output
+    assert "epochs trained: 9 of the 12 the same trials would train unpruned (75%); pruned trials stopped after " \
+           "epoch 2 (#0), 1 (#2)" in " ".join(out.output.split())
+
+
+def test_report_gives_each_study_its_pruning_line(dlops_home: Path):
+    from dlops.report import StudyFacts, build_report
+
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    _stored_known_study(url, "cut", {2: 1})
+    facts = StudyFacts.of(optuna.load_study(study_name="cut", storage=url))
+    assert facts.pruning_text == "10 of 12 epochs unpruned (83%); 1 pruned, stopped after epoch 1"
+    result = build_report(url)
+    assert "| pruning: epochs trained | 10 of 12 epochs unpruned (83%); 1 pruned, stopped after epoch 1 |" \
+        in result.index.read_text()
+    assert "- pruning: 10 of 12 epochs unpruned (83%)" in (dlops_home / "reports" / "cut" / "report.md").read_text()
