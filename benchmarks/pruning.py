@@ -60,6 +60,82 @@ def export(spec_name: str, study_name_: str, url: str, out: Path, settings: dict
     return len(curves.trials)
 
 
+def curves_files(root: Path) -> list[Path]:
+    """Every dlops-curves JSON file under ``root`` (these digits curves, and curves a GPU
+    run on real images leaves under benchmarks/results/)."""
+    found = []
+    for path in sorted(root.rglob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("format") == "dlops-curves":
+                found.append(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return found
+
+
+def write_results(results_root: Path, out: Path, orders: int) -> Path:
+    """Replay every recorded curves file with the default pruners and the spec's own
+    ``[pruner]``: ``replay-<name>.txt`` (the table) and ``.json`` next to the curves, and
+    the summary page ``out/RESULTS.md``."""
+    from dlops.replay import DEFAULT_CANDIDATES, choose, format_table, pruner_label, read_curves, replay, replay_orders
+    from dlops.spec import load_spec
+
+    lines = ["# Pruning on recorded learning curves", "",
+             "Written by `python benchmarks/pruning.py --results` from the curves files below "
+             "(`dlops study replay FILE` prints any one of these tables). Each pruner sees the recorded trials in "
+             "their original order, epoch by epoch; *kept best*: the best trial that survives is within "
+             "0.5 points of the unpruned best. *Orders*: the same replay over "
+             f"{orders} shuffles of the trial order (trial 0, the baseline, first), as a check on the choice.", ""]
+    summary = ["| curves | trials | unpruned best | spec's pruner: share, kept best | fewest epochs keeping the best "
+               "| its share | top-3 kept | orders kept best / mean share |", "|---|---|---|---|---|---|---|---|"]
+    details = []
+    for path in curves_files(results_root):
+        curves = read_curves(path)
+        if curves.pruned:
+            curves = curves.complete_only()
+        pruners = list(DEFAULT_CANDIDATES)
+        own = None
+        if curves.spec:
+            try:
+                own = pruner_label(dict(load_spec(curves.spec).pruner))
+            except Exception:  # noqa: BLE001 - a curves file of a spec this tree lacks
+                own = None
+            if own and own not in pruners:
+                pruners.append(own)
+        results = replay(curves, pruners)
+        chosen = choose(results)
+        robust = replay_orders(curves, pruners, orders=orders)
+        stem = path.stem
+        table = format_table(results)
+        head = (f"replay of {curves.source}: {len(curves.trials)} trials, {results[0].total_epochs} epochs unpruned; "
+                f"unpruned best {curves.metric} {results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})")
+        (path.parent / f"replay-{stem}.txt").write_text(head + "\n" + table + "\n")
+        (path.parent / f"replay-{stem}.json").write_text(json.dumps(
+            {"curves": str(path.relative_to(ROOT)), "chosen": chosen.pruner if chosen else None,
+             "spec_pruner": own, "results": [r.to_dict() for r in results], "orders": robust}, indent=1) + "\n")
+        mine = next((r for r in results if r.pruner == own), None)
+        rel = path.relative_to(ROOT)
+        setting = ", ".join(f"{k} {v}" for k, v in curves.settings.items() if k in ("width", "subset_per_class", "device"))
+        row = [f"[{rel.name}]({os.path.relpath(path, out)})"
+               + (f" ({setting})" if setting else ""),
+               str(len(curves.trials)), f"{results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})",
+               f"`{own}`: {100 * mine.share:.0f}%, {'yes' if mine.kept_best else 'no'}" if mine else "–"]
+        if chosen:
+            rb = robust[chosen.pruner]
+            row += [f"`{chosen.pruner}`", f"{100 * chosen.share:.0f}%", f"{chosen.top3_kept}/{len(chosen.top3)}",
+                    f"{100 * rb['kept_best']:.0f}% / {100 * rb['share']:.0f}%"]
+        else:
+            row += ["none keeps it", "–", "–", "–"]
+        summary.append("| " + " | ".join(row) + " |")
+        details += [f"## {rel}", "", f"Recorded by: `{curves.command}`" if curves.command else "", "",
+                    "```", head, table, "```", ""]
+        details += ["Over shuffled orders (kept best / mean share): " + "; ".join(
+            f"`{k}` {100 * v['kept_best']:.0f}% / {100 * v['share']:.0f}%" for k, v in robust.items()), ""]
+    page = out / "RESULTS.md"
+    page.write_text("\n".join(lines + summary + [""] + details))
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=24, help="finished trials per study to reach")
@@ -71,7 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no trial after this")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results", action="store_true", help="record nothing: replay every curves file under "
+                    "benchmarks/results and write the replay tables and RESULTS.md")
+    ap.add_argument("--orders", type=int, default=20, help="--results: shuffled trial orders for the check")
     args = ap.parse_args(argv)
+    if args.results:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        print(f"wrote {write_results(ROOT / 'benchmarks' / 'results', Path(args.out), args.orders)}")
+        return 0
 
     os.environ["DLOPS_HOME"] = args.home
     Path(args.home).mkdir(parents=True, exist_ok=True)
