@@ -201,10 +201,19 @@ def study_replay(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Replay pruners on a study's unpruned learning curves: epochs each would train, and whether it keeps the best."""
-    from dlops.replay import choose, format_table, load_curves, replay
+    from dlops.replay import DEFAULT_CANDIDATES, choose, format_table, load_curves, pruner_label, replay
+    from dlops.spec import load_spec
 
     quiet_optuna()
     curves = load_curves(name, storage)
+    if not pruner:  # the usual candidates, and the pruner of the spec that made the curves
+        pruner = list(DEFAULT_CANDIDATES)
+        try:
+            own = pruner_label(dict(load_spec(curves.spec).pruner)) if curves.spec else None
+        except DlopsError:
+            own = None
+        if own and own not in pruner:
+            pruner.append(own)
     results = replay(curves, pruner, complete_only=complete_only, tolerance=tolerance)
     chosen = choose(results)
     if as_json:
