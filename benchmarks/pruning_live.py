@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for seed in args.seeds:
-        for table in (chosen, {"type": "none"}):
+        for table in [chosen] + ([{"type": "none"}] if chosen.get("type") != "none" else []):
             label = pruner_label(table)
             name = (f"live-{args.spec}-{args.dataset}" + (f"-w{args.width}" if overrides else "")
                     + f"-s{seed}-" + re.sub(r"[^A-Za-z0-9]+", "_", label))
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 if deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline:
                     print(f"deadline {args.deadline} UTC passed: {name} not run", flush=True)
                     continue
-                run_study(dataclasses.replace(spec, pruner=dict(table)),
-                          RunOptions(dataset=args.dataset, n_trials=args.trials - done, storage=url, study_name=name,
+                result = run_study(dataclasses.replace(spec, pruner=dict(table)), RunOptions(dataset=args.dataset, n_trials=args.trials - done, storage=url, study_name=name,
                                      seed=seed, device=args.device, train_overrides=overrides, heartbeat_interval=None))
+                if result.interrupted:  # Ctrl-C / SIGTERM: the trial resumes next time
+                    return 128 + result.interrupted
             study = optuna.load_study(study_name=name, storage=url)
             trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED][: args.trials]
             ep = epochs_summary(trials)
