@@ -382,10 +382,14 @@ def replay(curves: Curves, pruners: Iterable[str | dict[str, Any]] | None = None
     return [replay_one(curves, table, tolerance=tolerance) for table in tables]
 
 
-def choose(results: list[ReplayResult]) -> ReplayResult | None:
+def choose(results: list[ReplayResult], orders: dict[str, dict[str, float]] | None = None,
+           min_orders: float = 0.8) -> ReplayResult | None:
     """The pruner that keeps the unpruned best (within the tolerance) with the fewest
-    epochs; ties go to more of the top 3 kept, then to the order given."""
-    kept = [r for r in results if r.kept_best]
+    epochs; ties go to more of the top 3 kept, then to the order given. With ``orders``
+    (:func:`replay_orders`), only a pruner that also keeps the best in at least
+    ``min_orders`` of the shuffled orders: one order of 24 trials is easily lucky."""
+    kept = [r for r in results if r.kept_best
+            and (orders is None or orders.get(r.pruner, {}).get("kept_best", 0.0) >= min_orders - 1e-9)]
     if not kept:
         return None
     return min(kept, key=lambda r: (r.epochs, -r.top3_kept))
