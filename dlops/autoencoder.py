@@ -242,11 +242,16 @@ class AEResult:
     @property
     def extra_user_attrs(self) -> dict[str, Any]:
         """What a study stores in the trial's user attrs besides ``history``."""
-        safe = {
-            k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs]
-            for k, vs in self.layer_history.items()
-        }
-        return {"layer_history": safe}
+        return layer_user_attrs(self.layer_history)
+
+
+def layer_user_attrs(layer_history: dict[str, list[float]]) -> dict[str, Any]:
+    """The per-layer curves as a trial's user attrs (NaN stored as null)."""
+    safe = {
+        k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs]
+        for k, vs in layer_history.items()
+    }
+    return {"layer_history": safe}
 
 
 def layer_seconds_per_epoch(layer_history: dict[str, list[float]]) -> list[float | None]:
@@ -458,6 +463,18 @@ def fit(
             if on_layer_epoch is not None:
                 on_layer_epoch(layer, epoch, {"train_loss": train_loss, "val_loss": val_loss, "epoch_seconds": seconds})
     stack.requires_grad_(False)
+
+    if report is not None:
+        report_epoch = report
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:  # type: ignore[no-redef]
+            """A trial pruned here (report raises) keeps its pretraining curves: the
+            exception carries them as ``extra_user_attrs``, as a result would."""
+            try:
+                report_epoch(epoch, metrics)
+            except BaseException as exc:
+                exc.extra_user_attrs = layer_user_attrs(layer_history)  # type: ignore[attr-defined]
+                raise
 
     # ---- fine-tuning of the stacked encoders + output layer
     if not finetuning_started:

@@ -204,6 +204,64 @@ def study_show(
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
         table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), params)
     console.print(table)
+    ep = info.get("epochs")
+    if ep:
+        stops = ep["pruned_stop_epochs"]
+        console.print(f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
+                      f"({100 * ep['share']:.0f}%)" + (
+                          "; pruned trials stopped after epoch " + ", ".join(f"{e} (#{n})" for n, e in stops.items())
+                          if stops else "; no trial pruned"), highlight=False, soft_wrap=True, markup=False)
+
+
+@study_app.command("replay")
+@user_errors
+def study_replay(
+    name: Annotated[str, typer.Argument(help="Study name, or a JSON file of curves (format dlops-curves)")],
+    pruner: Annotated[Optional[list[str]], typer.Option(
+        "--pruner", help="TYPE[:key=value,...] as a spec's [pruner] (none, median, percentile, successive_halving, "
+                         "hyperband); repeat for more [default: each type at the usual settings]")] = None,
+    complete_only: Annotated[bool, typer.Option("--complete-only", help="Replay only the trials that trained every "
+                                                "epoch (a study that pruned)")] = False,
+    tolerance: Annotated[float, typer.Option(min=0, help="How far below the unpruned best still counts as keeping "
+                                             "it (0.005: half a point of accuracy)")] = 0.005,
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Replay pruners on a study's unpruned learning curves: epochs each would train, and whether it keeps the best."""
+    from dlops.replay import DEFAULT_CANDIDATES, choose, format_table, load_curves, pruner_label, replay
+    from dlops.spec import load_spec
+
+    quiet_optuna()
+    curves = load_curves(name, storage)
+    if not pruner:  # the usual candidates, and the pruner of the spec that made the curves
+        pruner = list(DEFAULT_CANDIDATES)
+        try:
+            own = pruner_label(dict(load_spec(curves.spec).pruner)) if curves.spec else None
+        except DlopsError:
+            own = None
+        if own and own not in pruner:
+            pruner.append(own)
+    results = replay(curves, pruner, complete_only=complete_only, tolerance=tolerance)
+    chosen = choose(results)
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "source": curves.source, "spec": curves.spec, "dataset": curves.dataset, "metric": curves.metric,
+            "direction": curves.direction, "settings": curves.settings, "trials": len(curves.trials),
+            "complete_only": complete_only, "tolerance": tolerance,
+            "chosen": chosen.pruner if chosen else None, "results": [r.to_dict() for r in results],
+        }, indent=2) + "\n")
+        return
+    used = [t for t in curves.trials if t.end != "pruned"] if complete_only else curves.trials
+    r0 = results[0]
+    console.print(f"replay of {curves.source}: {len(used)} trials, {r0.total_epochs} epochs unpruned; "
+                  f"unpruned best {curves.metric or 'value'} {r0.unpruned_best:.4f} (trial {r0.unpruned_best_trial}), "
+                  f"top 3: trials {', '.join(map(str, r0.top3))}", highlight=False, soft_wrap=True, markup=False)
+    sys.stdout.write(format_table(results) + "\n")
+    if chosen is None:
+        console.print(f"no pruner kept the unpruned best within {100 * tolerance:g} points", highlight=False)
+    else:
+        console.print(f"fewest epochs keeping the best within {100 * tolerance:g} points: {chosen.pruner} "
+                      f"({100 * chosen.share:.0f}% of the epochs)", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("dashboard", short_help="Serve optuna-dashboard on the study storage.")

@@ -114,10 +114,23 @@ class StudyFacts:
     failed: int
     trial_seconds: float
     best_history: dict[str, list[Any]] | None
+    epochs: dict[str, Any] | None = None  # dlops.replay.epochs_summary: trained vs unpruned
+
+    @property
+    def pruning_text(self) -> str:
+        """One line: the epochs the study trained against its trials unpruned."""
+        e = self.epochs
+        if not e:
+            return "–"
+        stops = sorted(e["pruned_stop_epochs"].values())
+        return (f"{e['trained']} of {e['unpruned']} epochs unpruned ({100 * e['share']:.0f}%); "
+                + (f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"))
 
     @classmethod
     def of(cls, study: Any) -> "StudyFacts":
         from optuna.trial import TrialState
+
+        from dlops.replay import epochs_summary
 
         trials = study.get_trials(deepcopy=False)
         count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
@@ -140,6 +153,7 @@ class StudyFacts:
             failed=count(TrialState.FAIL),
             trial_seconds=seconds,
             best_history=best.user_attrs.get("history") if best else None,
+            epochs=epochs_summary(trials),
         )
 
 
@@ -252,6 +266,7 @@ def write_spec_report(spec_name: str, study: Any | None, out_dir: Path | None = 
             f"- best {facts.metric or 'value'}: {_fmt(facts.best_value)} (trial {_fmt(facts.best_trial)})",
             f"- trials: {facts.complete} complete, {facts.pruned} pruned, {facts.failed} failed",
             f"- compute: {_fmt_seconds(facts.trial_seconds)} of trial time",
+            f"- pruning: {facts.pruning_text}",
             "",
         ]
         for name, title in STUDY_PLOT_TITLES.items():
@@ -494,6 +509,7 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     rows.append(("final test top-1 (mean ± std)", [_mean_pm(e.final, "test_top1") for e in entries]))
     rows.append(("final test top-5 (mean ± std)", [_mean_pm(e.final, "test_top5") for e in entries]))
     rows.append(("trials complete / pruned", [f"{f.complete} / {f.pruned}" if f else "–" for f in facts]))
+    rows.append(("pruning: epochs trained", [f.pruning_text if f else "–" for f in facts]))
     rows.append(("compute: study trials / final run",
                  [f"{_fmt_seconds(f.trial_seconds) if f else '–'} / {_fmt_seconds((e.final or {}).get('wall_seconds'))}"
                   for e, f in zip(entries, facts)]))
@@ -522,6 +538,7 @@ def _other_section(e: Entry) -> list[str]:
     if facts:
         lines.append(f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |")
         lines.append(f"| trials complete / pruned | {facts.complete} / {facts.pruned} |")
+        lines.append(f"| pruning: epochs trained | {facts.pruning_text} |")
     lines.append(f"| compute: study trials / final run | {_fmt_seconds(facts.trial_seconds) if facts else '–'} / "
                  f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |")
     lines.append("")

@@ -269,6 +269,12 @@ def make_objective(
             # the sampler learns from it and the study goes on.
             trial.set_user_attr("stopped_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
+        except optuna.TrialPruned as exc:
+            # A pruned trial keeps what the trainer hands over with the exception (the
+            # autoencoder's layer curves).
+            for key, value in getattr(exc, "extra_user_attrs", {}).items():
+                trial.set_user_attr(key, value)
+            raise
         except (TrialInterrupted, KeyboardInterrupt):
             keep_checkpoint = True  # the retry resumes from it
             raise

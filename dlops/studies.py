@@ -37,8 +37,11 @@ def load_existing_study(name: str, url: str) -> optuna.Study:
 
 
 def describe_study(name: str, url: str) -> dict[str, Any]:
+    from dlops.replay import epochs_summary, pruned_by_pruner
+
     study = load_existing_study(name, url)
     info = summarize(study)
+    info["epochs"] = epochs_summary(study.get_trials(deepcopy=False))
     info["trials"] = [
         {
             "number": t.number,
@@ -46,6 +49,7 @@ def describe_study(name: str, url: str) -> dict[str, Any]:
             "value": t.value,
             "params": t.params,
             "epochs": len(t.intermediate_values),
+            "stop_epoch": len(t.intermediate_values) if pruned_by_pruner(t) else None,
             "baseline": bool(t.user_attrs.get("baseline", False)),
             "stopped_reason": t.user_attrs.get("stopped_reason"),
             "duration_s": t.duration.total_seconds() if t.duration else None,

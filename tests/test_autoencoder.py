@@ -379,3 +379,25 @@ def test_workers_print_a_line_per_pretraining_epoch(tmp_path: Path, dlops_home: 
         expected = sum(t.params[f"pretrain_epochs_{k}"] for k in range(6))
         assert len([line for line in lines if line[0] == str(t.number)]) == expected
     assert any(line.startswith("[w") and "pretraining AE" in line for line in text.splitlines())
+
+
+class _PruneAtOnce(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruned_trial_keeps_its_layer_history(tmp_path: Path, dlops_home: Path) -> None:
+    from dlops.search import RunOptions, make_objective
+
+    spec = load_spec(str(tiny_autoencoder_spec(tmp_path))).for_dataset("digits")
+    study = optuna.create_study(storage=None, direction="maximize", pruner=_PruneAtOnce())
+    study.enqueue_trial({**{f"pretrain_epochs_{k}": k % 2 for k in range(6)}, "lr": 1e-3})
+    objective = make_objective(spec, RunOptions(dataset="digits", epochs=2, device="cpu"))
+    study.optimize(objective, n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert {len(v) for v in trial.user_attrs["history"].values()} == {1}
+    layers = trial.user_attrs["layer_history"]
+    assert layers["hidden_sizes"] == SMALL
+    for k in range(6):
+        assert len(layers[f"ae{k}_train_loss"]) == len(layers[f"ae{k}_val_loss"]) == k % 2

@@ -168,7 +168,9 @@ def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(folder: str, 
     url = default_storage_url()
     storage = connect(url)
     optuna.create_study(study_name="s", storage=storage.optuna)
-    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [Path(folder, "storage", "dlops.db")]
+    files = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
+    assert Path(folder, "storage", "dlops.db") in files
+    assert all(f.parent == Path(folder, "storage") for f in files), files  # nothing outside DLOPS_HOME
     assert storage.lock_file == dlops_home() / "dlops.db"
     assert [r["name"] for r in list_studies(url)] == ["s"]
 
