@@ -62,3 +62,26 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(DlopsError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_triplet_history_has_diagnostics_and_a_stuck_run_stays_violated() -> None:
+    # lr 0: the network never changes, so batch-hard triplets of a random network stay
+    # violated (the hardest positive is farther than the nearest negative).
+    stuck = fit(small("triplet", lr=0.0, epochs=2, width=4))
+    for key in ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm"):
+        assert len(stuck.history[key]) == 2, key
+    assert min(stuck.history["triplet_violated"]) > 0.9
+    assert all(p > n for p, n in zip(stuck.history["triplet_pos_dist"], stuck.history["triplet_neg_dist"]))
+
+
+def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
+    run = fit(small("triplet", lr=0.05, epochs=6, subset_per_class=30, triplet_soft=True, embedding_dim=32))
+    violated = run.history["triplet_violated"]
+    assert violated[-1] < violated[0] - 0.2, violated
+    assert run.history["triplet_neg_dist"][-1] > run.history["triplet_pos_dist"][-1] * 0.5
+    assert run.metrics["val_top1"] > 0.5
+
+
+def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
+    run = fit(small("ce", epochs=1))
+    assert "triplet_violated" not in run.history
