@@ -75,11 +75,12 @@ def test_triplet_history_has_diagnostics_and_a_stuck_run_stays_violated() -> Non
 
 
 def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
-    run = fit(small("triplet", lr=0.05, epochs=6, subset_per_class=30, triplet_soft=True, embedding_dim=32))
+    # Easy data (4 digit classes, no augmentation): the triplets get satisfied.
+    run = fit(small("triplet", subset_classes=4, subset_per_class=None, augment=False, lr=0.2, epochs=3))
     violated = run.history["triplet_violated"]
-    assert violated[-1] < violated[0] - 0.2, violated
-    assert run.history["triplet_neg_dist"][-1] > run.history["triplet_pos_dist"][-1] * 0.5
-    assert run.metrics["val_top1"] > 0.5
+    assert violated[-1] < 0.3 and violated[-1] < violated[0] - 0.3, violated
+    assert run.history["triplet_neg_dist"][-1] > run.history["triplet_pos_dist"][-1]
+    assert run.metrics["val_top1"] > 0.9
 
 
 def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
