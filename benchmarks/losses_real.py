@@ -67,8 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", default="ce,center,triplet")
     parser.add_argument("--lrs", default="0.02,0.05,0.1", help="comma-separated learning rates, each run for every loss")
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--dataset", default="tiny-imagenet", help="tiny-imagenet; digits for quick screens")
+    parser.add_argument("--classes", type=int, default=20, help="first N classes (0: all)")
+    parser.add_argument("--per-class", type=int, default=100, help="first M training images per class (0: all)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -82,10 +83,11 @@ def main() -> None:
 
     sets = parse_sets(args.set)
     root = data_root()
-    dataset = take_subset(get_dataset("tiny-imagenet", root), args.classes, args.per_class)
+    classes, per_class = args.classes or None, args.per_class or None
+    dataset = take_subset(get_dataset(args.dataset, root), classes, per_class)
     test = dataset.test()
     mean, std = dataset.channel_stats()
-    print(f"tiny-imagenet at {root}: {args.classes} classes, train {len(dataset.train)}, val {len(dataset.val)}, "
+    print(f"{args.dataset} at {root}: {dataset.num_classes} classes, train {len(dataset.train)}, val {len(dataset.val)}, "
           f"test {len(test)}; {args.epochs} epochs, width {args.width}, batch {args.batch_size}, "
           f"threads {torch.get_num_threads()}", flush=True)
 
@@ -94,8 +96,8 @@ def main() -> None:
         for lr in (float(x) for x in args.lrs.split(",")):
             overrides = {**sets.get(None, {}), **sets.get(loss, {})}
             config = TrainConfig(
-                loss=loss, dataset="tiny-imagenet", data_root=str(root), subset_classes=args.classes,
-                subset_per_class=args.per_class, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                loss=loss, dataset=args.dataset, data_root=str(root), subset_classes=classes,
+                subset_per_class=per_class, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                 width=args.width, seed=args.seed, device=args.device,
             ).replace(**overrides)
             if args.nonneg_head:
@@ -130,12 +132,12 @@ def main() -> None:
             print(f"{loss:8s} lr={lr:<6g} {overrides} test top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} "
                   f"({row['seconds']:.0f}s)", flush=True)
 
-    print(f"\n| tag | loss | lr | overrides | test top-1 | test top-5 | best val top-5 | violated (last epoch) |")
+    print("\n| tag | loss | lr | overrides | test top-1 | test top-5 | best val top-5 | violated per epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         v = r["history"].get("triplet_violated")
         print(f"| {r['tag']} | {r['loss']} | {r['lr']:g} | {r['overrides'] or ''} | {r['test_top1']:.3f} | "
-              f"{r['test_top5']:.3f} | {r['best_val_top5']:.3f} | {'' if v is None else f'{v[-1]:.3f}'} |")
+              f"{r['test_top5']:.3f} | {r['best_val_top5']:.3f} | {'' if v is None else ' '.join(f'{x:.2f}' for x in v)} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else []

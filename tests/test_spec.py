@@ -41,7 +41,10 @@ def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
     assert spec.for_dataset(None).metric == spec.for_dataset("tiny-imagenet").metric == "val_top5"
     assert spec.for_dataset("digits").metric == "val_top1" and spec.metric == "val_top5"
     if loss == "triplet":
-        assert "margin" in spec.search
+        # soft margin or hinge; the margin only where it is live (the hinge)
+        assert spec.search["triplet_soft"].choices == (True, False)
+        assert spec.search["margin"].when == (("triplet_soft", False),)
+        assert base.embedding_dim > 0 and base.embedding_bn
     if loss == "center":
         assert {"center_lambda", "center_alpha"} <= set(spec.search)
 
