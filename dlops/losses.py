@@ -81,9 +81,10 @@ def batch_hard_triplet_loss(
 
 TRIPLET_DIAGNOSTICS = ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm")
 """Per-epoch means over the training batches, in a triplet run's history: the fraction of
-anchors whose batch-hard triplet is violated (hinge: ``d_ap + margin > d_an``; soft
-margin: ``d_ap > d_an``), the hardest-positive and hardest-negative distances (in the
-space the loss sees), and the norm of the embedding before normalisation."""
+anchors whose batch-hard triplet is violated (hinge: ``d_ap + margin >= d_an``; soft
+margin: ``d_ap >= d_an``; ties count, so a collapsed embedding, all distances 0, reads
+1.0), the hardest-positive and hardest-negative distances (in the space the loss sees),
+and the norm of the embedding before normalisation."""
 
 
 class BatchHardTripletLoss(nn.Module):
@@ -135,7 +136,7 @@ class BatchHardTripletLoss(nn.Module):
         n = w.sum().clamp_min(1.0)
         live_margin = 0.0 if self.soft else self.margin
         row = torch.stack([
-            (((d_ap + live_margin) > d_an).to(e.dtype) * w).sum() / n,
+            (((d_ap + live_margin) >= d_an).to(e.dtype) * w).sum() / n,
             (d_ap * w).sum() / n,
             (torch.where(valid, d_an, torch.zeros_like(d_an))).sum() / n,
             torch.linalg.vector_norm(at_least_fp32(raw.detach()), dim=1).mean(),

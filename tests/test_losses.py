@@ -91,7 +91,7 @@ def test_triplet_diagnostics_match_naive_loop(soft: bool, normalize: bool) -> No
         torch.testing.assert_close(value, naive_batch_hard(seen, labels, margin, soft))
         pairs = naive_hardest(seen, labels)
         live = 0.0 if soft else margin
-        expected["triplet_violated"] += sum(float(ap + live > an) for ap, an in pairs) / len(pairs) / len(batches)
+        expected["triplet_violated"] += sum(float(ap + live >= an) for ap, an in pairs) / len(pairs) / len(batches)
         expected["triplet_pos_dist"] += sum(float(ap) for ap, _ in pairs) / len(pairs) / len(batches)
         expected["triplet_neg_dist"] += sum(float(an) for _, an in pairs) / len(pairs) / len(batches)
         expected["embedding_norm"] += float(emb.norm(dim=1).mean()) / len(batches)
