@@ -81,7 +81,7 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
     assert info["states"]["COMPLETE"] + info["states"].get("PRUNED", 0) == 2
     # soft margin or hinge; the margin only for the hinge
     assert info["best"]["number"] in (0, 1) and {"lr", "triplet_soft"} <= set(info["best"]["params"])
-    assert info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": True} and info["trials"][0]["baseline"]
+    assert info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2} and info["trials"][0]["baseline"]
     for t in info["trials"]:
         assert ("margin" in t["params"]) == (t["params"]["triplet_soft"] is False)
     assert math.isclose(info["best"]["value"], max(t["value"] for t in info["trials"] if t["value"] is not None))
