@@ -4,14 +4,15 @@ Each run is ``dlops.train.fit`` (ResNet18, SGD momentum 0.9, cosine schedule, se
 on the first ``--classes`` classes and the first ``--per-class`` training images of
 each, validated on the hold-out, then tested once on the official val images of
 those classes. Every loss gets the same epochs, batch size and width and the same
-small lr sweep; the spec defaults of each loss apply (so the triplet runs use the
-triplet defaults of ``dlops.train.TrainConfig``). A table goes to stdout and every
-run (config, history, test figures, seconds) to ``--out`` as JSON.
+small lr sweep; every other setting comes from the loss's study spec
+(``study/resnet18-LOSS.toml``: its ``[train]`` and ``[baseline]``, e.g. the triplet
+embedding head and margin, the center-loss lambda and alpha). A table goes to stdout
+and every run (config, history, test figures, seconds) to ``--out`` as JSON.
 
     OMP_NUM_THREADS=1 DLOPS_HOME=/work/data/home \\
         python benchmarks/losses_real.py --losses ce,center,triplet --lrs 0.02,0.05,0.1
-    # one variant, for the diagnosis of the triplet loss:
-    python benchmarks/losses_real.py --losses triplet --lrs 0.05 --set embedding_dim=0 --set triplet_soft=false
+    # the old triplet model, for the diagnosis:
+    python benchmarks/losses_real.py --losses triplet --lrs 0.05 --set embedding_dim=0 --set embedding_bn=false
 
 ``--set KEY=VALUE`` overrides a ``TrainConfig`` field for every run (repeatable); a
 ``KEY@LOSS=VALUE`` form applies only to that loss. ``--nonneg-head`` puts a ReLU after
@@ -33,7 +34,8 @@ from torch import nn
 
 from dlops.data import take_subset, get_dataset
 from dlops.paths import data_root
-from dlops.train import CONFIG_FIELDS, TrainConfig, evaluate, fit
+from dlops.spec import load_spec
+from dlops.train import CONFIG_FIELDS, evaluate, fit
 
 
 def parse_value(key: str, text: str) -> Any:
@@ -95,8 +97,11 @@ def main() -> None:
     for loss in args.losses.split(","):
         for lr in (float(x) for x in args.lrs.split(",")):
             overrides = {**sets.get(None, {}), **sets.get(loss, {})}
-            config = TrainConfig(
-                loss=loss, dataset=args.dataset, data_root=str(root), subset_classes=classes,
+            # The loss's study spec gives every other setting (the triplet embedding head,
+            # margin, K; the center-loss lambda and alpha): its baseline with this budget.
+            spec = load_spec(f"resnet18-{loss}")
+            config = spec.config(
+                args.dataset, spec.baseline_params(), data_root=str(root), subset_classes=classes,
                 subset_per_class=per_class, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                 width=args.width, seed=args.seed, device=args.device,
             ).replace(**overrides)
