@@ -5,9 +5,13 @@ stages of two BasicBlocks, global average pooling, linear head.
 logits (a linear layer on the embedding) feed cross-entropy. By default the embedding
 is the pooled 512-d feature (``8 * width`` in general), which comes after a ReLU and so
 is non-negative. With ``embedding_dim > 0`` a linear head maps the pooled feature to
-an ``embedding_dim``-d embedding of any sign (Hermans et al. 2017 put such a head on
-their backbone for the triplet loss). ``width`` is the number of channels of the first
-stage (64 in ResNet18); smaller widths keep the same architecture for quick tests.
+an ``embedding_dim``-d embedding (Hermans et al. 2017 put such a head on their backbone
+for the triplet loss); ``embedding_bn`` adds BatchNorm on the embedding. The triplet
+study needs the BatchNorm, not just the head: pooled features share a large common
+component (two images' L2-normalised embeddings have cosine 0.94 at initialisation, a
+linear head keeps it), and BatchNorm removes it (benchmarks/triplet_geometry.py).
+``width`` is the number of channels of the first stage (64 in ResNet18); smaller widths
+keep the same architecture for quick tests.
 """
 
 from __future__ import annotations
