@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dlops.data import take_subset, get_dataset
+from dlops.data import get_dataset, take_subset
 from dlops.paths import data_root
 from dlops.spec import load_spec
 from dlops.train import CONFIG_FIELDS, evaluate, fit
