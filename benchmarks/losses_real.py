@@ -15,8 +15,7 @@ and every run (config, history, test figures, seconds) to ``--out`` as JSON.
     python benchmarks/losses_real.py --losses triplet --lrs 0.05 --set embedding_dim=0 --set embedding_bn=false
 
 ``--set KEY=VALUE`` overrides a ``TrainConfig`` field for every run (repeatable); a
-``KEY@LOSS=VALUE`` form applies only to that loss. ``--nonneg-head`` puts a ReLU after
-the embedding head (a diagnosis variant: a head whose output is non-negative).
+``KEY@LOSS=VALUE`` form applies only to that loss.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dlops.data import get_dataset, take_subset
 from dlops.paths import data_root
@@ -78,7 +76,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY[@LOSS]=VALUE")
-    parser.add_argument("--nonneg-head", action="store_true", help="diagnosis: ReLU after the embedding head")
     parser.add_argument("--tag", default="", help="a label for this invocation's rows")
     parser.add_argument("--out", default="benchmarks/results/losses_real.json", help="JSON file; runs are appended")
     args = parser.parse_args()
@@ -105,18 +102,6 @@ def main() -> None:
                 subset_per_class=per_class, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                 width=args.width, seed=args.seed, device=args.device,
             ).replace(**overrides)
-            if args.nonneg_head:
-                import dlops.models as models
-                base = models.MODELS["resnet18"]
-
-                def nonneg(*a: Any, **k: Any) -> nn.Module:
-                    m = base(*a, **k)
-                    m.head = nn.Sequential(m.head, nn.ReLU())
-                    return m
-
-                models.MODELS["resnet18"] = nonneg
-                import dlops.train as train_mod
-                train_mod.MODELS["resnet18"] = nonneg
             t0 = time.perf_counter()
 
             def show(epoch: int, m: dict[str, float]) -> None:
@@ -128,7 +113,7 @@ def main() -> None:
             result = fit(config, report=show, dataset=dataset)
             t = evaluate(result.model, result.loss_fn, test, mean, std, result.device, config.eval_batch_size)
             row = {
-                "tag": args.tag, "loss": loss, "lr": lr, "overrides": overrides, "nonneg_head": args.nonneg_head,
+                "tag": args.tag, "loss": loss, "lr": lr, "overrides": overrides,
                 "test_top1": t["top1"], "test_top5": t["top5"], "best_val_top5": max(result.history["val_top5"]),
                 "seconds": time.perf_counter() - t0, "history": result.history,
                 "config": dataclasses.asdict(config),
