@@ -44,15 +44,10 @@ def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017, eq. 5) with a hinge.
-
-    For every anchor ``a`` of the batch: ``d_ap`` = distance to its farthest positive
-    (same label, not ``a`` itself), ``d_an`` = distance to its nearest negative; the loss
-    is the mean over anchors of ``max(0, margin + d_ap - d_an)``. Anchors with no
-    positive or no negative in the batch are left out. Distances are Euclidean on the
-    embeddings exactly as given (this function does not normalise them).
-    """
+def batch_hard_distances(embedding: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch-hard mining (Hermans, Beyer & Leibe 2017): for every anchor, ``d_ap`` = the
+    distance to its farthest positive (same label, not itself), ``d_an`` = the distance to
+    its nearest negative, and ``valid`` = whether it has at least one of each."""
     d = pairwise_distances(at_least_fp32(embedding))
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
@@ -60,29 +55,104 @@ def batch_hard_triplet_loss(embedding: torch.Tensor, labels: torch.Tensor, margi
     neg_mask = ~same
     d_ap = torch.where(pos_mask, d, torch.zeros_like(d)).amax(1)
     d_an = torch.where(neg_mask, d, torch.full_like(d, float("inf"))).amin(1)
-    valid = pos_mask.any(1) & neg_mask.any(1)
+    return d_ap, d_an, pos_mask.any(1) & neg_mask.any(1)
+
+
+def batch_hard_triplet_loss(
+    embedding: torch.Tensor, labels: torch.Tensor, margin: float, soft: bool = False
+) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017, eq. 5).
+
+    For every anchor ``a`` of the batch: ``d_ap`` = distance to its farthest positive
+    (same label, not ``a`` itself), ``d_an`` = distance to its nearest negative; the loss
+    is the mean over anchors of ``max(0, margin + d_ap - d_an)`` (the hinge), or with
+    ``soft`` of ``softplus(d_ap - d_an) = log(1 + exp(d_ap - d_an))`` (their soft margin,
+    which has no margin: ``margin`` is ignored). Anchors with no positive or no negative
+    in the batch are left out. Distances are Euclidean on the embeddings exactly as given
+    (this function does not normalise them).
+    """
+    d_ap, d_an, valid = batch_hard_distances(embedding, labels)
     if not bool(valid.any()):
         return embedding.sum() * 0.0
-    return F.relu(margin + d_ap - d_an)[valid].mean()
+    gap = d_ap - d_an
+    per_anchor = F.softplus(gap) if soft else F.relu(margin + gap)
+    return per_anchor[valid].mean()
+
+
+TRIPLET_DIAGNOSTICS = ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm")
+"""Per-epoch means over the training batches, in a triplet run's history: the fraction of
+anchors whose batch-hard triplet is violated (hinge: ``d_ap + margin >= d_an``; soft
+margin: ``d_ap >= d_an``; ties count, so a collapsed embedding, all distances 0, reads
+1.0), the hardest-positive and hardest-negative distances (in the space the loss sees),
+and the norm of the embedding before normalisation."""
 
 
 class BatchHardTripletLoss(nn.Module):
-    """Batch-hard triplet loss on L2-normalised embeddings (distances lie in [0, 2], so
-    the margin is on that scale). Needs P x K batches. The model has no classifier:
-    it is scored by its nearest class centroids in the same normalised space."""
+    """Batch-hard triplet loss, by default on L2-normalised embeddings (distances lie in
+    [0, 2], so the margin is on that scale). ``triplet_soft`` swaps the hinge for the soft
+    margin (then ``margin`` plays no part). Needs P x K batches. The model has no
+    classifier: it is scored by its nearest class centroids in the space the loss sees.
+
+    In training mode every call also adds the batch's diagnostics (``TRIPLET_DIAGNOSTICS``)
+    to running sums kept on the embedding's device, so they cost no host sync per step;
+    ``pop_diagnostics()`` returns the means since the last pop and resets them.
+    """
 
     scored_by = "centroids"
     needs_pk = True
 
-    def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.2, **_: float):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        margin: float = 0.2,
+        triplet_soft: bool = False,
+        normalize_embedding: bool = True,
+        **_: float,
+    ):
         super().__init__()
         self.margin = margin
+        self.soft = bool(triplet_soft)
+        self.normalize = bool(normalize_embedding)
+        self._diag_sum: torch.Tensor | None = None
+        self._diag_batches = 0
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_triplet_loss(F.normalize(at_least_fp32(embedding), dim=1), labels, self.margin)
+        e = self.scoring_embedding(embedding)
+        if self.training:
+            self._add_diagnostics(embedding, e, labels)
+        return batch_hard_triplet_loss(e, labels, self.margin, soft=self.soft)
 
     def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        return F.normalize(at_least_fp32(embedding), dim=1)
+        e = at_least_fp32(embedding)
+        return F.normalize(e, dim=1) if self.normalize else e
+
+    @torch.no_grad()
+    def _add_diagnostics(self, raw: torch.Tensor, e: torch.Tensor, labels: torch.Tensor) -> None:
+        # Mining again under no_grad costs one small B x B matrix; it keeps the loss
+        # function itself the plain, naive-loop-tested formula.
+        d_ap, d_an, valid = batch_hard_distances(e.detach(), labels)
+        w = valid.to(e.dtype)
+        n = w.sum().clamp_min(1.0)
+        live_margin = 0.0 if self.soft else self.margin
+        row = torch.stack([
+            (((d_ap + live_margin) >= d_an).to(e.dtype) * w).sum() / n,
+            (d_ap * w).sum() / n,
+            (torch.where(valid, d_an, torch.zeros_like(d_an))).sum() / n,
+            torch.linalg.vector_norm(at_least_fp32(raw.detach()), dim=1).mean(),
+        ])
+        self._diag_sum = row if self._diag_sum is None else self._diag_sum + row
+        self._diag_batches += 1
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Means of ``TRIPLET_DIAGNOSTICS`` over the training batches since the last pop
+        (NaN where there were none); resets the sums."""
+        if self._diag_sum is None:
+            values = [float("nan")] * len(TRIPLET_DIAGNOSTICS)
+        else:
+            values = (self._diag_sum / self._diag_batches).tolist()
+        self._diag_sum, self._diag_batches = None, 0
+        return dict(zip(TRIPLET_DIAGNOSTICS, values))
 
 
 class CenterLoss(nn.Module):

@@ -109,6 +109,16 @@ def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
     return trial.suggest_categorical(p.name, list(p.choices))
 
 
+def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """A trial's values for the search space, in spec order; a conditional parameter
+    (``when``) is suggested only where it is live."""
+    params: dict[str, Any] = {}
+    for name, p in spec.search.items():
+        if p.active(params):
+            params[name] = suggest(trial, p)
+    return params
+
+
 def json_safe(history: dict[str, list[float]]) -> dict[str, list[float | None]]:
     """NaN is not JSON (the dashboard could not parse it): store it as null."""
     return {k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs] for k, vs in history.items()}
@@ -226,7 +236,7 @@ def make_objective(
         key = trial.number if origin is None else int(origin)
         if on_trial_start is not None:
             on_trial_start(trial)
-        params = {name: suggest(trial, p) for name, p in spec.search.items()}
+        params = suggest_params(trial, spec)
         config = trial_config(spec, options, params, key)
         trial.set_user_attr("config", config.to_dict())
         for inherited in ("stopped_reason", "resumed_from"):  # copied from the failed trial by a retry

@@ -24,7 +24,7 @@ TOP_LEVEL_KEYS = {
     "train", "final", "datasets", "search", "baseline", "pruner", "sampler",
 }
 PARAM_TYPES = {"float", "int", "categorical"}
-PARAM_KEYS = {"type", "low", "high", "log", "step", "choices"}
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 PRUNERS = {"median", "percentile", "hyperband", "successive_halving", "none"}
 SAMPLERS = {"tpe", "random"}
 FINAL_KEYS = {"epochs", "seeds"}
@@ -39,6 +39,13 @@ class ParamSpec:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    # Conditional parameter: searched only where every (name, value) pair matches the
+    # value an earlier searched parameter took (``when = { triplet_soft = false }``).
+    when: tuple[tuple[str, Any], ...] = ()
+
+    def active(self, params: dict[str, Any]) -> bool:
+        """Whether this parameter is searched, given the values chosen before it."""
+        return all(params.get(name) == value for name, value in self.when)
 
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
@@ -98,7 +105,11 @@ class StudySpec:
         """Trial 0: the baseline's values for every searched parameter (a parameter the
         baseline leaves out takes its fixed ``[train]`` value or the config default)."""
         defaults = self.config().__dict__
-        return {name: self.baseline.get(name, defaults[name]) for name in self.search}
+        params: dict[str, Any] = {}
+        for name, p in self.search.items():
+            if p.active(params):
+                params[name] = self.baseline.get(name, defaults[name])
+        return params
 
 
 def builtin_spec_dir() -> Path:
@@ -177,11 +188,23 @@ def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise SpecError(f"unknown key {unknown[0]!r} in {where} (allowed: {', '.join(sorted(allowed))})")
 
 
-def _parse_param(name: str, raw: Any) -> ParamSpec:
+def _parse_when(raw: Any, where: str, earlier: dict[str, ParamSpec]) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(f"{where}: 'when' must be a table such as {{ triplet_soft = false }}")
+    for name, value in raw.items():
+        if name not in earlier or earlier[name].type != "categorical":
+            raise SpecError(f"{where}: 'when' can only name a categorical parameter searched before it, not {name!r}")
+        if value not in earlier[name].choices:
+            raise SpecError(f"{where}: 'when' {name} = {value!r} is not one of its choices")
+    return tuple(raw.items())
+
+
+def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = None) -> ParamSpec:
     where = f"[search.{name}]"
     if not isinstance(raw, dict):
         raise SpecError(f"{where} must be a table")
     _check_keys(raw, PARAM_KEYS, where)
+    when = _parse_when(raw["when"], where, earlier or {}) if "when" in raw else ()
     kind = raw.get("type", "float")
     if kind not in PARAM_TYPES:
         raise SpecError(f"{where}: unknown type {kind!r} (float, int, categorical)")
@@ -189,7 +212,7 @@ def _parse_param(name: str, raw: Any) -> ParamSpec:
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpecError(f"{where}: categorical needs a non-empty list 'choices'")
-        return ParamSpec(name, kind, choices=tuple(choices))
+        return ParamSpec(name, kind, choices=tuple(choices), when=when)
     if "low" not in raw or "high" not in raw:
         raise SpecError(f"{where}: {kind} needs 'low' and 'high'")
     low, high = raw["low"], raw["high"]
@@ -206,7 +229,9 @@ def _parse_param(name: str, raw: Any) -> ParamSpec:
     step = raw.get("step")
     if step is not None and (log or step <= 0):
         raise SpecError(f"{where}: step must be positive and cannot be combined with log")
-    return ParamSpec(name, kind, float(low) if kind == "float" else low, float(high) if kind == "float" else high, log, step)
+    return ParamSpec(
+        name, kind, float(low) if kind == "float" else low, float(high) if kind == "float" else high, log, step, when=when
+    )
 
 
 def _check_types(table: dict[str, Any], config_cls: type, where: str) -> None:
@@ -243,7 +268,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     for name, table in raw.get("search", {}).items():
         if name not in fields:
             raise SpecError(f"[search.{name}]: {name!r} is not a setting of trainer {trainer_name!r}")
-        search[name] = _parse_param(name, table)
+        search[name] = _parse_param(name, table, search)
 
     baseline = raw.get("baseline", {})
     _check_types(baseline, config_cls, "[baseline]")

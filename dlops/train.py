@@ -46,7 +46,11 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     lr_schedule: str = "cosine"  # "cosine" (per epoch, to 0 after the last) or "constant"
-    margin: float = 0.2  # triplet
+    margin: float = 0.2  # triplet hinge margin (unused with triplet_soft)
+    triplet_soft: bool = False  # triplet: soft margin softplus(d_ap - d_an) instead of the hinge
+    normalize_embedding: bool = True  # triplet: L2-normalise embeddings before distances
+    embedding_dim: int = 0  # 0: the pooled features are the embedding; > 0: a linear head to this size
+    embedding_bn: bool = False  # BatchNorm on the embedding (centres it: no shared orthant)
     center_lambda: float = 0.003  # center loss weight (Wen et al. 2016)
     center_alpha: float = 0.5  # center update rate
     samples_per_class: int = 4  # K of P x K batches (triplet)
@@ -129,11 +133,16 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
     if config.loss not in LOSSES:
         raise DlopsError(f"unknown loss {config.loss!r} (known: {', '.join(LOSSES)})")
-    model = MODELS[config.model](dataset.num_classes, in_channels=dataset.image_shape[0], width=config.width)
+    model = MODELS[config.model](
+        dataset.num_classes, in_channels=dataset.image_shape[0], width=config.width,
+        embedding_dim=config.embedding_dim, embedding_bn=config.embedding_bn,
+    )
     loss_fn = LOSSES[config.loss](
         dataset.num_classes,
         model.embedding_dim,
         margin=config.margin,
+        triplet_soft=config.triplet_soft,
+        normalize_embedding=config.normalize_embedding,
         center_lambda=config.center_lambda,
         center_alpha=config.center_alpha,
     )
@@ -302,7 +311,7 @@ def fit(
         history = state["history"]
         start_epoch = state["epoch"] + 1
         for epoch in range(start_epoch):
-            metrics = {k: history[k][epoch] for k in HISTORY_KEYS}
+            metrics = {k: history[k][epoch] for k in history}
             if report is not None:
                 report(epoch, metrics)
 
@@ -348,8 +357,11 @@ def fit(
             train_acc = float(correct) / max(seen, 1)
         val = evaluate(net, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
         metrics = epoch_metrics(train_loss, train_acc, val, lr, time.perf_counter() - t0)
-        for k in HISTORY_KEYS:
-            history[k].append(metrics[k])
+        # A loss may keep its own per-epoch figures (the triplet loss: TRIPLET_DIAGNOSTICS).
+        if hasattr(loss_fn, "pop_diagnostics"):
+            metrics.update(loss_fn.pop_diagnostics())
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(v)
         if checkpoint_path is not None:
             save_checkpoint(
                 {
@@ -392,6 +404,8 @@ def validate_config(config: TrainConfig) -> None:
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
     if config.lr_schedule not in ("cosine", "constant"):
         raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
+    if config.embedding_dim < 0:
+        raise DlopsError(f"embedding_dim must be 0 (no head) or positive, got {config.embedding_dim}")
     for name in ("epochs", "batch_size", "width", "samples_per_class", "eval_batch_size"):
         if getattr(config, name) < 1:
             raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")

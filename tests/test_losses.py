@@ -6,18 +6,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlops.losses import LOSSES, BatchHardTripletLoss, CenterLoss, batch_hard_triplet_loss, pairwise_distances
+from dlops.losses import (
+    LOSSES,
+    TRIPLET_DIAGNOSTICS,
+    BatchHardTripletLoss,
+    CenterLoss,
+    batch_hard_triplet_loss,
+    pairwise_distances,
+)
 
 
-def naive_batch_hard(emb: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    terms = []
+def naive_hardest(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(farthest positive, nearest negative) distance of every anchor that has both."""
+    out = []
     n = len(labels)
     for a in range(n):
         pos = [torch.linalg.vector_norm(emb[a] - emb[p]) for p in range(n) if p != a and labels[p] == labels[a]]
         neg = [torch.linalg.vector_norm(emb[a] - emb[q]) for q in range(n) if labels[q] != labels[a]]
-        if not pos or not neg:
-            continue
-        terms.append(torch.clamp(margin + torch.stack(pos).max() - torch.stack(neg).min(), min=0))
+        if pos and neg:
+            out.append((torch.stack(pos).max(), torch.stack(neg).min()))
+    return out
+
+
+def naive_batch_hard(emb: torch.Tensor, labels: torch.Tensor, margin: float, soft: bool = False) -> torch.Tensor:
+    terms = []
+    for d_ap, d_an in naive_hardest(emb, labels):
+        terms.append(torch.log1p(torch.exp(d_ap - d_an)) if soft else torch.clamp(margin + d_ap - d_an, min=0))
     return torch.stack(terms).mean()
 
 
@@ -35,6 +49,57 @@ def test_batch_hard_triplet_matches_naive_loop(seed: int) -> None:
     assert fast.item() > 0
     torch.testing.assert_close(fast, slow)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_soft_margin_batch_hard_triplet_matches_naive_loop(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    emb = torch.randn(len(labels), 16, generator=g, dtype=torch.float64)
+    a = emb.clone().requires_grad_(True)
+    b = emb.clone().requires_grad_(True)
+    fast = batch_hard_triplet_loss(a, labels, margin=123.0, soft=True)  # the soft margin has no margin
+    slow = naive_batch_hard(b, labels, margin=0.0, soft=True)
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_soft_margin_keeps_a_gradient_for_satisfied_triplets() -> None:
+    # Classes far apart: the hinge is zero and flat; the soft margin still pulls.
+    labels = torch.tensor([0, 0, 1, 1])
+    emb = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.1]], requires_grad=True)
+    loss = batch_hard_triplet_loss(emb, labels, margin=1.0, soft=True)
+    loss.backward()
+    assert 0 < loss.item() < 0.01 and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triplet_diagnostics_match_naive_loop(soft: bool, normalize: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])  # class 3: no positive, left out
+    batches = [torch.randn(len(labels), 6, generator=g, dtype=torch.float64) * 3 for _ in range(2)]
+    margin = 0.4
+    loss = BatchHardTripletLoss(4, 6, margin=margin, triplet_soft=soft, normalize_embedding=normalize)
+    loss.train()
+    expected = {k: 0.0 for k in TRIPLET_DIAGNOSTICS}
+    for emb in batches:
+        value = loss(emb, None, labels)
+        seen = F.normalize(emb, dim=1) if normalize else emb
+        torch.testing.assert_close(value, naive_batch_hard(seen, labels, margin, soft))
+        pairs = naive_hardest(seen, labels)
+        live = 0.0 if soft else margin
+        expected["triplet_violated"] += sum(float(ap + live >= an) for ap, an in pairs) / len(pairs) / len(batches)
+        expected["triplet_pos_dist"] += sum(float(ap) for ap, _ in pairs) / len(pairs) / len(batches)
+        expected["triplet_neg_dist"] += sum(float(an) for _, an in pairs) / len(pairs) / len(batches)
+        expected["embedding_norm"] += float(emb.norm(dim=1).mean()) / len(batches)
+    loss.eval()
+    loss(batches[0] * 10, None, labels)  # evaluation calls add nothing
+    got = loss.pop_diagnostics()
+    assert got == pytest.approx(expected)
+    assert all(v != v for v in loss.pop_diagnostics().values())  # reset: NaN until the next batch
 
 
 def test_triplet_module_normalises_embeddings() -> None:

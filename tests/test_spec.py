@@ -41,7 +41,10 @@ def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
     assert spec.for_dataset(None).metric == spec.for_dataset("tiny-imagenet").metric == "val_top5"
     assert spec.for_dataset("digits").metric == "val_top1" and spec.metric == "val_top5"
     if loss == "triplet":
-        assert "margin" in spec.search
+        # soft margin or hinge; the margin only where it is live (the hinge)
+        assert spec.search["triplet_soft"].choices == (True, False)
+        assert spec.search["margin"].when == (("triplet_soft", False),)
+        assert base.embedding_dim > 0 and base.embedding_bn
     if loss == "center":
         assert {"center_lambda", "center_alpha"} <= set(spec.search)
 
@@ -127,3 +130,61 @@ def test_cli_rejects_unknown_loss_and_unknown_spec(dlops_home: Path) -> None:
     assert r.exit_code != 0 and "unknown spec 'resnet50-ce'" in r.output
     r = CliRunner().invoke(app, ["study", "run", "missing.toml"])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+CONDITIONAL = """
+name = "cond"
+trainer = "resnet18"
+[train]
+loss = "triplet"
+dataset = "digits"
+[search.triplet_soft]
+type = "categorical"
+choices = [true, false]
+[search.margin]
+type = "float"
+low = 0.05
+high = 1.0
+when = { triplet_soft = false }
+[baseline]
+triplet_soft = false
+margin = 0.3
+"""
+
+
+def test_a_conditional_parameter_is_searched_only_where_it_is_live(tmp_path: Path) -> None:
+    import optuna
+
+    from dlops.search import suggest_params
+
+    path = tmp_path / "cond.toml"
+    path.write_text(CONDITIONAL)
+    spec = load_spec(str(path))
+    assert spec.baseline_params() == {"triplet_soft": False, "margin": 0.3}
+    path.write_text(CONDITIONAL.replace("triplet_soft = false\nmargin", "triplet_soft = true\nmargin"))
+    assert load_spec(str(path)).baseline_params() == {"triplet_soft": True}  # the margin is dead there
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params = suggest_params(trial, spec)
+        assert ("margin" in params) == (params["triplet_soft"] is False), params
+        seen.add(params["triplet_soft"])
+        study.tell(trial, 0.0)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("when = { triplet_soft = false }", "when = { lr = 0.1 }"), "can only name a categorical parameter searched before it"),
+        (("when = { triplet_soft = false }", 'when = { triplet_soft = "no" }'), "is not one of its choices"),
+        (("when = { triplet_soft = false }", "when = 3"), "'when' must be a table"),
+    ],
+)
+def test_bad_conditions_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(CONDITIONAL.replace(*change, 1))
+    with pytest.raises(SpecError) as info:
+        load_spec(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -62,6 +62,11 @@ def test_study_of_each_loss_runs_with_baseline_first(loss: str, tmp_path: Path, 
     for t in trials:
         check_history(t, 2)
         assert 0.0 <= t.value <= 1.0
+        # a triplet trial's history carries the batch-hard diagnostics, one value an epoch
+        diagnostics = {"triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm"}
+        assert (diagnostics <= set(t.user_attrs["history"])) == (loss == "triplet")
+        if loss == "triplet":
+            assert all(0.0 <= v <= 1.0 for v in t.user_attrs["history"]["triplet_violated"])
 
 
 def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
@@ -76,8 +81,11 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
     assert shown.exit_code == 0, shown.output
     info = json.loads(shown.output)
     assert info["states"]["COMPLETE"] + info["states"].get("PRUNED", 0) == 2
-    assert info["best"]["number"] in (0, 1) and set(info["best"]["params"]) == {"lr", "margin"}
-    assert info["trials"][0]["params"] == {"lr": 1e-3, "margin": 0.2} and info["trials"][0]["baseline"]
+    # soft margin or hinge; the margin only for the hinge
+    assert info["best"]["number"] in (0, 1) and {"lr", "triplet_soft"} <= set(info["best"]["params"])
+    assert info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2} and info["trials"][0]["baseline"]
+    for t in info["trials"]:
+        assert ("margin" in t["params"]) == (t["params"]["triplet_soft"] is False)
     assert math.isclose(info["best"]["value"], max(t["value"] for t in info["trials"] if t["value"] is not None))
 
     listed = runner.invoke(app, ["study", "list"])

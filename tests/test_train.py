@@ -118,3 +118,27 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     acc = topk_accuracy(logits, y)
     assert got["top1"] == pytest.approx(acc[1]) and got["top5"] == pytest.approx(acc[5])
     assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_triplet_history_has_diagnostics_and_a_stuck_run_stays_violated() -> None:
+    # lr 0: the network never changes, so batch-hard triplets of a random network stay
+    # violated (the hardest positive is farther than the nearest negative).
+    stuck = fit(small("triplet", lr=0.0, epochs=2, width=4))
+    for key in ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm"):
+        assert len(stuck.history[key]) == 2, key
+    assert min(stuck.history["triplet_violated"]) > 0.9
+    assert all(p > n for p, n in zip(stuck.history["triplet_pos_dist"], stuck.history["triplet_neg_dist"]))
+
+
+def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
+    # Easy data (4 digit classes, no augmentation): the triplets get satisfied.
+    run = fit(small("triplet", subset_classes=4, subset_per_class=None, augment=False, lr=0.2, epochs=3))
+    violated = run.history["triplet_violated"]
+    assert violated[-1] < 0.3 and violated[-1] < violated[0] - 0.3, violated
+    assert run.history["triplet_neg_dist"][-1] > run.history["triplet_pos_dist"][-1]
+    assert run.metrics["val_top1"] > 0.9
+
+
+def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
+    run = fit(small("ce", epochs=1))
+    assert "triplet_violated" not in run.history
