@@ -213,7 +213,7 @@ def study_show(
                           if stops else "; no trial pruned"), highlight=False, soft_wrap=True, markup=False)
 
 
-@study_app.command("replay")
+@study_app.command("replay", short_help="What each pruner would save on a study's curves.")
 @user_errors
 def study_replay(
     name: Annotated[str, typer.Argument(help="Study name, or a JSON file of curves (format dlops-curves)")],

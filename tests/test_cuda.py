@@ -21,6 +21,7 @@ import torch
 
 from conftest import TINY_IMAGENET_SAMPLE
 from dlops.data import Split, get_dataset
+from dlops.io import load_checkpoint
 from dlops.data.loader import BatchLoader
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
@@ -173,8 +174,8 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cuda_and_on_the_cpu(loss: str, 
 
     with pytest.raises(Stop):
         fit(config, report=stop_after_first, checkpoint_path=ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert next(iter(torch.load(ckpt, weights_only=False)["model"].values())).is_cuda  # written from the GPU
+    state = load_checkpoint(ckpt, map_location="cpu")
+    assert next(iter(load_checkpoint(ckpt, map_location=None)["model"].values())).is_cuda  # written from the GPU
     on_cpu = tmp_path / "ckpt-cpu.pt"
     shutil.copy(ckpt, on_cpu)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -175,6 +176,10 @@ def test_notes_and_study_plots_in_the_dashboard_for_a_new_and_a_continued_study(
     assert second.exit_code == 0, second.output
     study = optuna.load_study(study_name="notes-study", storage=study._storage)
     detail = study_detail(base, "notes-study")
+    deadline = time.monotonic() + 15
+    while len(detail["trials"]) < 5 and time.monotonic() < deadline:  # the dashboard caches trials for 2 s
+        time.sleep(0.5)
+        detail = study_detail(base, "notes-study")
     note = detail["note"]["body"]
     counts = {s: sum(t.state == s for t in study.trials) for s in TrialState}
     assert counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] == 5

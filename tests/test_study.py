@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,8 @@ from typer.testing import CliRunner
 
 from dlops.cli import app
 from dlops.errors import DlopsError
-from dlops.search import RunOptions, run_study
+from dlops.paths import default_storage_url
+from dlops.search import RunOptions, TrialsFailed, run_study
 from dlops.spec import load_spec
 from dlops.train import HISTORY_KEYS
 from dlops.workers import OWNER_KEY
@@ -246,11 +248,12 @@ def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: P
 
     monkeypatch.setattr(torch, "save", full_disk)
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, pruner='type = "none"')))
-    result = run_study(spec, RunOptions(n_trials=1, device="cpu"))
-    trials = result.study.get_trials()
-    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    with pytest.raises(TrialsFailed, match="The last one: no space left on device while writing .*trial-1.pt$"):
+        run_study(spec, RunOptions(n_trials=1, device="cpu"))  # the baseline fails, is queued again, fails: giving up
+    trials = optuna.load_study(study_name=spec.name, storage=default_storage_url()).get_trials()
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
     reason = trials[0].user_attrs["stopped_reason"]
-    assert reason.startswith("no space left on device while writing ") and reason.endswith("trial-0.pt")
+    assert reason.startswith("failed: no space left on device while writing ") and reason.endswith("trial-0.pt"), reason
     failed = [r for r in caplog.records if "Trial 0 failed with parameters" in r.getMessage()]
     assert len(failed) == 1 and "no space left on device while writing" in failed[0].getMessage()
     assert "Traceback" not in caplog.text and "unexpected pos" not in caplog.text
@@ -414,6 +417,7 @@ def test_default_study_names_carry_a_dataset_other_than_the_specs_own() -> None:
     assert RunOptions(dataset="digits", study_name="mine").study_name_for(ce) == "mine"
     for command in (["study", "run"], ["final"]):
         help_text = " ".join(CliRunner().invoke(app, [*command, "--help"]).output.replace("│", " ").split())
+        help_text = re.sub(r"(\w)- (\w)", r"\1-\2", help_text)  # help wraps at hyphens
         assert "SPEC-DATASET with a --dataset other than the spec's own" in help_text, help_text
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dlops.errors import DlopsError
+from dlops.io import load_checkpoint
 from dlops.train import TrainConfig, fit, resolve_device
 
 
@@ -93,7 +94,7 @@ def test_compile_runs_batches_through_the_compiled_module_and_keeps_plain_checkp
     config = small("triplet", epochs=1)
     result = fit(config.replace(compile=True), checkpoint_path=ckpt)
     assert calls  # batches went through the wrapper (training, centroids, validation)
-    saved = torch.load(ckpt, weights_only=False)["model"]
+    saved = load_checkpoint(ckpt)["model"]
     assert not any(k.startswith("_orig_mod") for k in saved) and set(saved) == set(result.model.state_dict())
     plain = fit(config)
     assert result.history["train_loss"] == plain.history["train_loss"]  # the same computation
