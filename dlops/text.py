@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 _ES_ENDINGS = ("s", "x", "z", "ch", "sh")
+_PLAIN_S = ("epoch",)  # -ch said as k: epochs, not epoches
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -14,7 +15,9 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     if n == 1:
         return f"1 {word}"
     if many is None:
-        if word.endswith(_ES_ENDINGS):
+        if word.endswith(_PLAIN_S):
+            many = word + "s"
+        elif word.endswith(_ES_ENDINGS):
             many = word + "es"
         elif word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
             many = word[:-1] + "ies"

@@ -21,6 +21,7 @@ def test_plural() -> None:
     assert plural(2, "decoding process") == "2 decoding processes" and plural(3, "class") == "3 classes"
     assert plural(2, "study") == "2 studies" and plural(2, "day") == "2 days"
     assert plural(12000, "image") == "12,000 images" and plural(2, "mouse", "mice") == "2 mice"
+    assert plural(2, "epoch") == "2 epochs" and plural(3, "batch") == "3 batches"
 
 
 def _commands(command, path=()):
