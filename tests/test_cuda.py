@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from conftest import TINY_IMAGENET_SAMPLE
+from specs import tiny_workers_spec
 from dlops.data import Split, get_dataset
 from dlops.io import load_checkpoint
 from dlops.data.loader import BatchLoader
@@ -202,40 +203,7 @@ def test_two_workers_share_one_gpu_and_each_trains_on_the_device_it_was_given(tm
     from dlops.storage import open_storage
     from dlops.workers import OWNER_KEY
 
-    spec = tmp_path / "cuda-workers.toml"
-    spec.write_text("""
-name = "cuda-workers"
-trainer = "resnet18"
-metric = "val_top5"
-direction = "maximize"
-n_trials = 6
-
-[train]
-dataset = "digits"
-loss = "ce"
-width = 8
-subset_per_class = 20
-epochs = 2
-batch_size = 32
-eval_batch_size = 256
-lr = 1e-2
-
-[search.lr]
-type = "float"
-low = 1e-3
-high = 1e-1
-log = true
-
-[baseline]
-lr = 1e-2
-
-[pruner]
-type = "none"
-
-[sampler]
-type = "tpe"
-seed = 0
-""")
+    spec = tiny_workers_spec(tmp_path, name="cuda-workers", epochs=2, per_class=20, n_trials=6)
     url = f"journal://{tmp_path / 'cuda-workers.log'}"
     env = {**os.environ, "DLOPS_HOME": str(tmp_path / "home"), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("DLOPS_STORAGE", None)

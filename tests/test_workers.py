@@ -21,6 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from specs import tiny_workers_spec
 
 from dlops.search import RunOptions, checkpoint_path, open_study, prepare_study, run_study
 from dlops.spec import load_spec
@@ -56,44 +57,6 @@ def _redis_missing() -> str | None:
 PG_MISSING, REDIS_MISSING = _pg_missing(), _redis_missing()
 requires_pg = pytest.mark.skipif(PG_MISSING is not None, reason=PG_MISSING or "")
 requires_redis = pytest.mark.skipif(REDIS_MISSING is not None, reason=REDIS_MISSING or "")
-
-
-def tiny_spec(tmp_path: Path, *, epochs: int = 1, per_class: int = 10, n_trials: int = 3) -> Path:
-    path = tmp_path / "tiny-workers.toml"
-    path.write_text(f"""
-name = "tiny-workers"
-trainer = "resnet18"
-metric = "val_top5"
-direction = "maximize"
-n_trials = {n_trials}
-
-[train]
-dataset = "digits"
-loss = "ce"
-width = 8
-subset_per_class = {per_class}
-epochs = {epochs}
-batch_size = 32
-eval_batch_size = 256
-lr = 1e-2
-
-[search.lr]
-type = "float"
-low = 1e-3
-high = 1e-1
-log = true
-
-[baseline]
-lr = 1e-2
-
-[pruner]
-type = "none"
-
-[sampler]
-type = "tpe"
-seed = 0
-""")
-    return path
 
 
 class Backend:
@@ -186,7 +149,7 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path, dlops_home: Path)
 
     from dlops.cli import app
 
-    result = CliRunner().invoke(app, ["study", "run", str(tiny_spec(tmp_path)), "--workers", "3", "--device", "cpu"])
+    result = CliRunner().invoke(app, ["study", "run", str(tiny_workers_spec(tmp_path)), "--workers", "3", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "SQLite" in result.output and "database is locked" in result.output and "journal://" in result.output
     assert "Traceback" not in result.output
@@ -199,7 +162,7 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path, dlops_home: Path)
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # catch_warnings is per process, not thread
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_path: Path, dlops_home: Path) -> None:
-    spec = load_spec(str(tiny_spec(tmp_path)))
+    spec = load_spec(str(tiny_workers_spec(tmp_path)))
     options = RunOptions(storage=backend.url, study_name=backend.study_name)
     barrier, errors = threading.Barrier(4), []
 
@@ -231,7 +194,7 @@ def test_runs_joining_at_once_get_their_own_sampler_seeds(backend: Backend, tmp_
     others sample elsewhere (before, both proposed the same lr)."""
     from dlops.search import join_run, make_sampler, sampler_seed
 
-    spec = load_spec(str(tiny_spec(tmp_path)))
+    spec = load_spec(str(tiny_workers_spec(tmp_path)))
     options = RunOptions(storage=backend.url, study_name=backend.study_name)
     barrier, indexes, errors = threading.Barrier(4), [], []
 
@@ -315,7 +278,7 @@ def test_three_workers_finish_nine_trials_of_one_study(backend: Backend, tmp_pat
     from dlops.cli import app
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec = tiny_spec(tmp_path, epochs=1)
+    spec = tiny_workers_spec(tmp_path, epochs=1)
     args = ["study", "run", str(spec), "--storage", backend.url, "--study-name", backend.study_name,
             "--workers", "3", "--n-trials", "9", "--device", "cpu"]
     # `dlops study run` in this process; its three worker processes write to the real stdout.
@@ -382,7 +345,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     b = Backend("postgresql", tmp_path)
     # Enough epochs that a busy machine's poll still catches a trial between two of them.
     epochs = 6
-    spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=20)
 
     def kill_a_worker_mid_trial():
         victim = running_with_checkpoint(b.study, checkpoint_path(b.study_name, 0).parent, epochs)
@@ -426,7 +389,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     epochs = 6  # a wide window between checkpoints, for a busy machine's poll
-    spec = tiny_spec(tmp_path, epochs=epochs, per_class=20)
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=20)
     url = f"journal://{tmp_path / 'study.log'}"
     storage = connect(url)
     args = ["study", "run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "3", "--device", "cpu"]
@@ -467,7 +430,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
 
 
 def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> None:
-    spec = load_spec(str(tiny_spec(tmp_path, epochs=2)))
+    spec = load_spec(str(tiny_workers_spec(tmp_path, epochs=2)))
     sent = []
 
     def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
@@ -503,7 +466,7 @@ def test_workers_that_give_up_fail_the_run_with_the_last_reason(tmp_path: Path, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     dlops_home.mkdir(parents=True)
     (dlops_home / "checkpoints").write_text("not a folder")
-    spec = tiny_spec(tmp_path, epochs=1, per_class=5)
+    spec = tiny_workers_spec(tmp_path, epochs=1, per_class=5)
     result = CliRunner().invoke(app, ["study", "run", str(spec), "--storage", f"journal://{tmp_path / 'j.log'}",
                                       "--workers", "2", "--n-trials", "2", "--device", "cpu"])
     output = result.output + "".join(capfd.readouterr())
