@@ -109,6 +109,7 @@ def study_run(
                                                         "and retried [default: 2x heartbeat]")] = None,
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
+    from dlops.notes import finish_study_run
     from dlops.search import RunOptions, check_run, objective_note, run_target, summarize
     from dlops.spec import load_spec
     from dlops.workers import run_workers, stopped_message
@@ -140,8 +141,6 @@ def study_run(
         console.print(note, highlight=False, soft_wrap=True, markup=False)
     say = lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False)  # noqa: E731
     result = run_workers(the_spec, options, workers, on_epoch=on_epoch, say=say)
-    from dlops.notes import finish_study_run
-
     finish_study_run(the_spec, options, result.study, plots=not result.interrupted, say=say)
     _print_summary(summarize(result.study))
     if result.interrupted:

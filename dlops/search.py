@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dlops.data import forbid_test_split, get_dataset
-from dlops.errors import DlopsError
+from dlops.errors import DlopsError, SpecError
 from dlops.io import CorruptCheckpoint, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
@@ -98,7 +98,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
             return optuna.pruners.SuccessiveHalvingPruner(**cfg)
         return optuna.pruners.NopPruner()
     except (TypeError, ValueError) as exc:
-        raise DlopsError(f"[pruner] of {spec.name}: {exc}") from None
+        raise SpecError(f"[pruner]: {exc}") from None
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
