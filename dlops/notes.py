@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import tempfile
 import warnings
@@ -435,6 +434,7 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
     file name -> artifact id."""
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
+    from dlops.io import write_atomic
     from dlops.paths import artifacts_dir
 
     root = artifacts_dir()
@@ -449,9 +449,8 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
         artifact_id = known.get(path.name)
         meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
         if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
-            tmp = root / f".{artifact_id}.tmp"
-            tmp.write_bytes(path.read_bytes())
-            os.replace(tmp, root / artifact_id)
+            data = path.read_bytes()
+            write_atomic(root / artifact_id, lambda f: f.write(data))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

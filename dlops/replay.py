@@ -40,6 +40,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dlops.errors import DlopsError
+from dlops.io import write_text_atomic
 
 FORMAT = "dlops-curves"
 VERSION = 1
@@ -151,10 +152,7 @@ def curves_from_study(study: optuna.Study) -> Curves:
 
 
 def write_curves(curves: Curves, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(curves.to_dict(), indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(curves.to_dict(), indent=1) + "\n")
 
 
 def read_curves(path: Path) -> Curves:
