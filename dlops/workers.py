@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -219,7 +221,6 @@ def stopped_message(result: Any, argv: Sequence[str]) -> str:
 def continue_command(argv: Sequence[str], remaining: int | None) -> str:
     """The command line ``argv`` with ``--n-trials`` set to ``remaining`` (None: as it was,
     for ``--total-trials``), passwords masked."""
-    import shlex
 
     if remaining is None:
         return mask_url(" ".join(shlex.quote(a) for a in argv))
@@ -292,7 +293,6 @@ def run_workers(
     """Run ``options.n_trials`` (or the spec's) more finished trials of ``spec``'s study
     with ``workers`` processes (or, with ``options.total_trials``, work until the study has
     that many). Returns :class:`dlops.search.StudyResult`."""
-    import uuid
 
     from dlops.paths import default_storage_url
     from dlops.search import (FINISHED, RunSlot, StudyResult, check_run, join_run, last_failure, objective_note,
