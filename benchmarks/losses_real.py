@@ -9,7 +9,7 @@ small lr sweep; every other setting comes from the loss's study spec
 embedding head and margin, the center-loss lambda and alpha). A table goes to stdout
 and every run (config, history, test figures, seconds) to ``--out`` as JSON.
 
-    OMP_NUM_THREADS=1 DLOPS_HOME=/work/data/home \\
+    OMP_NUM_THREADS=1 DLOPS_HOME=$FULL \\
         python benchmarks/losses_real.py --losses ce,center,triplet --lrs 0.02,0.05,0.1
     # the old triplet model, for the diagnosis:
     python benchmarks/losses_real.py --losses triplet --lrs 0.05 --set embedding_dim=0 --set embedding_bn=false

@@ -7,7 +7,7 @@ cosine similarity of two different images' embeddings, and the batch-hard figure
 the triplet diagnostics on L2-normalised embeddings (violated fraction with margin
 0.2, hardest-positive and hardest-negative distances). Several seeds, averaged.
 
-    OMP_NUM_THREADS=1 DLOPS_HOME=/work/data/home python benchmarks/triplet_geometry.py
+    OMP_NUM_THREADS=1 DLOPS_HOME=$FULL python benchmarks/triplet_geometry.py
 """
 
 from __future__ import annotations
