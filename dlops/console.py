@@ -79,7 +79,7 @@ def print_study_trials(info: dict[str, Any]) -> None:
         table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), params)
     console.print(table)
     ep = info.get("epochs")
-    if ep:
+    if ep and ep["share"] is not None:  # None: no trial reported an epoch (not a dlops trainer's study)
         stops = ep["pruned_stop_epochs"]
         say(f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
             f"({100 * ep['share']:.0f}%)" + (
