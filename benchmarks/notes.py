@@ -34,7 +34,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 def run(kind: str, url: str, trials: int, epochs: int) -> dict[str, float]:
     from dlops.notes import RunNotes, StudyContext
-    from dlops.search import RunOptions, open_study, prepare_study
+    from dlops.objective import RunOptions
+    from dlops.runner import open_study, prepare_study
     from dlops.spec import load_spec
     from dlops.storage import connect
 

@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.home).mkdir(parents=True, exist_ok=True)
     import optuna
 
-    from dlops.search import RunOptions, run_study, state_counts, FINISHED
+    from dlops.objective import RunOptions
+    from dlops.runner import run_study
+    from dlops.studies import FINISHED, state_counts
     from dlops.spec import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

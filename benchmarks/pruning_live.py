@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.home).mkdir(parents=True, exist_ok=True)
     import optuna
 
-    from dlops.replay import epochs_summary, parse_pruner, pruner_label
-    from dlops.search import FINISHED, RunOptions, run_study
+    from dlops.replay import parse_pruner, pruner_label
+    from dlops.studies import epochs_summary
+    from dlops.objective import RunOptions
+    from dlops.runner import run_study
+    from dlops.studies import FINISHED
     from dlops.spec import load_spec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -3,7 +3,7 @@
 1. Per trial: what one dlops worker asks of the storage for a trial of E epochs (take the
    study lock, recover dead workers' trials, count, ask, record the owner and the config;
    per epoch the history attr, ``report`` and ``should_prune``; then ``tell``), run through
-   the real loop (``dlops.search._run_trials``) with a trivial objective. Reported in
+   the real loop (``dlops.runner._run_trials``) with a trivial objective. Reported in
    milliseconds per trial and as a share of a 1-second trial.
 2. Concurrency: W worker processes x T trivial trials on one study (shared target W*T):
    finished trials, duplicates, failures, errors, wall time.
@@ -93,9 +93,9 @@ def run_loop(url: str, name: str, target: int, epochs: int, worker: int, heartbe
              warmup: int = 0) -> dict[str, Any]:
     """One worker: dlops' loop until the study has ``target`` finished trials (after
     ``warmup`` untimed trials). Imports and connecting are not timed."""
-    from dlops.search import _TrialGate, _run_trials
+    from dlops.runner import _TrialGate, _run_trials
     from dlops.storage import connect
-    from dlops.workers import GracefulStop
+    from dlops.stopping import GracefulStop
 
     try:
         storage = connect(url, heartbeat_interval=heartbeat)

@@ -5,33 +5,87 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typer.core import TyperGroup
 
+from dlops import console as out
+from dlops.console import err_console, say
 from dlops.errors import DlopsError
 from dlops.storage import mask_url
 from dlops.text import plural
 
+
+# Click's error classes, reached through the one Typer exports (Typer vendors Click).
+UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+ClickException: type[Exception] = UsageError.__mro__[1]
+
+
+class OneLineErrors(TyperGroup):
+    """A usage error (a bad option value, an unknown option) is one line on stderr and exit 2,
+    like every other dlops error, instead of Click's usage block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `dlops study` alone: its help
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                out.error(exc.format_message().replace("Value error, ", "") + hint)  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        except ClickException as exc:
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        except typer.Abort:
+            out.error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 # Plain (click-style) help: Typer's rich help shows a flag as "<bool>", reads "[default: ...]"
 # in a help text as markup (and drops it) and cuts a long default with "…" at 80 columns.
 app = typer.Typer(help="Optuna studies for deep-learning experiments, and reference runs with reports.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+                  cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(study_app, name="study")
 data_app = typer.Typer(help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True,
                        rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
 
-LOSS_CHOICES = ("ce", "triplet", "center")
+
+class Loss(str, Enum):
+    """The losses of the ResNet18 specs: ``--loss L`` names the spec resnet18-L."""
+
+    ce = "ce"
+    triplet = "triplet"
+    center = "center"
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def parse_device(value: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:K (whether this machine has it is checked by the run)."""
+    if not DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"unknown device {value!r} (auto, cpu, cuda, cuda:K)")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option(parser=parse_device, metavar="[auto|cpu|cuda|cuda:K]", help="Where to train: auto (CUDA if there is one), "
+                                                                      "cpu, cuda, cuda:K")]
+LossOpt = Annotated[Optional[Loss], typer.Option(help="The spec resnet18-LOSS (instead of SPEC)")]
 
 
 def quiet_optuna() -> None:
@@ -42,8 +96,7 @@ def quiet_optuna() -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    # escape: a message naming a spec table ("[search.lr]: ...") is text, not rich markup
-    err_console.print(f"[bold red]error:[/] {escape(mask_url(message))}", highlight=False, soft_wrap=True)
+    out.error(message)
     raise typer.Exit(code)
 
 
@@ -67,13 +120,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _spec_name(spec: Optional[str], loss: Optional[str]) -> str:
+def _spec_name(spec: Optional[str], loss: Optional[Loss]) -> str:
     if loss is not None:
-        if loss not in LOSS_CHOICES:
-            raise DlopsError(f"unknown loss {loss!r} (choose from {', '.join(LOSS_CHOICES)})")
-        if spec is not None and spec != f"resnet18-{loss}":
-            raise DlopsError(f"give either SPEC or --loss, not both ({spec} vs --loss {loss})")
-        return f"resnet18-{loss}"
+        if spec is not None and spec != f"resnet18-{loss.value}":
+            raise DlopsError(f"give either SPEC or --loss, not both ({spec} vs --loss {loss.value})")
+        return f"resnet18-{loss.value}"
     if spec is None:
         raise DlopsError("name a spec (e.g. resnet18-ce, autoencoder, or a .toml path) or give --loss")
     return spec
@@ -86,7 +137,7 @@ StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna sto
 @user_errors
 def study_run(
     spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="ce | triplet | center: the spec resnet18-LOSS")] = None,
+    loss: LossOpt = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
     n_trials: Annotated[Optional[int], typer.Option(min=1, help="Finished trials this run adds, counted from when it "
                                                     "joins; other runs' trials do not count (default: the spec's)")] = None,
@@ -99,7 +150,7 @@ def study_run(
                                                       "with a --dataset other than the spec's own, e.g. "
                                                       "resnet18-ce-digits)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:K")] = "auto",
+    device: DeviceOpt = "auto",
     subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); "
@@ -110,9 +161,11 @@ def study_run(
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
     from dlops.notes import finish_study_run
-    from dlops.search import RunOptions, check_run, objective_note, run_target, summarize
+    from dlops.objective import RunOptions
+    from dlops.runner import check_run, objective_note, run_target, run_workers
     from dlops.spec import load_spec
-    from dlops.workers import run_workers, stopped_message
+    from dlops.stopping import exit_code, stopped_message
+    from dlops.studies import summarize
 
     quiet_optuna()
     asked = load_spec(_spec_name(spec, loss)).for_dataset(dataset)
@@ -125,41 +178,19 @@ def study_run(
     metric = the_spec.metric
 
     def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:
-        console.print(
-            f"trial {trial:>3}  epoch {epoch + 1:>3}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}"
-            f"  val_top1 {m.get('val_top1', float('nan')):.4f}  val_top5 {m.get('val_top5', float('nan')):.4f}"
-            + ("" if metric in ("val_top1", "val_top5") else f"  {metric} {m[metric]:.4f}")
-            + f"  ({m['epoch_seconds']:.1f}s)",
-            highlight=False, soft_wrap=True,
-        )
+        say(out.epoch_line(out.trial_label(trial), epoch, m, metric))
 
     on = dataset or the_spec.train.get("dataset")
-    console.print(f"study [bold]{escape(options.study_name_for(the_spec))}[/] ({escape(the_spec.description or the_spec.name)})"
-                  + (f" on {on}" if on else ""), highlight=False)
+    say(f"study {options.study_name_for(the_spec)} ({the_spec.description or the_spec.name})" + (f" on {on}" if on else ""))
     note = objective_note(asked, the_spec)
     if note:
-        console.print(note, highlight=False, soft_wrap=True, markup=False)
-    say = lambda msg: console.print(mask_url(msg), highlight=False, soft_wrap=True, markup=False)  # noqa: E731
+        say(note)
     result = run_workers(the_spec, options, workers, on_epoch=on_epoch, say=say)
     finish_study_run(the_spec, options, result.study, plots=not result.interrupted, say=say)
-    _print_summary(summarize(result.study))
+    out.print_study_summary(summarize(result.study))
     if result.interrupted:
-        console.print(stopped_message(result, ["dlops", *sys.argv[1:]]), highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(128 + result.interrupted)
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"study {summary['name']}", show_header=False)
-    best = summary["best"]
-    if best:
-        table.add_row(f"best {summary['metric'] or 'value'}", f"{best['value']:.4f} (trial {best['number']})")
-        for k, v in best["params"].items():
-            table.add_row(f"  {k}", f"{v:.4g}" if isinstance(v, float) else str(v))
-    else:
-        table.add_row("best", "no complete trial yet")
-    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
-        table.add_row(state.lower(), str(summary["states"].get(state, 0)))
-    console.print(table)
+        say(stopped_message(result, ["dlops", *sys.argv[1:]]))
+        raise typer.Exit(exit_code(result.interrupted))
 
 
 @study_app.command("list")
@@ -169,16 +200,7 @@ def study_list(storage: StorageOpt = None) -> None:
     from dlops.paths import default_storage_url
     from dlops.studies import list_studies
 
-    rows = list_studies(storage or default_storage_url())
-    if not rows:
-        console.print("no studies yet")
-        return
-    table = Table("study", "trials", "complete", "pruned", "fail", "best")
-    for r in rows:
-        best = "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
-        table.add_row(r["name"], str(r["n_trials"]), str(r["states"].get("COMPLETE", 0)),
-                      str(r["states"].get("PRUNED", 0)), str(r["states"].get("FAIL", 0)), best)
-    console.print(table)
+    out.print_study_list(list_studies(storage or default_storage_url()))
 
 
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")
@@ -196,20 +218,7 @@ def study_show(
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
         return
-    _print_summary(info)
-    table = Table("#", "state", "value", "epochs", "params")
-    for t in info["trials"]:
-        value = "-" if t["value"] is None else f"{t['value']:.4f}"
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), params)
-    console.print(table)
-    ep = info.get("epochs")
-    if ep:
-        stops = ep["pruned_stop_epochs"]
-        console.print(f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
-                      f"({100 * ep['share']:.0f}%)" + (
-                          "; pruned trials stopped after epoch " + ", ".join(f"{e} (#{n})" for n, e in stops.items())
-                          if stops else "; no trial pruned"), highlight=False, soft_wrap=True, markup=False)
+    out.print_study_trials(info)
 
 
 @study_app.command("replay", short_help="What each pruner would save on a study's curves.")
@@ -252,15 +261,15 @@ def study_replay(
         return
     used = [t for t in curves.trials if t.end != "pruned"] if complete_only else curves.trials
     r0 = results[0]
-    console.print(f"replay of {curves.source}: {len(used)} trials, {r0.total_epochs} epochs unpruned; "
-                  f"unpruned best {curves.metric or 'value'} {r0.unpruned_best:.4f} (trial {r0.unpruned_best_trial}), "
-                  f"top 3: trials {', '.join(map(str, r0.top3))}", highlight=False, soft_wrap=True, markup=False)
+    say(f"replay of {curves.source}: {len(used)} trials, {r0.total_epochs} epochs unpruned; "
+        f"unpruned best {curves.metric or 'value'} {r0.unpruned_best:.4f} (trial {r0.unpruned_best_trial}), "
+        f"top 3: trials {', '.join(map(str, r0.top3))}")
     sys.stdout.write(format_table(results) + "\n")
     if chosen is None:
-        console.print(f"no pruner kept the unpruned best within {100 * tolerance:g} points", highlight=False)
+        say(f"no pruner kept the unpruned best within {100 * tolerance:g} points")
     else:
-        console.print(f"fewest epochs keeping the best within {100 * tolerance:g} points: {chosen.pruner} "
-                      f"({100 * chosen.share:.0f}% of the epochs)", highlight=False, soft_wrap=True, markup=False)
+        say(f"fewest epochs keeping the best within {100 * tolerance:g} points: {chosen.pruner} "
+            f"({100 * chosen.share:.0f}% of the epochs)")
 
 
 @app.command("dashboard", short_help="Serve optuna-dashboard on the study storage.")
@@ -271,11 +280,11 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study storage (and the artifact store)."""
+    from dlops.dashboard import serve_dashboard
     from dlops.paths import default_storage_url
-    from dlops.studies import serve_dashboard
 
     url = storage or default_storage_url()
-    console.print(f"optuna-dashboard for {mask_url(url)} on http://{host}:{port}/ (Ctrl-C stops)")
+    say(f"optuna-dashboard for {url} on http://{host}:{port}/ (Ctrl-C stops)")
     serve_dashboard(url, host, port)
 
 
@@ -285,18 +294,6 @@ WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Decoding process
 
 def _progress_on() -> bool:
     return err_console.is_terminal
-
-
-def _print_prepared(manifest: dict[str, Any]) -> None:
-    build = manifest.get("build") or {}
-    splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
-    console.print(f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; "
-                  f"image shape {manifest['image_shape']}",
-                  highlight=False, soft_wrap=True)
-    if build and not manifest.get("reused"):
-        console.print(f"cached {build['images']:,} images in {build['seconds']:.1f}s "
-                      f"({build['images_per_second']:,.0f} images/s, {plural(build['workers'], 'decoding process')})",
-                      highlight=False)
 
 
 @data_app.command("fetch", short_help="Download or take the archive, check it, build the cache.")
@@ -314,8 +311,8 @@ def data_fetch(
     from dlops.data.manage import fetch_dataset
 
     manifest = fetch_dataset(name, root, source, md5, force=force, keep_archive=keep_archive, workers=workers,
-                             progress=_progress_on(), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    _print_prepared(manifest)
+                             progress=_progress_on(), log=say)
+    out.print_prepared(manifest)
 
 
 @data_app.command("prepare")
@@ -333,8 +330,8 @@ def data_prepare(
     from dlops.data.manage import prepare_dataset
 
     manifest = prepare_dataset(name, root, raw=raw, force=force, val_fraction=val_fraction, seed=seed, workers=workers,
-                               progress=_progress_on(), log=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    _print_prepared(manifest)
+                               progress=_progress_on(), log=say)
+    out.print_prepared(manifest)
 
 
 @data_app.command("info")
@@ -351,19 +348,7 @@ def data_info(
     if as_json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    table = Table(title=f"dataset {name}", show_header=False)
-    table.add_row("classes", str(info["classes"]))
-    for split, count in info["splits"].items():
-        table.add_row(f"  {split}", f"{count:,}")
-    table.add_row("image shape", " x ".join(map(str, info["image_shape"])))
-    table.add_row("cache", f"{info['cache_dir']} ({info['cache_bytes'] / 2**20:,.1f} MiB)" if info["cache_dir"] else "in memory")
-    if info.get("holdout"):
-        h = info["holdout"]
-        table.add_row("validation", f"{h['count']:,} held out of {h['from']} ({h['fraction']:.0%} of each class, seed {h['seed']})")
-    if info.get("source"):
-        s = info["source"]
-        table.add_row("source", f"{s['archive']} md5 {s['md5']}" + ("" if s.get("official") else " (not the official archive)"))
-    console.print(table)
+    out.print_dataset_info(name, info)
 
 
 @data_app.command("show", short_help="Write a PNG of sample images and class counts.")
@@ -378,19 +363,19 @@ def data_show(
     from dlops.data.manage import show_dataset
 
     path = show_dataset(name, root, out, count=count)
-    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    say(f"wrote {path}")
 
 
 @app.command("final", short_help="Reference run: train, test once per seed, write a report.")
 @user_errors
 def final(
     spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="ce | triplet | center: the spec resnet18-LOSS")] = None,
+    loss: LossOpt = None,
     params: Annotated[str, typer.Option(help="best (the study's best trial) | baseline | FILE.json")] = "best",
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs [default: the spec's [final] epochs]")] = None,
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds 0..N-1 [default: the spec's [final] seeds]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Dataset [default: the study's, else the spec's]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")] = False,
     storage: StorageOpt = None,
     study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from (default: the spec's "
@@ -408,37 +393,23 @@ def final(
                            storage=storage, study_name=study_name, train_overrides=overrides)
 
     def on_epoch(seed: int, epoch: int, m: dict[str, float], restored: bool) -> None:
-        console.print(
-            f"seed {seed}  epoch {epoch + 1:>3}  train_loss {m['train_loss']:.4f}  train_acc {m['train_acc']:.4f}"
-            f"  val_top1 {m.get('val_top1', float('nan')):.4f}  val_top5 {m.get('val_top5', float('nan')):.4f}"
-            + ("  (from checkpoint)" if restored else f"  ({m['epoch_seconds']:.1f}s)"),
-            highlight=False, soft_wrap=True,
-        )
+        say(out.epoch_line(f"seed {seed}", epoch, m, restored=restored))
 
     def on_layer_epoch(seed: int, layer: int, epoch: int, m: dict[str, float]) -> None:
-        console.print(f"seed {seed}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
-                      f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)", highlight=False, soft_wrap=True)
+        say(f"seed {seed}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
 
     try:
         result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, on_layer_epoch=on_layer_epoch,
-                           notify=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
+                           notify=say)
     except Interrupted as exc:  # Ctrl-C or SIGTERM: say how to continue
         tail = f":\n  {resume_command(['dlops', *sys.argv[1:]])}" if exc.resumable else ""
         err_console.print(mask_url(str(exc)) + tail, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exc.exit_code) from None
     f = result.final
-    table = Table(title=f"final {f['spec']} on {f['dataset']['name']} "
-                        f"({plural(len(f['seeds']), 'seed')} x {plural(f['epochs'], 'epoch')})",
-                  show_header=False)
-    for key, mean in f["mean"].items():
-        if mean is not None:
-            table.add_row(key, f"{mean:.4f} ± {f['std'][key]:.4f}" if len(f["seeds"]) > 1 else f"{mean:.4f}")
-    table.add_row("wall time", f"{f['wall_seconds']:.1f}s on {f['device']}")
-    console.print(table)
-    console.print(f"wrote {result.report_dir}/ ({plural(len(result.files), 'file')})"
-                  + (f"; {plural(len(result.artifacts), 'artifact')} attached to {_attached_to(f)}"
-                     if result.artifacts else ""),
-                  highlight=False, soft_wrap=True)
+    out.print_final(f)
+    say(f"wrote {result.report_dir}/ ({plural(len(result.files), 'file')})"
+        + (f"; {plural(len(result.artifacts), 'artifact')} attached to {_attached_to(f)}" if result.artifacts else ""))
 
 
 def _attached_to(final: dict[str, Any]) -> str:
@@ -457,8 +428,7 @@ def report(storage: StorageOpt = None) -> None:
 
     quiet_optuna()
     result = build_report(storage)
-    console.print(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})",
-                  highlight=False)
+    say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 
 if __name__ == "__main__":

@@ -497,7 +497,7 @@ def _run_seed(spec: StudySpec, hooks: FinalHooks, seed: int, config: Any, restor
     """Train one seed (from its checkpoint, if any), then read the test split once. Files
     go to the staging folders; the record names where they will be once swapped in
     (``run_dir``)."""
-    from dlops.search import json_safe as history_json_safe
+    from dlops.objective import json_safe as history_json_safe
     from dlops.train import NonFiniteLossError
 
     sdir = seed_dir(spec.name, seed)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlops.search import json_safe
+from dlops.objective import json_safe
 
 TSNE_LAYER = 3  # X[3]: the 256-unit layer of X = [1024, 1000, 500, 256, 128, 64]
 TSNE_PER_CLASS = 500

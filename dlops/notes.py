@@ -14,27 +14,31 @@
   Each plot keeps its artifact id: a refresh rewrites the file, so the study's artifact
   list does not grow.
 
-Notes are optuna-dashboard's own (``optuna_dashboard.save_note``): study system attrs, so
+Notes are optuna-dashboard's own (written by :mod:`dlops.dashboard`): study system attrs, so
 they work on every storage (SQLite, PostgreSQL, journal file, Redis journal). Text a
 person adds in the dashboard below :data:`KEEP_MARKER` in the study note is kept.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 import tempfile
-import warnings
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dlops.dashboard import attach_study_plots, read_note, save_note, trial_id
+from dlops.objective import RunOptions, trial_config
+from dlops.paths import default_storage_url
+from dlops.spec import StudySpec, builtin_spec_dir
+from dlops.storage import StudyStorage, connect, mask_url
+
 KEEP_MARKER = "*Your notes go below this line: dlops keeps them when it refreshes this note.*"
-STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
 HISTORY_COLUMNS = (  # (history key, column title, format)
     ("train_loss", "train loss", ".4f"),
     ("train_acc", "train acc", ".4f"),
@@ -92,7 +96,7 @@ def _pruner_text(pruner: dict[str, Any]) -> str:
     return f"`{kind}`" + (f" ({args})" if args else "") + (f": {what}" if what else "")
 
 
-def _search_rows(spec: Any) -> list[str]:
+def _search_rows(spec: StudySpec) -> list[str]:
     baseline = spec.baseline_params()
     rows = ["| parameter | type | range | baseline |", "| --- | --- | --- | --- |"]
     for name, p in spec.search.items():
@@ -104,10 +108,7 @@ def _search_rows(spec: Any) -> list[str]:
     return rows
 
 
-def _continue_command(spec: Any, options: Any, study_name: str) -> str:
-    from dlops.spec import builtin_spec_dir
-    from dlops.storage import mask_url
-
+def _continue_command(spec: StudySpec, options: RunOptions, study_name: str) -> str:
     path = getattr(spec, "path", None)
     try:
         builtin = path is not None and Path(path).resolve().parent == builtin_spec_dir().resolve()
@@ -139,20 +140,18 @@ def _continue_command(spec: Any, options: Any, study_name: str) -> str:
 class StudyContext:
     """What the study note says about the study itself: fixed for one run."""
 
-    spec: Any
-    options: Any
+    spec: StudySpec
+    options: RunOptions
     dataset: dict[str, Any] = field(default_factory=dict)
     storage: str = ""
 
     @classmethod
-    def of(cls, spec: Any, options: Any, storage_masked: str = "") -> "StudyContext":
+    def of(cls, spec: StudySpec, options: RunOptions, storage_masked: str = "") -> StudyContext:
         return cls(spec=spec, options=options, dataset=dataset_facts(spec, options), storage=storage_masked)
 
 
-def dataset_facts(spec: Any, options: Any) -> dict[str, Any]:
+def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     """Name, classes, image shape and split sizes of the data a trial trains on."""
-    from dlops.search import trial_config
-
     config = trial_config(spec, options, spec.baseline_params(), 0)
     name = getattr(config, "dataset", None)
     facts: dict[str, Any] = {"name": name}
@@ -180,8 +179,6 @@ def _baseline_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
 
 def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> str:
     """The study note's Markdown (without the text a person kept below the marker)."""
-    from dlops.search import trial_config
-
     spec, options = ctx.spec, ctx.options
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     metric = (study.metric_names or [spec.metric])[0]
@@ -264,37 +261,14 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     return "\n".join(lines)
 
 
-def save_note(storage: Any, study_id: int, trial_id: int | None, body: str,
-              attrs: dict[str, Any] | None = None) -> None:
-    """optuna-dashboard's note format (a version, then the body in chunks of study system
-    attrs), writing only the chunks that changed: each write is a commit on SQLite and
-    PostgreSQL, and a refreshed study note mostly changes at its end."""
-    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
-
-    attrs = storage.get_study_system_attrs(study_id) if attrs is None else attrs
-    prefix = note_str_key_prefix(trial_id)
-    old = {k: v for k, v in attrs.items() if k.startswith(prefix)}
-    new = split_body(body, trial_id)
-    storage.set_study_system_attr(study_id, note_ver_key(trial_id), int(attrs.get(note_ver_key(trial_id), 0)) + 1)
-    for key, chunk in new.items():
-        if old.get(key) != chunk:
-            storage.set_study_system_attr(study_id, key, chunk)
-    for i in range(len(new), len(old)):
-        if old.get(f"{prefix}{i}"):
-            storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
-
-
 def write_study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> None:
     """Refresh the study note; text below :data:`KEEP_MARKER` stays. Call under the study lock."""
-    from optuna_dashboard._note import get_note_from_system_attrs
-
     body = study_note(study, ctx, trials)
-    attrs = study._storage.get_study_system_attrs(study._study_id)
-    old = get_note_from_system_attrs(attrs, None)["body"]
+    old = read_note(study)
     kept = old.split(KEEP_MARKER, 1)[1] if KEEP_MARKER in old else "\n"
     body = body + "\n\n---\n\n" + KEEP_MARKER + kept
     if body != old:
-        save_note(study._storage, study._study_id, None, body, attrs)
+        save_note(study, None, body)
 
 
 # --------------------------------------------------------------------------- trial notes
@@ -378,7 +352,7 @@ def write_trial_note(study: optuna.Study, trial: FrozenTrial, trials: list[Froze
     base = _baseline_trial(trials)
     baseline_config = (base.user_attrs.get("config") if base is not None else None) or None
     metric = (study.metric_names or [None])[0]
-    save_note(study._storage, study._study_id, trial._trial_id, trial_note(trial, metric, baseline_config))
+    save_note(study, trial_id(trial), trial_note(trial, metric, baseline_config))
 
 
 # --------------------------------------------------------------------------- during a run
@@ -388,15 +362,13 @@ class RunNotes:
     """The hooks ``dlops study run`` calls: when the study opens, after each trial, at the end.
     A failure to write a note never stops a study: it is said once and the run goes on."""
 
-    def __init__(self, ctx: StudyContext, say: Any = None) -> None:
+    def __init__(self, ctx: StudyContext, say: Callable[[str], None] | None = None) -> None:
         self.ctx = ctx
         self.say = say or (lambda msg: None)
         self.seconds = 0.0  # spent writing notes in this process (for the cost benchmark)
         self._warned = False
 
-    def _guard(self, fn: Any, *args: Any) -> None:
-        import time
-
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         start = time.perf_counter()
         try:
             fn(*args)
@@ -413,7 +385,7 @@ class RunNotes:
         """The study is open (new or continued): the study note. Call under the study lock."""
         self._guard(write_study_note, study, self.ctx)
 
-    def trial_finished(self, study: optuna.Study, storage: Any, trial: FrozenTrial) -> None:
+    def trial_finished(self, study: optuna.Study, storage: StudyStorage, trial: FrozenTrial) -> None:
         """After one of this worker's trials: its note, then the study note under the lock."""
         def both() -> None:
             trials = study.get_trials(deepcopy=False)
@@ -425,40 +397,6 @@ class RunNotes:
 
 
 # --------------------------------------------------------------------------- study artifacts
-
-
-def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, str]:
-    """Attach the study's plot files to the study in the artifact store under
-    ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
-    content is replaced (atomically), so refreshing never piles up artifacts. Returns
-    file name -> artifact id."""
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-    from dlops.io import write_atomic
-    from dlops.paths import artifacts_dir
-
-    root = artifacts_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(root))
-    storage, study_id = study._storage, study._study_id
-    attrs = storage.get_study_system_attrs(study_id)
-    known: dict[str, str] = dict(attrs.get(STUDY_PLOTS_KEY) or {})
-    changed = False
-    for path in files:
-        path = Path(path)
-        artifact_id = known.get(path.name)
-        meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
-        if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
-            data = path.read_bytes()
-            write_atomic(root / artifact_id, lambda f: f.write(data))
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            known[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
-        changed = True
-    if changed:
-        storage.set_study_system_attr(study_id, STUDY_PLOTS_KEY, known)
-    return known
 
 
 def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> list[Path]:
@@ -476,11 +414,9 @@ def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> lis
     return []
 
 
-def finish_study_run(spec: Any, options: Any, study: optuna.Study, *, plots: bool = True, say: Any = None) -> None:
+def finish_study_run(spec: StudySpec, options: RunOptions, study: optuna.Study, *, plots: bool = True,
+                     say: Callable[[str], None] | None = None) -> None:
     """The end of ``dlops study run``: the study note, then (unless stopped) the plots."""
-    from dlops.paths import default_storage_url
-    from dlops.storage import connect
-
     say = say or (lambda msg: None)
     try:
         storage = connect(options.storage or default_storage_url())
@@ -493,8 +429,3 @@ def finish_study_run(spec: Any, options: Any, study: optuna.Study, *, plots: boo
         say("Ctrl-C: the study's plots were not redrawn (`dlops report` redraws them)")
     except Exception as exc:  # noqa: BLE001 - the study itself is stored; say what was not
         say(f"could not refresh the dashboard notes and plots: {exc}")
-
-
-def study_plot_ids(study: optuna.Study) -> dict[str, str]:
-    raw = study._storage.get_study_system_attrs(study._study_id).get(STUDY_PLOTS_KEY) or {}
-    return dict(raw) if isinstance(raw, dict) else json.loads(raw)

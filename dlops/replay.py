@@ -5,7 +5,7 @@ objective after every epoch. :func:`replay` feeds those curves, trial by trial i
 original order and epoch by epoch, into an in-memory Optuna study with the pruner under
 test (``trial.report``, ``trial.should_prune``, ``study.tell(..., PRUNED)``) and counts
 what the pruner would have trained and which trials it would have kept. The pruners
-are built by :func:`dlops.search.make_pruner` from a spec's ``[pruner]`` table, so a
+are built by :func:`dlops.sampling.make_pruner` from a spec's ``[pruner]`` table, so a
 replayed pruner is exactly the one a spec would run.
 
 What a replay cannot show: in a live study the sampler learns from the pruned trials, so
@@ -41,6 +41,9 @@ from optuna.trial import TrialState
 
 from dlops.errors import DlopsError
 from dlops.io import write_text_atomic
+from dlops.paths import default_storage_url
+from dlops.sampling import make_pruner
+from dlops.studies import load_existing_study, pruned_by_pruner
 
 FORMAT = "dlops-curves"
 VERSION = 1
@@ -97,38 +100,6 @@ class Curves:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def pruned_by_pruner(trial: optuna.trial.FrozenTrial) -> bool:
-    """A PRUNED trial stopped by the study's pruner (not by a non-finite loss, which dlops
-    also records as PRUNED, with its reason in the ``stopped_reason`` user attr)."""
-    if trial.state != TrialState.PRUNED:
-        return False
-    reason = str(trial.user_attrs.get("stopped_reason") or "")
-    return not reason or reason.startswith("pruned after")
-
-
-def epochs_summary(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, Any] | None:
-    """Epochs the finished trials trained against what the same trials would have trained
-    unpruned (a trial its pruner stopped counted at its config's ``epochs``, else at the
-    longest complete trial), and the epoch each pruned trial stopped after."""
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    if not finished:
-        return None
-    longest = max((len(t.intermediate_values) for t in finished if t.state == TrialState.COMPLETE), default=0)
-    trained = unpruned = 0
-    stops: dict[int, int] = {}
-    for t in finished:
-        n = len(t.intermediate_values)
-        trained += n
-        if pruned_by_pruner(t):
-            planned = (t.user_attrs.get("config") or {}).get("epochs") or longest
-            unpruned += max(int(planned), n)
-            stops[t.number] = n
-        else:
-            unpruned += n
-    return {"trained": trained, "unpruned": unpruned, "share": trained / unpruned if unpruned else None,
-            "pruned_stop_epochs": stops}
 
 
 def curves_from_study(study: optuna.Study) -> Curves:
@@ -254,16 +225,12 @@ def pruner_label(table: dict[str, Any]) -> str:
 
 
 def build_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
-    """The pruner a spec with this ``[pruner]`` table runs (:func:`dlops.search.make_pruner`)."""
-    from types import SimpleNamespace
-
-    from dlops.search import make_pruner
-
+    """The pruner a spec with this ``[pruner]`` table runs (:func:`dlops.sampling.make_pruner`)."""
     kind = table.get("type", "median")
     if kind not in PRUNER_TYPES:
         raise ReplayError(f"unknown pruner type {kind!r} (choose from {', '.join(PRUNER_TYPES)})")
     try:
-        return make_pruner(SimpleNamespace(pruner=dict(table), name=pruner_label(table)))  # type: ignore[arg-type]
+        return make_pruner(dict(table))
     except (ValueError, DlopsError) as exc:
         raise ReplayError(f"pruner {pruner_label(table)}: {exc}") from None
 
@@ -399,8 +366,6 @@ def load_curves(name: str, url: str | None = None) -> Curves:
     path = Path(name)
     if path.suffix == ".json" or path.is_file():
         return read_curves(path)
-    from dlops.paths import default_storage_url
-    from dlops.studies import load_existing_study
 
     return curves_from_study(load_existing_study(name, url or default_storage_url()))
 

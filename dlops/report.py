@@ -114,7 +114,7 @@ class StudyFacts:
     failed: int
     trial_seconds: float
     best_history: dict[str, list[Any]] | None
-    epochs: dict[str, Any] | None = None  # dlops.replay.epochs_summary: trained vs unpruned
+    epochs: dict[str, Any] | None = None  # dlops.studies.epochs_summary: trained vs unpruned
 
     @property
     def pruning_text(self) -> str:
@@ -130,7 +130,7 @@ class StudyFacts:
     def of(cls, study: Any) -> "StudyFacts":
         from optuna.trial import TrialState
 
-        from dlops.replay import epochs_summary
+        from dlops.studies import epochs_summary
 
         trials = study.get_trials(deepcopy=False)
         count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
@@ -445,7 +445,7 @@ def _stale(product: Path, source: Path) -> bool:
 
 def build_report(storage: str | None = None) -> ReportResult:
     """``dlops report``: refresh every spec's folder and write ``reports/index.md``."""
-    from dlops.notes import attach_study_plots
+    from dlops.dashboard import attach_study_plots
     from dlops.storage import mask_url
 
     plots.use_headless_backend()

@@ -174,9 +174,9 @@ def _check_sampler(sampler: dict[str, Any]) -> None:
 
 def _check_pruner(spec: "StudySpec") -> None:
     """Build the pruner once: Optuna checks the values (a negative count, an unknown key)."""
-    from dlops.search import make_pruner
+    from dlops.sampling import make_pruner
 
-    make_pruner(spec)  # raises SpecError naming [pruner]
+    make_pruner(spec.pruner)  # raises SpecError naming [pruner]
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -1,18 +1,103 @@
-"""Reading studies back: listing, describing, serving the dashboard."""
+"""The read side of the study storage: states, summaries, listing and describing studies.
+
+Imports no torch and no trainer: ``dlops study list`` and ``dlops study show`` answer in
+the time it takes to open the storage.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError
-from dlops.paths import artifacts_dir
-from dlops.search import summarize
 from dlops.storage import mask_url, open_storage
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials of ``study`` by state name (every state, zeros included)."""
+    counts = {s.name: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] += 1
+    return counts
+
+
+def summarize(study: optuna.Study) -> dict[str, Any]:
+    """JSON-ready summary: name, direction, metric, states, best trial, user attrs."""
+    counts = state_counts(study)
+    best = None
+    try:
+        b = study.best_trial
+        best = {"number": b.number, "value": b.value, "params": b.params,
+                "user_attrs": {"baseline": b.user_attrs.get("baseline", False)}}
+    except ValueError:
+        pass
+    return {
+        "name": study.study_name,
+        "direction": study.direction.name.lower(),
+        "metric": (study.metric_names or [None])[0],
+        "n_trials": sum(counts.values()),
+        "states": {k: v for k, v in counts.items() if v},
+        "best": best,
+        "user_attrs": study.user_attrs,
+    }
+
+
+@dataclass
+class StudyResult:
+    """Where a study stands when a run ends."""
+
+    study: optuna.Study
+    counts: dict[str, int]
+    best: dict[str, Any] | None
+    interrupted: int | None = None  # the signal that stopped the run (SIGINT 2, SIGTERM 15)
+    target: int | None = None  # finished trials the study was to reach (at least, with --n-trials)
+    n_trials: int | None = None  # finished trials this run was to add (--n-trials), None with --total-trials
+    added: int = 0  # finished trials this run added
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s.name, 0) for s in FINISHED)
+
+
+def pruned_by_pruner(trial: FrozenTrial) -> bool:
+    """A PRUNED trial stopped by the study's pruner (not by a non-finite loss, which dlops
+    also records as PRUNED, with its reason in the ``stopped_reason`` user attr)."""
+    if trial.state != TrialState.PRUNED:
+        return False
+    reason = str(trial.user_attrs.get("stopped_reason") or "")
+    return not reason or reason.startswith("pruned after")
+
+
+def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
+    """Epochs the finished trials trained against what the same trials would have trained
+    unpruned (a trial its pruner stopped counted at its config's ``epochs``, else at the
+    longest complete trial), and the epoch each pruned trial stopped after."""
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if not finished:
+        return None
+    longest = max((len(t.intermediate_values) for t in finished if t.state == TrialState.COMPLETE), default=0)
+    trained = unpruned = 0
+    stops: dict[int, int] = {}
+    for t in finished:
+        n = len(t.intermediate_values)
+        trained += n
+        if pruned_by_pruner(t):
+            planned = (t.user_attrs.get("config") or {}).get("epochs") or longest
+            unpruned += max(int(planned), n)
+            stops[t.number] = n
+        else:
+            unpruned += n
+    return {"trained": trained, "unpruned": unpruned, "share": trained / unpruned if unpruned else None,
+            "pruned_stop_epochs": stops}
 
 
 def list_studies(url: str) -> list[dict[str, Any]]:
+    """One row per study in the storage ``url``: name, trial count, states, best value."""
     storage = open_storage(url)
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
@@ -28,6 +113,7 @@ def list_studies(url: str) -> list[dict[str, Any]]:
 
 
 def load_existing_study(name: str, url: str) -> optuna.Study:
+    """The study ``name`` in the storage ``url``; one line naming the studies there if it has none of that name."""
     storage = open_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
@@ -37,8 +123,7 @@ def load_existing_study(name: str, url: str) -> optuna.Study:
 
 
 def describe_study(name: str, url: str) -> dict[str, Any]:
-    from dlops.replay import epochs_summary, pruned_by_pruner
-
+    """:func:`summarize`, the epochs trained against unpruned, and every trial (``dlops study show``)."""
     study = load_existing_study(name, url)
     info = summarize(study)
     info["epochs"] = epochs_summary(study.get_trials(deepcopy=False))
@@ -59,27 +144,10 @@ def describe_study(name: str, url: str) -> dict[str, Any]:
     return info
 
 
-def dashboard_app(url: str):
-    """optuna-dashboard's WSGI app on the study storage, with dlops's artifact store."""
-    import optuna_dashboard
-    from optuna.artifacts import FileSystemArtifactStore
-
-    storage = open_storage(url)
-    artifacts = artifacts_dir()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
-
-
-def serve_dashboard(url: str, host: str, port: int) -> None:
-    from wsgiref.simple_server import make_server
-
-    app = dashboard_app(url)
+def study_counts(storage: optuna.storages.BaseStorage, name: str) -> dict[str, int]:
+    """Trial counts by state of study ``name`` ({} when it does not exist yet)."""
     try:
-        server = make_server(host, port, app)
-    except OSError as exc:
-        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
-    with server:
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return {}
+    return state_counts(study)

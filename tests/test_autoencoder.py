@@ -387,7 +387,7 @@ class _PruneAtOnce(optuna.pruners.BasePruner):
 
 
 def test_pruned_trial_keeps_its_layer_history(tmp_path: Path, dlops_home: Path) -> None:
-    from dlops.search import RunOptions, make_objective
+    from dlops.objective import RunOptions, make_objective
 
     spec = load_spec(str(tiny_autoencoder_spec(tmp_path))).for_dataset("digits")
     study = optuna.create_study(storage=None, direction="maximize", pruner=_PruneAtOnce())

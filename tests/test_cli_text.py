@@ -89,3 +89,18 @@ def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_p
     flat = " ".join(result.output.split())
     assert "(1 seed x 1 epoch)" in flat
     assert re.search(r"\(\d+ files\); \d+ artifacts attached to trial 0 of study wording-study", flat), flat
+
+
+@pytest.mark.parametrize("command", [["study", "run"], ["final"]])
+def test_loss_and_device_choices_are_listed_and_checked_in_one_line(command: list[str]) -> None:
+    help_text = CliRunner().invoke(app, [*command, "--help"], terminal_width=120).output
+    assert "<ce|triplet|center>" in help_text and "[auto|cpu|cuda|cuda:K]" in help_text
+    assert "[default: auto]" in help_text  # the same --device default in every command
+    for args, message in ((["--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
+                          (["--loss", "ce", "--device", "gpu"], "unknown device 'gpu' (auto, cpu, cuda, cuda:K)"),
+                          (["--loss", "ce", "--n-trial", "3"], "No such option: --n-trial")):
+        result = CliRunner().invoke(app, [*command, *args])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith("error: ") and message in lines[0], lines
+        assert "Value error" not in lines[0] and "--help" in lines[0]

@@ -201,7 +201,7 @@ def test_two_workers_share_one_gpu_and_each_trains_on_the_device_it_was_given(tm
     import optuna
 
     from dlops.storage import open_storage
-    from dlops.workers import OWNER_KEY
+    from dlops.liveness import OWNER_KEY
 
     spec = tiny_workers_spec(tmp_path, name="cuda-workers", epochs=2, per_class=20, n_trials=6)
     url = f"journal://{tmp_path / 'cuda-workers.log'}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 
 from dlops.paths import default_storage_url
-from dlops.studies import dashboard_app
+from dlops.dashboard import dashboard_app
 
 
 def call(app, path: str) -> tuple[str, bytes]:

@@ -78,7 +78,9 @@ class CountedDigits:
 def studied(tmp_path_factory: pytest.TempPathFactory):
     """A 3-trial study of a two-parameter spec on a counted digits dataset, then
     `final` from its best trial with 2 seeds. Shared by the tests below."""
-    from dlops.search import RunOptions, run_study, state_counts
+    from dlops.objective import RunOptions
+    from dlops.runner import run_study
+    from dlops.studies import state_counts
     from dlops.spec import load_spec
 
     root = tmp_path_factory.mktemp("final")
@@ -300,7 +302,7 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
 @pytest.mark.parametrize("args, message", [
     (["final", "--loss", "ce"], "no study named 'resnet18-ce'"),
     (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
-    (["final", "--loss", "hinge"], "unknown loss"),
+    (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
     (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
 ])
 def test_cli_final_user_errors_are_one_line(dlops_home, args, message):

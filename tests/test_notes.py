@@ -21,7 +21,7 @@ from dlops.cli import app
 from dlops.notes import KEEP_MARKER, stop_reason, trial_note
 from dlops.paths import default_storage_url
 from dlops.storage import open_storage
-from dlops.studies import dashboard_app
+from dlops.dashboard import dashboard_app
 
 SPEC = """\
 name = "notes-digits"

@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from dlops.cli import app
 from dlops.errors import DlopsError
 from dlops.paths import default_storage_url
-from dlops.search import RunOptions, TrialsFailed, run_study
+from dlops.objective import RunOptions
+from dlops.runner import TrialsFailed, run_study
 from dlops.spec import load_spec
 from dlops.train import HISTORY_KEYS
-from dlops.workers import OWNER_KEY
+from dlops.liveness import OWNER_KEY
 
 
 def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-4, 1e-1), baseline_lr=1e-3,
@@ -177,7 +178,8 @@ def test_digits_studies_optimise_top1_and_a_study_keeps_one_objective(tmp_path: 
 
 def test_checkpoint_folders_of_similar_study_names_do_not_collide(tmp_path: Path, dlops_home: Path) -> None:
     """`a/b` and `a_b` once shared checkpoints/a_b: creating one study deleted the other's."""
-    from dlops.search import checkpoint_path, open_study, prepare_study
+    from dlops.objective import checkpoint_path
+    from dlops.runner import open_study, prepare_study
 
     assert checkpoint_path("a/b", 0).parent != checkpoint_path("a_b", 0).parent
     assert checkpoint_path("../x", 0).parent.parent == dlops_home / "checkpoints"
@@ -212,7 +214,7 @@ def _interrupted_trial(tmp_path: Path):
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_a_damaged_trial_checkpoint_is_discarded_and_the_retry_trains_from_epoch_0(
         tmp_path: Path, dlops_home: Path, damage: str) -> None:
-    from dlops.search import checkpoint_path
+    from dlops.objective import checkpoint_path
 
     spec, study = _interrupted_trial(tmp_path)
     ckpt = checkpoint_path(study.study_name, 1)

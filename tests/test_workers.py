@@ -23,10 +23,12 @@ import pytest
 from optuna.trial import TrialState
 from specs import tiny_workers_spec
 
-from dlops.search import RunOptions, checkpoint_path, open_study, prepare_study, run_study
+from dlops.objective import RunOptions, checkpoint_path
+from dlops.runner import open_study, prepare_study, run_study
 from dlops.spec import load_spec
 from dlops.storage import StudyStorage, connect
-from dlops.workers import OWNER_KEY, is_dead, plan_workers, recover_dead_trials, worker_identity, worth_waiting_for
+from dlops.liveness import OWNER_KEY, is_dead, recover_dead_trials, worker_identity, worth_waiting_for
+from dlops.runner import plan_workers
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 PG_PASSWORD = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:5432/test"  # trust auth ignores the password
@@ -192,7 +194,8 @@ def test_runs_joining_at_once_get_their_own_sampler_seeds(backend: Backend, tmp_
     """Two machines starting one new study at once both see it empty; under the study lock
     each run still gets its own index, so only the first replays the spec's seed and the
     others sample elsewhere (before, both proposed the same lr)."""
-    from dlops.search import join_run, make_sampler, sampler_seed
+    from dlops.runner import join_run
+    from dlops.sampling import make_sampler, sampler_seed
 
     spec = load_spec(str(tiny_workers_spec(tmp_path)))
     options = RunOptions(storage=backend.url, study_name=backend.study_name)
@@ -221,7 +224,7 @@ def test_runs_joining_at_once_get_their_own_sampler_seeds(backend: Backend, tmp_
     space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)}
     firsts = set()
     for i in indexes:  # what each run's sampler proposes first on a fresh study
-        probe = optuna.create_study(sampler=make_sampler(spec, sampler_seed(0, 0, i)))
+        probe = optuna.create_study(sampler=make_sampler(spec.sampler, sampler_seed(0, 0, i)))
         firsts.add(probe.ask(space).params["lr"])
     assert len(firsts) == 4
 

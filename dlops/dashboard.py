@@ -1,0 +1,124 @@
+"""optuna-dashboard's side of a study: its notes, the study's plot artifacts, and the server.
+
+The one module that reaches into the storage below Optuna's public study API: notes are
+optuna-dashboard's own format (chunks of study system attrs, written through its private
+``optuna_dashboard._note`` helpers), and plot artifacts keep their ids in a study system
+attr so a refresh replaces the file instead of adding an artifact. Both work on every
+storage (SQLite, PostgreSQL, journal file, Redis journal).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import optuna
+
+from dlops.errors import DlopsError
+from dlops.io import write_atomic
+from dlops.paths import artifacts_dir
+from dlops.storage import open_storage
+
+STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
+
+
+def _system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def read_note(study: optuna.Study, trial_id: int | None = None, attrs: dict[str, Any] | None = None) -> str:
+    """The note of the study (``trial_id`` None) or of one of its trials ('' if none)."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    attrs = _system_attrs(study) if attrs is None else attrs
+    return str(get_note_from_system_attrs(attrs, trial_id)["body"])
+
+
+def save_note(study: optuna.Study, trial_id: int | None, body: str, attrs: dict[str, Any] | None = None) -> None:
+    """optuna-dashboard's note format (a version, then the body in chunks of study system
+    attrs), writing only the chunks that changed: each write is a commit on SQLite and
+    PostgreSQL, and a refreshed study note mostly changes at its end."""
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+
+    storage, study_id = study._storage, study._study_id
+    attrs = storage.get_study_system_attrs(study_id) if attrs is None else attrs
+    prefix = note_str_key_prefix(trial_id)
+    old = {k: v for k, v in attrs.items() if k.startswith(prefix)}
+    new = split_body(body, trial_id)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), int(attrs.get(note_ver_key(trial_id), 0)) + 1)
+    for key, chunk in new.items():
+        if old.get(key) != chunk:
+            storage.set_study_system_attr(study_id, key, chunk)
+    for i in range(len(new), len(old)):
+        if old.get(f"{prefix}{i}"):
+            storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
+
+
+def trial_id(trial: optuna.trial.FrozenTrial) -> int:
+    """The storage's id of ``trial`` (notes are keyed by it, not by the trial number)."""
+    return int(trial._trial_id)
+
+
+def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, str]:
+    """Attach the study's plot files to the study in the artifact store under
+    ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
+    content is replaced (atomically), so refreshing never piles up artifacts. Returns
+    file name -> artifact id."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    root = artifacts_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(root))
+    storage, study_id = study._storage, study._study_id
+    attrs = storage.get_study_system_attrs(study_id)
+    known: dict[str, str] = dict(attrs.get(STUDY_PLOTS_KEY) or {})
+    changed = False
+    for path in files:
+        path = Path(path)
+        artifact_id = known.get(path.name)
+        meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
+        if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
+            data = path.read_bytes()
+            write_atomic(root / artifact_id, lambda f: f.write(data))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            known[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+        changed = True
+    if changed:
+        storage.set_study_system_attr(study_id, STUDY_PLOTS_KEY, known)
+    return known
+
+
+def study_plot_ids(study: optuna.Study) -> dict[str, str]:
+    """Plot file name -> artifact id of the plots attached to ``study``."""
+    raw = _system_attrs(study).get(STUDY_PLOTS_KEY) or {}
+    return dict(raw) if isinstance(raw, dict) else json.loads(raw)
+
+
+def dashboard_app(url: str):
+    """optuna-dashboard's WSGI app on the study storage, with dlops's artifact store."""
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    storage = open_storage(url)
+    artifacts = artifacts_dir()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
+
+
+def serve_dashboard(url: str, host: str, port: int) -> None:
+    from wsgiref.simple_server import make_server
+
+    app = dashboard_app(url)
+    try:
+        server = make_server(host, port, app)
+    except OSError as exc:
+        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass

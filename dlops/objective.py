@@ -1,0 +1,232 @@
+"""One trial of a study: the Optuna side of training.
+
+:func:`make_objective` turns a spec into Optuna's objective: it suggests the trial's
+params, builds its config (:func:`trial_config`), calls the spec's trainer, and turns the
+trainer's per-epoch callback into ``trial.report`` and, when the pruner says so,
+:class:`optuna.TrialPruned`. A diverging trial (a non-finite loss) is pruned too: it is a
+result about the search space, not a crash.
+
+Every trial checkpoints each epoch under ``$DLOPS_HOME/checkpoints/<study>-<hash>/trial-<n>.pt``
+(``n``: the trial's number, or for a retried trial the number of the trial it retries), so
+a trial whose worker died resumes where it stopped; the file goes when the trial finishes.
+A checkpoint that does not load or fails its checksum is discarded with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from dlops.errors import DlopsError
+from dlops.io import CorruptCheckpoint, load_checkpoint
+from dlops.paths import checkpoints_dir, folder_name
+from dlops.spec import ParamSpec, StudySpec
+from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
+from dlops.text import plural
+from dlops.train import NonFiniteLossError
+from dlops.trainers import get_trainer
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
+
+
+@dataclass
+class RunOptions:
+    """What ``dlops study run`` may override in a spec."""
+
+    dataset: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    epochs: int | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    heartbeat_interval: int | None = 60  # RDB storages (not SQLite): a dead worker's trial is
+    grace_period: int | None = None  # failed and retried after grace_period s (default 2x interval)
+    total_trials: int | None = None  # stop once the study has this many finished trials (all runs)
+
+    def study_name_for(self, spec: StudySpec) -> str:
+        return self.study_name or spec.study_name(self.dataset)
+
+
+def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], trial_number: int) -> Any:
+    """The config of one trial: the spec, the dataset override, the trial's params, and
+    a per-trial seed (base seed + trial number, so reruns reproduce each trial)."""
+    base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
+    return spec.config(
+        options.dataset,
+        params,
+        epochs=options.epochs,
+        device=options.device,
+        seed=base_seed + trial_number,
+        **options.train_overrides,
+    )
+
+
+def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
+    if p.type == "float":
+        return trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+    if p.type == "int":
+        return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return trial.suggest_categorical(p.name, list(p.choices))
+
+
+def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
+    """A trial's values for the search space, in spec order; a conditional parameter
+    (``when``) is suggested only where it is live."""
+    params: dict[str, Any] = {}
+    for name, p in spec.search.items():
+        if p.active(params):
+            params[name] = suggest(trial, p)
+    return params
+
+
+def json_safe(history: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    """NaN is not JSON (the dashboard could not parse it): store it as null."""
+    return {k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs] for k, vs in history.items()}
+
+
+def checkpoint_path(study_name: str, trial_key: int) -> Path:
+    """The checkpoint of trial ``trial_key``: one folder per exact study name (a slug and a
+    hash, so ``a/b`` and ``a_b`` never share one)."""
+    return checkpoints_dir() / folder_name(study_name) / f"trial-{trial_key}.pt"
+
+
+def remove_checkpoint(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".tmp")):
+        p.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()  # the study's folder, once its last trial is done
+    except OSError:
+        pass
+
+
+_RESUME_IGNORES = {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"}  # may differ between machines; results do not
+
+
+def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:
+    """Epochs saved in the checkpoint at ``path`` (None without a usable one). A checkpoint
+    written for another configuration (a deleted study of the same name) is removed; so is
+    one that does not load or fails its checksum, with a warning through ``say``: the
+    trial then trains from epoch 0."""
+    if not path.exists():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CorruptCheckpoint as exc:
+        remove_checkpoint(path)
+        message = f"{exc}: discarded, the trial trains from epoch 0"
+        if say is not None:
+            say(message)
+        else:
+            logging.getLogger("dlops").warning(message)
+        return None
+    if not isinstance(state, dict):
+        return None
+    saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
+    if isinstance(saved, dict) and isinstance(now, dict):
+        if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in _RESUME_IGNORES):
+            remove_checkpoint(path)
+            return None
+    epoch = state.get("epoch")
+    return int(epoch) + 1 if isinstance(epoch, int) else 0
+
+
+def layer_epoch_line(trial: int, layer: int, epoch: int, m: dict[str, float]) -> str:
+    """The progress line of one layer-wise pretraining epoch (the autoencoder's)."""
+    return (f"trial {trial:>3}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
+
+
+def make_objective(
+    spec: StudySpec,
+    options: RunOptions,
+    on_epoch: EpochCallback | None = None,
+    *,
+    stop: GracefulStop | None = None,
+    on_trial_start: Callable[[optuna.Trial], None] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> Callable[[optuna.Trial], float]:
+    """The objective of ``spec``. ``on_trial_start(trial)`` runs first (the worker loop
+    records the trial's owner there); ``stop.requested`` ends a trial at its next epoch."""
+    trainer = get_trainer(spec.trainer)
+
+    def objective(trial: optuna.Trial) -> float:
+        # A retry (RetryHeartbeatStaleTrialCallback, or dlops after a dead worker or a
+        # signal) carries the original number: it trains with that trial's seed and resumes
+        # from that trial's checkpoint.
+        origin = trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        key = trial.number if origin is None else int(origin)
+        if on_trial_start is not None:
+            on_trial_start(trial)
+        params = suggest_params(trial, spec)
+        config = trial_config(spec, options, params, key)
+        trial.set_user_attr("config", config.to_dict())
+        for inherited in ("stopped_reason", "resumed_from"):  # copied from the failed trial by a retry
+            if trial.user_attrs.get(inherited) is not None:
+                trial.set_user_attr(inherited, None)
+        ckpt = checkpoint_path(trial.study.study_name, key)
+        resumed = checkpointed_epochs(ckpt, config, say)
+        if resumed is not None:
+            trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
+            if say is not None:
+                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({plural(resumed, 'epoch')} done)")
+        last_epoch = getattr(config, "epochs", None)
+        history_so_far: dict[str, list[float]] = {}
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                history_so_far.setdefault(k, []).append(v)
+            trial.set_user_attr("history", json_safe(history_so_far))
+            if on_epoch is not None:
+                on_epoch(trial.number, epoch, metrics)
+            value = metrics[spec.metric]
+            trial.report(value, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("stopped_reason", f"pruned after epoch {epoch} ({spec.metric}={value:.4f})")
+                raise optuna.TrialPruned()
+            if stop is not None and stop.requested and (last_epoch is None or epoch + 1 < last_epoch):
+                trial.set_user_attr("stopped_reason", f"interrupted after epoch {epoch + 1}; queued again to resume "
+                                                      "from its checkpoint")
+                raise interrupted(trial.number, epoch)
+
+        extra: dict[str, Any] = {}  # a layer-wise trainer also reports each pretraining epoch
+        if say is not None and "on_layer_epoch" in inspect.signature(trainer.fit).parameters:
+            extra["on_layer_epoch"] = lambda layer, epoch, m: say(layer_epoch_line(trial.number, layer, epoch, m))
+        keep_checkpoint = False
+        try:
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt, **extra)
+        except NonFiniteLossError as exc:
+            # A diverging lr is a result about the search space, not a crash: prune, so
+            # the sampler learns from it and the study goes on.
+            trial.set_user_attr("stopped_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        except optuna.TrialPruned as exc:
+            # A pruned trial keeps what the trainer hands over with the exception (the
+            # autoencoder's layer curves).
+            for key, value in getattr(exc, "extra_user_attrs", {}).items():
+                trial.set_user_attr(key, value)
+            raise
+        except (TrialInterrupted, KeyboardInterrupt):
+            keep_checkpoint = True  # the retry resumes from it
+            raise
+        except DlopsError as exc:  # a full disk, a damaged file: the trial fails with one line
+            trial.set_user_attr("stopped_reason", str(exc))
+            raise
+        finally:
+            if not keep_checkpoint:
+                remove_checkpoint(ckpt)
+        trial.set_user_attr("history", json_safe(result.history))
+        # A trainer may hand over more per-trial results (the autoencoder's layer curves).
+        for key, value in getattr(result, "extra_user_attrs", {}).items():
+            trial.set_user_attr(key, value)
+        return float(result.metrics[spec.metric])
+
+    return objective

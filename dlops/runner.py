@@ -1,0 +1,621 @@
+"""Running a study: opening and preparing it, the trial loop, and worker processes.
+
+:func:`run_study` runs one worker's share of a run in this process; :func:`run_workers`
+runs ``n`` worker processes on this machine (``n == 1`` runs in this process), each an
+ordinary :func:`run_study` sharing the run's trial count. The same command on another
+machine with the same PostgreSQL or Redis URL joins the same study.
+
+A run (one ``dlops study run``, all its workers) adds ``--n-trials`` finished trials of its
+own, or works until the study has ``--total-trials``; each run that joins a study gets a
+number that seeds its sampler (:func:`dlops.sampling.sampler_seed`). Everything a run
+needs is checked (:func:`check_run`) before any storage, study or file is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from dlops.console import epoch_line, trial_label
+from dlops.data import forbid_test_split, get_dataset
+from dlops.errors import DlopsError, StorageError
+from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
+from dlops.notes import RunNotes, StudyContext
+from dlops.objective import EpochCallback, RunOptions, TrialInterrupted, make_objective, trial_config, checkpoint_path
+from dlops.paths import default_storage_url
+from dlops.sampling import make_pruner, make_sampler, sampler_seed
+from dlops.spec import StudySpec
+from dlops.stopping import SIGNAL_NAMES, GracefulStop, exit_code
+from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
+from dlops.studies import FINISHED, StudyResult, state_counts, study_counts, summarize
+from dlops.text import plural
+from dlops.train import resolve_device
+
+RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
+BASELINE_ATTR = "baseline"  # user attr of a baseline trial (a retried copy inherits it)
+
+Say = Callable[[str], None]
+
+
+# --- opening a study ------------------------------------------------------------
+
+
+def open_study(spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0) -> optuna.Study:
+    """Create or load the study. Worker ``k`` of a many-worker run seeds its sampler with
+    seed + k, so workers do not propose the same random start-up trials."""
+    storage = storage or connect(options.storage or default_storage_url())
+    base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
+    study = optuna.create_study(
+        study_name=options.study_name_for(spec),
+        storage=storage.optuna,
+        sampler=make_sampler(spec.sampler, base_seed + worker),
+        pruner=make_pruner(spec.pruner),
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    return study
+
+
+def enqueue_baseline(study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial] | None = None) -> bool:
+    """Queue the baseline: trial 0 of a new study, and again while no baseline trial is
+    complete, pruned, running or waiting (every one so far failed: a full disk, a bad
+    checkpoint). Run under the study lock. Returns whether it was enqueued."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    if any(t.user_attrs.get(BASELINE_ATTR) and t.state != TrialState.FAIL for t in trials):
+        return False
+    study.enqueue_trial(spec.baseline_params(), user_attrs={BASELINE_ATTR: True})
+    return True
+
+
+def join_run(study: optuna.Study, storage: StudyStorage) -> int:
+    """Count this run among those that joined ``study`` and return its index (0: the run
+    that started it). Call under the study lock: runs joining at once get distinct indexes."""
+    store = storage.optuna
+    attrs = store.get_study_system_attrs(study._study_id)
+    if RUNS_KEY in attrs:
+        index = int(attrs[RUNS_KEY])
+    else:  # a study from before this count: any run with trials there is not its first
+        index = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                             TrialState.FAIL, TrialState.RUNNING)))
+    store.set_study_system_attr(study._study_id, RUNS_KEY, index + 1)
+    return index
+
+
+def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
+    """Check everything a run needs before any storage, study or file is touched: the
+    config, the device, the dataset and its class count. Returns the spec as it runs: on
+    5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
+    spec = spec.for_dataset(options.dataset)
+    config = trial_config(spec, options, spec.baseline_params(), 0)
+    resolve_device(getattr(config, "device", None) or "auto")
+    if not getattr(config, "dataset", None):
+        return spec
+    ds = get_dataset(config.dataset, Path(config.data_root) if getattr(config, "data_root", None) else None)
+    classes = ds.num_classes
+    subset = getattr(config, "subset_classes", None)
+    if subset is not None:
+        if not 1 <= subset <= classes:
+            raise DlopsError(f"--subset-classes {subset}: {ds.name} has {classes} classes")
+        classes = subset
+    if spec.metric == "val_top5" and classes <= 5:
+        spec = dataclasses.replace(spec, metric="val_top1", dataset_metrics={**spec.dataset_metrics,
+                                                                             config.dataset: "val_top1"})
+    return spec
+
+
+def objective_note(asked: StudySpec, runs: StudySpec) -> str | None:
+    """What to say when :func:`check_run` changed the objective (``asked``: the spec as given)."""
+    if asked.metric == runs.metric:
+        return None
+    return (f"{asked.metric} is always 1.0 with 5 classes or fewer: this study optimises {runs.metric} instead "
+            "(6 or more classes keep top-5)")
+
+
+def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
+    """One study, one objective: a run never adds trials of another dataset or metric to
+    an existing study (their values would not compare)."""
+    dataset = options.dataset or spec.train.get("dataset")
+    ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names or [None])[0]
+    if ran_on is not None and dataset is not None and ran_on != dataset:
+        raise DlopsError(f"study {study.study_name!r} ran on {ran_on}, not {dataset}: give this run another --study-name")
+    if metric is not None and metric != spec.metric:
+        raise DlopsError(f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: "
+                         "give this run another --study-name")
+
+
+def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
+    """Labels, and the baseline as trial 0 of a new study. Run under the study lock, so
+    workers starting at once enqueue one baseline. Returns whether the study was new."""
+    new = not study.get_trials(deepcopy=False)
+    dataset = options.dataset or spec.train.get("dataset")
+    if new:  # checkpoints left by a deleted study of the same name are not this study's
+        shutil.rmtree(checkpoint_path(study.study_name, 0).parent, ignore_errors=True)
+    else:
+        check_same_objective(study, spec, options)
+    if study.metric_names != [spec.metric]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+    attrs = study.user_attrs
+    for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", dataset)):
+        if attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    enqueue_baseline(study, spec)
+    return new
+
+
+# --- the trial loop -------------------------------------------------------------
+
+
+class _UserErrorLog(logging.Filter):
+    """A trial failed by a DlopsError (bad input, missing data): its line, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DlopsError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_UserErrorLog())
+
+
+class _TrialGate:
+    """Holds the study lock from "how many trials are left?" until the new trial is RUNNING
+    and carries its owner (the objective's first step): workers never start more trials
+    than asked for, and no RUNNING trial is ever seen without its owner."""
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id or uuid.uuid4().hex
+        self.identity = identity(self.run_id)
+        self.lock: Any = None  # the study lock, held until the trial carries its owner
+        self.trial_number: int | None = None
+        self.trial_id: int | None = None
+        self.last_error: BaseException | None = None  # of the last trial that failed
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        trial.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self.identity)
+        self.trial_number, self.trial_id = trial.number, trial._trial_id
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An exception as one short line: its message (with its type unless it is a DlopsError)."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, DlopsError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def last_failure(study: optuna.Study, run_id: str) -> str | None:
+    """The reason of the latest failed trial of the run ``run_id``."""
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if of_run(t, run_id) and str(t.user_attrs.get("stopped_reason") or "").startswith("failed: ")]
+    if not failed:
+        return None
+    return max(failed, key=lambda t: t.datetime_complete or t.datetime_start).user_attrs["stopped_reason"][len("failed: "):]
+
+
+class TrialsFailed(DlopsError):
+    """A run gave up after too many failed trials: a broken setup must not loop, nor exit 0."""
+
+
+def run_trials_finished(study: optuna.Study, run_id: str) -> int:
+    """Finished trials of the run ``run_id`` (all its workers)."""
+    return sum(t.state in FINISHED and of_run(t, run_id) for t in study.get_trials(deepcopy=False))
+
+
+def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], n_trials: int | None,
+                      target: int | None = None, workers: int = 1, total: int | None = None) -> str:
+    """Where a study stands when a run (re)joins it, and when this run stops: after adding
+    ``n_trials`` finished trials of its own (other runs' trials do not count), or once the
+    study has ``total`` finished trials whoever runs them."""
+    if not any(counts.values()):
+        head = f"study {name}: new, in {storage.masked}"
+    else:
+        head = (f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
+                f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting")
+    if total is not None:
+        finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        tail = (f"; this run works until the study has {total} finished trials in all ({finished} now, "
+                "counting every run's)")
+    else:
+        tail = (f"; this run adds {plural(n_trials, 'finished trial')} of its own "
+                "(other runs' trials not counted)")
+    return head + tail + (f" with {workers} workers" if workers > 1 else "")
+
+
+def _sleep(seconds: float, stop: GracefulStop) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.requested:
+        time.sleep(0.1)
+
+
+def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[[optuna.Trial], float],
+                gate: _TrialGate, *, target: int, max_failures: int, timeout: float | None, stop: GracefulStop,
+                say: Callable[[str], None], gc_after_trial: bool = True, own_trials: bool = False,
+                baseline: StudySpec | None = None,
+                after_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+    """One worker's loop: under the study lock, recover trials of dead workers, then start
+    a trial only while finished + running < target (counting only the trials of this run,
+    ``gate.run_id``, with ``own_trials``). When the rest of the target is running in other
+    workers, wait for them where they can still end (alive here, or heartbeats). With
+    ``baseline`` (the spec), a baseline whose every trial failed is queued again.
+    Raises :class:`TrialsFailed` after ``max_failures`` failed trials."""
+    def guarded(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except (optuna.TrialPruned, TrialInterrupted):
+            raise
+        except Exception as exc:
+            gate.last_error = exc
+            try:  # the reason stays with the trial (study show, the dashboard, a --workers parent)
+                trial.set_user_attr("stopped_reason", f"failed: {failure_reason(exc)}")
+            except Exception:  # noqa: BLE001 - the storage itself may be what failed
+                pass
+            raise
+
+    started, failures, waiting = time.monotonic(), 0, False
+    while not stop.requested:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            say(f"timeout ({timeout:g}s): starting no more trials")
+            break
+        gate.trial_number = None
+        lock = storage.lock(study.study_name)
+        lock.acquire()
+        try:
+            trials = study.get_trials(deepcopy=False)
+            if recover_dead_trials(study, storage, say, trials):
+                trials = study.get_trials(deepcopy=False)
+            counted = [t for t in trials if of_run(t, gate.run_id)] if own_trials else trials
+            finished = sum(t.state in FINISHED for t in counted)
+            running = [t for t in counted if t.state == TrialState.RUNNING]
+            if finished >= target:
+                break
+            if finished + len(running) >= target:
+                if not any(worth_waiting_for(t, storage) for t in running):
+                    say(f"{plural(len(running), 'trial')} RUNNING whose workers cannot be checked from here "
+                        "(another machine, journal storage); not waiting for them")
+                    break
+                lock.release()
+                if not waiting:
+                    say(f"waiting for {plural(len(running), 'running trial')} of other workers to reach {target} finished")
+                    waiting = True
+                _sleep(1.0, stop)
+                continue
+            waiting = False
+            if baseline is not None and trials and enqueue_baseline(study, baseline, trials):
+                say("no baseline trial has finished (each one failed): the baseline is queued again")
+            gate.lock = lock
+            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=gc_after_trial)
+        except KeyboardInterrupt:
+            stop.signum = stop.signum or 2  # a second signal: the trial stopped at once
+        finally:
+            gate.lock = None
+            lock.release()
+        if gate.trial_number is None:
+            continue
+        trial = storage.optuna.get_trial(gate.trial_id)
+        if after_trial is not None:
+            after_trial(trial)
+        if trial.state == TrialState.FAIL:
+            if stop.requested:
+                retry_trial(study, trial, max_retry=None)  # resumes from its checkpoint next run
+                break
+            failures += 1
+            if failures >= max_failures:
+                reason = failure_reason(gate.last_error) if gate.last_error is not None else "no reason recorded"
+                raise TrialsFailed(f"{plural(failures, 'trial')} failed in this run; giving up (see `dlops study show "
+                                   f"{study.study_name}`). The last one: {reason}")
+
+
+@dataclass(frozen=True)
+class RunSlot:
+    """One run (a ``dlops study run`` command, all its workers) in a study."""
+
+    run_id: str  # in the owner of each of its trials: --n-trials counts these
+    index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
+
+
+def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | None]:
+    """(n_trials, total): the finished trials this run adds (``--n-trials``, default the
+    spec's), or with ``--total-trials`` the study-wide count every run stops at."""
+    if options.total_trials is not None:
+        if options.n_trials is not None:
+            raise DlopsError("give --n-trials (finished trials this run adds) or --total-trials (finished trials "
+                             "the study should have in all), not both")
+        return None, options.total_trials
+    return options.n_trials or spec.n_trials, None
+
+
+def run_study(
+    spec: StudySpec,
+    options: RunOptions,
+    on_epoch: EpochCallback | None = None,
+    *,
+    say: Callable[[str], None] | None = None,
+    run: RunSlot | None = None,
+    worker: int = 0,
+    workers: int = 1,
+    announce: bool = True,
+    label: str = "",
+) -> StudyResult:
+    """Run ``n_trials`` more finished trials (COMPLETE or PRUNED) of ``spec``'s study,
+    counting only this run's own trials (``run``: shared by the workers of a many-worker
+    run), or with ``options.total_trials`` work until the study has that many finished
+    trials, whoever runs them.
+
+    SIGINT/SIGTERM stop the current trial at its next epoch end (recorded FAIL, queued
+    again to resume from its checkpoint); ``StudyResult.interrupted`` says which signal.
+    The test split is off limits inside: any read raises. Too many failed trials raise
+    :class:`TrialsFailed`.
+    """
+    say = say or (lambda msg: None)
+    n_trials, total = run_target(spec, options)
+    asked = spec.for_dataset(options.dataset)
+    spec = check_run(spec, options)  # before anything is written
+    note = objective_note(asked, spec)
+    if note and announce:
+        say(note)
+    storage = connect(options.storage or default_storage_url(), heartbeat_interval=options.heartbeat_interval,
+                      grace_period=options.grace_period)
+    study = open_study(spec, options, storage, worker)
+    notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
+    with storage.lock(study.study_name):
+        counts = state_counts(study)  # where the study stood on (re)joining
+        prepare_study(study, spec, options)
+        notes.opened(study)
+        if run is None:
+            run = RunSlot(uuid.uuid4().hex, join_run(study, storage))
+    base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
+    study.sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, run.index))
+    finished_then = sum(counts[s.name] for s in FINISHED)
+    target = total if total is not None else finished_then + n_trials
+    if announce:
+        say(study_counts_line(study.study_name, storage, counts, n_trials, target, workers, total=total))
+    gate = _TrialGate(run.run_id)
+    budget = failure_budget(n_trials if n_trials is not None else max(total - finished_then, 1), workers)
+    with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label) as stop:
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
+        _run_trials(study, storage, objective, gate, target=n_trials if total is None else total,
+                    own_trials=total is None, baseline=spec, max_failures=budget,
+                    timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say,
+                    after_trial=lambda trial: notes.trial_finished(study, storage, trial))
+    return StudyResult(study=study, counts=state_counts(study), best=summarize(study)["best"],
+                       interrupted=stop.signum, target=target, n_trials=n_trials,
+                       added=run_trials_finished(study, run.run_id))
+
+
+# --- worker processes -----------------------------------------------------------
+
+
+def plan_workers(n: int, device: str, gpus: Sequence[str] | None = None, cpus: int | None = None) -> list[dict[str, str]]:
+    """The environment of each of ``n`` workers: one GPU each (round robin over the visible
+    ones, when the device may be CUDA) and an equal share of the CPU threads."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if gpus is None:  # an explicit cuda:K pins every worker to that GPU: leave it alone
+        gpus = visible_gpus() if device in ("auto", "cuda") else []
+    share = max(1, cpus // n)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    threads = str(min(share, int(asked)) if asked.isdigit() and int(asked) > 0 else share)
+    plans = []
+    for i in range(n):
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "DLOPS_TORCH_THREADS": threads}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        plans.append(env)
+    return plans
+
+
+def visible_gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [g.strip() for g in listed.split(",") if g.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@dataclass
+class _Payload:
+    spec: StudySpec
+    options: RunOptions
+    run: RunSlot  # shared by the run's workers
+    worker: int
+    workers: int
+
+
+def run_workers(
+    spec: StudySpec,
+    options: RunOptions,
+    workers: int = 1,
+    *,
+    on_epoch: EpochCallback | None = None,
+    say: Say | None = None,
+) -> StudyResult:
+    """Run ``options.n_trials`` (or the spec's) more finished trials of ``spec``'s study
+    with ``workers`` processes (or, with ``options.total_trials``, work until the study has
+    that many). Returns :class:`dlops.studies.StudyResult`."""
+
+    say = say or (lambda msg: None)
+    if workers < 1:
+        raise DlopsError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        return run_study(spec, options, on_epoch, say=say)
+
+    n_trials, total = run_target(spec, options)
+    asked = spec.for_dataset(options.dataset)
+    spec = check_run(spec, options)  # device, data, classes: before any storage or file is touched
+    url = options.storage or default_storage_url()
+    if storage_kind(url) == "sqlite":
+        journal = (sqlite_path(url) or Path("dlops.db")).with_suffix(".log").absolute()
+        raise StorageError(
+            f"SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get \"database is locked\"); "
+            f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
+            "or postgresql+psycopg2://user@host/db (many machines)"
+        )
+    note = objective_note(asked, spec)
+    if note:
+        say(note)
+    storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+    name = options.study_name_for(spec)
+    counts = joinable_counts(storage, name, spec, options)
+    finished = sum(counts.get(s.name, 0) for s in FINISHED)
+    target = total if total is not None else finished + n_trials
+    with storage.lock(name):  # one index per run, its workers share it
+        run = RunSlot(uuid.uuid4().hex, join_run(open_study(spec, options, storage), storage))
+    say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
+
+    plans = plan_workers(workers, options.device or "auto")
+    if "CUDA_VISIBLE_DEVICES" in plans[0]:
+        say("GPUs: " + ", ".join(f"w{i} -> {p['CUDA_VISIBLE_DEVICES']}" for i, p in enumerate(plans))
+            + f"; {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
+    else:
+        say(f"{workers} workers, {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
+
+    procs: list[subprocess.Popen] = []
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNAL_NAMES}
+    # Workers inherit SIGINT/SIGTERM blocked and unblock them once their handler is in
+    # place: a stop sent while a worker imports torch is not a traceback.
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNAL_NAMES))
+    try:
+        for i, plan in enumerate(plans):
+            env = {**os.environ, **plan}
+            # Own session: a Ctrl-C in the terminal reaches this process only, which passes
+            # it on once (a second Ctrl-C is passed on again: stop now).
+            p = subprocess.Popen([sys.executable, "-m", "dlops.runner"], stdin=subprocess.PIPE, env=env,
+                                 start_new_session=True)
+            procs.append(p)
+            # The payload (with the storage URL) goes through a pipe: not argv, not a file.
+            assert p.stdin is not None
+            p.stdin.write(pickle.dumps(_Payload(spec, options, run, i, workers)))
+            p.stdin.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
+        reported: set[int] = set()
+        while any(p.poll() is None for p in procs) or len(reported) < len(procs):
+            for i, p in enumerate(procs):
+                code = p.poll()
+                if code is None or i in reported:
+                    continue
+                reported.add(i)
+                if code < 0:
+                    sig = signal.Signals(-code).name
+                    say(f"worker w{i} (pid {p.pid}) was killed by {sig}; the others re-queue the trial it was running")
+                elif code not in (0, 130, 143):
+                    say(f"worker w{i} (pid {p.pid}) exited with code {code}")
+            time.sleep(0.1)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    study = optuna.load_study(study_name=name, storage=storage.optuna)
+    codes = [p.returncode for p in procs]
+    interrupted = received[0] if received else None
+    if interrupted is None:
+        stopped = [c for c in codes if c in (130, 143)]
+        interrupted = stopped[0] - 128 if stopped else None
+    counts_now = state_counts(study)
+    added = run_trials_finished(study, run.run_id)
+    done = sum(counts_now[s.name] for s in FINISHED)
+    stand = (f"the study has {done} of {target} finished trials" if total is not None
+             else f"this run added {added} of its {n_trials} finished trials")
+    reason = last_failure(study, run.run_id)
+    stand += f"; the last failed trial: {reason}" if reason else ""
+    if interrupted is None and all(c != 0 for c in codes):
+        raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
+    gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
+    if interrupted is None and gave_up:
+        raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); "
+                         f"{stand}")
+    return StudyResult(study=study, counts=counts_now, best=summarize(study)["best"], interrupted=interrupted,
+                       target=target, n_trials=n_trials, added=added)
+
+
+def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: RunOptions) -> dict[str, int]:
+    """Trial counts by state of study ``name`` ({} when it does not exist yet), once this
+    run is known to be one that may join it (:func:`check_same_objective`)."""
+    counts = study_counts(storage.optuna, name)
+    if any(counts.values()):
+        check_same_objective(optuna.load_study(study_name=name, storage=storage.optuna), spec, options)
+    return counts
+
+
+def worker_main() -> int:
+    """Entry of a worker process: the payload arrives on stdin."""
+    payload: _Payload = pickle.loads(sys.stdin.buffer.read())
+    prefix = f"[w{payload.worker}] "
+    threads = int(os.environ.get("DLOPS_TORCH_THREADS", "0"))
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dlops prints its own progress
+    metric = payload.spec.metric
+
+    def say(msg: str) -> None:
+        print(prefix + mask_url(msg), flush=True)
+
+    def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:
+        say(epoch_line(trial_label(trial), epoch, m, metric))
+
+    options = replace(payload.options)
+    try:
+        result = run_study(payload.spec, options, on_epoch, say=say, run=payload.run,
+                           worker=payload.worker, workers=payload.workers, announce=False, label=prefix)
+    except DlopsError as exc:
+        say(f"error: {exc}")
+        return exc.exit_code
+    except Exception:  # noqa: BLE001 - a bug or a storage outage: show it, without passwords
+        import traceback
+
+        sys.stderr.write(mask_url(traceback.format_exc()))
+        return 1
+    if result.interrupted:
+        return exit_code(result.interrupted)
+    return 0
+
+
+def failure_budget(n_trials: int, workers: int) -> int:
+    """Failed trials one worker tolerates before it gives up (a broken setup must not loop)."""
+    return max(2, math.ceil(n_trials / max(workers, 1)))
+
+
+if __name__ == "__main__":
+    code = worker_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is stored; skip the slow interpreter teardown (torch, sklearn)
