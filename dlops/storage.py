@@ -29,7 +29,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
@@ -127,11 +127,6 @@ def _split_redis_prefix(url: str) -> tuple[str, str]:
     prefix = "".join(v for k, v in query if k == "prefix")
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix
-
-
-class StudyLock(Protocol):
-    def acquire(self) -> None: ...
-    def release(self) -> None: ...
 
 
 class _Lock:

@@ -23,7 +23,7 @@ from dlops.cli import app
 from dlops.data import DATASETS, get_dataset, load_split, take_subset
 from dlops.data import tinyimagenet
 from dlops.data.cache import read_manifest
-from dlops.data.digits import stratified_holdout
+from dlops.data.splits import stratified_holdout
 from dlops.errors import DatasetNotAvailable
 
 runner = CliRunner()

@@ -20,7 +20,7 @@ import numpy as np
 
 from dlops.data import Dataset, Split, register_dataset
 from dlops.data.cache import CacheBuilder, open_dataset, open_split, read_manifest
-from dlops.data.digits import stratified_holdout
+from dlops.data.splits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
 from dlops.errors import DatasetNotAvailable, DlopsError
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from dlops.data import Dataset, register_dataset
 from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
-from dlops.data.digits import stratified_holdout
+from dlops.data.splits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
 from dlops.errors import DlopsError
 
