@@ -20,8 +20,20 @@ from dlops.errors import DlopsError, SpecError
 from dlops.trainers import get_trainer
 
 TOP_LEVEL_KEYS = {
-    "name", "description", "trainer", "metric", "direction", "n_trials", "timeout",
-    "train", "final", "datasets", "search", "baseline", "pruner", "sampler",
+    "name",
+    "description",
+    "trainer",
+    "metric",
+    "direction",
+    "n_trials",
+    "timeout",
+    "train",
+    "final",
+    "datasets",
+    "search",
+    "baseline",
+    "pruner",
+    "sampler",
 }
 PARAM_TYPES = {"float", "int", "categorical"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
@@ -50,7 +62,7 @@ class ParamSpec:
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
             return value in self.choices
-        return self.low <= value <= self.high  # type: ignore[operator]
+        return self.low <= value <= self.high
 
 
 @dataclass
@@ -72,11 +84,11 @@ class StudySpec:
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     path: Path | None = None
 
-    def for_dataset(self, dataset: str | None) -> "StudySpec":
+    def for_dataset(self, dataset: str | None) -> StudySpec:
         """The spec as it runs on ``dataset`` (default: its own): with that dataset's
         ``metric`` where ``[datasets.NAME]`` names one."""
         ds = dataset or self.train.get("dataset")
-        return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric))
+        return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric) if ds else self.metric)
 
     def study_name(self, dataset: str | None = None) -> str:
         """The default study name: the spec's name on its own dataset, ``NAME-DATASET`` on
@@ -136,7 +148,9 @@ def resolve_spec_path(name_or_path: str) -> Path:
     builtin = builtin_spec_dir() / f"{name_or_path}.toml"
     if builtin.is_file():
         return builtin
-    raise SpecError(f"unknown spec {name_or_path!r} (built-in: {', '.join(builtin_specs())}; or a path to a .toml file)")
+    raise SpecError(
+        f"unknown spec {name_or_path!r} (built-in: {', '.join(builtin_specs())}; or a path to a .toml file)"
+    )
 
 
 def load_spec(name_or_path: str) -> StudySpec:
@@ -155,8 +169,10 @@ def _check_metric(value: Any, where: str, reported: tuple[str, ...] = ()) -> str
     """A study's objective: one of the validation metrics its trainer reports every epoch."""
     allowed = [m for m in reported if m.startswith("val_")]
     if not isinstance(value, str) or not value.startswith("val_") or (allowed and value not in allowed):
-        raise SpecError(f"{where} must name a validation metric the trainer reports "
-                        f"({', '.join(allowed) or 'val_top5, val_top1'}), got {value!r}")
+        raise SpecError(
+            f"{where} must name a validation metric the trainer reports "
+            f"({', '.join(allowed) or 'val_top5, val_top1'}), got {value!r}"
+        )
     return value
 
 
@@ -172,7 +188,7 @@ def _check_sampler(sampler: dict[str, Any]) -> None:
         raise SpecError(f"[sampler]: n_startup_trials = {startup!r} should be a non-negative integer")
 
 
-def _check_pruner(spec: "StudySpec") -> None:
+def _check_pruner(spec: StudySpec) -> None:
     """Build the pruner once: Optuna checks the values (a negative count, an unknown key)."""
     from dlops.search import make_pruner
 
@@ -227,7 +243,13 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
     if step is not None and (log or step <= 0):
         raise SpecError(f"{where}: step must be positive and cannot be combined with log")
     return ParamSpec(
-        name, kind, float(low) if kind == "float" else low, float(high) if kind == "float" else high, log, step, when=when
+        name,
+        kind,
+        float(low) if kind == "float" else low,
+        float(high) if kind == "float" else high,
+        log,
+        step,
+        when=when,
     )
 
 
@@ -261,7 +283,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
             dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
         _check_types(table, config_cls, f"[datasets.{ds}]")
 
-    search = {}
+    search: dict[str, ParamSpec] = {}
     for name, table in raw.get("search", {}).items():
         if name not in fields:
             raise SpecError(f"[search.{name}]: {name!r} is not a setting of trainer {trainer_name!r}")

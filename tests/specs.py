@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def tiny_workers_spec(tmp_path: Path, *, name: str = "tiny-workers", epochs: int = 1, per_class: int = 10,
-                      n_trials: int = 3) -> Path:
+def tiny_workers_spec(
+    tmp_path: Path, *, name: str = "tiny-workers", epochs: int = 1, per_class: int = 10, n_trials: int = 3
+) -> Path:
     """A digits study small enough for many worker processes: ResNet18 width 8, no pruner."""
     path = tmp_path / f"{name}.toml"
     path.write_text(f"""

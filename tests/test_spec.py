@@ -67,17 +67,22 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         (('type = "float"', 'type = "complex"'), "unknown type 'complex'"),
         (("[search.lr]", "[search.lr_decay]"), "'lr_decay' is not a setting"),
         (("log = true", "log = true\nlow2 = 3"), "unknown key 'low2' in [search.lr]"),
-        (("[baseline]", "[datasets.digits]\nmetric = 5\n[baseline]"), "[datasets.digits] metric must name a validation metric"),
+        (
+            ("[baseline]", "[datasets.digits]\nmetric = 5\n[baseline]"),
+            "[datasets.digits] metric must name a validation metric",
+        ),
         (('name = "tiny"', 'name = "tiny"\nmetric = "top5"'), "metric must name a validation metric"),
         # a metric the trainer never reports: refused when the spec loads, not after an epoch of each trial
         (('name = "tiny"', 'name = "tiny"\nmetric = "val_nope"'), "metric must name a validation metric"),
         (("[baseline]", '[datasets.digits]\nmetric = "val_nope"\n[baseline]'), "[datasets.digits] metric must name"),
-        (("[baseline]", '[pruner]\ntype = "median"\nn_startup_trials = -3\n[baseline]'),
-         "[pruner]: Number of startup trials cannot be negative"),
+        (
+            ("[baseline]", '[pruner]\ntype = "median"\nn_startup_trials = -3\n[baseline]'),
+            "[pruner]: Number of startup trials cannot be negative",
+        ),
         (("[baseline]", '[pruner]\ntype = "median"\nwarmup = 2\n[baseline]'), "[pruner]: "),
         (("[baseline]", '[sampler]\nseed = "x"\n[baseline]'), "[sampler]: seed = 'x' should be an integer"),
-        (("[baseline]", '[sampler]\nseed = -1\n[baseline]'), "[sampler]: seed = -1 should be an integer"),
-        (("[baseline]", '[sampler]\nn_startup_trials = 1.5\n[baseline]'), "[sampler]: n_startup_trials = 1.5"),
+        (("[baseline]", "[sampler]\nseed = -1\n[baseline]"), "[sampler]: seed = -1 should be an integer"),
+        (("[baseline]", "[sampler]\nn_startup_trials = 1.5\n[baseline]"), "[sampler]: n_startup_trials = 1.5"),
     ],
 )
 def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -111,8 +116,11 @@ def test_the_allowed_metrics_are_what_the_trainer_reports(trainer_spec: str) -> 
 def test_cli_names_the_search_key_of_a_bad_parameter(tmp_path: Path, dlops_home: Path) -> None:
     """The table name in brackets is text, not rich markup swallowed from the message."""
     path = tmp_path / "cat_empty.toml"
-    path.write_text(GOOD.replace('type = "float"\nlow = 1e-4\nhigh = 1e-1\nlog = true', 'type = "categorical"\nchoices = []')
-                    .replace("[baseline]\nlr = 1e-3", "[baseline]"))
+    path.write_text(
+        GOOD.replace(
+            'type = "float"\nlow = 1e-4\nhigh = 1e-1\nlog = true', 'type = "categorical"\nchoices = []'
+        ).replace("[baseline]\nlr = 1e-3", "[baseline]")
+    )
     result = CliRunner().invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 2, result.output
     assert "cat_empty.toml: [search.lr]: categorical needs a non-empty list 'choices'" in result.output
@@ -177,7 +185,10 @@ def test_a_conditional_parameter_is_searched_only_where_it_is_live(tmp_path: Pat
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("when = { triplet_soft = false }", "when = { lr = 0.1 }"), "can only name a categorical parameter searched before it"),
+        (
+            ("when = { triplet_soft = false }", "when = { lr = 0.1 }"),
+            "can only name a categorical parameter searched before it",
+        ),
         (("when = { triplet_soft = false }", 'when = { triplet_soft = "no" }'), "is not one of its choices"),
         (("when = { triplet_soft = false }", "when = 3"), "'when' must be a table"),
     ],
