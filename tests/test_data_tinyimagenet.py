@@ -24,6 +24,8 @@ from dlops.data import DATASETS, get_dataset, load_split, take_subset, tinyimage
 from dlops.data.cache import read_manifest
 from dlops.data.splits import stratified_holdout
 from dlops.errors import DatasetNotAvailable
+from dlops.spec import Add, spec_table
+from specs import write_spec
 
 runner = CliRunner()
 
@@ -126,13 +128,9 @@ def test_sample_fetch_gives_the_documented_splits_and_pixels(sample_home: Path) 
 @requires_tiny_imagenet_sample()
 def test_a_subset_study_runs_on_the_sample(sample_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the built-in spec at width 8 (the CPU cost of width 64 does not belong in a test)
-    src = (Path(__file__).parents[1] / "study" / "resnet18-ce.toml").read_text()
-    spec = tmp_path / "tin-ce.toml"
-    spec.write_text(
-        src.replace('dataset = "tiny-imagenet"', 'dataset = "tiny-imagenet"\nwidth = 8', 1).replace(
-            'name = "resnet18-ce"', 'name = "tin-ce"', 1
-        )
-    )
+    table = spec_table("resnet18-ce", {"name": "tin-ce", "train": {"width": Add(8)}})
+    assert table["train"]["dataset"] == "tiny-imagenet"
+    spec = write_spec(tmp_path / "tin-ce.toml", table)
     monkeypatch.setenv("DLOPS_HOME", str(sample_home))
     monkeypatch.delenv("DLOPS_STORAGE", raising=False)
     result = dlops(
