@@ -15,16 +15,18 @@ unchecked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import re
 import shutil
 import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from dlops.errors import DlopsError
 
@@ -97,7 +99,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write ``path`` through ``write(file)`` atomically: the old file stays until the new
     one is complete and on disk. Raises :class:`DiskFull` / :class:`WriteFailed`."""
     path = Path(path)
@@ -110,10 +112,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         stop = next((e for e in _errors(exc) if not isinstance(e, Exception)), None)
         if stop is not None and stop is not exc:
             raise stop from None  # Ctrl-C or SIGTERM inside a library that wrapped it: a stop, not a write error
@@ -168,7 +168,7 @@ def save_checkpoint(obj: Any, path: Path) -> Path:
         f.write(b" " * HEADER_SIZE)
         payload = _HashingWriter(f)
         try:
-            torch.save(obj, payload)
+            torch.save(obj, payload)  # type: ignore[arg-type]  # any object with write() and flush() will do
         except Exception:
             if payload.error is not None:  # the real cause: a full disk, Ctrl-C, SIGTERM
                 raise payload.error from None
@@ -188,8 +188,9 @@ def _check_payload(f: BinaryIO, path: Path) -> None:
     digest, size = match.group(1).decode(), int(match.group(2))
     actual = os.fstat(f.fileno()).st_size - HEADER_SIZE
     if actual != size:
-        raise CorruptCheckpoint(f"checkpoint {path} is {'truncated' if actual < size else 'too long'} "
-                                f"({actual} of {size} bytes)")
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is {'truncated' if actual < size else 'too long'} ({actual} of {size} bytes)"
+        )
     sha256 = hashlib.sha256()
     for chunk in iter(lambda: f.read(1 << 20), b""):
         sha256.update(chunk)
@@ -245,7 +246,7 @@ def run_lock(path: Path, what: str) -> Iterator[Path]:
             pass  # a file system without flock: run unlocked rather than not at all
         else:
             os.ftruncate(fd, 0)
-            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            started = datetime.now(UTC).isoformat(timespec="seconds")
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
         yield path
     finally:

@@ -44,7 +44,9 @@ def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
-def batch_hard_distances(embedding: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_hard_distances(
+    embedding: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-hard mining (Hermans, Beyer & Leibe 2017): for every anchor, ``d_ap`` = the
     distance to its farthest positive (same label, not itself), ``d_an`` = the distance to
     its nearest negative, and ``valid`` = whether it has at least one of each."""
@@ -135,12 +137,14 @@ class BatchHardTripletLoss(nn.Module):
         w = valid.to(e.dtype)
         n = w.sum().clamp_min(1.0)
         live_margin = 0.0 if self.soft else self.margin
-        row = torch.stack([
-            (((d_ap + live_margin) >= d_an).to(e.dtype) * w).sum() / n,
-            (d_ap * w).sum() / n,
-            (torch.where(valid, d_an, torch.zeros_like(d_an))).sum() / n,
-            torch.linalg.vector_norm(at_least_fp32(raw.detach()), dim=1).mean(),
-        ])
+        row = torch.stack(
+            [
+                (((d_ap + live_margin) >= d_an).to(e.dtype) * w).sum() / n,
+                (d_ap * w).sum() / n,
+                (torch.where(valid, d_an, torch.zeros_like(d_an))).sum() / n,
+                torch.linalg.vector_norm(at_least_fp32(raw.detach()), dim=1).mean(),
+            ]
+        )
         self._diag_sum = row if self._diag_sum is None else self._diag_sum + row
         self._diag_batches += 1
 
@@ -152,7 +156,7 @@ class BatchHardTripletLoss(nn.Module):
         else:
             values = (self._diag_sum / self._diag_batches).tolist()
         self._diag_sum, self._diag_batches = None, 0
-        return dict(zip(TRIPLET_DIAGNOSTICS, values))
+        return dict(zip(TRIPLET_DIAGNOSTICS, values, strict=True))
 
 
 class CenterLoss(nn.Module):
@@ -173,6 +177,7 @@ class CenterLoss(nn.Module):
 
     scored_by = "logits"
     needs_pk = False
+    centers: torch.Tensor  # a buffer: saved with the model, not a parameter
 
     def __init__(
         self, num_classes: int, embedding_dim: int, center_lambda: float = 0.003, center_alpha: float = 0.5, **_: float

@@ -16,7 +16,7 @@ keep the same architecture for quick tests.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,9 +32,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -44,7 +42,12 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     def __init__(
-        self, num_classes: int, in_channels: int = 3, width: int = 64, embedding_dim: int = 0, embedding_bn: bool = False
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 64,
+        embedding_dim: int = 0,
+        embedding_bn: bool = False,
     ):
         super().__init__()
         self.stem = nn.Sequential(

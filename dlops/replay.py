@@ -32,9 +32,10 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
@@ -74,7 +75,7 @@ class TrialCurve:
 @dataclass
 class Curves:
     trials: list[TrialCurve]
-    direction: str = "maximize"
+    direction: Literal["maximize", "minimize"] = "maximize"
     metric: str | None = None
     source: str = ""
     spec: str | None = None
@@ -86,15 +87,24 @@ class Curves:
     def pruned(self) -> list[TrialCurve]:
         return [t for t in self.trials if t.end == "pruned"]
 
-    def complete_only(self) -> "Curves":
+    def complete_only(self) -> Curves:
         return dataclasses.replace(self, trials=[t for t in self.trials if t.end != "pruned"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "version": VERSION, "source": self.source, "spec": self.spec, "dataset": self.dataset,
-            "metric": self.metric, "direction": self.direction, "settings": self.settings, "command": self.command,
-            "trials": [{"number": t.number, "params": t.params, "values": t.values, "end": t.end, "value": t.value}
-                       for t in self.trials],
+            "format": FORMAT,
+            "version": VERSION,
+            "source": self.source,
+            "spec": self.spec,
+            "dataset": self.dataset,
+            "metric": self.metric,
+            "direction": self.direction,
+            "settings": self.settings,
+            "command": self.command,
+            "trials": [
+                {"number": t.number, "params": t.params, "values": t.values, "end": t.end, "value": t.value}
+                for t in self.trials
+            ],
         }
 
 
@@ -114,8 +124,8 @@ def curves_from_study(study: optuna.Study) -> Curves:
         trials.append(TrialCurve(number=t.number, values=values, end=end, value=value, params=dict(t.params)))
     return Curves(
         trials=trials,
-        direction=study.direction.name.lower(),
-        metric=(study.metric_names or [None])[0],
+        direction="maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize",
+        metric=study.metric_names[0] if study.metric_names else None,
         source=study.study_name,
         spec=study.user_attrs.get("spec"),
         dataset=study.user_attrs.get("dataset"),
@@ -153,18 +163,36 @@ def read_curves(path: Path) -> Curves:
             raise ReplayError(f"{where}: value must be a finite number or null")
         if end == "complete" and not t["values"]:
             raise ReplayError(f"{where}: a complete trial needs at least one value")
-        trials.append(TrialCurve(number=int(t.get("number", i)), values=[float(v) for v in t["values"]], end=end,
-                                 value=None if value is None else float(value), params=dict(t.get("params") or {})))
-    return Curves(trials=trials, direction=raw.get("direction", "maximize"), metric=raw.get("metric"),
-                  source=str(raw.get("source") or Path(path).name), spec=raw.get("spec"), dataset=raw.get("dataset"),
-                  settings=dict(raw.get("settings") or {}), command=raw.get("command"))
+        trials.append(
+            TrialCurve(
+                number=int(t.get("number", i)),
+                values=[float(v) for v in t["values"]],
+                end=end,
+                value=None if value is None else float(value),
+                params=dict(t.get("params") or {}),
+            )
+        )
+    return Curves(
+        trials=trials,
+        direction=raw.get("direction", "maximize"),
+        metric=raw.get("metric"),
+        source=str(raw.get("source") or Path(path).name),
+        spec=raw.get("spec"),
+        dataset=raw.get("dataset"),
+        settings=dict(raw.get("settings") or {}),
+        command=raw.get("command"),
+    )
 
 
 # --- pruners -------------------------------------------------------------------------
 
 PRUNER_TYPES = ("none", "median", "percentile", "successive_halving", "hyperband")
-_ALIASES = {"sha": "successive_halving", "asha": "successive_halving", "successive-halving": "successive_halving",
-            "nop": "none"}
+_ALIASES = {
+    "sha": "successive_halving",
+    "asha": "successive_halving",
+    "successive-halving": "successive_halving",
+    "nop": "none",
+}
 
 # What `dlops study replay` tries when no --pruner is given: each pruner type at the
 # settings a spec would plausibly give it.
@@ -207,8 +235,10 @@ def parse_pruner(text: str) -> dict[str, Any]:
     kind, _, rest = text.strip().partition(":")
     kind = _ALIASES.get(kind.strip().lower(), kind.strip().lower())
     if kind not in PRUNER_TYPES:
-        raise ReplayError(f"unknown pruner {kind!r} in {text!r} (choose from {', '.join(PRUNER_TYPES)}; "
-                          "settings as TYPE:key=value,key=value)")
+        raise ReplayError(
+            f"unknown pruner {kind!r} in {text!r} (choose from {', '.join(PRUNER_TYPES)}; "
+            "settings as TYPE:key=value,key=value)"
+        )
     table: dict[str, Any] = {"type": kind}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -278,20 +308,27 @@ def unpruned_ranking(curves: Curves) -> list[TrialCurve]:
     return sorted(ranked, key=lambda t: (sign * t.final, t.number))  # type: ignore[operator]
 
 
-def replay_one(curves: Curves, table: dict[str, Any], *, tolerance: float = DEFAULT_TOLERANCE,
-               study_name: str | None = None) -> ReplayResult:
+def replay_one(
+    curves: Curves, table: dict[str, Any], *, tolerance: float = DEFAULT_TOLERANCE, study_name: str | None = None
+) -> ReplayResult:
     """Feed ``curves`` through the pruner of ``table`` (a spec's ``[pruner]``).
 
     The in-memory study is named after the curves' source: Hyperband assigns a trial to
     its bracket by a hash of the study name and trial number, so the replay of a study
     uses the brackets that study used."""
     if curves.pruned:
-        raise ReplayError(f"{curves.source}: {len(curves.pruned)} trial(s) were pruned (curves cut short); "
-                          "use only the complete ones (--complete-only)")
+        raise ReplayError(
+            f"{curves.source}: {len(curves.pruned)} trial(s) were pruned (curves cut short); "
+            "use only the complete ones (--complete-only)"
+        )
     pruner = build_pruner(table)
-    study = optuna.create_study(storage=None, study_name=study_name or curves.source or "replay",
-                                direction=curves.direction, pruner=pruner,
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        storage=None,
+        study_name=study_name or curves.source or "replay",
+        direction=curves.direction,
+        pruner=pruner,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
     epochs, completed, pruned_at = 0, [], {}
     finals: dict[int, float] = {}
     for t in curves.trials:
@@ -324,22 +361,39 @@ def replay_one(curves: Curves, table: dict[str, Any], *, tolerance: float = DEFA
         best_value, best_rank = finals[best_trial], rank_of[best_trial]
         gap = abs(unpruned_best - best_value)  # type: ignore[operator]
     return ReplayResult(
-        pruner=pruner_label(table), table=dict(table), epochs=epochs,
-        total_epochs=sum(len(t.values) for t in curves.trials), completed=completed, pruned_at=pruned_at,
-        best_trial=best_trial, best_value=best_value, best_rank=best_rank, unpruned_best=unpruned_best,
-        unpruned_best_trial=ranking[0].number if ranking else None, gap=gap,
-        top3_kept=sum(n in completed for n in top3), top3=top3, tolerance=tolerance,
+        pruner=pruner_label(table),
+        table=dict(table),
+        epochs=epochs,
+        total_epochs=sum(len(t.values) for t in curves.trials),
+        completed=completed,
+        pruned_at=pruned_at,
+        best_trial=best_trial,
+        best_value=best_value,
+        best_rank=best_rank,
+        unpruned_best=unpruned_best,
+        unpruned_best_trial=ranking[0].number if ranking else None,
+        gap=gap,
+        top3_kept=sum(n in completed for n in top3),
+        top3=top3,
+        tolerance=tolerance,
     )
 
 
-def replay(curves: Curves, pruners: Iterable[str | dict[str, Any]] | None = None, *,
-           complete_only: bool = False, tolerance: float = DEFAULT_TOLERANCE) -> list[ReplayResult]:
+def replay(
+    curves: Curves,
+    pruners: Iterable[str | dict[str, Any]] | None = None,
+    *,
+    complete_only: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> list[ReplayResult]:
     """Replay every pruner (``TYPE[:key=value,...]`` or a ``[pruner]`` table) on ``curves``."""
     if curves.pruned:
         if not complete_only:
-            raise ReplayError(f"{curves.source}: {len(curves.pruned)} of {len(curves.trials)} trials were pruned "
-                              "(curves cut short); --complete-only replays the other "
-                              f"{len(curves.trials) - len(curves.pruned)}")
+            raise ReplayError(
+                f"{curves.source}: {len(curves.pruned)} of {len(curves.trials)} trials were pruned "
+                "(curves cut short); --complete-only replays the other "
+                f"{len(curves.trials) - len(curves.pruned)}"
+            )
         curves = curves.complete_only()
     if not [t for t in curves.trials if t.final is not None]:
         raise ReplayError(f"{curves.source}: no trial with a final value to replay")
@@ -347,14 +401,18 @@ def replay(curves: Curves, pruners: Iterable[str | dict[str, Any]] | None = None
     return [replay_one(curves, table, tolerance=tolerance) for table in tables]
 
 
-def choose(results: list[ReplayResult], orders: dict[str, dict[str, float]] | None = None,
-           min_orders: float = 0.8) -> ReplayResult | None:
+def choose(
+    results: list[ReplayResult], orders: dict[str, dict[str, float]] | None = None, min_orders: float = 0.8
+) -> ReplayResult | None:
     """The pruner that keeps the unpruned best (within the tolerance) with the fewest
     epochs; ties go to more of the top 3 kept, then to the order given. With ``orders``
     (:func:`replay_orders`), only a pruner that also keeps the best in at least
     ``min_orders`` of the shuffled orders: one order of 24 trials is easily lucky."""
-    kept = [r for r in results if r.kept_best
-            and (orders is None or orders.get(r.pruner, {}).get("kept_best", 0.0) >= min_orders - 1e-9)]
+    kept = [
+        r
+        for r in results
+        if r.kept_best and (orders is None or orders.get(r.pruner, {}).get("kept_best", 0.0) >= min_orders - 1e-9)
+    ]
     if not kept:
         return None
     return min(kept, key=lambda r: (r.epochs, -r.top3_kept))
@@ -376,26 +434,37 @@ def format_table(results: list[ReplayResult]) -> str:
     to the unpruned best in points (x100), how many of the unpruned top 3 survive."""
     rows = [["pruner", "epochs", "share", "best kept", "value", "gap pts", "top-3", "kept best"]]
     for r in results:
-        rows.append([
-            r.pruner,
-            f"{r.epochs}/{r.total_epochs}",
-            f"{100 * r.share:.0f}%",
-            "-" if r.best_rank is None else f"#{r.best_rank} (trial {r.best_trial})",
-            "-" if r.best_value is None else f"{r.best_value:.4f}",
-            "-" if r.gap is None else f"{100 * r.gap:.2f}",
-            f"{r.top3_kept}/{len(r.top3)}",
-            "yes" if r.kept_best else "no",
-        ])
+        rows.append(
+            [
+                r.pruner,
+                f"{r.epochs}/{r.total_epochs}",
+                f"{100 * r.share:.0f}%",
+                "-" if r.best_rank is None else f"#{r.best_rank} (trial {r.best_trial})",
+                "-" if r.best_value is None else f"{r.best_value:.4f}",
+                "-" if r.gap is None else f"{100 * r.gap:.2f}",
+                f"{r.top3_kept}/{len(r.top3)}",
+                "yes" if r.kept_best else "no",
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
+    lines = [line.rstrip() for line in lines]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def replay_orders(curves: Curves, pruners: Iterable[str | dict[str, Any]] | None = None, *, orders: int = 20,
-                  seed: int = 0, keep_first: bool = True,
-                  tolerance: float = DEFAULT_TOLERANCE) -> dict[str, dict[str, float]]:
+def replay_orders(
+    curves: Curves,
+    pruners: Iterable[str | dict[str, Any]] | None = None,
+    *,
+    orders: int = 20,
+    seed: int = 0,
+    keep_first: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict[str, dict[str, float]]:
     """How a pruner fares when the same trials come in other orders: ``orders`` shuffles
     (the first trial, a study's baseline, stays first with ``keep_first``), per pruner the
     share of orders that keep the unpruned best and the mean share of epochs. A check on

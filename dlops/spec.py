@@ -5,23 +5,43 @@ A spec names a trainer (``resnet18``, ``autoencoder``), its fixed settings
 (``[search.PARAM]``), the baseline enqueued as trial 0 (``[baseline]``), the pruner,
 the sampler and the default budget. Unknown keys, bad ranges and unknown losses are
 rejected with a :class:`~dlops.errors.SpecError` naming the file and the key.
+
+A spec can be loaded with explicit overrides (:func:`override_table`): a value replaces
+one the spec has, :class:`Add` adds a key it lacks, :data:`REMOVE` drops one and
+:class:`Replace` swaps a whole table; a key that is not where an override expects it
+is an error, so an override never silently stops applying.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from dlops.errors import DlopsError, SpecError
 from dlops.trainers import get_trainer
 
 TOP_LEVEL_KEYS = {
-    "name", "description", "trainer", "metric", "direction", "n_trials", "timeout",
-    "train", "final", "datasets", "search", "baseline", "pruner", "sampler",
+    "name",
+    "description",
+    "trainer",
+    "metric",
+    "direction",
+    "n_trials",
+    "timeout",
+    "train",
+    "final",
+    "datasets",
+    "search",
+    "baseline",
+    "pruner",
+    "sampler",
 }
 PARAM_TYPES = {"float", "int", "categorical"}
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
@@ -50,7 +70,7 @@ class ParamSpec:
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
             return value in self.choices
-        return self.low <= value <= self.high  # type: ignore[operator]
+        return self.low <= value <= self.high
 
 
 @dataclass
@@ -72,11 +92,11 @@ class StudySpec:
     sampler: dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
     path: Path | None = None
 
-    def for_dataset(self, dataset: str | None) -> "StudySpec":
+    def for_dataset(self, dataset: str | None) -> StudySpec:
         """The spec as it runs on ``dataset`` (default: its own): with that dataset's
         ``metric`` where ``[datasets.NAME]`` names one."""
         ds = dataset or self.train.get("dataset")
-        return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric))
+        return dataclasses.replace(self, metric=self.dataset_metrics.get(ds, self.metric) if ds else self.metric)
 
     def study_name(self, dataset: str | None = None) -> str:
         """The default study name: the spec's name on its own dataset, ``NAME-DATASET`` on
@@ -136,15 +156,93 @@ def resolve_spec_path(name_or_path: str) -> Path:
     builtin = builtin_spec_dir() / f"{name_or_path}.toml"
     if builtin.is_file():
         return builtin
-    raise SpecError(f"unknown spec {name_or_path!r} (built-in: {', '.join(builtin_specs())}; or a path to a .toml file)")
+    raise SpecError(
+        f"unknown spec {name_or_path!r} (built-in: {', '.join(builtin_specs())}; or a path to a .toml file)"
+    )
 
 
-def load_spec(name_or_path: str) -> StudySpec:
-    path = resolve_spec_path(name_or_path)
+@dataclass(frozen=True)
+class Add:
+    """An override that adds ``value`` under a key the table does not have yet."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Replace:
+    """An override that replaces a table (or any value) whole instead of merging into it."""
+
+    value: Any
+
+
+class _Remove(enum.Enum):
+    REMOVE = "REMOVE"
+
+
+REMOVE: Final = _Remove.REMOVE
+"""An override that removes a key the table has."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A deep copy of ``value``, refusing override markers inside it (where they would mean nothing)."""
+    if isinstance(value, Add | Replace | _Remove):
+        raise SpecError(f"override {where}: {value!r} cannot stand inside an added or replaced value")
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, where) for v in value]
+    return copy.deepcopy(value)
+
+
+def override_table(table: Mapping[str, Any], overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """A copy of the TOML ``table`` with ``overrides`` merged in, table by table.
+
+    A plain value replaces the value of a key the table has (a table merges into a
+    table); ``Add(value)`` adds a key the table lacks; ``REMOVE`` removes a key;
+    ``Replace(value)`` replaces a key's value whole. A key that is not there (or, for
+    ``Add``, already is) raises :class:`SpecError` naming it."""
+    result = {k: _plain(v, f"{where}.{k}".lstrip(".")) for k, v in table.items()}
+    for key, change in overrides.items():
+        path = f"{where}.{key}".lstrip(".")
+        if isinstance(change, Add):
+            if key in result:
+                raise SpecError(f"override adds {path!r}, which the spec already has")
+            result[key] = _plain(change.value, path)
+        elif key not in result:
+            raise SpecError(f"override of {path!r}, which the spec does not have")
+        elif change is REMOVE:
+            del result[key]
+        elif isinstance(change, Replace):
+            result[key] = _plain(change.value, path)
+        elif isinstance(change, Mapping) and isinstance(result[key], dict):
+            result[key] = override_table(result[key], change, path)
+        else:
+            result[key] = _plain(change, path)
+    return result
+
+
+def spec_table(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The TOML table of a spec file or built-in spec, with ``overrides`` (see
+    :func:`override_table`) applied; not yet checked."""
+    return _read_table(resolve_spec_path(name_or_path), overrides)
+
+
+def _read_table(path: Path, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return override_table(raw, overrides or {})
+    except SpecError as exc:
+        raise SpecError(f"{path.name}: {exc}") from None
+
+
+def load_spec(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> StudySpec:
+    """A spec file or built-in spec, checked; ``overrides`` (see :func:`override_table`)
+    are applied to its table first. ``path`` of the result is the file it was read from."""
+    path = resolve_spec_path(name_or_path)
+    raw = _read_table(path, overrides)
     try:
         return parse_spec(raw, default_name=path.stem, path=path)
     except SpecError as exc:
@@ -155,8 +253,10 @@ def _check_metric(value: Any, where: str, reported: tuple[str, ...] = ()) -> str
     """A study's objective: one of the validation metrics its trainer reports every epoch."""
     allowed = [m for m in reported if m.startswith("val_")]
     if not isinstance(value, str) or not value.startswith("val_") or (allowed and value not in allowed):
-        raise SpecError(f"{where} must name a validation metric the trainer reports "
-                        f"({', '.join(allowed) or 'val_top5, val_top1'}), got {value!r}")
+        raise SpecError(
+            f"{where} must name a validation metric the trainer reports "
+            f"({', '.join(allowed) or 'val_top5, val_top1'}), got {value!r}"
+        )
     return value
 
 
@@ -172,7 +272,7 @@ def _check_sampler(sampler: dict[str, Any]) -> None:
         raise SpecError(f"[sampler]: n_startup_trials = {startup!r} should be a non-negative integer")
 
 
-def _check_pruner(spec: "StudySpec") -> None:
+def _check_pruner(spec: StudySpec) -> None:
     """Build the pruner once: Optuna checks the values (a negative count, an unknown key)."""
     from dlops.sampling import make_pruner
 
@@ -227,7 +327,13 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
     if step is not None and (log or step <= 0):
         raise SpecError(f"{where}: step must be positive and cannot be combined with log")
     return ParamSpec(
-        name, kind, float(low) if kind == "float" else low, float(high) if kind == "float" else high, log, step, when=when
+        name,
+        kind,
+        float(low) if kind == "float" else low,
+        float(high) if kind == "float" else high,
+        log,
+        step,
+        when=when,
     )
 
 
@@ -261,7 +367,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
             dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
         _check_types(table, config_cls, f"[datasets.{ds}]")
 
-    search = {}
+    search: dict[str, ParamSpec] = {}
     for name, table in raw.get("search", {}).items():
         if name not in fields:
             raise SpecError(f"[search.{name}]: {name!r} is not a setting of trainer {trainer_name!r}")

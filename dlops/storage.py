@@ -23,18 +23,22 @@ Every message that may show a URL goes through :func:`mask_url`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import re
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
 
 from dlops.errors import StorageError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
 
 # ``scheme://user:PASSWORD@host``: the password runs to the last ``@`` before the host (a
 # password may hold ``@``; the host part ends at ``/``, ``?`` or ``#``, so an ``@`` in a query
@@ -129,11 +133,6 @@ def _split_redis_prefix(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), prefix
 
 
-class StudyLock(Protocol):
-    def acquire(self) -> None: ...
-    def release(self) -> None: ...
-
-
 class _Lock:
     """Base: idempotent release and ``with`` support."""
 
@@ -152,7 +151,7 @@ class _Lock:
 
     def _release(self) -> None: ...
 
-    def __enter__(self) -> "_Lock":
+    def __enter__(self) -> _Lock:
         self.acquire()
         return self
 
@@ -164,11 +163,12 @@ class _FileLock(_Lock):
     """``flock`` on a side file: released by the kernel when the holder dies."""
 
     def __init__(self, path: Path):
-        self.path, self._file = path, None
+        self.path = path
+        self._file: IO[str] | None = None
 
     def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a+")
+        self._file = open(self.path, "a+")  # noqa: SIM115 - open while the lock is held
         fcntl.flock(self._file, fcntl.LOCK_EX)
 
     def _release(self) -> None:
@@ -181,8 +181,9 @@ class _FileLock(_Lock):
 class _PostgresLock(_Lock):
     """A session-level advisory lock: released by the server when the holder's connection dies."""
 
-    def __init__(self, engine: Any, name: str):
-        self.engine, self.key, self._conn = engine, zlib.crc32(f"dlops:{name}".encode()), None
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.key = engine, zlib.crc32(f"dlops:{name}".encode())
+        self._conn: Connection | None = None
 
     def _acquire(self) -> None:
         from sqlalchemy import text
@@ -211,10 +212,9 @@ class _RedisLock(_Lock):
         self._lock.acquire(blocking=True)
 
     def _release(self) -> None:
-        try:
+        # Any failure means the lock expired: someone else may hold it now, nothing to undo.
+        with contextlib.suppress(Exception):
             self._lock.release()
-        except Exception:  # noqa: BLE001 - expired: someone else may hold it now, nothing to undo
-            pass
 
 
 class _NoLock(_Lock):
@@ -257,6 +257,7 @@ class StudyStorage:
         if self.kind == "redis":
             import redis
 
+            assert self.redis_url is not None  # connect() sets it for every Redis storage
             return _RedisLock(redis.Redis.from_url(self.redis_url), f"{self.redis_prefix}:dlops-lock:{study_name}")
         return _NoLock()  # another SQL database: best effort (no cross-worker lock)
 

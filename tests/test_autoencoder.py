@@ -249,16 +249,20 @@ def test_digits_baseline_shape_learns_quickly() -> None:
 # ----------------------------------------------------------------------- the study
 
 
-def tiny_autoencoder_spec(tmp_path: Path, *, dataset: str = "digits", pretrain_data: str = "train") -> Path:
-    """The built-in spec with narrow layers; the searched ranges and the baseline stay."""
-    text = load_spec("autoencoder").path.read_text()
-    text = text.replace("hidden_sizes = [1024, 1000, 500, 256, 128, 64]", f"hidden_sizes = {SMALL}")
-    text = text.replace('dataset = "stl10"', f'dataset = "{dataset}"\nsubset_per_class = 10')
-    text = text.replace('pretrain_data = "train"      #', f'pretrain_data = "{pretrain_data}"  #')
-    text = text.replace('name = "autoencoder"', 'name = "tiny-autoencoder"')
-    path = tmp_path / "tiny-autoencoder.toml"
-    path.write_text(text)
-    return path
+def tiny_autoencoder_spec(tmp_path: Path, *, dataset: str = "digits", pretrain_data: str = "train",
+                          train: dict | None = None) -> Path:
+    """The built-in spec with narrow layers; the searched ranges and the baseline stay
+    (``train``: more overrides of its ``[train]``)."""
+    from specs import write_spec
+
+    from dlops.spec import Add, override_table, spec_table
+
+    table = spec_table("autoencoder", {
+        "name": "tiny-autoencoder",
+        "train": {"hidden_sizes": SMALL, "dataset": dataset, "subset_per_class": Add(10),
+                  "pretrain_data": pretrain_data},
+    })
+    return write_spec(tmp_path / "tiny-autoencoder.toml", override_table(table, {"train": train or {}}))
 
 
 def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_home: Path) -> None:
@@ -331,9 +335,10 @@ def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Pat
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
 
     # The same pretraining option through a study on the prepared fixture.
-    spec_path = tiny_autoencoder_spec(tmp_path, dataset="stl10", pretrain_data="unlabeled")
-    text = spec_path.read_text().replace("subset_per_class = 10", "subset_per_class = 5\npretrain_limit = 16")
-    spec_path.write_text(text)
+    from dlops.spec import Add
+
+    spec_path = tiny_autoencoder_spec(tmp_path, dataset="stl10", pretrain_data="unlabeled",
+                                      train={"subset_per_class": 5, "pretrain_limit": Add(16)})
     out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--n-trials", "1", "--epochs", "1",
                                    "--device", "cpu"])
     assert out.exit_code == 0, out.output

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import importlib.util
+import io
 import json
 import re
 import subprocess
@@ -20,11 +20,12 @@ from typer.testing import CliRunner
 from conftest import TINY_IMAGENET_SAMPLE, TINY_IMAGENET_SAMPLE_MISSING, requires_tiny_imagenet_sample
 from data_trees import one_error_line, write_tiny_imagenet, zip_tree
 from dlops.cli import app
-from dlops.data import DATASETS, get_dataset, load_split, take_subset
-from dlops.data import tinyimagenet
+from dlops.data import DATASETS, get_dataset, load_split, take_subset, tinyimagenet
 from dlops.data.cache import read_manifest
-from dlops.data.digits import stratified_holdout
+from dlops.data.splits import stratified_holdout
 from dlops.errors import DatasetNotAvailable
+from dlops.spec import Add, spec_table
+from specs import write_spec
 
 runner = CliRunner()
 
@@ -41,7 +42,7 @@ def pil_rgb(data: bytes) -> np.ndarray:
 def snapshot(root: Path) -> dict[str, str]:
     """md5 of every file of the cache and of the extracted tree's index files."""
     home = root / "tiny-imagenet"
-    files = sorted((home / "cache").iterdir()) + [home / "raw" / "tiny-imagenet-200" / "wnids.txt"]
+    files = [*sorted((home / "cache").iterdir()), home / "raw" / "tiny-imagenet-200" / "wnids.txt"]
     return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
 
@@ -62,7 +63,9 @@ def sample_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not TINY_IMAGENET_SAMPLE.exists():
         pytest.skip(TINY_IMAGENET_SAMPLE_MISSING)
     home = tmp_path_factory.mktemp("sample-home")
-    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(home / "data"), "--source", str(TINY_IMAGENET_SAMPLE))
+    result = dlops(
+        "data", "fetch", "tiny-imagenet", "--root", str(home / "data"), "--source", str(TINY_IMAGENET_SAMPLE)
+    )
     assert result.exit_code == 0, result.output
     assert "not the official" in result.stdout  # the sample's md5 differs: said, then used
     return home
@@ -90,7 +93,9 @@ def test_sample_fetch_gives_the_documented_splits_and_pixels(sample_home: Path) 
         annotations = zf.read("tiny-imagenet-200/val/val_annotations.txt").decode().splitlines()
         expected = [wnids.index(line.split("\t")[1]) for line in annotations]
         np.testing.assert_array_equal(labels, expected)
-        np.testing.assert_array_equal(images[1999], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[1999].split()[0]}")))
+        np.testing.assert_array_equal(
+            images[1999], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[1999].split()[0]}"))
+        )
 
         # val: 5 of each class's 50 (stratified), the ones the manifest records
         ds = get_dataset("tiny-imagenet", root)
@@ -103,27 +108,48 @@ def test_sample_fetch_gives_the_documented_splits_and_pixels(sample_home: Path) 
         np.testing.assert_array_equal(held, stratified_holdout(official_labels, 0.1, 0)[1])
         k = int(held[7])  # official train image k = class k // 50, file <wnid>_<k % 50>
         w = wnids[k // 50]
-        np.testing.assert_array_equal(ds.val.images[7], pil_rgb(zf.read(f"tiny-imagenet-200/train/{w}/images/{w}_{k % 50}.JPEG")))
+        np.testing.assert_array_equal(
+            ds.val.images[7], pil_rgb(zf.read(f"tiny-imagenet-200/train/{w}/images/{w}_{k % 50}.JPEG"))
+        )
         assert class_names[labels[0]] == "go-kart"  # the first name of its words.txt entry
 
         # a grayscale JPEG of the official data becomes RGB with three equal channels
-        gray = next(i for i, line in enumerate(annotations)
-                    if Image.open(io.BytesIO(zf.read(f"tiny-imagenet-200/val/images/{line.split()[0]}"))).mode == "L")
+        gray = next(
+            i
+            for i, line in enumerate(annotations)
+            if Image.open(io.BytesIO(zf.read(f"tiny-imagenet-200/val/images/{line.split()[0]}"))).mode == "L"
+        )
         assert (images[gray][0] == images[gray][1]).all() and (images[gray][1] == images[gray][2]).all()
-        np.testing.assert_array_equal(images[gray], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[gray].split()[0]}")))
+        np.testing.assert_array_equal(
+            images[gray], pil_rgb(zf.read(f"tiny-imagenet-200/val/images/{annotations[gray].split()[0]}"))
+        )
 
 
 @requires_tiny_imagenet_sample()
 def test_a_subset_study_runs_on_the_sample(sample_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the built-in spec at width 8 (the CPU cost of width 64 does not belong in a test)
-    src = (Path(__file__).parents[1] / "study" / "resnet18-ce.toml").read_text()
-    spec = tmp_path / "tin-ce.toml"
-    spec.write_text(src.replace('dataset = "tiny-imagenet"', 'dataset = "tiny-imagenet"\nwidth = 8', 1)
-                    .replace('name = "resnet18-ce"', 'name = "tin-ce"', 1))
+    table = spec_table("resnet18-ce", {"name": "tin-ce", "train": {"width": Add(8)}})
+    assert table["train"]["dataset"] == "tiny-imagenet"
+    spec = write_spec(tmp_path / "tin-ce.toml", table)
     monkeypatch.setenv("DLOPS_HOME", str(sample_home))
     monkeypatch.delenv("DLOPS_STORAGE", raising=False)
-    result = dlops("study", "run", str(spec), "--dataset", "tiny-imagenet", "--subset-classes", "10",
-                   "--subset-per-class", "8", "--n-trials", "2", "--epochs", "1", "--device", "cpu")
+    result = dlops(
+        "study",
+        "run",
+        str(spec),
+        "--dataset",
+        "tiny-imagenet",
+        "--subset-classes",
+        "10",
+        "--subset-per-class",
+        "8",
+        "--n-trials",
+        "2",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "complete" in result.stdout and "trial   1  epoch   1" in result.stdout
     import optuna
@@ -165,7 +191,9 @@ def test_mini_tree_round_trip(good_root: Path, tmp_path: Path) -> None:
     for split, positions in ((ds.train, keep), (ds.val, held)):
         for j, k in enumerate(positions):
             w = ds.class_ids[k // 10]
-            np.testing.assert_array_equal(split.images[j], pil_rgb((tree / "train" / w / "images" / f"{w}_{k % 10}.JPEG").read_bytes()))
+            np.testing.assert_array_equal(
+                split.images[j], pil_rgb((tree / "train" / w / "images" / f"{w}_{k % 10}.JPEG").read_bytes())
+            )
             assert split.labels[j] == k // 10
     gray = ds.train.images[list(keep).index(1)]  # class 0's image 1 is a grayscale JPEG
     assert (gray[0] == gray[1]).all() and (gray[0] == gray[2]).all()
@@ -218,8 +246,12 @@ def test_a_decoding_error_in_the_pool_never_hangs(tmp_path: Path) -> None:
     jpeg = tree / "train" / "n90000002" / "images" / "n90000002_5.JPEG"
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
     try:
-        done = subprocess.run([sys.executable, "-c", POOL_ERROR_LOOP, str(tree), str(tmp_path / "cache"), "200"],
-                              capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-c", POOL_ERROR_LOOP, str(tree), str(tmp_path / "cache"), "200"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the decoding pool hung after an error")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
@@ -236,8 +268,9 @@ def test_fetch_and_prepare_leave_a_good_cache_alone(good_root: Path, mini_zip: P
 
 
 def test_prepare_rebuilds_from_the_extracted_tree_with_another_holdout(good_root: Path) -> None:
-    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", "0.2",
-                   "--seed", "3")
+    result = dlops(
+        "data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", "0.2", "--seed", "3"
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(good_root, "tiny-imagenet")
     assert manifest["splits"] == {"train": 24, "val": 6, "test": 6}
@@ -260,7 +293,7 @@ def test_an_old_cache_format_is_refused_with_the_fix(good_root: Path) -> None:
     path = good_root / "tiny-imagenet" / "cache" / "manifest.json"
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "format_version": 0}))
-    with pytest.raises(DatasetNotAvailable, match="format version 0.*prepare tiny-imagenet --force"):
+    with pytest.raises(DatasetNotAvailable, match=r"format version 0.*prepare tiny-imagenet --force"):
         get_dataset("tiny-imagenet", good_root)
 
 
@@ -272,14 +305,30 @@ def test_show_writes_a_grid_and_histogram_png(good_root: Path, tmp_path: Path) -
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
 
 
-def test_the_data_benchmark_prints_its_speedup_last(good_root: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_the_data_benchmark_prints_its_speedup_last(
+    good_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     script = Path(__file__).parents[1] / "benchmarks" / "data.py"
     spec = importlib.util.spec_from_file_location("benchmark_data", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", ["data.py", "--root", str(good_root), "--images", "48", "--batch-size", "8",
-                                      "--workers", "0", "--device", "cpu"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "data.py",
+            "--root",
+            str(good_root),
+            "--images",
+            "48",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     module.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert "study loader" in lines[-3] and "ImageFolder" in lines[-2]
@@ -359,14 +408,25 @@ BAD_INPUTS = {  # case: (archive maker, decoding processes, what the error line 
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_error_line_and_the_good_cache_survives(case: str, good_root: Path, tmp_path: Path,
-                                                                 mini_zip: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_one_error_line_and_the_good_cache_survives(
+    case: str, good_root: Path, tmp_path: Path, mini_zip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tinyimagenet, "CHUNK", 4)  # several pool tasks even for 36 images
     make, workers, message = BAD_INPUTS[case]
     bad = make(tmp_path, mini_zip)
     before = snapshot(good_root)
-    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(bad), "--force",
-                   "--workers", str(workers))
+    result = dlops(
+        "data",
+        "fetch",
+        "tiny-imagenet",
+        "--root",
+        str(good_root),
+        "--source",
+        str(bad),
+        "--force",
+        "--workers",
+        str(workers),
+    )
     assert message in one_error_line(result)
     assert_survived(good_root, before)
     assert list(tmp_path.rglob("evil.txt")) == []
@@ -376,16 +436,25 @@ def test_prepare_from_a_bad_tree_keeps_the_good_cache(good_root: Path, tmp_path:
     tree = write_tiny_imagenet(tmp_path / "other")
     (tree / "wnids.txt").unlink()
     before = snapshot(good_root)
-    line = one_error_line(dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--raw", str(tmp_path / "other"),
-                                "--force"))
+    line = one_error_line(
+        dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--raw", str(tmp_path / "other"), "--force")
+    )
     assert "wnids.txt missing" in line
     assert_survived(good_root, before)
 
 
-@pytest.mark.parametrize(("file", "damage"), [("train_images.npy", "truncate"), ("val_labels.npy", "truncate"),
-                                              ("test_images.npy", "append"), ("train_images.npy", "reshape")])
-def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(file: str, damage: str, good_root: Path,
-                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("file", "damage"),
+    [
+        ("train_images.npy", "truncate"),
+        ("val_labels.npy", "truncate"),
+        ("test_images.npy", "append"),
+        ("train_images.npy", "reshape"),
+    ],
+)
+def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(
+    file: str, damage: str, good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = good_root / "tiny-imagenet" / "cache" / file
     if damage == "truncate":
         with open(path, "r+b") as f:
@@ -403,23 +472,26 @@ def test_a_damaged_cache_file_is_one_line_everywhere_with_the_fix(file: str, dam
         get_dataset("tiny-imagenet", good_root)
     monkeypatch.setenv("DLOPS_HOME", str(tmp_path))  # its data root is good_root
     monkeypatch.delenv("DLOPS_STORAGE", raising=False)
-    line = one_error_line(dlops("study", "run", "--loss", "ce", "--dataset", "tiny-imagenet", "--n-trials", "1",
-                                "--epochs", "1"))
+    line = one_error_line(
+        dlops("study", "run", "--loss", "ce", "--dataset", "tiny-imagenet", "--n-trials", "1", "--epochs", "1")
+    )
     assert file in line and fix in line
     result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force")
     assert result.exit_code == 0, result.output
     assert len(get_dataset("tiny-imagenet", good_root).train) == 27
 
 
-def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(good_root: Path, mini_zip: Path,
-                                                                                tmp_path: Path) -> None:
+def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(
+    good_root: Path, mini_zip: Path, tmp_path: Path
+) -> None:
     before = snapshot(good_root)
     other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
     for source in ("/etc/passwd", str(other), "https://127.0.0.1:9/tiny-imagenet-200.zip"):
         line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", source))
         assert "already prepared from mini.zip" in line and "--force" in line, line
-    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source",
-                                str(tmp_path / "nope.zip")))
+    line = one_error_line(
+        dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(tmp_path / "nope.zip"))
+    )
     assert "not found" in line
     assert_survived(good_root, before)
     copy = tmp_path / "elsewhere" / "same.zip"  # the same archive under another name: nothing to do
@@ -427,7 +499,8 @@ def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(
     copy.write_bytes(mini_zip.read_bytes())
     result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(copy))
     assert result.exit_code == 0 and "already prepared" in result.stdout, result.output
-    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(other), "--force",
-                   "--workers", "1")
+    result = dlops(
+        "data", "fetch", "tiny-imagenet", "--root", str(good_root), "--source", str(other), "--force", "--workers", "1"
+    )
     assert result.exit_code == 0, result.output
     assert read_manifest(good_root, "tiny-imagenet")["source"]["archive"] == "other.zip"

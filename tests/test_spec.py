@@ -1,31 +1,27 @@
-"""Study specs: the built-ins load; bad ones end in one clear line."""
+"""Study specs: the built-ins load; bad ones end in one clear line; overrides apply
+exactly where they say or fail."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from dlops.cli import app
 from dlops.errors import SpecError
-from dlops.spec import builtin_specs, load_spec
+from dlops.spec import REMOVE, Add, Replace, builtin_specs, load_spec, override_table, spec_table
+from specs import toml_text, write_spec
 
-GOOD = """
-name = "tiny"
-trainer = "resnet18"
-[train]
-loss = "ce"
-dataset = "digits"
-epochs = 1
-[search.lr]
-type = "float"
-low = 1e-4
-high = 1e-1
-log = true
-[baseline]
-lr = 1e-3
-"""
+GOOD: dict[str, Any] = {
+    "name": "tiny",
+    "trainer": "resnet18",
+    "train": {"loss": "ce", "dataset": "digits", "epochs": 1},
+    "search": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+    "baseline": {"lr": 1e-3},
+}
 
 
 @pytest.mark.parametrize("loss", ["ce", "triplet", "center"])
@@ -58,40 +54,45 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("[train]", "[train]\nbogus = 1"), "unknown key 'bogus' in [train]"),
-        (('name = "tiny"', 'name = "tiny"\ncolour = "red"'), "unknown key 'colour' in the spec"),
-        (("low = 1e-4\nhigh = 1e-1", "low = 1e-1\nhigh = 1e-4"), "low (0.1) > high (0.0001)"),
-        (('loss = "ce"', 'loss = "hinge"'), "unknown loss 'hinge'"),
-        (("[baseline]\nlr = 1e-3", "[baseline]\nlr = 5.0"), "outside its search range"),
-        (("epochs = 1", 'epochs = "ten"'), "epochs = 'ten' should be a int"),
-        (('type = "float"', 'type = "complex"'), "unknown type 'complex'"),
-        (("[search.lr]", "[search.lr_decay]"), "'lr_decay' is not a setting"),
-        (("log = true", "log = true\nlow2 = 3"), "unknown key 'low2' in [search.lr]"),
-        (("[baseline]", "[datasets.digits]\nmetric = 5\n[baseline]"), "[datasets.digits] metric must name a validation metric"),
-        (('name = "tiny"', 'name = "tiny"\nmetric = "top5"'), "metric must name a validation metric"),
+        ({"train": {"bogus": Add(1)}}, "unknown key 'bogus' in [train]"),
+        ({"colour": Add("red")}, "unknown key 'colour' in the spec"),
+        ({"search": {"lr": {"low": 1e-1, "high": 1e-4}}}, "low (0.1) > high (0.0001)"),
+        ({"train": {"loss": "hinge"}}, "unknown loss 'hinge'"),
+        ({"baseline": {"lr": 5.0}}, "outside its search range"),
+        ({"train": {"epochs": "ten"}}, "epochs = 'ten' should be a int"),
+        ({"search": {"lr": {"type": "complex"}}}, "unknown type 'complex'"),
+        ({"search": {"lr": REMOVE, "lr_decay": Add(GOOD["search"]["lr"])}}, "'lr_decay' is not a setting"),
+        ({"search": {"lr": {"low2": Add(3)}}}, "unknown key 'low2' in [search.lr]"),
+        ({"datasets": Add({"digits": {"metric": 5}})}, "[datasets.digits] metric must name a validation metric"),
+        ({"metric": Add("top5")}, "metric must name a validation metric"),
         # a metric the trainer never reports: refused when the spec loads, not after an epoch of each trial
-        (('name = "tiny"', 'name = "tiny"\nmetric = "val_nope"'), "metric must name a validation metric"),
-        (("[baseline]", '[datasets.digits]\nmetric = "val_nope"\n[baseline]'), "[datasets.digits] metric must name"),
-        (("[baseline]", '[pruner]\ntype = "median"\nn_startup_trials = -3\n[baseline]'),
-         "[pruner]: Number of startup trials cannot be negative"),
-        (("[baseline]", '[pruner]\ntype = "median"\nwarmup = 2\n[baseline]'), "[pruner]: "),
-        (("[baseline]", '[sampler]\nseed = "x"\n[baseline]'), "[sampler]: seed = 'x' should be an integer"),
-        (("[baseline]", '[sampler]\nseed = -1\n[baseline]'), "[sampler]: seed = -1 should be an integer"),
-        (("[baseline]", '[sampler]\nn_startup_trials = 1.5\n[baseline]'), "[sampler]: n_startup_trials = 1.5"),
+        ({"metric": Add("val_nope")}, "metric must name a validation metric"),
+        ({"datasets": Add({"digits": {"metric": "val_nope"}})}, "[datasets.digits] metric must name"),
+        (
+            {"pruner": Add({"type": "median", "n_startup_trials": -3})},
+            "[pruner]: Number of startup trials cannot be negative",
+        ),
+        ({"pruner": Add({"type": "median", "warmup": 2})}, "[pruner]: "),
+        ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
+        ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
+        ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
     ],
 )
-def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
-    path = tmp_path / "bad.toml"
-    path.write_text(GOOD.replace(*change, 1))
+def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    load_spec(str(write_spec(tmp_path / "good.toml", GOOD)))  # the change alone makes it bad
+    path = write_spec(tmp_path / "bad.toml", GOOD)
     with pytest.raises(SpecError) as info:
-        load_spec(str(path))
+        load_spec(str(path), change)
     assert message in str(info.value) and "bad.toml" in str(info.value)
     assert "\n" not in str(info.value)
+    with pytest.raises(SpecError) as info:  # the same through the file, as the CLI reads it
+        load_spec(str(write_spec(tmp_path / "bad.toml", override_table(GOOD, change))))
+    assert message in str(info.value) and "bad.toml" in str(info.value)
 
 
 def test_cli_reports_a_bad_spec_in_one_line_and_exits_nonzero(tmp_path: Path, dlops_home: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(GOOD.replace('loss = "ce"', 'loss = "hinge"'))
+    write_spec(path, override_table(GOOD, {"train": {"loss": "hinge"}}))
     result = CliRunner().invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -111,13 +112,17 @@ def test_the_allowed_metrics_are_what_the_trainer_reports(trainer_spec: str) -> 
 def test_cli_names_the_search_key_of_a_bad_parameter(tmp_path: Path, dlops_home: Path) -> None:
     """The table name in brackets is text, not rich markup swallowed from the message."""
     path = tmp_path / "cat_empty.toml"
-    path.write_text(GOOD.replace('type = "float"\nlow = 1e-4\nhigh = 1e-1\nlog = true', 'type = "categorical"\nchoices = []')
-                    .replace("[baseline]\nlr = 1e-3", "[baseline]"))
+    write_spec(
+        path,
+        override_table(
+            GOOD, {"search": {"lr": Replace({"type": "categorical", "choices": []})}, "baseline": {"lr": REMOVE}}
+        ),
+    )
     result = CliRunner().invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 2, result.output
     assert "cat_empty.toml: [search.lr]: categorical needs a non-empty list 'choices'" in result.output
     bad_metric = tmp_path / "nope.toml"
-    bad_metric.write_text(GOOD.replace('name = "tiny"', 'name = "tiny"\nmetric = "val_nope"'))
+    write_spec(bad_metric, override_table(GOOD, {"metric": Add("val_nope")}))
     result = CliRunner().invoke(app, ["study", "run", str(bad_metric), "--n-trials", "1"])
     assert result.exit_code == 2 and "metric must name a validation metric" in result.output
     assert "Traceback" not in result.output and not (dlops_home / "dlops.db").exists()
@@ -161,8 +166,8 @@ def test_a_conditional_parameter_is_searched_only_where_it_is_live(tmp_path: Pat
     path.write_text(CONDITIONAL)
     spec = load_spec(str(path))
     assert spec.baseline_params() == {"triplet_soft": False, "margin": 0.3}
-    path.write_text(CONDITIONAL.replace("triplet_soft = false\nmargin", "triplet_soft = true\nmargin"))
-    assert load_spec(str(path)).baseline_params() == {"triplet_soft": True}  # the margin is dead there
+    # the margin is dead where the baseline takes the soft margin
+    assert load_spec(str(path), {"baseline": {"triplet_soft": True}}).baseline_params() == {"triplet_soft": True}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
@@ -177,14 +182,67 @@ def test_a_conditional_parameter_is_searched_only_where_it_is_live(tmp_path: Pat
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("when = { triplet_soft = false }", "when = { lr = 0.1 }"), "can only name a categorical parameter searched before it"),
-        (("when = { triplet_soft = false }", 'when = { triplet_soft = "no" }'), "is not one of its choices"),
-        (("when = { triplet_soft = false }", "when = 3"), "'when' must be a table"),
+        ({"when": Replace({"lr": 0.1})}, "can only name a categorical parameter searched before it"),
+        ({"when": {"triplet_soft": "no"}}, "is not one of its choices"),
+        ({"when": 3}, "'when' must be a table"),
     ],
 )
-def test_bad_conditions_are_rejected_with_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+def test_bad_conditions_are_rejected_with_one_line(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(CONDITIONAL.replace(*change, 1))
+    path.write_text(CONDITIONAL)
     with pytest.raises(SpecError) as info:
-        load_spec(str(path))
+        load_spec(str(path), {"search": {"margin": change}})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_change_exactly_what_they_name(tmp_path: Path) -> None:
+    table = spec_table(
+        "resnet18-ce",
+        {
+            "name": "tiny-ce",
+            "train": {"dataset": "digits", "width": Add(8)},
+            "datasets": {"digits": {"epochs": 1, "width": REMOVE}},
+            "pruner": Replace({"type": "none"}),
+        },
+    )
+    builtin = spec_table("resnet18-ce")
+    assert table["name"] == "tiny-ce" and table["pruner"] == {"type": "none"}
+    assert table["train"] == {**builtin["train"], "dataset": "digits", "width": 8}
+    assert table["datasets"]["digits"] == {"epochs": 1, "metric": "val_top1"}
+    assert {k: v for k, v in table.items() if k not in ("name", "train", "datasets", "pruner")} == {
+        k: v for k, v in builtin.items() if k not in ("name", "train", "datasets", "pruner")
+    }
+    spec = load_spec(str(write_spec(tmp_path / "tiny-ce.toml", table)))
+    assert spec.name == "tiny-ce" and spec.config().width == 8 and spec.config().dataset == "digits"
+    assert spec.config().epochs == 1 and spec.pruner == {"type": "none"}
+    assert load_spec("resnet18-ce", {"train": {"width": Add(8)}}).config().width == 8
+    assert load_spec("resnet18-ce").name == "resnet18-ce"  # the file itself is left alone
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train": {"widht": 8}}, "override of 'train.widht', which the spec does not have"),
+        ({"nmae": "x"}, "override of 'nmae', which the spec does not have"),
+        ({"search": {"lr": {"hihg": 1.0}}}, "override of 'search.lr.hihg'"),
+        ({"datasets": {"mnist": {"epochs": 1}}}, "override of 'datasets.mnist'"),
+        ({"train": {"width": REMOVE}}, "override of 'train.width', which the spec does not have"),
+        ({"train": {"batch_size": Add(8)}}, "override adds 'train.batch_size', which the spec already has"),
+        ({"train": {"dataset": Replace(REMOVE)}}, "cannot stand inside an added or replaced value"),
+    ],
+)
+def test_an_override_of_a_key_the_spec_lacks_raises(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec("resnet18-ce", overrides)
+    assert message in str(info.value) and "resnet18-ce.toml" in str(info.value)
+    with pytest.raises(SpecError, match="which the spec"):
+        spec_table("resnet18-ce", {"train": {"widht": 8}})
+
+
+@pytest.mark.parametrize("name", builtin_specs())
+def test_a_spec_table_written_as_toml_reads_back_the_same(name: str) -> None:
+    table = spec_table(name)
+    assert tomllib.loads(toml_text(table)) == table

@@ -22,26 +22,29 @@ from dlops.train import HISTORY_KEYS
 from dlops.liveness import OWNER_KEY
 
 
-def tiny_spec(tmp_path: Path, loss: str, *, extra_train: str = "", lr_range=(1e-4, 1e-1), baseline_lr=1e-3,
+def tiny_spec(tmp_path: Path, loss: str, *, lr_range: tuple[float, float] | None = None, baseline_lr=1e-3,
               pruner: str = 'type = "median"\nn_startup_trials = 3\nn_warmup_steps = 1', epochs: int = 2,
-              per_class: int = 20, digits_metric: bool = False) -> Path:
-    """The built-in spec of ``loss``, made cheap: width 8, 20 images per class."""
-    src = load_spec(f"resnet18-{loss}").path.read_text()
-    text = src.replace('dataset = "tiny-imagenet"', f'dataset = "digits"\nwidth = 8\nsubset_per_class = {per_class}\neval_batch_size = 64\n{extra_train}')
-    text = text.replace("[datasets.digits]            # the embedded 8x8 dataset: a few epochs suffice\nepochs = 5",
-                        f"[datasets.digits]\nepochs = {epochs}")
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("width = 16 ")) + "\n"  # keep width 8
-    if not digits_metric:  # keep the spec's own objective (top-5) on digits too
-        text = "\n".join(line for line in text.splitlines() if not line.startswith('metric = "val_top1"')) + "\n"
-    text = text.replace(f'name = "resnet18-{loss}"', f'name = "tiny-{loss}"')
-    text = text.replace("low = 1e-4\nhigh = 1e-1", f"low = {lr_range[0]}\nhigh = {lr_range[1]}", 1)
-    text = text.replace("[baseline]\nlr = 1e-3", f"[baseline]\nlr = {baseline_lr}")
-    text = text.replace("batch_size = 128", "batch_size = 32")
-    head, _, _ = text.partition("[pruner]")
-    text = head + f"[pruner]\n{pruner}\n\n[sampler]\ntype = \"tpe\"\nseed = 0\n"
-    path = tmp_path / f"tiny-{loss}.toml"
-    path.write_text(text)
-    return path
+              per_class: int = 20, digits_metric: bool = False, overrides: dict | None = None) -> Path:
+    """The built-in spec of ``loss``, made cheap: digits, width 8, 20 images per class
+    (``lr_range``: the searched lr range, else the spec's own; ``overrides``: more, last)."""
+    import tomllib
+
+    from specs import write_spec
+
+    from dlops.spec import Add, Replace, override_table, spec_table
+
+    digits = {"epochs": epochs, "metric": "val_top1"} if digits_metric else {"epochs": epochs}  # else top-5 there too
+    table = spec_table(f"resnet18-{loss}", {
+        "name": f"tiny-{loss}",
+        "train": {"dataset": "digits", "width": Add(8), "subset_per_class": Add(per_class),
+                  "eval_batch_size": Add(64), "batch_size": 32},
+        "datasets": {"digits": Replace(digits)},  # no wider ResNet on digits: width 8 everywhere
+        "search": {"lr": {"low": lr_range[0], "high": lr_range[1]}} if lr_range else {},
+        "baseline": {"lr": baseline_lr},
+        "pruner": Replace(tomllib.loads(pruner)),
+        "sampler": Replace({"type": "tpe", "seed": 0}),
+    })
+    return write_spec(tmp_path / f"tiny-{loss}.toml", override_table(table, overrides or {}))
 
 
 def check_history(trial: optuna.trial.FrozenTrial, epochs: int) -> None:
@@ -433,10 +436,8 @@ def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
 
     get_dataset("digits")  # built-in datasets registered first
     monkeypatch.setitem(DATASETS, "own-data", DATASETS["digits"])
-    text = tiny_spec(tmp_path, "ce", epochs=1, per_class=5).read_text()
-    spec = tmp_path / "tiny-ce.toml"
-    spec.write_text(text.replace('dataset = "digits"', 'dataset = "own-data"', 1)
-                    .replace("[final]                      # `dlops final`\nepochs = 30", "[final]\nepochs = 1"))
+    spec = tiny_spec(tmp_path, "ce", epochs=1, per_class=5,
+                     overrides={"train": {"dataset": "own-data"}, "final": {"epochs": 1}})
     runner = CliRunner()
     digits = runner.invoke(app, ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--device", "cpu"])
     assert digits.exit_code == 0 and "study tiny-ce-digits" in digits.output, digits.output

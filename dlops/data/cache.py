@@ -76,7 +76,7 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
             f"rebuild it with `dlops data prepare {name} --force`"
         )
     for split, count in manifest["splits"].items():
-        expected = {
+        expected: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
             images_file(split): (np.dtype(np.uint8), (int(count), *map(int, manifest.get("image_shape", ())))),
             labels_file(split): (np.dtype(np.int64), (int(count),)),
         }
@@ -84,7 +84,8 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
             problem = _array_file_problem(directory / file, dtype, shape)
             if problem:
                 raise DatasetNotAvailable(
-                    f"{name} cache at {directory}: {file} {problem}: rebuild it with `dlops data prepare {name} --force`"
+                    f"{name} cache at {directory}: {file} {problem}: "
+                    f"rebuild it with `dlops data prepare {name} --force`"
                 )
     return manifest
 
@@ -97,7 +98,9 @@ def _array_file_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> 
         size = path.stat().st_size
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             header = read_header(f)  # (shape, fortran_order, dtype)
             offset = f.tell()
     except FileNotFoundError:
@@ -172,7 +175,7 @@ class ImageWriter:
         """Write ``images`` (uint8, one image or a batch) starting at image ``index``."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY)
-        data = memoryview(np.ascontiguousarray(images, dtype=np.uint8)).cast("B")
+        data = np.ascontiguousarray(images, dtype=np.uint8).data.cast("B")
         position = self.offset + index * self.image_bytes
         while data:
             written = os.pwrite(self._fd, data, position)
@@ -183,7 +186,7 @@ class ImageWriter:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "ImageWriter":
+    def __enter__(self) -> ImageWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -210,7 +213,7 @@ class CacheBuilder:
         self.image_shape: tuple[int, ...] | None = None
         self.committed = False
 
-    def __enter__(self) -> "CacheBuilder":
+    def __enter__(self) -> CacheBuilder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -220,7 +223,7 @@ class CacheBuilder:
     def images_path(self, split: str) -> Path:
         return self.dir / images_file(split)
 
-    def new_images(self, split: str, count: int, shape: tuple[int, int, int]) -> "ImageWriter":
+    def new_images(self, split: str, count: int, shape: tuple[int, int, int]) -> ImageWriter:
         """Create the split's uint8 ``(count, *shape)`` ``.npy`` file (zero-filled) and return
         a writer for it; :class:`ImageWriter` can be reopened by path in another process."""
         if self.image_shape is None:

@@ -7,24 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from dlops.data import Dataset, Split
+from dlops.data.splits import stratified_holdout
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 VAL_FRACTION = 0.1
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(keep, holdout)``: ``round(fraction * n_c)`` (at least 1) of each class
-    ``c`` go to the hold-out, chosen by a seeded permutation; both sorted."""
-    rng = np.random.default_rng(seed)
-    holdout = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        k = max(1, int(round(fraction * len(idx))))
-        holdout.append(rng.permutation(idx)[:k])
-    held = np.sort(np.concatenate(holdout))
-    keep = np.setdiff1d(np.arange(len(labels)), held)
-    return keep, held
 
 
 def load_digits_dataset() -> Dataset:

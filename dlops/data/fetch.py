@@ -51,15 +51,26 @@ def md5_file(path: Path) -> str:
 
 def byte_progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=_stderr, disable=not enabled, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_stderr,
+        disable=not enabled,
+        transient=True,
     )
 
 
 def count_progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=_stderr, disable=not enabled, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=_stderr,
+        disable=not enabled,
+        transient=True,
     )
 
 
@@ -75,7 +86,7 @@ def download(url: str, dest: Path, expected_md5: str | None, *, progress: bool =
     digest = hashlib.md5()
     try:
         try:
-            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (user-given URL)
+            response = urllib.request.urlopen(url, timeout=timeout)  # the user-given URL, any scheme urllib opens
         except urllib.error.HTTPError as exc:
             raise DlopsError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -109,10 +120,14 @@ def _member_target(dest: str, name: str, archive: Path) -> str:
     anywhere else. String checks only: an extracted tree holds no links to follow."""
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
-        raise DlopsError(f"unsafe archive {archive.name}: member {name!r} would be written outside the target directory")
+        raise DlopsError(
+            f"unsafe archive {archive.name}: member {name!r} would be written outside the target directory"
+        )
     target = os.path.normpath(os.path.join(dest, *pure.parts))
     if target != dest and not target.startswith(dest + os.sep):
-        raise DlopsError(f"unsafe archive {archive.name}: member {name!r} would be written outside the target directory")
+        raise DlopsError(
+            f"unsafe archive {archive.name}: member {name!r} would be written outside the target directory"
+        )
     return target
 
 
@@ -160,7 +175,7 @@ def _extract_zip(archive: Path, dest: Path, progress: bool) -> int:
         made: set[str] = set()
         with count_progress(progress) as bar:
             task = bar.add_task(f"extract {archive.name}", total=len(infos))
-            for info, target in zip(infos, targets):
+            for info, target in zip(infos, targets, strict=True):
                 folder = target if info.is_dir() else os.path.dirname(target)
                 if folder not in made:
                     os.makedirs(folder, exist_ok=True)
@@ -196,7 +211,9 @@ def tree_candidates(directory: Path, tree: str) -> list[Path]:
     or the only subdirectory of ``directory``."""
     directory = Path(directory)
     candidates = [directory, directory / tree]
-    subdirs = [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
+    subdirs = (
+        [p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")] if directory.is_dir() else []
+    )
     if len(subdirs) == 1:
         candidates.append(subdirs[0])
     return candidates

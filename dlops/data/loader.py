@@ -19,14 +19,14 @@ Two ways to draw a training epoch:
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from dlops.data import Split
 from dlops.text import plural
-
 
 CPU_CHUNK = 32  # images cropped and normalised together on the CPU (about 1.9 MB of float)
 
@@ -79,8 +79,14 @@ def pk_shape(batch_size: int, num_classes: int, k: int) -> tuple[int, int]:
     return p, max(k, batch_size // p)
 
 
-def crop_flip(images: np.ndarray, idx: np.ndarray, dy: np.ndarray | None, dx: np.ndarray | None,
-              flip: np.ndarray | None, padding: int) -> np.ndarray:
+def crop_flip(
+    images: np.ndarray,
+    idx: np.ndarray,
+    dy: np.ndarray | None,
+    dx: np.ndarray | None,
+    flip: np.ndarray | None,
+    padding: int,
+) -> np.ndarray:
     """``images[idx]`` (uint8, N x C x H x W), each cropped from its black-padded self and
     optionally mirrored: image ``i`` of the batch is the ``H x W`` window at offset
     ``(dy[i], dx[i])`` of ``images[idx[i]]`` padded by ``padding`` pixels, flipped
@@ -175,7 +181,7 @@ class BatchLoader:
             # sorted reads are sequential in a memmap; order inside a batch is irrelevant.
             # Both paths sort, so that image i of a batch gets the same crop on every device.
             idx = np.sort(idx) if self.sampler is None else idx
-            if self._device_images is not None:
+            if self._device_images is not None and self._device_labels is not None:
                 index = torch.from_numpy(idx).to(self.device, non_blocking=True)
                 x = self._device_images.index_select(0, index)
                 y = self._device_labels.index_select(0, index)
@@ -206,8 +212,14 @@ class BatchLoader:
         out = torch.empty((len(idx), *images.shape[1:]), dtype=torch.float32)
         for a in range(0, len(idx), CPU_CHUNK):
             b = a + CPU_CHUNK
-            chunk = crop_flip(images, idx[a:b], None if dy is None else dy[a:b], None if dx is None else dx[a:b],
-                              None if flip is None else flip[a:b], self.crop_padding)
+            chunk = crop_flip(
+                images,
+                idx[a:b],
+                None if dy is None else dy[a:b],
+                None if dx is None else dx[a:b],
+                None if flip is None else flip[a:b],
+                self.crop_padding,
+            )
             part = out[a:b]
             part.copy_(torch.from_numpy(chunk))
             part.sub_(self.mean).div_(self.std)
@@ -250,8 +262,8 @@ class BatchLoader:
             x = torch.where(torch.from_numpy(flip).to(x.device)[:, None, None, None], x.flip(3), x)
         return x.contiguous()
 
-    def state_dict(self) -> dict:
-        state = {"generator": self.generator.get_state()}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"generator": self.generator.get_state()}
         if self.sampler is not None:
             state["sampler"] = self.sampler.state_dict()
         return state

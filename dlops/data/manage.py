@@ -8,13 +8,15 @@ scratch files and leaves what was there before (a good cache included) untouched
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -45,30 +47,57 @@ def _quiet(_: str) -> None:
 def cached_module(name: str) -> ModuleType:
     """The module of a dataset that is fetched and cached (tinyimagenet, stl10)."""
     if name == "tiny-imagenet":
-        from dlops.data import tinyimagenet as module
-    elif name == "stl10":
-        from dlops.data import stl10 as module
-    elif name == "digits":
+        from dlops.data import tinyimagenet
+
+        return tinyimagenet
+    if name == "stl10":
+        from dlops.data import stl10
+
+        return stl10
+    if name == "digits":
         raise DlopsError("digits ships with scikit-learn: there is nothing to fetch or prepare")
-    else:
-        raise DlopsError(f"unknown dataset {name!r} to fetch (tiny-imagenet, stl10)")
-    return module
+    raise DlopsError(f"unknown dataset {name!r} to fetch (tiny-imagenet, stl10)")
 
 
-def _build(module: ModuleType, tree: Path, root: Path, source: dict[str, Any], *, val_fraction: float,
-           seed: int, workers: int | None, progress: bool) -> dict[str, Any]:
+def _build(
+    module: ModuleType,
+    tree: Path,
+    root: Path,
+    source: dict[str, Any],
+    *,
+    val_fraction: float,
+    seed: int,
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
     if not 0 < val_fraction < 1:
         raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     with CacheBuilder(root, module.NAME) as builder:
-        entries = module.build_cache(tree, builder, val_fraction=val_fraction, seed=seed, workers=workers,
-                                     progress=progress)
-        return builder.commit({"classes": len(entries["class_ids"]), **entries, "source": source,
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        entries = module.build_cache(
+            tree, builder, val_fraction=val_fraction, seed=seed, workers=workers, progress=progress
+        )
+        return builder.commit(
+            {
+                "classes": len(entries["class_ids"]),
+                **entries,
+                "source": source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
 
 
-def fetch_dataset(name: str, root: Path | str | None = None, source: str | None = None, md5: str | None = None, *,
-                  force: bool = False, keep_archive: bool = False, workers: int | None = None,
-                  progress: bool = True, log: Log = _quiet) -> dict[str, Any]:
+def fetch_dataset(
+    name: str,
+    root: Path | str | None = None,
+    source: str | None = None,
+    md5: str | None = None,
+    *,
+    force: bool = False,
+    keep_archive: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Log = _quiet,
+) -> dict[str, Any]:
     """Download (or take) the archive of ``name``, verify, extract and cache it; the manifest.
 
     ``source`` is a URL or a local archive (default: the official URL). A download must
@@ -103,18 +132,27 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
     else:
         archive = Path(src).expanduser().absolute()
         if archive.is_dir():
-            raise DlopsError(f"{name}: {archive} is a directory, not an archive: for an extracted tree run "
-                             f"`dlops data prepare {name} --raw {archive}`")
+            raise DlopsError(
+                f"{name}: {archive} is a directory, not an archive: for an extracted tree run "
+                f"`dlops data prepare {name} --raw {archive}`"
+            )
         if not archive.is_file():
             raise DlopsError(f"{name}: source archive not found: {archive}")
         actual = md5_file(archive)
         if md5 is not None and actual != md5.lower():
             raise DlopsError(f"md5 mismatch for {archive}: got {actual}, expected {md5}")
         if md5 is None and actual != module.MD5:
-            log(f"note: {archive.name} has md5 {actual}, not the official {module.MD5} "
-                "(a repack or a sample?): using it only if its layout checks out")
-    info = {"archive": archive.name, "location": src, "md5": actual, "official_md5": module.MD5,
-            "official": actual == module.MD5}
+            log(
+                f"note: {archive.name} has md5 {actual}, not the official {module.MD5} "
+                "(a repack or a sample?): using it only if its layout checks out"
+            )
+    info = {
+        "archive": archive.name,
+        "location": src,
+        "md5": actual,
+        "official_md5": module.MD5,
+        "official": actual == module.MD5,
+    }
 
     scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -123,8 +161,16 @@ def fetch_dataset(name: str, root: Path | str | None = None, source: str | None 
         tree = module.find_tree(scratch)
         (scratch / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         log(f"extracted {plural(count, 'member')}; building the cache")
-        manifest = _build(module, tree, root, {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
-                          val_fraction=0.1, seed=0, workers=workers, progress=progress)
+        manifest = _build(
+            module,
+            tree,
+            root,
+            {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
+            val_fraction=0.1,
+            seed=0,
+            workers=workers,
+            progress=progress,
+        )
         replace_dir(scratch, home / "raw")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -161,15 +207,22 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
 def _remove_empty(*folders: Path) -> None:
     """Remove folders this fetch created and left empty (innermost first)."""
     for folder in folders:
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()
-        except OSError:
-            pass
 
 
-def prepare_dataset(name: str, root: Path | str | None = None, *, raw: Path | str | None = None, force: bool = False,
-                    val_fraction: float = 0.1, seed: int = 0, workers: int | None = None, progress: bool = True,
-                    log: Log = _quiet) -> dict[str, Any]:
+def prepare_dataset(
+    name: str,
+    root: Path | str | None = None,
+    *,
+    raw: Path | str | None = None,
+    force: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Log = _quiet,
+) -> dict[str, Any]:
     """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
     module = cached_module(name)
     root = resolve_root(root)
@@ -178,16 +231,17 @@ def prepare_dataset(name: str, root: Path | str | None = None, *, raw: Path | st
         return {**read_manifest(root, name), "reused": True}
     where = Path(raw).expanduser().absolute() if raw is not None else dataset_dir(root, name) / "raw"
     if not where.is_dir():
-        raise DatasetNotAvailable(f"no extracted {name} tree at {where}: run `dlops data fetch {name}` "
-                                  "(or give --raw DIR); `--dataset digits` works now")
+        raise DatasetNotAvailable(
+            f"no extracted {name} tree at {where}: run `dlops data fetch {name}` "
+            "(or give --raw DIR); `--dataset digits` works now"
+        )
     tree = module.find_tree(where)
     source: dict[str, Any] = {"tree": str(tree)}
     for candidate in (where / SOURCE_FILE, tree / SOURCE_FILE):
         if candidate.is_file():
             source = {**json.loads(candidate.read_text()), **source}
             break
-    return _build(module, tree, root, source, val_fraction=val_fraction, seed=seed, workers=workers,
-                  progress=progress)
+    return _build(module, tree, root, source, val_fraction=val_fraction, seed=seed, workers=workers, progress=progress)
 
 
 def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
@@ -209,7 +263,7 @@ def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
             "class_ids": manifest["class_ids"],
             "class_names": manifest["class_names"],
         }
-    ds = get_dataset(name, root)  # in-memory datasets (digits) have no cache
+    ds = get_dataset(name, None if root is None else Path(root))  # in-memory datasets (digits) have no cache
     return {
         "name": name,
         "classes": ds.num_classes,
@@ -225,8 +279,14 @@ def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- show
 
 
-def dataset_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str],
-                   counts: dict[str, np.ndarray], title: str, columns: int = 8):
+def dataset_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    counts: dict[str, np.ndarray],
+    title: str,
+    columns: int = 8,
+):
     """A grid of ``images`` (uint8 N x C x H x W) titled by class, above a per-class
     histogram of ``counts`` (split -> count per class, stacked). Returns the Figure."""
     from matplotlib.figure import Figure
@@ -234,11 +294,16 @@ def dataset_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str
     rows = -(-len(images) // columns)
     fig = Figure(figsize=(1.5 * columns, 1.6 * rows + 3.2), layout="constrained")
     grid = fig.add_gridspec(rows + 2, columns, height_ratios=[1.0] * rows + [0.15, 1.6])
-    for k, (image, label) in enumerate(zip(images, labels)):
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
         ax = fig.add_subplot(grid[k // columns, k % columns])
         picture = image.transpose(1, 2, 0)
-        ax.imshow(picture[:, :, 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=255,
-                  interpolation="nearest")
+        ax.imshow(
+            picture[:, :, 0] if picture.shape[2] == 1 else picture,
+            cmap="gray",
+            vmin=0,
+            vmax=255,
+            interpolation="nearest",
+        )
         name = class_names[int(label)]
         ax.set_title(name if len(name) <= 16 else name[:15] + "…", fontsize=8)
         ax.set_axis_off()
@@ -258,13 +323,14 @@ def dataset_figure(images: np.ndarray, labels: np.ndarray, class_names: list[str
     return fig
 
 
-def show_dataset(name: str, root: Path | str | None = None, out: Path | str | None = None, *,
-                 count: int = 32, seed: int = 0) -> Path:
+def show_dataset(
+    name: str, root: Path | str | None = None, out: Path | str | None = None, *, count: int = 32, seed: int = 0
+) -> Path:
     """Write a PNG of ``count`` training images (distinct classes when there are enough)
     and the per-class histogram of every split; returns its path."""
     from dlops.paths import reports_dir
 
-    ds = get_dataset(name, root)
+    ds = get_dataset(name, None if root is None else Path(root))
     labels = np.asarray(ds.train.labels)
     rng = np.random.default_rng(seed)
     classes = rng.permutation(ds.num_classes)[:count]
@@ -273,13 +339,15 @@ def show_dataset(name: str, root: Path | str | None = None, out: Path | str | No
         pool = np.flatnonzero(labels == classes[k % len(classes)])
         if len(pool):
             picks.append(int(rng.choice(pool)))
-    picks = np.sort(np.asarray(picks, dtype=np.int64))
+    chosen = np.sort(np.asarray(picks, dtype=np.int64))
     test = ds.test()
-    counts = {split: np.bincount(np.asarray(s.labels), minlength=ds.num_classes)
-              for split, s in (("train", ds.train), ("val", ds.val), ("test", test))}
+    counts = {
+        split: np.bincount(np.asarray(s.labels), minlength=ds.num_classes)
+        for split, s in (("train", ds.train), ("val", ds.val), ("test", test))
+    }
     total = sum(len(s) for s in (ds.train, ds.val, test))
     title = f"{name}: {plural(ds.num_classes, 'class')}, {plural(total, 'image')} {list(ds.image_shape)}"
-    fig = dataset_figure(np.asarray(ds.train.images[picks]), labels[picks], ds.class_names, counts, title)
+    fig = dataset_figure(np.asarray(ds.train.images[chosen]), labels[chosen], ds.class_names, counts, title)
     path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

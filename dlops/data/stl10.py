@@ -20,8 +20,8 @@ import numpy as np
 
 from dlops.data import Dataset, Split, register_dataset
 from dlops.data.cache import CacheBuilder, open_dataset, open_split, read_manifest
-from dlops.data.digits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
+from dlops.data.splits import stratified_holdout
 from dlops.errors import DatasetNotAvailable, DlopsError
 
 NAME = "stl10"
@@ -35,8 +35,11 @@ IMAGE_BYTES = 3 * SIZE * SIZE  # 27,648
 NUM_CLASSES = 10
 HFLIP = True
 CROP_PADDING = 12  # 1/8 of the side, as for Tiny ImageNet
-FILES = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
-         "unlabeled": ("unlabeled_X.bin", None)}
+FILES = {
+    "train": ("train_X.bin", "train_y.bin"),
+    "test": ("test_X.bin", "test_y.bin"),
+    "unlabeled": ("unlabeled_X.bin", None),
+}
 CHUNK = 2048  # images converted per step (about 57 MB)
 
 
@@ -55,8 +58,10 @@ def count_images(path: Path) -> int:
         raise DlopsError(f"{NAME}: {path.name} missing in {path.parent}")
     size = path.stat().st_size
     if size == 0 or size % IMAGE_BYTES:
-        raise DlopsError(f"{NAME}: {path.name} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (3x96x96): "
-                         "truncated or not STL-10")
+        raise DlopsError(
+            f"{NAME}: {path.name} has {size:,} bytes, not a multiple of {IMAGE_BYTES:,} (3x96x96): "
+            "truncated or not STL-10"
+        )
     return size // IMAGE_BYTES
 
 
@@ -90,8 +95,15 @@ def read_class_names(tree: Path) -> list[str]:
     return names
 
 
-def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
-                workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+def build_cache(
+    tree: Path,
+    builder: CacheBuilder,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Convert the binary files into ``builder``'s split files (``workers`` unused: it is a copy)."""
     tree = Path(tree)
     names = read_class_names(tree)
@@ -127,11 +139,20 @@ def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1,
     return {
         "class_ids": names,
         "class_names": names,
-        "holdout": {"from": "official train", "fraction": val_fraction, "seed": seed,
-                    "count": int(len(held)), "index_file": "val_source_index.npy"},
+        "holdout": {
+            "from": "official train",
+            "fraction": val_fraction,
+            "seed": seed,
+            "count": len(held),
+            "index_file": "val_source_index.npy",
+        },
         "test_source": "official test",
-        "build": {"images": total, "seconds": round(seconds, 3), "workers": 1,
-                  "images_per_second": round(total / max(seconds, 1e-9), 1)},
+        "build": {
+            "images": total,
+            "seconds": round(seconds, 3),
+            "workers": 1,
+            "images_per_second": round(total / max(seconds, 1e-9), 1),
+        },
     }
 
 
@@ -144,7 +165,9 @@ def load_unlabeled(root: Path | str | None = None) -> Split:
     """The 100,000 unlabeled images, uint8 (N, 3, 96, 96) memory-mapped; labels are all -1."""
     manifest = read_manifest(root, NAME)
     if "unlabeled" not in manifest["splits"]:
-        raise DatasetNotAvailable(f"{NAME} cache has no unlabeled split: rebuild it with `dlops data prepare {NAME} --force`")
+        raise DatasetNotAvailable(
+            f"{NAME} cache has no unlabeled split: rebuild it with `dlops data prepare {NAME} --force`"
+        )
     return open_split(root, NAME, "unlabeled")
 
 

@@ -15,17 +15,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from dlops.data import Dataset, register_dataset
 from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
-from dlops.data.digits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
+from dlops.data.splits import stratified_holdout
 from dlops.errors import DlopsError
 
 NAME = "tiny-imagenet"
@@ -132,8 +133,15 @@ def read_layout(tree: Path) -> Layout:
         test_labels.append(index[wnid])
     if not test_files:
         raise DlopsError(f"{NAME}: val/val_annotations.txt in {tree} lists no image")
-    return Layout(tree, wnids, names, train_files, np.asarray(train_labels, np.int64),
-                  test_files, np.asarray(test_labels, np.int64))
+    return Layout(
+        tree,
+        wnids,
+        names,
+        train_files,
+        np.asarray(train_labels, np.int64),
+        test_files,
+        np.asarray(test_labels, np.int64),
+    )
 
 
 # --------------------------------------------------------------------------- decoding
@@ -185,8 +193,9 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def decode_all(jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWriter], *, workers: int,
-               progress: bool, label: str) -> None:
+def decode_all(
+    jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWriter], *, workers: int, progress: bool, label: str
+) -> None:
     """Decode every job into its split's file, in a pool when ``workers > 1``. The first
     undecodable image stops the work with a DlopsError."""
     if workers <= 1 or len(jobs) <= CHUNK:
@@ -207,8 +216,9 @@ def decode_all(jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWr
     # the running ones finish: no worker is killed, since killing pool workers mid-task
     # can deadlock multiprocessing's own queues (Pool.terminate hangs on Python 3.11).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_open_writers, initargs=(writers,))
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_open_writers, initargs=(writers,)
+    )
     try:
         futures = [executor.submit(_decode_chunk, chunk) for chunk in _chunks(jobs, CHUNK)]
         with count_progress(progress) as bar:
@@ -222,8 +232,15 @@ def decode_all(jobs: list[tuple[str, str, str, int]], writers: dict[str, ImageWr
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1, seed: int = 0,
-                workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+def build_cache(
+    tree: Path,
+    builder: CacheBuilder,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Decode the tree into ``builder``'s split files; returns the manifest entries it knows."""
     layout = read_layout(tree)
     keep, held = stratified_holdout(layout.train_labels, val_fraction, seed)
@@ -252,12 +269,16 @@ def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1,
             "from": "official train/",
             "fraction": val_fraction,
             "seed": seed,
-            "count": int(len(held)),
+            "count": len(held),
             "index_file": "val_source_index.npy",
         },
         "test_source": "official val/ (labelled), in val_annotations.txt order",
-        "build": {"images": len(jobs), "seconds": round(seconds, 3), "workers": workers,
-                  "images_per_second": round(len(jobs) / max(seconds, 1e-9), 1)},
+        "build": {
+            "images": len(jobs),
+            "seconds": round(seconds, 3),
+            "workers": workers,
+            "images_per_second": round(len(jobs) / max(seconds, 1e-9), 1),
+        },
     }
 
 
