@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dlops.data import Dataset, Split
+from dlops.data.base import Dataset, Split
 from dlops.data.splits import stratified_holdout
 
 SPLIT_SEED = 0

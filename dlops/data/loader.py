@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dlops.data import Split
+from dlops.data.base import Split
 from dlops.text import plural
 
 CPU_CHUNK = 32  # images cropped and normalised together on the CPU (about 1.9 MB of float)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dlops.data import Dataset, Split, register_dataset
+from dlops.data.base import Dataset, Split
 from dlops.data.cache import CacheBuilder, open_dataset, open_split, read_manifest
 from dlops.data.fetch import count_progress, tree_candidates
 from dlops.data.splits import stratified_holdout
@@ -169,6 +169,3 @@ def load_unlabeled(root: Path | str | None = None) -> Split:
             f"{NAME} cache has no unlabeled split: rebuild it with `dlops data prepare {NAME} --force`"
         )
     return open_split(root, NAME, "unlabeled")
-
-
-register_dataset(NAME, load)

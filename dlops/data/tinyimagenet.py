@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dlops.data import Dataset, register_dataset
+from dlops.data.base import Dataset
 from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
 from dlops.data.fetch import count_progress, tree_candidates
 from dlops.data.splits import stratified_holdout
@@ -285,6 +285,3 @@ def build_cache(
 def load(root: Path | None = None) -> Dataset:
     """The cached Tiny ImageNet: train/val memory-mapped, test opened when asked for."""
     return open_dataset(root, NAME, hflip=HFLIP, crop_padding=CROP_PADDING)
-
-
-register_dataset(NAME, load)
