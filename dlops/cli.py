@@ -9,6 +9,7 @@ import re
 import sys
 from enum import Enum
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -30,12 +31,12 @@ class OneLineErrors(TyperGroup):
     """A usage error (a bad option value, an unknown option) is one line on stderr and exit 2,
     like every other dlops error, instead of Click's usage block."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except UsageError as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `dlops study` alone: its help
                 exc.show()  # type: ignore[attr-defined]
@@ -68,9 +69,9 @@ app.add_typer(data_app, name="data")
 class Loss(str, Enum):
     """The losses of the ResNet18 specs: ``--loss L`` names the spec resnet18-L."""
 
-    ce = "ce"
-    triplet = "triplet"
-    center = "center"
+    CE = "ce"
+    TRIPLET = "triplet"
+    CENTER = "center"
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -79,7 +79,7 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
         path = Path(path)
         artifact_id = known.get(path.name)
         meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
-        if meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
+        if artifact_id and meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
             data = path.read_bytes()
             write_atomic(root / artifact_id, lambda f: f.write(data))
             continue

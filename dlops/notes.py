@@ -170,11 +170,16 @@ def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     return facts
 
 
+def _value_of(trial: FrozenTrial) -> float:
+    """The value of a complete trial (the caller keeps only trials that have one)."""
+    return float(trial.value if trial.value is not None else math.nan)
+
+
 def _baseline_trial(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     """Trial 0, or where it was interrupted or its worker died, its completed retry."""
     baselines = [t for t in trials if t.user_attrs.get("baseline")]
     done = [t for t in baselines if t.state == TrialState.COMPLETE]
-    return (done or baselines or [None])[0]
+    return (done or baselines or [None])[0]  # type: ignore[list-item]
 
 
 def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial] | None = None) -> str:
@@ -226,7 +231,7 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     lines.append("")
     base = _baseline_trial(trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
+    best = (max if maximize else min)(complete, key=_value_of) if complete else None
     if base is None:
         lines.append("Baseline: not in this study.")
     elif base.state == TrialState.COMPLETE:
@@ -236,7 +241,7 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     if best is not None:
         lines.append("")
         text = f"Best: trial {best.number} ({_params(best.params)}): `{metric}` **{_value(best.value)}**"
-        if base is not None and base.state == TrialState.COMPLETE and base.value is not None:
+        if base is not None and base.state == TrialState.COMPLETE and base.value is not None and best.value is not None:
             if best.number == base.number:
                 text += ": the baseline is still the best trial"
             else:
@@ -245,7 +250,7 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
                 if base.value:
                     text += f" ({gain / abs(base.value):+.1%})"
         lines.append(text + ".")
-        top = sorted(complete, key=lambda t: t.value, reverse=maximize)[:5]
+        top = sorted(complete, key=_value_of, reverse=maximize)[:5]
         lines += ["", f"| trial | {metric} | params | epochs |", "| ---: | ---: | --- | ---: |"]
         lines += [f"| {t.number}{' (baseline)' if t.user_attrs.get('baseline') else ''} | {_value(t.value)} | "
                   f"{_params(t.params)} | {len(t.intermediate_values)} |" for t in top]
@@ -351,7 +356,7 @@ def write_trial_note(study: optuna.Study, trial: FrozenTrial, trials: list[Froze
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     base = _baseline_trial(trials)
     baseline_config = (base.user_attrs.get("config") if base is not None else None) or None
-    metric = (study.metric_names or [None])[0]
+    metric = study.metric_names[0] if study.metric_names else None
     save_note(study, trial_id(trial), trial_note(trial, metric, baseline_config))
 
 

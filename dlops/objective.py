@@ -71,9 +71,10 @@ def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], t
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
-    if p.type == "float":
-        return trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
-    if p.type == "int":
+    if p.type in ("float", "int"):
+        assert p.low is not None and p.high is not None  # the spec loader checks ranges
+        if p.type == "float":
+            return trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
         return trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
     return trial.suggest_categorical(p.name, list(p.choices))
 

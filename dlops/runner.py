@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 import warnings
+from datetime import datetime
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -66,7 +67,7 @@ def open_study(spec: StudySpec, options: RunOptions, storage: StudyStorage | Non
         storage=storage.optuna,
         sampler=make_sampler(spec.sampler, base_seed + worker),
         pruner=make_pruner(spec.pruner),
-        direction=spec.direction,
+        direction=optuna.study.StudyDirection[spec.direction.upper()],
         load_if_exists=True,
     )
     return study
@@ -131,7 +132,7 @@ def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptio
     """One study, one objective: a run never adds trials of another dataset or metric to
     an existing study (their values would not compare)."""
     dataset = options.dataset or spec.train.get("dataset")
-    ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names or [None])[0]
+    ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names[0] if study.metric_names else None)
     if ran_on is not None and dataset is not None and ran_on != dataset:
         raise DlopsError(f"study {study.study_name!r} ran on {ran_on}, not {dataset}: give this run another --study-name")
     if metric is not None and metric != spec.metric:
@@ -210,7 +211,8 @@ def last_failure(study: optuna.Study, run_id: str) -> str | None:
               if of_run(t, run_id) and str(t.user_attrs.get("stopped_reason") or "").startswith("failed: ")]
     if not failed:
         return None
-    return max(failed, key=lambda t: t.datetime_complete or t.datetime_start).user_attrs["stopped_reason"][len("failed: "):]
+    latest = max(failed, key=lambda t: t.datetime_complete or t.datetime_start or datetime.min)
+    return str(latest.user_attrs["stopped_reason"])[len("failed: "):]
 
 
 class TrialsFailed(DlopsError):
@@ -237,7 +239,7 @@ def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], 
         tail = (f"; this run works until the study has {total} finished trials in all ({finished} now, "
                 "counting every run's)")
     else:
-        tail = (f"; this run adds {plural(n_trials, 'finished trial')} of its own "
+        tail = (f"; this run adds {plural(n_trials or 0, 'finished trial')} of its own "
                 "(other runs' trials not counted)")
     return head + tail + (f" with {workers} workers" if workers > 1 else "")
 
@@ -387,15 +389,16 @@ def run_study(
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
     study.sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, run.index))
     finished_then = sum(counts[s.name] for s in FINISHED)
-    target = total if total is not None else finished_then + n_trials
+    goal = total if total is not None else n_trials or 0  # what the loop counts to: study-wide or this run's
+    target = goal if total is not None else finished_then + goal
     if announce:
         say(study_counts_line(study.study_name, storage, counts, n_trials, target, workers, total=total))
     gate = _TrialGate(run.run_id)
-    budget = failure_budget(n_trials if n_trials is not None else max(total - finished_then, 1), workers)
+    budget = failure_budget(goal if total is None else max(goal - finished_then, 1), workers)
     with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label) as stop:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
-        _run_trials(study, storage, objective, gate, target=n_trials if total is None else total,
+        _run_trials(study, storage, objective, gate, target=goal,
                     own_trials=total is None, baseline=spec, max_failures=budget,
                     timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say,
                     after_trial=lambda trial: notes.trial_finished(study, storage, trial))
@@ -482,7 +485,7 @@ def run_workers(
     name = options.study_name_for(spec)
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
-    target = total if total is not None else finished + n_trials
+    target = total if total is not None else finished + (n_trials or 0)
     with storage.lock(name):  # one index per run, its workers share it
         run = RunSlot(uuid.uuid4().hex, join_run(open_study(spec, options, storage), storage))
     say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
@@ -538,8 +541,8 @@ def run_workers(
             time.sleep(0.1)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
     study = optuna.load_study(study_name=name, storage=storage.optuna)
     codes = [p.returncode for p in procs]

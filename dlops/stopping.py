@@ -14,7 +14,7 @@ from dlops.storage import mask_url
 from dlops.studies import StudyResult
 from dlops.text import plural
 
-SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 class TrialInterrupted(Exception):

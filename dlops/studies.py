@@ -39,7 +39,7 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     return {
         "name": study.study_name,
         "direction": study.direction.name.lower(),
-        "metric": (study.metric_names or [None])[0],
+        "metric": study.metric_names[0] if study.metric_names else None,
         "n_trials": sum(counts.values()),
         "states": {k: v for k, v in counts.items() if v},
         "best": best,
