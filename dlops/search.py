@@ -1,6 +1,6 @@
 """The Optuna side: a study from a spec, its objective, sampler, pruner and storage.
 
-Training itself happens in the spec's trainer (``dlops.train.fit`` for ResNet18); it
+Training itself happens in the spec's trainer (``dlops.trainers.resnet`` for ResNet18); it
 calls back after every epoch and this module turns that into ``trial.report`` and,
 when the pruner says so, :class:`optuna.TrialPruned`.
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import logging
-import math
 import shutil
 import time
 import uuid
@@ -33,13 +31,13 @@ from optuna.trial import TrialState
 
 from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError, SpecError
-from dlops.io import CorruptCheckpoint, load_checkpoint
+from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
 from dlops.storage import StudyStorage, connect
 from dlops.text import plural
 from dlops.trainers import get_trainer
-from dlops.train import NonFiniteLossError
+from dlops.trainers.base import NonFiniteLossError, config_matches, resolve_device
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN_FIELD = "run"  # in a trial's owner (workers.OWNER_KEY): the run (one `dlops study run`, all its workers)
@@ -119,11 +117,6 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def json_safe(history: dict[str, list[float]]) -> dict[str, list[float | None]]:
-    """NaN is not JSON (the dashboard could not parse it): store it as null."""
-    return {k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs] for k, vs in history.items()}
-
-
 @dataclass
 class RunOptions:
     """What ``dlops study run`` may override in a spec."""
@@ -178,9 +171,6 @@ def remove_checkpoint(path: Path) -> None:
         pass
 
 
-_RESUME_IGNORES = {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"}  # may differ between machines; results do not
-
-
 def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:
     """Epochs saved in the checkpoint at ``path`` (None without a usable one). A checkpoint
     written for another configuration (a deleted study of the same name) is removed; so is
@@ -202,17 +192,11 @@ def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | No
         return None
     saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
     if isinstance(saved, dict) and isinstance(now, dict):
-        if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in _RESUME_IGNORES):
+        if not config_matches(saved, now):
             remove_checkpoint(path)
             return None
     epoch = state.get("epoch")
     return int(epoch) + 1 if isinstance(epoch, int) else 0
-
-
-def layer_epoch_line(trial: int, layer: int, epoch: int, m: dict[str, float]) -> str:
-    """The progress line of one layer-wise pretraining epoch (the autoencoder's)."""
-    return (f"trial {trial:>3}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
-            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
 
 
 def make_objective(
@@ -268,12 +252,11 @@ def make_objective(
                                                       "from its checkpoint")
                 raise TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
-        extra: dict[str, Any] = {}  # a layer-wise trainer also reports each pretraining epoch
-        if say is not None and "on_layer_epoch" in inspect.signature(trainer.fit).parameters:
-            extra["on_layer_epoch"] = lambda layer, epoch, m: say(layer_epoch_line(trial.number, layer, epoch, m))
+        # A trainer's own progress lines (the autoencoder's pretraining epochs), per trial.
+        progress = None if say is None else lambda line: say(f"trial {trial.number:>3}  {line}")
         keep_checkpoint = False
         try:
-            result = trainer.fit(config, report=report, checkpoint_path=ckpt, **extra)
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt, progress=progress)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so
             # the sampler learns from it and the study goes on.
@@ -296,7 +279,7 @@ def make_objective(
                 remove_checkpoint(ckpt)
         trial.set_user_attr("history", json_safe(result.history))
         # A trainer may hand over more per-trial results (the autoencoder's layer curves).
-        for key, value in getattr(result, "extra_user_attrs", {}).items():
+        for key, value in result.extra_user_attrs.items():
             trial.set_user_attr(key, value)
         return float(result.metrics[spec.metric])
 
@@ -443,7 +426,6 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
     config, the device, the dataset and its class count. Returns the spec as it runs: on
     5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
-    from dlops.train import resolve_device
 
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)

@@ -26,7 +26,7 @@ from dlops.io import load_checkpoint
 from dlops.data.loader import BatchLoader
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.train import TrainConfig, _autocast, fit
+from dlops.trainers.resnet import TrainConfig, _autocast, fit
 
 pytestmark = [
     pytest.mark.cuda,
