@@ -65,6 +65,7 @@ from dlops.provenance import build_final, write_final
 from dlops.report import write_spec_report
 from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
+from dlops.study_plots import write_study_plots
 from dlops.trainers import get_trainer
 from dlops.trainers.base import FitResult, NonFiniteLossError, Trainer, TrainerConfig, config_differences, resolve_device
 
@@ -397,7 +398,7 @@ def _run_locked(spec: StudySpec, options: FinalOptions, trainer: Trainer, url: s
     files = [stage / "final.json", *plots.write_curves(final, stage), *trainer.final_plots(final, stage),
              *(f for run in runs for f in run.files)]
     if study is not None:
-        files += plots.write_study_plots(study, stage / "study")
+        files += write_study_plots(study, stage / "study")
     files.append(write_spec_report(spec.name, study, stage))
 
     # The swap: the new run's checkpoints take their final name, then its report takes the

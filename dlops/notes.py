@@ -464,7 +464,7 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
 def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> list[Path]:
     """Draw the study's plots (as ``dlops report`` does) and attach them to the study.
     ``out_dir``: where the PNGs stay (default: a temporary folder)."""
-    from dlops.plots import write_study_plots
+    from dlops.study_plots import write_study_plots
 
     if out_dir is not None:
         files = write_study_plots(study, out_dir)

@@ -26,6 +26,7 @@ from dlops.io import write_text_atomic
 from dlops.paths import default_storage_url, reports_dir
 from dlops.replay import epochs_summary
 from dlops.spec import builtin_specs, load_spec
+from dlops.study_plots import write_study_plots
 from dlops.storage import mask_url, open_storage
 from dlops.text import plural
 from dlops.trainers import get_trainer
@@ -372,7 +373,7 @@ def build_report(storage: str | None = None,
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
-            study_files = plots.write_study_plots(e.study, out_dir / "study")
+            study_files = write_study_plots(e.study, out_dir / "study")
             if attach_study_plots is not None:
                 attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
             files += study_files

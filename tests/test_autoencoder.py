@@ -235,6 +235,24 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
         fit(config.replace(lr=0.01), checkpoint_path=ckpt)
 
 
+def test_a_checkpoint_resumes_on_another_device_data_root_and_eval_batch_size(tmp_path: Path) -> None:
+    config = small_config(pretrain_epochs=1, epochs=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(e, m):
+        raise Stop
+
+    ckpt = tmp_path / "ae.pt"
+    with pytest.raises(Stop):
+        fit(config, checkpoint_path=ckpt, report=stop)
+    moved = config.replace(data_root=str(tmp_path / "elsewhere"), eval_batch_size=7, device="cpu")
+    resumed = fit(moved, checkpoint_path=ckpt)
+    assert resumed.start_epoch == 1
+    assert resumed.history["val_top1"] == fit(config).history["val_top1"]
+
+
 def test_layer_activations_are_those_of_hidden_layer_x3() -> None:
     from dlops.trainers.autoencoder import layer_activations
 

@@ -368,6 +368,30 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     assert "Per-class test accuracy" in (out / "report.md").read_text()
 
 
+def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch):
+    """The data root says where the files are, not what they are: a reference run
+    interrupted on one machine resumes on another (final.py and the trainer agree)."""
+    spec = str(write_ae_spec(tmp_path))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "whole"))
+    whole = run_final(spec, FinalOptions(params="baseline", device="cpu")).final
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+
+    def stop(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=stop)
+    moved = FinalOptions(params="baseline", device="cpu", resume=True,
+                         train_overrides={"data_root": str(tmp_path / "elsewhere")})
+    resumed = run_final(spec, moved).final
+    assert resumed["per_seed"][0]["resumed_from_epoch"] == 1
+    assert resumed["config"]["data_root"] == str(tmp_path / "elsewhere")
+    assert resumed["per_seed"][0]["test_accuracy"] == whole["per_seed"][0]["test_accuracy"]
+    assert resumed["per_seed"][0]["history"] == whole["per_seed"][0]["history"] | {
+        "epoch_seconds": resumed["per_seed"][0]["history"]["epoch_seconds"]}
+
+
 # --------------------------------------------------------------------------- a run never loses the previous one
 
 
