@@ -44,8 +44,8 @@ from dlops.data import Split
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.trainers.base import resolve_device
-from dlops.trainers.resnet import _autocast, compile_model, evaluate
+from dlops.trainers.base import autocast, evaluate, resolve_device
+from dlops.trainers.resnet import compile_model
 
 TRAIN_IMAGES, VAL_IMAGES, CENTROID_IMAGES = 90_000, 10_000, 10_000  # one full Tiny ImageNet epoch
 MEAN, STD = np.array([0.480, 0.448, 0.398]), np.array([0.277, 0.269, 0.282])
@@ -196,7 +196,7 @@ class Bench:
         def step() -> None:
             nonlocal loss_sum, correct
             x, y = next(batches)
-            with _autocast(device):
+            with autocast(device):
                 embedding, logits = net(x)
             loss = loss_fn(embedding, logits, y)
             optimizer.zero_grad(set_to_none=True)

@@ -67,7 +67,14 @@ from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
 from dlops.study_plots import write_study_plots
 from dlops.trainers import get_trainer
-from dlops.trainers.base import FitResult, NonFiniteLossError, Trainer, TrainerConfig, config_differences, resolve_device
+from dlops.trainers.base import (
+    FitResult,
+    NonFiniteLossError,
+    Trainer,
+    TrainerConfig,
+    config_differences,
+    resolve_device,
+)
 
 __all__ = ["FinalOptions", "FinalResult", "Interrupted", "recompute_test_metrics", "resume_command", "run_final"]
 
@@ -143,7 +150,7 @@ def discard_checkpoints(spec_name: str, notify: Notify) -> None:
 
 def _check_checkpoint(path: Path, config: TrainerConfig, notify: Notify | None = None) -> int:
     """Check that an existing checkpoint belongs to ``config``; returns how many
-    (fine-tuning) epochs it holds, 0 when there is none. One that does not load or fails
+    reported epochs it holds, 0 when there is none. One that does not load or fails
     its checksum is discarded (with a word through ``notify``): its seed starts over."""
     if not path.exists():
         return 0
@@ -163,9 +170,9 @@ def _check_checkpoint(path: Path, config: TrainerConfig, notify: Notify | None =
                 f"the checkpoint at {path} was made with {k}={saved.get(k)!r}, this run has {k}={now.get(k)!r}; "
                 "run without --resume to start over"
             )
-    if not isinstance(state, dict) or state.get("phase", "finetune") != "finetune":
-        return 0  # the autoencoder's pretraining: no reported epoch restored yet
-    return int(state.get("epoch", -1)) + 1
+    if not isinstance(state, dict):
+        return 0
+    return int(state.get("epoch", -1)) + 1  # -1 until the first reported epoch (e.g. during pretraining)
 
 
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)

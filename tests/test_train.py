@@ -106,7 +106,7 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     import numpy as np
 
     from dlops.metrics import topk_accuracy
-    from dlops.trainers.resnet import evaluate
+    from dlops.trainers.base import evaluate
 
     result = fit(small("ce", epochs=1))
     ds, device = result.dataset, result.device

@@ -20,7 +20,8 @@ PACKAGE = Path(dlops.__file__).parent
 
 
 def test_importing_the_registry_loads_no_trainer_and_no_torch() -> None:
-    code = "import sys, dlops.trainers; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dlops.trainers.')))"
+    code = ("import sys, dlops.trainers\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dlops.trainers.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -123,7 +124,8 @@ def test_training_loads_none_of_the_study_or_cli_side() -> None:
             "import dlops.trainers.resnet, dlops.trainers.autoencoder, dlops.data.stl10, dlops.data.tinyimagenet\n"
             "from dlops.data import get_dataset\n"
             "get_dataset('digits')\n"
-            f"print(sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in {tuple(f for f in FORBIDDEN if f != 'rich')!r})))")
+            f"forbidden = {tuple(f for f in FORBIDDEN if f != 'rich')!r}\n"
+            "print(sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in forbidden)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -57,12 +57,12 @@ from dlops.trainers.base import (
     check_epoch_loss,
     check_step_loss,
     epoch_row,
+    evaluate,
     load_dataset,
     load_state,
     resolve_device,
     save_state,
 )
-from dlops.trainers.resnet import evaluate
 
 HIDDEN_SIZES = (1024, 1000, 500, 256, 128, 64)
 MAX_LAYERS = len(HIDDEN_SIZES)  # one pretrain_epochs_<k> field per layer
@@ -179,7 +179,7 @@ class StackedClassifier(nn.Module):
 
     ``forward`` takes normalised images and returns ``(embedding, logits)`` like
     :class:`dlops.models.ResNet18` (the embedding is the last hidden layer), so
-    :func:`dlops.trainers.resnet.evaluate` scores it. The per-channel normalisation is kept as
+    :func:`dlops.trainers.base.evaluate` scores it. The per-channel normalisation is kept as
     buffers, so :meth:`prepare` turns raw uint8 images into inputs on its own.
     """
 
@@ -365,7 +365,7 @@ def fit(
     """Pretrain the autoencoders greedily, then fine-tune the stacked classifier.
 
     ``report(epoch, metrics)`` is called after each fine-tuning epoch (as in
-    :func:`dlops.trainers.resnet.fit`); ``progress(line)`` after each pretraining epoch
+    :class:`Trainer`); ``progress(line)`` after each pretraining epoch
     with its :func:`layer_epoch_line`. With ``checkpoint_path`` the whole state is saved after every
     pretraining and fine-tuning epoch and an existing checkpoint is resumed (exactly,
     on the CPU); restored fine-tuning epochs are reported again.
@@ -408,7 +408,7 @@ def fit(
     def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if checkpoint_path is None:
             return
-        # "epoch": the last fine-tuning epoch done, as in dlops.trainers.resnet (-1: none yet)
+        # "epoch": the last fine-tuning epoch done, the one reported (-1: none yet)
         save_state(checkpoint_path, config, epoch, phase=phase, stack=stack.state_dict(), model=model.state_dict(),
                    optimizer=optimizer.state_dict(), pretrain_loader=pretrain_loader.state_dict(),
                    finetune_loader=finetune_loader.state_dict(), torch_rng=torch.get_rng_state(),
@@ -668,8 +668,8 @@ class AutoencoderTrainer(Trainer):
         """The per-class test accuracy (mean over seeds) and the pretraining cost per layer."""
         tables = []
         if final.get("class_accuracy"):
-            tables.append(Table("Per-class test accuracy (mean over seeds)", ("class", "accuracy"),
-                                tuple((name, "–" if acc is None else f"{acc:.4f}") for name, acc in final["class_accuracy"].items())))
+            rows = tuple((name, "–" if acc is None else f"{acc:.4f}") for name, acc in final["class_accuracy"].items())
+            tables.append(Table("Per-class test accuracy (mean over seeds)", ("class", "accuracy"), rows))
         layer_history = final["per_seed"][0].get("layer_history")
         if layer_history and "hidden_sizes" in layer_history:
             tables.append(layer_cost_table(layer_history))

@@ -1,5 +1,6 @@
 """What every trainer is and shares: the :class:`Trainer` protocol, the fit result, the
-epoch row, the NaN guard, the device, and one checkpoint format with one compatibility rule.
+epoch row, the NaN guard, the device, evaluation on a split, and one checkpoint format
+with one compatibility rule.
 
 A trainer module (``dlops.trainers.<name>``) defines a ``TRAINER`` object that subclasses
 :class:`Trainer`. It knows nothing of Optuna, the CLI or the reports: after each epoch
@@ -16,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from dlops.data import Dataset, Split, get_dataset, take_subset
+from dlops.data.loader import BatchLoader
 from dlops.errors import DlopsError
 from dlops.io import load_checkpoint, save_checkpoint
+from dlops.metrics import centroid_scores
 
 # The per-epoch keys of every trainer's history (a loss may add its own diagnostics).
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
@@ -73,7 +77,8 @@ def check_epoch_loss(mean: float, epoch: int, step: int) -> float:
     return mean
 
 
-def epoch_row(train_loss: float, train_acc: float, val: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
+def epoch_row(train_loss: float, train_acc: float, val: dict[str, float], lr: float,
+              seconds: float) -> dict[str, float]:
     """One epoch's row of the history (the keys of ``HISTORY_KEYS``)."""
     return {
         "train_loss": train_loss,
@@ -121,6 +126,51 @@ def describe_device(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         out["name"] = torch.cuda.get_device_name(device)
         out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA; off on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    split: Split,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
+    model.eval()
+    loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
+    # Sums stay on the device and are read once at the end: no host sync per batch.
+    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    for x, y in loader:
+        with autocast(device):
+            embedding, logits = model(x)
+        if loss_fn.scored_by == "centroids":
+            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
+        else:
+            scores = logits.float()
+            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
+        hits[0] += top[:, 0].sum()
+        hits[1] += top.any(1).sum()
+        n += len(y)
+    top1, top5 = hits.tolist()
+    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+    out["loss"] = float(loss_sum) / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
     return out
 
 

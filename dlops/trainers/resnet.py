@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ from dlops.trainers.base import (
     ProgressFn,
     ReportFn,
     Trainer,
+    autocast,
     check_epoch_loss,
     check_step_loss,
     describe_device,
     epoch_row,
+    evaluate,
     load_dataset,
     load_state,
     resolve_device,
@@ -109,52 +111,11 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
     return model, loss_fn
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``: the compiled module shares the parameters and buffers of
     ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
     taken from ``model`` itself)."""
     return torch.compile(model)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    split: Split,
-    mean: np.ndarray,
-    std: np.ndarray,
-    device: torch.device,
-    batch_size: int = 512,
-) -> dict[str, float]:
-    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
-    model.eval()
-    loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
-    # Sums stay on the device and are read once at the end: no host sync per batch.
-    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n = 0
-    for x, y in loader:
-        with _autocast(device):
-            embedding, logits = model(x)
-        if loss_fn.scored_by == "centroids":
-            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
-        else:
-            scores = logits.float()
-            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
-        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
-        hits[0] += top[:, 0].sum()
-        hits[1] += top.any(1).sum()
-        n += len(y)
-    top1, top5 = hits.tolist()
-    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
-    out["loss"] = float(loss_sum) / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
-    return out
 
 
 @torch.no_grad()
@@ -166,7 +127,7 @@ def update_centroids(
     model.eval()
     embs, labels = [], []
     for x, y in BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda"):
-        with _autocast(device):
+        with autocast(device):
             embedding, _ = model(x)
         embs.append(loss_fn.scoring_embedding(embedding))
         labels.append(y)
@@ -265,7 +226,7 @@ def fit(
         seen = 0
         embeddings, labels = [], []
         for step, (x, y) in enumerate(train_loader):
-            with _autocast(device):
+            with autocast(device):
                 embedding, logits = net(x)
             loss = loss_fn(embedding, logits, y)
             optimizer.zero_grad(set_to_none=True)
