@@ -101,7 +101,7 @@ class StudyFacts:
                 + (f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"))
 
     @classmethod
-    def of(cls, study: Any) -> "StudyFacts":
+    def of(cls, study: optuna.Study) -> "StudyFacts":
         trials = study.get_trials(deepcopy=False)
         count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
         seconds = sum(
@@ -171,7 +171,7 @@ def _source_text(final: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- per-spec report
 
 
-def write_spec_report(spec_name: str, study: Any | None, out_dir: Path | None = None) -> Path:
+def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path | None = None) -> Path:
     """``reports/<spec>/report.md`` (or ``out_dir/report.md``) from the ``final.json``
     beside it (if any) and the study (if any)."""
     out_dir = out_dir or reports_dir() / spec_name
@@ -261,7 +261,7 @@ class Entry:
     trainer: str | None
     loss: str | None
     final: dict[str, Any] | None
-    study: Any | None
+    study: optuna.Study | None
 
 
 @dataclass

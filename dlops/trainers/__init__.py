@@ -9,7 +9,7 @@ trainer: one module with its ``TRAINER``, and one entry here.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dlops.errors import SpecError
 
@@ -22,7 +22,7 @@ TRAINER_MODULES: dict[str, str] = {
 }
 
 
-def get_trainer(name: str) -> Trainer:
+def get_trainer(name: str) -> Trainer[Any]:
     """The trainer called ``name``; an unknown name is a :class:`SpecError`."""
     if name not in TRAINER_MODULES:
         raise SpecError(f"unknown trainer {name!r} (known: {', '.join(sorted(TRAINER_MODULES))})")

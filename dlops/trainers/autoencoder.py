@@ -589,7 +589,7 @@ def _test_figures(model: StackedClassifier, loss_fn: nn.Module, dataset: Dataset
     }
 
 
-class AutoencoderTrainer(Trainer):
+class AutoencoderTrainer(Trainer[AEConfig]):
     name = "autoencoder"
     config_class = AEConfig
     metrics = HISTORY_KEYS

@@ -15,7 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ class TrainerConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
     def replace(self, **changes: Any) -> Any: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=TrainerConfig)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -239,7 +242,7 @@ class Table:
 # --------------------------------------------------------------------------- the protocol
 
 
-class Trainer(ABC):
+class Trainer(ABC, Generic[ConfigT]):
     """A trainer: its config, its per-epoch metrics, ``fit``, and what a reference run
     (``dlops final``) and the written report need from it.
 
@@ -248,18 +251,18 @@ class Trainer(ABC):
     """
 
     name: ClassVar[str]
-    config_class: ClassVar[type]
+    config_class: ClassVar[type[Any]]  # ConfigT
     metrics: ClassVar[tuple[str, ...]] = HISTORY_KEYS
     title: ClassVar[str]  # the heading of its section in reports/index.md
     index_by_loss: ClassVar[bool] = False  # reports/index.md compares its specs side by side, one column per loss
     report_figures: ClassVar[tuple[tuple[str, str], ...]] = ()  # (file, caption) that report.md embeds
 
     @abstractmethod
-    def validate(self, config: Any) -> None:
+    def validate(self, config: ConfigT) -> None:
         """Reject settings no run could use (a :class:`DlopsError` in one line)."""
 
     @abstractmethod
-    def fit(self, config: Any, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
+    def fit(self, config: ConfigT, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
             progress: ProgressFn | None = None) -> FitResult:
         """Train ``config``; with ``checkpoint_path``, checkpoint after every epoch and resume
         an existing checkpoint exactly (its restored epochs are reported again)."""
@@ -274,7 +277,7 @@ class Trainer(ABC):
         """The state dicts a reference run keeps (``weights.pt``)."""
 
     @abstractmethod
-    def evaluate_weights(self, config: Any, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def evaluate_weights(self, config: ConfigT, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """:meth:`test_metrics` again, from the saved :meth:`weights`."""
 
     def seed_record(self, result: FitResult) -> dict[str, Any]:

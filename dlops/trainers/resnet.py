@@ -304,7 +304,7 @@ def _test_figures(model: nn.Module, loss_fn: nn.Module, dataset: Dataset, split:
     return {"test_top1": m["top1"], "test_top5": m["top5"], "test_loss": m["loss"]}
 
 
-class ResNetTrainer(Trainer):
+class ResNetTrainer(Trainer[TrainConfig]):
     name = "resnet18"
     config_class = TrainConfig
     metrics = HISTORY_KEYS
