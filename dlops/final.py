@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 
-from dlops import plots
 from dlops.artifacts import attach_artifacts
 from dlops.data import get_dataset
 from dlops.errors import DlopsError
@@ -62,7 +61,7 @@ from dlops.params import (
 )
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, reports_dir
 from dlops.provenance import build_final, write_final
-from dlops.report import write_spec_report
+from dlops.report import write_final_plots, write_spec_report
 from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
 from dlops.study_plots import write_study_plots
@@ -402,8 +401,7 @@ def _run_locked(spec: StudySpec, options: FinalOptions, trainer: Trainer, url: s
                         time.perf_counter() - started,
                         {"name": study.study_name, "storage": mask_url(url)} if study is not None else None)
     write_final(final, stage / "final.json")
-    files = [stage / "final.json", *plots.write_curves(final, stage), *trainer.final_plots(final, stage),
-             *(f for run in runs for f in run.files)]
+    files = [stage / "final.json", *write_final_plots(final, stage), *(f for run in runs for f in run.files)]
     if study is not None:
         files += write_study_plots(study, stage / "study")
     files.append(write_spec_report(spec.name, study, stage))

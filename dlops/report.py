@@ -64,7 +64,8 @@ def trainer_of(name: str | None) -> Trainer | None:
 
 
 def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
-    """The plots drawn from ``final.json`` alone: ``curves.png`` and the trainer's own."""
+    """The plots of a report folder drawn from ``final.json`` alone: ``curves.png`` and
+    the trainer's own (:meth:`Trainer.final_plots`)."""
     trainer = trainer_of(final.get("trainer"))
     return plots.write_curves(final, out_dir) + (trainer.final_plots(final, out_dir) if trainer else [])
 
