@@ -1,0 +1,128 @@
+"""The shapes every dataset has: a :class:`Dataset` of uint8 :class:`Split` arrays whose
+test split is read only through :meth:`Dataset.test` (and never inside
+:func:`forbid_test_split`), and cheaper subsets of one (:func:`take_subset`)."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dlops.errors import DlopsError
+from dlops.text import plural
+
+
+@dataclass
+class Split:
+    """One split: ``images`` uint8 (N, C, H, W), possibly a memmap; ``labels`` int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class TestSplitForbidden(RuntimeError):
+    """The test split was read where it must not be (inside a study)."""
+
+
+_test_forbidden: contextvars.ContextVar[bool] = contextvars.ContextVar("test_forbidden", default=False)
+
+
+@contextlib.contextmanager
+def forbid_test_split() -> Iterator[None]:
+    """Within this block any :meth:`Dataset.test` call raises :class:`TestSplitForbidden`."""
+    token = _test_forbidden.set(True)
+    try:
+        yield
+    finally:
+        _test_forbidden.reset(token)
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_ids: list[str]
+    class_names: list[str]
+    train: Split
+    val: Split
+    load_test: Callable[[], Split] = field(repr=False)
+    # Augmentations that keep the label: digits must not be mirrored.
+    hflip: bool = True
+    crop_padding: int = 4
+    test_reads: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def test(self) -> Split:
+        """The test split. Raises inside :func:`forbid_test_split`; counts reads."""
+        if _test_forbidden.get():
+            raise TestSplitForbidden(f"the test split of {self.name} was read during a study")
+        self.test_reads += 1
+        return self.load_test()
+
+    def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std of the training images in [0, 1] (from up to 10k images)."""
+        images = self.train.images
+        step = max(1, len(images) // 10_000)
+        sample = np.asarray(images[::step], dtype=np.float32) / 255.0
+        mean = sample.mean(axis=(0, 2, 3))
+        std = sample.std(axis=(0, 2, 3)) + 1e-6
+        return mean, std
+
+
+def first_per_class(labels: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first ``k`` items of each class, in their original order."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = np.empty(len(labels), dtype=np.int64)
+    ranks[order] = np.arange(len(labels)) - np.repeat(starts, counts)
+    return np.flatnonzero(ranks < k)
+
+
+def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | None = None) -> Dataset:
+    """A cheaper dataset: the first ``num_classes`` classes and, in the training split,
+    the first ``per_class`` images of each (validation keeps at most as many per class).
+
+    Class indices stay 0..num_classes-1, so labels need no remapping.
+    """
+    if num_classes is None and per_class is None:
+        return ds
+    n = ds.num_classes if num_classes is None else num_classes
+    if not 1 <= n <= ds.num_classes:
+        raise DlopsError(f"subset of {plural(n, 'class')} asked for; {ds.name} has {ds.num_classes}")
+    if per_class is not None and per_class < 1:
+        raise DlopsError(f"subset per_class must be at least 1, got {per_class}")
+
+    def restrict(split: Split, cap: int | None) -> Split:
+        labels = np.asarray(split.labels)
+        keep = np.flatnonzero(labels < n)
+        if cap is not None:
+            keep = keep[first_per_class(labels[keep], cap)]
+        return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
+
+    load_test = ds.load_test
+    return Dataset(
+        name=ds.name,
+        class_ids=ds.class_ids[:n],
+        class_names=ds.class_names[:n],
+        train=restrict(ds.train, per_class),
+        val=restrict(ds.val, per_class),
+        load_test=lambda: restrict(load_test(), None),
+        hflip=ds.hflip,
+        crop_padding=ds.crop_padding,
+    )
