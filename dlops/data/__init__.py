@@ -1,49 +1,118 @@
-"""Datasets as uint8 arrays in memory or memory-mapped from the cache: the registry.
+"""Datasets as uint8 arrays in memory or memory-mapped from the cache.
 
 Every dataset is a :class:`Dataset` with ``train`` and ``val`` splits (validation is
 a stratified hold-out from the official training data) and a ``test`` split that is
 read through :meth:`Dataset.test`, so that studies can be proven never to touch it
 (see :func:`forbid_test_split`).
 
-``DATASETS`` maps a dataset name to a function ``(root) -> Dataset``. The built-in ones
-are the ``load(root)`` of a module each, imported on first use (they pull in PIL etc.).
+``DATASETS`` maps a dataset name to a function ``(root) -> Dataset``.
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from dlops.data.base import Dataset, Split, TestSplitForbidden, first_per_class, forbid_test_split, take_subset
 from dlops.errors import DatasetNotAvailable, DlopsError
+from dlops.text import plural
 
 
-def _builtin(module: str) -> Callable[[Path | None], Dataset]:
-    def load(root: Path | None = None) -> Dataset:
-        return importlib.import_module(module).load(root)
+@dataclass
+class Split:
+    """One split: ``images`` uint8 (N, C, H, W), possibly a memmap; ``labels`` int64 (N,)."""
 
-    return load
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class TestSplitForbidden(RuntimeError):
+    """The test split was read where it must not be (inside a study)."""
+
+
+_test_forbidden: contextvars.ContextVar[bool] = contextvars.ContextVar("test_forbidden", default=False)
+
+
+@contextlib.contextmanager
+def forbid_test_split() -> Iterator[None]:
+    """Within this block any :meth:`Dataset.test` call raises :class:`TestSplitForbidden`."""
+    token = _test_forbidden.set(True)
+    try:
+        yield
+    finally:
+        _test_forbidden.reset(token)
+
+
+@dataclass
+class Dataset:
+    name: str
+    class_ids: list[str]
+    class_names: list[str]
+    train: Split
+    val: Split
+    load_test: Callable[[], Split] = field(repr=False)
+    # Augmentations that keep the label: digits must not be mirrored.
+    hflip: bool = True
+    crop_padding: int = 4
+    test_reads: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def test(self) -> Split:
+        """The test split. Raises inside :func:`forbid_test_split`; counts reads."""
+        if _test_forbidden.get():
+            raise TestSplitForbidden(f"the test split of {self.name} was read during a study")
+        self.test_reads += 1
+        return self.load_test()
+
+    def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and std of the training images in [0, 1] (from up to 10k images)."""
+        images = self.train.images
+        step = max(1, len(images) // 10_000)
+        sample = np.asarray(images[::step], dtype=np.float32) / 255.0
+        mean = sample.mean(axis=(0, 2, 3))
+        std = sample.std(axis=(0, 2, 3)) + 1e-6
+        return mean, std
+
+
+def _load_digits(root: Path | None = None) -> Dataset:
+    from dlops.data.digits import load_digits_dataset
+
+    return load_digits_dataset()
 
 
 DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
-    "digits": _builtin("dlops.data.digits"),
-    "stl10": _builtin("dlops.data.stl10"),
-    "tiny-imagenet": _builtin("dlops.data.tinyimagenet"),
+    "digits": _load_digits,
 }
+
+
+def register_dataset(name: str, loader: Callable[[Path | None], Dataset]) -> None:
+    DATASETS[name] = loader
 
 
 def get_dataset(name: str, root: Path | None = None) -> Dataset:
     """Load a registered dataset; an unknown or unprepared one is a one-line error."""
+    _register_builtin()
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise DlopsError(f"unknown dataset {name!r} (known: {known})")
     return DATASETS[name](root)
 
 
-def load_split(name: str, split: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def load_split(name: str, split: str, root: Path | None = None):
     """``(images, labels, class_ids, class_names)`` of one split, as a study reads it."""
     ds = get_dataset(name, root)
     if split == "train":
@@ -57,15 +126,81 @@ def load_split(name: str, split: str, root: Path | None = None) -> tuple[np.ndar
     return s.images, s.labels, ds.class_ids, ds.class_names
 
 
+def first_per_class(labels: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first ``k`` items of each class, in their original order."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ranks = np.empty(len(labels), dtype=np.int64)
+    ranks[order] = np.arange(len(labels)) - np.repeat(starts, counts)
+    return np.flatnonzero(ranks < k)
+
+
+def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | None = None) -> Dataset:
+    """A cheaper dataset: the first ``num_classes`` classes and, in the training split,
+    the first ``per_class`` images of each (validation keeps at most as many per class).
+
+    Class indices stay 0..num_classes-1, so labels need no remapping.
+    """
+    if num_classes is None and per_class is None:
+        return ds
+    n = ds.num_classes if num_classes is None else num_classes
+    if not 1 <= n <= ds.num_classes:
+        raise DlopsError(f"subset of {plural(n, 'class')} asked for; {ds.name} has {ds.num_classes}")
+    if per_class is not None and per_class < 1:
+        raise DlopsError(f"subset per_class must be at least 1, got {per_class}")
+
+    def restrict(split: Split, cap: int | None) -> Split:
+        labels = np.asarray(split.labels)
+        keep = np.flatnonzero(labels < n)
+        if cap is not None:
+            keep = keep[first_per_class(labels[keep], cap)]
+        return Split(np.ascontiguousarray(split.images[keep]), labels[keep])
+
+    load_test = ds.load_test
+    return Dataset(
+        name=ds.name,
+        class_ids=ds.class_ids[:n],
+        class_names=ds.class_names[:n],
+        train=restrict(ds.train, per_class),
+        val=restrict(ds.val, per_class),
+        load_test=lambda: restrict(load_test(), None),
+        hflip=ds.hflip,
+        crop_padding=ds.crop_padding,
+    )
+
+
+_builtin_registered = False
+
+
+def _register_builtin() -> None:
+    """Import dataset modules that register themselves (kept lazy: they pull in PIL etc.)."""
+    global _builtin_registered
+    if _builtin_registered:
+        return
+    _builtin_registered = True
+    import importlib
+
+    for module in ("dlops.data.tinyimagenet", "dlops.data.stl10"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # module not written yet in this tree
+            if exc.name != module:
+                raise
+
+
 __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetNotAvailable",
     "Split",
     "TestSplitForbidden",
-    "first_per_class",
     "forbid_test_split",
     "get_dataset",
     "load_split",
+    "register_dataset",
     "take_subset",
 ]

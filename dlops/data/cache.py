@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dlops.data.base import Dataset, Split
+from dlops.data import Dataset, Split
 from dlops.errors import DatasetNotAvailable
 from dlops.paths import data_root
 

@@ -4,11 +4,9 @@ and 10% of the rest is the validation hold-out (both seeded, the same everywhere
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from dlops.data.base import Dataset, Split
+from dlops.data import Dataset, Split
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -49,8 +47,3 @@ def load_digits_dataset() -> Dataset:
         hflip=False,
         crop_padding=1,
     )
-
-
-def load(root: Path | None = None) -> Dataset:
-    """The registry's loader: scikit-learn ships the digits (``root`` is not used)."""
-    return load_digits_dataset()

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dlops.data.base import Split
+from dlops.data import Split
 from dlops.text import plural
 
 

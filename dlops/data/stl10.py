@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dlops.data.base import Dataset, Split
+from dlops.data import Dataset, Split, register_dataset
 from dlops.data.cache import CacheBuilder, open_dataset, open_split, read_manifest
 from dlops.data.digits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
@@ -146,3 +146,6 @@ def load_unlabeled(root: Path | str | None = None) -> Split:
     if "unlabeled" not in manifest["splits"]:
         raise DatasetNotAvailable(f"{NAME} cache has no unlabeled split: rebuild it with `dlops data prepare {NAME} --force`")
     return open_split(root, NAME, "unlabeled")
+
+
+register_dataset(NAME, load)

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from dlops.data.base import Dataset
+from dlops.data import Dataset, register_dataset
 from dlops.data.cache import CacheBuilder, ImageWriter, open_dataset
 from dlops.data.digits import stratified_holdout
 from dlops.data.fetch import count_progress, tree_candidates
@@ -264,3 +264,6 @@ def build_cache(tree: Path, builder: CacheBuilder, *, val_fraction: float = 0.1,
 def load(root: Path | None = None) -> Dataset:
     """The cached Tiny ImageNet: train/val memory-mapped, test opened when asked for."""
     return open_dataset(root, NAME, hflip=HFLIP, crop_padding=CROP_PADDING)
+
+
+register_dataset(NAME, load)
