@@ -31,7 +31,7 @@ from dlops.data.cache import dataset_dir, is_prepared
 from dlops.data.loader import BatchLoader
 from dlops.data.manage import fetch_dataset
 from dlops.data.tinyimagenet import CROP_PADDING, find_tree
-from dlops.train import resolve_device
+from dlops.trainers.base import resolve_device
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-imagenet-200-sample.zip"
 

@@ -216,7 +216,7 @@ def curves(args: argparse.Namespace) -> int:
             f"curves {loss:<8} epoch {e + 1:>2}: train loss {m['train_loss']:.4f}  val top-1 {m['val_top1']:.4f}  "
             f"top-5 {m['val_top5']:.4f}  ({m['epoch_seconds']:.1f} s)", flush=True))
         out[loss] = {"params": params, "source": source, "config": config.to_dict(), "history": result.history,
-                     "seconds": time.perf_counter() - t0, "device": getattr(result, "extra_user_attrs", {}).get("device")}
+                     "seconds": time.perf_counter() - t0, "device": result.extra_user_attrs.get("device")}
         path.write_text(json.dumps(out, indent=1, default=str))
     use_headless_backend()
     series = {loss: [r["history"]["val_top5"]] for loss, r in out.items()}

@@ -4,7 +4,7 @@ Same ResNet18, same batch size, same device; the batch is synthetic (random imag
 P x K labels so that batch-hard mining has positives and negatives). A step is
 forward + loss + backward + SGD step. The three losses are timed in interleaved
 rounds so that machine noise hits them alike; the figure is the median step time.
-Then one real epoch per loss on digits (``dlops.train.fit``) checks that the
+Then one real epoch per loss on digits (``dlops.trainers.resnet.fit``) checks that the
 ``epoch_seconds`` of a run's history agree.
 
     python benchmarks/losses.py                 # CPU defaults: 32x32 images, batch 64
@@ -21,7 +21,8 @@ import torch
 
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.train import TrainConfig, fit, resolve_device
+from dlops.trainers.base import resolve_device
+from dlops.trainers.resnet import TrainConfig, fit
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The three losses on a real Tiny ImageNet subset at one budget: test top-1/top-5.
 
-Each run is ``dlops.train.fit`` (ResNet18, SGD momentum 0.9, cosine schedule, seed 0)
+Each run is ``dlops.trainers.resnet.fit`` (ResNet18, SGD momentum 0.9, cosine schedule, seed 0)
 on the first ``--classes`` classes and the first ``--per-class`` training images of
 each, validated on the hold-out, then tested once on the official val images of
 those classes. Every loss gets the same epochs, batch size and width and the same
@@ -33,8 +33,9 @@ import torch
 from dlops.data import get_dataset, take_subset
 from dlops.paths import data_root
 from dlops.spec import load_spec
-from dlops.train import CONFIG_FIELDS, evaluate, fit
+from dlops.trainers.resnet import TrainConfig, evaluate, fit
 
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}  # what --set may change
 
 def parse_value(key: str, text: str) -> Any:
     default = CONFIG_FIELDS[key].default

@@ -7,7 +7,7 @@ What a study's epoch costs, piece by piece, on the device it runs on:
 * training images/s per loss x batch size x {eager, compiled}: loader + forward (bf16
   autocast and channels_last on CUDA) + loss + backward + SGD step, with the same
   on-device sums ``fit`` keeps; the peak device memory of each;
-* evaluation images/s (``dlops.train.evaluate``, the function a study calls) per eval
+* evaluation images/s (``dlops.trainers.resnet.evaluate``, the function a study calls) per eval
   batch size;
 * options: ``torch.backends.cudnn.benchmark`` on and off;
 * the projected seconds of one full Tiny ImageNet epoch (90,000 training + 10,000
@@ -44,7 +44,8 @@ from dlops.data import Split
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.train import _autocast, compile_model, evaluate, resolve_device
+from dlops.trainers.base import autocast, evaluate, resolve_device
+from dlops.trainers.resnet import compile_model
 
 TRAIN_IMAGES, VAL_IMAGES, CENTROID_IMAGES = 90_000, 10_000, 10_000  # one full Tiny ImageNet epoch
 MEAN, STD = np.array([0.480, 0.448, 0.398]), np.array([0.277, 0.269, 0.282])
@@ -195,7 +196,7 @@ class Bench:
         def step() -> None:
             nonlocal loss_sum, correct
             x, y = next(batches)
-            with _autocast(device):
+            with autocast(device):
                 embedding, logits = net(x)
             loss = loss_fn(embedding, logits, y)
             optimizer.zero_grad(set_to_none=True)

@@ -396,12 +396,11 @@ def final(
     def on_epoch(seed: int, epoch: int, m: dict[str, float], restored: bool) -> None:
         say(out.epoch_line(f"seed {seed}", epoch, m, restored=restored))
 
-    def on_layer_epoch(seed: int, layer: int, epoch: int, m: dict[str, float]) -> None:
-        say(f"seed {seed}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
-            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
+    def progress(seed: int, line: str) -> None:
+        say(f"seed {seed}  {line}")
 
     try:
-        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, on_layer_epoch=on_layer_epoch,
+        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, progress=progress,
                            notify=say)
     except Interrupted as exc:  # Ctrl-C or SIGTERM: say how to continue
         tail = f":\n  {resume_command(['dlops', *sys.argv[1:]])}" if exc.resumable else ""
@@ -425,10 +424,11 @@ def _attached_to(final: dict[str, Any]) -> str:
 @user_errors
 def report(storage: StorageOpt = None) -> None:
     """Write $DLOPS_HOME/reports/index.md: the losses side by side, then the autoencoder."""
+    from dlops.dashboard import attach_study_plots
     from dlops.report import build_report
 
     quiet_optuna()
-    result = build_report(storage)
+    result = build_report(storage, attach_study_plots=attach_study_plots)
     say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 

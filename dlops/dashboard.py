@@ -2,19 +2,26 @@
 
 The one module that reaches into the storage below Optuna's public study API: notes are
 optuna-dashboard's own format (chunks of study system attrs, written through its private
-``optuna_dashboard._note`` helpers), and plot artifacts keep their ids in a study system
-attr so a refresh replaces the file instead of adding an artifact. Both work on every
-storage (SQLite, PostgreSQL, journal file, Redis journal).
+``optuna_dashboard._note`` helpers); plot artifacts keep their ids in a study system
+attr so a refresh replaces the file instead of adding an artifact; a reference run's
+files (``dlops final``) are attached to the finished trial its settings came from, which
+the public API keeps read-only. All of it works on every storage (SQLite, PostgreSQL,
+journal file, Redis journal).
 """
 
 from __future__ import annotations
 
 import json
+import mimetypes
+import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from dlops.errors import DlopsError
 from dlops.io import write_atomic
@@ -22,6 +29,8 @@ from dlops.paths import artifacts_dir
 from dlops.storage import open_storage
 
 STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
+FINAL_ARTIFACTS_KEY = "dlops:final_artifacts:"  # study system attr: earlier uploads per spec
+DASHBOARD_TRIAL_ARTIFACT = "dashboard:artifacts:{trial_id}:{artifact_id}"
 
 
 def _system_attrs(study: optuna.Study) -> dict[str, Any]:
@@ -66,8 +75,6 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
     ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
     content is replaced (atomically), so refreshing never piles up artifacts. Returns
     file name -> artifact id."""
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
     root = artifacts_dir()
     root.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(root))
@@ -101,7 +108,6 @@ def study_plot_ids(study: optuna.Study) -> dict[str, str]:
 def dashboard_app(url: str):
     """optuna-dashboard's WSGI app on the study storage, with dlops's artifact store."""
     import optuna_dashboard
-    from optuna.artifacts import FileSystemArtifactStore
 
     storage = open_storage(url)
     artifacts = artifacts_dir()
@@ -122,3 +128,51 @@ def serve_dashboard(url: str, host: str, port: int) -> None:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+
+
+# --- the files of a reference run --------------------------------------------------
+
+
+def attach_artifacts(study: optuna.Study, files: Iterable[Path], trial_number: int | None = None,
+                     tag: str = "final") -> list[str]:
+    """Upload ``files`` to the artifact store under ``$DLOPS_HOME/artifacts`` and
+    attach them to trial ``trial_number`` of ``study`` (or to the study itself).
+
+    A finished trial is read-only in Optuna's storage, so a trial's files are attached
+    the way optuna-dashboard attaches its own uploads: a study attribute
+    ``dashboard:artifacts:<trial_id>:<artifact_id>``, which the dashboard lists on that
+    trial's page. Files attached by an earlier run with the same ``tag`` are withdrawn
+    (trial attachments) so a trial shows only the latest reference run.
+    """
+    root = artifacts_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(root))
+    storage, study_id = study._storage, study._study_id
+    key = FINAL_ARTIFACTS_KEY + tag
+    for attr_key, artifact_id in storage.get_study_system_attrs(study_id).get(key, []):
+        if attr_key.startswith("dashboard:"):  # Optuna's own lister cannot skip nulled artifacts:* keys
+            storage.set_study_system_attr(study_id, attr_key, json.dumps(None))
+            try:
+                store.remove(artifact_id)
+            except ArtifactNotFound:
+                pass
+    trial_id = None
+    if trial_number is not None:
+        trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial_number)
+    attached: list[list[str]] = []
+    for path in files:
+        if trial_id is None:
+            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+            attached.append(["artifacts:" + artifact_id, artifact_id])
+            continue
+        artifact_id = str(uuid.uuid4())
+        mimetype, encoding = mimetypes.guess_type(path.name)
+        with open(path, "rb") as f:
+            store.write(artifact_id, f)
+        attr_key = DASHBOARD_TRIAL_ARTIFACT.format(trial_id=trial_id, artifact_id=artifact_id)
+        meta = {"artifact_id": artifact_id, "filename": path.name,
+                "mimetype": mimetype or "application/octet-stream", "encoding": encoding}
+        storage.set_study_system_attr(study_id, attr_key, json.dumps(meta))
+        attached.append([attr_key, artifact_id])
+    storage.set_study_system_attr(study_id, key, attached)
+    return [artifact_id for _, artifact_id in attached]

@@ -1,5 +1,6 @@
 """Files that are never half-written: the one atomic writer (text, figures, checkpoints),
-checkpoints that carry a checksum, and a per-folder lock for runs that must not overlap.
+checkpoints that carry a checksum, a per-folder lock for runs that must not overlap, and
+:func:`json_safe` (what is stored as JSON: final.json, a trial's user attrs).
 
 An atomic write goes to ``NAME.tmp`` in the same folder, is flushed to disk and renamed
 over ``NAME``; on any failure (a full disk, Ctrl-C) the temporary file is removed and
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -27,6 +29,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from dlops.errors import DlopsError
 
@@ -51,6 +55,23 @@ class CorruptCheckpoint(DlopsError):
 
 class Busy(DlopsError):
     """Another process holds the lock of the run this one would start."""
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> null, numpy scalars -> Python, tuples -> lists, keys -> str, recursively:
+    strict JSON (neither final.json nor the dashboard can parse NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 # --------------------------------------------------------------------------- atomic writes

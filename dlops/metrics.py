@@ -1,7 +1,11 @@
-"""Top-k accuracy from logits and from class centroids in embedding space."""
+"""Top-k accuracy from logits and from class centroids in embedding space; the mean and
+standard deviation over seeds."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -32,3 +36,12 @@ def class_centroids(embeddings: torch.Tensor, labels: torch.Tensor, num_classes:
 def centroid_scores(embeddings: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Scores for top-k by nearest centroid: the negated Euclidean distance to each."""
     return -torch.cdist(embeddings.float(), centroids.float())
+
+
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; 0 for one value) of the finite values."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return None, None
+    arr = np.asarray(xs, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

@@ -158,7 +158,7 @@ def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     if not name:
         return facts
     try:
-        from dlops.train import load_dataset
+        from dlops.trainers.base import load_dataset
 
         ds = load_dataset(config)
     except Exception as exc:  # noqa: BLE001 - the note is a courtesy; the run reports data errors itself
@@ -407,7 +407,7 @@ class RunNotes:
 def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> list[Path]:
     """Draw the study's plots (as ``dlops report`` does) and attach them to the study.
     ``out_dir``: where the PNGs stay (default: a temporary folder)."""
-    from dlops.report import write_study_plots
+    from dlops.study_plots import write_study_plots
 
     if out_dir is not None:
         files = write_study_plots(study, out_dir)

@@ -14,23 +14,22 @@ A checkpoint that does not load or fails its checksum is discarded with a warnin
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import optuna
 
+from dlops.console import trial_label
 from dlops.errors import DlopsError
-from dlops.io import CorruptCheckpoint, load_checkpoint
+from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, folder_name
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
 from dlops.text import plural
-from dlops.train import NonFiniteLossError
 from dlops.trainers import get_trainer
+from dlops.trainers.base import NonFiniteLossError, config_matches
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
 
@@ -89,11 +88,6 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def json_safe(history: dict[str, list[float]]) -> dict[str, list[float | None]]:
-    """NaN is not JSON (the dashboard could not parse it): store it as null."""
-    return {k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs] for k, vs in history.items()}
-
-
 def checkpoint_path(study_name: str, trial_key: int) -> Path:
     """The checkpoint of trial ``trial_key``: one folder per exact study name (a slug and a
     hash, so ``a/b`` and ``a_b`` never share one)."""
@@ -107,9 +101,6 @@ def remove_checkpoint(path: Path) -> None:
         path.parent.rmdir()  # the study's folder, once its last trial is done
     except OSError:
         pass
-
-
-_RESUME_IGNORES = {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"}  # may differ between machines; results do not
 
 
 def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:
@@ -133,17 +124,11 @@ def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | No
         return None
     saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
     if isinstance(saved, dict) and isinstance(now, dict):
-        if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in _RESUME_IGNORES):
+        if not config_matches(saved, now):
             remove_checkpoint(path)
             return None
     epoch = state.get("epoch")
     return int(epoch) + 1 if isinstance(epoch, int) else 0
-
-
-def layer_epoch_line(trial: int, layer: int, epoch: int, m: dict[str, float]) -> str:
-    """The progress line of one layer-wise pretraining epoch (the autoencoder's)."""
-    return (f"trial {trial:>3}  pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
-            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
 
 
 def make_objective(
@@ -198,12 +183,11 @@ def make_objective(
                                                       "from its checkpoint")
                 raise interrupted(trial.number, epoch)
 
-        extra: dict[str, Any] = {}  # a layer-wise trainer also reports each pretraining epoch
-        if say is not None and "on_layer_epoch" in inspect.signature(trainer.fit).parameters:
-            extra["on_layer_epoch"] = lambda layer, epoch, m: say(layer_epoch_line(trial.number, layer, epoch, m))
+        # A trainer's own progress lines (the autoencoder's pretraining epochs), per trial.
+        progress = None if say is None else lambda line: say(f"{trial_label(trial.number)}  {line}")
         keep_checkpoint = False
         try:
-            result = trainer.fit(config, report=report, checkpoint_path=ckpt, **extra)
+            result = trainer.fit(config, report=report, checkpoint_path=ckpt, progress=progress)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so
             # the sampler learns from it and the study goes on.
@@ -226,7 +210,7 @@ def make_objective(
                 remove_checkpoint(ckpt)
         trial.set_user_attr("history", json_safe(result.history))
         # A trainer may hand over more per-trial results (the autoencoder's layer curves).
-        for key, value in getattr(result, "extra_user_attrs", {}).items():
+        for key, value in result.extra_user_attrs.items():
             trial.set_user_attr(key, value)
         return float(result.metrics[spec.metric])
 

@@ -1,21 +1,28 @@
-"""Plots as pure functions: each returns a matplotlib ``Figure`` and the caller saves it.
+"""Every figure dlops draws, and :func:`save_figure`, the one way they are written.
 
-Figures are built with ``matplotlib.figure.Figure`` (no pyplot, no global state), so
-they work headless and never accumulate in a pyplot registry. The study plots come
-from ``optuna.visualization.matplotlib``, which draws through pyplot: call
-:func:`use_headless_backend` first in a process without a display.
+The ``plot_*`` functions are pure: each returns a matplotlib ``Figure`` and the caller
+saves it. Figures are built with ``matplotlib.figure.Figure`` (no pyplot, no global
+state), so they work headless and never accumulate in a pyplot registry.
+
+:func:`write_curves` draws and saves the training curves of a ``final.json`` (``curves.png``). A study's own plots are
+:mod:`dlops.study_plots` (they come from Optuna: no trainer may load them).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
+import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from dlops.io import write_atomic
+from dlops.text import plural
 
 # History key -> panel title, in the order the report shows them.
 CURVE_PANELS: tuple[tuple[str, str], ...] = (
@@ -31,6 +38,31 @@ def use_headless_backend() -> None:
 
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Save a figure atomically and release it (pyplot figures are closed)."""
+    # Optuna's figures put legends and rotated labels outside the axes: keep them.
+    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight"))
+    if "matplotlib.pyplot" in sys.modules:
+        import matplotlib.pyplot as plt
+
+        if plt.fignum_exists(getattr(fig, "number", -1)):
+            plt.close(fig)
+    return path
+
+
+def write_curves(final: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``curves.png`` of a ``final.json``: its training curves (mean and band over seeds),
+    with the study's objective beside them."""
+    histories = [s["history"] for s in final["per_seed"]]
+    panels = list(CURVE_PANELS)
+    metric = final.get("metric")
+    if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
+        panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
+    n = len(histories)
+    title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
+    return [save_figure(plot_training_curves(histories, panels, title), out_dir / "curves.png")]
 
 
 def _default_style(fn: Callable[..., Figure]) -> Callable[..., Figure]:
@@ -158,98 +190,120 @@ def _validation_axes(ax: Any, series: dict[str, Sequence[Sequence[float | None]]
         ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
 
 
-def _figure_of(axes: Any) -> Any:
-    if isinstance(axes, np.ndarray):
-        return axes.flat[0].figure
-    return axes.figure
+# --------------------------------------------------------------------------- the autoencoder's
 
 
-def study_figures(study: Any) -> dict[str, Any]:
-    """The study's own plots (``optuna.visualization.matplotlib``), by file stem:
-    optimization history, intermediate values, slice, and, where at least two
-    parameters were searched, parameter importances and parallel coordinates.
-
-    Returns pyplot figures (Optuna draws through pyplot): close them after saving.
-    A plot Optuna cannot draw yet (too few trials) is left out.
-    """
-    import optuna
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as ovm
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    params = sorted({p for t in complete for p in t.params})
-    metric = (study.metric_names or [None])[0]
-    plots: dict[str, Any] = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
-    }
-    if params:
-        plots["slice"] = lambda: ovm.plot_slice(study)
-    if len(params) >= 2:
-        plots["param_importances"] = lambda: ovm.plot_param_importances(study)
-        plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(study)
-    out: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # matplotlib's complaints about a parameter with one value so far ("identical
-        # low and high xlims"): the plot is still right, the warning is noise.
-        warnings.simplefilter("ignore", UserWarning)
-        for name, draw in plots.items():
-            try:
-                fig = _figure_of(draw())
-            except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few trials for this plot
-                logging.getLogger(__name__).info("study plot %s skipped: %s", name, exc)
-                continue
-            _tidy_study_figure(name, fig, metric, len(params))
-            out[name] = fig
-    return out
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def _tidy_study_figure(name: str, fig: Any, metric: str | None, n_params: int) -> None:
-    """Readable axes for Optuna's figures: integer trial/epoch ticks, the metric's name
-    instead of "Objective Value", no overlapping minor labels on log axes."""
-    from matplotlib.ticker import MaxNLocator
+def _floats(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
 
-    width, height = fig.get_size_inches()
-    if name == "slice":
-        width = 1.0 + 3.2 * n_params
-    elif name == "parallel_coordinate":
-        width = 2.5 + 1.2 * (n_params + 1)  # one vertical axis per parameter, plus the objective
-    fig.set_size_inches(max(width, 6.4), max(height, 4.2))
-    for ax in fig.axes:
-        if ax.get_label() == "<colorbar>":
-            continue
-        if name == "slice" and ax.get_xscale() == "log":
-            _readable_log_ticks(ax.xaxis, *ax.get_xlim())
-        if name == "optimization_history":
+
+def plot_class_accuracy(acc: dict[str, float]) -> Figure:
+    """Bar chart of the per-class accuracies, with the unweighted mean as a dashed line."""
+    names, values = list(acc), _floats(list(acc.values()))
+    fig = Figure(figsize=(max(6.0, 0.6 * len(names) + 2), 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(names)), np.nan_to_num(values), color="tab:blue")
+    for bar, v in zip(bars, values):  # inside the bar's top, clear of the mean line
+        inside = bar.get_height() > 0.15
+        ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="top" if inside else "bottom", fontsize=8, color="white" if inside else "black",
+                    xytext=(0, -3 if inside else 2), textcoords="offset points")
+    title = "Per-class test accuracy"
+    if np.isfinite(values).any():
+        mean = float(np.nanmean(values))
+        ax.axhline(mean, color="tab:red", ls="--", lw=1)
+        title += f" (dashed: mean of classes, {mean:.3f})"
+    long_names = max(map(len, names), default=0) > 3
+    ax.set_xticks(range(len(names)), names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    return fig
+
+
+def _num_layers(layer_history: dict[str, Any]) -> int:
+    if "hidden_sizes" in layer_history:
+        return len(layer_history["hidden_sizes"])
+    found = [int(m.group(1)) for k in layer_history if (m := re.fullmatch(r"ae(\d+)_train_loss", k))]
+    return max(found) + 1 if found else 0
+
+
+def plot_ae_losses(history: dict[str, list[float]], layer_history: dict[str, list[float]],
+                   seconds_per_epoch: Sequence[float | None] | None = None) -> Figure:
+    """Top row: reconstruction MSE of each autoencoder per pretraining epoch (train and
+    validation), titled with its ``seconds_per_epoch``. Bottom row: fine-tuning
+    cross-entropy and accuracy per epoch (train and validation). ``None`` entries
+    (stored NaN) are skipped."""
+    n_layers = _num_layers(layer_history)
+    hidden = layer_history.get("hidden_sizes", [None] * n_layers)
+    seconds = list(seconds_per_epoch) if seconds_per_epoch is not None else [None] * n_layers
+    cols = max(n_layers, 2)
+    fig = Figure(figsize=(2.6 * cols, 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, cols)
+    for k in range(n_layers):
+        ax = fig.add_subplot(grid[0, k])
+        train = _floats(layer_history.get(f"ae{k}_train_loss", []))
+        val = _floats(layer_history.get(f"ae{k}_val_loss", []))
+        title = f"AE {k}" + (f" ({hidden[k]} units)" if hidden[k] else "")
+        if len(train) == 0:
+            ax.text(0.5, 0.5, "0 epochs:\nnot pretrained", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            epochs = np.arange(1, len(train) + 1)
+            ax.plot(epochs, train, marker=".", label="train")
+            ax.plot(epochs, val, marker=".", label="validation")
+            ax.set_yscale("log")
+            ax.set_xlabel("pretraining epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("trial")
-            if metric:
-                ax.set_ylabel(metric)
-        elif name == "intermediate_values":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch (0 = the first)")
-            if metric:
-                ax.set_ylabel(metric)
-        elif name == "slice" and metric and ax.get_ylabel():
-            ax.set_ylabel(metric)
+            if seconds[k] is not None:
+                title += f"\n{seconds[k]:.2f} s/epoch"
+        if k == 0:
+            ax.set_ylabel("reconstruction MSE")
+            if len(train):
+                ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=9)
+    half = cols // 2
+    ax_loss, ax_acc = fig.add_subplot(grid[1, :half]), fig.add_subplot(grid[1, half:])
+    epochs = np.arange(1, len(history.get("train_loss", [])) + 1)
+    ax_loss.plot(epochs, _floats(history.get("train_loss", [])), marker=".", label="train")
+    ax_loss.plot(epochs, _floats(history.get("val_loss", [])), marker=".", label="validation")
+    ax_loss.set_xlabel("fine-tuning epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.set_title("Fine-tuning loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, _floats(history.get("train_acc", [])), marker=".", label="train")
+    ax_acc.plot(epochs, _floats(history.get("val_top1", [])), marker=".", label="validation top-1")
+    ax_acc.set_xlabel("fine-tuning epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_title("Fine-tuning accuracy")
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Greedy layer-wise pretraining (top) and fine-tuning (bottom)")
+    return fig
 
 
-def _readable_log_ticks(axis: Any, lo: float, hi: float) -> None:
-    """Optuna labels every minor tick of a log axis and, in a narrow panel, they
-    overlap: label the decades where at least two fall in range, else 1-2-5 steps,
-    else (a range narrower than that) the minor ticks; in short form, slanted."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> Figure:
+    """Scatter of 2-D points coloured by class, with a legend of class names."""
+    import matplotlib
 
-    short = FuncFormatter(lambda v, _: f"{v:.2g}")
-    axis.set_major_formatter(short)
-    axis.set_minor_formatter(NullFormatter())
-    for subs in ((1.0,), (1.0, 2.0, 5.0)):
-        locator = LogLocator(subs=subs)
-        if sum(lo <= t <= hi for t in locator.tick_values(lo, hi)) >= 2:
-            axis.set_major_locator(locator)
-            break
-    else:
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        axis.set_minor_formatter(short)
-    axis.set_tick_params(which="both", labelrotation=45)
+    points, labels = np.asarray(points), np.asarray(labels)
+    cmap = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
+    fig = Figure(figsize=(8.5, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    for index, name in enumerate(class_names):
+        mask = labels == index
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N),
+                       label=f"{name} ({int(mask.sum())})")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("t-SNE of the 256-unit layer X[3]")
+    return fig

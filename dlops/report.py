@@ -1,31 +1,38 @@
-"""The written reports: per-spec ``report.md`` folders and the ``index.md`` that puts
-the three losses side by side, then the autoencoder.
+"""The written reports, in Markdown: per-spec ``report.md`` and the ``index.md`` that
+puts the ResNet18 losses side by side, then every other trainer's specs.
 
 ``$DLOPS_HOME/reports/<spec>/`` holds ``final.json`` (from ``dlops final``), the plots
-drawn from it (``curves.png``; for the autoencoder ``class_accuracy.png``,
-``ae_losses.png`` and ``tsne.png``), the study's own plots under ``study/`` and a
-``report.md`` that embeds them. :func:`build_report` (``dlops report``) redraws all of
-that from the files and the study storage and writes ``reports/index.md``.
-
-The final run's files are also uploaded to an Optuna artifact store under
-``$DLOPS_HOME/artifacts`` and attached to the trial they came from (or the study), so
-``dlops dashboard`` shows them (:func:`attach_artifacts`).
+drawn from it (``curves.png`` and the trainer's own, e.g. the autoencoder's
+``class_accuracy.png``, ``ae_losses.png`` and ``tsne.png``), the study's own plots under
+``study/`` and a ``report.md`` that embeds them. :func:`build_report` (``dlops report``)
+redraws all of that from the files and the study storage and writes ``reports/index.md``.
+The figures themselves are drawn by :mod:`dlops.plots` and the trainer.
 """
 
 from __future__ import annotations
 
 import json
-import mimetypes
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable
+
+import optuna
+from optuna.trial import TrialState
 
 from dlops import plots
-from dlops.io import write_atomic, write_text_atomic
-from dlops.paths import artifacts_dir, default_storage_url, reports_dir
+from dlops.errors import SpecError
+from dlops.io import write_text_atomic
+from dlops.paths import default_storage_url, reports_dir
+from dlops.spec import builtin_specs, load_spec
+from dlops.study_plots import write_study_plots
+from dlops.storage import mask_url, open_storage
+from dlops.studies import epochs_summary
 from dlops.text import plural
+from dlops.trainers import get_trainer
+
+if TYPE_CHECKING:  # the trainers load torch: only once a report needs one
+    from dlops.trainers.base import Table, Trainer
 
 LOSS_ORDER = ("ce", "triplet", "center")
 LOSS_TITLES = {"ce": "cross-entropy", "triplet": "triplet (batch-hard)", "center": "center loss"}
@@ -38,20 +45,6 @@ STUDY_PLOT_TITLES = {
 }
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    """Save a figure atomically and release it (pyplot figures are closed)."""
-    # Optuna's figures put legends and rotated labels outside the axes: keep them.
-    write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight"))
-    import sys
-
-    if "matplotlib.pyplot" in sys.modules:
-        import matplotlib.pyplot as plt
-
-        if plt.fignum_exists(getattr(fig, "number", -1)):
-            plt.close(fig)
-    return path
-
-
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
     path = (out_dir or reports_dir() / spec_name) / "final.json"
     if not path.is_file():
@@ -62,42 +55,24 @@ def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | 
         return None
 
 
-# --------------------------------------------------------------------------- drawing
+def trainer_of(name: str | None) -> Trainer | None:
+    """The trainer called ``name``; None for none or one this dlops does not know."""
+    try:
+        return get_trainer(name) if name else None
+    except SpecError:
+        return None
 
 
 def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Plots drawn from ``final.json`` alone: ``curves.png`` and, for the autoencoder,
-    ``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (seed 0)."""
-    histories = [s["history"] for s in final["per_seed"]]
-    panels = list(plots.CURVE_PANELS)
-    metric = final.get("metric")
-    if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
-        panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
-    n = len(histories)
-    title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
-    files = [save_figure(plots.plot_training_curves(histories, panels, title), out_dir / "curves.png")]
-    if final.get("class_accuracy"):
-        from dlops import ae_report
-
-        files.append(save_figure(ae_report.plot_class_accuracy(final["class_accuracy"]), out_dir / "class_accuracy.png"))
-    layer_history = final["per_seed"][0].get("layer_history")
-    if layer_history:
-        from dlops import ae_report
-
-        fig = ae_report.plot_ae_losses(final["per_seed"][0]["history"], layer_history)
-        files.append(save_figure(fig, out_dir / "ae_losses.png"))
-    return files
+    """The plots of a report folder drawn from ``final.json`` alone: ``curves.png`` and
+    the trainer's own (:meth:`Trainer.final_plots`)."""
+    trainer = trainer_of(final.get("trainer"))
+    return plots.write_curves(final, out_dir) + (trainer.final_plots(final, out_dir) if trainer else [])
 
 
-def write_study_plots(study: Any, out_dir: Path) -> list[Path]:
-    """The study's Optuna plots as ``out_dir/<name>.png`` (stale ones removed)."""
-    plots.use_headless_backend()
-    figures = plots.study_figures(study)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.png"):
-        if old.stem not in figures:
-            old.unlink()
-    return [save_figure(fig, out_dir / f"{name}.png") for name, fig in figures.items()]
+def markdown_table(table: Table) -> list[str]:
+    return [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|",
+            *("| " + " | ".join(row) + " |" for row in table.rows), ""]
 
 
 # --------------------------------------------------------------------------- studies
@@ -127,11 +102,7 @@ class StudyFacts:
                 + (f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"))
 
     @classmethod
-    def of(cls, study: Any) -> "StudyFacts":
-        from optuna.trial import TrialState
-
-        from dlops.studies import epochs_summary
-
+    def of(cls, study: optuna.Study) -> "StudyFacts":
         trials = study.get_trials(deepcopy=False)
         count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
         seconds = sum(
@@ -201,7 +172,7 @@ def _source_text(final: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- per-spec report
 
 
-def write_spec_report(spec_name: str, study: Any | None, out_dir: Path | None = None) -> Path:
+def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path | None = None) -> Path:
     """``reports/<spec>/report.md`` (or ``out_dir/report.md``) from the ``final.json``
     beside it (if any) and the study (if any)."""
     out_dir = out_dir or reports_dir() / spec_name
@@ -248,13 +219,11 @@ def write_spec_report(spec_name: str, study: Any | None, out_dir: Path | None = 
             "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}" for k in keys
         ) + " | | | |")
         lines += ["", "Standard deviation: sample (n-1) over seeds.", "", "![training curves](curves.png)", ""]
-        if final.get("class_accuracy"):
-            lines += ["### Per-class test accuracy (mean over seeds)", "", "| class | accuracy |", "|---|---|"]
-            lines += [f"| {name} | {_fmt(acc)} |" for name, acc in final["class_accuracy"].items()]
-            lines += [""]
-            for png, caption in (("class_accuracy.png", "per-class accuracy"),
-                                 ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
-                                 ("tsne.png", "t-SNE of hidden layer X[3], test images")):
+        trainer = trainer_of(final.get("trainer"))
+        if trainer is not None:
+            for table in trainer.report_tables(final):
+                lines += markdown_table(table)
+            for png, caption in trainer.report_figures:
                 if (out_dir / png).exists():
                     lines += [f"![{caption}]({png})", ""]
     else:
@@ -284,57 +253,6 @@ def _write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- artifacts
 
 
-FINAL_ARTIFACTS_KEY = "dlops:final_artifacts:"  # study system attr: earlier uploads per spec
-DASHBOARD_TRIAL_ARTIFACT = "dashboard:artifacts:{trial_id}:{artifact_id}"
-
-
-def attach_artifacts(study: Any, files: Iterable[Path], trial_number: int | None = None, tag: str = "final") -> list[str]:
-    """Upload ``files`` to the artifact store under ``$DLOPS_HOME/artifacts`` and
-    attach them to trial ``trial_number`` of ``study`` (or to the study itself).
-
-    A finished trial is read-only in Optuna's storage, so a trial's files are attached
-    the way optuna-dashboard attaches its own uploads: a study attribute
-    ``dashboard:artifacts:<trial_id>:<artifact_id>``, which the dashboard lists on that
-    trial's page. Files attached by an earlier run with the same ``tag`` are withdrawn
-    (trial attachments) so a trial shows only the latest reference run.
-    """
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-    from optuna.artifacts.exceptions import ArtifactNotFound
-
-    root = artifacts_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(str(root))
-    storage, study_id = study._storage, study._study_id
-    key = FINAL_ARTIFACTS_KEY + tag
-    for attr_key, artifact_id in storage.get_study_system_attrs(study_id).get(key, []):
-        if attr_key.startswith("dashboard:"):  # Optuna's own lister cannot skip nulled artifacts:* keys
-            storage.set_study_system_attr(study_id, attr_key, json.dumps(None))
-            try:
-                store.remove(artifact_id)
-            except ArtifactNotFound:
-                pass
-    trial_id = None
-    if trial_number is not None:
-        trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial_number)
-    attached: list[list[str]] = []
-    for path in files:
-        if trial_id is None:
-            artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
-            attached.append(["artifacts:" + artifact_id, artifact_id])
-            continue
-        artifact_id = str(uuid.uuid4())
-        mimetype, encoding = mimetypes.guess_type(path.name)
-        with open(path, "rb") as f:
-            store.write(artifact_id, f)
-        attr_key = DASHBOARD_TRIAL_ARTIFACT.format(trial_id=trial_id, artifact_id=artifact_id)
-        meta = {"artifact_id": artifact_id, "filename": path.name,
-                "mimetype": mimetype or "application/octet-stream", "encoding": encoding}
-        storage.set_study_system_attr(study_id, attr_key, json.dumps(meta))
-        attached.append([attr_key, artifact_id])
-    storage.set_study_system_attr(study_id, key, attached)
-    return [artifact_id for _, artifact_id in attached]
-
-
 # --------------------------------------------------------------------------- the index
 
 
@@ -344,7 +262,7 @@ class Entry:
     trainer: str | None
     loss: str | None
     final: dict[str, Any] | None
-    study: Any | None
+    study: optuna.Study | None
 
 
 @dataclass
@@ -356,10 +274,6 @@ class ReportResult:
 
 def _entries(url: str) -> list[Entry]:
     """Every spec with a reference run or a study: built-in names first."""
-    import optuna
-
-    from dlops.spec import builtin_specs, load_spec
-    from dlops.storage import open_storage
 
     storage = open_storage(url)
     studies = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -443,10 +357,11 @@ def _stale(product: Path, source: Path) -> bool:
     return not product.exists() or product.stat().st_mtime < source.stat().st_mtime
 
 
-def build_report(storage: str | None = None) -> ReportResult:
-    """``dlops report``: refresh every spec's folder and write ``reports/index.md``."""
-    from dlops.dashboard import attach_study_plots
-    from dlops.storage import mask_url
+def build_report(storage: str | None = None,
+                 attach_study_plots: Callable[[optuna.Study, list[Path]], Any] | None = None) -> ReportResult:
+    """``dlops report``: refresh every spec's folder and write ``reports/index.md``.
+    ``attach_study_plots(study, files)`` (the dashboard's Study Artifacts) gets every
+    study's refreshed plots."""
 
     plots.use_headless_backend()
     url = storage or default_storage_url()
@@ -460,13 +375,15 @@ def build_report(storage: str | None = None) -> ReportResult:
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
             study_files = write_study_plots(e.study, out_dir / "study")
-            attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
+            if attach_study_plots is not None:
+                attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
             files += study_files
         files.append(write_spec_report(e.name, e.study))
 
-    resnets = sorted((e for e in entries if e.trainer == "resnet18"),
+    by_loss = {e.name for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
+    resnets = sorted((e for e in entries if e.name in by_loss),
                      key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name))
-    others = [e for e in entries if e.trainer != "resnet18"]
+    others = [e for e in entries if e.name not in by_loss]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# dlops report",
@@ -482,7 +399,7 @@ def build_report(storage: str | None = None) -> ReportResult:
             by_dataset.setdefault(entry_dataset(e) or "an unknown dataset", []).append(e)
         panels = {name: loss_curve_series(group) for name, group in by_dataset.items()}
         fig = plots.plot_validation_curves_by_dataset(panels, "validation top-5", "Validation top-5 per epoch")
-        files.append(save_figure(fig, root / "val_top5_by_loss.png"))
+        files.append(plots.save_figure(fig, root / "val_top5_by_loss.png"))
         lines += ["![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)", "",
                   f"One chart per dataset ({', '.join(by_dataset)}). "
                   "Solid: reference runs (mean over seeds, band min–max). Dashed: a study's best trial "
@@ -524,7 +441,8 @@ def _loss_table(entries: list[Entry]) -> list[str]:
 
 
 def _other_section(e: Entry) -> list[str]:
-    title = "Autoencoder (greedy layer-wise pretraining)" if e.trainer == "autoencoder" else f"{e.name}"
+    trainer = trainer_of(e.trainer)
+    title = trainer.title if trainer is not None else e.name
     facts = StudyFacts.of(e.study) if e.study is not None else None
     lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.name}/report.md)", ""]
     lines += ["| | |", "|---|---|"]
@@ -542,9 +460,7 @@ def _other_section(e: Entry) -> list[str]:
     lines.append(f"| compute: study trials / final run | {_fmt_seconds(facts.trial_seconds) if facts else '–'} / "
                  f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |")
     lines.append("")
-    for png, caption in (("curves.png", "curves"), ("class_accuracy.png", "per-class test accuracy"),
-                         ("ae_losses.png", "pretraining and fine-tuning losses"),
-                         ("tsne.png", "t-SNE of hidden layer X[3]")):
+    for png, caption in (("curves.png", "curves"), *(trainer.report_figures if trainer is not None else ())):
         if (reports_dir() / e.name / png).exists():
             lines += [f"![{caption}]({e.name}/{png})", ""]
     return lines

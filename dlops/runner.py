@@ -46,7 +46,7 @@ from dlops.stopping import SIGNAL_NAMES, GracefulStop, exit_code
 from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
 from dlops.studies import FINISHED, StudyResult, state_counts, study_counts, summarize
 from dlops.text import plural
-from dlops.train import resolve_device
+from dlops.trainers.base import resolve_device
 
 RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
 BASELINE_ATTR = "baseline"  # user attr of a baseline trial (a retried copy inherits it)

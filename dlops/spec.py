@@ -102,7 +102,7 @@ class StudySpec:
         """The default study name: the spec's name on its own dataset, ``NAME-DATASET`` on
         another (``resnet18-ce-digits``), so a digits quickstart and the Tiny ImageNet study
         of one spec never meet in one study."""
-        own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_cls, "dataset", None)
+        own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_class, "dataset", None)
         return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
 
     def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
@@ -117,7 +117,7 @@ class StudySpec:
             values.update(self.datasets.get(ds, {}))
         values.update(params or {})
         values.update({k: v for k, v in overrides.items() if v is not None})
-        config = trainer.config_cls(**values)
+        config = trainer.config_class(**values)
         trainer.validate(config)
         return config
 
@@ -355,7 +355,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     _check_keys(raw, TOP_LEVEL_KEYS, "the spec")
     trainer_name = raw.get("trainer", "resnet18")
     trainer = get_trainer(trainer_name)
-    config_cls = trainer.config_cls
+    config_cls = trainer.config_class
     fields = {f.name for f in dataclasses.fields(config_cls)}
 
     train = raw.get("train", {})

@@ -15,14 +15,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import dlops.autoencoder as ae
-from dlops.autoencoder import AEConfig, AutoencoderStack, StackedClassifier, fit, predict, validate_config
+import dlops.trainers.autoencoder as ae
+from dlops.trainers.autoencoder import (
+    AEConfig,
+    AutoencoderStack,
+    StackedClassifier,
+    fit,
+    predict,
+    validate_config,
+)
 from dlops.cli import app
 from dlops.errors import DlopsError, SpecError
 from dlops.io import load_checkpoint
 from dlops.spec import load_spec, parse_spec
 from dlops.storage import connect
-from dlops.train import HISTORY_KEYS
+from dlops.trainers.base import HISTORY_KEYS
 
 from data_trees import write_stl10
 
@@ -38,6 +45,15 @@ def small_config(**changes) -> AEConfig:
 
 def encoder_state(module: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
     return [copy.deepcopy(e.state_dict()) for e in module.encoders]
+
+
+def pretraining_epoch(line: str) -> tuple[int, int]:
+    """(layer, epoch from 0) of a pretraining progress line."""
+    import re
+
+    match = re.fullmatch(r"pretraining AE (\d+) epoch +(\d+)  train_mse [\d.]+  val_mse [\d.]+  \([\d.]+s\)", line)
+    assert match, line
+    return int(match.group(1)), int(match.group(2)) - 1
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -152,9 +168,10 @@ def test_zero_epoch_layers_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     per_epoch = result.pretrain_seconds_per_epoch
     assert per_epoch[1] is None and per_epoch[3:] == [None, None, None]
     assert per_epoch[0] == pytest.approx(sum(h["ae0_epoch_seconds"]) / 3)
-    from dlops.ae_report import layer_cost_table
+    from dlops.report import markdown_table
+    from dlops.trainers.autoencoder import layer_cost_table
 
-    table = layer_cost_table(h)
+    table = "\n".join(markdown_table(layer_cost_table(h)))
     assert "| X[1] | 24 | 0 | 0 (skipped) | 0.00 |" in table
     assert "| X[0] | 32 | 3 |" in table
 
@@ -163,7 +180,7 @@ def test_history_has_the_resnet_keys_and_reports_each_finetuning_epoch() -> None
     reported: list[tuple[int, dict]] = []
     layer_epochs: list[tuple[int, int]] = []
     result = fit(small_config(pretrain_epochs=1, epochs=3), report=lambda e, m: reported.append((e, m)),
-                 on_layer_epoch=lambda k, e, m: layer_epochs.append((k, e)))
+                 progress=lambda line: layer_epochs.append(pretraining_epoch(line)))
     assert set(result.history) == set(HISTORY_KEYS)
     assert {len(v) for v in result.history.values()} == {3}
     assert [e for e, _ in reported] == [0, 1, 2]
@@ -183,17 +200,17 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
         pass
 
     def stop_at(layer: int, epoch: int):
-        def callback(k, e, m):
-            if (k, e) == (layer, epoch):
+        def callback(line: str):
+            if pretraining_epoch(line) == (layer, epoch):
                 raise Stop
 
         return callback
 
     ckpt = tmp_path / "ae.pt"
     with pytest.raises(Stop):  # in the middle of layer 2's pretraining
-        fit(config, checkpoint_path=ckpt, on_layer_epoch=stop_at(2, 0))
+        fit(config, checkpoint_path=ckpt, progress=stop_at(2, 0))
     saved = load_checkpoint(ckpt)
-    assert (saved["phase"], saved["epoch"]) == ("pretrain", -1)  # "epoch": fine-tuning epochs, as in dlops.train
+    assert (saved["phase"], saved["epoch"]) == ("pretrain", -1)  # "epoch": fine-tuning epochs, as in ResNet18
     assert [len(saved["layer_history"][f"ae{k}_train_loss"]) for k in range(6)] == [2, 2, 1, 0, 0, 0]
 
     def stop_finetune(e, m):
@@ -201,7 +218,7 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
             raise Stop
 
     with pytest.raises(Stop):  # in the middle of fine-tuning
-        fit(config, checkpoint_path=ckpt, on_epoch_end=stop_finetune)
+        fit(config, checkpoint_path=ckpt, report=stop_finetune)
     assert load_checkpoint(ckpt)["epoch"] == 1
     reported: list[int] = []
     resumed = fit(config, checkpoint_path=ckpt, report=lambda e, m: reported.append(e))
@@ -218,8 +235,26 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
         fit(config.replace(lr=0.01), checkpoint_path=ckpt)
 
 
+def test_a_checkpoint_resumes_on_another_device_data_root_and_eval_batch_size(tmp_path: Path) -> None:
+    config = small_config(pretrain_epochs=1, epochs=2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(e, m):
+        raise Stop
+
+    ckpt = tmp_path / "ae.pt"
+    with pytest.raises(Stop):
+        fit(config, checkpoint_path=ckpt, report=stop)
+    moved = config.replace(data_root=str(tmp_path / "elsewhere"), eval_batch_size=7, device="cpu")
+    resumed = fit(moved, checkpoint_path=ckpt)
+    assert resumed.start_epoch == 1
+    assert resumed.history["val_top1"] == fit(config).history["val_top1"]
+
+
 def test_layer_activations_are_those_of_hidden_layer_x3() -> None:
-    from dlops.ae_report import layer_activations
+    from dlops.trainers.autoencoder import layer_activations
 
     torch.manual_seed(0)
     mean, std = np.array([0.3]), np.array([0.2])
@@ -291,15 +326,8 @@ def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_ho
 
 
 def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Path, dlops_home: Path) -> None:
-    from dlops.ae_report import (
-        class_accuracy,
-        layer_activations,
-        plot_ae_losses,
-        plot_class_accuracy,
-        plot_tsne,
-        tsne_embedding,
-        tsne_selection,
-    )
+    from dlops.plots import plot_ae_losses, plot_class_accuracy, plot_tsne
+    from dlops.trainers.autoencoder import class_accuracy, layer_activations, tsne_embedding, tsne_selection
     from dlops.data.manage import prepare_dataset
     from dlops.data.stl10 import load_unlabeled
 

@@ -26,7 +26,8 @@ from dlops.io import load_checkpoint
 from dlops.data.loader import BatchLoader
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.train import TrainConfig, _autocast, fit
+from dlops.trainers.base import autocast
+from dlops.trainers.resnet import TrainConfig, fit
 
 pytestmark = [
     pytest.mark.cuda,
@@ -136,7 +137,7 @@ def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(loss: str) -> 
         with torch.no_grad():
             emb32, logits32 = model(x)
             loss32 = loss_fn(emb32, logits32, y)
-            with _autocast(device):
+            with autocast(device):
                 emb16, logits16 = model(x)
             assert logits16.dtype == torch.bfloat16  # autocast did run in bf16
             loss16 = loss_fn(emb16, logits16, y)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -202,7 +203,7 @@ def test_the_dashboard_shows_the_files_on_the_best_trial(studied, monkeypatch):
 
 
 def test_a_second_final_replaces_the_trial_attachments(studied, monkeypatch):
-    from dlops.report import attach_artifacts
+    from dlops.dashboard import attach_artifacts
 
     monkeypatch.setenv("DLOPS_HOME", str(studied.home))
     out = studied.home / "reports" / "tiny-triplet"
@@ -344,11 +345,13 @@ def write_ae_spec(directory: Path) -> Path:
 def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, monkeypatch):
     monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
     spec = str(write_ae_spec(tmp_path))
-    layers: list[tuple[int, int, int]] = []
+    lines: list[tuple[int, str]] = []
     result = run_final(spec, FinalOptions(params="baseline", device="cpu"),
-                       on_layer_epoch=lambda seed, layer, epoch, m: layers.append((seed, layer, epoch)))
+                       progress=lambda seed, line: lines.append((seed, line)))
     final = result.final
-    assert layers == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 0)]  # pretraining progress, one epoch per layer
+    # pretraining progress, one epoch per layer
+    layers = [(seed, *map(int, re.match(r"pretraining AE (\d) epoch +(\d+) ", line).groups())) for seed, line in lines]
+    assert layers == [(0, 0, 1), (0, 1, 1), (0, 2, 1), (0, 3, 1)]
     out = tmp_path / "home" / "reports" / "tiny-ae"
     for name in ("final.json", "curves.png", "class_accuracy.png", "tsne.png", "ae_losses.png", "report.md"):
         assert (out / name).is_file(), name
@@ -365,6 +368,30 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     again = recompute_test_metrics(out / "final.json")[0]
     assert again["test_accuracy"] == seed["test_accuracy"] and again["class_accuracy"] == seed["class_accuracy"]
     assert "Per-class test accuracy" in (out / "report.md").read_text()
+
+
+def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch):
+    """The data root says where the files are, not what they are: a reference run
+    interrupted on one machine resumes on another (final.py and the trainer agree)."""
+    spec = str(write_ae_spec(tmp_path))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "whole"))
+    whole = run_final(spec, FinalOptions(params="baseline", device="cpu")).final
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+
+    def stop(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=stop)
+    moved = FinalOptions(params="baseline", device="cpu", resume=True,
+                         train_overrides={"data_root": str(tmp_path / "elsewhere")})
+    resumed = run_final(spec, moved).final
+    assert resumed["per_seed"][0]["resumed_from_epoch"] == 1
+    assert resumed["config"]["data_root"] == str(tmp_path / "elsewhere")
+    assert resumed["per_seed"][0]["test_accuracy"] == whole["per_seed"][0]["test_accuracy"]
+    assert resumed["per_seed"][0]["history"] == whole["per_seed"][0]["history"] | {
+        "epoch_seconds": resumed["per_seed"][0]["history"]["epoch_seconds"]}
 
 
 # --------------------------------------------------------------------------- a run never loses the previous one
@@ -394,7 +421,7 @@ def _full_disk_torch_save(obj, f, *args, **kwargs):
 def test_a_failed_run_leaves_the_previous_run_whole(tmp_path, monkeypatch, failure):
     import torch
 
-    from dlops.train import NonFiniteLossError
+    from dlops.trainers.base import NonFiniteLossError
 
     spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=2, final_seeds=2))
     home = tmp_path / "home"

@@ -14,7 +14,7 @@ import torch
 
 from dlops import io as dlops_io
 from dlops.io import CorruptCheckpoint, DiskFull, WriteFailed, load_checkpoint, save_checkpoint, write_text_atomic
-from dlops.train import TrainConfig, fit
+from dlops.trainers.resnet import TrainConfig, fit
 
 UNEXPECTED_POS = "[enforce fail at inline_container.cc:672] . unexpected pos 4704 vs 598"
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from dlops import plots
 from dlops.report import Entry, build_report, loss_curve_series, write_spec_report
+from dlops.study_plots import study_figures
 
 
 def history(val: list[float]) -> dict[str, list[float | None]]:
@@ -175,7 +176,7 @@ def test_study_figures_label_the_metric_and_read_integer_epochs(dlops_home):
 
     dlops_home.mkdir(parents=True)
     study = make_study(dlops_home, "s", n=2)
-    figures = plots.study_figures(study)
+    figures = study_figures(study)
     assert figures["optimization_history"].axes[0].get_ylabel() == "val_top5"
     assert isinstance(figures["intermediate_values"].axes[0].xaxis.get_major_locator(), MaxNLocator)
     import matplotlib.pyplot as plt

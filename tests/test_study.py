@@ -18,8 +18,8 @@ from dlops.paths import default_storage_url
 from dlops.objective import RunOptions
 from dlops.runner import TrialsFailed, run_study
 from dlops.spec import load_spec
-from dlops.train import HISTORY_KEYS
 from dlops.liveness import OWNER_KEY
+from dlops.trainers.base import HISTORY_KEYS
 
 
 def tiny_spec(tmp_path: Path, loss: str, *, lr_range: tuple[float, float] | None = None, baseline_lr=1e-3,
@@ -288,7 +288,7 @@ def test_an_unusable_device_is_one_line_and_writes_nothing(device: str, message:
 def test_resolve_device_checks_the_visible_cuda_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from dlops.train import resolve_device
+    from dlops.trainers.base import resolve_device
 
     assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -306,9 +306,9 @@ def failing_fit(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None = N
     as a full disk does. Returns the list of call numbers made."""
     import errno
 
-    import dlops.train
+    import dlops.trainers.resnet
 
-    real_fit, calls = dlops.train.fit, []
+    real_fit, calls = dlops.trainers.resnet.fit, []
 
     def fit(config, *args, **kwargs):
         calls.append(len(calls))
@@ -316,7 +316,7 @@ def failing_fit(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None = N
             raise OSError(errno.ENOSPC, "No space left on device", "checkpoint.pt")
         return real_fit(config, *args, **kwargs)
 
-    monkeypatch.setattr(dlops.train, "fit", fit)
+    monkeypatch.setattr(dlops.trainers.resnet, "fit", fit)
     return calls
 
 

@@ -9,7 +9,8 @@ import torch
 
 from dlops.errors import DlopsError
 from dlops.io import load_checkpoint
-from dlops.train import TrainConfig, fit, resolve_device
+from dlops.trainers.base import resolve_device
+from dlops.trainers.resnet import TrainConfig, fit
 
 
 class Stop(Exception):
@@ -70,7 +71,7 @@ def test_compile_runs_batches_through_the_compiled_module_and_keeps_plain_checkp
     """``compile = true`` trains and evaluates through ``compile_model(model)`` (here a
     stand-in wrapper: compiling takes minutes on a CPU); the checkpoint and the result
     hold the plain model, so they load without ``torch.compile``."""
-    import dlops.train as train
+    import dlops.trainers.resnet as train
 
     calls = []
 
@@ -105,7 +106,7 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     import numpy as np
 
     from dlops.metrics import topk_accuracy
-    from dlops.train import evaluate
+    from dlops.trainers.base import evaluate
 
     result = fit(small("ce", epochs=1))
     ds, device = result.dataset, result.device

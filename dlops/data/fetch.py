@@ -20,21 +20,14 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING
 
 from dlops.errors import DlopsError
 
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
 CHUNK = 1 << 20
-_stderr = Console(stderr=True)
 
 
 def is_url(source: str) -> bool:
@@ -49,28 +42,27 @@ def md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The progress bars (rich) load only when a dataset is prepared: a run that merely reads
+# the prepared data never imports rich.
+
+
 def byte_progress(enabled: bool) -> Progress:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=_stderr,
-        disable=not enabled,
-        transient=True,
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=True,
     )
 
 
 def count_progress(enabled: bool) -> Progress:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=_stderr,
-        disable=not enabled,
-        transient=True,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled, transient=True,
     )
 
 

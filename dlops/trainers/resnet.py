@@ -1,8 +1,10 @@
-"""The one training loop: ``fit(config, report=None) -> FitResult``.
+"""The ResNet18 trainer (``trainer = "resnet18"``): ``fit(config, report=None) -> FitResult``,
+SGD with a cosine or constant schedule and any loss of :mod:`dlops.losses`, plus what a
+reference run needs (test figures, weights). ``TRAINER`` is its :class:`Trainer`.
 
 It serves studies, final runs and tests alike. It knows nothing of Optuna: after each
-epoch it calls ``report(epoch, metrics)``; the search layer turns that into
-``trial.report`` and pruning (by raising from the callback).
+epoch it calls ``report(epoch, metrics)``; the caller turns that into ``trial.report``
+and pruning (by raising from the callback).
 """
 
 from __future__ import annotations
@@ -10,23 +12,37 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dlops.data import Dataset, Split, first_per_class, get_dataset, take_subset
+from dlops.data import Dataset, Split, first_per_class
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.errors import DlopsError
-from dlops.io import load_checkpoint, save_checkpoint
 from dlops.losses import LOSSES
 from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
-
-HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
+from dlops.trainers.base import (
+    HISTORY_KEYS,
+    FitResult,
+    ProgressFn,
+    ReportFn,
+    Trainer,
+    autocast,
+    check_epoch_loss,
+    check_step_loss,
+    describe_device,
+    epoch_row,
+    evaluate,
+    load_dataset,
+    load_state,
+    resolve_device,
+    save_state,
+)
 
 
 @dataclass
@@ -71,63 +87,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (usually: the learning rate is too high)."""
-
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
-        self.epoch, self.step, self.value = epoch, step, value
-
-
-@dataclass
-class FitResult:
-    config: TrainConfig
-    history: dict[str, list[float]]
-    model: nn.Module
-    loss_fn: nn.Module
-    dataset: Dataset
-    device: torch.device
-    start_epoch: int = 0  # > 0 when resumed from a checkpoint
-    seconds: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)  # last epoch's
-    extra_user_attrs: dict[str, Any] = field(default_factory=dict)  # kept with a study's trial
-
-
-ReportFn = Callable[[int, dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device of ``--device`` (auto, cpu, cuda, cuda:K); anything this machine
-    cannot run on is a :class:`DlopsError` in one line."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DlopsError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise DlopsError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
-    return device
-
-
-def describe_device(device: torch.device) -> dict[str, Any]:
-    """What ran a run: the device, its name, and the GPUs the process was given."""
-    out: dict[str, Any] = {"device": str(device)}
-    if device.type == "cuda":
-        out["name"] = torch.cuda.get_device_name(device)
-        out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return out
-
-
 def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[nn.Module, nn.Module]:
     if config.model not in MODELS:
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
@@ -152,57 +111,11 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
     return model, loss_fn
 
 
-def load_dataset(config: TrainConfig) -> Dataset:
-    root = Path(config.data_root) if config.data_root else None
-    return take_subset(get_dataset(config.dataset, root), config.subset_classes, config.subset_per_class)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``: the compiled module shares the parameters and buffers of
     ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
     taken from ``model`` itself)."""
     return torch.compile(model)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    split: Split,
-    mean: np.ndarray,
-    std: np.ndarray,
-    device: torch.device,
-    batch_size: int = 512,
-) -> dict[str, float]:
-    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
-    model.eval()
-    loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
-    # Sums stay on the device and are read once at the end: no host sync per batch.
-    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n = 0
-    for x, y in loader:
-        with _autocast(device):
-            embedding, logits = model(x)
-        if loss_fn.scored_by == "centroids":
-            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
-        else:
-            scores = logits.float()
-            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
-        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
-        hits[0] += top[:, 0].sum()
-        hits[1] += top.any(1).sum()
-        n += len(y)
-    top1, top5 = hits.tolist()
-    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
-    out["loss"] = float(loss_sum) / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
-    return out
 
 
 @torch.no_grad()
@@ -214,24 +127,11 @@ def update_centroids(
     model.eval()
     embs, labels = [], []
     for x, y in BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda"):
-        with _autocast(device):
+        with autocast(device):
             embedding, _ = model(x)
         embs.append(loss_fn.scoring_embedding(embedding))
         labels.append(y)
     model.centroids.copy_(class_centroids(torch.cat(embs).float(), torch.cat(labels), model.centroids.shape[0]))
-
-
-def epoch_metrics(train_loss: float, train_acc: float, val: dict[str, float], lr: float, seconds: float) -> dict[str, float]:
-    """One epoch's row of the history (the keys of ``HISTORY_KEYS``)."""
-    return {
-        "train_loss": train_loss,
-        "train_acc": train_acc,
-        "val_loss": val["loss"],
-        "val_top1": val["top1"],
-        "val_top5": val["top5"],
-        "lr": lr,
-        "epoch_seconds": seconds,
-    }
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
@@ -248,7 +148,6 @@ def fit(
     *,
     dataset: Dataset | None = None,
     checkpoint_path: Path | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``config`` and validate after every epoch.
 
@@ -301,8 +200,8 @@ def fit(
         centroid_split = Split(np.ascontiguousarray(dataset.train.images[keep]), np.asarray(dataset.train.labels)[keep])
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     start_epoch = 0
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)  # CorruptCheckpoint if damaged
+    state = load_state(checkpoint_path, config, map_location=device)  # CorruptCheckpoint if damaged
+    if state is not None:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
@@ -327,7 +226,7 @@ def fit(
         seen = 0
         embeddings, labels = [], []
         for step, (x, y) in enumerate(train_loader):
-            with _autocast(device):
+            with autocast(device):
                 embedding, logits = net(x)
             loss = loss_fn(embedding, logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -340,11 +239,8 @@ def fit(
                 labels.append(y)
             else:
                 correct += (logits.detach().argmax(1) == y).sum()
-            if step % 20 == 0 and not math.isfinite(float(loss.detach())):
-                raise NonFiniteLossError(epoch, step, float(loss))
-        train_loss = float(loss_sum) / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLossError(epoch, step, train_loss)
+            check_step_loss(loss, epoch, step)
+        train_loss = check_epoch_loss(float(loss_sum) / max(seen, 1), epoch, step)
         if loss_fn.scored_by == "centroids":
             # Training accuracy: nearest-centroid top-1 of this epoch's own training
             # embeddings (train mode, as they came). The model's centroids, used for
@@ -356,28 +252,16 @@ def fit(
         else:
             train_acc = float(correct) / max(seen, 1)
         val = evaluate(net, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
-        metrics = epoch_metrics(train_loss, train_acc, val, lr, time.perf_counter() - t0)
+        metrics = epoch_row(train_loss, train_acc, val, lr, time.perf_counter() - t0)
         # A loss may keep its own per-epoch figures (the triplet loss: TRIPLET_DIAGNOSTICS).
         if hasattr(loss_fn, "pop_diagnostics"):
             metrics.update(loss_fn.pop_diagnostics())
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         if checkpoint_path is not None:
-            save_checkpoint(
-                {
-                    "config": config.to_dict(),
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "loader": train_loader.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                },
-                Path(checkpoint_path),
-            )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+            save_state(checkpoint_path, config, epoch, model=model.state_dict(), loss=loss_fn.state_dict(),
+                       optimizer=optimizer.state_dict(), loader=train_loader.state_dict(),
+                       torch_rng=torch.get_rng_state(), history=history)
         if report is not None:
             report(epoch, metrics)
 
@@ -411,3 +295,42 @@ def validate_config(config: TrainConfig) -> None:
             raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.lr <= 0:
         raise DlopsError(f"lr must be positive, got {config.lr}")
+
+
+def _test_figures(model: nn.Module, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device,
+                  batch_size: int) -> dict[str, Any]:
+    mean, std = dataset.channel_stats()
+    m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
+    return {"test_top1": m["top1"], "test_top5": m["top5"], "test_loss": m["loss"]}
+
+
+class ResNetTrainer(Trainer[TrainConfig]):
+    name = "resnet18"
+    config_class = TrainConfig
+    metrics = HISTORY_KEYS
+    title = "ResNet18"
+    index_by_loss = True
+
+    def validate(self, config: TrainConfig) -> None:
+        validate_config(config)
+
+    def fit(self, config: TrainConfig, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
+            progress: ProgressFn | None = None) -> FitResult:
+        return fit(config, report, checkpoint_path=checkpoint_path)
+
+    def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
+        return _test_figures(result.model, result.loss_fn, result.dataset, split, result.device,
+                             result.config.eval_batch_size)
+
+    def weights(self, result: FitResult) -> dict[str, Any]:
+        return {"model": result.model.state_dict(), "loss": result.loss_fn.state_dict()}
+
+    def evaluate_weights(self, config: TrainConfig, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        dataset = load_dataset(config)
+        model, loss_fn = build_model_and_loss(config, dataset, device)
+        model.load_state_dict(saved["model"])
+        loss_fn.load_state_dict(saved["loss"])
+        return _test_figures(model, loss_fn, dataset, dataset.test(), device, config.eval_batch_size)
+
+
+TRAINER = ResNetTrainer()

@@ -8,11 +8,12 @@ flattened, normalised image. Then the six encoders are stacked, a 10-way linear
 output layer goes on top, and the whole network is fine-tuned end to end with
 cross-entropy. Both stages use Adam.
 
-``fit(config, report=None, *, dataset=None, checkpoint_path=None, on_epoch_end=None)``
-has the contract of :func:`dlops.train.fit`: ``report(epoch, metrics)`` after every
-fine-tuning epoch (it may raise to prune), ``history`` with one entry per
-fine-tuning epoch under :data:`dlops.train.HISTORY_KEYS`, exact resumption from a
-checkpoint written after every pretraining and every fine-tuning epoch.
+``fit(config, report=None, *, dataset=None, checkpoint_path=None, progress=None)``
+has the contract of :class:`dlops.trainers.base.Trainer`: ``report(epoch, metrics)``
+after every fine-tuning epoch (it may raise to prune), ``history`` with one entry per
+fine-tuning epoch under :data:`dlops.trainers.base.HISTORY_KEYS`, exact resumption from
+a checkpoint written after every pretraining and every fine-tuning epoch, and a
+``progress`` line after every pretraining epoch.
 
 The pretraining curves are ``result.layer_history``, a flat dict of lists:
 ``ae{k}_train_loss`` / ``ae{k}_val_loss`` (reconstruction MSE per epoch on the
@@ -20,16 +21,19 @@ pretraining data and on the validation images) and ``ae{k}_epoch_seconds`` for
 every layer ``k`` (empty lists for a layer with 0 epochs: it costs nothing), plus
 ``hidden_sizes``. A study stores it as the trial's user attr ``layer_history``
 (through ``result.extra_user_attrs``).
+
+A reference run adds the test accuracy per class, ``ae_losses.png`` and
+``class_accuracy.png`` (from ``final.json``) and the t-SNE of the 256-unit layer
+``X[3]`` for the first 500 test images of each class (``tsne.png``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -39,17 +43,26 @@ from torch.nn import functional as F
 from dlops.data import Dataset, Split
 from dlops.data.loader import BatchLoader
 from dlops.errors import DlopsError
-from dlops.io import load_checkpoint, save_checkpoint
+from dlops.io import json_safe
 from dlops.losses import CrossEntropyLoss
-from dlops.train import (
+from dlops.metrics import mean_std
+from dlops.text import plural
+from dlops.trainers.base import (
     HISTORY_KEYS,
-    NonFiniteLossError,
-    epoch_metrics,
+    FitResult,
+    ProgressFn,
+    ReportFn,
+    Table,
+    Trainer,
+    check_epoch_loss,
+    check_step_loss,
+    epoch_row,
     evaluate,
     load_dataset,
+    load_state,
     resolve_device,
+    save_state,
 )
-from dlops.text import plural
 
 HIDDEN_SIZES = (1024, 1000, 500, 256, 128, 64)
 MAX_LAYERS = len(HIDDEN_SIZES)  # one pretrain_epochs_<k> field per layer
@@ -166,7 +179,7 @@ class StackedClassifier(nn.Module):
 
     ``forward`` takes normalised images and returns ``(embedding, logits)`` like
     :class:`dlops.models.ResNet18` (the embedding is the last hidden layer), so
-    :func:`dlops.train.evaluate` scores it. The per-channel normalisation is kept as
+    :func:`dlops.trainers.base.evaluate` scores it. The per-channel normalisation is kept as
     buffers, so :meth:`prepare` turns raw uint8 images into inputs on its own.
     """
 
@@ -221,37 +234,22 @@ def build_classifier(stack: AutoencoderStack, classifier: StackedClassifier) -> 
 
 
 @dataclass
-class AEResult:
-    config: AEConfig
-    history: dict[str, list[float]]  # per fine-tuning epoch, HISTORY_KEYS
-    layer_history: dict[str, list[float]]  # ae{k}_train_loss, ae{k}_val_loss, ae{k}_epoch_seconds, hidden_sizes
-    model: StackedClassifier
-    stack: AutoencoderStack
-    loss_fn: nn.Module
-    dataset: Dataset
-    device: torch.device
-    start_epoch: int = 0  # fine-tuning epochs restored from a checkpoint
-    seconds: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)  # last fine-tuning epoch's
+class AEResult(FitResult):
+    """:class:`FitResult` (``history``: per fine-tuning epoch) with the pretraining curves:
+    ``layer_history`` holds ae{k}_train_loss, ae{k}_val_loss, ae{k}_epoch_seconds, hidden_sizes."""
+
+    layer_history: dict[str, list[float]] = field(default_factory=dict)
+    stack: AutoencoderStack | None = None
 
     @property
     def pretrain_seconds_per_epoch(self) -> list[float | None]:
         """Mean seconds per pretraining epoch of each layer (None: 0 epochs, no cost)."""
         return layer_seconds_per_epoch(self.layer_history)
 
-    @property
-    def extra_user_attrs(self) -> dict[str, Any]:
-        """What a study stores in the trial's user attrs besides ``history``."""
-        return layer_user_attrs(self.layer_history)
-
 
 def layer_user_attrs(layer_history: dict[str, list[float]]) -> dict[str, Any]:
     """The per-layer curves as a trial's user attrs (NaN stored as null)."""
-    safe = {
-        k: [None if isinstance(v, float) and not math.isfinite(v) else v for v in vs]
-        for k, vs in layer_history.items()
-    }
-    return {"layer_history": safe}
+    return {"layer_history": json_safe(layer_history)}
 
 
 def layer_seconds_per_epoch(layer_history: dict[str, list[float]]) -> list[float | None]:
@@ -312,12 +310,8 @@ def pretrain_epoch(
         optimizer.step()
         total += loss.detach() * len(x)
         n += len(x)
-        if step % 20 == 0 and not math.isfinite(float(loss.detach())):
-            raise NonFiniteLossError(epoch, step, float(loss))
-    mean = float(total) / max(n, 1)
-    if not math.isfinite(mean):
-        raise NonFiniteLossError(epoch, step, mean)
-    return mean
+        check_step_loss(loss, epoch, step)
+    return check_epoch_loss(float(total) / max(n, 1), epoch, step)
 
 
 def finetune_epoch(
@@ -337,12 +331,8 @@ def finetune_epoch(
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         n += len(y)
-        if step % 20 == 0 and not math.isfinite(float(loss.detach())):
-            raise NonFiniteLossError(epoch, step, float(loss))
-    mean = float(loss_sum) / max(n, 1)
-    if not math.isfinite(mean):
-        raise NonFiniteLossError(epoch, step, mean)
-    return mean, int(correct) / max(n, 1)
+        check_step_loss(loss, epoch, step)
+    return check_epoch_loss(float(loss_sum) / max(n, 1), epoch, step), int(correct) / max(n, 1)
 
 
 def _adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -358,24 +348,25 @@ def _layer_optimizer(stack: AutoencoderStack, layer: int, lr: float) -> torch.op
     return _adam(params, lr)
 
 
-_RESUME_IGNORES = ("device", "eval_batch_size")
+def layer_epoch_line(layer: int, epoch: int, m: dict[str, float]) -> str:
+    """The progress line of one pretraining epoch."""
+    return (f"pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
 
 
 def fit(
     config: AEConfig,
-    report: Callable[[int, dict[str, float]], None] | None = None,
+    report: ReportFn | None = None,
     *,
     dataset: Dataset | None = None,
     checkpoint_path: Path | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    on_layer_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> AEResult:
     """Pretrain the autoencoders greedily, then fine-tune the stacked classifier.
 
-    ``report(epoch, metrics)`` and ``on_epoch_end`` are called after each fine-tuning
-    epoch (as in :func:`dlops.train.fit`); ``on_layer_epoch(layer, epoch, metrics)``
-    after each pretraining epoch with ``train_loss``, ``val_loss`` and
-    ``epoch_seconds``. With ``checkpoint_path`` the whole state is saved after every
+    ``report(epoch, metrics)`` is called after each fine-tuning epoch (as in
+    :class:`Trainer`); ``progress(line)`` after each pretraining epoch
+    with its :func:`layer_epoch_line`. With ``checkpoint_path`` the whole state is saved after every
     pretraining and fine-tuning epoch and an existing checkpoint is resumed (exactly,
     on the CPU); restored fine-tuning epochs are reported again.
     """
@@ -385,7 +376,7 @@ def fit(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     if dataset is None:
-        dataset = load_dataset(config)  # type: ignore[arg-type]  (reads dataset, data_root, subset_*)
+        dataset = load_dataset(config)
     mean, std = dataset.channel_stats()
     shape = dataset.image_shape
     hidden = list(config.hidden_sizes)
@@ -404,15 +395,9 @@ def fit(
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     layer_history = empty_layer_history(hidden)
     layer_epochs = config.layer_epochs()
-    resume: dict[str, Any] | None = None
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        resume = load_checkpoint(checkpoint_path, map_location="cpu")  # CorruptCheckpoint if damaged
-        mine = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IGNORES}
-        theirs = {k: v for k, v in resume["config"].items() if k not in _RESUME_IGNORES}
-        if mine != theirs:
-            changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-            raise DlopsError(f"checkpoint {checkpoint_path} belongs to another configuration (differs in {', '.join(changed)})")
+    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    resume = load_state(checkpoint_path, config, map_location="cpu")  # CorruptCheckpoint if damaged
+    if resume is not None:
         stack.load_state_dict(resume["stack"])
         model.load_state_dict(resume["model"])
         pretrain_loader.load_state_dict(resume["pretrain_loader"])
@@ -423,22 +408,11 @@ def fit(
     def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if checkpoint_path is None:
             return
-        save_checkpoint(
-            {
-                "config": config.to_dict(),
-                "phase": phase,  # "pretrain" or "finetune"
-                "epoch": epoch,  # the last fine-tuning epoch done, as in dlops.train (-1: none yet)
-                "stack": stack.state_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "pretrain_loader": pretrain_loader.state_dict(),
-                "finetune_loader": finetune_loader.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "history": history,
-                "layer_history": layer_history,
-            },
-            Path(checkpoint_path),
-        )
+        # "epoch": the last fine-tuning epoch done, the one reported (-1: none yet)
+        save_state(checkpoint_path, config, epoch, phase=phase, stack=stack.state_dict(), model=model.state_dict(),
+                   optimizer=optimizer.state_dict(), pretrain_loader=pretrain_loader.state_dict(),
+                   finetune_loader=finetune_loader.state_dict(), torch_rng=torch.get_rng_state(),
+                   history=history, layer_history=layer_history)
 
     # ---- greedy pretraining: layer k learns while encoders 0..k-1 stay frozen
     finetuning_started = resume is not None and resume["phase"] == "finetune"
@@ -460,8 +434,9 @@ def fit(
             for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("epoch_seconds", seconds)):
                 layer_history[f"ae{layer}_{key}"].append(value)
             save("pretrain", -1, optimizer)
-            if on_layer_epoch is not None:
-                on_layer_epoch(layer, epoch, {"train_loss": train_loss, "val_loss": val_loss, "epoch_seconds": seconds})
+            if progress is not None:
+                progress(layer_epoch_line(layer, epoch, {"train_loss": train_loss, "val_loss": val_loss,
+                                                         "epoch_seconds": seconds}))
     stack.requires_grad_(False)
 
     if report is not None:
@@ -492,12 +467,10 @@ def fit(
         t0 = time.perf_counter()
         train_loss, train_acc = finetune_epoch(model, finetune_loader, optimizer, epoch)
         val = evaluate(model, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
-        metrics = epoch_metrics(train_loss, train_acc, val, config.lr, time.perf_counter() - t0)
+        metrics = epoch_row(train_loss, train_acc, val, config.lr, time.perf_counter() - t0)
         for k in HISTORY_KEYS:
             history[k].append(metrics[k])
         save("finetune", epoch, optimizer)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
         if report is not None:
             report(epoch, metrics)
 
@@ -514,6 +487,7 @@ def fit(
         start_epoch=start_epoch,
         seconds=time.perf_counter() - started,
         metrics={k: v[-1] for k, v in history.items() if v},
+        extra_user_attrs=layer_user_attrs(layer_history),
     )
 
 
@@ -528,3 +502,178 @@ def predict_logits(model: StackedClassifier, images: np.ndarray, batch_size: int
 def predict(model: StackedClassifier, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Predicted class indices for raw uint8 images."""
     return predict_logits(model, images, batch_size).argmax(1)
+
+
+# ------------------------------------------------------------------------ analysis
+
+TSNE_LAYER = 3  # X[3]: the 256-unit layer of X = [1024, 1000, 500, 256, 128, 64]
+TSNE_PER_CLASS = 500
+
+
+def class_accuracy(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Accuracy within each class (NaN for a class with no images), keyed by class name
+    in class-index order. Weighted by the class counts they give the overall accuracy."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    out = {}
+    for index, name in enumerate(class_names):
+        mask = labels == index
+        out[name] = float(np.mean(predictions[mask] == index)) if mask.any() else float("nan")
+    return out
+
+
+def tsne_selection(labels: np.ndarray, per_class: int = TSNE_PER_CLASS) -> np.ndarray:
+    """Indices of the first ``per_class`` images of each class (all of a class that has
+    fewer), in the order of ``labels`` (test order)."""
+    labels = np.asarray(labels)
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:per_class]] = True
+    return np.flatnonzero(keep)
+
+
+@torch.no_grad()
+def layer_activations(
+    model: StackedClassifier, images: np.ndarray, layer_index: int = TSNE_LAYER, batch_size: int = 512
+) -> np.ndarray:
+    """Activations of hidden layer ``X[layer_index]`` (default the 256-unit ``X[3]``)
+    for raw uint8 ``(N, C, H, W)`` images, as float32 ``(N, units)``."""
+    if not 0 <= layer_index < len(model.encoders):
+        raise ValueError(f"layer_index {layer_index} out of range (the model has {len(model.encoders)} hidden layers)")
+    model.eval()
+    parts = [model.hidden(model.prepare(images[i : i + batch_size]), layer_index).float().cpu()
+             for i in range(0, len(images), batch_size)]
+    units = model.encoders[layer_index][0].out_features
+    return torch.cat(parts).numpy() if parts else np.zeros((0, units), dtype=np.float32)
+
+
+def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE (scikit-learn, PCA initialisation, seeded) of ``features``."""
+    from sklearn.manifold import TSNE
+
+    features = np.asarray(features, dtype=np.float32)
+    perplexity = float(min(30.0, max(1.0, (len(features) - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(features).astype(np.float32)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def layer_cost_table(layer_history: dict[str, list[float]]) -> Table:
+    """The pretraining cost per layer: epochs, seconds per epoch and in total (a layer
+    with 0 epochs costs nothing), final train/validation MSE."""
+    rows = []
+    per_epoch = layer_seconds_per_epoch(layer_history)
+    for k, units in enumerate(layer_history["hidden_sizes"]):
+        secs = [s for s in layer_history[f"ae{k}_epoch_seconds"] if s is not None]
+        train, val = layer_history[f"ae{k}_train_loss"], layer_history[f"ae{k}_val_loss"]
+        rows.append((f"X[{k}]", str(units), str(len(secs)),
+                     _fmt(per_epoch[k]) if per_epoch[k] is not None else "0 (skipped)", f"{sum(secs):.2f}",
+                     _fmt(train[-1]) if train else "-", _fmt(val[-1]) if val else "-"))
+    return Table("Pretraining cost per layer (seed 0)",
+                 ("layer", "units", "epochs", "s/epoch", "s total", "final train MSE", "final val MSE"), tuple(rows))
+
+
+def _test_figures(model: StackedClassifier, loss_fn: nn.Module, dataset: Dataset, split: Split,
+                  device: torch.device, batch_size: int) -> dict[str, Any]:
+    mean, std = dataset.channel_stats()
+    m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
+    predictions = predict(model, split.images, batch_size)
+    return {
+        "test_accuracy": float(np.mean(predictions == np.asarray(split.labels))) if len(split) else float("nan"),
+        "test_top1": m["top1"],
+        "test_top5": m["top5"],
+        "test_loss": m["loss"],
+        "class_accuracy": class_accuracy(split.labels, predictions, dataset.class_names),
+    }
+
+
+class AutoencoderTrainer(Trainer[AEConfig]):
+    name = "autoencoder"
+    config_class = AEConfig
+    metrics = HISTORY_KEYS
+    title = "Autoencoder (greedy layer-wise pretraining)"
+    report_figures = (("class_accuracy.png", "per-class test accuracy"),
+                      ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
+                      ("tsne.png", "t-SNE of hidden layer X[3], test images"))
+
+    def validate(self, config: AEConfig) -> None:
+        validate_config(config)
+
+    def fit(self, config: AEConfig, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
+            progress: ProgressFn | None = None) -> AEResult:
+        return fit(config, report, checkpoint_path=checkpoint_path, progress=progress)
+
+    def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
+        return _test_figures(result.model, result.loss_fn, result.dataset, split, result.device,  # type: ignore[arg-type]
+                             result.config.eval_batch_size)
+
+    def weights(self, result: FitResult) -> dict[str, Any]:
+        return {"model": result.model.state_dict()}  # includes the input normalisation buffers
+
+    def evaluate_weights(self, config: AEConfig, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        dataset = load_dataset(config)
+        model = StackedClassifier(dataset.image_shape, list(config.hidden_sizes), dataset.num_classes, config.dropout)
+        model.load_state_dict(saved["model"])
+        model = model.to(device).eval()
+        loss_fn = CrossEntropyLoss(dataset.num_classes, model.embedding_dim)
+        return _test_figures(model, loss_fn, dataset, dataset.test(), device, config.eval_batch_size)
+
+    def seed_record(self, result: FitResult) -> dict[str, Any]:
+        """Pretraining curves per layer, so ``ae_losses.png`` can be redrawn from final.json."""
+        assert isinstance(result, AEResult)
+        return {"layer_history": json_safe(result.layer_history)}
+
+    def seed_files(self, result: FitResult, split: Split, out_dir: Path) -> list[Path]:
+        """``tsne.png``: t-SNE of layer ``X[3]`` (the last hidden layer of a smaller stack)
+        for the first 500 test images of each class."""
+        from dlops import plots
+
+        model: StackedClassifier = result.model  # type: ignore[assignment]
+        layer = min(TSNE_LAYER, len(model.encoders) - 1)
+        units = model.encoders[layer][0].out_features
+        chosen = tsne_selection(split.labels, per_class=TSNE_PER_CLASS)
+        features = layer_activations(model, np.asarray(split.images)[chosen], layer_index=layer)
+        points = tsne_embedding(features, seed=result.config.seed)
+        fig = plots.plot_tsne(points, np.asarray(split.labels)[chosen], result.dataset.class_names)
+        fig.axes[0].set_title(f"t-SNE of the {units}-unit layer X[{layer}]: the first {TSNE_PER_CLASS} test images "
+                              f"of each class, or all it has ({len(chosen)} in all)")
+        return [plots.save_figure(fig, out_dir / "tsne.png")]
+
+    def summary(self, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+        """``class_accuracy``: the mean over seeds of each class's test accuracy."""
+        names = per_seed[0].get("class_accuracy") or {}
+        if not names:
+            return {}
+        return {"class_accuracy": {name: mean_std([s["class_accuracy"][name] for s in per_seed])[0] for name in names}}
+
+    def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
+        """``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (seed 0)."""
+        from dlops import plots
+
+        files = []
+        if final.get("class_accuracy"):
+            files.append(plots.save_figure(plots.plot_class_accuracy(final["class_accuracy"]),
+                                           out_dir / "class_accuracy.png"))
+        seed = final["per_seed"][0]
+        layer_history = seed.get("layer_history")
+        if layer_history:
+            seconds = layer_seconds_per_epoch(layer_history) if "hidden_sizes" in layer_history else None
+            fig = plots.plot_ae_losses(seed["history"], layer_history, seconds)
+            files.append(plots.save_figure(fig, out_dir / "ae_losses.png"))
+        return files
+
+    def report_tables(self, final: dict[str, Any]) -> list[Table]:
+        """The per-class test accuracy (mean over seeds) and the pretraining cost per layer."""
+        tables = []
+        if final.get("class_accuracy"):
+            rows = tuple((name, "–" if acc is None else f"{acc:.4f}") for name, acc in final["class_accuracy"].items())
+            tables.append(Table("Per-class test accuracy (mean over seeds)", ("class", "accuracy"), rows))
+        layer_history = final["per_seed"][0].get("layer_history")
+        if layer_history and "hidden_sizes" in layer_history:
+            tables.append(layer_cost_table(layer_history))
+        return tables
+
+
+TRAINER = AutoencoderTrainer()

@@ -1,4 +1,4 @@
-"""Report pieces of the autoencoder experiment: per-class accuracy, t-SNE selection, plots."""
+"""The autoencoder's analysis: per-class accuracy, t-SNE selection, its report tables and plots."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from dlops.ae_report import (
-    class_accuracy,
-    class_accuracy_table,
-    plot_ae_losses,
-    plot_class_accuracy,
-    plot_tsne,
-    tsne_embedding,
-    tsne_selection,
-)
+from dlops.plots import plot_ae_losses, plot_class_accuracy, plot_tsne
+from dlops.report import markdown_table
+from dlops.trainers.autoencoder import TRAINER, class_accuracy, layer_seconds_per_epoch, tsne_embedding, tsne_selection
 
 NAMES = [f"class{i}" for i in range(10)]
 
@@ -41,13 +35,18 @@ def test_class_accuracies_weighted_by_class_counts_give_the_overall_accuracy(see
     assert weighted / counts.sum() == pytest.approx(float(np.mean(predictions == labels)), abs=1e-12)
 
 
-def test_class_accuracy_table_lists_every_class_and_the_total() -> None:
+def test_report_tables_list_every_class_mean_over_seeds_and_the_cost_of_every_layer() -> None:
     labels = np.array([0, 0, 1, 1, 1])
-    predictions = np.array([0, 1, 1, 1, 0])
-    table = class_accuracy_table(labels, predictions, ["cat", "dog"])
-    assert "| cat | 2 | 1 | 0.500 |" in table
-    assert "| dog | 3 | 2 | 0.667 |" in table
-    assert "| **all** | 5 | 3 | 0.600 |" in table
+    seeds = [{"class_accuracy": class_accuracy(labels, predictions, ["cat", "dog"])}
+             for predictions in (np.array([0, 1, 1, 1, 0]), np.array([0, 0, 1, 0, 0]))]
+    final = {**TRAINER.summary(seeds), "per_seed": [{"layer_history": {
+        "hidden_sizes": [16, 8], "ae0_train_loss": [0.5, 0.25], "ae0_val_loss": [0.6, 0.3],
+        "ae0_epoch_seconds": [0.5, 1.5], "ae1_train_loss": [], "ae1_val_loss": [], "ae1_epoch_seconds": []}}]}
+    classes, cost = ("\n".join(markdown_table(t)) for t in TRAINER.report_tables(final))
+    assert "| cat | 0.7500 |" in classes  # (1/2 + 2/2) / 2
+    assert "| dog | 0.5000 |" in classes  # (2/3 + 1/3) / 2
+    assert "| X[0] | 16 | 2 | 1.000 | 2.00 | 0.250 | 0.300 |" in cost
+    assert "| X[1] | 8 | 0 | 0 (skipped) | 0.00 | - | - |" in cost
 
 
 def test_tsne_selection_is_the_first_n_of_each_class_in_test_order() -> None:
@@ -88,7 +87,7 @@ def test_plots_are_figures_with_the_expected_panels() -> None:
         layer_history[f"ae{k}_val_loss"] = list(np.linspace(1.1, 0.6, n))
         layer_history[f"ae{k}_epoch_seconds"] = [0.1] * n
     history = {"train_loss": [2.0, 1.0], "val_loss": [2.1, None], "train_acc": [0.3, 0.6], "val_top1": [0.2, 0.5]}
-    fig = plot_ae_losses(history, layer_history)
+    fig = plot_ae_losses(history, layer_history, layer_seconds_per_epoch(layer_history))
     assert isinstance(fig, Figure) and len(fig.axes) == 3 + 2
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0] == "AE 0 (16 units)\n0.10 s/epoch" and titles[1] == "AE 1 (8 units)"

@@ -1,0 +1,132 @@
+"""What a reference run (``dlops final``) trains: the settings (``--params``), the
+dataset, the epochs and the seeds.
+
+- ``best``: the best trial of the spec's study (its dataset too, unless ``--dataset``);
+- ``baseline``: the spec's ``[baseline]``, no study needed;
+- ``FILE.json``: an object of settings, or an earlier ``final.json`` (its ``params``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from dlops.errors import DlopsError
+from dlops.paths import default_storage_url
+from dlops.spec import StudySpec
+from dlops.storage import mask_url, open_storage
+from dlops.trainers import get_trainer
+from dlops.trainers.base import TrainerConfig
+
+
+@dataclass
+class FinalOptions:
+    """What ``dlops final`` may choose or override."""
+
+    params: str = "best"  # best | baseline | path to a JSON file
+    dataset: str | None = None
+    epochs: int | None = None
+    seeds: int | None = None
+    device: str | None = None
+    resume: bool = False
+    storage: str | None = None
+    study_name: str | None = None
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChosenParams:
+    params: dict[str, Any]
+    source: dict[str, Any]  # {"kind": "trial"|"baseline"|"file", ...}
+    dataset: str | None = None  # the dataset the study ran on, when they came from one
+
+
+def study_name_for(spec: StudySpec, options: FinalOptions) -> str:
+    """The study ``--params best`` reads: ``--study-name``, else the name ``dlops study run``
+    gives the spec on ``--dataset`` (``resnet18-ce-digits``; the spec's own name on its own dataset)."""
+    return options.study_name or spec.study_name(options.dataset)
+
+
+def find_study(url: str, name: str) -> optuna.Study | None:
+    """The study ``name`` in the storage at ``url``, or ``None`` when there is none."""
+    storage = open_storage(url)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name not in names:
+        return None
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | None) -> ChosenParams:
+    """The settings to train: the study's best trial, the baseline, or a JSON file."""
+    source = options.params
+    if source == "baseline":
+        return ChosenParams(spec.baseline_params(), {"kind": "baseline"})
+    if source == "best":
+        name = study_name_for(spec, options)
+        url = options.storage or default_storage_url()
+        if study is None:
+            raise DlopsError(
+                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}` first, "
+                "or use --params baseline"
+            )
+        try:
+            best = study.best_trial
+        except ValueError:
+            raise DlopsError(f"study {name!r} has no complete trial yet; use --params baseline") from None
+        return ChosenParams(
+            dict(best.params),
+            {
+                "kind": "trial",
+                "study": name,
+                "trial": best.number,
+                "value": best.value,
+                "metric": (study.metric_names or [spec.metric])[0],
+                "baseline": bool(best.user_attrs.get("baseline", False)),
+            },
+            dataset=study.user_attrs.get("dataset"),
+        )
+    return _params_from_file(spec, Path(source))
+
+
+def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
+    if not path.is_file():
+        raise DlopsError(f"--params {path}: no such file (give best, baseline or a JSON file)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DlopsError(f"--params {path}: not valid JSON: {exc}") from None
+    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
+        raw = raw["params"]  # an earlier final.json
+    if not isinstance(raw, dict) or not raw:
+        raise DlopsError(f"--params {path}: expected a JSON object of settings, e.g. {{\"lr\": 0.01}}")
+    fields = {f.name for f in dataclasses.fields(get_trainer(spec.trainer).config_class)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise DlopsError(f"--params {path}: {unknown[0]!r} is not a setting of trainer {spec.trainer!r}")
+    return ChosenParams(dict(raw), {"kind": "file", "path": str(path)})
+
+
+def build_config(spec: StudySpec, dataset: str | None, params: dict[str, Any], **overrides: Any) -> TrainerConfig:
+    try:
+        return spec.config(dataset, params, **overrides)
+    except TypeError as exc:  # an override the trainer's config does not have
+        raise DlopsError(f"{spec.name}: {exc}") from None
+
+
+def final_epochs(spec: StudySpec, options: FinalOptions) -> int | None:
+    epochs = options.epochs if options.epochs is not None else spec.final.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise DlopsError(f"final epochs must be a positive integer, got {epochs!r}")
+    return epochs
+
+
+def final_seeds(spec: StudySpec, options: FinalOptions) -> list[int]:
+    n = options.seeds if options.seeds is not None else spec.final.get("seeds", 1)
+    if not isinstance(n, int) or n < 1:
+        raise DlopsError(f"seeds must be a positive integer, got {n!r}")
+    return list(range(n))

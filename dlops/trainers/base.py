@@ -1,0 +1,302 @@
+"""What every trainer is and shares: the :class:`Trainer` protocol, the fit result, the
+epoch row, the NaN guard, the device, evaluation on a split, and one checkpoint format
+with one compatibility rule.
+
+A trainer module (``dlops.trainers.<name>``) defines a ``TRAINER`` object that subclasses
+:class:`Trainer`. It knows nothing of Optuna, the CLI or the reports: after each epoch
+``fit`` calls ``report(epoch, metrics)`` (which may raise to stop: pruning), and it hands
+extra progress lines, already formatted, to ``progress(line)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from dlops.data import Dataset, Split, get_dataset, take_subset
+from dlops.data.loader import BatchLoader
+from dlops.errors import DlopsError
+from dlops.io import load_checkpoint, save_checkpoint
+from dlops.metrics import centroid_scores
+
+# The per-epoch keys of every trainer's history (a loss may add its own diagnostics).
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
+
+# Settings that may differ between a checkpoint and the run that resumes it: they change
+# where and how fast a run goes, never its numbers.
+RESUMABLE_DIFFERENCES = frozenset({"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"})
+
+ReportFn = Callable[[int, dict[str, float]], None]  # (epoch from 0, that epoch's metrics)
+ProgressFn = Callable[[str], None]  # one formatted progress line (no trial or seed prefix)
+
+
+class TrainerConfig(Protocol):
+    """What callers read from any trainer's config dataclass."""
+
+    dataset: str
+    data_root: str | None
+    subset_classes: int | None
+    subset_per_class: int | None
+    epochs: int
+    lr: float
+    seed: int
+    device: str
+    eval_batch_size: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def replace(self, **changes: Any) -> Any: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=TrainerConfig)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite (usually: the learning rate is too high)."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+def check_step_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """The NaN guard inside an epoch: every 20th step (reading a loss syncs the device)."""
+    if step % 20 == 0 and not math.isfinite(float(loss.detach())):
+        raise NonFiniteLossError(epoch, step, float(loss))
+
+
+def check_epoch_loss(mean: float, epoch: int, step: int) -> float:
+    """The NaN guard at the end of an epoch, on its mean loss (returned)."""
+    if not math.isfinite(mean):
+        raise NonFiniteLossError(epoch, step, mean)
+    return mean
+
+
+def epoch_row(train_loss: float, train_acc: float, val: dict[str, float], lr: float,
+              seconds: float) -> dict[str, float]:
+    """One epoch's row of the history (the keys of ``HISTORY_KEYS``)."""
+    return {
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "lr": lr,
+        "epoch_seconds": seconds,
+    }
+
+
+def load_dataset(config: TrainerConfig) -> Dataset:
+    """The dataset a config trains on (``dataset``, ``data_root``, ``subset_*``)."""
+    root = Path(config.data_root) if config.data_root else None
+    return take_subset(get_dataset(config.dataset, root), config.subset_classes, config.subset_per_class)
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of ``--device`` (auto, cpu, cuda, cuda:K); anything this machine
+    cannot run on is a :class:`DlopsError` in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DlopsError(f"unknown device {name!r} (auto, cpu, cuda, cuda:K)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DlopsError(f"--device {name} asked for, but no CUDA device is available (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DlopsError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    """What ran a run: the device, its name, and the GPUs the process was given."""
+    out: dict[str, Any] = {"device": str(device)}
+    if device.type == "cuda":
+        out["name"] = torch.cuda.get_device_name(device)
+        out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bfloat16 autocast on CUDA; off on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    split: Split,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
+    model.eval()
+    loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
+    # Sums stay on the device and are read once at the end: no host sync per batch.
+    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    for x, y in loader:
+        with autocast(device):
+            embedding, logits = model(x)
+        if loss_fn.scored_by == "centroids":
+            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
+        else:
+            scores = logits.float()
+            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
+        hits[0] += top[:, 0].sum()
+        hits[1] += top.any(1).sum()
+        n += len(y)
+    top1, top5 = hits.tolist()
+    out = {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+    out["loss"] = float(loss_sum) / max(n, 1) if loss_fn.scored_by == "logits" else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings (sorted) in which two configs differ, those of
+    :data:`RESUMABLE_DIFFERENCES` aside."""
+    return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
+
+
+def config_matches(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a checkpoint made with config ``saved`` may resume a run of config ``now``."""
+    return not config_differences(saved, now)
+
+
+def save_state(path: Path, config: TrainerConfig, epoch: int, **state: Any) -> None:
+    """Checkpoint a run: its config, the last epoch done (-1: none yet) and ``state``."""
+    save_checkpoint({"config": config.to_dict(), "epoch": epoch, **state}, Path(path))
+
+
+def load_state(path: Path | None, config: TrainerConfig, map_location: Any = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at ``path`` to resume ``config`` from; None when there is none.
+    One made with another configuration is a :class:`DlopsError`; one that does not load,
+    :class:`dlops.io.CorruptCheckpoint`."""
+    if path is None or not Path(path).exists():
+        return None
+    state = load_checkpoint(path, map_location=map_location)
+    changed = config_differences(state["config"], config.to_dict())
+    if changed:
+        raise DlopsError(f"checkpoint {path} belongs to another configuration (differs in {', '.join(changed)})")
+    return state
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: ``history`` (per-epoch lists of the trainer's ``metrics``),
+    ``metrics`` (the last epoch's) and ``extra_user_attrs`` (more per-trial results a
+    study keeps with the trial), with what a final run evaluates."""
+
+    config: TrainerConfig
+    history: dict[str, list[float]]
+    model: nn.Module
+    loss_fn: nn.Module
+    dataset: Dataset
+    device: torch.device
+    start_epoch: int = 0  # > 0 when resumed from a checkpoint
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_user_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table for the written report (``report.py`` renders it as Markdown)."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+class Trainer(ABC, Generic[ConfigT]):
+    """A trainer: its config, its per-epoch metrics, ``fit``, and what a reference run
+    (``dlops final``) and the written report need from it.
+
+    An exception raised by ``report`` inside ``fit`` (pruning) propagates from ``fit``;
+    a trainer may attach ``extra_user_attrs`` (a dict) to it, as to its result.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[Any]]  # ConfigT
+    metrics: ClassVar[tuple[str, ...]] = HISTORY_KEYS
+    title: ClassVar[str]  # the heading of its section in reports/index.md
+    index_by_loss: ClassVar[bool] = False  # reports/index.md compares its specs side by side, one column per loss
+    report_figures: ClassVar[tuple[tuple[str, str], ...]] = ()  # (file, caption) that report.md embeds
+
+    @abstractmethod
+    def validate(self, config: ConfigT) -> None:
+        """Reject settings no run could use (a :class:`DlopsError` in one line)."""
+
+    @abstractmethod
+    def fit(self, config: ConfigT, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
+            progress: ProgressFn | None = None) -> FitResult:
+        """Train ``config``; with ``checkpoint_path``, checkpoint after every epoch and resume
+        an existing checkpoint exactly (its restored epochs are reported again)."""
+
+    # ---- a reference run
+    @abstractmethod
+    def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
+        """The test figures of a fitted model (``test_*`` keys; more per-seed data allowed)."""
+
+    @abstractmethod
+    def weights(self, result: FitResult) -> dict[str, Any]:
+        """The state dicts a reference run keeps (``weights.pt``)."""
+
+    @abstractmethod
+    def evaluate_weights(self, config: ConfigT, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """:meth:`test_metrics` again, from the saved :meth:`weights`."""
+
+    def seed_record(self, result: FitResult) -> dict[str, Any]:
+        """More per-seed data for ``final.json`` (JSON-safe)."""
+        return {}
+
+    def seed_files(self, result: FitResult, split: Split, out_dir: Path) -> list[Path]:
+        """Figures drawn from the fitted model of the first seed (they need the model)."""
+        return []
+
+    def summary(self, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+        """More top-level entries of ``final.json``, from its per-seed records."""
+        return {}
+
+    # ---- the written report (from final.json alone)
+    def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
+        """Figures beyond the training curves, drawn from ``final.json``."""
+        return []
+
+    def report_tables(self, final: dict[str, Any]) -> list[Table]:
+        """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
+        return []
