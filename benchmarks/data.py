@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,8 +58,18 @@ def time_loader(batches: Iterator, limit: int, device: torch.device) -> tuple[in
 def study_loader_rate(root: Path, batch_size: int, limit: int, device: torch.device) -> tuple[int, float]:
     ds = get_dataset("tiny-imagenet", root)
     mean, std = ds.channel_stats()
-    loader = BatchLoader(ds.train, batch_size, mean, std, device, shuffle=True, augment=True, hflip=ds.hflip,
-                         crop_padding=ds.crop_padding, seed=0)
+    loader = BatchLoader(
+        ds.train,
+        batch_size,
+        mean,
+        std,
+        device,
+        shuffle=True,
+        augment=True,
+        hflip=ds.hflip,
+        crop_padding=ds.crop_padding,
+        seed=0,
+    )
     return time_loader(endless(loader), limit, device)
 
 
@@ -68,8 +78,18 @@ def tensor_path_rate(root: Path, batch_size: int, limit: int) -> tuple[int, floa
     index, flip), which the GPU uses, on the CPU: what the per-image slice path replaced."""
     ds = get_dataset("tiny-imagenet", root)
     mean, std = ds.channel_stats()
-    loader = BatchLoader(ds.train, batch_size, mean, std, "cpu", shuffle=True, augment=True, hflip=ds.hflip,
-                         crop_padding=ds.crop_padding, seed=0)
+    loader = BatchLoader(
+        ds.train,
+        batch_size,
+        mean,
+        std,
+        "cpu",
+        shuffle=True,
+        augment=True,
+        hflip=ds.hflip,
+        crop_padding=ds.crop_padding,
+        seed=0,
+    )
     images, labels = ds.train.images, ds.train.labels
 
     def batches() -> Iterator:
@@ -87,15 +107,23 @@ def imagefolder_rate(root: Path, batch_size: int, limit: int, workers: int, devi
     train_dir = find_tree(dataset_dir(root, "tiny-imagenet") / "raw") / "train"
     ds = get_dataset("tiny-imagenet", root)
     mean, std = (m.tolist() for m in ds.channel_stats())
-    transform = transforms.Compose([
-        transforms.RandomCrop(64, padding=CROP_PADDING),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(64, padding=CROP_PADDING),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
     folder = datasets.ImageFolder(str(train_dir), transform=transform)
-    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        folder,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     moved = ((x.to(device, non_blocking=True), y) for x, y in endless(loader))
     return time_loader(moved, limit, device)
 
@@ -119,15 +147,19 @@ def main() -> None:
         print(f"fetching {args.source} into {root}")
         fetch_dataset("tiny-imagenet", root, args.source, progress=False, log=print)
     device = resolve_device(args.device)
-    print(f"device {device}, batch {args.batch_size}, {args.images} images per pipeline, torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"device {device}, batch {args.batch_size}, {args.images} images per pipeline, torch threads "
+        f"{torch.get_num_threads()}"
+    )
 
     n, s = study_loader_rate(root, args.batch_size, args.images, device)
     study = n / s
     if device.type == "cpu":
         tn, ts = tensor_path_rate(root, args.batch_size, args.images)
-        print(f"study loader's batches through its whole-batch tensor path (the GPU's): {tn / ts:,.0f} images/s "
-              f"(the CPU slice path below is {study / (tn / ts):.2f}x)")
+        print(
+            f"study loader's batches through its whole-batch tensor path (the GPU's): {tn / ts:,.0f} images/s "
+            f"(the CPU slice path below is {study / (tn / ts):.2f}x)"
+        )
     print(f"study loader (uint8 cache, batch augment): {study:,.0f} images/s ({n} images in {s:.2f}s)")
     n, s = imagefolder_rate(root, args.batch_size, args.images, args.workers, device)
     folder = n / s

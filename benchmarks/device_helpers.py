@@ -29,14 +29,42 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("ce", "triplet", "center")
 # Already on the GPU machine with its PyTorch (KINDS.md), and large: never brought along.
-HEAVY = {"torch", "torchvision", "numpy", "matplotlib", "scikit-learn", "scipy", "pillow", "triton", "setuptools", "pip"}
+HEAVY = {
+    "torch",
+    "torchvision",
+    "numpy",
+    "matplotlib",
+    "scikit-learn",
+    "scipy",
+    "pillow",
+    "triton",
+    "setuptools",
+    "pip",
+}
 # What dlops and its tests import (module -> distribution), checked before and after installing.
 IMPORTS = {
-    "optuna": "optuna", "sqlalchemy": "sqlalchemy", "alembic": "alembic", "colorlog": "colorlog", "mako": "mako",
-    "yaml": "pyyaml", "tqdm": "tqdm", "packaging": "packaging", "typer": "typer", "rich": "rich",
-    "optuna_dashboard": "optuna-dashboard", "bottle": "bottle", "redis": "redis", "psycopg2": "psycopg2-binary",
-    "torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "matplotlib": "matplotlib",
-    "sklearn": "scikit-learn", "PIL": "pillow", "pytest": "pytest", "pytest_timeout": "pytest-timeout",
+    "optuna": "optuna",
+    "sqlalchemy": "sqlalchemy",
+    "alembic": "alembic",
+    "colorlog": "colorlog",
+    "mako": "mako",
+    "yaml": "pyyaml",
+    "tqdm": "tqdm",
+    "packaging": "packaging",
+    "typer": "typer",
+    "rich": "rich",
+    "optuna_dashboard": "optuna-dashboard",
+    "bottle": "bottle",
+    "redis": "redis",
+    "psycopg2": "psycopg2-binary",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "numpy": "numpy",
+    "matplotlib": "matplotlib",
+    "sklearn": "scikit-learn",
+    "PIL": "pillow",
+    "pytest": "pytest",
+    "pytest_timeout": "pytest-timeout",
 }
 
 
@@ -52,15 +80,25 @@ def wheels_needed() -> list[str]:
     ones the GPU machine has, with their dependencies, as installed in this environment."""
     from packaging.requirements import Requirement
 
-    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
-           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    env = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.3",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "extra": "",
+    }
     project = [Requirement(r) for r in metadata.requires("dlops") or []] if _has("dlops") else []
     if not project:  # not installed as a package here: read pyproject.toml
         import tomllib
 
         data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-        project = [Requirement(r) for r in data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"]]
+        project = [
+            Requirement(r) for r in data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"]
+        ]
     else:
         project += [Requirement("pytest"), Requirement("pytest-timeout")]
     seen: dict[str, str] = {}
@@ -114,20 +152,40 @@ def install(args: argparse.Namespace) -> int:
     print("imports failing before:", ", ".join(f"{m} ({e})" for m, e in before.items()) or "none")
     wheels = sorted(Path(args.wheels).glob("*.whl")) if Path(args.wheels).is_dir() else []
     missing = [w for w in wheels if not _has(w.name.split("-")[0])]
-    print(f"{len(wheels)} wheels brought along; {len(missing)} for distributions missing here: "
-          + (", ".join(w.name.split("-")[0] for w in missing) or "none"))
+    print(
+        f"{len(wheels)} wheels brought along; {len(missing)} for distributions missing here: "
+        + (", ".join(w.name.split("-")[0] for w in missing) or "none")
+    )
     if args.dry_run:
         print("dry run: nothing installed")
         return 0
     target = Path(args.target)
     target.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--disable-pip-version-check", "--target", str(target)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+    ]
     if missing:
         subprocess.run(pip + [str(w) for w in missing], check=True)
-    done = subprocess.run(pip + ["--no-build-isolation", str(ROOT)], capture_output=True, text=True)
-    print("project: pip install --no-deps " + ("ok" if done.returncode == 0 else f"FAILED ({done.stderr.strip()[-300:]}); "
-                                              "running from the checkout instead"))
+    done = subprocess.run([*pip, "--no-build-isolation", str(ROOT)], capture_output=True, text=True)
+    print(
+        "project: pip install --no-deps "
+        + (
+            "ok"
+            if done.returncode == 0
+            else f"FAILED ({done.stderr.strip()[-300:]}); running from the checkout instead"
+        )
+    )
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     after = failing_imports()
@@ -140,7 +198,7 @@ def install(args: argparse.Namespace) -> int:
 
 def versions(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": {}}
-    for module, dist in IMPORTS.items():
+    for _module, dist in IMPORTS.items():
         try:
             info["packages"][dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -151,14 +209,29 @@ def versions(args: argparse.Namespace) -> int:
     info["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
-                       "capability": f"{p.major}.{p.minor}", "count": torch.cuda.device_count(),
-                       "cudnn": torch.backends.cudnn.version()}
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,"
-                              "temperature.gpu,power.draw", "--format=csv,noheader"], capture_output=True, text=True)
+        info["gpu"] = {
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "sms": p.multi_processor_count,
+            "capability": f"{p.major}.{p.minor}",
+            "count": torch.cuda.device_count(),
+            "cudnn": torch.backends.cudnn.version(),
+        }
+        smi = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+        )
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+            or None
+        )
     except OSError:
         info["commit"] = None
     print(json.dumps(info, indent=1))
@@ -175,7 +248,11 @@ def write_spec(args: argparse.Namespace) -> int:
     text = (ROOT / "study" / f"resnet18-{args.loss}.toml").read_text()
     head, train = text.split("\n[train]", 1)
     train, sep, rest = train.partition("\n[")  # the [train] table alone
-    for key, value in (("width", args.width), ("batch_size", args.batch_size), ("eval_batch_size", args.eval_batch_size)):
+    for key, value in (
+        ("width", args.width),
+        ("batch_size", args.batch_size),
+        ("eval_batch_size", args.eval_batch_size),
+    ):
         if value:
             line = f"{key} = {value}"
             train, found = re.subn(rf"(?m)^{key}\s*=.*$", line, train, count=1)
@@ -208,19 +285,35 @@ def curves(args: argparse.Namespace) -> int:
             params, source = dict(best.params), f"best trial {best.number} of {study.study_name}"
         except (KeyError, ValueError) as exc:
             source = f"baseline (no finished study trial: {exc})"
-        overrides = {k: v for k, v in (("subset_classes", args.subset_classes), ("subset_per_class", args.subset_per_class))
-                     if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("subset_classes", args.subset_classes), ("subset_per_class", args.subset_per_class))
+            if v is not None
+        }
         config = spec.config(args.dataset, params, epochs=args.epochs, device=args.device, seed=0, **overrides)
         t0 = time.perf_counter()
-        result = get_trainer(spec.trainer).fit(config, report=lambda e, m, loss=loss: print(
-            f"curves {loss:<8} epoch {e + 1:>2}: train loss {m['train_loss']:.4f}  val top-1 {m['val_top1']:.4f}  "
-            f"top-5 {m['val_top5']:.4f}  ({m['epoch_seconds']:.1f} s)", flush=True))
-        out[loss] = {"params": params, "source": source, "config": config.to_dict(), "history": result.history,
-                     "seconds": time.perf_counter() - t0, "device": result.extra_user_attrs.get("device")}
+        result = get_trainer(spec.trainer).fit(
+            config,
+            report=lambda e, m, loss=loss: print(
+                f"curves {loss:<8} epoch {e + 1:>2}: train loss {m['train_loss']:.4f}  val top-1 {m['val_top1']:.4f}  "
+                f"top-5 {m['val_top5']:.4f}  ({m['epoch_seconds']:.1f} s)",
+                flush=True,
+            ),
+        )
+        out[loss] = {
+            "params": params,
+            "source": source,
+            "config": config.to_dict(),
+            "history": result.history,
+            "seconds": time.perf_counter() - t0,
+            "device": result.extra_user_attrs.get("device"),
+        }
         path.write_text(json.dumps(out, indent=1, default=str))
     use_headless_backend()
     series = {loss: [r["history"]["val_top5"]] for loss, r in out.items()}
-    fig = plot_validation_curves(series, title=f"unpruned runs on {args.dataset} ({args.epochs} epochs; best study params)")
+    fig = plot_validation_curves(
+        series, title=f"unpruned runs on {args.dataset} ({args.epochs} epochs; best study params)"
+    )
     fig.savefig(args.out_png, dpi=110)
     return 0
 
@@ -242,12 +335,17 @@ def summary(args: argparse.Namespace) -> int:
         for line in (work / "stages.tsv").read_text().splitlines():
             name, status, rc, secs = line.split("\t")
             stages.append({"stage": name, "status": status, "rc": int(rc), "seconds": float(secs)})
-    result: dict[str, Any] = {"stages": stages, "versions": _load(work / "versions.json"),
-                              "throughput": _load(out / "throughput.json"), "curves": _load(out / "curves.json"),
-                              "studies": {}, "cuda_tests": None}
+    result: dict[str, Any] = {
+        "stages": stages,
+        "versions": _load(work / "versions.json"),
+        "throughput": _load(out / "throughput.json"),
+        "curves": _load(out / "curves.json"),
+        "studies": {},
+        "cuda_tests": None,
+    }
     log = work / "logs" / "cuda_tests.log"
     if log.exists():
-        tail = [l for l in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", l)]
+        tail = [ln for ln in log.read_text().splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
         result["cuda_tests"] = tail[-1].strip("= ") if tail else None
     db = out / "studies.db"
     if db.exists():
@@ -266,10 +364,17 @@ def summary(args: argparse.Namespace) -> int:
                 if done:
                     b = study.best_trial
                     h = b.user_attrs.get("history", {})
-                    entry["best"] = {"number": b.number, "value": b.value, "params": b.params,
-                                     "val_top1": (h.get("val_top1") or [None])[-1], "val_top5": (h.get("val_top5") or [None])[-1],
-                                     "epochs": len(h.get("val_top5") or [])}
-                    entry["trial_seconds"] = sum(sum(t.user_attrs.get("history", {}).get("epoch_seconds", [])) for t in study.trials)
+                    entry["best"] = {
+                        "number": b.number,
+                        "value": b.value,
+                        "params": b.params,
+                        "val_top1": (h.get("val_top1") or [None])[-1],
+                        "val_top5": (h.get("val_top5") or [None])[-1],
+                        "epochs": len(h.get("val_top5") or []),
+                    }
+                    entry["trial_seconds"] = sum(
+                        sum(t.user_attrs.get("history", {}).get("epoch_seconds", [])) for t in study.trials
+                    )
                 result["studies"][s.study_name] = entry
         except Exception as exc:  # noqa: BLE001 - the summary reports, it does not fail
             result["studies_error"] = f"{type(exc).__name__}: {exc}"
@@ -278,7 +383,13 @@ def summary(args: argparse.Namespace) -> int:
     def f(x: Any, fmt: str) -> str:
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    lines = ["", "=" * 78, "SUMMARY " + (result["versions"] or {}).get("gpu", {}).get("name", "no GPU") if result["versions"] else "SUMMARY"]
+    lines = [
+        "",
+        "=" * 78,
+        "SUMMARY " + (result["versions"] or {}).get("gpu", {}).get("name", "no GPU")
+        if result["versions"]
+        else "SUMMARY",
+    ]
     lines.append(f"{'stage':<14} {'status':<9} {'rc':>4} {'seconds':>8}")
     for s in stages:
         lines.append(f"{s['stage']:<14} {s['status']:<9} {s['rc']:>4} {s['seconds']:>8.1f}")
@@ -286,21 +397,31 @@ def summary(args: argparse.Namespace) -> int:
         lines.append(f"CUDA tests: {result['cuda_tests']}")
     tp = result["throughput"] or {}
     if tp.get("projection"):
-        lines.append(f"{'throughput':<10} {'loss':>8} {'mode':>9} {'bs':>5} {'img/s':>9} {'vs ce':>6} {'loader':>7} {'MiB':>7} {'epoch s':>8}")
+        lines.append(
+            f"{'throughput':<10} {'loss':>8} {'mode':>9} {'bs':>5} {'img/s':>9} {'vs ce':>6} {'loader':>7} "
+            f"{'MiB':>7} {'epoch s':>8}"
+        )
         for x in tp["projection"]:
             share = f"{100 * x['loader_share']:.1f}%" if x.get("loader_share") else "-"
-            lines.append(f"{'':<10} {x['loss']:>8} {x['mode']:>9} {x['best_batch_size']:>5} {x['train_images_per_s']:>9.0f} "
-                         f"{f(x.get('step_vs_ce'), '.3f'):>6} {share:>7} {f(x.get('peak_mib'), '.0f'):>7} {x['epoch_s']:>8.2f}")
+            lines.append(
+                f"{'':<10} {x['loss']:>8} {x['mode']:>9} {x['best_batch_size']:>5} {x['train_images_per_s']:>9.0f} "
+                f"{f(x.get('step_vs_ce'), '.3f'):>6} {share:>7} {f(x.get('peak_mib'), '.0f'):>7} {x['epoch_s']:>8.2f}"
+            )
     if result["studies"]:
         lines.append(f"{'study':<22} {'trials':<30} {'best':>5} {'top-1':>6} {'top-5':>6}")
         for name, s in result["studies"].items():
             b = s.get("best") or {}
             states = ", ".join(f"{v} {k.lower()}" for k, v in s["states"].items())
-            lines.append(f"{name:<22} {states:<30} {f(b.get('number'), 'd'):>5} {f(b.get('val_top1'), '.3f'):>6} {f(b.get('val_top5'), '.3f'):>6}")
+            lines.append(
+                f"{name:<22} {states:<30} {f(b.get('number'), 'd'):>5} {f(b.get('val_top1'), '.3f'):>6} "
+                f"{f(b.get('val_top5'), '.3f'):>6}"
+            )
     for loss, c in (result["curves"] or {}).items():
         h = c["history"]
-        lines.append(f"curve {loss:<8} {len(h['val_top5'])} epochs, {c['source']}: val top-1 {h['val_top1'][-1]:.3f}, "
-                     f"top-5 {h['val_top5'][-1]:.3f} ({c['seconds']:.0f} s)")
+        lines.append(
+            f"curve {loss:<8} {len(h['val_top5'])} epochs, {c['source']}: val top-1 {h['val_top1'][-1]:.3f}, "
+            f"top-5 {h['val_top5'][-1]:.3f} ({c['seconds']:.0f} s)"
+        )
     print("\n".join(lines))
     return 0
 
@@ -340,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "wheels-needed":
         print("\n".join(wheels_needed()))
         return 0
-    return {"install": install, "versions": versions, "spec": write_spec, "curves": curves, "summary": summary}[args.command](args)
+    return {"install": install, "versions": versions, "spec": write_spec, "curves": curves, "summary": summary}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,11 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - t0)
 
-    print(f"device {device}, ResNet18 width {args.width}, batch {p * k} (P={p} x K={k}), "
-          f"{args.image_size}x{args.image_size}, {args.classes} classes, "
-          f"{args.rounds * args.steps} steps per loss")
+    print(
+        f"device {device}, ResNet18 width {args.width}, batch {p * k} (P={p} x K={k}), "
+        f"{args.image_size}x{args.image_size}, {args.classes} classes, "
+        f"{args.rounds * args.steps} steps per loss"
+    )
     base = statistics.median(times["ce"])
     print(f"{'loss':<8} {'median step (ms)':>17} {'vs ce':>7}")
     for name, ts in times.items():
@@ -94,8 +96,16 @@ def main() -> None:
         print("\none epoch on digits (ResNet18 width 16, batch 128), epoch_seconds from the run's history:")
         secs = {}
         for name in ("ce", "triplet", "center"):
-            cfg = TrainConfig(loss=name, dataset="digits", epochs=1, width=16, batch_size=128, lr=0.02,
-                              device=str(device), augment=True)
+            cfg = TrainConfig(
+                loss=name,
+                dataset="digits",
+                epochs=1,
+                width=16,
+                batch_size=128,
+                lr=0.02,
+                device=str(device),
+                augment=True,
+            )
             fit(cfg)  # warm-up (allocator, caches)
             secs[name] = fit(cfg).history["epoch_seconds"][0]
         for name, s in secs.items():

@@ -37,6 +37,7 @@ from dlops.trainers.resnet import TrainConfig, evaluate, fit
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}  # what --set may change
 
+
 def parse_value(key: str, text: str) -> Any:
     default = CONFIG_FIELDS[key].default
     if isinstance(default, bool):
@@ -67,7 +68,9 @@ def parse_sets(items: list[str]) -> dict[str | None, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", default="ce,center,triplet")
-    parser.add_argument("--lrs", default="0.02,0.05,0.1", help="comma-separated learning rates, each run for every loss")
+    parser.add_argument(
+        "--lrs", default="0.02,0.05,0.1", help="comma-separated learning rates, each run for every loss"
+    )
     parser.add_argument("--dataset", default="tiny-imagenet", help="tiny-imagenet; digits for quick screens")
     parser.add_argument("--classes", type=int, default=20, help="first N classes (0: all)")
     parser.add_argument("--per-class", type=int, default=100, help="first M training images per class (0: all)")
@@ -87,9 +90,12 @@ def main() -> None:
     dataset = take_subset(get_dataset(args.dataset, root), classes, per_class)
     test = dataset.test()
     mean, std = dataset.channel_stats()
-    print(f"{args.dataset} at {root}: {dataset.num_classes} classes, train {len(dataset.train)}, val {len(dataset.val)}, "
-          f"test {len(test)}; {args.epochs} epochs, width {args.width}, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"{args.dataset} at {root}: {dataset.num_classes} classes, train {len(dataset.train)}, val {len(dataset.val)}, "
+        f"test {len(test)}; {args.epochs} epochs, width {args.width}, batch {args.batch_size}, "
+        f"threads {torch.get_num_threads()}",
+        flush=True,
+    )
 
     rows = []
     for loss in args.losses.split(","):
@@ -99,36 +105,62 @@ def main() -> None:
             # margin, K; the center-loss lambda and alpha): its baseline with this budget.
             spec = load_spec(f"resnet18-{loss}")
             config = spec.config(
-                args.dataset, spec.baseline_params(), data_root=str(root), subset_classes=classes,
-                subset_per_class=per_class, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                width=args.width, seed=args.seed, device=args.device,
+                args.dataset,
+                spec.baseline_params(),
+                data_root=str(root),
+                subset_classes=classes,
+                subset_per_class=per_class,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=lr,
+                width=args.width,
+                seed=args.seed,
+                device=args.device,
             ).replace(**overrides)
             t0 = time.perf_counter()
 
-            def show(epoch: int, m: dict[str, float]) -> None:
-                extra = "".join(f" {k}={m[k]:.3f}" for k in ("triplet_violated", "triplet_pos_dist",
-                                                               "triplet_neg_dist", "embedding_norm") if k in m)
-                print(f"  {loss} lr={lr:g} epoch {epoch}: loss={m['train_loss']:.4f} val_top5={m['val_top5']:.3f}"
-                      f"{extra} ({m['epoch_seconds']:.0f}s)", flush=True)
+            def show(epoch: int, m: dict[str, float], loss: str = loss, lr: float = lr) -> None:
+                extra = "".join(
+                    f" {k}={m[k]:.3f}"
+                    for k in ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm")
+                    if k in m
+                )
+                print(
+                    f"  {loss} lr={lr:g} epoch {epoch}: loss={m['train_loss']:.4f} val_top5={m['val_top5']:.3f}"
+                    f"{extra} ({m['epoch_seconds']:.0f}s)",
+                    flush=True,
+                )
 
             result = fit(config, report=show, dataset=dataset)
             t = evaluate(result.model, result.loss_fn, test, mean, std, result.device, config.eval_batch_size)
             row = {
-                "tag": args.tag, "loss": loss, "lr": lr, "overrides": overrides,
-                "test_top1": t["top1"], "test_top5": t["top5"], "best_val_top5": max(result.history["val_top5"]),
-                "seconds": time.perf_counter() - t0, "history": result.history,
+                "tag": args.tag,
+                "loss": loss,
+                "lr": lr,
+                "overrides": overrides,
+                "test_top1": t["top1"],
+                "test_top5": t["top5"],
+                "best_val_top5": max(result.history["val_top5"]),
+                "seconds": time.perf_counter() - t0,
+                "history": result.history,
                 "config": dataclasses.asdict(config),
             }
             rows.append(row)
-            print(f"{loss:8s} lr={lr:<6g} {overrides} test top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} "
-                  f"({row['seconds']:.0f}s)", flush=True)
+            print(
+                f"{loss:8s} lr={lr:<6g} {overrides} test top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} "
+                f"({row['seconds']:.0f}s)",
+                flush=True,
+            )
 
     print("\n| tag | loss | lr | overrides | test top-1 | test top-5 | best val top-5 | violated per epoch |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         v = r["history"].get("triplet_violated")
-        print(f"| {r['tag']} | {r['loss']} | {r['lr']:g} | {r['overrides'] or ''} | {r['test_top1']:.3f} | "
-              f"{r['test_top5']:.3f} | {r['best_val_top5']:.3f} | {'' if v is None else ' '.join(f'{x:.2f}' for x in v)} |")
+        print(
+            f"| {r['tag']} | {r['loss']} | {r['lr']:g} | {r['overrides'] or ''} | {r['test_top1']:.3f} | "
+            f"{r['test_top5']:.3f} | {r['best_val_top5']:.3f} | "
+            f"{'' if v is None else ' '.join(f'{x:.2f}' for x in v)} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else []

@@ -41,8 +41,9 @@ def run(kind: str, url: str, trials: int, epochs: int) -> dict[str, float]:
 
     storage = connect(url)
     spec = load_spec("resnet18-ce").for_dataset("digits")
-    options = RunOptions(dataset="digits", storage=url, study_name=f"notes-bench-{uuid.uuid4().hex[:8]}",
-                         n_trials=trials)
+    options = RunOptions(
+        dataset="digits", storage=url, study_name=f"notes-bench-{uuid.uuid4().hex[:8]}", n_trials=trials
+    )
     study = open_study(spec, options, storage)
     with storage.lock(study.study_name):
         prepare_study(study, spec, options)
@@ -54,8 +55,10 @@ def run(kind: str, url: str, trials: int, epochs: int) -> dict[str, float]:
         trial = study.ask()
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
         trial.set_user_attr("config", {"lr": lr, "epochs": epochs, "width": 64, "dataset": "digits", "seed": n})
-        history = {k: [rng.random() for _ in range(epochs)] for k in
-                   ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")}
+        history = {
+            k: [rng.random() for _ in range(epochs)]
+            for k in ("train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
+        }
         trial.set_user_attr("history", history)
         for e, v in enumerate(history["val_top1"]):
             trial.report(v, e)
@@ -73,8 +76,13 @@ def run(kind: str, url: str, trials: int, epochs: int) -> dict[str, float]:
     assert f"Trials: {trials} complete" in note and f"# Trial {trials - 1}" in last, "the notes were not written"
     if kind == "postgresql":
         optuna.delete_study(study_name=study.study_name, storage=storage.optuna)
-    return {"ms_median": statistics.median(costs), "ms_mean": statistics.fmean(costs),
-            "ms_last5": statistics.fmean(costs[-5:]), "trials": trials, "epochs": epochs}
+    return {
+        "ms_median": statistics.median(costs),
+        "ms_mean": statistics.fmean(costs),
+        "ms_last5": statistics.fmean(costs[-5:]),
+        "trials": trials,
+        "epochs": epochs,
+    }
 
 
 def main() -> None:
@@ -89,8 +97,12 @@ def main() -> None:
     tag = uuid.uuid4().hex[:8]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        urls = {"sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}", "journal": f"journal://{Path(tmp) / 'bench.log'}",
-                "postgresql": args.postgresql, "redis": f"{args.redis}?prefix=dlops-notes-bench-{tag}"}
+        urls = {
+            "sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}",
+            "journal": f"journal://{Path(tmp) / 'bench.log'}",
+            "postgresql": args.postgresql,
+            "redis": f"{args.redis}?prefix=dlops-notes-bench-{tag}",
+        }
         for kind in args.backends:
             try:
                 results[kind] = run(kind, urls[kind], args.trials, args.epochs)

@@ -81,16 +81,23 @@ def write_results(results_root: Path, out: Path, orders: int) -> Path:
     from dlops.replay import DEFAULT_CANDIDATES, choose, format_table, pruner_label, read_curves, replay, replay_orders
     from dlops.spec import load_spec
 
-    lines = ["# Pruning on recorded learning curves", "",
-             "Written by `python benchmarks/pruning.py --results` from the curves files below "
-             "(`dlops study replay FILE` prints any one of these tables). Each pruner sees the recorded trials in "
-             "their original order, epoch by epoch; *kept best*: the best trial that survives is within "
-             "0.5 points of the unpruned best. *Orders*: the same replay over "
-             f"{orders} shuffles of the trial order (trial 0, the baseline, first). *Chosen*: the fewest epochs "
-             "among the pruners that keep the best in the recorded order and in at least 80% of the shuffled "
-             "orders (the fewest in the recorded order alone is often a lucky one: see each table).", ""]
-    summary = ["| curves | trials | unpruned best | spec's pruner: share, kept best | chosen "
-               "| its share | top-3 kept | orders kept best / mean share |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Pruning on recorded learning curves",
+        "",
+        "Written by `python benchmarks/pruning.py --results` from the curves files below "
+        "(`dlops study replay FILE` prints any one of these tables). Each pruner sees the recorded trials in "
+        "their original order, epoch by epoch; *kept best*: the best trial that survives is within "
+        "0.5 points of the unpruned best. *Orders*: the same replay over "
+        f"{orders} shuffles of the trial order (trial 0, the baseline, first). *Chosen*: the fewest epochs "
+        "among the pruners that keep the best in the recorded order and in at least 80% of the shuffled "
+        "orders (the fewest in the recorded order alone is often a lucky one: see each table).",
+        "",
+    ]
+    summary = [
+        "| curves | trials | unpruned best | spec's pruner: share, kept best | chosen "
+        "| its share | top-3 kept | orders kept best / mean share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     details = []
     for path in curves_files(results_root):
         curves = read_curves(path)
@@ -111,34 +118,71 @@ def write_results(results_root: Path, out: Path, orders: int) -> Path:
         fewest = choose(results)
         stem = path.stem
         table = format_table(results)
-        head = (f"replay of {curves.source}: {len(curves.trials)} trials, {results[0].total_epochs} epochs unpruned; "
-                f"unpruned best {curves.metric} {results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})")
+        head = (
+            f"replay of {curves.source}: {len(curves.trials)} trials, {results[0].total_epochs} epochs unpruned; "
+            f"unpruned best {curves.metric} {results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})"
+        )
         (path.parent / f"replay-{stem}.txt").write_text(head + "\n" + table + "\n")
-        (path.parent / f"replay-{stem}.json").write_text(json.dumps(
-            {"curves": str(path.relative_to(ROOT)), "chosen": chosen.pruner if chosen else None,
-             "fewest_epochs_keeping_best_in_this_order": fewest.pruner if fewest else None,
-             "spec_pruner": own, "results": [r.to_dict() for r in results], "orders": robust}, indent=1) + "\n")
+        (path.parent / f"replay-{stem}.json").write_text(
+            json.dumps(
+                {
+                    "curves": str(path.relative_to(ROOT)),
+                    "chosen": chosen.pruner if chosen else None,
+                    "fewest_epochs_keeping_best_in_this_order": fewest.pruner if fewest else None,
+                    "spec_pruner": own,
+                    "results": [r.to_dict() for r in results],
+                    "orders": robust,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         mine = next((r for r in results if r.pruner == own), None)
         rel = path.relative_to(ROOT)
-        setting = ", ".join(f"{k} {v}" for k, v in curves.settings.items() if k in ("width", "subset_per_class", "device"))
-        row = [f"[{rel.name}]({os.path.relpath(path, out)})"
-               + (f" ({setting})" if setting else ""),
-               str(len(curves.trials)), f"{results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})",
-               f"`{own}`: {100 * mine.share:.0f}%, {'yes' if mine.kept_best else 'no'}" if mine else "–"]
+        setting = ", ".join(
+            f"{k} {v}" for k, v in curves.settings.items() if k in ("width", "subset_per_class", "device")
+        )
+        row = [
+            f"[{rel.name}]({os.path.relpath(path, out)})" + (f" ({setting})" if setting else ""),
+            str(len(curves.trials)),
+            f"{results[0].unpruned_best:.4f} (trial {results[0].unpruned_best_trial})",
+            f"`{own}`: {100 * mine.share:.0f}%, {'yes' if mine.kept_best else 'no'}" if mine else "–",
+        ]
         if chosen:
             rb = robust[chosen.pruner]
-            row += [f"`{chosen.pruner}`", f"{100 * chosen.share:.0f}%", f"{chosen.top3_kept}/{len(chosen.top3)}",
-                    f"{100 * rb['kept_best']:.0f}% / {100 * rb['share']:.0f}%"]
+            row += [
+                f"`{chosen.pruner}`",
+                f"{100 * chosen.share:.0f}%",
+                f"{chosen.top3_kept}/{len(chosen.top3)}",
+                f"{100 * rb['kept_best']:.0f}% / {100 * rb['share']:.0f}%",
+            ]
         else:
             row += ["none keeps it", "–", "–", "–"]
         summary.append("| " + " | ".join(row) + " |")
-        details += [f"## {rel}", "", f"Recorded by: `{curves.command}`" if curves.command else "", "",
-                    "```", head, table, "```", "",
-                    f"Fewest epochs keeping the best in the recorded order: `{fewest.pruner if fewest else '-'}`"
-                    + (f" (kept it in {100 * robust[fewest.pruner]['kept_best']:.0f}% of the shuffled orders)"
-                       if fewest else "") + f"; chosen: `{chosen.pruner if chosen else '-'}`.", ""]
-        details += ["Over shuffled orders (kept best / mean share): " + "; ".join(
-            f"`{k}` {100 * v['kept_best']:.0f}% / {100 * v['share']:.0f}%" for k, v in robust.items()), ""]
+        details += [
+            f"## {rel}",
+            "",
+            f"Recorded by: `{curves.command}`" if curves.command else "",
+            "",
+            "```",
+            head,
+            table,
+            "```",
+            "",
+            f"Fewest epochs keeping the best in the recorded order: `{fewest.pruner if fewest else '-'}`"
+            + (
+                f" (kept it in {100 * robust[fewest.pruner]['kept_best']:.0f}% of the shuffled orders)"
+                if fewest
+                else ""
+            )
+            + f"; chosen: `{chosen.pruner if chosen else '-'}`.",
+            "",
+        ]
+        details += [
+            "Over shuffled orders (kept best / mean share): "
+            + "; ".join(f"`{k}` {100 * v['kept_best']:.0f}% / {100 * v['share']:.0f}%" for k, v in robust.items()),
+            "",
+        ]
     page = out / "RESULTS.md"
     page.write_text("\n".join(lines + summary + [""] + details))
     return page
@@ -155,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--deadline", default=None, help="HH:MM (UTC): start no trial after this")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--results", action="store_true", help="record nothing: replay every curves file under "
-                    "benchmarks/results and write the replay tables and RESULTS.md")
+    ap.add_argument(
+        "--results",
+        action="store_true",
+        help="record nothing: replay every curves file under "
+        "benchmarks/results and write the replay tables and RESULTS.md",
+    )
     ap.add_argument("--orders", type=int, default=20, help="--results: shuffled trial orders for the check")
     args = ap.parse_args(argv)
     if args.results:
@@ -172,18 +220,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from dlops.objective import RunOptions
     from dlops.runner import run_study
-    from dlops.studies import FINISHED, state_counts
     from dlops.spec import load_spec
+    from dlops.studies import FINISHED, state_counts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{Path(args.home).absolute() / 'curves.db'}"
     deadline = None
     if args.deadline:
         h, m = (int(x) for x in args.deadline.split(":"))
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         deadline = now.replace(hour=h, minute=m, second=0, microsecond=0)
-    command = "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python benchmarks/pruning.py " + \
-        shlex.join(a for a in (argv if argv is not None else sys.argv[1:]) if True)
+    command = (
+        "OMP_NUM_THREADS="
+        + os.environ.get("OMP_NUM_THREADS", "")
+        + " python benchmarks/pruning.py "
+        + shlex.join(a for a in (argv if argv is not None else sys.argv[1:]) if True)
+    )
     out = Path(args.out)
 
     def finished(name: str) -> int:
@@ -196,12 +248,25 @@ def main(argv: list[str] | None = None) -> int:
 
     def plan(spec_name: str):
         spec = load_spec(spec_name).for_dataset(args.dataset)
-        name = study_name(spec_name, args.dataset, args.width if spec.trainer == "resnet18" else None,
-                          args.subset_per_class)
-        overrides = {k: v for k, v in {"subset_per_class": args.subset_per_class,
-                                       "width": args.width if spec.trainer == "resnet18" else None}.items() if v}
-        settings = {"dataset": args.dataset, "pruner": "none", "device": args.device, "sampler": dict(spec.sampler),
-                    **overrides, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        name = study_name(
+            spec_name, args.dataset, args.width if spec.trainer == "resnet18" else None, args.subset_per_class
+        )
+        overrides = {
+            k: v
+            for k, v in {
+                "subset_per_class": args.subset_per_class,
+                "width": args.width if spec.trainer == "resnet18" else None,
+            }.items()
+            if v
+        }
+        settings = {
+            "dataset": args.dataset,
+            "pruner": "none",
+            "device": args.device,
+            "sampler": dict(spec.sampler),
+            **overrides,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
         return spec, name, overrides, settings
 
     stopped = None
@@ -210,20 +275,29 @@ def main(argv: list[str] | None = None) -> int:
         if not pending:
             break
         for spec_name, spec, name, overrides, settings in pending:
-            if deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline:
+            if deadline is not None and dt.datetime.now(dt.UTC) >= deadline:
                 print(f"deadline {args.deadline} UTC passed: stopping", flush=True)
                 stopped = 0
                 break
             unpruned = dataclasses.replace(spec, pruner={"type": "none"})
-            options = RunOptions(dataset=args.dataset, n_trials=1, storage=url, study_name=name, device=args.device,
-                                 train_overrides=overrides, heartbeat_interval=None)
+            options = RunOptions(
+                dataset=args.dataset,
+                n_trials=1,
+                storage=url,
+                study_name=name,
+                device=args.device,
+                train_overrides=overrides,
+                heartbeat_interval=None,
+            )
             t0 = time.monotonic()
             # One trial per call, so the sampler is new each call: seeded with the spec's seed
             # + the trials finished so far (run_study's `worker` offset), it does not draw the
             # same start-up trial every time. Trial k still trains with seed + k.
             result = run_study(unpruned, options, worker=finished(name))
             n = export(spec_name, name, url, out / f"{spec_name}-{args.dataset}.json", settings, command)
-            print(f"{name}: {n} trials ({time.monotonic() - t0:.0f} s for the last; states {result.counts})", flush=True)
+            print(
+                f"{name}: {n} trials ({time.monotonic() - t0:.0f} s for the last; states {result.counts})", flush=True
+            )
             if result.interrupted:  # Ctrl-C / SIGTERM: the interrupted trial resumes next time
                 stopped = 128 + result.interrupted
                 break

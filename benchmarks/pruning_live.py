@@ -49,12 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.home).mkdir(parents=True, exist_ok=True)
     import optuna
 
-    from dlops.replay import parse_pruner, pruner_label
-    from dlops.studies import epochs_summary
     from dlops.objective import RunOptions
+    from dlops.replay import parse_pruner, pruner_label
     from dlops.runner import run_study
-    from dlops.studies import FINISHED
     from dlops.spec import load_spec
+    from dlops.studies import FINISHED, epochs_summary
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{Path(args.home).absolute() / 'curves.db'}"
@@ -64,60 +63,113 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None
     if args.deadline:
         h, m = (int(x) for x in args.deadline.split(":"))
-        deadline = dt.datetime.now(dt.timezone.utc).replace(hour=h, minute=m, second=0, microsecond=0)
+        deadline = dt.datetime.now(dt.UTC).replace(hour=h, minute=m, second=0, microsecond=0)
 
     runs = []
     for seed in args.seeds:
         for table in [chosen] + ([{"type": "none"}] if chosen.get("type") != "none" else []):
             label = pruner_label(table)
-            name = (f"live-{args.spec}-{args.dataset}" + (f"-w{args.width}" if overrides else "")
-                    + f"-s{seed}-" + re.sub(r"[^A-Za-z0-9]+", "_", label))
+            name = (
+                f"live-{args.spec}-{args.dataset}"
+                + (f"-w{args.width}" if overrides else "")
+                + f"-s{seed}-"
+                + re.sub(r"[^A-Za-z0-9]+", "_", label)
+            )
             try:
                 study = optuna.load_study(study_name=name, storage=url)
                 done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
             except KeyError:
                 done = 0
             if done < args.trials:
-                if deadline is not None and dt.datetime.now(dt.timezone.utc) >= deadline:
+                if deadline is not None and dt.datetime.now(dt.UTC) >= deadline:
                     print(f"deadline {args.deadline} UTC passed: {name} not run", flush=True)
                     continue
-                result = run_study(dataclasses.replace(spec, pruner=dict(table)), RunOptions(dataset=args.dataset, n_trials=args.trials - done, storage=url, study_name=name,
-                                     seed=seed, device=args.device, train_overrides=overrides, heartbeat_interval=None))
+                result = run_study(
+                    dataclasses.replace(spec, pruner=dict(table)),
+                    RunOptions(
+                        dataset=args.dataset,
+                        n_trials=args.trials - done,
+                        storage=url,
+                        study_name=name,
+                        seed=seed,
+                        device=args.device,
+                        train_overrides=overrides,
+                        heartbeat_interval=None,
+                    ),
+                )
                 if result.interrupted:  # Ctrl-C / SIGTERM: the trial resumes next time
                     return 128 + result.interrupted
             study = optuna.load_study(study_name=name, storage=url)
             trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED][: args.trials]
             ep = epochs_summary(trials)
             complete = [t for t in trials if t.value is not None and t.state.name == "COMPLETE"]
-            best = max(complete, key=lambda t: t.value) if spec.direction == "maximize" else \
-                min(complete, key=lambda t: t.value)
+            best = (
+                max(complete, key=lambda t: t.value)
+                if spec.direction == "maximize"
+                else min(complete, key=lambda t: t.value)
+            )
             pruned = sorted(ep["pruned_stop_epochs"])
-            runs.append({"seed": seed, "pruner": label, "study": name, "trials": len(trials),
-                         "epochs": ep["trained"], "epochs_unpruned_same_trials": ep["unpruned"],
-                         "pruned": len(pruned), "first_pruned": pruned[0] if pruned else None,
-                         "best_value": best.value, "best_trial": best.number})
+            runs.append(
+                {
+                    "seed": seed,
+                    "pruner": label,
+                    "study": name,
+                    "trials": len(trials),
+                    "epochs": ep["trained"],
+                    "epochs_unpruned_same_trials": ep["unpruned"],
+                    "pruned": len(pruned),
+                    "first_pruned": pruned[0] if pruned else None,
+                    "best_value": best.value,
+                    "best_trial": best.number,
+                }
+            )
             print(json.dumps(runs[-1]), flush=True)
 
     summary = {}
     for label in dict.fromkeys(r["pruner"] for r in runs):
         mine = [r for r in runs if r["pruner"] == label]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        summary[label] = {"runs": len(mine),
-                          "epochs_mean": statistics.mean(r["epochs"] for r in mine),
-                          "epochs_sd": sd([r["epochs"] for r in mine]),
-                          "best_mean": statistics.mean(r["best_value"] for r in mine),
-                          "best_sd": sd([r["best_value"] for r in mine])}
+
+        def sd(xs: list[float]) -> float:
+            return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+        summary[label] = {
+            "runs": len(mine),
+            "epochs_mean": statistics.mean(r["epochs"] for r in mine),
+            "epochs_sd": sd([r["epochs"] for r in mine]),
+            "best_mean": statistics.mean(r["best_value"] for r in mine),
+            "best_sd": sd([r["best_value"] for r in mine]),
+        }
     out = Path(args.out) / f"live-{args.spec}-{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/pruning_live.py " + \
-        shlex.join(argv if argv is not None else sys.argv[1:])
-    out.write_text(json.dumps({"spec": args.spec, "dataset": args.dataset, "metric": spec.metric,
-                               "settings": {"width": args.width, "trials": args.trials, "device": args.device,
-                                            "sampler": dict(spec.sampler)},
-                               "command": command, "runs": runs, "summary": summary}, indent=1) + "\n")
+    command = (
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/pruning_live.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:])
+    )
+    out.write_text(
+        json.dumps(
+            {
+                "spec": args.spec,
+                "dataset": args.dataset,
+                "metric": spec.metric,
+                "settings": {
+                    "width": args.width,
+                    "trials": args.trials,
+                    "device": args.device,
+                    "sampler": dict(spec.sampler),
+                },
+                "command": command,
+                "runs": runs,
+                "summary": summary,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     for label, s in summary.items():
-        print(f"{label}: {s['runs']} seeds, epochs {s['epochs_mean']:.1f} ± {s['epochs_sd']:.1f}, "
-              f"best {spec.metric} {s['best_mean']:.4f} ± {s['best_sd']:.4f}")
+        print(
+            f"{label}: {s['runs']} seeds, epochs {s['epochs_mean']:.1f} ± {s['epochs_sd']:.1f}, "
+            f"best {spec.metric} {s['best_mean']:.4f} ± {s['best_sd']:.4f}"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -73,6 +73,7 @@ def cleanup(kind: str, url: str, names: list[str], tag: str) -> None:
 
 def trivial_objective(gate: Any, epochs: int, history_len: int = 7):
     """The storage calls of dlops' objective, without the training."""
+
     def objective(trial: optuna.Trial) -> float:
         gate(trial)
         x = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
@@ -89,18 +90,24 @@ def trivial_objective(gate: Any, epochs: int, history_len: int = 7):
     return objective
 
 
-def run_loop(url: str, name: str, target: int, epochs: int, worker: int, heartbeat: int | None,
-             warmup: int = 0) -> dict[str, Any]:
+def run_loop(
+    url: str, name: str, target: int, epochs: int, worker: int, heartbeat: int | None, warmup: int = 0
+) -> dict[str, Any]:
     """One worker: dlops' loop until the study has ``target`` finished trials (after
     ``warmup`` untimed trials). Imports and connecting are not timed."""
-    from dlops.runner import _TrialGate, _run_trials
-    from dlops.storage import connect
+    from dlops.runner import _run_trials, _TrialGate
     from dlops.stopping import GracefulStop
+    from dlops.storage import connect
 
     try:
         storage = connect(url, heartbeat_interval=heartbeat)
-        study = optuna.create_study(study_name=name, storage=storage.optuna, load_if_exists=True,
-                                    sampler=optuna.samplers.RandomSampler(seed=worker), direction="maximize")
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage.optuna,
+            load_if_exists=True,
+            sampler=optuna.samplers.RandomSampler(seed=worker),
+            direction="maximize",
+        )
         gate = _TrialGate()
         with GracefulStop() as stop:
             objective = trivial_objective(gate, epochs)
@@ -197,17 +204,23 @@ def main() -> None:
             if "error" in r:
                 print(f"{kind}: error\n{r['error']}")
             else:
-                print(f"{kind:<11} {r['ms_per_trial']:>7.1f} ms per trial of {args.epochs} epochs "
-                      f"({r['ms_fixed']:.1f} ms fixed + {r['ms_per_epoch']:.1f} ms per epoch) "
-                      f"= {r['share_of_1s_trial_pct']:.1f}% of a 1-second trial", flush=True)
+                print(
+                    f"{kind:<11} {r['ms_per_trial']:>7.1f} ms per trial of {args.epochs} epochs "
+                    f"({r['ms_fixed']:.1f} ms fixed + {r['ms_per_epoch']:.1f} ms per epoch) "
+                    f"= {r['share_of_1s_trial_pct']:.1f}% of a 1-second trial",
+                    flush=True,
+                )
             if kind in args.concurrency_backends.split(","):
                 c = concurrency(url, args.workers, args.trials_per_worker, 3, hb)
                 report["concurrency"][kind] = c
                 cleanup(kind, url, [c["study"]], tag)
-                print(f"{kind:<11} {c['workers']} workers x {c['trials_per_worker']} trials: {c['finished']} finished, "
-                      f"{c['failed']} failed, {c['duplicate_numbers']} duplicate numbers, {c['errors']} errors, "
-                      f"{c['left_running_or_waiting']} left running/waiting; trials ran in {c['trial_span_seconds']} s "
-                      f"({c['trials_per_second']} trials/s; {c['wall_seconds']} s with process start-up)", flush=True)
+                print(
+                    f"{kind:<11} {c['workers']} workers x {c['trials_per_worker']} trials: {c['finished']} finished, "
+                    f"{c['failed']} failed, {c['duplicate_numbers']} duplicate numbers, {c['errors']} errors, "
+                    f"{c['left_running_or_waiting']} left running/waiting; trials ran in {c['trial_span_seconds']} s "
+                    f"({c['trials_per_second']} trials/s; {c['wall_seconds']} s with process start-up)",
+                    flush=True,
+                )
                 if c["first_error"]:
                     print(c["first_error"])
     if args.out:

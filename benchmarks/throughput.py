@@ -34,8 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +51,30 @@ from dlops.trainers.resnet import compile_model
 TRAIN_IMAGES, VAL_IMAGES, CENTROID_IMAGES = 90_000, 10_000, 10_000  # one full Tiny ImageNet epoch
 MEAN, STD = np.array([0.480, 0.448, 0.398]), np.array([0.277, 0.269, 0.282])
 
-FULL = dict(image_size=64, width=64, classes=200, batch_sizes="128,256,512", eval_batch_sizes="512,1024,2048",
-            train_images=20_000, val_images=10_000, steps=10, repeats=5, warmup=5)
-SMOKE = dict(image_size=32, width=8, classes=20, batch_sizes="16,32", eval_batch_sizes="64,128",
-             train_images=512, val_images=256, steps=2, repeats=3, warmup=1)
+FULL = dict(
+    image_size=64,
+    width=64,
+    classes=200,
+    batch_sizes="128,256,512",
+    eval_batch_sizes="512,1024,2048",
+    train_images=20_000,
+    val_images=10_000,
+    steps=10,
+    repeats=5,
+    warmup=5,
+)
+SMOKE = dict(
+    image_size=32,
+    width=8,
+    classes=20,
+    batch_sizes="16,32",
+    eval_batch_sizes="64,128",
+    train_images=512,
+    val_images=256,
+    steps=2,
+    repeats=3,
+    warmup=1,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,10 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny sizes (the default on the CPU)")
     size.add_argument("--full", action="store_true", help="the real sizes (the default on a GPU)")
     p.add_argument("--losses", default="ce,triplet,center")
-    p.add_argument("--modes", default=None, help="eager,compiled (default: both on a GPU, eager on the CPU, "
-                                                 "where compiling ResNet18 takes minutes)")
-    p.add_argument("--compile-budget-s", type=float, default=240.0,
-                   help="no new compiled batch size starts after this many seconds of compiled work")
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="eager,compiled (default: both on a GPU, eager on the CPU, where compiling ResNet18 takes minutes)",
+    )
+    p.add_argument(
+        "--compile-budget-s",
+        type=float,
+        default=240.0,
+        help="no new compiled batch size starts after this many seconds of compiled work",
+    )
     for name in FULL:
         p.add_argument("--" + name.replace("_", "-"), default=None, type=type(FULL[name]))
     p.add_argument("--json", type=Path, default=None, help="write the results here (after every section)")
@@ -124,9 +152,20 @@ def synthetic_split(n: int, size: int, classes: int, seed: int) -> Split:
 
 def loader_for(split: Split, batch_size: int, device: torch.device, classes: int, pk: bool) -> BatchLoader:
     """The training loader ``fit`` builds (padding 8 of 64 px, flips), shuffled or P x K."""
-    return BatchLoader(split, batch_size, MEAN, STD, device, shuffle=True, augment=True, hflip=True,
-                       crop_padding=split.images.shape[-1] // 8, seed=0,
-                       pk=pk_shape(batch_size, classes, 4) if pk else None, channels_last=device.type == "cuda")
+    return BatchLoader(
+        split,
+        batch_size,
+        MEAN,
+        STD,
+        device,
+        shuffle=True,
+        augment=True,
+        hflip=True,
+        crop_padding=split.images.shape[-1] // 8,
+        seed=0,
+        pk=pk_shape(batch_size, classes, 4) if pk else None,
+        channels_last=device.type == "cuda",
+    )
 
 
 def peak_mib(device: torch.device) -> float | None:
@@ -143,8 +182,15 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args, self.device = args, args.device
         self.timer = Timer(self.device)
-        self.results: dict[str, Any] = {"meta": meta(args), "loader": [], "train": [], "eval": [], "options": [],
-                                        "projection": [], "skipped": []}
+        self.results: dict[str, Any] = {
+            "meta": meta(args),
+            "loader": [],
+            "train": [],
+            "eval": [],
+            "options": [],
+            "projection": [],
+            "skipped": [],
+        }
         self.train = synthetic_split(args.train_images, args.image_size, args.classes, 0)
         self.val = synthetic_split(args.val_images, args.image_size, args.classes, 1)
         if self.device.type == "cuda":
@@ -173,10 +219,16 @@ class Bench:
         for bs in a.batch_sizes:
             for pk in (False, True):
                 batches = endless(loader_for(self.train, bs, self.device, a.classes, pk))
-                secs = self.timer.median(lambda: next(batches), a.steps, a.repeats, a.warmup)
+                secs = self.timer.median(lambda batches=batches: next(batches), a.steps, a.repeats, a.warmup)
                 ms = secs / a.steps * 1e3
-                self.results["loader"].append({"batch_size": bs, "sampler": "pk" if pk else "shuffled",
-                                               "ms_per_batch": ms, "images_per_s": bs / (ms / 1e3)})
+                self.results["loader"].append(
+                    {
+                        "batch_size": bs,
+                        "sampler": "pk" if pk else "shuffled",
+                        "ms_per_batch": ms,
+                        "images_per_s": bs / (ms / 1e3),
+                    }
+                )
         self.save()
 
     # ---------------------------------------------------------------- training
@@ -208,7 +260,9 @@ class Bench:
 
         return step, loss_fn
 
-    def measure_train(self, net: torch.nn.Module, mode: str, loss_name: str, bs: int, extra: dict | None = None) -> dict:
+    def measure_train(
+        self, net: torch.nn.Module, mode: str, loss_name: str, bs: int, extra: dict | None = None
+    ) -> dict:
         a = self.args
         reset_peak(self.device)
         step, _ = self.step_fn(net, loss_name, bs)
@@ -219,12 +273,23 @@ class Bench:
         first_s = time.perf_counter() - t0
         secs = self.timer.median(step, a.steps, a.repeats, a.warmup)
         ms = secs / a.steps * 1e3
-        row = {"loss": loss_name, "batch_size": bs, "mode": mode, "ms_per_step": ms, "images_per_s": bs / (ms / 1e3),
-               "first_step_s": first_s, "peak_mib": peak_mib(self.device), **(extra or {})}
+        row = {
+            "loss": loss_name,
+            "batch_size": bs,
+            "mode": mode,
+            "ms_per_step": ms,
+            "images_per_s": bs / (ms / 1e3),
+            "first_step_s": first_s,
+            "peak_mib": peak_mib(self.device),
+            **(extra or {}),
+        }
         self.results["train"].append(row)
         self.save()
-        print(f"  train {loss_name:<8} bs {bs:>4} {mode:<8} {row['images_per_s']:>10.0f} img/s "
-              f"({ms:.2f} ms/step; first step {first_s:.1f} s)", flush=True)
+        print(
+            f"  train {loss_name:<8} bs {bs:>4} {mode:<8} {row['images_per_s']:>10.0f} img/s "
+            f"({ms:.2f} ms/step; first step {first_s:.1f} s)",
+            flush=True,
+        )
         return row
 
     def training(self) -> None:
@@ -238,8 +303,9 @@ class Bench:
             self.compile_started = time.perf_counter()
             for bs in sorted(a.batch_sizes, reverse=True):  # the largest (usually the fastest) first
                 if self.compile_spent() > a.compile_budget_s:
-                    self.results["skipped"].append({"what": f"compiled, batch {bs}",
-                                                    "why": f"compile budget of {a.compile_budget_s:.0f} s spent"})
+                    self.results["skipped"].append(
+                        {"what": f"compiled, batch {bs}", "why": f"compile budget of {a.compile_budget_s:.0f} s spent"}
+                    )
                     continue
                 torch._dynamo.reset()  # a fresh graph per batch size: static shapes, as a run has
                 net = compile_model(self.model())
@@ -254,8 +320,9 @@ class Bench:
             if mode == "compiled" and not any(r["mode"] == "compiled" for r in self.results["train"]):
                 continue
             if mode == "compiled" and self.compile_spent() > a.compile_budget_s:
-                self.results["skipped"].append({"what": "compiled evaluation",
-                                                "why": f"compile budget of {a.compile_budget_s:.0f} s spent"})
+                self.results["skipped"].append(
+                    {"what": "compiled evaluation", "why": f"compile budget of {a.compile_budget_s:.0f} s spent"}
+                )
                 continue
             net = self.model()
             if mode == "compiled":
@@ -264,14 +331,25 @@ class Bench:
             loss_fn = LOSSES["ce"](a.classes, 8 * a.width).to(self.device)
             sizes = a.eval_batch_sizes if mode == "eager" else a.eval_batch_sizes[-1:]
             for bs in sizes:
-                run = lambda: evaluate(net, loss_fn, self.val, MEAN, STD, self.device, bs)  # noqa: E731
+
+                def run(net: torch.nn.Module = net, loss_fn: torch.nn.Module = loss_fn, bs: int = bs) -> None:
+                    evaluate(net, loss_fn, self.val, MEAN, STD, self.device, bs)
+
                 reset_peak(self.device)
                 t0 = time.perf_counter()
                 run()
                 first_s = time.perf_counter() - t0
                 secs = statistics.median(self.timer(run, 1) for _ in range(max(2, a.repeats // 2)))
-                self.results["eval"].append({"mode": mode, "batch_size": bs, "images_per_s": len(self.val) / secs,
-                                             "seconds": secs, "first_s": first_s, "peak_mib": peak_mib(self.device)})
+                self.results["eval"].append(
+                    {
+                        "mode": mode,
+                        "batch_size": bs,
+                        "images_per_s": len(self.val) / secs,
+                        "seconds": secs,
+                        "first_s": first_s,
+                        "peak_mib": peak_mib(self.device),
+                    }
+                )
                 print(f"  eval  {mode:<8} bs {bs:>4} {len(self.val) / secs:>10.0f} img/s", flush=True)
         self.save()
 
@@ -294,8 +372,14 @@ class Bench:
     def project(self) -> None:
         train = self.results["train"]
         eval_ips = max((r["images_per_s"] for r in self.results["eval"]), default=float("nan"))
-        ce_best = {m: max((r for r in train if r["loss"] == "ce" and r["mode"] == m), key=lambda r: r["images_per_s"], default=None)
-                   for m in self.args.modes}
+        ce_best = {
+            m: max(
+                (r for r in train if r["loss"] == "ce" and r["mode"] == m),
+                key=lambda r: r["images_per_s"],
+                default=None,
+            )
+            for m in self.args.modes
+        }
         loader_ms = {(r["batch_size"], r["sampler"]): r["ms_per_batch"] for r in self.results["loader"]}
         for mode in self.args.modes:
             for loss_name in self.args.losses:
@@ -303,49 +387,76 @@ class Bench:
                 if not rows:
                     continue
                 best = max(rows, key=lambda r: r["images_per_s"])
-                same_bs_ce = next((r for r in train if r["loss"] == "ce" and r["mode"] == mode
-                                   and r["batch_size"] == best["batch_size"]), None)
+                same_bs_ce = next(
+                    (
+                        r
+                        for r in train
+                        if r["loss"] == "ce" and r["mode"] == mode and r["batch_size"] == best["batch_size"]
+                    ),
+                    None,
+                )
                 eval_images = VAL_IMAGES + (CENTROID_IMAGES if LOSSES[loss_name].scored_by == "centroids" else 0)
                 train_s = TRAIN_IMAGES / best["images_per_s"]
                 eval_s = eval_images / eval_ips
                 sampler = "pk" if LOSSES[loss_name].needs_pk else "shuffled"
                 lms = loader_ms.get((best["batch_size"], sampler))
-                self.results["projection"].append({
-                    "loss": loss_name, "mode": mode, "best_batch_size": best["batch_size"],
-                    "train_images_per_s": best["images_per_s"],
-                    "step_vs_ce": best["ms_per_step"] / same_bs_ce["ms_per_step"] if same_bs_ce else None,
-                    "best_vs_best_ce": ce_best[mode]["images_per_s"] / best["images_per_s"] if ce_best[mode] else None,
-                    "loader_share": lms / best["ms_per_step"] if lms else None,
-                    "peak_mib": best["peak_mib"], "epoch_train_s": train_s, "epoch_eval_s": eval_s,
-                    "epoch_s": train_s + eval_s,
-                })
+                self.results["projection"].append(
+                    {
+                        "loss": loss_name,
+                        "mode": mode,
+                        "best_batch_size": best["batch_size"],
+                        "train_images_per_s": best["images_per_s"],
+                        "step_vs_ce": best["ms_per_step"] / same_bs_ce["ms_per_step"] if same_bs_ce else None,
+                        "best_vs_best_ce": ce_best[mode]["images_per_s"] / best["images_per_s"]
+                        if ce_best[mode]
+                        else None,
+                        "loader_share": lms / best["ms_per_step"] if lms else None,
+                        "peak_mib": best["peak_mib"],
+                        "epoch_train_s": train_s,
+                        "epoch_eval_s": eval_s,
+                        "epoch_s": train_s + eval_s,
+                    }
+                )
         self.save()
 
     def table(self) -> str:
         r = self.results
-        lines = [f"{r['meta']['device_name']} | torch {r['meta']['torch']} | ResNet18 width {self.args.width}, "
-                 f"{self.args.image_size}x{self.args.image_size}, {self.args.classes} classes"
-                 + (" | SMOKE sizes" if self.args.smoke else "")]
+        lines = [
+            f"{r['meta']['device_name']} | torch {r['meta']['torch']} | ResNet18 width {self.args.width}, "
+            f"{self.args.image_size}x{self.args.image_size}, {self.args.classes} classes"
+            + (" | SMOKE sizes" if self.args.smoke else "")
+        ]
         lines.append(f"{'loader':<10} {'batch':>6} {'sampler':>9} {'ms/batch':>9} {'images/s':>11}")
         for x in r["loader"]:
-            lines.append(f"{'':<10} {x['batch_size']:>6} {x['sampler']:>9} {x['ms_per_batch']:>9.3f} {x['images_per_s']:>11.0f}")
+            lines.append(
+                f"{'':<10} {x['batch_size']:>6} {x['sampler']:>9} {x['ms_per_batch']:>9.3f} {x['images_per_s']:>11.0f}"
+            )
         lines.append(f"{'train':<10} {'batch':>6} {'mode':>9} {'ms/step':>9} {'images/s':>11} {'peak MiB':>9}  loss")
         for x in r["train"]:
             mem = f"{x['peak_mib']:.0f}" if x["peak_mib"] is not None else "-"
-            lines.append(f"{'':<10} {x['batch_size']:>6} {x['mode']:>9} {x['ms_per_step']:>9.2f} {x['images_per_s']:>11.0f} {mem:>9}  {x['loss']}")
+            lines.append(
+                f"{'':<10} {x['batch_size']:>6} {x['mode']:>9} {x['ms_per_step']:>9.2f} {x['images_per_s']:>11.0f} "
+                f"{mem:>9}  {x['loss']}"
+            )
         for x in r["options"]:
-            lines.append(f"{'option':<10} {x['batch_size']:>6} {x['option']:>26} {x['images_per_s']:>11.0f} img/s (ce, eager)")
+            lines.append(
+                f"{'option':<10} {x['batch_size']:>6} {x['option']:>26} {x['images_per_s']:>11.0f} img/s (ce, eager)"
+            )
         lines.append(f"{'eval':<10} {'batch':>6} {'mode':>9} {'images/s':>21}")
         for x in r["eval"]:
             lines.append(f"{'':<10} {x['batch_size']:>6} {x['mode']:>9} {x['images_per_s']:>21.0f}")
-        lines.append(f"{'epoch':<10} {'loss':>8} {'mode':>9} {'best bs':>7} {'img/s':>9} {'vs ce':>6} {'loader':>7} "
-                     f"{'peak MiB':>9} {'epoch s':>8}  (90k train + 10k val)")
+        lines.append(
+            f"{'epoch':<10} {'loss':>8} {'mode':>9} {'best bs':>7} {'img/s':>9} {'vs ce':>6} {'loader':>7} "
+            f"{'peak MiB':>9} {'epoch s':>8}  (90k train + 10k val)"
+        )
         for x in r["projection"]:
             vs = f"{x['step_vs_ce']:.3f}" if x["step_vs_ce"] else "-"
             share = f"{100 * x['loader_share']:.1f}%" if x["loader_share"] else "-"
             mem = f"{x['peak_mib']:.0f}" if x["peak_mib"] is not None else "-"
-            lines.append(f"{'':<10} {x['loss']:>8} {x['mode']:>9} {x['best_batch_size']:>7} {x['train_images_per_s']:>9.0f} "
-                         f"{vs:>6} {share:>7} {mem:>9} {x['epoch_s']:>8.2f}")
+            lines.append(
+                f"{'':<10} {x['loss']:>8} {x['mode']:>9} {x['best_batch_size']:>7} {x['train_images_per_s']:>9.0f} "
+                f"{vs:>6} {share:>7} {mem:>9} {x['epoch_s']:>8.2f}"
+            )
         for x in r["skipped"]:
             lines.append(f"skipped: {x['what']} ({x['why']})")
         return "\n".join(lines)
@@ -354,12 +465,16 @@ class Bench:
 def meta(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -376,8 +491,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
     bench = Bench(args)
-    print(f"throughput on {bench.results['meta']['device_name']} ({args.device}); smoke={args.smoke}; "
-          f"modes {','.join(args.modes)}", flush=True)
+    print(
+        f"throughput on {bench.results['meta']['device_name']} ({args.device}); smoke={args.smoke}; "
+        f"modes {','.join(args.modes)}",
+        flush=True,
+    )
     for section in (bench.loader, bench.training, bench.evaluation, bench.options, bench.project):
         section()
     bench.results["meta"]["seconds"] = time.perf_counter() - started

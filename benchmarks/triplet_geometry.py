@@ -42,7 +42,9 @@ def main() -> None:
     mean, std = dataset.channel_stats()
     loader = BatchLoader(dataset.train, 120, mean, std, "cpu", shuffle=True, augment=True, pk=(args.classes, 6))
     x, y = next(iter(loader))
-    print("| head | mean cosine of two images | violated (margin 0.2) | hardest-positive dist | hardest-negative dist |")
+    print(
+        "| head | mean cosine of two images | violated (margin 0.2) | hardest-positive dist | hardest-negative dist |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for name, kw in HEADS.items():
         figures = torch.zeros(4)

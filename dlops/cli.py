@@ -7,10 +7,10 @@ import functools
 import json
 import re
 import sys
-from enum import Enum
+from collections.abc import Callable, Sequence
+from enum import StrEnum
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -21,7 +21,6 @@ from dlops.errors import DlopsError
 from dlops.storage import mask_url
 from dlops.text import plural
 
-
 # Click's error classes, reached through the one Typer exports (Typer vendors Click).
 UsageError: type[Exception] = typer.BadParameter.__mro__[1]
 ClickException: type[Exception] = UsageError.__mro__[1]
@@ -31,8 +30,15 @@ class OneLineErrors(TyperGroup):
     """A usage error (a bad option value, an unknown option) is one line on stderr and exit 2,
     like every other dlops error, instead of Click's usage block."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
@@ -56,17 +62,22 @@ class OneLineErrors(TyperGroup):
 
 # Plain (click-style) help: Typer's rich help shows a flag as "<bool>", reads "[default: ...]"
 # in a help text as markup (and drops it) and cuts a long default with "…" at 80 columns.
-app = typer.Typer(help="Optuna studies for deep-learning experiments, and reference runs with reports.",
-                  cls=OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="Optuna studies for deep-learning experiments, and reference runs with reports.",
+    cls=OneLineErrors,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
 study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(study_app, name="study")
-data_app = typer.Typer(help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True,
-                       rich_markup_mode=None)
+data_app = typer.Typer(
+    help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(data_app, name="data")
 
 
-
-class Loss(str, Enum):
+class Loss(StrEnum):
     """The losses of the ResNet18 specs: ``--loss L`` names the spec resnet18-L."""
 
     CE = "ce"
@@ -84,9 +95,15 @@ def parse_device(value: str) -> str:
     return value
 
 
-DeviceOpt = Annotated[str, typer.Option(parser=parse_device, metavar="[auto|cpu|cuda|cuda:K]", help="Where to train: auto (CUDA if there is one), "
-                                                                      "cpu, cuda, cuda:K")]
-LossOpt = Annotated[Optional[Loss], typer.Option(help="The spec resnet18-LOSS (instead of SPEC)")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        parser=parse_device,
+        metavar="[auto|cpu|cuda|cuda:K]",
+        help="Where to train: auto (CUDA if there is one), cpu, cuda, cuda:K",
+    ),
+]
+LossOpt = Annotated[Loss | None, typer.Option(help="The spec resnet18-LOSS (instead of SPEC)")]
 
 
 def quiet_optuna() -> None:
@@ -121,7 +138,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _spec_name(spec: Optional[str], loss: Optional[Loss]) -> str:
+def _spec_name(spec: str | None, loss: Loss | None) -> str:
     if loss is not None:
         if spec is not None and spec != f"resnet18-{loss.value}":
             raise DlopsError(f"give either SPEC or --loss, not both ({spec} vs --loss {loss.value})")
@@ -131,34 +148,59 @@ def _spec_name(spec: Optional[str], loss: Optional[Loss]) -> str:
     return spec
 
 
-StorageOpt = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db)")]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option("--storage", help="Optuna storage URL (default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db)"),
+]
 
 
 @study_app.command("run", short_help="Run (or continue) the Optuna study of a spec.")
 @user_errors
 def study_run(
-    spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
+    spec: Annotated[str | None, typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
     loss: LossOpt = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
-    n_trials: Annotated[Optional[int], typer.Option(min=1, help="Finished trials this run adds, counted from when it "
-                                                    "joins; other runs' trials do not count (default: the spec's)")] = None,
-    total_trials: Annotated[Optional[int], typer.Option(min=1, help="Instead of --n-trials: work until the study has N "
-                                                        "finished trials in all, whichever run or machine ran them")] = None,
-    timeout: Annotated[Optional[float], typer.Option(min=0, help="Stop starting trials after S seconds")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs per trial [default: the spec's]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Finished trials this run adds, counted from when it "
+            "joins; other runs' trials do not count (default: the spec's)",
+        ),
+    ] = None,
+    total_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Instead of --n-trials: work until the study has N "
+            "finished trials in all, whichever run or machine ran them",
+        ),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after S seconds")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per trial [default: the spec's]")] = None,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study name (default: the spec's name; SPEC-DATASET "
-                                                      "with a --dataset other than the spec's own, e.g. "
-                                                      "resnet18-ce-digits)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Study name (default: the spec's name; SPEC-DATASET "
+            "with a --dataset other than the spec's own, e.g. "
+            "resnet18-ce-digits)"
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
     device: DeviceOpt = "auto",
-    subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
-    subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); "
-                                         "not with SQLite")] = 1,
+    subset_classes: Annotated[int | None, typer.Option(min=1, help="Use only the first N classes")] = None,
+    subset_per_class: Annotated[
+        int | None, typer.Option(min=1, help="...and the first M training images of each")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); not with SQLite")
+    ] = 1,
     heartbeat_interval: Annotated[int, typer.Option(min=1, help="PostgreSQL: seconds between trial heartbeats")] = 60,
-    grace_period: Annotated[Optional[int], typer.Option(min=1, help="PostgreSQL: a trial silent this long is failed "
-                                                        "and retried [default: 2x heartbeat]")] = None,
+    grace_period: Annotated[
+        int | None,
+        typer.Option(min=1, help="PostgreSQL: a trial silent this long is failed and retried [default: 2x heartbeat]"),
+    ] = None,
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
     from dlops.notes import finish_study_run
@@ -171,9 +213,20 @@ def study_run(
     quiet_optuna()
     asked = load_spec(_spec_name(spec, loss)).for_dataset(dataset)
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
-    options = RunOptions(dataset=dataset, n_trials=n_trials, timeout=timeout, epochs=epochs, storage=storage,
-                         study_name=study_name, seed=seed, device=device, train_overrides=overrides,
-                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, total_trials=total_trials)
+    options = RunOptions(
+        dataset=dataset,
+        n_trials=n_trials,
+        timeout=timeout,
+        epochs=epochs,
+        storage=storage,
+        study_name=study_name,
+        seed=seed,
+        device=device,
+        train_overrides=overrides,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        total_trials=total_trials,
+    )
     run_target(asked, options)
     the_spec = check_run(asked, options)  # device, data, classes: one line before anything is written
     metric = the_spec.metric
@@ -182,7 +235,10 @@ def study_run(
         say(out.epoch_line(out.trial_label(trial), epoch, m, metric))
 
     on = dataset or the_spec.train.get("dataset")
-    say(f"study {options.study_name_for(the_spec)} ({the_spec.description or the_spec.name})" + (f" on {on}" if on else ""))
+    say(
+        f"study {options.study_name_for(the_spec)} ({the_spec.description or the_spec.name})"
+        + (f" on {on}" if on else "")
+    )
     note = objective_note(asked, the_spec)
     if note:
         say(note)
@@ -226,13 +282,24 @@ def study_show(
 @user_errors
 def study_replay(
     name: Annotated[str, typer.Argument(help="Study name, or a JSON file of curves (format dlops-curves)")],
-    pruner: Annotated[Optional[list[str]], typer.Option(
-        "--pruner", help="TYPE[:key=value,...] as a spec's [pruner] (none, median, percentile, successive_halving, "
-                         "hyperband); repeat for more [default: each type at the usual settings]")] = None,
-    complete_only: Annotated[bool, typer.Option("--complete-only", help="Replay only the trials that trained every "
-                                                "epoch (a study that pruned)")] = False,
-    tolerance: Annotated[float, typer.Option(min=0, help="How far below the unpruned best still counts as keeping "
-                                             "it (0.005: half a point of accuracy)")] = 0.005,
+    pruner: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pruner",
+            help="TYPE[:key=value,...] as a spec's [pruner] (none, median, percentile, successive_halving, "
+            "hyperband); repeat for more [default: each type at the usual settings]",
+        ),
+    ] = None,
+    complete_only: Annotated[
+        bool,
+        typer.Option("--complete-only", help="Replay only the trials that trained every epoch (a study that pruned)"),
+    ] = False,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0, help="How far below the unpruned best still counts as keeping it (0.005: half a point of accuracy)"
+        ),
+    ] = 0.005,
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
@@ -253,24 +320,41 @@ def study_replay(
     results = replay(curves, pruner, complete_only=complete_only, tolerance=tolerance)
     chosen = choose(results)
     if as_json:
-        sys.stdout.write(json.dumps({
-            "source": curves.source, "spec": curves.spec, "dataset": curves.dataset, "metric": curves.metric,
-            "direction": curves.direction, "settings": curves.settings, "trials": len(curves.trials),
-            "complete_only": complete_only, "tolerance": tolerance,
-            "chosen": chosen.pruner if chosen else None, "results": [r.to_dict() for r in results],
-        }, indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "source": curves.source,
+                    "spec": curves.spec,
+                    "dataset": curves.dataset,
+                    "metric": curves.metric,
+                    "direction": curves.direction,
+                    "settings": curves.settings,
+                    "trials": len(curves.trials),
+                    "complete_only": complete_only,
+                    "tolerance": tolerance,
+                    "chosen": chosen.pruner if chosen else None,
+                    "results": [r.to_dict() for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return
     used = [t for t in curves.trials if t.end != "pruned"] if complete_only else curves.trials
     r0 = results[0]
-    say(f"replay of {curves.source}: {len(used)} trials, {r0.total_epochs} epochs unpruned; "
+    say(
+        f"replay of {curves.source}: {len(used)} trials, {r0.total_epochs} epochs unpruned; "
         f"unpruned best {curves.metric or 'value'} {r0.unpruned_best:.4f} (trial {r0.unpruned_best_trial}), "
-        f"top 3: trials {', '.join(map(str, r0.top3))}")
+        f"top 3: trials {', '.join(map(str, r0.top3))}"
+    )
     sys.stdout.write(format_table(results) + "\n")
     if chosen is None:
         say(f"no pruner kept the unpruned best within {100 * tolerance:g} points")
     else:
-        say(f"fewest epochs keeping the best within {100 * tolerance:g} points: {chosen.pruner} "
-            f"({100 * chosen.share:.0f}% of the epochs)")
+        say(
+            f"fewest epochs keeping the best within {100 * tolerance:g} points: {chosen.pruner} "
+            f"({100 * chosen.share:.0f}% of the epochs)"
+        )
 
 
 @app.command("dashboard", short_help="Serve optuna-dashboard on the study storage.")
@@ -289,8 +373,8 @@ def dashboard(
     serve_dashboard(url, host, port)
 
 
-RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
-WorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
+RootOpt = Annotated[str | None, typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
 
 
 def _progress_on() -> bool:
@@ -302,17 +386,30 @@ def _progress_on() -> bool:
 def data_fetch(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
     root: RootOpt = None,
-    source: Annotated[Optional[str], typer.Option(help="Local archive or URL (mirror) instead of the official URL")] = None,
-    md5: Annotated[Optional[str], typer.Option(help="Expected md5 of --source (default: the official archive's)")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Local archive or URL (mirror) instead of the official URL")
+    ] = None,
+    md5: Annotated[str | None, typer.Option(help="Expected md5 of --source (default: the official archive's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and rebuild even if a cache exists")] = False,
-    keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")] = False,
+    keep_archive: Annotated[
+        bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")
+    ] = False,
     workers: WorkersOpt = None,
 ) -> None:
     """Download (or take) the archive, verify its md5, extract it safely and build the cache."""
     from dlops.data.manage import fetch_dataset
 
-    manifest = fetch_dataset(name, root, source, md5, force=force, keep_archive=keep_archive, workers=workers,
-                             progress=_progress_on(), log=say)
+    manifest = fetch_dataset(
+        name,
+        root,
+        source,
+        md5,
+        force=force,
+        keep_archive=keep_archive,
+        workers=workers,
+        progress=_progress_on(),
+        log=say,
+    )
     out.print_prepared(manifest)
 
 
@@ -321,7 +418,7 @@ def data_fetch(
 def data_prepare(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
     root: RootOpt = None,
-    raw: Annotated[Optional[str], typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
+    raw: Annotated[str | None, typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
     val_fraction: Annotated[float, typer.Option(help="Hold-out of each training class for validation")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the validation hold-out")] = 0,
@@ -330,8 +427,17 @@ def data_prepare(
     """Build the uint8 cache (and manifest) from an extracted tree."""
     from dlops.data.manage import prepare_dataset
 
-    manifest = prepare_dataset(name, root, raw=raw, force=force, val_fraction=val_fraction, seed=seed, workers=workers,
-                               progress=_progress_on(), log=say)
+    manifest = prepare_dataset(
+        name,
+        root,
+        raw=raw,
+        force=force,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=workers,
+        progress=_progress_on(),
+        log=say,
+    )
     out.print_prepared(manifest)
 
 
@@ -357,7 +463,7 @@ def data_info(
 def data_show(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
-    out: Annotated[Optional[str], typer.Option(help="PNG path (default: $DLOPS_HOME/reports/data/NAME.png)")] = None,
+    out: Annotated[str | None, typer.Option(help="PNG path (default: $DLOPS_HOME/reports/data/NAME.png)")] = None,
     count: Annotated[int, typer.Option(min=1, max=256, help="Sample images in the grid")] = 32,
 ) -> None:
     """Write a PNG grid of sample images with class names and a per-class count histogram."""
@@ -370,28 +476,48 @@ def data_show(
 @app.command("final", short_help="Reference run: train, test once per seed, write a report.")
 @user_errors
 def final(
-    spec: Annotated[Optional[str], typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")] = None,
+    spec: Annotated[
+        str | None, typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")
+    ] = None,
     loss: LossOpt = None,
     params: Annotated[str, typer.Option(help="best (the study's best trial) | baseline | FILE.json")] = "best",
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs [default: the spec's [final] epochs]")] = None,
-    seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds 0..N-1 [default: the spec's [final] seeds]")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset [default: the study's, else the spec's]")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [default: the spec's [final] epochs]")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help="Seeds 0..N-1 [default: the spec's [final] seeds]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset [default: the study's, else the spec's]")] = None,
     device: DeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoints of an interrupted run")
+    ] = False,
     storage: StorageOpt = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Study to take --params best from (default: the spec's "
-                                                      "name; SPEC-DATASET with a --dataset other than the spec's "
-                                                      "own)")] = None,
-    subset_classes: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N classes")] = None,
-    subset_per_class: Annotated[Optional[int], typer.Option(min=1, help="...and the first M training images of each")] = None,
+    study_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Study to take --params best from (default: the spec's "
+            "name; SPEC-DATASET with a --dataset other than the spec's "
+            "own)"
+        ),
+    ] = None,
+    subset_classes: Annotated[int | None, typer.Option(min=1, help="Use only the first N classes")] = None,
+    subset_per_class: Annotated[
+        int | None, typer.Option(min=1, help="...and the first M training images of each")
+    ] = None,
 ) -> None:
     """Reference run: train the chosen settings, test once per seed, write reports/<spec>/."""
     from dlops.final import FinalOptions, Interrupted, resume_command, run_final
 
     quiet_optuna()
     overrides = {k: v for k, v in {"subset_classes": subset_classes, "subset_per_class": subset_per_class}.items() if v}
-    options = FinalOptions(params=params, dataset=dataset, epochs=epochs, seeds=seeds, device=device, resume=resume,
-                           storage=storage, study_name=study_name, train_overrides=overrides)
+    options = FinalOptions(
+        params=params,
+        dataset=dataset,
+        epochs=epochs,
+        seeds=seeds,
+        device=device,
+        resume=resume,
+        storage=storage,
+        study_name=study_name,
+        train_overrides=overrides,
+    )
 
     def on_epoch(seed: int, epoch: int, m: dict[str, float], restored: bool) -> None:
         say(out.epoch_line(f"seed {seed}", epoch, m, restored=restored))
@@ -400,16 +526,17 @@ def final(
         say(f"seed {seed}  {line}")
 
     try:
-        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, progress=progress,
-                           notify=say)
+        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, progress=progress, notify=say)
     except Interrupted as exc:  # Ctrl-C or SIGTERM: say how to continue
         tail = f":\n  {resume_command(['dlops', *sys.argv[1:]])}" if exc.resumable else ""
         err_console.print(mask_url(str(exc)) + tail, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(exc.exit_code) from None
     f = result.final
     out.print_final(f)
-    say(f"wrote {result.report_dir}/ ({plural(len(result.files), 'file')})"
-        + (f"; {plural(len(result.artifacts), 'artifact')} attached to {_attached_to(f)}" if result.artifacts else ""))
+    say(
+        f"wrote {result.report_dir}/ ({plural(len(result.files), 'file')})"
+        + (f"; {plural(len(result.artifacts), 'artifact')} attached to {_attached_to(f)}" if result.artifacts else "")
+    )
 
 
 def _attached_to(final: dict[str, Any]) -> str:

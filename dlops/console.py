@@ -64,8 +64,14 @@ def print_study_list(rows: list[dict[str, Any]]) -> None:
     table = Table("study", "trials", "complete", "pruned", "fail", "best")
     for r in rows:
         best = "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
-        table.add_row(r["name"], str(r["n_trials"]), str(r["states"].get("COMPLETE", 0)),
-                      str(r["states"].get("PRUNED", 0)), str(r["states"].get("FAIL", 0)), best)
+        table.add_row(
+            r["name"],
+            str(r["n_trials"]),
+            str(r["states"].get("COMPLETE", 0)),
+            str(r["states"].get("PRUNED", 0)),
+            str(r["states"].get("FAIL", 0)),
+            best,
+        )
     console.print(table)
 
 
@@ -81,19 +87,29 @@ def print_study_trials(info: dict[str, Any]) -> None:
     ep = info.get("epochs")
     if ep and ep["share"] is not None:  # None: no trial reported an epoch (not a dlops trainer's study)
         stops = ep["pruned_stop_epochs"]
-        say(f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
-            f"({100 * ep['share']:.0f}%)" + (
+        say(
+            f"epochs trained: {ep['trained']} of the {ep['unpruned']} the same trials would train unpruned "
+            f"({100 * ep['share']:.0f}%)"
+            + (
                 "; pruned trials stopped after epoch " + ", ".join(f"{e} (#{n})" for n, e in stops.items())
-                if stops else "; no trial pruned"))
+                if stops
+                else "; no trial pruned"
+            )
+        )
 
 
 def print_prepared(manifest: dict[str, Any]) -> None:
     build = manifest.get("build") or {}
     splits = ", ".join(f"{k} {v:,}" for k, v in manifest["splits"].items())
-    say(f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; image shape {manifest['image_shape']}")
+    say(
+        f"{manifest['dataset']}: {plural(manifest['classes'], 'class')}, {splits}; "
+        f"image shape {manifest['image_shape']}"
+    )
     if build and not manifest.get("reused"):
-        say(f"cached {build['images']:,} images in {build['seconds']:.1f}s "
-            f"({build['images_per_second']:,.0f} images/s, {plural(build['workers'], 'decoding process')})")
+        say(
+            f"cached {build['images']:,} images in {build['seconds']:.1f}s "
+            f"({build['images_per_second']:,.0f} images/s, {plural(build['workers'], 'decoding process')})"
+        )
 
 
 def print_dataset_info(name: str, info: dict[str, Any]) -> None:
@@ -102,24 +118,30 @@ def print_dataset_info(name: str, info: dict[str, Any]) -> None:
     for split, count in info["splits"].items():
         table.add_row(f"  {split}", f"{count:,}")
     table.add_row("image shape", " x ".join(map(str, info["image_shape"])))
-    table.add_row("cache", f"{info['cache_dir']} ({info['cache_bytes'] / 2**20:,.1f} MiB)" if info["cache_dir"]
-                  else "in memory")
+    table.add_row(
+        "cache", f"{info['cache_dir']} ({info['cache_bytes'] / 2**20:,.1f} MiB)" if info["cache_dir"] else "in memory"
+    )
     if info.get("holdout"):
         h = info["holdout"]
-        table.add_row("validation",
-                      f"{h['count']:,} held out of {h['from']} ({h['fraction']:.0%} of each class, seed {h['seed']})")
+        table.add_row(
+            "validation",
+            f"{h['count']:,} held out of {h['from']} ({h['fraction']:.0%} of each class, seed {h['seed']})",
+        )
     if info.get("source"):
         s = info["source"]
-        table.add_row("source",
-                      f"{s['archive']} md5 {s['md5']}" + ("" if s.get("official") else " (not the official archive)"))
+        table.add_row(
+            "source", f"{s['archive']} md5 {s['md5']}" + ("" if s.get("official") else " (not the official archive)")
+        )
     console.print(table)
 
 
 def print_final(final: dict[str, Any]) -> None:
     """The figures of a final run: each test and validation figure (mean ± std over seeds)."""
-    table = Table(title=f"final {final['spec']} on {final['dataset']['name']} "
-                        f"({plural(len(final['seeds']), 'seed')} x {plural(final['epochs'], 'epoch')})",
-                  show_header=False)
+    table = Table(
+        title=f"final {final['spec']} on {final['dataset']['name']} "
+        f"({plural(len(final['seeds']), 'seed')} x {plural(final['epochs'], 'epoch')})",
+        show_header=False,
+    )
     for key, mean in final["mean"].items():
         if mean is not None:
             table.add_row(key, f"{mean:.4f} ± {final['std'][key]:.4f}" if len(final["seeds"]) > 1 else f"{mean:.4f}")

@@ -88,7 +88,7 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
         meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
         if artifact_id and meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
             data = path.read_bytes()
-            write_atomic(root / artifact_id, lambda f: f.write(data))
+            write_atomic(root / artifact_id, lambda f, data=data: f.write(data))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -133,8 +133,9 @@ def serve_dashboard(url: str, host: str, port: int) -> None:
 # --- the files of a reference run --------------------------------------------------
 
 
-def attach_artifacts(study: optuna.Study, files: Iterable[Path], trial_number: int | None = None,
-                     tag: str = "final") -> list[str]:
+def attach_artifacts(
+    study: optuna.Study, files: Iterable[Path], trial_number: int | None = None, tag: str = "final"
+) -> list[str]:
     """Upload ``files`` to the artifact store under ``$DLOPS_HOME/artifacts`` and
     attach them to trial ``trial_number`` of ``study`` (or to the study itself).
 
@@ -170,8 +171,12 @@ def attach_artifacts(study: optuna.Study, files: Iterable[Path], trial_number: i
         with open(path, "rb") as f:
             store.write(artifact_id, f)
         attr_key = DASHBOARD_TRIAL_ARTIFACT.format(trial_id=trial_id, artifact_id=artifact_id)
-        meta = {"artifact_id": artifact_id, "filename": path.name,
-                "mimetype": mimetype or "application/octet-stream", "encoding": encoding}
+        meta = {
+            "artifact_id": artifact_id,
+            "filename": path.name,
+            "mimetype": mimetype or "application/octet-stream",
+            "encoding": encoding,
+        }
         storage.set_study_system_attr(study_id, attr_key, json.dumps(meta))
         attached.append([attr_key, artifact_id])
     storage.set_study_system_attr(study_id, key, attached)

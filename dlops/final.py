@@ -37,11 +37,12 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import optuna
 
@@ -213,8 +214,9 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
@@ -276,9 +278,19 @@ class _Seeded:
     files: list[Path]  # plots drawn from the model (first seed only)
 
 
-def _run_seed(spec: StudySpec, trainer: Trainer, seed: int, config: TrainerConfig, restored: int, out_dir: Path,
-              run_dir: Path, draw_extras: bool, on_epoch: EpochCallback | None,
-              progress: SeedProgress | None, notify: Notify) -> _Seeded:
+def _run_seed(
+    spec: StudySpec,
+    trainer: Trainer,
+    seed: int,
+    config: TrainerConfig,
+    restored: int,
+    out_dir: Path,
+    run_dir: Path,
+    draw_extras: bool,
+    on_epoch: EpochCallback | None,
+    progress: SeedProgress | None,
+    notify: Notify,
+) -> _Seeded:
     """Train one seed (from its checkpoint, if any), then read the test split once. Files
     go to the staging folders; the record names where they will be once swapped in
     (``run_dir``)."""
@@ -293,11 +305,16 @@ def _run_seed(spec: StudySpec, trainer: Trainer, seed: int, config: TrainerConfi
 
     t0 = time.perf_counter()
     try:
-        result = trainer.fit(config, report=report, checkpoint_path=checkpoint,
-                             progress=None if progress is None else lambda line: progress(seed, line))
+        result = trainer.fit(
+            config,
+            report=report,
+            checkpoint_path=checkpoint,
+            progress=None if progress is None else lambda line: progress(seed, line),
+        )
     except NonFiniteLossError as exc:
-        raise DlopsError(f"seed {seed} diverged: {exc} (lr {config.lr} too high?); "
-                         "the previous reference run is untouched") from None
+        raise DlopsError(
+            f"seed {seed} diverged: {exc} (lr {config.lr} too high?); the previous reference run is untouched"
+        ) from None
     train_seconds = time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.
@@ -348,8 +365,15 @@ def run_final(
     seeds = final_seeds(spec, options)
     epochs = final_epochs(spec, options)
     configs = [
-        build_config(spec, options.dataset or chosen.dataset, chosen.params, epochs=epochs, device=options.device,
-                     seed=s, **options.train_overrides)
+        build_config(
+            spec,
+            options.dataset or chosen.dataset,
+            chosen.params,
+            epochs=epochs,
+            device=options.device,
+            seed=s,
+            **options.train_overrides,
+        )
         for s in seeds
     ]
     resolve_device(getattr(configs[0], "device", None) or options.device or "auto")  # a missing device: one line, now
@@ -360,46 +384,71 @@ def run_final(
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}
     with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):
         try:
-            return _run_locked(spec, options, trainer, url, study, chosen, seeds, configs, started, state,
-                               on_epoch, progress, notify)
+            return _run_locked(
+                spec, options, trainer, url, study, chosen, seeds, configs, started, state, on_epoch, progress, notify
+            )
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             name = signal.Signals(signum).name
             if state["swapped"]:
-                raise Interrupted(f"stopped by {name} after the run was complete: {report_dir(spec.name)} holds it; "
-                                  "its files may not be attached in the study (`dlops report` redraws the report)",
-                                  signum, resumable=False) from None
+                raise Interrupted(
+                    f"stopped by {name} after the run was complete: {report_dir(spec.name)} holds it; "
+                    "its files may not be attached in the study (`dlops report` redraws the report)",
+                    signum,
+                    resumable=False,
+                ) from None
             raise Interrupted(
                 f"stopped by {name} during seed {state['seed']}: its checkpoints under {staging_dir(spec.name)} "
                 "stay (the previous reference run is untouched); the same command with --resume continues",
-                signum) from None
+                signum,
+            ) from None
 
 
-def _run_locked(spec: StudySpec, options: FinalOptions, trainer: Trainer, url: str, study: optuna.Study | None,
-                chosen: ChosenParams, seeds: list[int], configs: list[TrainerConfig], started: float,
-                state: dict[str, Any], on_epoch: EpochCallback | None,
-                progress: SeedProgress | None, notify: Notify) -> FinalResult:
+def _run_locked(
+    spec: StudySpec,
+    options: FinalOptions,
+    trainer: Trainer,
+    url: str,
+    study: optuna.Study | None,
+    chosen: ChosenParams,
+    seeds: list[int],
+    configs: list[TrainerConfig],
+    started: float,
+    state: dict[str, Any],
+    on_epoch: EpochCallback | None,
+    progress: SeedProgress | None,
+    notify: Notify,
+) -> FinalResult:
     """The part of :func:`run_final` that holds the spec's lock."""
     if options.resume:
         if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
             notify(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
-        restored = [_check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c, notify)
-                    for s, c in zip(seeds, configs)]
+        restored = [
+            _check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c, notify) for s, c in zip(seeds, configs)
+        ]
     else:
         discard_checkpoints(spec.name, notify)
         restored = [0] * len(seeds)
     stage = report_staging_dir(spec.name)  # rebuilt by every run, resumed or not
     shutil.rmtree(stage, ignore_errors=True)
-    run_id = datetime.now(timezone.utc).strftime("run-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    run_id = datetime.now(UTC).strftime("run-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     run_dir = final_checkpoint_dir(spec.name) / run_id
     runs = []
     for i, (seed, config, r) in enumerate(zip(seeds, configs, restored)):
         state["seed"] = seed
         runs.append(_run_seed(spec, trainer, seed, config, r, stage, run_dir, i == 0, on_epoch, progress, notify))
 
-    final = build_final(spec, trainer, chosen, seeds, configs, [run.record for run in runs], runs[-1].result,
-                        time.perf_counter() - started,
-                        {"name": study.study_name, "storage": mask_url(url)} if study is not None else None)
+    final = build_final(
+        spec,
+        trainer,
+        chosen,
+        seeds,
+        configs,
+        [run.record for run in runs],
+        runs[-1].result,
+        time.perf_counter() - started,
+        {"name": study.study_name, "storage": mask_url(url)} if study is not None else None,
+    )
     write_final(final, stage / "final.json")
     files = [stage / "final.json", *write_final_plots(final, stage), *(f for run in runs for f in run.files)]
     if study is not None:

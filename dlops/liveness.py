@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -95,8 +96,9 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None =
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 
-def recover_dead_trials(study: optuna.Study, storage: StudyStorage, say: Say | None = None,
-                        trials: Sequence[FrozenTrial] | None = None) -> list[int]:
+def recover_dead_trials(
+    study: optuna.Study, storage: StudyStorage, say: Say | None = None, trials: Sequence[FrozenTrial] | None = None
+) -> list[int]:
     """Fail and re-queue the RUNNING trials whose workers are provably dead; with heartbeats
     on, also those whose heartbeat went stale (Optuna's ``fail_stale_trials``, whose
     ``RetryHeartbeatStaleTrialCallback`` re-queues them). Returns the numbers of the trials
@@ -114,8 +116,10 @@ def recover_dead_trials(study: optuna.Study, storage: StudyStorage, say: Say | N
         recovered += stale
         running = [t for t in now if t.state == TrialState.RUNNING]
         if say and stale:
-            say(f"{'trial' if len(stale) == 1 else 'trials'} {', '.join(map(str, stale))}: no heartbeat for the "
-                "grace period; marked FAIL and queued again")
+            say(
+                f"{'trial' if len(stale) == 1 else 'trials'} {', '.join(map(str, stale))}: no heartbeat for the "
+                "grace period; marked FAIL and queued again"
+            )
     for t in running:
         owner = t.system_attrs.get(OWNER_KEY)
         if not owner or is_dead(owner) is not True:

@@ -25,9 +25,10 @@ import math
 import shlex
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -103,7 +104,11 @@ def _search_rows(spec: StudySpec) -> list[str]:
         if p.type == "categorical":
             rng = ", ".join(map(str, p.choices))
         else:
-            rng = f"{_param(p.low)} – {_param(p.high)}" + (" (log)" if p.log else "") + (f", step {p.step}" if p.step else "")
+            rng = (
+                f"{_param(p.low)} – {_param(p.high)}"
+                + (" (log)" if p.log else "")
+                + (f", step {p.step}" if p.step else "")
+            )
         rows.append(f"| {name} | {p.type} | {rng} | {_param(baseline.get(name))} |")
     return rows
 
@@ -164,9 +169,14 @@ def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - the note is a courtesy; the run reports data errors itself
         facts["error"] = str(exc)
         return facts
-    facts.update(classes=ds.num_classes, image_shape=list(ds.image_shape), train=len(ds.train), val=len(ds.val),
-                 subset_classes=getattr(config, "subset_classes", None),
-                 subset_per_class=getattr(config, "subset_per_class", None))
+    facts.update(
+        classes=ds.num_classes,
+        image_shape=list(ds.image_shape),
+        train=len(ds.train),
+        val=len(ds.val),
+        subset_classes=getattr(config, "subset_classes", None),
+        subset_per_class=getattr(config, "subset_per_class", None),
+    )
     return facts
 
 
@@ -191,25 +201,34 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
     config = trial_config(spec, options, spec.baseline_params(), 0)
     lines = [f"# {study.study_name}", ""]
-    lines.append(f"**{spec.description or spec.name}**: spec `{spec.name}`, trainer `{spec.trainer}`. "
-                 f"Objective: {'maximise' if maximize else 'minimise'} `{metric}`, reported every epoch.")
+    lines.append(
+        f"**{spec.description or spec.name}**: spec `{spec.name}`, trainer `{spec.trainer}`. "
+        f"Objective: {'maximise' if maximize else 'minimise'} `{metric}`, reported every epoch."
+    )
     lines.append("")
     ds = ctx.dataset
     if ds.get("name"):
         if "train" in ds:
             subset = ""
             if ds.get("subset_classes") or ds.get("subset_per_class"):
-                subset = (f" (subset: {ds.get('subset_classes') or 'all'} classes, "
-                          f"{ds.get('subset_per_class') or 'all'} training images per class)")
+                subset = (
+                    f" (subset: {ds.get('subset_classes') or 'all'} classes, "
+                    f"{ds.get('subset_per_class') or 'all'} training images per class)"
+                )
             shape = "x".join(map(str, ds["image_shape"]))
-            lines.append(f"**Data**: `{ds['name']}`{subset}, {ds['classes']} classes, images {shape}; "
-                         f"train {ds['train']:,}, validation {ds['val']:,} (a stratified hold-out of the training "
-                         "split). The test split is never read by a study.")
+            lines.append(
+                f"**Data**: `{ds['name']}`{subset}, {ds['classes']} classes, images {shape}; "
+                f"train {ds['train']:,}, validation {ds['val']:,} (a stratified hold-out of the training "
+                "split). The test split is never read by a study."
+            )
         else:
             lines.append(f"**Data**: `{ds['name']}` ({ds.get('error', 'not loaded')})")
         lines.append("")
-    fixed = {k: v for k, v in config.to_dict().items()
-             if k not in _CONFIG_IGNORES and k not in spec.search and k != "dataset" and v is not None}
+    fixed = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in _CONFIG_IGNORES and k not in spec.search and k != "dataset" and v is not None
+    }
     lines.append("**Fixed settings**: " + ", ".join(f"{k} {_param(v)}" for k, v in fixed.items()))
     lines.append("")
     lines.append("**Search space** (trial 0 is the baseline):")
@@ -222,9 +241,13 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     lines.append("")
     lines.append("## Where it stands")
     lines.append("")
-    lines.append("Trials: " + ", ".join(f"{counts[s]} {s.name.lower()}" for s in
-                                         (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
-                                          TrialState.RUNNING, TrialState.WAITING)))
+    lines.append(
+        "Trials: "
+        + ", ".join(
+            f"{counts[s]} {s.name.lower()}"
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+        )
+    )
     seconds = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
     if seconds:
         lines[-1] += f"; {_duration(seconds)} of trial time."
@@ -252,8 +275,11 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
         lines.append(text + ".")
         top = sorted(complete, key=_value_of, reverse=maximize)[:5]
         lines += ["", f"| trial | {metric} | params | epochs |", "| ---: | ---: | --- | ---: |"]
-        lines += [f"| {t.number}{' (baseline)' if t.user_attrs.get('baseline') else ''} | {_value(t.value)} | "
-                  f"{_params(t.params)} | {len(t.intermediate_values)} |" for t in top]
+        lines += [
+            f"| {t.number}{' (baseline)' if t.user_attrs.get('baseline') else ''} | {_value(t.value)} | "
+            f"{_params(t.params)} | {len(t.intermediate_values)} |"
+            for t in top
+        ]
     else:
         lines.append("")
         lines.append("Best: no complete trial yet.")
@@ -261,8 +287,10 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     lines.append("## Continue")
     lines.append("")
     lines += ["```", _continue_command(spec, options, study.study_name), "```", ""]
-    lines.append("Each trial's note has its per-epoch table and why it stopped; the study's plots are under "
-                 "Study Artifacts (redrawn at the end of `dlops study run` and by `dlops report`).")
+    lines.append(
+        "Each trial's note has its per-epoch table and why it stopped; the study's plots are under "
+        "Study Artifacts (redrawn at the end of `dlops study run` and by `dlops report`)."
+    )
     return "\n".join(lines)
 
 
@@ -296,7 +324,9 @@ def stop_reason(trial: FrozenTrial, metric: str | None) -> str:
         return f"Pruned after epoch {done}{of}{value}: below the pruner's bar at that epoch."
     if trial.state == TrialState.FAIL:
         if reason.startswith("interrupted"):
-            return f"Interrupted (Ctrl-C or SIGTERM) after epoch {done}{of}; queued again to resume from its checkpoint."
+            return (
+                f"Interrupted (Ctrl-C or SIGTERM) after epoch {done}{of}; queued again to resume from its checkpoint."
+            )
         if reason:
             return f"Failed: {reason}."
         fail = trial.system_attrs.get("fail_reason")
@@ -309,8 +339,10 @@ def history_table(history: dict[str, list[Any]]) -> list[str]:
     n = max((len(history[k]) for k, _, _ in columns), default=0)
     if not n:
         return ["No epoch finished."]
-    rows = ["| epoch | " + " | ".join(t for _, t, _ in columns) + " |",
-            "| ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    rows = [
+        "| epoch | " + " | ".join(t for _, t, _ in columns) + " |",
+        "| ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
     for i in range(n):
         cells = [_num(history[k][i] if i < len(history[k]) else None, fmt) for k, _, fmt in columns]
         rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
@@ -320,8 +352,11 @@ def history_table(history: dict[str, list[Any]]) -> list[str]:
 def config_changes(config: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
     if not baseline:
         return []
-    return [f"{k} {_param(v)} (baseline {_param(baseline.get(k))})" for k, v in config.items()
-            if k not in _CONFIG_IGNORES and baseline.get(k) != v]
+    return [
+        f"{k} {_param(v)} (baseline {_param(baseline.get(k))})"
+        for k, v in config.items()
+        if k not in _CONFIG_IGNORES and baseline.get(k) != v
+    ]
 
 
 def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str, Any] | None) -> str:
@@ -332,8 +367,10 @@ def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str
     if origin is not None:
         lines.append(f"A retry of trial {origin} (same parameters and seed).")
     if isinstance(resumed, dict):
-        lines.append(f"Resumed from trial {resumed.get('trial')}'s checkpoint after {resumed.get('epoch')} epoch(s); "
-                     "the table repeats the restored epochs.")
+        lines.append(
+            f"Resumed from trial {resumed.get('trial')}'s checkpoint after {resumed.get('epoch')} epoch(s); "
+            "the table repeats the restored epochs."
+        )
     if trial.duration is not None:
         lines[-1] += f" Wall time {_duration(trial.duration.total_seconds())}."
     lines += ["", *history_table(trial.user_attrs.get("history") or {}), ""]
@@ -392,6 +429,7 @@ class RunNotes:
 
     def trial_finished(self, study: optuna.Study, storage: StudyStorage, trial: FrozenTrial) -> None:
         """After one of this worker's trials: its note, then the study note under the lock."""
+
         def both() -> None:
             trials = study.get_trials(deepcopy=False)
             write_trial_note(study, trial, trials)
@@ -419,8 +457,14 @@ def refresh_study_plots(study: optuna.Study, out_dir: Path | None = None) -> lis
     return []
 
 
-def finish_study_run(spec: StudySpec, options: RunOptions, study: optuna.Study, *, plots: bool = True,
-                     say: Callable[[str], None] | None = None) -> None:
+def finish_study_run(
+    spec: StudySpec,
+    options: RunOptions,
+    study: optuna.Study,
+    *,
+    plots: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> None:
     """The end of ``dlops study run``: the study note, then (unless stopped) the plots."""
     say = say or (lambda msg: None)
     try:

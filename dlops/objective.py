@@ -15,9 +15,10 @@ A checkpoint that does not load or fails its checksum is discarded with a warnin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 
@@ -123,10 +124,9 @@ def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | No
     if not isinstance(state, dict):
         return None
     saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
-    if isinstance(saved, dict) and isinstance(now, dict):
-        if not config_matches(saved, now):
-            remove_checkpoint(path)
-            return None
+    if isinstance(saved, dict) and isinstance(now, dict) and not config_matches(saved, now):
+        remove_checkpoint(path)
+        return None
     epoch = state.get("epoch")
     return int(epoch) + 1 if isinstance(epoch, int) else 0
 
@@ -163,7 +163,10 @@ def make_objective(
         if resumed is not None:
             trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
             if say is not None:
-                say(f"trial {trial.number} retries trial {key}: resuming from its checkpoint ({plural(resumed, 'epoch')} done)")
+                say(
+                    f"trial {trial.number} retries trial {key}: resuming from its checkpoint "
+                    f"({plural(resumed, 'epoch')} done)"
+                )
         last_epoch = getattr(config, "epochs", None)
         history_so_far: dict[str, list[float]] = {}
 
@@ -179,8 +182,9 @@ def make_objective(
                 trial.set_user_attr("stopped_reason", f"pruned after epoch {epoch} ({spec.metric}={value:.4f})")
                 raise optuna.TrialPruned()
             if stop is not None and stop.requested and (last_epoch is None or epoch + 1 < last_epoch):
-                trial.set_user_attr("stopped_reason", f"interrupted after epoch {epoch + 1}; queued again to resume "
-                                                      "from its checkpoint")
+                trial.set_user_attr(
+                    "stopped_reason", f"interrupted after epoch {epoch + 1}; queued again to resume from its checkpoint"
+                )
                 raise interrupted(trial.number, epoch)
 
         # A trainer's own progress lines (the autoencoder's pretraining epochs), per trial.

@@ -103,7 +103,7 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
     if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
         raw = raw["params"]  # an earlier final.json
     if not isinstance(raw, dict) or not raw:
-        raise DlopsError(f"--params {path}: expected a JSON object of settings, e.g. {{\"lr\": 0.01}}")
+        raise DlopsError(f'--params {path}: expected a JSON object of settings, e.g. {{"lr": 0.01}}')
     fields = {f.name for f in dataclasses.fields(get_trainer(spec.trainer).config_class)}
     unknown = sorted(set(raw) - fields)
     if unknown:

@@ -14,8 +14,9 @@ import functools
 import re
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -87,8 +88,9 @@ def _as_array(runs: Sequence[Sequence[float | None]]) -> np.ndarray:
     return out
 
 
-def _mean_band(ax: Any, runs: Sequence[Sequence[float | None]], label: str | None, color: Any = None,
-               linestyle: str = "-") -> bool:
+def _mean_band(
+    ax: Any, runs: Sequence[Sequence[float | None]], label: str | None, color: Any = None, linestyle: str = "-"
+) -> bool:
     """Mean line and min..max band of ``runs`` against epochs 1..E; False if all NaN."""
     arr = _as_array(runs)
     if arr.size == 0 or np.isnan(arr).all():
@@ -98,8 +100,15 @@ def _mean_band(ax: Any, runs: Sequence[Sequence[float | None]], label: str | Non
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
         mean = np.nanmean(arr, axis=0)
         low, high = np.nanmin(arr, axis=0), np.nanmax(arr, axis=0)
-    (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) <= 12 else None, markersize=3,
-                      label=label, color=color, linestyle=linestyle)
+    (line,) = ax.plot(
+        epochs,
+        mean,
+        marker="o" if len(epochs) <= 12 else None,
+        markersize=3,
+        label=label,
+        color=color,
+        linestyle=linestyle,
+    )
     if len(runs) > 1:
         ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     return True
@@ -118,8 +127,11 @@ def plot_training_curves(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     n = len(histories)
     for ax, (key, panel_title) in zip(axes, panels):
-        drawn = _mean_band(ax, [h.get(key, []) for h in histories],
-                           f"mean of {n} seeds" + (" (band: min-max)" if n > 1 else "") if n > 1 else "seed 0")
+        drawn = _mean_band(
+            ax,
+            [h.get(key, []) for h in histories],
+            f"mean of {n} seeds" + (" (band: min-max)" if n > 1 else "") if n > 1 else "seed 0",
+        )
         ax.set_title(panel_title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -174,8 +186,13 @@ def plot_validation_curves_by_dataset(
     return fig
 
 
-def _validation_axes(ax: Any, series: dict[str, Sequence[Sequence[float | None]]], ylabel: str,
-                     dashed: Sequence[str], legend_title: str | None = None) -> None:
+def _validation_axes(
+    ax: Any,
+    series: dict[str, Sequence[Sequence[float | None]]],
+    ylabel: str,
+    dashed: Sequence[str],
+    legend_title: str | None = None,
+) -> None:
     drawn = 0
     for label, runs in series.items():
         drawn += _mean_band(ax, runs, label, linestyle="--" if label in dashed else "-")
@@ -209,9 +226,16 @@ def plot_class_accuracy(acc: dict[str, float]) -> Figure:
     bars = ax.bar(range(len(names)), np.nan_to_num(values), color="tab:blue")
     for bar, v in zip(bars, values):  # inside the bar's top, clear of the mean line
         inside = bar.get_height() > 0.15
-        ax.annotate(_fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="top" if inside else "bottom", fontsize=8, color="white" if inside else "black",
-                    xytext=(0, -3 if inside else 2), textcoords="offset points")
+        ax.annotate(
+            _fmt(v),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="top" if inside else "bottom",
+            fontsize=8,
+            color="white" if inside else "black",
+            xytext=(0, -3 if inside else 2),
+            textcoords="offset points",
+        )
     title = "Per-class test accuracy"
     if np.isfinite(values).any():
         mean = float(np.nanmean(values))
@@ -233,8 +257,11 @@ def _num_layers(layer_history: dict[str, Any]) -> int:
     return max(found) + 1 if found else 0
 
 
-def plot_ae_losses(history: dict[str, list[float]], layer_history: dict[str, list[float]],
-                   seconds_per_epoch: Sequence[float | None] | None = None) -> Figure:
+def plot_ae_losses(
+    history: dict[str, list[float]],
+    layer_history: dict[str, list[float]],
+    seconds_per_epoch: Sequence[float | None] | None = None,
+) -> Figure:
     """Top row: reconstruction MSE of each autoencoder per pretraining epoch (train and
     validation), titled with its ``seconds_per_epoch``. Bottom row: fine-tuning
     cross-entropy and accuracy per epoch (train and validation). ``None`` entries
@@ -300,8 +327,14 @@ def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     for index, name in enumerate(class_names):
         mask = labels == index
         if mask.any():
-            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.7, color=cmap(index % cmap.N),
-                       label=f"{name} ({int(mask.sum())})")
+            ax.scatter(
+                points[mask, 0],
+                points[mask, 1],
+                s=6,
+                alpha=0.7,
+                color=cmap(index % cmap.N),
+                label=f"{name} ({int(mask.sum())})",
+            )
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3, frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -39,16 +39,29 @@ def git_commit() -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def build_final(spec: StudySpec, trainer: Trainer, chosen: ChosenParams, seeds: list[int],
-                configs: list[TrainerConfig], per_seed: list[dict[str, Any]], last: FitResult,
-                wall_seconds: float, study: dict[str, str] | None) -> dict[str, Any]:
+def build_final(
+    spec: StudySpec,
+    trainer: Trainer,
+    chosen: ChosenParams,
+    seeds: list[int],
+    configs: list[TrainerConfig],
+    per_seed: list[dict[str, Any]],
+    last: FitResult,
+    wall_seconds: float,
+    study: dict[str, str] | None,
+) -> dict[str, Any]:
     """The contents of ``final.json`` (strict JSON: NaN stored as null). ``per_seed``: the
     seeds' records; ``last``: the last seed's fit result; ``study``: its name and
     (masked) storage, None without one."""
@@ -79,11 +92,14 @@ def build_final(spec: StudySpec, trainer: Trainer, chosen: ChosenParams, seeds: 
         "per_seed": per_seed,
         "wall_seconds": wall_seconds,
         "device": str(last.device),
-        "device_name": (torch.cuda.get_device_name(last.device) if last.device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(last.device)
+            if last.device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "versions": package_versions(),
         "git_commit": git_commit(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "study": study,
         **trainer.summary(per_seed),
     }
@@ -92,4 +108,3 @@ def build_final(spec: StudySpec, trainer: Trainer, chosen: ChosenParams, seeds: 
 
 def write_final(final: dict[str, Any], path: Path) -> Path:
     return write_text_atomic(path, json.dumps(final, indent=2) + "\n")
-

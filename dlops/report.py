@@ -12,10 +12,11 @@ The figures themselves are drawn by :mod:`dlops.plots` and the trainer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -25,9 +26,9 @@ from dlops.errors import SpecError
 from dlops.io import write_text_atomic
 from dlops.paths import default_storage_url, reports_dir
 from dlops.spec import builtin_specs, load_spec
-from dlops.study_plots import write_study_plots
 from dlops.storage import mask_url, open_storage
 from dlops.studies import epochs_summary
+from dlops.study_plots import write_study_plots
 from dlops.text import plural
 from dlops.trainers import get_trainer
 
@@ -71,8 +72,14 @@ def write_final_plots(final: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def markdown_table(table: Table) -> list[str]:
-    return [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|",
-            *("| " + " | ".join(row) + " |" for row in table.rows), ""]
+    return [
+        f"### {table.title}",
+        "",
+        "| " + " | ".join(table.columns) + " |",
+        "|---" * len(table.columns) + "|",
+        *("| " + " | ".join(row) + " |" for row in table.rows),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- studies
@@ -98,11 +105,12 @@ class StudyFacts:
         if not e:
             return "–"
         stops = sorted(e["pruned_stop_epochs"].values())
-        return (f"{e['trained']} of {e['unpruned']} epochs unpruned ({100 * e['share']:.0f}%); "
-                + (f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"))
+        return f"{e['trained']} of {e['unpruned']} epochs unpruned ({100 * e['share']:.0f}%); " + (
+            f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"
+        )
 
     @classmethod
-    def of(cls, study: optuna.Study) -> "StudyFacts":
+    def of(cls, study: optuna.Study) -> StudyFacts:
         trials = study.get_trials(deepcopy=False)
         count = lambda state: sum(t.state == state for t in trials)  # noqa: E731
         seconds = sum(
@@ -163,7 +171,8 @@ def _source_text(final: dict[str, Any]) -> str:
     src = final["params_source"]
     if src["kind"] == "trial":
         base = " (the baseline)" if src.get("baseline") else ""
-        return f"best trial #{src['trial']}{base} of study `{src['study']}` ({src.get('metric') or 'value'} {_fmt(src.get('value'))})"
+        value = f"{src.get('metric') or 'value'} {_fmt(src.get('value'))}"
+        return f"best trial #{src['trial']}{base} of study `{src['study']}` ({value})"
     if src["kind"] == "file":
         return f"file `{src['path']}`"
     return "the spec's baseline"
@@ -212,12 +221,18 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         for s in final["per_seed"]:
             last_val = (s["history"].get(metric) or [None])[-1]
             lines.append(
-                f"| {s['seed']} | " + " | ".join(_fmt(s.get(k)) for k in keys)
-                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']}) | {_fmt_seconds(s['train_seconds'])} |"
+                f"| {s['seed']} | "
+                + " | ".join(_fmt(s.get(k)) for k in keys)
+                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']})"
+                + f" | {_fmt_seconds(s['train_seconds'])} |"
             )
-        lines.append("| **mean ± std** | " + " | ".join(
-            "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}" for k in keys
-        ) + " | | | |")
+        lines.append(
+            "| **mean ± std** | "
+            + " | ".join(
+                "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}" for k in keys
+            )
+            + " | | | |"
+        )
         lines += ["", "Standard deviation: sample (n-1) over seeds.", "", "![training curves](curves.png)", ""]
         trainer = trainer_of(final.get("trainer"))
         if trainer is not None:
@@ -357,8 +372,9 @@ def _stale(product: Path, source: Path) -> bool:
     return not product.exists() or product.stat().st_mtime < source.stat().st_mtime
 
 
-def build_report(storage: str | None = None,
-                 attach_study_plots: Callable[[optuna.Study, list[Path]], Any] | None = None) -> ReportResult:
+def build_report(
+    storage: str | None = None, attach_study_plots: Callable[[optuna.Study, list[Path]], Any] | None = None
+) -> ReportResult:
     """``dlops report``: refresh every spec's folder and write ``reports/index.md``.
     ``attach_study_plots(study, files)`` (the dashboard's Study Artifacts) gets every
     study's refreshed plots."""
@@ -381,10 +397,12 @@ def build_report(storage: str | None = None,
         files.append(write_spec_report(e.name, e.study))
 
     by_loss = {e.name for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
-    resnets = sorted((e for e in entries if e.name in by_loss),
-                     key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name))
+    resnets = sorted(
+        (e for e in entries if e.name in by_loss),
+        key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name),
+    )
     others = [e for e in entries if e.name not in by_loss]
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     lines = [
         "# dlops report",
         "",
@@ -400,13 +418,21 @@ def build_report(storage: str | None = None,
         panels = {name: loss_curve_series(group) for name, group in by_dataset.items()}
         fig = plots.plot_validation_curves_by_dataset(panels, "validation top-5", "Validation top-5 per epoch")
         files.append(plots.save_figure(fig, root / "val_top5_by_loss.png"))
-        lines += ["![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)", "",
-                  f"One chart per dataset ({', '.join(by_dataset)}). "
-                  "Solid: reference runs (mean over seeds, band min–max). Dashed: a study's best trial "
-                  "where there is no reference run yet.", ""]
+        lines += [
+            "![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)",
+            "",
+            f"One chart per dataset ({', '.join(by_dataset)}). "
+            "Solid: reference runs (mean over seeds, band min–max). Dashed: a study's best trial "
+            "where there is no reference run yet.",
+            "",
+        ]
     else:
-        lines += ["## ResNet18: the three losses", "", "No ResNet18 study or reference run yet "
-                  "(`dlops study run --loss ce`, `dlops final --loss ce`).", ""]
+        lines += [
+            "## ResNet18: the three losses",
+            "",
+            "No ResNet18 study or reference run yet (`dlops study run --loss ce`, `dlops final --loss ce`).",
+            "",
+        ]
     for e in others:
         lines += _other_section(e)
     index = root / "index.md"
@@ -420,24 +446,45 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
     rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
     rows.append(("dataset", [entry_dataset(e) or "–" for e in entries]))
-    rows.append(("best in the study (its objective)",
-                 [f"{_fmt(f.best_value)} {f.metric or ''} (trial {f.best_trial})" if f and f.best_value is not None else "–"
-                  for f in facts]))
+    rows.append(
+        (
+            "best in the study (its objective)",
+            [
+                f"{_fmt(f.best_value)} {f.metric or ''} (trial {f.best_trial})"
+                if f and f.best_value is not None
+                else "–"
+                for f in facts
+            ],
+        )
+    )
     rows.append(("final test top-1 (mean ± std)", [_mean_pm(e.final, "test_top1") for e in entries]))
     rows.append(("final test top-5 (mean ± std)", [_mean_pm(e.final, "test_top5") for e in entries]))
     rows.append(("trials complete / pruned", [f"{f.complete} / {f.pruned}" if f else "–" for f in facts]))
     rows.append(("pruning: epochs trained", [f.pruning_text if f else "–" for f in facts]))
-    rows.append(("compute: study trials / final run",
-                 [f"{_fmt_seconds(f.trial_seconds) if f else '–'} / {_fmt_seconds((e.final or {}).get('wall_seconds'))}"
-                  for e, f in zip(entries, facts)]))
-    rows.append(("final settings", [f"{_fmt_params(e.final['params'])} ({_source_text(e.final)})" if e.final else "–"
-                                    for e in entries]))
-    rows.append(("final epochs × seeds", [f"{e.final['epochs']} × {len(e.final['seeds'])}" if e.final else "–"
-                                          for e in entries]))
-    lines = ["## ResNet18: the three losses", "",
-             "| | " + " | ".join(head) + " |", "|---" * (len(entries) + 1) + "|"]
+    rows.append(
+        (
+            "compute: study trials / final run",
+            [
+                f"{_fmt_seconds(f.trial_seconds) if f else '–'} / {_fmt_seconds((e.final or {}).get('wall_seconds'))}"
+                for e, f in zip(entries, facts)
+            ],
+        )
+    )
+    rows.append(
+        (
+            "final settings",
+            [f"{_fmt_params(e.final['params'])} ({_source_text(e.final)})" if e.final else "–" for e in entries],
+        )
+    )
+    rows.append(
+        (
+            "final epochs × seeds",
+            [f"{e.final['epochs']} × {len(e.final['seeds'])}" if e.final else "–" for e in entries],
+        )
+    )
+    lines = ["## ResNet18: the three losses", "", "| | " + " | ".join(head) + " |", "|---" * (len(entries) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _other_section(e: Entry) -> list[str]:
@@ -454,11 +501,15 @@ def _other_section(e: Entry) -> list[str]:
         lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final)}) |")
         lines.append(f"| final epochs × seeds | {e.final['epochs']} × {len(e.final['seeds'])} |")
     if facts:
-        lines.append(f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |")
+        lines.append(
+            f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |"
+        )
         lines.append(f"| trials complete / pruned | {facts.complete} / {facts.pruned} |")
         lines.append(f"| pruning: epochs trained | {facts.pruning_text} |")
-    lines.append(f"| compute: study trials / final run | {_fmt_seconds(facts.trial_seconds) if facts else '–'} / "
-                 f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |")
+    lines.append(
+        f"| compute: study trials / final run | {_fmt_seconds(facts.trial_seconds) if facts else '–'} / "
+        f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |"
+    )
     lines.append("")
     for png, caption in (("curves.png", "curves"), *(trainer.report_figures if trainer is not None else ())):
         if (reports_dir() / e.name / png).exists():

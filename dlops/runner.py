@@ -25,10 +25,11 @@ import sys
 import time
 import uuid
 import warnings
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -38,7 +39,7 @@ from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
-from dlops.objective import EpochCallback, RunOptions, TrialInterrupted, make_objective, trial_config, checkpoint_path
+from dlops.objective import EpochCallback, RunOptions, TrialInterrupted, checkpoint_path, make_objective, trial_config
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
@@ -57,7 +58,9 @@ Say = Callable[[str], None]
 # --- opening a study ------------------------------------------------------------
 
 
-def open_study(spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0) -> optuna.Study:
+def open_study(
+    spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0
+) -> optuna.Study:
     """Create or load the study. Worker ``k`` of a many-worker run seeds its sampler with
     seed + k, so workers do not propose the same random start-up trials."""
     storage = storage or connect(options.storage or default_storage_url())
@@ -92,8 +95,11 @@ def join_run(study: optuna.Study, storage: StudyStorage) -> int:
     if RUNS_KEY in attrs:
         index = int(attrs[RUNS_KEY])
     else:  # a study from before this count: any run with trials there is not its first
-        index = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                             TrialState.FAIL, TrialState.RUNNING)))
+        index = len(
+            study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+            )
+        )
     store.set_study_system_attr(study._study_id, RUNS_KEY, index + 1)
     return index
 
@@ -115,8 +121,9 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
             raise DlopsError(f"--subset-classes {subset}: {ds.name} has {classes} classes")
         classes = subset
     if spec.metric == "val_top5" and classes <= 5:
-        spec = dataclasses.replace(spec, metric="val_top1", dataset_metrics={**spec.dataset_metrics,
-                                                                             config.dataset: "val_top1"})
+        spec = dataclasses.replace(
+            spec, metric="val_top1", dataset_metrics={**spec.dataset_metrics, config.dataset: "val_top1"}
+        )
     return spec
 
 
@@ -124,8 +131,10 @@ def objective_note(asked: StudySpec, runs: StudySpec) -> str | None:
     """What to say when :func:`check_run` changed the objective (``asked``: the spec as given)."""
     if asked.metric == runs.metric:
         return None
-    return (f"{asked.metric} is always 1.0 with 5 classes or fewer: this study optimises {runs.metric} instead "
-            "(6 or more classes keep top-5)")
+    return (
+        f"{asked.metric} is always 1.0 with 5 classes or fewer: this study optimises {runs.metric} instead "
+        "(6 or more classes keep top-5)"
+    )
 
 
 def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
@@ -134,10 +143,13 @@ def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptio
     dataset = options.dataset or spec.train.get("dataset")
     ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names[0] if study.metric_names else None)
     if ran_on is not None and dataset is not None and ran_on != dataset:
-        raise DlopsError(f"study {study.study_name!r} ran on {ran_on}, not {dataset}: give this run another --study-name")
+        raise DlopsError(
+            f"study {study.study_name!r} ran on {ran_on}, not {dataset}: give this run another --study-name"
+        )
     if metric is not None and metric != spec.metric:
-        raise DlopsError(f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: "
-                         "give this run another --study-name")
+        raise DlopsError(
+            f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: give this run another --study-name"
+        )
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
@@ -207,12 +219,15 @@ def failure_reason(exc: BaseException) -> str:
 
 def last_failure(study: optuna.Study, run_id: str) -> str | None:
     """The reason of the latest failed trial of the run ``run_id``."""
-    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-              if of_run(t, run_id) and str(t.user_attrs.get("stopped_reason") or "").startswith("failed: ")]
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if of_run(t, run_id) and str(t.user_attrs.get("stopped_reason") or "").startswith("failed: ")
+    ]
     if not failed:
         return None
     latest = max(failed, key=lambda t: t.datetime_complete or t.datetime_start or datetime.min)
-    return str(latest.user_attrs["stopped_reason"])[len("failed: "):]
+    return str(latest.user_attrs["stopped_reason"])[len("failed: ") :]
 
 
 class TrialsFailed(DlopsError):
@@ -224,23 +239,34 @@ def run_trials_finished(study: optuna.Study, run_id: str) -> int:
     return sum(t.state in FINISHED and of_run(t, run_id) for t in study.get_trials(deepcopy=False))
 
 
-def study_counts_line(name: str, storage: StudyStorage, counts: dict[str, int], n_trials: int | None,
-                      target: int | None = None, workers: int = 1, total: int | None = None) -> str:
+def study_counts_line(
+    name: str,
+    storage: StudyStorage,
+    counts: dict[str, int],
+    n_trials: int | None,
+    target: int | None = None,
+    workers: int = 1,
+    total: int | None = None,
+) -> str:
     """Where a study stands when a run (re)joins it, and when this run stops: after adding
     ``n_trials`` finished trials of its own (other runs' trials do not count), or once the
     study has ``total`` finished trials whoever runs them."""
     if not any(counts.values()):
         head = f"study {name}: new, in {storage.masked}"
     else:
-        head = (f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, {counts.get('PRUNED', 0)} pruned, "
-                f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting")
+        head = (
+            f"study {name} in {storage.masked}: {counts.get('COMPLETE', 0)} complete, "
+            f"{counts.get('PRUNED', 0)} pruned, "
+            f"{counts.get('FAIL', 0)} failed, {counts.get('RUNNING', 0)} running, {counts.get('WAITING', 0)} waiting"
+        )
     if total is not None:
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
-        tail = (f"; this run works until the study has {total} finished trials in all ({finished} now, "
-                "counting every run's)")
+        tail = (
+            f"; this run works until the study has {total} finished trials in all ({finished} now, "
+            "counting every run's)"
+        )
     else:
-        tail = (f"; this run adds {plural(n_trials or 0, 'finished trial')} of its own "
-                "(other runs' trials not counted)")
+        tail = f"; this run adds {plural(n_trials or 0, 'finished trial')} of its own (other runs' trials not counted)"
     return head + tail + (f" with {workers} workers" if workers > 1 else "")
 
 
@@ -250,17 +276,29 @@ def _sleep(seconds: float, stop: GracefulStop) -> None:
         time.sleep(0.1)
 
 
-def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[[optuna.Trial], float],
-                gate: _TrialGate, *, target: int, max_failures: int, timeout: float | None, stop: GracefulStop,
-                say: Callable[[str], None], gc_after_trial: bool = True, own_trials: bool = False,
-                baseline: StudySpec | None = None,
-                after_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+def _run_trials(
+    study: optuna.Study,
+    storage: StudyStorage,
+    objective: Callable[[optuna.Trial], float],
+    gate: _TrialGate,
+    *,
+    target: int,
+    max_failures: int,
+    timeout: float | None,
+    stop: GracefulStop,
+    say: Callable[[str], None],
+    gc_after_trial: bool = True,
+    own_trials: bool = False,
+    baseline: StudySpec | None = None,
+    after_trial: Callable[[FrozenTrial], None] | None = None,
+) -> None:
     """One worker's loop: under the study lock, recover trials of dead workers, then start
     a trial only while finished + running < target (counting only the trials of this run,
     ``gate.run_id``, with ``own_trials``). When the rest of the target is running in other
     workers, wait for them where they can still end (alive here, or heartbeats). With
     ``baseline`` (the spec), a baseline whose every trial failed is queued again.
     Raises :class:`TrialsFailed` after ``max_failures`` failed trials."""
+
     def guarded(trial: optuna.Trial) -> float:
         try:
             return objective(trial)
@@ -293,12 +331,17 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
                 break
             if finished + len(running) >= target:
                 if not any(worth_waiting_for(t, storage) for t in running):
-                    say(f"{plural(len(running), 'trial')} RUNNING whose workers cannot be checked from here "
-                        "(another machine, journal storage); not waiting for them")
+                    say(
+                        f"{plural(len(running), 'trial')} RUNNING whose workers cannot be checked from here "
+                        "(another machine, journal storage); not waiting for them"
+                    )
                     break
                 lock.release()
                 if not waiting:
-                    say(f"waiting for {plural(len(running), 'running trial')} of other workers to reach {target} finished")
+                    say(
+                        f"waiting for {plural(len(running), 'running trial')} of other workers "
+                        f"to reach {target} finished"
+                    )
                     waiting = True
                 _sleep(1.0, stop)
                 continue
@@ -324,8 +367,10 @@ def _run_trials(study: optuna.Study, storage: StudyStorage, objective: Callable[
             failures += 1
             if failures >= max_failures:
                 reason = failure_reason(gate.last_error) if gate.last_error is not None else "no reason recorded"
-                raise TrialsFailed(f"{plural(failures, 'trial')} failed in this run; giving up (see `dlops study show "
-                                   f"{study.study_name}`). The last one: {reason}")
+                raise TrialsFailed(
+                    f"{plural(failures, 'trial')} failed in this run; giving up (see `dlops study show "
+                    f"{study.study_name}`). The last one: {reason}"
+                )
 
 
 @dataclass(frozen=True)
@@ -341,8 +386,10 @@ def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | 
     spec's), or with ``--total-trials`` the study-wide count every run stops at."""
     if options.total_trials is not None:
         if options.n_trials is not None:
-            raise DlopsError("give --n-trials (finished trials this run adds) or --total-trials (finished trials "
-                             "the study should have in all), not both")
+            raise DlopsError(
+                "give --n-trials (finished trials this run adds) or --total-trials (finished trials "
+                "the study should have in all), not both"
+            )
         return None, options.total_trials
     return options.n_trials or spec.n_trials, None
 
@@ -376,8 +423,11 @@ def run_study(
     note = objective_note(asked, spec)
     if note and announce:
         say(note)
-    storage = connect(options.storage or default_storage_url(), heartbeat_interval=options.heartbeat_interval,
-                      grace_period=options.grace_period)
+    storage = connect(
+        options.storage or default_storage_url(),
+        heartbeat_interval=options.heartbeat_interval,
+        grace_period=options.grace_period,
+    )
     study = open_study(spec, options, storage, worker)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
@@ -398,19 +448,37 @@ def run_study(
     with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label) as stop:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
-        _run_trials(study, storage, objective, gate, target=goal,
-                    own_trials=total is None, baseline=spec, max_failures=budget,
-                    timeout=options.timeout if options.timeout is not None else spec.timeout, stop=stop, say=say,
-                    after_trial=lambda trial: notes.trial_finished(study, storage, trial))
-    return StudyResult(study=study, counts=state_counts(study), best=summarize(study)["best"],
-                       interrupted=stop.signum, target=target, n_trials=n_trials,
-                       added=run_trials_finished(study, run.run_id))
+        _run_trials(
+            study,
+            storage,
+            objective,
+            gate,
+            target=goal,
+            own_trials=total is None,
+            baseline=spec,
+            max_failures=budget,
+            timeout=options.timeout if options.timeout is not None else spec.timeout,
+            stop=stop,
+            say=say,
+            after_trial=lambda trial: notes.trial_finished(study, storage, trial),
+        )
+    return StudyResult(
+        study=study,
+        counts=state_counts(study),
+        best=summarize(study)["best"],
+        interrupted=stop.signum,
+        target=target,
+        n_trials=n_trials,
+        added=run_trials_finished(study, run.run_id),
+    )
 
 
 # --- worker processes -----------------------------------------------------------
 
 
-def plan_workers(n: int, device: str, gpus: Sequence[str] | None = None, cpus: int | None = None) -> list[dict[str, str]]:
+def plan_workers(
+    n: int, device: str, gpus: Sequence[str] | None = None, cpus: int | None = None
+) -> list[dict[str, str]]:
     """The environment of each of ``n`` workers: one GPU each (round robin over the visible
     ones, when the device may be CUDA) and an equal share of the CPU threads."""
     if cpus is None:
@@ -474,7 +542,7 @@ def run_workers(
     if storage_kind(url) == "sqlite":
         journal = (sqlite_path(url) or Path("dlops.db")).with_suffix(".log").absolute()
         raise StorageError(
-            f"SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get \"database is locked\"); "
+            f'SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get "database is locked"); '
             f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
             "or postgresql+psycopg2://user@host/db (many machines)"
         )
@@ -492,8 +560,11 @@ def run_workers(
 
     plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:
-        say("GPUs: " + ", ".join(f"w{i} -> {p['CUDA_VISIBLE_DEVICES']}" for i, p in enumerate(plans))
-            + f"; {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
+        say(
+            "GPUs: "
+            + ", ".join(f"w{i} -> {p['CUDA_VISIBLE_DEVICES']}" for i, p in enumerate(plans))
+            + f"; {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each"
+        )
     else:
         say(f"{workers} workers, {plural(int(plans[0]['OMP_NUM_THREADS']), 'CPU thread')} each")
 
@@ -518,8 +589,9 @@ def run_workers(
             env = {**os.environ, **plan}
             # Own session: a Ctrl-C in the terminal reaches this process only, which passes
             # it on once (a second Ctrl-C is passed on again: stop now).
-            p = subprocess.Popen([sys.executable, "-m", "dlops.runner"], stdin=subprocess.PIPE, env=env,
-                                 start_new_session=True)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "dlops.runner"], stdin=subprocess.PIPE, env=env, start_new_session=True
+            )
             procs.append(p)
             # The payload (with the storage URL) goes through a pipe: not argv, not a file.
             assert p.stdin is not None
@@ -553,18 +625,29 @@ def run_workers(
     counts_now = state_counts(study)
     added = run_trials_finished(study, run.run_id)
     done = sum(counts_now[s.name] for s in FINISHED)
-    stand = (f"the study has {done} of {target} finished trials" if total is not None
-             else f"this run added {added} of its {n_trials} finished trials")
+    stand = (
+        f"the study has {done} of {target} finished trials"
+        if total is not None
+        else f"this run added {added} of its {n_trials} finished trials"
+    )
     reason = last_failure(study, run.run_id)
     stand += f"; the last failed trial: {reason}" if reason else ""
     if interrupted is None and all(c != 0 for c in codes):
         raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
     gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
     if interrupted is None and gave_up:
-        raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); "
-                         f"{stand}")
-    return StudyResult(study=study, counts=counts_now, best=summarize(study)["best"], interrupted=interrupted,
-                       target=target, n_trials=n_trials, added=added)
+        raise DlopsError(
+            f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); {stand}"
+        )
+    return StudyResult(
+        study=study,
+        counts=counts_now,
+        best=summarize(study)["best"],
+        interrupted=interrupted,
+        target=target,
+        n_trials=n_trials,
+        added=added,
+    )
 
 
 def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: RunOptions) -> dict[str, int]:
@@ -597,8 +680,17 @@ def worker_main() -> int:
 
     options = replace(payload.options)
     try:
-        result = run_study(payload.spec, options, on_epoch, say=say, run=payload.run,
-                           worker=payload.worker, workers=payload.workers, announce=False, label=prefix)
+        result = run_study(
+            payload.spec,
+            options,
+            on_epoch,
+            say=say,
+            run=payload.run,
+            worker=payload.worker,
+            workers=payload.workers,
+            announce=False,
+            label=prefix,
+        )
     except DlopsError as exc:
         say(f"error: {exc}")
         return exc.exit_code

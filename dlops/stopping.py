@@ -8,7 +8,8 @@ import os
 import shlex
 import signal
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dlops.storage import mask_url
 from dlops.studies import StudyResult
@@ -77,8 +78,11 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signum = signum
         # os.write: print() is not safe inside a signal handler.
-        os.write(2, f"{self.label}{SIGNAL_NAMES.get(signum, signum)}: stopping after this epoch "
-                    "(the trial is kept to resume); send it again to stop now\n".encode())
+        os.write(
+            2,
+            f"{self.label}{SIGNAL_NAMES.get(signum, signum)}: stopping after this epoch "
+            "(the trial is kept to resume); send it again to stop now\n".encode(),
+        )
 
 
 def exit_code(signum: int) -> int:
@@ -101,8 +105,12 @@ def stopped_message(result: StudyResult, argv: Sequence[str]) -> str:
     if remaining is not None and remaining <= 0:
         return head + done
     queued = "; interrupted trials are queued to resume from their checkpoints" if result.counts.get("WAITING") else ""
-    return head + queued + ". To continue:\n  " + continue_command(
-        argv, remaining if result.n_trials is not None else None)
+    return (
+        head
+        + queued
+        + ". To continue:\n  "
+        + continue_command(argv, remaining if result.n_trials is not None else None)
+    )
 
 
 def continue_command(argv: Sequence[str], remaining: int | None) -> str:

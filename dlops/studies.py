@@ -6,8 +6,9 @@ the time it takes to open the storage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -32,8 +33,12 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
     best = None
     try:
         b = study.best_trial
-        best = {"number": b.number, "value": b.value, "params": b.params,
-                "user_attrs": {"baseline": b.user_attrs.get("baseline", False)}}
+        best = {
+            "number": b.number,
+            "value": b.value,
+            "params": b.params,
+            "user_attrs": {"baseline": b.user_attrs.get("baseline", False)},
+        }
     except ValueError:
         pass
     return {
@@ -92,8 +97,12 @@ def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
             stops[t.number] = n
         else:
             unpruned += n
-    return {"trained": trained, "unpruned": unpruned, "share": trained / unpruned if unpruned else None,
-            "pruned_stop_epochs": stops}
+    return {
+        "trained": trained,
+        "unpruned": unpruned,
+        "share": trained / unpruned if unpruned else None,
+        "pruned_stop_epochs": stops,
+    }
 
 
 def list_studies(url: str) -> list[dict[str, Any]]:
@@ -103,12 +112,14 @@ def list_studies(url: str) -> list[dict[str, Any]]:
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
         study = optuna.load_study(study_name=s.study_name, storage=storage)
         summary = summarize(study)
-        rows.append({
-            "name": s.study_name,
-            "n_trials": summary["n_trials"],
-            "states": summary["states"],
-            "best_value": summary["best"]["value"] if summary["best"] else None,
-        })
+        rows.append(
+            {
+                "name": s.study_name,
+                "n_trials": summary["n_trials"],
+                "states": summary["states"],
+                "best_value": summary["best"]["value"] if summary["best"] else None,
+            }
+        )
     return rows
 
 

@@ -12,9 +12,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The real Tiny ImageNet sample (README, "Tests"): $DLOPS_TINY_IMAGENET_SAMPLE, else the
 # project's shared copy next to the checkout.
 TINY_IMAGENET_SAMPLE_VAR = "DLOPS_TINY_IMAGENET_SAMPLE"
-TINY_IMAGENET_SAMPLE = Path(
-    os.environ.get(TINY_IMAGENET_SAMPLE_VAR) or SHARED_DATA / "tiny-imagenet-200-sample.zip"
-).expanduser().absolute()
+TINY_IMAGENET_SAMPLE = (
+    Path(os.environ.get(TINY_IMAGENET_SAMPLE_VAR) or SHARED_DATA / "tiny-imagenet-200-sample.zip")
+    .expanduser()
+    .absolute()
+)
 TINY_IMAGENET_SAMPLE_MISSING = (
     f"real Tiny ImageNet sample not found at {TINY_IMAGENET_SAMPLE}: set {TINY_IMAGENET_SAMPLE_VAR} to the path of "
     "tiny-imagenet-200-sample.zip to run this test (see the README, Tests)"

@@ -10,19 +10,20 @@ import io
 import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from dlops.data.stl10 import NUM_CLASSES, SIZE as STL_SIZE
+from dlops.data.stl10 import NUM_CLASSES
+from dlops.data.stl10 import SIZE as STL_SIZE
 
 
 def _jpeg(rng: np.random.Generator, size: int = 64, gray: bool = False) -> bytes:
     shape = (size, size) if gray else (size, size, 3)
     # smooth random pictures compress like photos and decode in microseconds
-    low = rng.integers(0, 256, size=(8, 8) + shape[2:], dtype=np.uint8)
+    low = rng.integers(0, 256, size=(8, 8, *shape[2:]), dtype=np.uint8)
     pixels = np.kron(low, np.ones((size // 8, size // 8) + (1,) * (len(shape) - 2), dtype=np.uint8))
     out = io.BytesIO()
     Image.fromarray(pixels, mode="L" if gray else "RGB").save(out, format="JPEG", quality=90)
@@ -33,8 +34,9 @@ def wnid(i: int) -> str:
     return f"n{90000000 + i:08d}"
 
 
-def write_tiny_imagenet(parent: Path, classes: int = 3, train_per_class: int = 10, val_per_class: int = 2,
-                        seed: int = 0) -> Path:
+def write_tiny_imagenet(
+    parent: Path, classes: int = 3, train_per_class: int = 10, val_per_class: int = 2, seed: int = 0
+) -> Path:
     """A ``tiny-imagenet-200/`` tree in the official layout; one train image is grayscale."""
     rng = np.random.default_rng(seed)
     tree = parent / "tiny-imagenet-200"

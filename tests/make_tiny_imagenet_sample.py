@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = "tiny-imagenet-200/"
 
 
-def make_sample(official: Path, out: Path, train_per_class: int = 50, val_per_class: int = 10,
-                test_images: int = 200) -> dict[str, int]:
+def make_sample(
+    official: Path, out: Path, train_per_class: int = 50, val_per_class: int = 10, test_images: int = 200
+) -> dict[str, int]:
     """Write the sample zip; returns the images kept per split."""
     kept = Counter()
     with zipfile.ZipFile(official) as src, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
@@ -54,8 +55,10 @@ def make_sample(official: Path, out: Path, train_per_class: int = 50, val_per_cl
                 copy(f"{ROOT}val/images/{file}")
                 kept["val"] += 1
         copy(ROOT + "val/val_annotations.txt", ("\n".join(lines) + "\n").encode())
-        tests = sorted((n for n in names if re.fullmatch(rf"{ROOT}test/images/test_\d+\.JPEG", n)),
-                       key=lambda n: int(re.findall(r"\d+", n.rsplit("/", 1)[1])[0]))
+        tests = sorted(
+            (n for n in names if re.fullmatch(rf"{ROOT}test/images/test_\d+\.JPEG", n)),
+            key=lambda n: int(re.findall(r"\d+", n.rsplit("/", 1)[1])[0]),
+        )
         for name in tests[:test_images]:
             copy(name)
             kept["test"] += 1

@@ -37,11 +37,26 @@ def test_class_accuracies_weighted_by_class_counts_give_the_overall_accuracy(see
 
 def test_report_tables_list_every_class_mean_over_seeds_and_the_cost_of_every_layer() -> None:
     labels = np.array([0, 0, 1, 1, 1])
-    seeds = [{"class_accuracy": class_accuracy(labels, predictions, ["cat", "dog"])}
-             for predictions in (np.array([0, 1, 1, 1, 0]), np.array([0, 0, 1, 0, 0]))]
-    final = {**TRAINER.summary(seeds), "per_seed": [{"layer_history": {
-        "hidden_sizes": [16, 8], "ae0_train_loss": [0.5, 0.25], "ae0_val_loss": [0.6, 0.3],
-        "ae0_epoch_seconds": [0.5, 1.5], "ae1_train_loss": [], "ae1_val_loss": [], "ae1_epoch_seconds": []}}]}
+    seeds = [
+        {"class_accuracy": class_accuracy(labels, predictions, ["cat", "dog"])}
+        for predictions in (np.array([0, 1, 1, 1, 0]), np.array([0, 0, 1, 0, 0]))
+    ]
+    final = {
+        **TRAINER.summary(seeds),
+        "per_seed": [
+            {
+                "layer_history": {
+                    "hidden_sizes": [16, 8],
+                    "ae0_train_loss": [0.5, 0.25],
+                    "ae0_val_loss": [0.6, 0.3],
+                    "ae0_epoch_seconds": [0.5, 1.5],
+                    "ae1_train_loss": [],
+                    "ae1_val_loss": [],
+                    "ae1_epoch_seconds": [],
+                }
+            }
+        ],
+    }
     classes, cost = ("\n".join(markdown_table(t)) for t in TRAINER.report_tables(final))
     assert "| cat | 0.7500 |" in classes  # (1/2 + 2/2) / 2
     assert "| dog | 0.5000 |" in classes  # (2/3 + 1/3) / 2

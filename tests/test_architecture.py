@@ -17,9 +17,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dlops"
 LEAVES = ("dlops.trainers", "dlops.models", "dlops.losses", "dlops.metrics", "dlops.data")
 # Neither directly nor through any dlops module they import, at the top or in a function.
 # (rich is allowed: dataset preparation draws progress bars; reading prepared data does not load it.)
-FORBIDDEN_IN_LEAVES = ("optuna", "optuna_dashboard", "typer", "dlops.cli", "dlops.objective", "dlops.runner",
-                       "dlops.notes", "dlops.dashboard", "dlops.studies", "dlops.final", "dlops.params",
-                       "dlops.report", "dlops.study_plots")
+FORBIDDEN_IN_LEAVES = (
+    "optuna",
+    "optuna_dashboard",
+    "typer",
+    "dlops.cli",
+    "dlops.objective",
+    "dlops.runner",
+    "dlops.notes",
+    "dlops.dashboard",
+    "dlops.studies",
+    "dlops.final",
+    "dlops.params",
+    "dlops.report",
+    "dlops.study_plots",
+)
 
 
 def module_name(path: Path) -> str:
@@ -76,7 +88,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
             if nxt not in edges or nxt == node:
                 continue
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -129,12 +141,14 @@ def test_training_modules_never_reach_optuna_or_the_cli(leaf: str) -> None:
 def test_training_loads_none_of_the_study_or_cli_side() -> None:
     """What a trainer and its data really load (the dataset registry imports the STL-10
     and Tiny ImageNet loaders on first use)."""
-    code = ("import sys\n"
-            "import dlops.trainers.resnet, dlops.trainers.autoencoder, dlops.data.stl10, dlops.data.tinyimagenet\n"
-            "from dlops.data import get_dataset\n"
-            "get_dataset('digits')\n"
-            f"forbidden = {FORBIDDEN_IN_LEAVES!r}\n"
-            "print(sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in forbidden)))")
+    code = (
+        "import sys\n"
+        "import dlops.trainers.resnet, dlops.trainers.autoencoder, dlops.data.stl10, dlops.data.tinyimagenet\n"
+        "from dlops.data import get_dataset\n"
+        "get_dataset('digits')\n"
+        f"forbidden = {FORBIDDEN_IN_LEAVES!r}\n"
+        "print(sorted(m for m in sys.modules if any(m == f or m.startswith(f + '.') for f in forbidden)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -144,9 +158,14 @@ def _loaded_after(code: str, tmp_path: Path) -> dict[str, bool]:
         "import json, sys\n" + code + "\n"
         "print(json.dumps({m: m in sys.modules for m in ('torch', 'matplotlib', 'sklearn')}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True, check=True,
-                         env={"PATH": "/usr/bin:/bin", "DLOPS_HOME": str(tmp_path / "home"), "PYTHONPATH":
-                              str(PACKAGE.parent)}, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", env_code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "DLOPS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(PACKAGE.parent)},
+        cwd=tmp_path,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

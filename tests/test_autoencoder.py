@@ -16,29 +16,35 @@ import torch
 from typer.testing import CliRunner
 
 import dlops.trainers.autoencoder as ae
-from dlops.trainers.autoencoder import (
-    AEConfig,
-    AutoencoderStack,
-    StackedClassifier,
-    fit,
-    predict,
-    validate_config,
-)
+from data_trees import write_stl10
 from dlops.cli import app
 from dlops.errors import DlopsError, SpecError
 from dlops.io import load_checkpoint
 from dlops.spec import load_spec, parse_spec
 from dlops.storage import connect
+from dlops.trainers.autoencoder import (
+    AEConfig,
+    StackedClassifier,
+    fit,
+    predict,
+    validate_config,
+)
 from dlops.trainers.base import HISTORY_KEYS
-
-from data_trees import write_stl10
 
 SMALL = [32, 24, 20, 16, 12, 8]
 
 
 def small_config(**changes) -> AEConfig:
-    base = dict(dataset="digits", hidden_sizes=list(SMALL), subset_per_class=20, pretrain_epochs=2, epochs=2,
-                batch_size=32, device="cpu", seed=3)
+    base = dict(
+        dataset="digits",
+        hidden_sizes=list(SMALL),
+        subset_per_class=20,
+        pretrain_epochs=2,
+        epochs=2,
+        batch_size=32,
+        device="cpu",
+        seed=3,
+    )
     base.update(changes)
     return AEConfig(**base)
 
@@ -179,8 +185,11 @@ def test_zero_epoch_layers_cost_nothing(monkeypatch: pytest.MonkeyPatch) -> None
 def test_history_has_the_resnet_keys_and_reports_each_finetuning_epoch() -> None:
     reported: list[tuple[int, dict]] = []
     layer_epochs: list[tuple[int, int]] = []
-    result = fit(small_config(pretrain_epochs=1, epochs=3), report=lambda e, m: reported.append((e, m)),
-                 progress=lambda line: layer_epochs.append(pretraining_epoch(line)))
+    result = fit(
+        small_config(pretrain_epochs=1, epochs=3),
+        report=lambda e, m: reported.append((e, m)),
+        progress=lambda line: layer_epochs.append(pretraining_epoch(line)),
+    )
     assert set(result.history) == set(HISTORY_KEYS)
     assert {len(v) for v in result.history.values()} == {3}
     assert [e for e, _ in reported] == [0, 1, 2]
@@ -231,7 +240,7 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
             assert resumed.layer_history[key] == values, key
     assert same(resumed.model.state_dict(), whole.model.state_dict())
 
-    with pytest.raises(DlopsError, match="another configuration.*lr"):
+    with pytest.raises(DlopsError, match=r"another configuration.*lr"):
         fit(config.replace(lr=0.01), checkpoint_path=ckpt)
 
 
@@ -284,26 +293,35 @@ def test_digits_baseline_shape_learns_quickly() -> None:
 # ----------------------------------------------------------------------- the study
 
 
-def tiny_autoencoder_spec(tmp_path: Path, *, dataset: str = "digits", pretrain_data: str = "train",
-                          train: dict | None = None) -> Path:
+def tiny_autoencoder_spec(
+    tmp_path: Path, *, dataset: str = "digits", pretrain_data: str = "train", train: dict | None = None
+) -> Path:
     """The built-in spec with narrow layers; the searched ranges and the baseline stay
     (``train``: more overrides of its ``[train]``)."""
+    from dlops.spec import Add, override_table, spec_table
     from specs import write_spec
 
-    from dlops.spec import Add, override_table, spec_table
-
-    table = spec_table("autoencoder", {
-        "name": "tiny-autoencoder",
-        "train": {"hidden_sizes": SMALL, "dataset": dataset, "subset_per_class": Add(10),
-                  "pretrain_data": pretrain_data},
-    })
+    table = spec_table(
+        "autoencoder",
+        {
+            "name": "tiny-autoencoder",
+            "train": {
+                "hidden_sizes": SMALL,
+                "dataset": dataset,
+                "subset_per_class": Add(10),
+                "pretrain_data": pretrain_data,
+            },
+        },
+    )
     return write_spec(tmp_path / "tiny-autoencoder.toml", override_table(table, {"train": train or {}}))
 
 
 def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_home: Path) -> None:
     spec_path = tiny_autoencoder_spec(tmp_path)
-    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "3",
-                                   "--epochs", "2", "--device", "cpu"])
+    out = CliRunner().invoke(
+        app,
+        ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "3", "--epochs", "2", "--device", "cpu"],
+    )
     assert out.exit_code == 0, out.output
     study = optuna.load_study(study_name="tiny-autoencoder", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
     trials = study.get_trials()
@@ -326,18 +344,26 @@ def test_cli_study_runs_with_the_original_setting_first(tmp_path: Path, dlops_ho
 
 
 def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Path, dlops_home: Path) -> None:
-    from dlops.plots import plot_ae_losses, plot_class_accuracy, plot_tsne
-    from dlops.trainers.autoencoder import class_accuracy, layer_activations, tsne_embedding, tsne_selection
     from dlops.data.manage import prepare_dataset
     from dlops.data.stl10 import load_unlabeled
+    from dlops.plots import plot_ae_losses, plot_class_accuracy, plot_tsne
+    from dlops.trainers.autoencoder import class_accuracy, layer_activations, tsne_embedding, tsne_selection
 
     # the official binary layout (tests/data_trees.py), through the real prepare path
     tree, _ = write_stl10(tmp_path / "raw", train=100, test=70, unlabeled=40)
     prepare_dataset("stl10", raw=tree.parent, progress=False)  # into $DLOPS_HOME/data
     assert len(load_unlabeled()) == 40
 
-    config = AEConfig(dataset="stl10", hidden_sizes=[48, 40, 32, 24, 16, 8], pretrain_data="unlabeled",
-                      pretrain_limit=32, pretrain_epochs=1, epochs=3, batch_size=16, device="cpu")
+    config = AEConfig(
+        dataset="stl10",
+        hidden_sizes=[48, 40, 32, 24, 16, 8],
+        pretrain_data="unlabeled",
+        pretrain_limit=32,
+        pretrain_epochs=1,
+        epochs=3,
+        batch_size=16,
+        device="cpu",
+    )
     result = fit(config)
     assert result.dataset.image_shape == (3, 96, 96)
     assert result.model.encoders[0][0].in_features == 27_648
@@ -365,10 +391,12 @@ def test_stl10_fixture_pipeline_pretrains_on_unlabeled_and_reports(tmp_path: Pat
     # The same pretraining option through a study on the prepared fixture.
     from dlops.spec import Add
 
-    spec_path = tiny_autoencoder_spec(tmp_path, dataset="stl10", pretrain_data="unlabeled",
-                                      train={"subset_per_class": 5, "pretrain_limit": Add(16)})
-    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--n-trials", "1", "--epochs", "1",
-                                   "--device", "cpu"])
+    spec_path = tiny_autoencoder_spec(
+        tmp_path, dataset="stl10", pretrain_data="unlabeled", train={"subset_per_class": 5, "pretrain_limit": Add(16)}
+    )
+    out = CliRunner().invoke(
+        app, ["study", "run", str(spec_path), "--n-trials", "1", "--epochs", "1", "--device", "cpu"]
+    )
     assert out.exit_code == 0, out.output
     trial = optuna.load_study(study_name="tiny-autoencoder", storage=f"sqlite:///{dlops_home / 'dlops.db'}").trials[0]
     assert trial.user_attrs["config"]["pretrain_data"] == "unlabeled"
@@ -384,26 +412,49 @@ def test_stl10_study_without_the_cache_is_one_line(tmp_path: Path, dlops_home: P
 def _pretraining_lines(out: str) -> list[str]:
     import re
 
-    return re.findall(r"(?:\[w\d+\] )?trial +(\d+) +pretraining AE (\d) epoch +(\d+) +train_mse [\d.]+ +val_mse [\d.]+", out)
+    return re.findall(
+        r"(?:\[w\d+\] )?trial +(\d+) +pretraining AE (\d) epoch +(\d+) +train_mse [\d.]+ +val_mse [\d.]+", out
+    )
 
 
 def test_study_run_prints_a_line_per_pretraining_epoch(tmp_path: Path, dlops_home: Path) -> None:
     spec_path = tiny_autoencoder_spec(tmp_path)
-    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "1",
-                                   "--epochs", "1", "--device", "cpu"])
+    out = CliRunner().invoke(
+        app,
+        ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "1", "--epochs", "1", "--device", "cpu"],
+    )
     assert out.exit_code == 0, out.output
     lines = _pretraining_lines(out.output)
     # the baseline: 10 epochs of each of the six layers, in order
     assert lines == [("0", str(k), str(e)) for k in range(6) for e in range(1, 11)]
 
 
-def test_workers_print_a_line_per_pretraining_epoch(tmp_path: Path, dlops_home: Path,
-                                                    capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_print_a_line_per_pretraining_epoch(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec_path = tiny_autoencoder_spec(tmp_path)
     url = f"journal://{tmp_path / 'study.log'}"
-    out = CliRunner().invoke(app, ["study", "run", str(spec_path), "--dataset", "digits", "--n-trials", "2",
-                                   "--epochs", "1", "--device", "cpu", "--storage", url, "--workers", "2"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "run",
+            str(spec_path),
+            "--dataset",
+            "digits",
+            "--n-trials",
+            "2",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--storage",
+            url,
+            "--workers",
+            "2",
+        ],
+    )
     text = out.output + "".join(capfd.readouterr())
     assert out.exit_code == 0, text
     study = optuna.load_study(study_name="tiny-autoencoder", storage=connect(url).optuna)

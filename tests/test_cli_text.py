@@ -42,7 +42,9 @@ def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.Mon
     lines = text.splitlines()
     assert max(map(len, lines)) <= 80, text
     assert "<bool>" not in text and "…" not in text, text
-    assert not [line for line in lines if line.rstrip().endswith("...") and "[ARGS]" not in line], text  # nothing cut off
+    assert not [line for line in lines if line.rstrip().endswith("...") and "[ARGS]" not in line], (
+        text
+    )  # nothing cut off
     command = dict(_commands(typer.main.get_command(app)))[path]
     flat = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(text.split()))  # help wraps at hyphens
     for param in getattr(command, "params", []):
@@ -57,7 +59,8 @@ def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.Mon
 
 def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_path: Path, dlops_home: Path) -> None:
     spec = tmp_path / "wording.toml"
-    spec.write_text(textwrap.dedent("""\
+    spec.write_text(
+        textwrap.dedent("""\
         name = "wording"
         trainer = "resnet18"
         n_trials = 1
@@ -78,10 +81,12 @@ def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_p
         low = 0.001
         high = 0.1
         log = true
-        """))
+        """)
+    )
     runner = CliRunner()
-    result = runner.invoke(app, ["study", "run", str(spec), "--study-name", "wording-study", "--n-trials", "1",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["study", "run", str(spec), "--study-name", "wording-study", "--n-trials", "1", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "this run adds 1 finished trial of its own" in result.output
     result = runner.invoke(app, ["final", str(spec), "--study-name", "wording-study", "--device", "cpu"])
@@ -96,9 +101,11 @@ def test_loss_and_device_choices_are_listed_and_checked_in_one_line(command: lis
     help_text = CliRunner().invoke(app, [*command, "--help"], terminal_width=120).output
     assert "<ce|triplet|center>" in help_text and "[auto|cpu|cuda|cuda:K]" in help_text
     assert "[default: auto]" in help_text  # the same --device default in every command
-    for args, message in ((["--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
-                          (["--loss", "ce", "--device", "gpu"], "unknown device 'gpu' (auto, cpu, cuda, cuda:K)"),
-                          (["--loss", "ce", "--n-trial", "3"], "No such option: --n-trial")):
+    for args, message in (
+        (["--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
+        (["--loss", "ce", "--device", "gpu"], "unknown device 'gpu' (auto, cpu, cuda, cuda:K)"),
+        (["--loss", "ce", "--n-trial", "3"], "No such option: --n-trial"),
+    ):
         result = CliRunner().invoke(app, [*command, *args])
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1, result.output

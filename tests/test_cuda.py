@@ -20,18 +20,20 @@ import pytest
 import torch
 
 from conftest import TINY_IMAGENET_SAMPLE
-from specs import tiny_workers_spec
 from dlops.data import Split, get_dataset
-from dlops.io import load_checkpoint
 from dlops.data.loader import BatchLoader
+from dlops.io import load_checkpoint
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
 from dlops.trainers.base import autocast
 from dlops.trainers.resnet import TrainConfig, fit
+from specs import tiny_workers_spec
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA GPU visible (torch.cuda.is_available() is False)"
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +60,9 @@ def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dlops.cli import app
 
     root = tmp_path_factory.mktemp("cuda-sample") / "data"
-    result = CliRunner().invoke(app, ["data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(TINY_IMAGENET_SAMPLE)])
+    result = CliRunner().invoke(
+        app, ["data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(TINY_IMAGENET_SAMPLE)]
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -84,7 +88,7 @@ def test_device_loader_gives_the_cpu_loaders_crops_flips_and_normalised_batches(
     m255 = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
     s255 = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
     batches = 0
-    for epoch in range(2):  # the second epoch continues the generators' streams
+    for _epoch in range(2):  # the second epoch continues the generators' streams
         for (xc, yc), (xr, yr), (xu, yu) in zip(cpu, resident, uploaded, strict=True):
             assert xr.is_cuda and xr.dtype == torch.float32 and xr.is_contiguous(memory_format=torch.channels_last)
             pixels_cpu = (xc * s255 + m255).round().to(torch.uint8)
@@ -104,8 +108,17 @@ def test_device_loader_gives_the_cpu_loaders_crops_flips_and_normalised_batches(
 def test_fit_on_cuda_learns_the_sample_and_repeats_with_the_same_seed(loss: str, sample_root: Path) -> None:
     dataset = get_dataset("tiny-imagenet", sample_root)
     assert dataset.num_classes == 200 and dataset.image_shape == (3, 64, 64)
-    config = TrainConfig(loss=loss, dataset="tiny-imagenet", data_root=str(sample_root), epochs=4, batch_size=128,
-                         lr=0.05, eval_batch_size=1024, seed=0, device="cuda")
+    config = TrainConfig(
+        loss=loss,
+        dataset="tiny-imagenet",
+        data_root=str(sample_root),
+        epochs=4,
+        batch_size=128,
+        lr=0.05,
+        eval_batch_size=1024,
+        seed=0,
+        device="cuda",
+    )
     first = fit(config, dataset=dataset)
     again = fit(config, dataset=dataset)
     assert first.device.type == "cuda" and first.extra_user_attrs["device"]["device"].startswith("cuda")
@@ -158,8 +171,18 @@ def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(loss: str) -> 
 
 
 def _digits(loss: str, device: str, **kw) -> TrainConfig:
-    base = dict(loss=loss, dataset="digits", width=8, subset_per_class=12, batch_size=24, epochs=3,
-                lr=0.02, device=device, eval_batch_size=64, seed=4)
+    base = dict(
+        loss=loss,
+        dataset="digits",
+        width=8,
+        subset_per_class=12,
+        batch_size=24,
+        epochs=3,
+        lr=0.02,
+        device=device,
+        eval_batch_size=64,
+        seed=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -183,7 +206,11 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cuda_and_on_the_cpu(loss: str, 
 
     for device, path in (("cuda", ckpt), ("cpu", on_cpu)):
         reported: list[int] = []
-        resumed = fit(config.replace(device=device), report=lambda e, m: reported.append(e), checkpoint_path=path)
+        resumed = fit(
+            config.replace(device=device),
+            report=lambda e, m, reported=reported: reported.append(e),
+            checkpoint_path=path,
+        )
         assert resumed.device.type == device and resumed.start_epoch == 1
         assert reported == [0, 1, 2]
         assert next(resumed.model.parameters()).device.type == device
@@ -201,17 +228,41 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cuda_and_on_the_cpu(loss: str, 
 def test_two_workers_share_one_gpu_and_each_trains_on_the_device_it_was_given(tmp_path: Path) -> None:
     import optuna
 
-    from dlops.storage import open_storage
     from dlops.liveness import OWNER_KEY
+    from dlops.storage import open_storage
 
     spec = tiny_workers_spec(tmp_path, name="cuda-workers", epochs=2, per_class=20, n_trials=6)
     url = f"journal://{tmp_path / 'cuda-workers.log'}"
-    env = {**os.environ, "DLOPS_HOME": str(tmp_path / "home"), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "DLOPS_HOME": str(tmp_path / "home"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("DLOPS_STORAGE", None)
     env.pop("CUDA_VISIBLE_DEVICES", None)  # all GPUs visible: dlops hands them out
-    done = subprocess.run([sys.executable, "-m", "dlops.cli", "study", "run", str(spec), "--storage", url,
-                           "--workers", "2", "--n-trials", "6", "--device", "cuda"],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlops.cli",
+            "study",
+            "run",
+            str(spec),
+            "--storage",
+            url,
+            "--workers",
+            "2",
+            "--n-trials",
+            "6",
+            "--device",
+            "cuda",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     gpus = [str(i) for i in range(torch.cuda.device_count())]

@@ -42,8 +42,9 @@ def test_fetch_the_sample_by_url_with_its_md5_and_fail_cleanly_with_a_wrong_one(
         assert files_under(root / "tiny-imagenet" / "downloads") == []  # not kept unless --keep-archive
 
         bad = tmp_path / "bad"
-        line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(bad), "--source", url,
-                                    "--md5", "0" * 32))
+        line = one_error_line(
+            dlops("data", "fetch", "tiny-imagenet", "--root", str(bad), "--source", url, "--md5", "0" * 32)
+        )
         assert f"md5 mismatch for {url}: got {SAMPLE_MD5}, expected {'0' * 32}" in line
         assert not is_prepared(bad, "tiny-imagenet")
         assert not bad.exists() or list(bad.rglob("*")) == []  # no partial download, tree or cache
@@ -60,8 +61,9 @@ def served(tmp_path: Path):
 
 def test_a_url_is_checked_against_the_official_md5_by_default(served, tmp_path: Path) -> None:
     base, _ = served
-    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"),
-                                "--source", f"{base}/mini.zip"))
+    line = one_error_line(
+        dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"), "--source", f"{base}/mini.zip")
+    )
     assert "expected 90528d7ca1a48142e341f4ef8d21d0de" in line
     assert not (tmp_path / "r").exists() or list((tmp_path / "r").rglob("*")) == []
 
@@ -69,8 +71,20 @@ def test_a_url_is_checked_against_the_official_md5_by_default(served, tmp_path: 
 def test_keep_archive_keeps_the_verified_download(served, tmp_path: Path) -> None:
     base, archive = served
     root = tmp_path / "r"
-    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/mini.zip",
-                   "--md5", md5_file(archive), "--keep-archive", "--workers", "1")
+    result = dlops(
+        "data",
+        "fetch",
+        "tiny-imagenet",
+        "--root",
+        str(root),
+        "--source",
+        f"{base}/mini.zip",
+        "--md5",
+        md5_file(archive),
+        "--keep-archive",
+        "--workers",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert files_under(root / "tiny-imagenet" / "downloads") == ["mini.zip"]
     assert md5_file(root / "tiny-imagenet" / "downloads" / "mini.zip") == md5_file(archive)
@@ -78,12 +92,14 @@ def test_keep_archive_keeps_the_verified_download(served, tmp_path: Path) -> Non
 
 def test_unreachable_url_and_missing_file_are_one_line(served, tmp_path: Path) -> None:
     base, _ = served
-    line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"),
-                                "--source", f"{base}/nothing.zip"))
+    line = one_error_line(
+        dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "r"), "--source", f"{base}/nothing.zip")
+    )
     assert "cannot download" in line and "HTTP 404" in line
     assert not (tmp_path / "r").exists() or list((tmp_path / "r").rglob("*")) == []
-    line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"),
-                                "--source", str(tmp_path / "nothing.tar.gz")))
+    line = one_error_line(
+        dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"), "--source", str(tmp_path / "nothing.tar.gz"))
+    )
     assert "source archive not found" in line
     line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(tmp_path / "r"), "--source", str(tmp_path)))
     assert "is a directory" in line and "dlops data prepare stl10 --raw" in line
@@ -120,7 +136,8 @@ def test_safe_extract_refuses_escapes_before_writing(tmp_path: Path) -> None:
         safe_extract(hardlink, tmp_path / "out2", progress=False)
     assert files_under(tmp_path / "out2") == []
 
-    good = zip_tree(write_tiny_imagenet(tmp_path / "src", classes=1, train_per_class=1, val_per_class=1),
-                    tmp_path / "good.zip")
+    good = zip_tree(
+        write_tiny_imagenet(tmp_path / "src", classes=1, train_per_class=1, val_per_class=1), tmp_path / "good.zip"
+    )
     safe_extract(good, tmp_path / "out3", progress=False)
     assert (tmp_path / "out3" / "tiny-imagenet-200" / "wnids.txt").read_text() == "n90000000\n"

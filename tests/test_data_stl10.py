@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from data_trees import one_error_line, tar_tree, write_stl10
 from dlops.cli import app
-from dlops.data import get_dataset, load_split
-from dlops.data import stl10
+from dlops.data import get_dataset, load_split, stl10
 from dlops.data.cache import read_manifest
 from dlops.errors import DatasetNotAvailable
 
@@ -120,13 +119,23 @@ BAD_TREES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_TREES))
-def test_bad_binary_files_are_one_error_line_and_the_good_cache_survives(case: str, good_root: Path, tmp_path: Path) -> None:
+def test_bad_binary_files_are_one_error_line_and_the_good_cache_survives(
+    case: str, good_root: Path, tmp_path: Path
+) -> None:
     edit, message = BAD_TREES[case]
     tree, _ = write_stl10(tmp_path / "bad")
     edit(tree)
     before = snapshot(good_root)
-    result = dlops("data", "fetch", "stl10", "--root", str(good_root), "--force",
-                   "--source", str(tar_tree(tree, tmp_path / "bad.tar.gz")))
+    result = dlops(
+        "data",
+        "fetch",
+        "stl10",
+        "--root",
+        str(good_root),
+        "--force",
+        "--source",
+        str(tar_tree(tree, tmp_path / "bad.tar.gz")),
+    )
     assert message in one_error_line(result)
     assert snapshot(good_root) == before
     assert [p.name for p in (good_root / "stl10").iterdir() if p.name.startswith(".")] == []
@@ -148,7 +157,9 @@ def test_tar_members_that_would_escape_are_refused(member: str, good_root: Path,
             evil.write_bytes(b"gotcha")
             tf.add(evil, arcname=member)
     before = snapshot(good_root)
-    line = one_error_line(dlops("data", "fetch", "stl10", "--root", str(good_root), "--force", "--source", str(archive)))
+    line = one_error_line(
+        dlops("data", "fetch", "stl10", "--root", str(good_root), "--force", "--source", str(archive))
+    )
     assert "unsafe archive bad.tar.gz" in line
     assert snapshot(good_root) == before
     assert list(tmp_path.rglob("evil.txt")) == []

@@ -20,7 +20,17 @@ import pytest
 from conftest import TINY_IMAGENET_SAMPLE
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["install", "versions", "cuda_tests", "throughput", "fetch", "study_ce", "study_triplet", "study_center", "curves"]
+STAGES = [
+    "install",
+    "versions",
+    "cuda_tests",
+    "throughput",
+    "fetch",
+    "study_ce",
+    "study_triplet",
+    "study_center",
+    "curves",
+]
 
 
 @pytest.mark.device_rehearsal
@@ -32,8 +42,14 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable, "DLOPS_TINY_IMAGENET_SAMPLE": str(sample), "OMP_NUM_THREADS": "1"}
     env.pop("DLOPS_HOME", None)
     env.pop("DLOPS_STORAGE", None)
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_run.sh"), str(out), "--smoke"],
-                          env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "device_run.sh"), str(out), "--smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=tmp_path,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
 
@@ -41,7 +57,15 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.iterdir())
     assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8, files
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
-    assert set(files) == {"run.log", "summary.json", "throughput.json", "studies.db", "curves.json", "curves.png", "logs.tar.gz"}
+    assert set(files) == {
+        "run.log",
+        "summary.json",
+        "throughput.json",
+        "studies.db",
+        "curves.json",
+        "curves.png",
+        "logs.tar.gz",
+    }
     assert (out / "run.log").read_text().strip() == done.stdout.strip()  # the whole console, kept
     assert "SUMMARY" in "\n".join(done.stdout.splitlines()[-25:])  # the table comes last
 
@@ -58,15 +82,21 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
 
     tp = json.loads((out / "throughput.json").read_text())
     assert tp["meta"]["smoke"] is True
-    assert {(r["loss"], r["batch_size"]) for r in tp["train"]} == {(l, b) for l in ("ce", "triplet", "center") for b in (16, 32)}
+    assert {(r["loss"], r["batch_size"]) for r in tp["train"]} == {
+        (ln, b) for ln in ("ce", "triplet", "center") for b in (16, 32)
+    }
     assert all(r["images_per_s"] > 0 for r in tp["train"] + tp["loader"] + tp["eval"])
     assert [p["loss"] for p in tp["projection"]] == ["ce", "triplet", "center"]
     assert all(p["epoch_s"] > 0 for p in tp["projection"])
 
     with sqlite3.connect(out / "studies.db") as db:
         names = dict(db.execute("select study_id, study_name from studies").fetchall())
-        finished = db.execute("select study_id, count(*) from trials where state in ('COMPLETE', 'PRUNED') group by study_id").fetchall()
-        configs = [json.loads(v) for (v,) in db.execute("select value_json from trial_user_attributes where key = 'config'")]
+        finished = db.execute(
+            "select study_id, count(*) from trials where state in ('COMPLETE', 'PRUNED') group by study_id"
+        ).fetchall()
+        configs = [
+            json.loads(v) for (v,) in db.execute("select value_json from trial_user_attributes where key = 'config'")
+        ]
     assert sorted(names.values()) == ["device-ce", "device-center", "device-triplet"]
     assert sorted(n for _, n in finished) == [4, 4, 4]
     expected_dataset = "tiny-imagenet" if with_sample else "digits"

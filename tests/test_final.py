@@ -4,7 +4,6 @@ figures equal a recomputation from the saved weights; the dashboard sees the fil
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import textwrap
@@ -26,13 +25,22 @@ SEARCH = {
 }
 
 
-def write_spec(directory: Path, name: str, loss: str, dataset: str = "digits", params: tuple[str, ...] = ("lr",),
-               final_epochs: int = 2, final_seeds: int = 2, study_epochs: int = 1) -> Path:
+def write_spec(
+    directory: Path,
+    name: str,
+    loss: str,
+    dataset: str = "digits",
+    params: tuple[str, ...] = ("lr",),
+    final_epochs: int = 2,
+    final_seeds: int = 2,
+    study_epochs: int = 1,
+) -> Path:
     """A ResNet18 spec small enough for a test: width 8, 10 images per class."""
     search = "\n".join(f"[search.{p}]\n{SEARCH[p]}" for p in params)
     baseline = "\n".join(f"{p} = {0.2 if p == 'margin' else 0.01}" for p in params)
     path = directory / f"{name}.toml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name = "{name}"
         description = "test spec {name}"
         trainer = "resnet18"
@@ -53,7 +61,10 @@ def write_spec(directory: Path, name: str, loss: str, dataset: str = "digits", p
         {baseline}
         [pruner]
         type = "none"
-        """) + search + "\n")
+        """)
+        + search
+        + "\n"
+    )
     return path
 
 
@@ -81,8 +92,8 @@ def studied(tmp_path_factory: pytest.TempPathFactory):
     `final` from its best trial with 2 seeds. Shared by the tests below."""
     from dlops.objective import RunOptions
     from dlops.runner import run_study
-    from dlops.studies import state_counts
     from dlops.spec import load_spec
+    from dlops.studies import state_counts
 
     root = tmp_path_factory.mktemp("final")
     mp = pytest.MonkeyPatch()
@@ -96,9 +107,17 @@ def studied(tmp_path_factory: pytest.TempPathFactory):
     counts = state_counts(result.study)
     messages: list[str] = []
     final = run_final(str(spec_path), FinalOptions(device="cpu"), notify=messages.append)
-    yield SimpleNamespace(root=root, home=root / "home", spec=spec_path, study=result.study, counts=counts,
-                          loads_in_study=loads_in_study, loads_after_final=counter.loads, final=final,
-                          messages=messages)
+    yield SimpleNamespace(
+        root=root,
+        home=root / "home",
+        spec=spec_path,
+        study=result.study,
+        counts=counts,
+        loads_in_study=loads_in_study,
+        loads_after_final=counter.loads,
+        final=final,
+        messages=messages,
+    )
     mp.undo()
 
 
@@ -121,9 +140,14 @@ def test_final_json_records_the_run(studied):
     final = json.loads((studied.home / "reports" / "tiny-triplet" / "final.json").read_text())
     best = studied.study.best_trial
     assert final["params"] == best.params
-    assert final["params_source"] == {"kind": "trial", "study": "tiny-triplet", "trial": best.number,
-                                      "value": best.value, "metric": "val_top5",
-                                      "baseline": bool(best.user_attrs.get("baseline", False))}
+    assert final["params_source"] == {
+        "kind": "trial",
+        "study": "tiny-triplet",
+        "trial": best.number,
+        "value": best.value,
+        "metric": "val_top5",
+        "baseline": bool(best.user_attrs.get("baseline", False)),
+    }
     assert final["seeds"] == [0, 1] and final["epochs"] == 2 and final["config"]["width"] == 8
     assert final["dataset"]["name"] == "counted-digits" and final["dataset"]["num_classes"] == 10
     for entry in final["per_seed"]:
@@ -149,8 +173,10 @@ def test_final_json_figures_equal_a_recomputation_from_the_saved_weights(studied
     # ...and the two seeds' weights differ, so the check compares something.
     run = final_checkpoint_dir("tiny-triplet").relative_to(studied.home)
     weights = [Path(e["weights"]) for e in final["per_seed"]]
-    assert [(w.parent.parent.parent, w.parent.name, w.name) for w in weights] == \
-        [(run, "seed0", "weights.pt"), (run, "seed1", "weights.pt")]
+    assert [(w.parent.parent.parent, w.parent.name, w.name) for w in weights] == [
+        (run, "seed0", "weights.pt"),
+        (run, "seed1", "weights.pt"),
+    ]
     assert weights[0].parent.parent.name.startswith("run-") and (studied.home / weights[1]).is_file()
 
 
@@ -158,9 +184,16 @@ def test_final_writes_the_report_folder(studied):
     from PIL import Image
 
     out = studied.home / "reports" / "tiny-triplet"
-    for name in ("final.json", "curves.png", "report.md", "study/optimization_history.png",
-                 "study/intermediate_values.png", "study/slice.png", "study/param_importances.png",
-                 "study/parallel_coordinate.png"):
+    for name in (
+        "final.json",
+        "curves.png",
+        "report.md",
+        "study/optimization_history.png",
+        "study/intermediate_values.png",
+        "study/slice.png",
+        "study/param_importances.png",
+        "study/parallel_coordinate.png",
+    ):
         assert (out / name).is_file(), name
     for png in out.rglob("*.png"):
         with Image.open(png) as im:
@@ -208,13 +241,18 @@ def test_a_second_final_replaces_the_trial_attachments(studied, monkeypatch):
     monkeypatch.setenv("DLOPS_HOME", str(studied.home))
     out = studied.home / "reports" / "tiny-triplet"
     before = set(p.name for p in (studied.home / "artifacts").iterdir())
-    ids = attach_artifacts(studied.study, [out / "curves.png"], trial_number=studied.study.best_trial.number,
-                           tag="tiny-triplet")
+    ids = attach_artifacts(
+        studied.study, [out / "curves.png"], trial_number=studied.study.best_trial.number, tag="tiny-triplet"
+    )
     after = set(p.name for p in (studied.home / "artifacts").iterdir())
     assert after == set(ids) | (before - set(studied.final.artifacts))
     # restore the fixture's state for any later test
-    studied.final.artifacts = attach_artifacts(studied.study, [out / "final.json", out / "curves.png"],
-                                               trial_number=studied.study.best_trial.number, tag="tiny-triplet")
+    studied.final.artifacts = attach_artifacts(
+        studied.study,
+        [out / "final.json", out / "curves.png"],
+        trial_number=studied.study.best_trial.number,
+        tag="tiny-triplet",
+    )
 
 
 class Interrupt(Exception):
@@ -233,14 +271,18 @@ def test_resume_after_an_interruption_gives_the_same_numbers(tmp_path, monkeypat
         def on_epoch(s: int, e: int, metrics: dict, restored: bool) -> None:
             if (s, e) == (seed, epoch):
                 raise KeyboardInterrupt  # Ctrl-C, after the checkpoint of that epoch is written
+
         return on_epoch
 
     with pytest.raises(Interrupted, match="--resume continues"):
         run_final(spec, options, on_epoch=kill_at(1, 0))
     assert not (tmp_path / "interrupted" / "reports" / "tiny-ce" / "final.json").exists()
     restored_epochs: list[tuple[int, int]] = []
-    resumed = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True),
-                        on_epoch=lambda s, e, m, restored: restored and restored_epochs.append((s, e))).final
+    resumed = run_final(
+        spec,
+        FinalOptions(params="baseline", device="cpu", resume=True),
+        on_epoch=lambda s, e, m, restored: restored and restored_epochs.append((s, e)),
+    ).final
     assert restored_epochs == [(0, 0), (0, 1), (0, 2), (1, 0)]
     assert [s["resumed_from_epoch"] for s in resumed["per_seed"]] == [3, 1]
     for a, b in zip(whole["per_seed"], resumed["per_seed"]):
@@ -266,7 +308,7 @@ def test_without_resume_a_stale_checkpoint_is_discarded_and_a_changed_config_is_
     assert any("discarded" in m for m in messages)
     with pytest.raises(Interrupt):
         run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=stop)
-    with pytest.raises(DlopsError, match="epochs=2.*epochs=3"):
+    with pytest.raises(DlopsError, match=r"epochs=2.*epochs=3"):
         run_final(spec, FinalOptions(params="baseline", device="cpu", epochs=3, resume=True))
 
 
@@ -289,8 +331,26 @@ def test_params_from_a_json_file(tmp_path, monkeypatch):
 def test_cli_final_baseline_on_fresh_storage(dlops_home):
     from dlops.cli import app
 
-    result = CliRunner().invoke(app, ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits",
-                                      "--epochs", "1", "--seeds", "1", "--subset-per-class", "5", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "final",
+            "--params",
+            "baseline",
+            "--loss",
+            "ce",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--seeds",
+            "1",
+            "--subset-per-class",
+            "5",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "test_top5" in result.output and "no study 'resnet18-ce-digits'" in result.output
     final = json.loads((dlops_home / "reports" / "resnet18-ce" / "final.json").read_text())
@@ -300,12 +360,15 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["final", "--loss", "ce"], "no study named 'resnet18-ce'"),
-    (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
-    (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
-    (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["final", "--loss", "ce"], "no study named 'resnet18-ce'"),
+        (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
+        (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
+        (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
+    ],
+)
 def test_cli_final_user_errors_are_one_line(dlops_home, args, message):
     from dlops.cli import app
 
@@ -317,7 +380,8 @@ def test_cli_final_user_errors_are_one_line(dlops_home, args, message):
 
 def write_ae_spec(directory: Path) -> Path:
     path = directory / "tiny-ae.toml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         name = "tiny-ae"
         trainer = "autoencoder"
         metric = "val_top1"
@@ -338,7 +402,8 @@ def write_ae_spec(directory: Path) -> Path:
         log = true
         [baseline]
         lr = 1e-2
-        """))
+        """)
+    )
     return path
 
 
@@ -346,8 +411,9 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
     spec = str(write_ae_spec(tmp_path))
     lines: list[tuple[int, str]] = []
-    result = run_final(spec, FinalOptions(params="baseline", device="cpu"),
-                       progress=lambda seed, line: lines.append((seed, line)))
+    result = run_final(
+        spec, FinalOptions(params="baseline", device="cpu"), progress=lambda seed, line: lines.append((seed, line))
+    )
     final = result.final
     # pretraining progress, one epoch per layer
     layers = [(seed, *map(int, re.match(r"pretraining AE (\d) epoch +(\d+) ", line).groups())) for seed, line in lines]
@@ -384,14 +450,16 @@ def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch)
 
     with pytest.raises(Interrupted):
         run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=stop)
-    moved = FinalOptions(params="baseline", device="cpu", resume=True,
-                         train_overrides={"data_root": str(tmp_path / "elsewhere")})
+    moved = FinalOptions(
+        params="baseline", device="cpu", resume=True, train_overrides={"data_root": str(tmp_path / "elsewhere")}
+    )
     resumed = run_final(spec, moved).final
     assert resumed["per_seed"][0]["resumed_from_epoch"] == 1
     assert resumed["config"]["data_root"] == str(tmp_path / "elsewhere")
     assert resumed["per_seed"][0]["test_accuracy"] == whole["per_seed"][0]["test_accuracy"]
     assert resumed["per_seed"][0]["history"] == whole["per_seed"][0]["history"] | {
-        "epoch_seconds": resumed["per_seed"][0]["history"]["epoch_seconds"]}
+        "epoch_seconds": resumed["per_seed"][0]["history"]["epoch_seconds"]
+    }
 
 
 # --------------------------------------------------------------------------- a run never loses the previous one
@@ -401,8 +469,10 @@ def _snapshot(home: Path, spec_name: str) -> dict:
     """The previous run as a reader sees it: its report files and the weights final.json names."""
     out = home / "reports" / spec_name
     final = json.loads((out / "final.json").read_text())
-    return {"report": {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()},
-            "weights": {e["weights"]: (home / e["weights"]).read_bytes() for e in final["per_seed"]}}
+    return {
+        "report": {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()},
+        "weights": {e["weights"]: (home / e["weights"]).read_bytes() for e in final["per_seed"]},
+    }
 
 
 def _full_disk_torch_save(obj, f, *args, **kwargs):
@@ -443,8 +513,9 @@ def test_a_failed_run_leaves_the_previous_run_whole(tmp_path, monkeypatch, failu
 
     assert _snapshot(home, "tiny-ce") == before  # report and weights untouched
     again = recompute_test_metrics(home / "reports" / "tiny-ce" / "final.json")
-    assert [(s["test_top1"], s["test_top5"]) for s in again] == \
-        [(s["test_top1"], s["test_top5"]) for s in good["per_seed"]]
+    assert [(s["test_top1"], s["test_top5"]) for s in again] == [
+        (s["test_top1"], s["test_top5"]) for s in good["per_seed"]
+    ]
     assert not list(home.rglob("*.tmp"))
 
 
@@ -476,8 +547,21 @@ def test_an_interrupted_run_resumes_and_only_then_replaces_the_previous_one(tmp_
 def test_cli_final_on_a_bad_device_touches_nothing(tmp_path, dlops_home):
     from dlops.cli import app
 
-    args = ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits", "--epochs", "1", "--seeds", "1",
-            "--subset-per-class", "5"]
+    args = [
+        "final",
+        "--params",
+        "baseline",
+        "--loss",
+        "ce",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--subset-per-class",
+        "5",
+    ]
     assert CliRunner().invoke(app, [*args, "--device", "cpu"]).exit_code == 0
     before = _snapshot(dlops_home, "resnet18-ce")
     result = CliRunner().invoke(app, [*args, "--device", "tpu"])
@@ -491,8 +575,23 @@ def test_cli_final_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(tm
 
     from dlops.cli import app
 
-    args = ["final", "--params", "baseline", "--loss", "ce", "--dataset", "digits", "--epochs", "1", "--seeds", "1",
-            "--subset-per-class", "5", "--device", "cpu"]
+    args = [
+        "final",
+        "--params",
+        "baseline",
+        "--loss",
+        "ce",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--subset-per-class",
+        "5",
+        "--device",
+        "cpu",
+    ]
     assert CliRunner().invoke(app, args).exit_code == 0
     before = _snapshot(dlops_home, "resnet18-ce")
     monkeypatch.setattr(torch, "save", _full_disk_torch_save)
@@ -531,8 +630,10 @@ def test_a_second_final_of_the_same_spec_is_refused_while_one_runs(tmp_path, mon
     assert (tmp_path / "home" / first["per_seed"][0]["weights"]).is_file()  # the first run was not disturbed
 
     # A lock left by a process that died (kill -9) blocks nothing: the kernel released it.
-    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
-            "print('held', flush=True); time.sleep(60)")
+    hold = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(DlopsError, match="already running"):
@@ -573,8 +674,10 @@ def test_resume_discards_a_damaged_checkpoint_and_that_seed_starts_over(tmp_path
     assert seed["resumed_from_epoch"] == 0 and seed["epochs_trained"] == 2
     for key in ("train_loss", "val_loss", "val_top5"):  # the same numbers as a run never interrupted
         assert seed["history"][key] == whole["per_seed"][0]["history"][key]
-    assert (seed["test_top1"], seed["test_top5"]) == \
-        (whole["per_seed"][0]["test_top1"], whole["per_seed"][0]["test_top5"])
+    assert (seed["test_top1"], seed["test_top5"]) == (
+        whole["per_seed"][0]["test_top1"],
+        whole["per_seed"][0]["test_top5"],
+    )
 
 
 def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
@@ -599,10 +702,19 @@ def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path,
 
     spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "dlops.cli", "final", str(spec), "--params", "baseline",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlops.cli", "final", str(spec), "--params", "baseline", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("seed 0  epoch   2"):

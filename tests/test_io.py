@@ -44,8 +44,11 @@ class _FailingFile:
 
 def failing_after(monkeypatch: pytest.MonkeyPatch, limit: int, error: BaseException) -> None:
     """Every file dlops.io writes fails after ``limit`` bytes."""
-    monkeypatch.setattr(dlops_io, "open", lambda path, mode: _FailingFile(builtins.open(path, mode), limit, error),
-                        raising=False)
+
+    def failing_open(path: str, mode: str) -> _FailingFile:
+        return _FailingFile(builtins.open(path, mode), limit, error)
+
+    monkeypatch.setattr(dlops_io, "open", failing_open, raising=False)
 
 
 def state(value: float) -> dict:
@@ -66,11 +69,14 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_leaves_the_previous_file(tmp
     assert torch.equal(load_checkpoint(path)["weights"], torch.full((1000,), 1.0))
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    OSError(errno.EDQUOT, "Disk quota exceeded"),
-    RuntimeError(UNEXPECTED_POS),  # torch's own words for a short write, on a disk with no space left
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        RuntimeError(UNEXPECTED_POS),  # torch's own words for a short write, on a disk with no space left
+    ],
+)
 def test_torch_save_failing_on_a_full_disk_is_disk_full(tmp_path, monkeypatch, error):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(state(1.0), path)

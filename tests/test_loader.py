@@ -84,7 +84,9 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror() -> None:
             for dy in range(5)
             for dx in range(5)
             for flip in (False, True)
-            if torch.equal(x[i], padded[i, :, dy : dy + 8, dx : dx + 8].flip(2) if flip else padded[i, :, dy : dy + 8, dx : dx + 8])
+            if torch.equal(
+                x[i], padded[i, :, dy : dy + 8, dx : dx + 8].flip(2) if flip else padded[i, :, dy : dy + 8, dx : dx + 8]
+            )
         ]
         assert found, f"image {i} is not a padded crop (or its mirror) of input {i}"
         seen_shift.add(found[0][:2])
@@ -92,10 +94,13 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror() -> None:
     assert len(seen_shift) > 5 and seen_flip == {False, True}  # really random, per image
 
 
-@pytest.mark.parametrize("padding,hflip,shape", [(2, True, (3, 8, 8)), (4, True, (3, 5, 7)), (0, True, (1, 6, 6)),
-                                                  (3, False, (2, 6, 9)), (12, True, (3, 10, 10))])
-def test_cpu_slice_crop_equals_the_whole_batch_tensor_crop(padding: int, hflip: bool, shape: tuple,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "padding,hflip,shape",
+    [(2, True, (3, 8, 8)), (4, True, (3, 5, 7)), (0, True, (1, 6, 6)), (3, False, (2, 6, 9)), (12, True, (3, 10, 10))],
+)
+def test_cpu_slice_crop_equals_the_whole_batch_tensor_crop(
+    padding: int, hflip: bool, shape: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CPU path (one slice copy per image, in chunks) and the device path (pad, gather,
     flip the whole batch) give identical batches from the same random numbers, padding
     larger than the image included."""

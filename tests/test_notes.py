@@ -8,8 +8,9 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import optuna
@@ -18,10 +19,10 @@ from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
 from dlops.cli import app
+from dlops.dashboard import dashboard_app
 from dlops.notes import KEEP_MARKER, stop_reason, trial_note
 from dlops.paths import default_storage_url
 from dlops.storage import open_storage
-from dlops.dashboard import dashboard_app
 
 SPEC = """\
 name = "notes-digits"
@@ -89,8 +90,9 @@ def get(base: str, path: str) -> bytes:
 
 
 def put_json(base: str, path: str, payload: dict[str, Any]) -> None:
-    request = urllib.request.Request(base + path, data=json.dumps(payload).encode(), method="PUT",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path, data=json.dumps(payload).encode(), method="PUT", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status in (200, 204)
 
@@ -112,7 +114,7 @@ def check_trial_notes(detail: dict[str, Any], study: optuna.Study) -> None:
         history = trial.user_attrs["history"]
         lines = body.splitlines()
         start = lines.index(TABLE_HEAD)
-        rows = lines[start + 2:start + 2 + len(history["val_top1"])]
+        rows = lines[start + 2 : start + 2 + len(history["val_top1"])]
         assert [r.split(" | ")[0] for r in rows] == [f"| {e + 1}" for e in range(len(history["val_top1"]))]
         for row, top1, loss in zip(rows, history["val_top1"], history["train_loss"]):
             cells = [c.strip() for c in row.strip("|").split("|")]
@@ -129,7 +131,8 @@ def check_trial_notes(detail: dict[str, Any], study: optuna.Study) -> None:
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_notes_and_study_plots_in_the_dashboard_for_a_new_and_a_continued_study(
-        kind: str, tmp_path: Path, dlops_home: Path, dashboard: Any) -> None:
+    kind: str, tmp_path: Path, dlops_home: Path, dashboard: Any
+) -> None:
     spec = tmp_path / "notes-digits.toml"
     spec.write_text(SPEC)
     url = default_storage_url() if kind == "sqlite" else f"journal://{tmp_path / 'dlops.log'}"
@@ -144,13 +147,20 @@ def test_notes_and_study_plots_in_the_dashboard_for_a_new_and_a_continued_study(
     note = detail["note"]["body"]
     best = study.best_trial
     baseline = study.trials[0]
-    for text in ("# notes-study", "**ResNet18 width 8 on digits, for the notes test**: spec `notes-digits`",
-                 "maximise `val_top1`", "**Data**: `digits` (subset: all classes, 20 training images per class), "
-                 "10 classes, images 1x8x8; train 200, validation 143",
-                 "| lr | float | 0.0001 – 0.1 (log) | 0.001 |", "**Pruner**: `median` (n_startup_trials=3, n_warmup_steps=1)",
-                 f"Baseline (trial 0, lr 0.001): `val_top1` **{baseline.value:.4f}**",
-                 f"Best: trial {best.number} (lr {best.params['lr']:.4g}): `val_top1` **{best.value:.4f}**",
-                 "width 8", "epochs 2", KEEP_MARKER):
+    for text in (
+        "# notes-study",
+        "**ResNet18 width 8 on digits, for the notes test**: spec `notes-digits`",
+        "maximise `val_top1`",
+        "**Data**: `digits` (subset: all classes, 20 training images per class), "
+        "10 classes, images 1x8x8; train 200, validation 143",
+        "| lr | float | 0.0001 – 0.1 (log) | 0.001 |",
+        "**Pruner**: `median` (n_startup_trials=3, n_warmup_steps=1)",
+        f"Baseline (trial 0, lr 0.001): `val_top1` **{baseline.value:.4f}**",
+        f"Best: trial {best.number} (lr {best.params['lr']:.4g}): `val_top1` **{best.value:.4f}**",
+        "width 8",
+        "epochs 2",
+        KEEP_MARKER,
+    ):
         assert text in note, f"{text!r} not in the study note:\n{note}"
     counts = {s: sum(t.state == s for t in study.trials) for s in TrialState}
     assert f"Trials: {counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, 0 fail" in note
@@ -158,7 +168,7 @@ def test_notes_and_study_plots_in_the_dashboard_for_a_new_and_a_continued_study(
     if best.number != 0:
         assert f"tuning bought {best.value - baseline.value:+.4f} over the baseline" in note
     command = re.search(r"```\n(dlops study run .*)\n```", note)
-    assert command and f"--study-name notes-study" in command[1] and "--n-trials" in command[1], note
+    assert command and "--study-name notes-study" in command[1] and "--n-trials" in command[1], note
     assert str(spec) in command[1] and url in command[1]
     check_trial_notes(detail, study)
 
@@ -168,8 +178,11 @@ def test_notes_and_study_plots_in_the_dashboard_for_a_new_and_a_continued_study(
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in pngs.values())
 
     # Someone writes in the study note in the dashboard, below the marker: kept by later refreshes.
-    put_json(base, f"/api/studies/{detail['study_id']}/note",
-             {"version": detail["note"]["version"] + 1, "body": note + "\nmy own remark: try a wider net\n"})
+    put_json(
+        base,
+        f"/api/studies/{detail['study_id']}/note",
+        {"version": detail["note"]["version"] + 1, "body": note + "\nmy own remark: try a wider net\n"},
+    )
 
     # Continued by a second run: the notes follow, the artifacts are the same ones, redrawn.
     second = runner.invoke(app, [*run, "--n-trials", "2"])
@@ -202,15 +215,21 @@ def _trial(state: TrialState, reason: str | None = None, epochs_done: int = 2, *
     user_attrs = {"history": history, "config": {"lr": 0.01, "epochs": 3, "seed": 4, "width": 8}, **attrs}
     if reason:
         user_attrs["stopped_reason"] = reason
-    return create_trial(state=state, value=0.3 if state == TrialState.COMPLETE else None,
-                        params={"lr": 0.01}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 0.1, log=True)},
-                        user_attrs=user_attrs, intermediate_values={i: v for i, v in enumerate(history["val_top1"])})
+    return create_trial(
+        state=state,
+        value=0.3 if state == TrialState.COMPLETE else None,
+        params={"lr": 0.01},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 0.1, log=True)},
+        user_attrs=user_attrs,
+        intermediate_values={i: v for i, v in enumerate(history["val_top1"])},
+    )
 
 
 def test_a_trial_note_says_why_the_trial_stopped_and_how_it_differs_from_the_baseline() -> None:
     pruned = _trial(TrialState.PRUNED, "pruned after epoch 1 (val_top1=0.3000)")
-    assert stop_reason(pruned, "val_top1") == ("Pruned after epoch 2 of 3 (`val_top1` 0.3000): below the pruner's "
-                                               "bar at that epoch.")
+    assert stop_reason(pruned, "val_top1") == (
+        "Pruned after epoch 2 of 3 (`val_top1` 0.3000): below the pruner's bar at that epoch."
+    )
     diverged = _trial(TrialState.PRUNED, "non-finite training loss nan at epoch 1, step 3")
     assert stop_reason(diverged, "val_top1").startswith("Diverged: non-finite training loss nan at epoch 1, step 3")
     interrupted = _trial(TrialState.FAIL, "interrupted after epoch 2; queued again to resume from its checkpoint")

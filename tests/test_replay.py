@@ -35,8 +35,9 @@ KNOWN = {0: [0.5, 0.6, 0.7], 1: [0.6, 0.7, 0.8], 2: [0.1, 0.9, 0.95], 3: [0.7, 0
 def known_study(pruned: dict[int, int] | None = None, diverged: dict[int, int] | None = None) -> optuna.Study:
     """An in-memory study with the KNOWN curves; ``pruned``/``diverged``: trial -> epochs
     it ran before its own pruner (or a non-finite loss) stopped it."""
-    study = optuna.create_study(storage=None, study_name="known", direction="maximize",
-                                pruner=optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        storage=None, study_name="known", direction="maximize", pruner=optuna.pruners.NopPruner()
+    )
     study.set_metric_names(["val_top1"])
     for number, values in KNOWN.items():
         trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
@@ -76,8 +77,14 @@ def test_median_replay_counts_epochs_and_loses_the_late_bloomer():
 def test_a_pruner_that_keeps_the_best_is_chosen_for_fewer_epochs():
     # Trial 2 leads from its first epoch; trial 3 trails from its first: median prunes
     # only trial 3, after 1 epoch, and keeps the best with 10 of 12 epochs.
-    curves = Curves(trials=[TrialCurve(0, [0.5, 0.6, 0.7]), TrialCurve(1, [0.6, 0.7, 0.8]),
-                            TrialCurve(2, [0.8, 0.9, 0.95]), TrialCurve(3, [0.2, 0.3, 0.4])])
+    curves = Curves(
+        trials=[
+            TrialCurve(0, [0.5, 0.6, 0.7]),
+            TrialCurve(1, [0.6, 0.7, 0.8]),
+            TrialCurve(2, [0.8, 0.9, 0.95]),
+            TrialCurve(3, [0.2, 0.3, 0.4]),
+        ]
+    )
     none, median = replay(curves, ["none", "median:n_startup_trials=2"])
     assert median.epochs == 10 and median.pruned_at == {3: 1} and median.kept_best
     assert choose([none, median]) is median
@@ -112,8 +119,9 @@ def test_curves_json_round_trip_and_bad_files(tmp_path: Path):
     path = tmp_path / "c.json"
     write_curves(curves, path)
     again = read_curves(path)
-    assert [(t.number, t.values, t.end, t.value) for t in again.trials] == \
-        [(t.number, t.values, t.end, t.value) for t in curves.trials]
+    assert [(t.number, t.values, t.end, t.value) for t in again.trials] == [
+        (t.number, t.values, t.end, t.value) for t in curves.trials
+    ]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "dlops-curves", "trials": [{"values": [0.1, "x"]}]}))
     with pytest.raises(ReplayError, match="values must be finite"):
@@ -124,10 +132,16 @@ def test_curves_json_round_trip_and_bad_files(tmp_path: Path):
 
 
 def test_parse_pruner_matches_the_spec_table():
-    assert parse_pruner("median:n_startup_trials=3,n_warmup_steps=1") == \
-        {"type": "median", "n_startup_trials": 3, "n_warmup_steps": 1}
-    assert parse_pruner("hyperband:min_resource=1,max_resource=auto") == \
-        {"type": "hyperband", "min_resource": 1, "max_resource": "auto"}
+    assert parse_pruner("median:n_startup_trials=3,n_warmup_steps=1") == {
+        "type": "median",
+        "n_startup_trials": 3,
+        "n_warmup_steps": 1,
+    }
+    assert parse_pruner("hyperband:min_resource=1,max_resource=auto") == {
+        "type": "hyperband",
+        "min_resource": 1,
+        "max_resource": "auto",
+    }
     with pytest.raises(ReplayError, match="unknown pruner 'patient'"):
         parse_pruner("patient")
     with pytest.raises(ReplayError, match="n_warmup"):
@@ -143,16 +157,29 @@ def test_cli_replays_a_stored_study_and_refuses_a_pruned_one(dlops_home: Path):
         dst.set_metric_names(["val_top1"])
         dst.add_trials(src.get_trials())
     runner = CliRunner()
-    out = runner.invoke(app, ["study", "replay", "whole", "--storage", url, "--pruner", "none",
-                              "--pruner", "median:n_startup_trials=2,n_warmup_steps=0"])
+    out = runner.invoke(
+        app,
+        [
+            "study",
+            "replay",
+            "whole",
+            "--storage",
+            url,
+            "--pruner",
+            "none",
+            "--pruner",
+            "median:n_startup_trials=2,n_warmup_steps=0",
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "4 trials, 12 epochs unpruned" in out.output
     row = next(line for line in out.output.splitlines() if line.startswith("median"))
     assert row.split()[1:4] == ["10/12", "83%", "#2"]
     out = runner.invoke(app, ["study", "replay", "cut", "--storage", url])
     assert out.exit_code != 0 and "--complete-only" in out.output and len(out.output.strip().splitlines()) == 1
-    out = runner.invoke(app, ["study", "replay", "cut", "--storage", url, "--complete-only", "--json",
-                              "--pruner", "none"])
+    out = runner.invoke(
+        app, ["study", "replay", "cut", "--storage", url, "--complete-only", "--json", "--pruner", "none"]
+    )
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["results"][0]["total_epochs"] == 9
 
@@ -184,8 +211,10 @@ def test_study_show_gives_epochs_trained_against_unpruned(dlops_home: Path):
     assert [t["stop_epoch"] for t in info["trials"]] == [2, None, 1, None]
     out = runner.invoke(app, ["study", "show", "cut"])
     assert out.exit_code == 0, out.output
-    assert "epochs trained: 9 of the 12 the same trials would train unpruned (75%); pruned trials stopped after " \
-           "epoch 2 (#0), 1 (#2)" in " ".join(out.output.split())
+    assert (
+        "epochs trained: 9 of the 12 the same trials would train unpruned (75%); pruned trials stopped after "
+        "epoch 2 (#0), 1 (#2)" in " ".join(out.output.split())
+    )
 
 
 def test_report_gives_each_study_its_pruning_line(dlops_home: Path):
@@ -197,6 +226,8 @@ def test_report_gives_each_study_its_pruning_line(dlops_home: Path):
     facts = StudyFacts.of(optuna.load_study(study_name="cut", storage=url))
     assert facts.pruning_text == "10 of 12 epochs unpruned (83%); 1 pruned, stopped after epoch 1"
     result = build_report(url)
-    assert "| pruning: epochs trained | 10 of 12 epochs unpruned (83%); 1 pruned, stopped after epoch 1 |" \
+    assert (
+        "| pruning: epochs trained | 10 of 12 epochs unpruned (83%); 1 pruned, stopped after epoch 1 |"
         in result.index.read_text()
+    )
     assert "- pruning: 10 of 12 epochs unpruned (83%)" in (dlops_home / "reports" / "cut" / "report.md").read_text()

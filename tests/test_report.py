@@ -9,36 +9,72 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
 from dlops import plots
-from dlops.report import Entry, build_report, loss_curve_series, write_spec_report
+from dlops.report import build_report, loss_curve_series, write_spec_report
 from dlops.study_plots import study_figures
 
 
 def history(val: list[float]) -> dict[str, list[float | None]]:
     n = len(val)
-    return {"train_loss": [1.0 / (e + 1) for e in range(n)], "train_acc": [0.5] * n, "val_loss": [None] * n,
-            "val_top1": [v / 2 for v in val], "val_top5": val, "lr": [0.1] * n, "epoch_seconds": [1.0] * n}
+    return {
+        "train_loss": [1.0 / (e + 1) for e in range(n)],
+        "train_acc": [0.5] * n,
+        "val_loss": [None] * n,
+        "val_top1": [v / 2 for v in val],
+        "val_top5": val,
+        "lr": [0.1] * n,
+        "epoch_seconds": [1.0] * n,
+    }
 
 
 def make_final(spec: str, loss: str | None, tops: list[float], trainer: str = "resnet18", **extra) -> dict:
-    per_seed = [{"seed": i, "test_top1": t / 2, "test_top5": t, "test_loss": None, "history": history([0.2, 0.4, t]),
-                 "epochs_trained": 3, "resumed_from_epoch": 0, "train_seconds": 10.0} for i, t in enumerate(tops)]
+    per_seed = [
+        {
+            "seed": i,
+            "test_top1": t / 2,
+            "test_top5": t,
+            "test_loss": None,
+            "history": history([0.2, 0.4, t]),
+            "epochs_trained": 3,
+            "resumed_from_epoch": 0,
+            "train_seconds": 10.0,
+        }
+        for i, t in enumerate(tops)
+    ]
     mean = float(np.mean(tops))
     std = float(np.std(tops, ddof=1)) if len(tops) > 1 else 0.0
     return {
-        "spec": spec, "trainer": trainer, "description": f"{spec} test", "metric": "val_top5",
-        "params": {"lr": 0.01}, "params_source": {"kind": "baseline"},
-        "dataset": {"name": "digits", "num_classes": 10, "class_names": [str(i) for i in range(10)],
-                    "image_shape": [1, 8, 8], "splits": {"train": 1293, "val": 143, "test": 361}},
-        "epochs": 3, "seeds": list(range(len(tops))), "config": {"loss": loss} if loss else {},
-        "mean": {"test_top1": mean / 2, "test_top5": mean}, "std": {"test_top1": std / 2, "test_top5": std},
-        "per_seed": per_seed, "wall_seconds": 125.0, "device": "cpu", "device_name": "x86_64",
-        "versions": {}, "git_commit": None, "created": "2026-01-01T00:00:00+00:00", "study": None, **extra,
+        "spec": spec,
+        "trainer": trainer,
+        "description": f"{spec} test",
+        "metric": "val_top5",
+        "params": {"lr": 0.01},
+        "params_source": {"kind": "baseline"},
+        "dataset": {
+            "name": "digits",
+            "num_classes": 10,
+            "class_names": [str(i) for i in range(10)],
+            "image_shape": [1, 8, 8],
+            "splits": {"train": 1293, "val": 143, "test": 361},
+        },
+        "epochs": 3,
+        "seeds": list(range(len(tops))),
+        "config": {"loss": loss} if loss else {},
+        "mean": {"test_top1": mean / 2, "test_top5": mean},
+        "std": {"test_top1": std / 2, "test_top5": std},
+        "per_seed": per_seed,
+        "wall_seconds": 125.0,
+        "device": "cpu",
+        "device_name": "x86_64",
+        "versions": {},
+        "git_commit": None,
+        "created": "2026-01-01T00:00:00+00:00",
+        "study": None,
+        **extra,
     }
 
 
@@ -91,7 +127,7 @@ def test_training_curves_show_the_mean_and_a_min_max_band():
 def test_validation_curves_put_every_run_on_one_chart():
     fig = plots.plot_validation_curves({"ce": [[0.1, 0.5]], "triplet": [[0.2, 0.3], [0.4, 0.5]]}, dashed=["ce"])
     (ax,) = fig.axes
-    lines = {l.get_label(): l for l in ax.get_lines()}
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
     assert set(lines) == {"ce", "triplet"}
     assert lines["ce"].get_linestyle() == "--" and lines["triplet"].get_linestyle() == "-"
     assert np.allclose(lines["triplet"].get_ydata(), [0.3, 0.4])
@@ -101,8 +137,9 @@ def test_report_puts_the_three_losses_side_by_side_then_the_autoencoder(dlops_ho
     dlops_home.mkdir(parents=True)
     write_final(dlops_home, make_final("resnet18-triplet", "triplet", [0.80, 0.82]))
     write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))
-    ae = make_final("autoencoder", None, [0.6], trainer="autoencoder",
-                    class_accuracy={str(i): i / 10 for i in range(10)})
+    ae = make_final(
+        "autoencoder", None, [0.6], trainer="autoencoder", class_accuracy={str(i): i / 10 for i in range(10)}
+    )
     ae["mean"]["test_accuracy"], ae["std"]["test_accuracy"] = 0.55, 0.0
     ae["metric"] = "val_top1"
     write_final(dlops_home, ae)
@@ -116,15 +153,18 @@ def test_report_puts_the_three_losses_side_by_side_then_the_autoencoder(dlops_ho
     assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
     index = (dlops_home / "reports" / "index.md").read_text()
     assert result.index == dlops_home / "reports" / "index.md"
-    header = next(l for l in index.splitlines() if l.startswith("| | "))
-    assert header.index("resnet18-ce/report.md") < header.index("resnet18-triplet/report.md") < header.index(
-        "resnet18-center/report.md")
+    header = next(ln for ln in index.splitlines() if ln.startswith("| | "))
+    assert (
+        header.index("resnet18-ce/report.md")
+        < header.index("resnet18-triplet/report.md")
+        < header.index("resnet18-center/report.md")
+    )
     assert "0.9100 ± 0.0141 (2 seeds)" in index  # ce test top-5
     assert "0.8100 ± 0.0141 (2 seeds)" in index  # triplet test top-5
     assert "| trials complete / pruned | 3 / 0 | – | 3 / 0 |" in index
     assert "![validation top-5 per epoch, one curve per loss](val_top5_by_loss.png)" in index
     assert (dlops_home / "reports" / "val_top5_by_loss.png").is_file()
-    ae_part = index[index.index("## Autoencoder"):]
+    ae_part = index[index.index("## Autoencoder") :]
     assert "0.5500 (1 seed)" in ae_part and "(autoencoder/class_accuracy.png)" in ae_part
     for spec in ("resnet18-ce", "resnet18-triplet", "resnet18-center", "autoencoder"):
         assert (dlops_home / "reports" / spec / "report.md").is_file()
@@ -133,8 +173,10 @@ def test_report_puts_the_three_losses_side_by_side_then_the_autoencoder(dlops_ho
     center_plots = {p.stem for p in (dlops_home / "reports" / "resnet18-center" / "study").glob("*.png")}
     assert ce_plots == {"optimization_history", "intermediate_values", "slice"}
     assert center_plots == ce_plots | {"param_importances", "parallel_coordinate"}
-    assert "![Parameter importances](study/param_importances.png)" in (
-        dlops_home / "reports" / "resnet18-center" / "report.md").read_text()
+    assert (
+        "![Parameter importances](study/param_importances.png)"
+        in (dlops_home / "reports" / "resnet18-center" / "report.md").read_text()
+    )
     assert (dlops_home / "reports" / "autoencoder" / "class_accuracy.png").is_file()
     assert "No reference run yet" in (dlops_home / "reports" / "resnet18-center" / "report.md").read_text()
 
@@ -203,9 +245,9 @@ def test_the_loss_chart_has_one_panel_per_dataset_named_in_title_and_legend(dlop
     build_report()
     axes = {ax.get_title(): ax for ax in drawn["fig"].axes}
     assert set(axes) == {"on digits", "on tiny-imagenet"}
-    digits = {l.get_label() for l in axes["on digits"].get_lines()}
+    digits = {ln.get_label() for ln in axes["on digits"].get_lines()}
     assert digits == {"ce – final, 2 seeds", "center – best study trial"}
-    assert {l.get_label() for l in axes["on tiny-imagenet"].get_lines()} == {"triplet – final, 1 seed"}
+    assert {ln.get_label() for ln in axes["on tiny-imagenet"].get_lines()} == {"triplet – final, 1 seed"}
     assert axes["on tiny-imagenet"].get_legend().get_title().get_text() == "tiny-imagenet"
     index = (dlops_home / "reports" / "index.md").read_text()
     assert "One chart per dataset (digits, tiny-imagenet)" in index

@@ -46,7 +46,10 @@ requires_redis = pytest.mark.skipif(REDIS_MISSING is not None, reason=REDIS_MISS
 def test_mask_url_hides_every_password() -> None:
     assert mask_url("postgresql+psycopg2://me:s3cret@db:5432/x") == "postgresql+psycopg2://me:***@db:5432/x"
     assert mask_url("redis://:s3cret@host:6379/0?prefix=a") == "redis://:***@host:6379/0?prefix=a"
-    assert mask_url("error at mysql://u:p%40ss@h/db and redis://h:6379") == "error at mysql://u:***@h/db and redis://h:6379"
+    assert (
+        mask_url("error at mysql://u:p%40ss@h/db and redis://h:6379")
+        == "error at mysql://u:***@h/db and redis://h:6379"
+    )
     assert mask_url("host=db user=me password=s3cret") == "host=db user=me password=***"
     assert mask_url("sqlite:///storage/dlops.db") == "sqlite:///storage/dlops.db"
     assert mask_url("postgresql://me@db/x") == "postgresql://me@db/x"
@@ -159,8 +162,9 @@ def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
 
 
 @pytest.mark.parametrize("folder", ["c9q?x", "p%q", "a%41b", "h#sh", "sp ace%3F"])
-def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(folder: str, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(
+    folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dlops.paths import default_storage_url, dlops_home
 
     monkeypatch.setenv("DLOPS_HOME", str(tmp_path / folder / "storage"))
@@ -205,7 +209,10 @@ def test_journal_urls_round_trip_odd_folders(tmp_path: Path) -> None:
         ("redis://:s3c@ret@host:6379/0?prefix=me@work", "redis://:***@host:6379/0?prefix=me@work"),
         ("redis://host:6379/0?prefix=me@work", "redis://host:6379/0?prefix=me@work"),
         ("rediss://user:p@ss@host", "rediss://user:***@host"),
-        ("cannot open postgresql://a:b@c@d/x (and redis://:e@f@g/0)", "cannot open postgresql://a:***@d/x (and redis://:***@g/0)"),
+        (
+            "cannot open postgresql://a:b@c@d/x (and redis://:e@f@g/0)",
+            "cannot open postgresql://a:***@d/x (and redis://:***@g/0)",
+        ),
     ],
 )
 def test_mask_url_hides_the_whole_password(url: str, masked: str) -> None:
@@ -216,7 +223,9 @@ def test_an_unencoded_at_in_a_sql_password_is_refused_without_leaking_it() -> No
     with pytest.raises(StorageError) as caught:
         connect("postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test")
     assert "ret" not in str(caught.value) and "%40" in str(caught.value)
-    result = CliRunner().invoke(app, ["study", "list", "--storage", "postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test"])
+    result = CliRunner().invoke(
+        app, ["study", "list", "--storage", "postgresql+psycopg2://postgres:s3c@ret@127.0.0.1:5432/test"]
+    )
     assert result.exit_code != 0 and "s3c" not in result.output and "ret@" not in result.output
 
 

@@ -14,36 +14,52 @@ from typer.testing import CliRunner
 
 from dlops.cli import app
 from dlops.errors import DlopsError
-from dlops.paths import default_storage_url
+from dlops.liveness import OWNER_KEY
 from dlops.objective import RunOptions
+from dlops.paths import default_storage_url
 from dlops.runner import TrialsFailed, run_study
 from dlops.spec import load_spec
-from dlops.liveness import OWNER_KEY
 from dlops.trainers.base import HISTORY_KEYS
 
 
-def tiny_spec(tmp_path: Path, loss: str, *, lr_range: tuple[float, float] | None = None, baseline_lr=1e-3,
-              pruner: str = 'type = "median"\nn_startup_trials = 3\nn_warmup_steps = 1', epochs: int = 2,
-              per_class: int = 20, digits_metric: bool = False, overrides: dict | None = None) -> Path:
+def tiny_spec(
+    tmp_path: Path,
+    loss: str,
+    *,
+    lr_range: tuple[float, float] | None = None,
+    baseline_lr=1e-3,
+    pruner: str = 'type = "median"\nn_startup_trials = 3\nn_warmup_steps = 1',
+    epochs: int = 2,
+    per_class: int = 20,
+    digits_metric: bool = False,
+    overrides: dict | None = None,
+) -> Path:
     """The built-in spec of ``loss``, made cheap: digits, width 8, 20 images per class
     (``lr_range``: the searched lr range, else the spec's own; ``overrides``: more, last)."""
     import tomllib
 
+    from dlops.spec import Add, Replace, override_table, spec_table
     from specs import write_spec
 
-    from dlops.spec import Add, Replace, override_table, spec_table
-
     digits = {"epochs": epochs, "metric": "val_top1"} if digits_metric else {"epochs": epochs}  # else top-5 there too
-    table = spec_table(f"resnet18-{loss}", {
-        "name": f"tiny-{loss}",
-        "train": {"dataset": "digits", "width": Add(8), "subset_per_class": Add(per_class),
-                  "eval_batch_size": Add(64), "batch_size": 32},
-        "datasets": {"digits": Replace(digits)},  # no wider ResNet on digits: width 8 everywhere
-        "search": {"lr": {"low": lr_range[0], "high": lr_range[1]}} if lr_range else {},
-        "baseline": {"lr": baseline_lr},
-        "pruner": Replace(tomllib.loads(pruner)),
-        "sampler": Replace({"type": "tpe", "seed": 0}),
-    })
+    table = spec_table(
+        f"resnet18-{loss}",
+        {
+            "name": f"tiny-{loss}",
+            "train": {
+                "dataset": "digits",
+                "width": Add(8),
+                "subset_per_class": Add(per_class),
+                "eval_batch_size": Add(64),
+                "batch_size": 32,
+            },
+            "datasets": {"digits": Replace(digits)},  # no wider ResNet on digits: width 8 everywhere
+            "search": {"lr": {"low": lr_range[0], "high": lr_range[1]}} if lr_range else {},
+            "baseline": {"lr": baseline_lr},
+            "pruner": Replace(tomllib.loads(pruner)),
+            "sampler": Replace({"type": "tpe", "seed": 0}),
+        },
+    )
     return write_spec(tmp_path / f"tiny-{loss}.toml", override_table(table, overrides or {}))
 
 
@@ -58,7 +74,7 @@ def check_history(trial: optuna.trial.FrozenTrial, epochs: int) -> None:
 @pytest.mark.parametrize("loss", ["ce", "triplet", "center"])
 def test_study_of_each_loss_runs_with_baseline_first(loss: str, tmp_path: Path, dlops_home: Path) -> None:
     spec = load_spec(str(tiny_spec(tmp_path, loss)))
-    result = run_study(spec, RunOptions(n_trials=2, device="cpu"))
+    run_study(spec, RunOptions(n_trials=2, device="cpu"))
     study = optuna.load_study(study_name=f"tiny-{loss}", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
     trials = study.get_trials()
     assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
@@ -89,7 +105,10 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
     assert info["states"]["COMPLETE"] + info["states"].get("PRUNED", 0) == 2
     # soft margin or hinge; the margin only for the hinge
     assert info["best"]["number"] in (0, 1) and {"lr", "triplet_soft"} <= set(info["best"]["params"])
-    assert info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2} and info["trials"][0]["baseline"]
+    assert (
+        info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2}
+        and info["trials"][0]["baseline"]
+    )
     for t in info["trials"]:
         assert ("margin" in t["params"]) == (t["params"]["triplet_soft"] is False)
     assert math.isclose(info["best"]["value"], max(t["value"] for t in info["trials"] if t["value"] is not None))
@@ -108,8 +127,19 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
 
 
 def test_a_hopeless_trial_is_pruned(tmp_path: Path, dlops_home: Path) -> None:
-    spec = load_spec(str(tiny_spec(tmp_path, "ce", lr_range=(1e-7, 1.0), baseline_lr=0.02, epochs=3, per_class=50,
-                                   pruner='type = "median"\nn_startup_trials = 1\nn_warmup_steps = 0')))
+    spec = load_spec(
+        str(
+            tiny_spec(
+                tmp_path,
+                "ce",
+                lr_range=(1e-7, 1.0),
+                baseline_lr=0.02,
+                epochs=3,
+                per_class=50,
+                pruner='type = "median"\nn_startup_trials = 1\nn_warmup_steps = 0',
+            )
+        )
+    )
     run_study(spec, RunOptions(n_trials=1, device="cpu"))
     study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
     study.enqueue_trial({"lr": 1e-7})  # learns nothing in 3 epochs
@@ -123,8 +153,9 @@ def test_a_hopeless_trial_is_pruned(tmp_path: Path, dlops_home: Path) -> None:
 
 
 def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path: Path, dlops_home: Path) -> None:
-    spec = load_spec(str(tiny_spec(tmp_path, "center", lr_range=(1e-4, 1e9), baseline_lr=1e9, epochs=1,
-                                   pruner='type = "none"')))
+    spec = load_spec(
+        str(tiny_spec(tmp_path, "center", lr_range=(1e-4, 1e9), baseline_lr=1e9, epochs=1, pruner='type = "none"'))
+    )
     result = run_study(spec, RunOptions(n_trials=2, device="cpu"))
     trials = result.study.get_trials()
     assert trials[0].state == TrialState.PRUNED
@@ -216,7 +247,8 @@ def _interrupted_trial(tmp_path: Path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_a_damaged_trial_checkpoint_is_discarded_and_the_retry_trains_from_epoch_0(
-        tmp_path: Path, dlops_home: Path, damage: str) -> None:
+    tmp_path: Path, dlops_home: Path, damage: str
+) -> None:
     from dlops.objective import checkpoint_path
 
     spec, study = _interrupted_trial(tmp_path)
@@ -238,8 +270,9 @@ def test_a_damaged_trial_checkpoint_is_discarded_and_the_retry_trains_from_epoch
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
 
 
-def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_disk_fails_the_trial_with_one_line(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import errno
 
     import torch
@@ -253,7 +286,7 @@ def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: P
 
     monkeypatch.setattr(torch, "save", full_disk)
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, pruner='type = "none"')))
-    with pytest.raises(TrialsFailed, match="The last one: no space left on device while writing .*trial-1.pt$"):
+    with pytest.raises(TrialsFailed, match=r"The last one: no space left on device while writing .*trial-1.pt$"):
         run_study(spec, RunOptions(n_trials=1, device="cpu"))  # the baseline fails, is queued again, fails: giving up
     trials = optuna.load_study(study_name=spec.name, storage=default_storage_url()).get_trials()
     assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
@@ -268,14 +301,18 @@ def test_a_full_disk_fails_the_trial_with_one_line(tmp_path: Path, dlops_home: P
 # --- a run checks everything before it writes, and a failure is never exit 0 ------------------
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda", "no CUDA device is available"),
-    ("cuda:3", "no CUDA device is available"),
-    ("tpu", "unknown device 'tpu'"),
-    ("cuda:x", "unknown device 'cuda:x'"),
-])
-def test_an_unusable_device_is_one_line_and_writes_nothing(device: str, message: str, tmp_path: Path,
-                                                           dlops_home: Path) -> None:
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda", "no CUDA device is available"),
+        ("cuda:3", "no CUDA device is available"),
+        ("tpu", "unknown device 'tpu'"),
+        ("cuda:x", "unknown device 'cuda:x'"),
+    ],
+)
+def test_an_unusable_device_is_one_line_and_writes_nothing(
+    device: str, message: str, tmp_path: Path, dlops_home: Path
+) -> None:
     spec = tiny_spec(tmp_path, "ce", epochs=1)
     for extra in ([], ["--workers", "2", "--storage", f"journal://{dlops_home / 'dlops.log'}"]):
         result = CliRunner().invoke(app, ["study", "run", str(spec), "--n-trials", "2", "--device", device, *extra])
@@ -321,25 +358,30 @@ def failing_fit(monkeypatch: pytest.MonkeyPatch, fail_calls: set[int] | None = N
 
 
 def test_giving_up_after_failed_trials_exits_nonzero_with_the_last_reason(
-        tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     failing_fit(monkeypatch)
-    result = CliRunner().invoke(app, ["study", "run", str(tiny_spec(tmp_path, "ce", epochs=1)), "--n-trials", "3",
-                                      "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["study", "run", str(tiny_spec(tmp_path, "ce", epochs=1)), "--n-trials", "3", "--device", "cpu"]
+    )
     assert result.exit_code == 2, result.output
     last = [line for line in result.output.splitlines() if line.strip()][-1]
     assert "3 trials failed in this run; giving up" in last and "No space left on device" in last, result.output
     assert "Traceback" not in result.output
 
 
-def test_the_baseline_is_queued_again_until_one_finishes(tmp_path: Path, dlops_home: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_baseline_is_queued_again_until_one_finishes(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     failing_fit(monkeypatch, fail_calls={0})  # trial 0, the baseline, fails (a full disk)
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1)))
     messages: list[str] = []
     study = run_study(spec, RunOptions(n_trials=2, device="cpu"), say=messages.append).study
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["baseline"] is True
-    baselines = [t for t in trials if t.user_attrs.get("baseline") and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    baselines = [
+        t for t in trials if t.user_attrs.get("baseline") and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
     assert len(baselines) == 1 and baselines[0].number == 1 and baselines[0].params == spec.baseline_params()
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 2
     assert any("baseline is queued again" in m for m in messages)
@@ -351,7 +393,8 @@ def test_the_baseline_is_queued_again_until_one_finishes(tmp_path: Path, dlops_h
 
 
 def test_a_continued_study_samples_new_points_and_a_fresh_rerun_reproduces(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5, pruner='type = "none"')))
     monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "a"))
     first = [t.params["lr"] for t in run_study(spec, RunOptions(n_trials=3, device="cpu", seed=3)).study.get_trials()]
@@ -375,9 +418,14 @@ def _another_machine_finishes_a_trial(study_name: str, dlops_home: Path):
         if not done:
             done.append(True)
             other = optuna.load_study(study_name=study_name, storage=f"sqlite:///{dlops_home / 'dlops.db'}")
-            other.add_trial(optuna.trial.create_trial(
-                params={"lr": 0.05}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)},
-                value=0.5, system_attrs={OWNER_KEY: {"host": "another-machine", "pid": 1, "run": "another-run"}}))
+            other.add_trial(
+                optuna.trial.create_trial(
+                    params={"lr": 0.05},
+                    distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)},
+                    value=0.5,
+                    system_attrs={OWNER_KEY: {"host": "another-machine", "pid": 1, "run": "another-run"}},
+                )
+            )
 
     return on_epoch
 
@@ -385,14 +433,22 @@ def _another_machine_finishes_a_trial(study_name: str, dlops_home: Path):
 def test_n_trials_counts_this_runs_trials_and_total_trials_the_study(tmp_path: Path, dlops_home: Path) -> None:
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5, pruner='type = "none"')))
     messages: list[str] = []
-    result = run_study(spec, RunOptions(n_trials=2, device="cpu"), _another_machine_finishes_a_trial("tiny-ce", dlops_home),
-                       say=messages.append)
+    result = run_study(
+        spec,
+        RunOptions(n_trials=2, device="cpu"),
+        _another_machine_finishes_a_trial("tiny-ce", dlops_home),
+        say=messages.append,
+    )
     assert result.added == 2 and result.finished == 3  # its own 2, whatever another machine adds
     assert "this run adds 2 finished trials of its own" in messages[0]
 
     messages.clear()
-    result = run_study(spec, RunOptions(total_trials=6, device="cpu"), _another_machine_finishes_a_trial("tiny-ce", dlops_home),
-                       say=messages.append)
+    result = run_study(
+        spec,
+        RunOptions(total_trials=6, device="cpu"),
+        _another_machine_finishes_a_trial("tiny-ce", dlops_home),
+        say=messages.append,
+    )
     assert result.finished == 6 and result.added == 2  # 3 there, 1 from elsewhere, 2 from this run
     assert "until the study has 6 finished trials in all (3 now" in messages[0]
     with pytest.raises(DlopsError, match="not both"):
@@ -427,7 +483,8 @@ def test_default_study_names_carry_a_dataset_other_than_the_specs_own() -> None:
 
 
 def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
-        tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The README's path: a digits study of a spec, then the spec on its own dataset (here a
     registered copy of digits standing in for Tiny ImageNet), then `final --dataset digits`
     and `report`, which find the digits study by its derived name."""
@@ -436,10 +493,13 @@ def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
 
     get_dataset("digits")  # built-in datasets registered first
     monkeypatch.setitem(DATASETS, "own-data", DATASETS["digits"])
-    spec = tiny_spec(tmp_path, "ce", epochs=1, per_class=5,
-                     overrides={"train": {"dataset": "own-data"}, "final": {"epochs": 1}})
+    spec = tiny_spec(
+        tmp_path, "ce", epochs=1, per_class=5, overrides={"train": {"dataset": "own-data"}, "final": {"epochs": 1}}
+    )
     runner = CliRunner()
-    digits = runner.invoke(app, ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--device", "cpu"])
+    digits = runner.invoke(
+        app, ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--device", "cpu"]
+    )
     assert digits.exit_code == 0 and "study tiny-ce-digits" in digits.output, digits.output
     own = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
     assert own.exit_code == 0, own.output  # before: "study 'tiny-ce' ran on digits, not own-data"
@@ -458,8 +518,9 @@ def test_a_quickstart_on_digits_and_the_specs_own_study_never_collide(
 
 def test_top5_on_five_classes_or_fewer_becomes_top1_and_says_so(tmp_path: Path, dlops_home: Path) -> None:
     spec = str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5))  # objective: val_top5
-    result = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "5", "--n-trials", "1",
-                                      "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["study", "run", spec, "--subset-classes", "5", "--n-trials", "1", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert "val_top5 is always 1.0 with 5 classes or fewer: this study optimises val_top1 instead" in result.output
     study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
@@ -468,7 +529,8 @@ def test_top5_on_five_classes_or_fewer_becomes_top1_and_says_so(tmp_path: Path, 
     assert trial.value == trial.user_attrs["history"]["val_top1"][-1] < 1.0
     assert trial.user_attrs["history"]["val_top5"][-1] == 1.0  # what the study would have optimised
 
-    too_many = CliRunner().invoke(app, ["study", "run", spec, "--subset-classes", "11", "--study-name", "x",
-                                        "--device", "cpu"])
+    too_many = CliRunner().invoke(
+        app, ["study", "run", spec, "--subset-classes", "11", "--study-name", "x", "--device", "cpu"]
+    )
     assert too_many.exit_code == 2 and "--subset-classes 11: digits has 10 classes" in too_many.output
     assert optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == ["tiny-ce"]

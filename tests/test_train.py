@@ -18,8 +18,18 @@ class Stop(Exception):
 
 
 def small(loss: str, **kw) -> TrainConfig:
-    base = dict(loss=loss, dataset="digits", width=8, subset_per_class=12, batch_size=24, epochs=3,
-                lr=0.02, device="cpu", eval_batch_size=64, seed=4)
+    base = dict(
+        loss=loss,
+        dataset="digits",
+        width=8,
+        subset_per_class=12,
+        batch_size=24,
+        epochs=3,
+        lr=0.02,
+        device="cpu",
+        eval_batch_size=64,
+        seed=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -67,7 +77,8 @@ def test_device_choice() -> None:
 
 
 def test_compile_runs_batches_through_the_compiled_module_and_keeps_plain_checkpoints(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``compile = true`` trains and evaluates through ``compile_model(model)`` (here a
     stand-in wrapper: compiling takes minutes on a CPU); the checkpoint and the result
     hold the plain model, so they load without ``torch.compile``."""
@@ -112,8 +123,9 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     ds, device = result.dataset, result.device
     mean, std = ds.channel_stats()
     got = evaluate(result.model, result.loss_fn, ds.val, mean, std, device, batch_size=7)  # many batches, a ragged last
-    x = (torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)) \
-        / torch.tensor(std).float().view(1, -1, 1, 1)
+    x = (
+        torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)
+    ) / torch.tensor(std).float().view(1, -1, 1, 1)
     y = torch.from_numpy(np.asarray(ds.val.labels))
     with torch.no_grad():
         _, logits = result.model.eval()(x)

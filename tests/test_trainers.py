@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import subprocess
 import sys
@@ -20,8 +19,10 @@ PACKAGE = Path(dlops.__file__).parent
 
 
 def test_importing_the_registry_loads_no_trainer_and_no_torch() -> None:
-    code = ("import sys, dlops.trainers\n"
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dlops.trainers.')))")
+    code = (
+        "import sys, dlops.trainers\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dlops.trainers.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -39,16 +40,29 @@ def test_every_registered_trainer_meets_the_protocol(name: str) -> None:
 
 
 def test_an_unknown_trainer_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="unknown trainer 'gpt'.*autoencoder, resnet18"):
+    with pytest.raises(SpecError, match=r"unknown trainer 'gpt'.*autoencoder, resnet18"):
         get_trainer("gpt")
 
 
 def test_a_checkpoint_matches_a_config_that_differs_only_in_where_and_how_fast_it_runs() -> None:
-    saved = {"lr": 0.1, "epochs": 3, "device": "cuda", "eval_batch_size": 512, "data_root": "/a",
-             "compile": True, "cudnn_benchmark": True}
-    assert RESUMABLE_DIFFERENCES == {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"}
-    moved = {**saved, "device": "cpu", "eval_batch_size": 64, "data_root": None, "compile": False,
-             "cudnn_benchmark": False}
+    saved = {
+        "lr": 0.1,
+        "epochs": 3,
+        "device": "cuda",
+        "eval_batch_size": 512,
+        "data_root": "/a",
+        "compile": True,
+        "cudnn_benchmark": True,
+    }
+    assert {"device", "eval_batch_size", "data_root", "compile", "cudnn_benchmark"} == RESUMABLE_DIFFERENCES
+    moved = {
+        **saved,
+        "device": "cpu",
+        "eval_batch_size": 64,
+        "data_root": None,
+        "compile": False,
+        "cudnn_benchmark": False,
+    }
     assert config_matches(saved, moved)
     assert not config_matches(saved, {**saved, "lr": 0.2})
     assert not config_matches(saved, {**saved, "seed": 1})  # a key only one side has

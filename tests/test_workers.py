@@ -21,14 +21,13 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from specs import tiny_workers_spec
 
+from dlops.liveness import OWNER_KEY, is_dead, recover_dead_trials, worker_identity, worth_waiting_for
 from dlops.objective import RunOptions, checkpoint_path
-from dlops.runner import open_study, prepare_study, run_study
+from dlops.runner import open_study, plan_workers, prepare_study, run_study
 from dlops.spec import load_spec
 from dlops.storage import StudyStorage, connect
-from dlops.liveness import OWNER_KEY, is_dead, recover_dead_trials, worker_identity, worth_waiting_for
-from dlops.runner import plan_workers
+from specs import tiny_workers_spec
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 PG_PASSWORD = "postgresql+psycopg2://postgres:s3cret@127.0.0.1:5432/test"  # trust auth ignores the password
@@ -70,8 +69,11 @@ class Backend:
         if kind == "postgresql":
             self.url = PG_PASSWORD if password else PG
         elif kind == "redis":
-            self.url = f"redis://:s3cret@127.0.0.1:6379/0?prefix=dlops-test-{self.tag}" if password else \
-                f"{REDIS}?prefix=dlops-test-{self.tag}"
+            self.url = (
+                f"redis://:s3cret@127.0.0.1:6379/0?prefix=dlops-test-{self.tag}"
+                if password
+                else f"{REDIS}?prefix=dlops-test-{self.tag}"
+            )
         else:
             self.url = f"journal://{tmp_path / 'journal' / 'study.log'}"
 
@@ -151,17 +153,24 @@ def test_sqlite_is_refused_for_several_workers(tmp_path: Path, dlops_home: Path)
 
     from dlops.cli import app
 
-    result = CliRunner().invoke(app, ["study", "run", str(tiny_workers_spec(tmp_path)), "--workers", "3", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["study", "run", str(tiny_workers_spec(tmp_path)), "--workers", "3", "--device", "cpu"]
+    )
     assert result.exit_code == 2, result.output
     assert "SQLite" in result.output and "database is locked" in result.output and "journal://" in result.output
     assert "Traceback" not in result.output
-    assert not (dlops_home / "dlops.db").exists() or optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == []
+    assert (
+        not (dlops_home / "dlops.db").exists()
+        or optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == []
+    )
 
 
 # --- the shared-storage machinery, without training -------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # catch_warnings is per process, not thread
+@pytest.mark.filterwarnings(
+    "ignore::optuna.exceptions.ExperimentalWarning"
+)  # catch_warnings is per process, not thread
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_path: Path, dlops_home: Path) -> None:
     spec = load_spec(str(tiny_workers_spec(tmp_path)))
@@ -259,7 +268,9 @@ def test_journal_leaves_a_running_trial_of_another_machine_alone(tmp_path: Path)
     assert not storage.heartbeat
     study = optuna.create_study(study_name="x", storage=storage.optuna)
     elsewhere, here_dead = study.ask(), study.ask()
-    storage.optuna.set_trial_system_attr(elsewhere._trial_id, OWNER_KEY, {**worker_identity(), "host": "another-machine"})
+    storage.optuna.set_trial_system_attr(
+        elsewhere._trial_id, OWNER_KEY, {**worker_identity(), "host": "another-machine"}
+    )
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     storage.optuna.set_trial_system_attr(here_dead._trial_id, OWNER_KEY, {**worker_identity(), "pid": child.pid})
@@ -274,16 +285,30 @@ def test_journal_leaves_a_running_trial_of_another_machine_alone(tmp_path: Path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_three_workers_finish_nine_trials_of_one_study(backend: Backend, tmp_path: Path, dlops_home: Path,
-                                                       capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_three_workers_finish_nine_trials_of_one_study(
+    backend: Backend, tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from dlops.cli import app
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = tiny_workers_spec(tmp_path, epochs=1)
-    args = ["study", "run", str(spec), "--storage", backend.url, "--study-name", backend.study_name,
-            "--workers", "3", "--n-trials", "9", "--device", "cpu"]
+    args = [
+        "study",
+        "run",
+        str(spec),
+        "--storage",
+        backend.url,
+        "--study-name",
+        backend.study_name,
+        "--workers",
+        "3",
+        "--n-trials",
+        "9",
+        "--device",
+        "cpu",
+    ]
     # `dlops study run` in this process; its three worker processes write to the real stdout.
     result = CliRunner().invoke(app, args)
     workers_out = capfd.readouterr()
@@ -331,6 +356,7 @@ def invoke_in_background_of(action, args: list[str]):
 
 def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
     """A RUNNING trial that has checkpointed its first epoch and has more than one to go."""
+
     def find():
         for f in ckpt_dir.glob("trial-*.pt"):
             t = study_of().get_trials()[int(f.stem.split("-")[1])]
@@ -343,7 +369,8 @@ def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
 
 @requires_pg
 def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
-        tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     b = Backend("postgresql", tmp_path)
     # Enough epochs that a busy machine's poll still catches a trial between two of them.
@@ -356,9 +383,28 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
         return victim
 
     try:
-        result, victim = invoke_in_background_of(kill_a_worker_mid_trial, [
-            "study", "run", str(spec), "--storage", b.url, "--study-name", b.study_name, "--workers", "2",
-            "--n-trials", "3", "--device", "cpu", "--heartbeat-interval", "1", "--grace-period", "2"])
+        result, victim = invoke_in_background_of(
+            kill_a_worker_mid_trial,
+            [
+                "study",
+                "run",
+                str(spec),
+                "--storage",
+                b.url,
+                "--study-name",
+                b.study_name,
+                "--workers",
+                "2",
+                "--n-trials",
+                "3",
+                "--device",
+                "cpu",
+                "--heartbeat-interval",
+                "1",
+                "--grace-period",
+                "2",
+            ],
+        )
         output = result.output + "".join(capfd.readouterr())
         assert result.exit_code == 0, output
         assert victim is not None, "the study finished before a checkpointed trial could be killed"
@@ -378,14 +424,18 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
         after = retry.user_attrs["history"]["epoch_seconds"]
         assert len(after) == epochs and sorted(retry.intermediate_values) == list(range(epochs))
         assert after[: len(before)] == before and len(before) <= resumed
-        assert "killed by SIGKILL" in output and f"resuming from its checkpoint ({resumed} epoch{'' if resumed == 1 else 's'} done)" in output
+        assert (
+            "killed by SIGKILL" in output
+            and f"resuming from its checkpoint ({resumed} epoch{'' if resumed == 1 else 's'} done)" in output
+        )
         assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
     finally:
         b.cleanup()
 
 
 def test_sigint_stops_cleanly_and_the_printed_command_continues(
-        tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from dlops.cli import app
@@ -399,8 +449,11 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
     monkeypatch.setattr(sys, "argv", ["dlops", *args])  # what the printed command is made from
 
     def ctrl_c_mid_trial():
-        running_with_checkpoint(lambda: optuna.load_study(study_name="tiny-workers", storage=storage.optuna),
-                                checkpoint_path("tiny-workers", 0).parent, epochs)
+        running_with_checkpoint(
+            lambda: optuna.load_study(study_name="tiny-workers", storage=storage.optuna),
+            checkpoint_path("tiny-workers", 0).parent,
+            epochs,
+        )
         os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: to `dlops`, which tells its workers
 
     result, _ = invoke_in_background_of(ctrl_c_mid_trial, args)
@@ -427,8 +480,10 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
         retry = next(r for r in trials if r.system_attrs.get("failed_trial") == t.number)
         assert retry.state == TrialState.COMPLETE
         assert retry.user_attrs["resumed_from"]["epoch"] == len(t.intermediate_values)
-        assert retry.user_attrs["history"]["epoch_seconds"][: len(t.intermediate_values)] == \
-            t.user_attrs["history"]["epoch_seconds"]
+        assert (
+            retry.user_attrs["history"]["epoch_seconds"][: len(t.intermediate_values)]
+            == t.user_attrs["history"]["epoch_seconds"]
+        )
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
 
 
@@ -457,9 +512,9 @@ def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> Non
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
 
 
-def test_workers_that_give_up_fail_the_run_with_the_last_reason(tmp_path: Path, dlops_home: Path,
-                                                                capfd: pytest.CaptureFixture,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_that_give_up_fail_the_run_with_the_last_reason(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every trial fails for real (no checkpoint can be written: `checkpoints` is a file):
     the workers give up, and `dlops` exits non-zero with the last failure's reason."""
     from typer.testing import CliRunner
@@ -470,8 +525,22 @@ def test_workers_that_give_up_fail_the_run_with_the_last_reason(tmp_path: Path, 
     dlops_home.mkdir(parents=True)
     (dlops_home / "checkpoints").write_text("not a folder")
     spec = tiny_workers_spec(tmp_path, epochs=1, per_class=5)
-    result = CliRunner().invoke(app, ["study", "run", str(spec), "--storage", f"journal://{tmp_path / 'j.log'}",
-                                      "--workers", "2", "--n-trials", "2", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "run",
+            str(spec),
+            "--storage",
+            f"journal://{tmp_path / 'j.log'}",
+            "--workers",
+            "2",
+            "--n-trials",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     output = result.output + "".join(capfd.readouterr())
     assert result.exit_code == 2, output
     last = [line for line in result.output.splitlines() if line.strip()][-1]

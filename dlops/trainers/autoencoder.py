@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class AEConfig:
             out.append(self.pretrain_epochs if own is None else own)
         return out
 
-    def replace(self, **changes: Any) -> "AEConfig":
+    def replace(self, **changes: Any) -> AEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,8 +124,10 @@ def validate_config(config: AEConfig) -> None:
         raise DlopsError(f"at most {MAX_LAYERS} hidden layers are supported, got {len(sizes)}")
     for k in range(len(sizes), MAX_LAYERS):
         if getattr(config, f"pretrain_epochs_{k}") is not None:
-            raise DlopsError(f"pretrain_epochs_{k} is set, but there {'is' if len(sizes) == 1 else 'are'} only "
-                             f"{plural(len(sizes), 'hidden layer')}")
+            raise DlopsError(
+                f"pretrain_epochs_{k} is set, but there {'is' if len(sizes) == 1 else 'are'} only "
+                f"{plural(len(sizes), 'hidden layer')}"
+            )
     for k, n in enumerate(config.layer_epochs()):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DlopsError(f"pretraining epochs of layer {k} must be an integer >= 0, got {n!r}")
@@ -350,8 +353,10 @@ def _layer_optimizer(stack: AutoencoderStack, layer: int, lr: float) -> torch.op
 
 def layer_epoch_line(layer: int, epoch: int, m: dict[str, float]) -> str:
     """The progress line of one pretraining epoch."""
-    return (f"pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
-            f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)")
+    return (
+        f"pretraining AE {layer} epoch {epoch + 1:>3}  train_mse {m['train_loss']:.5f}"
+        f"  val_mse {m['val_loss']:.5f}  ({m['epoch_seconds']:.1f}s)"
+    )
 
 
 def fit(
@@ -390,7 +395,9 @@ def fit(
         pretraining_split(config, dataset), config.batch_size, mean, std, device, shuffle=True, seed=config.seed
     )
     recon_val_loader = BatchLoader(dataset.val, config.eval_batch_size, mean, std, device)
-    finetune_loader = BatchLoader(dataset.train, config.batch_size, mean, std, device, shuffle=True, seed=config.seed + 1)
+    finetune_loader = BatchLoader(
+        dataset.train, config.batch_size, mean, std, device, shuffle=True, seed=config.seed + 1
+    )
 
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     layer_history = empty_layer_history(hidden)
@@ -409,10 +416,20 @@ def fit(
         if checkpoint_path is None:
             return
         # "epoch": the last fine-tuning epoch done, the one reported (-1: none yet)
-        save_state(checkpoint_path, config, epoch, phase=phase, stack=stack.state_dict(), model=model.state_dict(),
-                   optimizer=optimizer.state_dict(), pretrain_loader=pretrain_loader.state_dict(),
-                   finetune_loader=finetune_loader.state_dict(), torch_rng=torch.get_rng_state(),
-                   history=history, layer_history=layer_history)
+        save_state(
+            checkpoint_path,
+            config,
+            epoch,
+            phase=phase,
+            stack=stack.state_dict(),
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            pretrain_loader=pretrain_loader.state_dict(),
+            finetune_loader=finetune_loader.state_dict(),
+            torch_rng=torch.get_rng_state(),
+            history=history,
+            layer_history=layer_history,
+        )
 
     # ---- greedy pretraining: layer k learns while encoders 0..k-1 stay frozen
     finetuning_started = resume is not None and resume["phase"] == "finetune"
@@ -435,8 +452,11 @@ def fit(
                 layer_history[f"ae{layer}_{key}"].append(value)
             save("pretrain", -1, optimizer)
             if progress is not None:
-                progress(layer_epoch_line(layer, epoch, {"train_loss": train_loss, "val_loss": val_loss,
-                                                         "epoch_seconds": seconds}))
+                progress(
+                    layer_epoch_line(
+                        layer, epoch, {"train_loss": train_loss, "val_loss": val_loss, "epoch_seconds": seconds}
+                    )
+                )
     stack.requires_grad_(False)
 
     if report is not None:
@@ -540,8 +560,10 @@ def layer_activations(
     if not 0 <= layer_index < len(model.encoders):
         raise ValueError(f"layer_index {layer_index} out of range (the model has {len(model.encoders)} hidden layers)")
     model.eval()
-    parts = [model.hidden(model.prepare(images[i : i + batch_size]), layer_index).float().cpu()
-             for i in range(0, len(images), batch_size)]
+    parts = [
+        model.hidden(model.prepare(images[i : i + batch_size]), layer_index).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     units = model.encoders[layer_index][0].out_features
     return torch.cat(parts).numpy() if parts else np.zeros((0, units), dtype=np.float32)
 
@@ -568,15 +590,27 @@ def layer_cost_table(layer_history: dict[str, list[float]]) -> Table:
     for k, units in enumerate(layer_history["hidden_sizes"]):
         secs = [s for s in layer_history[f"ae{k}_epoch_seconds"] if s is not None]
         train, val = layer_history[f"ae{k}_train_loss"], layer_history[f"ae{k}_val_loss"]
-        rows.append((f"X[{k}]", str(units), str(len(secs)),
-                     _fmt(per_epoch[k]) if per_epoch[k] is not None else "0 (skipped)", f"{sum(secs):.2f}",
-                     _fmt(train[-1]) if train else "-", _fmt(val[-1]) if val else "-"))
-    return Table("Pretraining cost per layer (seed 0)",
-                 ("layer", "units", "epochs", "s/epoch", "s total", "final train MSE", "final val MSE"), tuple(rows))
+        rows.append(
+            (
+                f"X[{k}]",
+                str(units),
+                str(len(secs)),
+                _fmt(per_epoch[k]) if per_epoch[k] is not None else "0 (skipped)",
+                f"{sum(secs):.2f}",
+                _fmt(train[-1]) if train else "-",
+                _fmt(val[-1]) if val else "-",
+            )
+        )
+    return Table(
+        "Pretraining cost per layer (seed 0)",
+        ("layer", "units", "epochs", "s/epoch", "s total", "final train MSE", "final val MSE"),
+        tuple(rows),
+    )
 
 
-def _test_figures(model: StackedClassifier, loss_fn: nn.Module, dataset: Dataset, split: Split,
-                  device: torch.device, batch_size: int) -> dict[str, Any]:
+def _test_figures(
+    model: StackedClassifier, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device, batch_size: int
+) -> dict[str, Any]:
     mean, std = dataset.channel_stats()
     m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
     predictions = predict(model, split.images, batch_size)
@@ -594,20 +628,34 @@ class AutoencoderTrainer(Trainer[AEConfig]):
     config_class = AEConfig
     metrics = HISTORY_KEYS
     title = "Autoencoder (greedy layer-wise pretraining)"
-    report_figures = (("class_accuracy.png", "per-class test accuracy"),
-                      ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
-                      ("tsne.png", "t-SNE of hidden layer X[3], test images"))
+    report_figures = (
+        ("class_accuracy.png", "per-class test accuracy"),
+        ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
+        ("tsne.png", "t-SNE of hidden layer X[3], test images"),
+    )
 
     def validate(self, config: AEConfig) -> None:
         validate_config(config)
 
-    def fit(self, config: AEConfig, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
-            progress: ProgressFn | None = None) -> AEResult:
+    def fit(
+        self,
+        config: AEConfig,
+        report: ReportFn | None = None,
+        *,
+        checkpoint_path: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> AEResult:
         return fit(config, report, checkpoint_path=checkpoint_path, progress=progress)
 
     def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
-        return _test_figures(result.model, result.loss_fn, result.dataset, split, result.device,  # type: ignore[arg-type]
-                             result.config.eval_batch_size)
+        return _test_figures(
+            result.model,
+            result.loss_fn,
+            result.dataset,
+            split,
+            result.device,  # type: ignore[arg-type]
+            result.config.eval_batch_size,
+        )
 
     def weights(self, result: FitResult) -> dict[str, Any]:
         return {"model": result.model.state_dict()}  # includes the input normalisation buffers
@@ -637,8 +685,10 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         features = layer_activations(model, np.asarray(split.images)[chosen], layer_index=layer)
         points = tsne_embedding(features, seed=result.config.seed)
         fig = plots.plot_tsne(points, np.asarray(split.labels)[chosen], result.dataset.class_names)
-        fig.axes[0].set_title(f"t-SNE of the {units}-unit layer X[{layer}]: the first {TSNE_PER_CLASS} test images "
-                              f"of each class, or all it has ({len(chosen)} in all)")
+        fig.axes[0].set_title(
+            f"t-SNE of the {units}-unit layer X[{layer}]: the first {TSNE_PER_CLASS} test images "
+            f"of each class, or all it has ({len(chosen)} in all)"
+        )
         return [plots.save_figure(fig, out_dir / "tsne.png")]
 
     def summary(self, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -654,8 +704,9 @@ class AutoencoderTrainer(Trainer[AEConfig]):
 
         files = []
         if final.get("class_accuracy"):
-            files.append(plots.save_figure(plots.plot_class_accuracy(final["class_accuracy"]),
-                                           out_dir / "class_accuracy.png"))
+            files.append(
+                plots.save_figure(plots.plot_class_accuracy(final["class_accuracy"]), out_dir / "class_accuracy.png")
+            )
         seed = final["per_seed"][0]
         layer_history = seed.get("layer_history")
         if layer_history:

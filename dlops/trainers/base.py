@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -80,8 +81,9 @@ def check_epoch_loss(mean: float, epoch: int, step: int) -> float:
     return mean
 
 
-def epoch_row(train_loss: float, train_acc: float, val: dict[str, float], lr: float,
-              seconds: float) -> dict[str, float]:
+def epoch_row(
+    train_loss: float, train_acc: float, val: dict[str, float], lr: float, seconds: float
+) -> dict[str, float]:
     """One epoch's row of the history (the keys of ``HISTORY_KEYS``)."""
     return {
         "train_loss": train_loss,
@@ -262,8 +264,14 @@ class Trainer(ABC, Generic[ConfigT]):
         """Reject settings no run could use (a :class:`DlopsError` in one line)."""
 
     @abstractmethod
-    def fit(self, config: ConfigT, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
-            progress: ProgressFn | None = None) -> FitResult:
+    def fit(
+        self,
+        config: ConfigT,
+        report: ReportFn | None = None,
+        *,
+        checkpoint_path: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         """Train ``config``; with ``checkpoint_path``, checkpoint after every epoch and resume
         an existing checkpoint exactly (its restored epochs are reported again)."""
 

@@ -80,7 +80,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training and evaluation
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels for each shape
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,8 +93,11 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
     if config.loss not in LOSSES:
         raise DlopsError(f"unknown loss {config.loss!r} (known: {', '.join(LOSSES)})")
     model = MODELS[config.model](
-        dataset.num_classes, in_channels=dataset.image_shape[0], width=config.width,
-        embedding_dim=config.embedding_dim, embedding_bn=config.embedding_bn,
+        dataset.num_classes,
+        in_channels=dataset.image_shape[0],
+        width=config.width,
+        embedding_dim=config.embedding_dim,
+        embedding_bn=config.embedding_bn,
     )
     loss_fn = LOSSES[config.loss](
         dataset.num_classes,
@@ -120,8 +123,13 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_centroids(
-    model: nn.Module, loss_fn: nn.Module, split: Split, mean: np.ndarray, std: np.ndarray,
-    device: torch.device, batch_size: int = 512,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    split: Split,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
+    batch_size: int = 512,
 ) -> None:
     """Set ``model.centroids`` to the class means of the eval-mode embeddings of ``split``."""
     model.eval()
@@ -247,7 +255,9 @@ def fit(
             # validation and test, are taken in eval mode (the mode they are compared in)
             # from a fixed sample of the training images.
             emb, lab = torch.cat(embeddings), torch.cat(labels)
-            train_acc = topk_correct(centroid_scores(emb, class_centroids(emb, lab, dataset.num_classes)), lab, (1,))[1] / len(lab)
+            train_acc = topk_correct(centroid_scores(emb, class_centroids(emb, lab, dataset.num_classes)), lab, (1,))[
+                1
+            ] / len(lab)
             update_centroids(net, loss_fn, centroid_split, mean, std, device, config.eval_batch_size)
         else:
             train_acc = float(correct) / max(seen, 1)
@@ -259,9 +269,17 @@ def fit(
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         if checkpoint_path is not None:
-            save_state(checkpoint_path, config, epoch, model=model.state_dict(), loss=loss_fn.state_dict(),
-                       optimizer=optimizer.state_dict(), loader=train_loader.state_dict(),
-                       torch_rng=torch.get_rng_state(), history=history)
+            save_state(
+                checkpoint_path,
+                config,
+                epoch,
+                model=model.state_dict(),
+                loss=loss_fn.state_dict(),
+                optimizer=optimizer.state_dict(),
+                loader=train_loader.state_dict(),
+                torch_rng=torch.get_rng_state(),
+                history=history,
+            )
         if report is not None:
             report(epoch, metrics)
 
@@ -297,8 +315,9 @@ def validate_config(config: TrainConfig) -> None:
         raise DlopsError(f"lr must be positive, got {config.lr}")
 
 
-def _test_figures(model: nn.Module, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device,
-                  batch_size: int) -> dict[str, Any]:
+def _test_figures(
+    model: nn.Module, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device, batch_size: int
+) -> dict[str, Any]:
     mean, std = dataset.channel_stats()
     m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
     return {"test_top1": m["top1"], "test_top5": m["top5"], "test_loss": m["loss"]}
@@ -314,13 +333,20 @@ class ResNetTrainer(Trainer[TrainConfig]):
     def validate(self, config: TrainConfig) -> None:
         validate_config(config)
 
-    def fit(self, config: TrainConfig, report: ReportFn | None = None, *, checkpoint_path: Path | None = None,
-            progress: ProgressFn | None = None) -> FitResult:
+    def fit(
+        self,
+        config: TrainConfig,
+        report: ReportFn | None = None,
+        *,
+        checkpoint_path: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> FitResult:
         return fit(config, report, checkpoint_path=checkpoint_path)
 
     def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
-        return _test_figures(result.model, result.loss_fn, result.dataset, split, result.device,
-                             result.config.eval_batch_size)
+        return _test_figures(
+            result.model, result.loss_fn, result.dataset, split, result.device, result.config.eval_batch_size
+        )
 
     def weights(self, result: FitResult) -> dict[str, Any]:
         return {"model": result.model.state_dict(), "loss": result.loss_fn.state_dict()}
