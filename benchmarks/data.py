@@ -145,7 +145,7 @@ def main() -> None:
         root = Path(scratch.name)
     if not is_prepared(root, "tiny-imagenet"):
         print(f"fetching {args.source} into {root}")
-        fetch_dataset("tiny-imagenet", root, args.source, progress=False, log=print)
+        fetch_dataset("tiny-imagenet", root, args.source, progress=False, say=print)
     device = resolve_device(args.device)
     print(
         f"device {device}, batch {args.batch_size}, {args.images} images per pipeline, torch threads "

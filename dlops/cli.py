@@ -408,7 +408,7 @@ def data_fetch(
         keep_archive=keep_archive,
         workers=workers,
         progress=_progress_on(),
-        log=say,
+        say=say,
     )
     out.print_prepared(manifest)
 
@@ -436,7 +436,7 @@ def data_prepare(
         seed=seed,
         workers=workers,
         progress=_progress_on(),
-        log=say,
+        say=say,
     )
     out.print_prepared(manifest)
 
@@ -526,7 +526,7 @@ def final(
         say(f"seed {seed}  {line}")
 
     try:
-        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, progress=progress, notify=say)
+        result = run_final(_spec_name(spec, loss), options, on_epoch=on_epoch, progress=progress, say=say)
     except Interrupted as exc:  # Ctrl-C or SIGTERM: say how to continue
         tail = f":\n  {resume_command(['dlops', *sys.argv[1:]])}" if exc.resumable else ""
         err_console.print(mask_url(str(exc)) + tail, highlight=False, soft_wrap=True, markup=False)

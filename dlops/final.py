@@ -82,7 +82,7 @@ __all__ = ["FinalOptions", "FinalResult", "Interrupted", "recompute_test_metrics
 EpochCallback = Callable[[int, int, dict[str, float], bool], None]
 # (seed, line): a trainer's own progress line (the autoencoder's pretraining epochs).
 SeedProgress = Callable[[int, str], None]
-Notify = Callable[[str], None]
+Say = Callable[[str], None]
 
 
 @dataclass
@@ -140,25 +140,25 @@ def _resolve_home_path(text: str) -> Path:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def discard_checkpoints(spec_name: str, notify: Notify) -> None:
+def discard_checkpoints(spec_name: str, say: Say) -> None:
     """A fresh run: remove the checkpoints of an interrupted run (never a completed one's)."""
     staging = staging_dir(spec_name)
     if any(staging.glob("seed*/checkpoint.pt")):
-        notify(f"discarded the checkpoints of an interrupted run under {staging} (--resume continues them instead)")
+        say(f"discarded the checkpoints of an interrupted run under {staging} (--resume continues them instead)")
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_checkpoint(path: Path, config: TrainerConfig, notify: Notify | None = None) -> int:
+def _check_checkpoint(path: Path, config: TrainerConfig, say: Say | None = None) -> int:
     """Check that an existing checkpoint belongs to ``config``; returns how many
     reported epochs it holds, 0 when there is none. One that does not load or fails
-    its checksum is discarded (with a word through ``notify``): its seed starts over."""
+    its checksum is discarded (with a word through ``say``): its seed starts over."""
     if not path.exists():
         return 0
     try:
         state = load_checkpoint(path)
     except CorruptCheckpoint as exc:
         path.unlink(missing_ok=True)
-        (notify or (lambda message: None))(f"{exc}: discarded, this seed starts from epoch 0")
+        (say or (lambda message: None))(f"{exc}: discarded, this seed starts from epoch 0")
         return 0
     saved = state.get("config") if isinstance(state, dict) else None
     if isinstance(saved, dict):
@@ -289,7 +289,7 @@ def _run_seed(
     draw_extras: bool,
     on_epoch: EpochCallback | None,
     progress: SeedProgress | None,
-    notify: Notify,
+    say: Say,
 ) -> _Seeded:
     """Train one seed (from its checkpoint, if any), then read the test split once. Files
     go to the staging folders; the record names where they will be once swapped in
@@ -297,7 +297,7 @@ def _run_seed(
     sdir = seed_dir(spec.name, seed)
     checkpoint = sdir / "checkpoint.pt"
     if checkpoint.exists():
-        notify(f"seed {seed}: resuming from {checkpoint}" + (f" (after epoch {restored})" if restored else ""))
+        say(f"seed {seed}: resuming from {checkpoint}" + (f" (after epoch {restored})" if restored else ""))
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
         if on_epoch is not None:
@@ -342,7 +342,7 @@ def run_final(
     spec_name: str,
     options: FinalOptions,
     on_epoch: EpochCallback | None = None,
-    notify: Notify | None = None,
+    say: Say | None = None,
     progress: SeedProgress | None = None,
 ) -> FinalResult:
     """Train, test once per seed, write the report folder and attach it to the study.
@@ -354,7 +354,7 @@ def run_final(
     its checkpoints and report aside and swaps them in at the end. Ctrl-C or SIGTERM ends
     it with :class:`Interrupted`, its checkpoints kept for ``--resume``.
     """
-    notify = notify or (lambda message: None)
+    say = say or (lambda message: None)
     started = time.perf_counter()
     spec = load_spec(spec_name)
     trainer = get_trainer(spec.trainer)
@@ -385,7 +385,7 @@ def run_final(
     with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):
         try:
             return _run_locked(
-                spec, options, trainer, url, study, chosen, seeds, configs, started, state, on_epoch, progress, notify
+                spec, options, trainer, url, study, chosen, seeds, configs, started, state, on_epoch, progress, say
             )
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
@@ -417,17 +417,15 @@ def _run_locked(
     state: dict[str, Any],
     on_epoch: EpochCallback | None,
     progress: SeedProgress | None,
-    notify: Notify,
+    say: Say,
 ) -> FinalResult:
     """The part of :func:`run_final` that holds the spec's lock."""
     if options.resume:
         if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
-            notify(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
-        restored = [
-            _check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c, notify) for s, c in zip(seeds, configs)
-        ]
+            say(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
+        restored = [_check_checkpoint(seed_dir(spec.name, s) / "checkpoint.pt", c, say) for s, c in zip(seeds, configs)]
     else:
-        discard_checkpoints(spec.name, notify)
+        discard_checkpoints(spec.name, say)
         restored = [0] * len(seeds)
     stage = report_staging_dir(spec.name)  # rebuilt by every run, resumed or not
     shutil.rmtree(stage, ignore_errors=True)
@@ -436,7 +434,7 @@ def _run_locked(
     runs = []
     for i, (seed, config, r) in enumerate(zip(seeds, configs, restored)):
         state["seed"] = seed
-        runs.append(_run_seed(spec, trainer, seed, config, r, stage, run_dir, i == 0, on_epoch, progress, notify))
+        runs.append(_run_seed(spec, trainer, seed, config, r, stage, run_dir, i == 0, on_epoch, progress, say))
 
     final = build_final(
         spec,
@@ -477,7 +475,7 @@ def _run_locked(
         uploadable = [f for f in files if f.suffix in (".png", ".json") and f.parent == out_dir]
         artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
     else:
-        notify(f"no study {study_name_for(spec, options)!r} in the storage: study plots and artifacts skipped")
+        say(f"no study {study_name_for(spec, options)!r} in the storage: study plots and artifacts skipped")
     return FinalResult(report_dir=out_dir, final=final, files=files, artifacts=artifacts)
 
 

@@ -106,7 +106,7 @@ def studied(tmp_path_factory: pytest.TempPathFactory):
     loads_in_study = counter.loads
     counts = state_counts(result.study)
     messages: list[str] = []
-    final = run_final(str(spec_path), FinalOptions(device="cpu"), notify=messages.append)
+    final = run_final(str(spec_path), FinalOptions(device="cpu"), say=messages.append)
     yield SimpleNamespace(
         root=root,
         home=root / "home",
@@ -303,7 +303,7 @@ def test_without_resume_a_stale_checkpoint_is_discarded_and_a_changed_config_is_
     with pytest.raises(Interrupt):
         run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=stop)
     messages: list[str] = []
-    fresh = run_final(spec, FinalOptions(params="baseline", device="cpu"), notify=messages.append).final
+    fresh = run_final(spec, FinalOptions(params="baseline", device="cpu"), say=messages.append).final
     assert fresh["per_seed"][0]["resumed_from_epoch"] == 0 and fresh["per_seed"][0]["epochs_trained"] == 2
     assert any("discarded" in m for m in messages)
     with pytest.raises(Interrupt):
@@ -668,7 +668,7 @@ def test_resume_discards_a_damaged_checkpoint_and_that_seed_starts_over(tmp_path
         garbled[len(data) // 2] ^= 0x01
         ckpt.write_bytes(bytes(garbled))
     messages: list[str] = []
-    resumed = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True), notify=messages.append).final
+    resumed = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True), say=messages.append).final
     assert any(str(ckpt) in m and "discarded, this seed starts from epoch 0" in m for m in messages), messages
     seed = resumed["per_seed"][0]
     assert seed["resumed_from_epoch"] == 0 and seed["epochs_trained"] == 2

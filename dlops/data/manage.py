@@ -36,7 +36,7 @@ from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
 from dlops.text import plural
 
-Log = Callable[[str], None]
+Say = Callable[[str], None]
 SOURCE_FILE = "source.json"  # in raw/: where the extracted tree came from
 
 
@@ -96,7 +96,7 @@ def fetch_dataset(
     keep_archive: bool = False,
     workers: int | None = None,
     progress: bool = True,
-    log: Log = _quiet,
+    say: Say = _quiet,
 ) -> dict[str, Any]:
     """Download (or take) the archive of ``name``, verify, extract and cache it; the manifest.
 
@@ -113,7 +113,7 @@ def fetch_dataset(
         manifest = read_manifest(root, name)
         if source is not None or md5 is not None:
             _check_same_source(name, manifest.get("source") or {}, source or module.URL, md5)
-        log(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
+        say(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
         return {**manifest, "reused": True}
     home = dataset_dir(root, name)
     src = source or module.URL
@@ -122,7 +122,7 @@ def fetch_dataset(
         expected = md5 or module.MD5
         filename = Path(urlparse(src).path).name or module.ARCHIVE
         archive = home / "downloads" / filename
-        log(f"downloading {src}")
+        say(f"downloading {src}")
         try:
             actual = download(src, archive, expected, progress=progress)
         except DlopsError:
@@ -142,7 +142,7 @@ def fetch_dataset(
         if md5 is not None and actual != md5.lower():
             raise DlopsError(f"md5 mismatch for {archive}: got {actual}, expected {md5}")
         if md5 is None and actual != module.MD5:
-            log(
+            say(
                 f"note: {archive.name} has md5 {actual}, not the official {module.MD5} "
                 "(a repack or a sample?): using it only if its layout checks out"
             )
@@ -156,11 +156,11 @@ def fetch_dataset(
 
     scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
     try:
-        log(f"extracting {archive.name}")
+        say(f"extracting {archive.name}")
         count = safe_extract(archive, scratch, progress=progress)
         tree = module.find_tree(scratch)
         (scratch / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        log(f"extracted {plural(count, 'member')}; building the cache")
+        say(f"extracted {plural(count, 'member')}; building the cache")
         manifest = _build(
             module,
             tree,
@@ -221,13 +221,13 @@ def prepare_dataset(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
-    log: Log = _quiet,
+    say: Say = _quiet,
 ) -> dict[str, Any]:
     """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
     module = cached_module(name)
     root = resolve_root(root)
     if not force and is_prepared(root, name):
-        log(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
+        say(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
         return {**read_manifest(root, name), "reused": True}
     where = Path(raw).expanduser().absolute() if raw is not None else dataset_dir(root, name) / "raw"
     if not where.is_dir():
