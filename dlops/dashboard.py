@@ -15,9 +15,9 @@ import json
 import mimetypes
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
@@ -70,6 +70,13 @@ def trial_id(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial._trial_id)
 
 
+def _writer(data: bytes) -> Callable[[BinaryIO], None]:
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return write
+
+
 def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, str]:
     """Attach the study's plot files to the study in the artifact store under
     ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
@@ -87,8 +94,7 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
         artifact_id = known.get(path.name)
         meta = attrs.get("artifacts:" + artifact_id) if artifact_id else None
         if artifact_id and meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
-            data = path.read_bytes()
-            write_atomic(root / artifact_id, lambda f, data=data: f.write(data))
+            write_atomic(root / artifact_id, _writer(path.read_bytes()))
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -7,6 +7,8 @@ and whether it needs P x K batches (``needs_pk``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,20 +19,29 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-class CrossEntropyLoss(nn.Module):
-    """Softmax cross-entropy on the logits, averaged over the batch."""
+class Loss(nn.Module):
+    """What every loss declares: how its model is scored, whether it needs P x K batches,
+    the embedding it scores, and its per-epoch diagnostics (none by default)."""
 
-    scored_by = "logits"
-    needs_pk = False
+    scored_by: ClassVar[str] = "logits"  # or "centroids": nearest class centroid in scoring_embedding space
+    needs_pk: ClassVar[bool] = False
+
+    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """This loss's own per-epoch figures since the last call (none by default)."""
+        return {}
+
+
+class CrossEntropyLoss(Loss):
+    """Softmax cross-entropy on the logits, averaged over the batch."""
 
     def __init__(self, num_classes: int, embedding_dim: int, **_: float):
         super().__init__()
 
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(at_least_fp32(logits), labels)
-
-    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        return embedding
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,7 @@ margin: ``d_ap >= d_an``; ties count, so a collapsed embedding, all distances 0,
 and the norm of the embedding before normalisation."""
 
 
-class BatchHardTripletLoss(nn.Module):
+class BatchHardTripletLoss(Loss):
     """Batch-hard triplet loss, by default on L2-normalised embeddings (distances lie in
     [0, 2], so the margin is on that scale). ``triplet_soft`` swaps the hinge for the soft
     margin (then ``margin`` plays no part). Needs P x K batches. The model has no
@@ -159,7 +170,7 @@ class BatchHardTripletLoss(nn.Module):
         return dict(zip(TRIPLET_DIAGNOSTICS, values, strict=True))
 
 
-class CenterLoss(nn.Module):
+class CenterLoss(Loss):
     """Softmax cross-entropy plus center loss (Wen et al. 2016)::
 
         L = CE(logits, y) + lambda / 2 * mean_i ||f_i - c_{y_i}||^2
@@ -175,8 +186,6 @@ class CenterLoss(nn.Module):
     Classes absent from the batch keep their center. Centers start at zero.
     """
 
-    scored_by = "logits"
-    needs_pk = False
     centers: torch.Tensor  # a buffer: saved with the model, not a parameter
 
     def __init__(
@@ -202,11 +211,8 @@ class CenterLoss(nn.Module):
         delta = (counts[:, None] * self.centers - sums) / (1.0 + counts[:, None])
         self.centers -= self.center_alpha * delta
 
-    def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
-        return embedding
 
-
-LOSSES: dict[str, type[nn.Module]] = {
+LOSSES: dict[str, type[Loss]] = {
     "ce": CrossEntropyLoss,
     "triplet": BatchHardTripletLoss,
     "center": CenterLoss,

@@ -69,6 +69,7 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(self.embedding_dim, num_classes)
         # Class centroids in embedding space, for models scored by nearest centroid
         # (triplet loss). A buffer, so checkpoints carry them.
+        self.centroids: torch.Tensor
         self.register_buffer("centroids", torch.zeros(num_classes, self.embedding_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

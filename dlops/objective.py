@@ -200,8 +200,8 @@ def make_objective(
         except optuna.TrialPruned as exc:
             # A pruned trial keeps what the trainer hands over with the exception (the
             # autoencoder's layer curves).
-            for key, value in getattr(exc, "extra_user_attrs", {}).items():
-                trial.set_user_attr(key, value)
+            for name, value in getattr(exc, "extra_user_attrs", {}).items():
+                trial.set_user_attr(name, value)
             raise
         except (TrialInterrupted, KeyboardInterrupt):
             keep_checkpoint = True  # the retry resumes from it
@@ -214,8 +214,8 @@ def make_objective(
                 remove_checkpoint(ckpt)
         trial.set_user_attr("history", json_safe(result.history))
         # A trainer may hand over more per-trial results (the autoencoder's layer curves).
-        for key, value in result.extra_user_attrs.items():
-            trial.set_user_attr(key, value)
+        for name, value in result.extra_user_attrs.items():
+            trial.set_user_attr(name, value)
         return float(result.metrics[spec.metric])
 
     return objective

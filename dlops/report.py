@@ -124,7 +124,7 @@ class StudyFacts:
             best = None
         return cls(
             name=study.study_name,
-            metric=(study.metric_names or [None])[0],
+            metric=study.metric_names[0] if study.metric_names else None,
             best_value=best.value if best else None,
             best_trial=best.number if best else None,
             complete=count(TrialState.COMPLETE),
@@ -441,7 +441,7 @@ def build_report(
 
 
 def _loss_table(entries: list[Entry]) -> list[str]:
-    head = [f"[{LOSS_TITLES.get(e.loss, e.loss or e.name)}]({e.name}/report.md)" for e in entries]
+    head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.name}/report.md)" for e in entries]
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
     rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))

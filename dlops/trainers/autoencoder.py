@@ -45,7 +45,7 @@ from dlops.data import Dataset, Split
 from dlops.data.loader import BatchLoader
 from dlops.errors import DlopsError
 from dlops.io import json_safe
-from dlops.losses import CrossEntropyLoss
+from dlops.losses import CrossEntropyLoss, Loss
 from dlops.metrics import mean_std
 from dlops.text import plural
 from dlops.trainers.base import (
@@ -198,12 +198,15 @@ class StackedClassifier(nn.Module):
         super().__init__()
         channels = input_shape[0]
         dims = [int(np.prod(input_shape)), *hidden_sizes]
+        self.hidden_sizes = [int(h) for h in hidden_sizes]
         self.encoders = nn.ModuleList(_encoder(dims[k], dims[k + 1]) for k in range(len(hidden_sizes)))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(dims[-1], num_classes)
         self.embedding_dim = dims[-1]
         mean = np.zeros(channels) if mean is None else mean
         std = np.ones(channels) if std is None else std
+        self.input_mean: torch.Tensor
+        self.input_std: torch.Tensor
         self.register_buffer("input_mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("input_std", torch.as_tensor(np.asarray(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -462,7 +465,7 @@ def fit(
     if report is not None:
         report_epoch = report
 
-        def report(epoch: int, metrics: dict[str, float]) -> None:  # type: ignore[no-redef]
+        def report(epoch: int, metrics: dict[str, float]) -> None:
             """A trial pruned here (report raises) keeps its pretraining curves: the
             exception carries them as ``extra_user_attrs``, as a result would."""
             try:
@@ -564,7 +567,7 @@ def layer_activations(
         model.hidden(model.prepare(images[i : i + batch_size]), layer_index).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
-    units = model.encoders[layer_index][0].out_features
+    units = model.hidden_sizes[layer_index]
     return torch.cat(parts).numpy() if parts else np.zeros((0, units), dtype=np.float32)
 
 
@@ -609,7 +612,7 @@ def layer_cost_table(layer_history: dict[str, list[float]]) -> Table:
 
 
 def _test_figures(
-    model: StackedClassifier, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device, batch_size: int
+    model: StackedClassifier, loss_fn: Loss, dataset: Dataset, split: Split, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
     mean, std = dataset.channel_stats()
     m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
@@ -648,14 +651,9 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         return fit(config, report, checkpoint_path=checkpoint_path, progress=progress)
 
     def test_metrics(self, result: FitResult, split: Split) -> dict[str, Any]:
-        return _test_figures(
-            result.model,
-            result.loss_fn,
-            result.dataset,
-            split,
-            result.device,  # type: ignore[arg-type]
-            result.config.eval_batch_size,
-        )
+        model = result.model
+        assert isinstance(model, StackedClassifier)
+        return _test_figures(model, result.loss_fn, result.dataset, split, result.device, result.config.eval_batch_size)
 
     def weights(self, result: FitResult) -> dict[str, Any]:
         return {"model": result.model.state_dict()}  # includes the input normalisation buffers
@@ -680,7 +678,7 @@ class AutoencoderTrainer(Trainer[AEConfig]):
 
         model: StackedClassifier = result.model  # type: ignore[assignment]
         layer = min(TSNE_LAYER, len(model.encoders) - 1)
-        units = model.encoders[layer][0].out_features
+        units = model.hidden_sizes[layer]
         chosen = tsne_selection(split.labels, per_class=TSNE_PER_CLASS)
         features = layer_activations(model, np.asarray(split.images)[chosen], layer_index=layer)
         points = tsne_embedding(features, seed=result.config.seed)

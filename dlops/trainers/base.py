@@ -26,6 +26,7 @@ from dlops.data import Dataset, Split, get_dataset, take_subset
 from dlops.data.loader import BatchLoader
 from dlops.errors import DlopsError
 from dlops.io import load_checkpoint, save_checkpoint
+from dlops.losses import Loss
 from dlops.metrics import centroid_scores
 
 # The per-epoch keys of every trainer's history (a loss may add its own diagnostics).
@@ -144,10 +145,18 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast("cpu", enabled=False)
 
 
+def centroids_of(model: nn.Module) -> torch.Tensor:
+    """The class centroids of a model scored by nearest centroid (a buffer of the model)."""
+    centroids = model.centroids
+    if not isinstance(centroids, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no centroids buffer")
+    return centroids
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     split: Split,
     mean: np.ndarray,
     std: np.ndarray,
@@ -165,7 +174,7 @@ def evaluate(
         with autocast(device):
             embedding, logits = model(x)
         if loss_fn.scored_by == "centroids":
-            scores = centroid_scores(loss_fn.scoring_embedding(embedding), model.centroids)
+            scores = centroid_scores(loss_fn.scoring_embedding(embedding), centroids_of(model))
         else:
             scores = logits.float()
             loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
@@ -223,7 +232,7 @@ class FitResult:
     config: TrainerConfig
     history: dict[str, list[float]]
     model: nn.Module
-    loss_fn: nn.Module
+    loss_fn: Loss
     dataset: Dataset
     device: torch.device
     start_epoch: int = 0  # > 0 when resumed from a checkpoint

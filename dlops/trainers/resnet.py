@@ -23,7 +23,7 @@ from torch import nn
 from dlops.data import Dataset, Split, first_per_class
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.errors import DlopsError
-from dlops.losses import LOSSES
+from dlops.losses import LOSSES, Loss
 from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
 from dlops.trainers.base import (
@@ -33,6 +33,7 @@ from dlops.trainers.base import (
     ReportFn,
     Trainer,
     autocast,
+    centroids_of,
     check_epoch_loss,
     check_step_loss,
     describe_device,
@@ -87,7 +88,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[nn.Module, Loss]:
     if config.model not in MODELS:
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
     if config.loss not in LOSSES:
@@ -118,13 +119,13 @@ def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``: the compiled module shares the parameters and buffers of
     ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
     taken from ``model`` itself)."""
-    return torch.compile(model)
+    return torch.compile(model)  # type: ignore[return-value]  # typed as a function; it returns the module wrapped
 
 
 @torch.no_grad()
 def update_centroids(
     model: nn.Module,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     split: Split,
     mean: np.ndarray,
     std: np.ndarray,
@@ -139,7 +140,8 @@ def update_centroids(
             embedding, _ = model(x)
         embs.append(loss_fn.scoring_embedding(embedding))
         labels.append(y)
-    model.centroids.copy_(class_centroids(torch.cat(embs).float(), torch.cat(labels), model.centroids.shape[0]))
+    centroids = centroids_of(model)
+    centroids.copy_(class_centroids(torch.cat(embs).float(), torch.cat(labels), centroids.shape[0]))
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
@@ -201,7 +203,7 @@ def fit(
         pk=pk,
         channels_last=device.type == "cuda",
     )
-    centroid_split = None
+    centroid_split: Split | None = None  # the images the centroids come from (triplet)
     if loss_fn.scored_by == "centroids":
         cap = config.centroid_images_per_class
         keep = first_per_class(dataset.train.labels, cap) if cap else np.arange(len(dataset.train))
@@ -258,14 +260,14 @@ def fit(
             train_acc = topk_correct(centroid_scores(emb, class_centroids(emb, lab, dataset.num_classes)), lab, (1,))[
                 1
             ] / len(lab)
+            assert centroid_split is not None  # set above for every model scored by centroids
             update_centroids(net, loss_fn, centroid_split, mean, std, device, config.eval_batch_size)
         else:
             train_acc = float(correct) / max(seen, 1)
         val = evaluate(net, loss_fn, dataset.val, mean, std, device, config.eval_batch_size)
         metrics = epoch_row(train_loss, train_acc, val, lr, time.perf_counter() - t0)
         # A loss may keep its own per-epoch figures (the triplet loss: TRIPLET_DIAGNOSTICS).
-        if hasattr(loss_fn, "pop_diagnostics"):
-            metrics.update(loss_fn.pop_diagnostics())
+        metrics.update(loss_fn.pop_diagnostics())
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         if checkpoint_path is not None:
@@ -316,7 +318,7 @@ def validate_config(config: TrainConfig) -> None:
 
 
 def _test_figures(
-    model: nn.Module, loss_fn: nn.Module, dataset: Dataset, split: Split, device: torch.device, batch_size: int
+    model: nn.Module, loss_fn: Loss, dataset: Dataset, split: Split, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
     mean, std = dataset.channel_stats()
     m = evaluate(model, loss_fn, split, mean, std, device, batch_size)
