@@ -45,8 +45,8 @@ from dlops.data import Split
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.losses import LOSSES
 from dlops.models import ResNet18
-from dlops.trainers.base import autocast, evaluate, resolve_device
-from dlops.trainers.resnet import compile_model
+from dlops.trainers.base import evaluate, resolve_device
+from dlops.trainers.resnet import compile_model, train_step
 
 TRAIN_IMAGES, VAL_IMAGES, CENTROID_IMAGES = 90_000, 10_000, 10_000  # one full Tiny ImageNet epoch
 MEAN, STD = np.array([0.480, 0.448, 0.398]), np.array([0.277, 0.269, 0.282])
@@ -233,7 +233,7 @@ class Bench:
 
     # ---------------------------------------------------------------- training
     def step_fn(self, net: torch.nn.Module, loss_name: str, bs: int) -> tuple[Callable[[], None], torch.nn.Module]:
-        """One training step as ``fit`` runs it (loader, autocast forward, loss, backward,
+        """One training step as ``fit`` runs it (loader, then ``train_step``: autocast forward, loss, backward,
         SGD, the epoch's on-device sums)."""
         a, device = self.args, self.device
         loss_fn = LOSSES[loss_name](a.classes, 8 * a.width).to(device)
@@ -248,12 +248,7 @@ class Bench:
         def step() -> None:
             nonlocal loss_sum, correct
             x, y = next(batches)
-            with autocast(device):
-                embedding, logits = net(x)
-            loss = loss_fn(embedding, logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _, logits = train_step(net, loss_fn, optimizer, x, y, device)
             loss_sum += loss.detach() * len(y)
             if loss_fn.scored_by == "logits":
                 correct += (logits.detach().argmax(1) == y).sum()

@@ -115,6 +115,25 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
     return model, loss_fn
 
 
+def train_step(
+    net: nn.Module,
+    loss_fn: Loss,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step: the forward pass under autocast, the loss, backward, the update.
+    Returns ``(loss, embedding, logits)``; nothing here reads a value back to the host."""
+    with autocast(device):
+        embedding, logits = net(x)
+    loss = loss_fn(embedding, logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, embedding, logits
+
+
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``: the compiled module shares the parameters and buffers of
     ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
@@ -236,12 +255,7 @@ def fit(
         seen = 0
         embeddings, labels = [], []
         for step, (x, y) in enumerate(train_loader):
-            with autocast(device):
-                embedding, logits = net(x)
-            loss = loss_fn(embedding, logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, embedding, logits = train_step(net, loss_fn, optimizer, x, y, device)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             if loss_fn.scored_by == "centroids":
