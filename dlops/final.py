@@ -376,9 +376,9 @@ def run_final(
         )
         for s in seeds
     ]
-    resolve_device(getattr(configs[0], "device", None) or options.device or "auto")  # a missing device: one line, now
-    if getattr(configs[0], "dataset", None):  # an unknown or unprepared dataset: one line, before any work
-        root = getattr(configs[0], "data_root", None)
+    resolve_device(configs[0].device or options.device or "auto")  # a missing device: one line, now
+    if configs[0].dataset:  # an unknown or unprepared dataset: one line, before any work
+        root = configs[0].data_root
         get_dataset(configs[0].dataset, Path(root) if root else None)
 
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}

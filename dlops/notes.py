@@ -158,7 +158,7 @@ class StudyContext:
 def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     """Name, classes, image shape and split sizes of the data a trial trains on."""
     config = trial_config(spec, options, spec.baseline_params(), 0)
-    name = getattr(config, "dataset", None)
+    name = config.dataset
     facts: dict[str, Any] = {"name": name}
     if not name:
         return facts
@@ -174,8 +174,8 @@ def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
         image_shape=list(ds.image_shape),
         train=len(ds.train),
         val=len(ds.val),
-        subset_classes=getattr(config, "subset_classes", None),
-        subset_per_class=getattr(config, "subset_per_class", None),
+        subset_classes=config.subset_classes,
+        subset_per_class=config.subset_per_class,
     )
     return facts
 

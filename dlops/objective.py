@@ -30,7 +30,7 @@ from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
 from dlops.text import plural
 from dlops.trainers import get_trainer
-from dlops.trainers.base import NonFiniteLossError, config_matches
+from dlops.trainers.base import NonFiniteLossError, TrainerConfig, config_matches
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
 
@@ -56,7 +56,7 @@ class RunOptions:
         return self.study_name or spec.study_name(self.dataset)
 
 
-def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], trial_number: int) -> Any:
+def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], trial_number: int) -> TrainerConfig:
     """The config of one trial: the spec, the dataset override, the trial's params, and
     a per-trial seed (base seed + trial number, so reruns reproduce each trial)."""
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
@@ -104,7 +104,7 @@ def remove_checkpoint(path: Path) -> None:
         pass
 
 
-def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | None = None) -> int | None:
+def checkpointed_epochs(path: Path, config: TrainerConfig, say: Callable[[str], None] | None = None) -> int | None:
     """Epochs saved in the checkpoint at ``path`` (None without a usable one). A checkpoint
     written for another configuration (a deleted study of the same name) is removed; so is
     one that does not load or fails its checksum, with a warning through ``say``: the
@@ -123,7 +123,7 @@ def checkpointed_epochs(path: Path, config: Any, say: Callable[[str], None] | No
         return None
     if not isinstance(state, dict):
         return None
-    saved, now = state.get("config"), getattr(config, "to_dict", lambda: None)()
+    saved, now = state.get("config"), config.to_dict()
     if isinstance(saved, dict) and isinstance(now, dict) and not config_matches(saved, now):
         remove_checkpoint(path)
         return None
@@ -167,7 +167,7 @@ def make_objective(
                     f"trial {trial.number} retries trial {key}: resuming from its checkpoint "
                     f"({plural(resumed, 'epoch')} done)"
                 )
-        last_epoch = getattr(config, "epochs", None)
+        last_epoch = config.epochs
         history_so_far: dict[str, list[float]] = {}
 
         def report(epoch: int, metrics: dict[str, float]) -> None:

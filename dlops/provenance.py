@@ -78,7 +78,7 @@ def build_final(
         "params": chosen.params,
         "params_source": chosen.source,
         "dataset": {
-            "name": getattr(configs[0], "dataset", None) or ds.name,
+            "name": configs[0].dataset or ds.name,
             "num_classes": ds.num_classes,
             "class_names": list(ds.class_names),
             "image_shape": list(ds.image_shape),

@@ -110,12 +110,12 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)
-    resolve_device(getattr(config, "device", None) or "auto")
-    if not getattr(config, "dataset", None):
+    resolve_device(config.device or "auto")
+    if not config.dataset:
         return spec
-    ds = get_dataset(config.dataset, Path(config.data_root) if getattr(config, "data_root", None) else None)
+    ds = get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
     classes = ds.num_classes
-    subset = getattr(config, "subset_classes", None)
+    subset = config.subset_classes
     if subset is not None:
         if not 1 <= subset <= classes:
             raise DlopsError(f"--subset-classes {subset}: {ds.name} has {classes} classes")

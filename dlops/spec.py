@@ -22,10 +22,13 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from dlops.errors import DlopsError, SpecError
 from dlops.trainers import get_trainer
+
+if TYPE_CHECKING:  # the protocol's module loads torch; the spec loader need not
+    from dlops.trainers.base import TrainerConfig
 
 TOP_LEVEL_KEYS = {
     "name",
@@ -105,7 +108,9 @@ class StudySpec:
         own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_class, "dataset", None)
         return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
 
-    def config(self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    def config(
+        self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any
+    ) -> TrainerConfig:
         """The trainer's config: ``[train]``, then ``[datasets.<dataset>]``, then
         ``params`` (a trial's or the baseline's), then explicit ``overrides``
         (``None`` values are ignored)."""
