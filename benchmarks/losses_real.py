@@ -39,7 +39,10 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}  # what --s
 
 
 def parse_value(key: str, text: str) -> Any:
-    default = CONFIG_FIELDS[key].default
+    field = CONFIG_FIELDS[key]
+    default = field.default
+    if text.lower() == "none" and "None" in str(field.type):  # an optional setting: int | None, str | None
+        return None
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"--set {key}: expected true or false, got {text!r}")
@@ -48,7 +51,7 @@ def parse_value(key: str, text: str) -> Any:
         return int(text)
     if isinstance(default, float):
         return float(text)
-    return None if text.lower() == "none" else text
+    return text
 
 
 def parse_sets(items: list[str]) -> dict[str | None, dict[str, Any]]:
