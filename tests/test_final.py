@@ -328,29 +328,28 @@ def test_params_from_a_json_file(tmp_path, monkeypatch):
         run_final(spec, FinalOptions(params=str(params), device="cpu"))
 
 
+# One cheap reference run from the command line: the baseline of resnet18-ce, 1 epoch, 1 seed, 5 images a class.
+BASELINE_FINAL = [
+    "final",
+    "--params",
+    "baseline",
+    "--loss",
+    "ce",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "1",
+    "--seeds",
+    "1",
+    "--subset-per-class",
+    "5",
+]
+
+
 def test_cli_final_baseline_on_fresh_storage(dlops_home):
     from dlops.cli import app
 
-    result = CliRunner().invoke(
-        app,
-        [
-            "final",
-            "--params",
-            "baseline",
-            "--loss",
-            "ce",
-            "--dataset",
-            "digits",
-            "--epochs",
-            "1",
-            "--seeds",
-            "1",
-            "--subset-per-class",
-            "5",
-            "--device",
-            "cpu",
-        ],
-    )
+    result = CliRunner().invoke(app, [*BASELINE_FINAL, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "test_top5" in result.output and "no study 'resnet18-ce-digits'" in result.output
     final = json.loads((dlops_home / "reports" / "resnet18-ce" / "final.json").read_text())
@@ -547,21 +546,7 @@ def test_an_interrupted_run_resumes_and_only_then_replaces_the_previous_one(tmp_
 def test_cli_final_on_a_bad_device_touches_nothing(tmp_path, dlops_home):
     from dlops.cli import app
 
-    args = [
-        "final",
-        "--params",
-        "baseline",
-        "--loss",
-        "ce",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-        "--subset-per-class",
-        "5",
-    ]
+    args = BASELINE_FINAL
     assert CliRunner().invoke(app, [*args, "--device", "cpu"]).exit_code == 0
     before = _snapshot(dlops_home, "resnet18-ce")
     result = CliRunner().invoke(app, [*args, "--device", "tpu"])
@@ -575,23 +560,7 @@ def test_cli_final_on_a_full_disk_is_one_line_and_leaves_no_half_written_file(tm
 
     from dlops.cli import app
 
-    args = [
-        "final",
-        "--params",
-        "baseline",
-        "--loss",
-        "ce",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-        "--subset-per-class",
-        "5",
-        "--device",
-        "cpu",
-    ]
+    args = [*BASELINE_FINAL, "--device", "cpu"]
     assert CliRunner().invoke(app, args).exit_code == 0
     before = _snapshot(dlops_home, "resnet18-ce")
     monkeypatch.setattr(torch, "save", _full_disk_torch_save)
