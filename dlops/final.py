@@ -57,7 +57,6 @@ from dlops.params import (
     choose_params,
     final_epochs,
     final_seeds,
-    find_study,
     study_name_for,
 )
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, reports_dir
@@ -65,6 +64,7 @@ from dlops.provenance import build_final, write_final
 from dlops.report import write_final_plots, write_spec_report
 from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
+from dlops.studies import find_study
 from dlops.study_plots import write_study_plots
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (

@@ -19,7 +19,7 @@ import optuna
 from dlops.errors import DlopsError
 from dlops.paths import default_storage_url
 from dlops.spec import StudySpec
-from dlops.storage import mask_url, open_storage
+from dlops.storage import mask_url
 from dlops.trainers import get_trainer
 from dlops.trainers.base import TrainerConfig
 
@@ -50,15 +50,6 @@ def study_name_for(spec: StudySpec, options: FinalOptions) -> str:
     """The study ``--params best`` reads: ``--study-name``, else the name ``dlops study run``
     gives the spec on ``--dataset`` (``resnet18-ce-digits``; the spec's own name on its own dataset)."""
     return options.study_name or spec.study_name(options.dataset)
-
-
-def find_study(url: str, name: str) -> optuna.Study | None:
-    """The study ``name`` in the storage at ``url``, or ``None`` when there is none."""
-    storage = open_storage(url)
-    names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if name not in names:
-        return None
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | None) -> ChosenParams:

@@ -39,13 +39,13 @@ from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
-from dlops.objective import EpochCallback, RunOptions, TrialInterrupted, checkpoint_path, make_objective, trial_config
+from dlops.objective import EpochCallback, RunOptions, checkpoint_path, make_objective, trial_config
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
-from dlops.stopping import SIGNAL_NAMES, GracefulStop, exit_code
+from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, exit_code
 from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
-from dlops.studies import FINISHED, StudyResult, state_counts, study_counts, summarize
+from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
 from dlops.trainers.base import resolve_device
 
@@ -653,10 +653,13 @@ def run_workers(
 def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: RunOptions) -> dict[str, int]:
     """Trial counts by state of study ``name`` ({} when it does not exist yet), once this
     run is known to be one that may join it (:func:`check_same_objective`)."""
-    counts = study_counts(storage.optuna, name)
-    if any(counts.values()):
-        check_same_objective(optuna.load_study(study_name=name, storage=storage.optuna), spec, options)
-    return counts
+    try:
+        study = optuna.load_study(study_name=name, storage=storage.optuna)
+    except KeyError:
+        return {}
+    if study.get_trials(deepcopy=False):
+        check_same_objective(study, spec, options)
+    return state_counts(study)
 
 
 def worker_main() -> int:

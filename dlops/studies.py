@@ -123,14 +123,23 @@ def list_studies(url: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def find_study(url: str, name: str) -> optuna.Study | None:
+    """The study ``name`` in the storage at ``url``, or ``None`` when there is none."""
+    storage = open_storage(url)
+    return optuna.load_study(study_name=name, storage=storage) if name in _names(storage) else None
+
+
 def load_existing_study(name: str, url: str) -> optuna.Study:
     """The study ``name`` in the storage ``url``; one line naming the studies there if it has none of that name."""
-    storage = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    if name not in names:
-        known = ", ".join(names) or "none"
+    study = find_study(url, name)
+    if study is None:
+        known = ", ".join(_names(open_storage(url))) or "none"
         raise DlopsError(f"no study named {name!r} in {mask_url(url)} (studies: {known})")
-    return optuna.load_study(study_name=name, storage=storage)
+    return study
 
 
 def describe_study(name: str, url: str) -> dict[str, Any]:
@@ -153,12 +162,3 @@ def describe_study(name: str, url: str) -> dict[str, Any]:
         for t in study.get_trials(deepcopy=False)
     ]
     return info
-
-
-def study_counts(storage: optuna.storages.BaseStorage, name: str) -> dict[str, int]:
-    """Trial counts by state of study ``name`` ({} when it does not exist yet)."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return {}
-    return state_counts(study)
