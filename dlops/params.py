@@ -18,7 +18,7 @@ import optuna
 
 from dlops.errors import DlopsError
 from dlops.paths import default_storage_url
-from dlops.spec import StudySpec
+from dlops.spec import StudySpec, check_setting_types
 from dlops.storage import mask_url
 from dlops.trainers import get_trainer
 from dlops.trainers.base import TrainerConfig
@@ -95,10 +95,12 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
         raw = raw["params"]  # an earlier final.json
     if not isinstance(raw, dict) or not raw:
         raise DlopsError(f'--params {path}: expected a JSON object of settings, e.g. {{"lr": 0.01}}')
-    fields = {f.name for f in dataclasses.fields(get_trainer(spec.trainer).config_class)}
+    config_class = get_trainer(spec.trainer).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise DlopsError(f"--params {path}: {unknown[0]!r} is not a setting of trainer {spec.trainer!r}")
+    check_setting_types(raw, config_class, f"--params {path}")
     return ChosenParams(dict(raw), {"kind": "file", "path": str(path)})
 
 

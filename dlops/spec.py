@@ -342,7 +342,9 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
     )
 
 
-def _check_types(table: dict[str, Any], config_cls: type, where: str) -> None:
+def check_setting_types(table: dict[str, Any], config_cls: type, where: str) -> None:
+    """Every key of ``table`` is a field of ``config_cls`` and its value has the field's type
+    (an int where a float is wanted is fine, a bool never stands for a number)."""
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     _check_keys(table, set(fields), where)
     for key, value in table.items():
@@ -353,7 +355,12 @@ def _check_types(table: dict[str, Any], config_cls: type, where: str) -> None:
         if isinstance(value, bool) != isinstance(default, bool):
             ok = False
         if not ok:
-            raise SpecError(f"{where}: {key} = {value!r} should be a {type(default).__name__}")
+            raise SpecError(
+                f"{where}: {key} = {value!r} should be {TYPE_WORDS.get(type(default), 'a ' + type(default).__name__)}"
+            )
+
+
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | None = None) -> StudySpec:
@@ -364,13 +371,13 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     fields = {f.name for f in dataclasses.fields(config_cls)}
 
     train = raw.get("train", {})
-    _check_types(train, config_cls, "[train]")
+    check_setting_types(train, config_cls, "[train]")
     datasets = {ds: dict(table) if isinstance(table, dict) else table for ds, table in raw.get("datasets", {}).items()}
     dataset_metrics = {}
     for ds, table in datasets.items():
         if isinstance(table, dict) and "metric" in table:
             dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
-        _check_types(table, config_cls, f"[datasets.{ds}]")
+        check_setting_types(table, config_cls, f"[datasets.{ds}]")
 
     search: dict[str, ParamSpec] = {}
     for name, table in raw.get("search", {}).items():
@@ -379,7 +386,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         search[name] = _parse_param(name, table, search)
 
     baseline = raw.get("baseline", {})
-    _check_types(baseline, config_cls, "[baseline]")
+    check_setting_types(baseline, config_cls, "[baseline]")
     for name, value in baseline.items():
         if name in search and not search[name].contains(value):
             raise SpecError(f"[baseline]: {name} = {value!r} lies outside its search range")

@@ -377,6 +377,25 @@ def test_cli_final_user_errors_are_one_line(dlops_home, args, message):
     assert not (dlops_home / "reports").exists()
 
 
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"lr": "abc"}, "lr = 'abc' should be a number"),
+        ({"lr": 0.01, "augment": 1}, "augment = 1 should be true or false"),
+        ({"lr": 0.01, "epochs": 2.5}, "epochs = 2.5 should be an integer"),
+    ],
+)
+def test_cli_final_refuses_a_params_file_of_the_wrong_types(dlops_home, tmp_path, params, message):
+    from dlops.cli import app
+
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    result = CliRunner().invoke(app, ["final", "--loss", "ce", "--dataset", "digits", "--params", str(path)])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not (dlops_home / "reports").exists()
+
+
 def write_ae_spec(directory: Path) -> Path:
     path = directory / "tiny-ae.toml"
     path.write_text(

@@ -59,7 +59,7 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"search": {"lr": {"low": 1e-1, "high": 1e-4}}}, "low (0.1) > high (0.0001)"),
         ({"train": {"loss": "hinge"}}, "unknown loss 'hinge'"),
         ({"baseline": {"lr": 5.0}}, "outside its search range"),
-        ({"train": {"epochs": "ten"}}, "epochs = 'ten' should be a int"),
+        ({"train": {"epochs": "ten"}}, "epochs = 'ten' should be an integer"),
         ({"search": {"lr": {"type": "complex"}}}, "unknown type 'complex'"),
         ({"search": {"lr": REMOVE, "lr_decay": Add(GOOD["search"]["lr"])}}, "'lr_decay' is not a setting"),
         ({"search": {"lr": {"low2": Add(3)}}}, "unknown key 'low2' in [search.lr]"),
