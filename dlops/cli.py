@@ -257,7 +257,8 @@ def study_list(storage: StorageOpt = None) -> None:
     from dlops.paths import default_storage_url
     from dlops.studies import list_studies
 
-    out.print_study_list(list_studies(storage or default_storage_url()))
+    url = storage or default_storage_url()
+    out.print_study_list(list_studies(url), url)
 
 
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")

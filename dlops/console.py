@@ -57,9 +57,9 @@ def print_study_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_study_list(rows: list[dict[str, Any]]) -> None:
+def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
     if not rows:
-        console.print("no studies yet")
+        console.print(f"no studies yet in {mask_url(url)}", markup=False, highlight=False, soft_wrap=True)
         return
     table = Table("study", "trials", "complete", "pruned", "fail", "best")
     for r in rows:

@@ -115,7 +115,7 @@ def dashboard_app(url: str):
     """optuna-dashboard's WSGI app on the study storage, with dlops's artifact store."""
     import optuna_dashboard
 
-    storage = open_storage(url)
+    storage = open_storage(url, create=False)  # a mistyped path: one line, no new database
     artifacts = artifacts_dir()
     artifacts.mkdir(parents=True, exist_ok=True)
     return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))

@@ -26,7 +26,7 @@ from dlops.errors import SpecError
 from dlops.io import write_text_atomic
 from dlops.paths import default_storage_url, reports_dir
 from dlops.spec import builtin_specs, load_spec
-from dlops.storage import mask_url, open_storage
+from dlops.storage import NoStorageYet, mask_url, open_storage
 from dlops.studies import epochs_summary
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
@@ -290,8 +290,13 @@ class ReportResult:
 def _entries(url: str) -> list[Entry]:
     """Every spec with a reference run or a study: built-in names first."""
 
-    storage = open_storage(url)
-    studies = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    try:
+        storage: optuna.storages.BaseStorage | None = open_storage(url, create=False)
+    except NoStorageYet:  # reference runs only: no study has run with this storage
+        storage = None
+    studies = (
+        {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)} if storage else set()
+    )
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
     builtin = builtin_specs()
 
@@ -317,7 +322,7 @@ def _entries(url: str) -> list[Entry]:
     for name in names:
         final = load_final(name)
         study_name = study_of(name)
-        study = optuna.load_study(study_name=study_name, storage=storage) if study_name else None
+        study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
         if name in builtin:

@@ -19,6 +19,10 @@ In ``sqlite:`` and ``journal:`` URLs a path with ``?``, ``%`` or ``#`` is percen
 (``%3F``, ``%25``, ``%23``), as the default URL under ``$DLOPS_HOME`` is; a password with
 ``@`` in a SQL URL is written ``%40``.
 Every message that may show a URL goes through :func:`mask_url`.
+
+Commands that only read (``study list``, ``study show``, ``report``, ``dashboard``, ``final
+--params best``) open a storage with ``create=False``: a SQLite or journal file that does
+not exist is not created (a mistyped ``--storage`` path leaves nothing behind, and says so).
 """
 
 from __future__ import annotations
@@ -109,6 +113,21 @@ def sqlite_path(url: str) -> Path | None:
 
     database = make_url(url).database
     return Path(database) if database not in (None, "", ":memory:") else None
+
+
+class NoStorageYet(StorageError):
+    """A SQLite or journal storage whose file does not exist, opened to read."""
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a SQLite or journal storage lives in (None for a server or in-memory one)."""
+    kind = storage_kind(url)
+    if kind == "sqlite":
+        _check_sqlite_url(url)
+        return sqlite_path(url)
+    if kind == "journal":
+        return journal_path(url).absolute()
+    return None
 
 
 def _check_sqlite_url(url: str) -> None:
@@ -262,8 +281,13 @@ class StudyStorage:
         return _NoLock()  # another SQL database: best effort (no cross-worker lock)
 
 
-def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None) -> StudyStorage:
+def connect(
+    url: str, *, create: bool = True, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> StudyStorage:
     """Open ``url`` (see the module docstring for the forms).
+
+    With ``create=False`` a SQLite or journal file that does not exist raises
+    :class:`NoStorageYet` instead of being created (with its folders).
 
     For RDB storages other than SQLite, ``heartbeat_interval`` (seconds) turns on Optuna's
     heartbeats: a trial whose worker stops beating for ``grace_period`` seconds (default
@@ -276,6 +300,13 @@ def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: in
         # SQLAlchemy splits at the first '@' and would send the rest of the password out as
         # the host name (and print it in the driver's error).
         raise StorageError(f"the password in {mask_url(url)} contains '@': write it as %40 in the URL")
+    if not create:
+        path = storage_file(url)
+        if path is not None and not path.exists():
+            raise NoStorageYet(
+                f"no study storage at {path}: nothing has run with {mask_url(url)} yet "
+                "(check --storage, $DLOPS_STORAGE and $DLOPS_HOME)"
+            )
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -325,5 +356,5 @@ def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: 
 
 
 def open_storage(url: str, **kwargs: Any) -> optuna.storages.BaseStorage:
-    """The Optuna storage for ``url`` (see :func:`connect`)."""
+    """The Optuna storage for ``url`` (see :func:`connect`; ``create=False`` to only read)."""
     return connect(url, **kwargs).optuna

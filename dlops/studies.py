@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError
-from dlops.storage import mask_url, open_storage
+from dlops.storage import NoStorageYet, mask_url, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -106,8 +106,12 @@ def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
 
 
 def list_studies(url: str) -> list[dict[str, Any]]:
-    """One row per study in the storage ``url``: name, trial count, states, best value."""
-    storage = open_storage(url)
+    """One row per study in the storage ``url``: name, trial count, states, best value
+    (none where its file does not exist yet; nothing is created)."""
+    try:
+        storage = open_storage(url, create=False)
+    except NoStorageYet:
+        return []
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
         study = optuna.load_study(study_name=s.study_name, storage=storage)
@@ -128,18 +132,23 @@ def _names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def find_study(url: str, name: str) -> optuna.Study | None:
-    """The study ``name`` in the storage at ``url``, or ``None`` when there is none."""
-    storage = open_storage(url)
+    """The study ``name`` in the storage at ``url``, or ``None`` when there is none (also
+    when the storage's file does not exist: it is not created)."""
+    try:
+        storage = open_storage(url, create=False)
+    except NoStorageYet:
+        return None
     return optuna.load_study(study_name=name, storage=storage) if name in _names(storage) else None
 
 
 def load_existing_study(name: str, url: str) -> optuna.Study:
-    """The study ``name`` in the storage ``url``; one line naming the studies there if it has none of that name."""
-    study = find_study(url, name)
-    if study is None:
-        known = ", ".join(_names(open_storage(url))) or "none"
-        raise DlopsError(f"no study named {name!r} in {mask_url(url)} (studies: {known})")
-    return study
+    """The study ``name`` in the storage ``url``; one line naming the studies there if it has
+    none of that name, or naming the file if the storage does not exist (nothing is created)."""
+    storage = open_storage(url, create=False)
+    names = _names(storage)
+    if name not in names:
+        raise DlopsError(f"no study named {name!r} in {mask_url(url)} (studies: {', '.join(names) or 'none'})")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def describe_study(name: str, url: str) -> dict[str, Any]:

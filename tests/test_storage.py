@@ -161,6 +161,37 @@ def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_home: Path, tmp_path: Path) -> None:
+    """A mistyped --storage path: the read-only commands say so and leave no file or folder."""
+    from dlops.dashboard import dashboard_app
+    from dlops.report import build_report
+    from dlops.storage import journal_url
+    from dlops.studies import find_study
+
+    missing = tmp_path / "typo" / ("x.db" if kind == "sqlite" else "x.log")
+    url = f"sqlite:///{missing}" if kind == "sqlite" else journal_url(missing)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["study", "list", "--storage", url])
+    assert listed.exit_code == 0 and f"no studies yet in {url}" in listed.output
+    shown = runner.invoke(app, ["study", "show", "s", "--storage", url])
+    assert shown.exit_code == 2 and f"no study storage at {missing}" in shown.output
+    assert "Traceback" not in shown.output and len(shown.output.strip().splitlines()) == 1
+    replayed = runner.invoke(app, ["study", "replay", "s", "--storage", url])
+    assert replayed.exit_code == 2 and "no study storage at" in replayed.output
+    final = runner.invoke(app, ["final", "--loss", "ce", "--storage", url])
+    assert final.exit_code == 2 and "no study named 'resnet18-ce'" in final.output
+    assert find_study(url, "s") is None
+    with pytest.raises(StorageError, match="no study storage at"):
+        dashboard_app(url)
+    assert build_report(storage=url).entries == []  # no reference run, no study
+    assert not (tmp_path / "typo").exists()
+    # The same URL, written to, is created as before.
+    optuna.create_study(study_name="s", storage=connect(url).optuna)
+    assert missing.is_file()
+    assert [r["name"] for r in list_studies(url)] == ["s"] and find_study(url, "s") is not None
+
+
 @pytest.mark.parametrize("folder", ["c9q?x", "p%q", "a%41b", "h#sh", "sp ace%3F"])
 def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(
     folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
