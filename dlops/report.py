@@ -226,14 +226,19 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
                 + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']})"
                 + f" | {_fmt_seconds(s['train_seconds'])} |"
             )
-        lines.append(
-            "| **mean ± std** | "
-            + " | ".join(
-                "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}" for k in keys
+        if len(final["per_seed"]) > 1:  # one seed has no spread to show
+            lines.append(
+                "| **mean ± std** | "
+                + " | ".join(
+                    "–" if final["mean"].get(k) is None else f"{final['mean'][k]:.4f} ± {final['std'][k]:.4f}"
+                    for k in keys
+                )
+                + " | | | |"
             )
-            + " | | | |"
-        )
-        lines += ["", "Standard deviation: sample (n-1) over seeds.", "", "![training curves](curves.png)", ""]
+            lines += ["", "Standard deviation: sample (n-1) over seeds."]
+        else:
+            lines += ["", "One seed: no spread over seeds (`--seeds N` for a mean ± std)."]
+        lines += ["", "![training curves](curves.png)", ""]
         trainer = trainer_of(final.get("trainer"))
         if trainer is not None:
             for table in trainer.report_tables(final):

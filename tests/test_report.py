@@ -197,6 +197,13 @@ def test_spec_report_tables_every_seed(dlops_home):
     assert "train 1293, validation 143, test 361" in text and "the spec's baseline" in text
 
 
+def test_a_one_seed_report_shows_no_spread(dlops_home):
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.5]))
+    text = write_spec_report("resnet18-ce", None).read_text()
+    assert "| 0 | 0.2500 | 0.5000 | 0.5000 | 3 (0) | 10 s |" in text
+    assert "**mean ± std**" not in text and "± 0.0000" not in text and "One seed: no spread" in text
+
+
 def test_cli_report_on_an_empty_storage(dlops_home):
     from dlops.cli import app
 
