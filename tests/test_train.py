@@ -156,3 +156,33 @@ def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
 def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
     run = fit(small("ce", epochs=1))
     assert "triplet_violated" not in run.history
+
+
+def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlops.trainers import resnet
+    from dlops.trainers.resnet import validate_config, warmup_factor
+
+    config = small("ce", warmup_epochs=2, epochs=4)
+    factors = [warmup_factor(config, e, s, 3) for e in range(3) for s in range(3)]
+    assert factors == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0, 1.0])
+    assert warmup_factor(small("ce"), 0, 0, 3) == 1.0  # no warm-up by default
+
+    # The optimizer really runs at those rates: record the lr of every step.
+    seen: list[float] = []
+    real_step = resnet.train_step
+
+    def recording_step(net, loss_fn, optimizer, *args):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return real_step(net, loss_fn, optimizer, *args)
+
+    monkeypatch.setattr(resnet, "train_step", recording_step)
+    result = fit(config)
+    steps = len(seen) // config.epochs
+    ramp = [config.lr * resnet._lr_factor(config, i // steps) * (i + 1) / (2 * steps) for i in range(2 * steps)]
+    assert seen[: 2 * steps] == pytest.approx(ramp)
+    assert seen[2 * steps :] == pytest.approx(
+        [config.lr * resnet._lr_factor(config, 2 + i // steps) for i in range(2 * steps)]
+    )
+    assert result.history["lr"] == pytest.approx([config.lr * resnet._lr_factor(config, e) for e in range(4)])
+    with pytest.raises(DlopsError, match="warmup_epochs must be 0"):
+        validate_config(small("ce", warmup_epochs=-1))

@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     lr_schedule: str = "cosine"  # "cosine" (per epoch, to 0 after the last) or "constant"
+    warmup_epochs: int = 0  # a linear ramp of the lr, step by step, over the first N epochs (0: none)
     margin: float = 0.2  # triplet hinge margin (unused with triplet_soft)
     triplet_soft: bool = False  # triplet: soft margin softplus(d_ap - d_an) instead of the hinge
     normalize_embedding: bool = True  # triplet: L2-normalise embeddings before distances
@@ -171,6 +172,14 @@ def _lr_factor(config: TrainConfig, epoch: int) -> float:
     raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
 
 
+def warmup_factor(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The linear warm-up's share of the scheduled lr at ``step`` of ``epoch``: it rises by
+    equal steps to 1 at the last step of epoch ``warmup_epochs - 1``, and is 1 after."""
+    if epoch >= config.warmup_epochs:
+        return 1.0
+    return (epoch * steps_per_epoch + step + 1) / (config.warmup_epochs * steps_per_epoch)
+
+
 def fit(
     config: TrainConfig,
     report: ReportFn | None = None,
@@ -254,7 +263,11 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         embeddings, labels = [], []
+        steps_per_epoch = len(train_loader)
         for step, (x, y) in enumerate(train_loader):
+            if epoch < config.warmup_epochs:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * warmup_factor(config, epoch, step, steps_per_epoch)
             loss, embedding, logits = train_step(net, loss_fn, optimizer, x, y, device)
             loss_sum += loss.detach() * len(y)
             seen += len(y)
@@ -329,6 +342,8 @@ def validate_config(config: TrainConfig) -> None:
             raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.lr <= 0:
         raise DlopsError(f"lr must be positive, got {config.lr}")
+    if config.warmup_epochs < 0:
+        raise DlopsError(f"warmup_epochs must be 0 (none) or positive, got {config.warmup_epochs}")
 
 
 def _test_figures(
