@@ -3,8 +3,11 @@
 Each run is ``dlops.trainers.resnet.fit`` (ResNet18, SGD momentum 0.9, cosine schedule, seed 0)
 on the first ``--classes`` classes and the first ``--per-class`` training images of
 each, validated on the hold-out, then tested once on the official val images of
-those classes. Every loss gets the same epochs, batch size and width and the same
-small lr sweep; every other setting comes from the loss's study spec
+those classes; after training, each model is also scored several ways (nearest centroid
+from 50 or all images per class, Euclidean or cosine; a linear probe on the pooled
+backbone feature; batch-hard figures of the test embeddings), cross-entropy's pooled
+feature included, so the losses' representations compare directly. Every loss gets the
+same epochs, batch size and width and the same small lr sweep; every other setting comes from the loss's study spec
 (``study/resnet18-LOSS.toml``: its ``[train]`` and ``[baseline]``, e.g. the triplet
 embedding head and margin, the center-loss lambda and alpha). A table goes to stdout
 and every run (config, history, test figures, seconds) to ``--out`` as JSON.
@@ -29,10 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
-from dlops.data import get_dataset, take_subset
+from dlops.data import Split, first_per_class, get_dataset, take_subset
+from dlops.data.loader import BatchLoader
+from dlops.losses import batch_hard_distances
+from dlops.metrics import class_centroids, topk_accuracy
 from dlops.paths import data_root
 from dlops.spec import load_spec
+from dlops.trainers.base import autocast
 from dlops.trainers.resnet import TrainConfig, evaluate, fit
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}  # what --set may change
@@ -65,6 +73,89 @@ def parse_sets(items: list[str]) -> dict[str | None, dict[str, Any]]:
         if key not in CONFIG_FIELDS:
             raise SystemExit(f"--set {key}: not a TrainConfig field")
         out.setdefault(loss or None, {})[key] = parse_value(key, text)
+    return out
+
+
+@torch.no_grad()
+def embed(result: Any, split: Split, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eval-mode features of ``split``: the embedding in the space the loss scores
+    (normalised where the loss normalises; for a model with a classifier its pooled feature,
+    normalised), the pooled backbone feature (before any embedding head), and the labels."""
+    model, device = result.model, result.device
+    model.eval()
+    embs, pooled, labels = [], [], []
+    hook = model.head.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0].float()))
+    try:
+        for x, y in BatchLoader(split, result.config.eval_batch_size, mean, std, device):
+            with autocast(device):
+                e, _ = model(x)
+            e = e.float()
+            scored = result.loss_fn.scored_by == "centroids"
+            embs.append(result.loss_fn.scoring_embedding(e) if scored else F.normalize(e, dim=1))
+            labels.append(y)
+    finally:
+        hook.remove()
+    return torch.cat(embs), torch.cat(pooled), torch.cat(labels)
+
+
+def linear_probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+) -> dict[int, float]:
+    """Test top-1/top-5 of a multinomial logistic regression (scikit-learn, fixed settings)
+    fitted on frozen, standardised features: how linearly separable a backbone left them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x.cpu().numpy())
+    clf = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(train_x.cpu().numpy()), train_y.cpu().numpy())
+    scores = torch.from_numpy(clf.decision_function(scaler.transform(test_x.cpu().numpy())))
+    return topk_accuracy(scores, test_y.cpu())
+
+
+def batch_hard_on(
+    e: torch.Tensor, y: torch.Tensor, k: int = 6, batches: int = 50, margin: float = 0.2
+) -> dict[str, float]:
+    """Batch-hard figures of fixed embeddings ``e`` over ``batches`` random P x K batches
+    (P = every class, K = ``k``; seed 0): the share of anchors whose hardest triplet violates
+    ``margin``, and the mean hardest-positive and hardest-negative distances. On a model
+    trained with cross-entropy it says how far its (normalised) features are from what the
+    triplet loss asks for."""
+    gen = torch.Generator().manual_seed(0)
+    by_class = [torch.nonzero(y.cpu() == c).flatten() for c in range(int(y.max()) + 1)]
+    rows = []
+    for _ in range(batches):
+        idx = torch.cat([c[torch.randperm(len(c), generator=gen)[:k]] for c in by_class if len(c) >= 2])
+        d_ap, d_an, valid = batch_hard_distances(e[idx.to(e.device)], y[idx.to(y.device)])
+        rows.append(
+            torch.stack([((d_ap + margin) >= d_an)[valid].float().mean(), d_ap[valid].mean(), d_an[valid].mean()])
+        )
+    violated, pos, neg = torch.stack(rows).mean(0).tolist()
+    return {"violated": violated, "pos_dist": pos, "neg_dist": neg}
+
+
+def centroid_scoring(result: Any, train: Split, test: Split, mean: Any, std: Any) -> dict[str, float]:
+    """Test top-1/top-5 from one trained model, several ways: by nearest class centroid with
+    centroids of the first 50 training images of each class or of all, compared by Euclidean
+    distance (the mean of the normalised embeddings as it is) or by cosine (the mean
+    re-normalised); and a linear probe on the pooled backbone feature. A model with a
+    classifier has its pooled feature scored by centroids the same way, to compare."""
+    train_e, train_f, train_y = embed(result, train, mean, std)
+    test_e, test_f, test_y = embed(result, test, mean, std)
+    n = int(train_y.max()) + 1
+    out: dict[str, float] = {}
+    first50 = torch.from_numpy(first_per_class(train_y.cpu().numpy(), 50)).to(train_y.device)
+    for cap_name, keep in (("50", first50), ("all", None)):
+        e, y = (train_e, train_y) if keep is None else (train_e[keep], train_y[keep])
+        c = class_centroids(e, y, n)
+        for how, scores in (
+            ("euclid", -torch.cdist(test_e, c)),
+            ("cosine", test_e @ F.normalize(c, dim=1).T),
+        ):
+            acc = topk_accuracy(scores, test_y)
+            out[f"{how}_{cap_name}_top1"], out[f"{how}_{cap_name}_top5"] = acc[1], acc[5]
+    probe = linear_probe(train_f, train_y, test_f, test_y)
+    out["probe_top1"], out["probe_top5"] = probe[1], probe[5]
+    out.update({f"test_batch_hard_{k}": v for k, v in batch_hard_on(test_e, test_y).items()})
     return out
 
 
@@ -136,6 +227,7 @@ def main() -> None:
 
             result = fit(config, report=show, dataset=dataset)
             t = evaluate(result.model, result.loss_fn, test, mean, std, result.device, config.eval_batch_size)
+            scoring = centroid_scoring(result, dataset.train, test, mean, std)
             row = {
                 "tag": args.tag,
                 "loss": loss,
@@ -144,6 +236,7 @@ def main() -> None:
                 "test_top1": t["top1"],
                 "test_top5": t["top5"],
                 "best_val_top5": max(result.history["val_top5"]),
+                "centroid_scoring": scoring,
                 "seconds": time.perf_counter() - t0,
                 "history": result.history,
                 "config": dataclasses.asdict(config),
@@ -152,6 +245,21 @@ def main() -> None:
             print(
                 f"{loss:8s} lr={lr:<6g} {overrides} test top-1 {t['top1']:.3f} top-5 {t['top5']:.3f} "
                 f"({row['seconds']:.0f}s)",
+                flush=True,
+            )
+            print(
+                "  by centroid, test top-1 / top-5: "
+                + ", ".join(
+                    f"{how} {cap}: {scoring[f'{how}_{cap}_top1']:.3f} / {scoring[f'{how}_{cap}_top5']:.3f}"
+                    for how in ("euclid", "cosine")
+                    for cap in ("50", "all")
+                )
+                + f"; linear probe on the pooled feature: {scoring['probe_top1']:.3f} / {scoring['probe_top5']:.3f}"
+                + "; batch-hard on test (20 x 6, margin 0.2): violated {:.3f}, pos / neg dist {:.3f} / {:.3f}".format(
+                    scoring["test_batch_hard_violated"],
+                    scoring["test_batch_hard_pos_dist"],
+                    scoring["test_batch_hard_neg_dist"],
+                ),
                 flush=True,
             )
 
