@@ -72,6 +72,7 @@ from dlops.trainers.base import (
     NonFiniteLossError,
     Trainer,
     TrainerConfig,
+    config_defaults,
     config_differences,
     resolve_device,
 )
@@ -163,7 +164,7 @@ def _check_checkpoint(path: Path, config: TrainerConfig, say: Say | None = None)
     saved = state.get("config") if isinstance(state, dict) else None
     if isinstance(saved, dict):
         now = config.to_dict()
-        changed = config_differences(saved, now)
+        changed = config_differences(saved, now, config_defaults(config))
         if changed:
             k = changed[0]
             raise DlopsError(

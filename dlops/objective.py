@@ -30,7 +30,7 @@ from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
 from dlops.text import plural
 from dlops.trainers import get_trainer
-from dlops.trainers.base import NonFiniteLossError, TrainerConfig, config_matches
+from dlops.trainers.base import NonFiniteLossError, TrainerConfig, config_defaults, config_matches
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
 
@@ -124,7 +124,7 @@ def checkpointed_epochs(path: Path, config: TrainerConfig, say: Callable[[str], 
     if not isinstance(state, dict):
         return None
     saved, now = state.get("config"), config.to_dict()
-    if isinstance(saved, dict) and isinstance(now, dict) and not config_matches(saved, now):
+    if isinstance(saved, dict) and isinstance(now, dict) and not config_matches(saved, now, config_defaults(config)):
         remove_checkpoint(path)
         return None
     epoch = state.get("epoch")

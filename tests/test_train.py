@@ -186,3 +186,24 @@ def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch:
     assert result.history["lr"] == pytest.approx([config.lr * resnet._lr_factor(config, e) for e in range(4)])
     with pytest.raises(DlopsError, match="warmup_epochs must be 0"):
         validate_config(small("ce", warmup_epochs=-1))
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_default(tmp_path: Path) -> None:
+    from dlops.io import save_checkpoint
+
+    config = small("ce", epochs=2)
+    ckpt = tmp_path / "ckpt.pt"
+
+    def stop_after_first(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(config, report=stop_after_first, checkpoint_path=ckpt)
+    state = load_checkpoint(ckpt)
+    del state["config"]["warmup_epochs"]  # as written before the setting existed
+    save_checkpoint(state, ckpt)
+    assert fit(config, checkpoint_path=ckpt).start_epoch == 1  # its default, 0: the same run
+    save_checkpoint(state, ckpt)
+    with pytest.raises(DlopsError, match="differs in warmup_epochs"):
+        fit(config.replace(warmup_epochs=1), checkpoint_path=ckpt)

@@ -10,6 +10,7 @@ extra progress lines, already formatted, to ``progress(line)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
@@ -191,15 +192,22 @@ def evaluate(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+def config_defaults(config: Any) -> dict[str, Any]:
+    """The default of every field of a config dataclass that has one."""
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
     """The settings (sorted) in which two configs differ, those of
-    :data:`RESUMABLE_DIFFERENCES` aside."""
+    :data:`RESUMABLE_DIFFERENCES` aside. A setting that ``saved`` lacks (a checkpoint made
+    before the setting existed) counts as its default from ``defaults``."""
+    saved = {**(defaults or {}), **saved}
     return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
 
 
-def config_matches(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+def config_matches(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
     """Whether a checkpoint made with config ``saved`` may resume a run of config ``now``."""
-    return not config_differences(saved, now)
+    return not config_differences(saved, now, defaults)
 
 
 def save_state(path: Path, config: TrainerConfig, epoch: int, **state: Any) -> None:
@@ -214,7 +222,7 @@ def load_state(path: Path | None, config: TrainerConfig, map_location: Any = "cp
     if path is None or not Path(path).exists():
         return None
     state = load_checkpoint(path, map_location=map_location)
-    changed = config_differences(state["config"], config.to_dict())
+    changed = config_differences(state["config"], config.to_dict(), config_defaults(config))
     if changed:
         raise DlopsError(f"checkpoint {path} belongs to another configuration (differs in {', '.join(changed)})")
     return state
