@@ -153,6 +153,22 @@ def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
     assert run.metrics["val_top1"] > 0.9
 
 
+def test_the_margin_changes_the_run_once_triplets_are_satisfied() -> None:
+    # Easy data, as above: once anchors satisfy their hardest triplet, the hinge switches
+    # off for them at a distance gap that depends on the margin, so a larger margin drives
+    # the negatives farther beyond the positives. (On hard data, where every hardest triplet
+    # stays violated, the hinge is margin + d_ap - d_an for every anchor and the margin
+    # only shifts the loss.)
+    gaps = {}
+    for margin in (0.05, 1.0):
+        h = fit(
+            small("triplet", subset_classes=4, subset_per_class=None, augment=False, lr=0.2, epochs=3, margin=margin)
+        ).history
+        assert h["triplet_violated"][-1] < h["triplet_violated"][0]
+        gaps[margin] = h["triplet_neg_dist"][-1] - h["triplet_pos_dist"][-1]
+    assert gaps[1.0] > gaps[0.05] + 0.2, gaps
+
+
 def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
     run = fit(small("ce", epochs=1))
     assert "triplet_violated" not in run.history
