@@ -39,3 +39,20 @@ def requires_tiny_imagenet_sample():
         not TINY_IMAGENET_SAMPLE.exists(),
         reason=TINY_IMAGENET_SAMPLE_MISSING,
     )
+
+
+class StopAfterFirstEpoch(Exception):
+    pass
+
+
+def checkpoint_after_one_epoch(config, path: Path) -> None:
+    """Train ``config`` with its checkpoint at ``path`` and stop after the first epoch, as
+    an interruption would."""
+    from dlops.trainers.resnet import fit
+
+    def stop(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            raise StopAfterFirstEpoch
+
+    with pytest.raises(StopAfterFirstEpoch):
+        fit(config, report=stop, checkpoint_path=path)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_IMAGENET_SAMPLE
+from conftest import TINY_IMAGENET_SAMPLE, checkpoint_after_one_epoch
 from dlops.data import Split, get_dataset
 from dlops.data.loader import BatchLoader
 from dlops.io import load_checkpoint
@@ -44,10 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST_LOSS_RTOL = 0.01  # epoch 0 training loss
 LOSS_RTOL = 0.05  # every epoch's training loss
 TOP5_ATOL = 0.03  # every epoch's validation top-5 (30 of the sample's 1,000 images)
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +188,7 @@ def test_a_checkpoint_written_on_cuda_resumes_on_cuda_and_on_the_cpu(loss: str, 
     config = _digits(loss, "cuda")
     full = fit(config)
     ckpt = tmp_path / "ckpt.pt"
-
-    def stop_after_first(epoch: int, metrics: dict) -> None:
-        if epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(config, report=stop_after_first, checkpoint_path=ckpt)
+    checkpoint_after_one_epoch(config, ckpt)
     state = load_checkpoint(ckpt, map_location="cpu")
     assert next(iter(load_checkpoint(ckpt, map_location=None)["model"].values())).is_cuda  # written from the GPU
     on_cpu = tmp_path / "ckpt-cpu.pt"

@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import checkpoint_after_one_epoch
 from dlops.errors import DlopsError
 from dlops.io import load_checkpoint
 from dlops.trainers.base import resolve_device
 from dlops.trainers.resnet import TrainConfig, fit
-
-
-class Stop(Exception):
-    pass
 
 
 def small(loss: str, **kw) -> TrainConfig:
@@ -40,13 +37,7 @@ def test_resume_from_checkpoint_gives_the_same_result_as_an_uninterrupted_run(lo
     full = fit(config)
 
     ckpt = tmp_path / "ckpt.pt"
-
-    def stop_after_first(epoch: int, metrics: dict) -> None:
-        if epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(config, report=stop_after_first, checkpoint_path=ckpt)
+    checkpoint_after_one_epoch(config, ckpt)
     assert ckpt.exists()
     reported = []
     resumed = fit(config, report=lambda e, m: reported.append(e), checkpoint_path=ckpt)
@@ -209,13 +200,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_def
 
     config = small("ce", epochs=2)
     ckpt = tmp_path / "ckpt.pt"
-
-    def stop_after_first(epoch: int, metrics: dict) -> None:
-        if epoch == 0:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(config, report=stop_after_first, checkpoint_path=ckpt)
+    checkpoint_after_one_epoch(config, ckpt)
     state = load_checkpoint(ckpt)
     del state["config"]["warmup_epochs"]  # as written before the setting existed
     save_checkpoint(state, ckpt)
