@@ -244,7 +244,9 @@ def versions(args: argparse.Namespace) -> int:
 
 
 def write_spec(args: argparse.Namespace) -> int:
-    """The built-in ``resnet18-LOSS`` spec, with extra ``[train]`` settings (a CPU rehearsal's width)."""
+    """The built-in ``resnet18-LOSS`` spec, with extra ``[train]`` settings (a CPU rehearsal's width).
+    A table after ``[train]`` that sets one of them too (``[datasets.digits]``: ``width = 16``)
+    gets the same value, so the setting holds on every dataset."""
     text = (ROOT / "study" / f"resnet18-{args.loss}.toml").read_text()
     head, train = text.split("\n[train]", 1)
     train, sep, rest = train.partition("\n[")  # the [train] table alone
@@ -255,10 +257,12 @@ def write_spec(args: argparse.Namespace) -> int:
     ):
         if value:
             line = f"{key} = {value}"
-            train, found = re.subn(rf"(?m)^{key}\s*=.*$", line, train, count=1)
+            pattern = rf"(?m)^{key}\s*=.*$"
+            train, found = re.subn(pattern, line, train, count=1)
             if not found:  # a new line right under the [train] header (and its comment)
                 first, nl, body = train.partition("\n")
                 train = f"{first}{nl}{line}\n{body}"
+            rest = re.sub(pattern, line, rest)
     Path(args.out).write_text(head + "\n[train]" + train + sep + rest)
     return 0
 
