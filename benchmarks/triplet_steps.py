@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from dlops.data import get_dataset, take_subset
-from dlops.data.loader import BatchLoader, pk_shape
+from dlops.losses import LOSSES
 from dlops.paths import data_root
 from dlops.spec import load_spec
-from dlops.trainers.resnet import TrainConfig, build_model_and_loss, fit
+from dlops.trainers.resnet import TrainConfig, build_model_and_loss, fit, training_loader
 
 
 def block_of(name: str) -> str:
@@ -52,7 +52,6 @@ def main() -> None:
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lrs.split(","))}
 
     dataset = take_subset(get_dataset("tiny-imagenet", data_root()), args.classes, args.per_class)
-    mean, std = dataset.channel_stats()
     device = torch.device("cpu")
     ratios: dict[str, dict[str, float]] = {}
     for loss, lr in lrs.items():
@@ -70,16 +69,9 @@ def main() -> None:
         torch.manual_seed(config.seed)
         model, loss_fn = build_model_and_loss(config, dataset, device)
         model.train()
-        loader = BatchLoader(
-            dataset.train,
-            config.batch_size,
-            mean,
-            std,
-            device,
-            shuffle=True,
-            augment=True,
-            seed=config.seed,
-            pk=pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class),
+        # The triplet loss's P x K batches for every loss, so both see the same images.
+        loader = training_loader(
+            config.replace(loss="triplet"), dataset, LOSSES["triplet"](dataset.num_classes, 1), device
         )
         sums: dict[str, list[float]] = {}
         backbone = []

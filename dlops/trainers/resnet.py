@@ -135,6 +135,26 @@ def train_step(
     return loss, embedding, logits
 
 
+def training_loader(config: TrainConfig, dataset: Dataset, loss_fn: Loss, device: torch.device) -> BatchLoader:
+    """The shuffled, augmented training batches of ``fit`` (P x K for a loss that needs them)."""
+    mean, std = dataset.channel_stats()
+    pk = pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class) if loss_fn.needs_pk else None
+    return BatchLoader(
+        dataset.train,
+        config.batch_size,
+        mean,
+        std,
+        device,
+        shuffle=True,
+        augment=config.augment,
+        hflip=dataset.hflip,
+        crop_padding=dataset.crop_padding,
+        seed=config.seed,
+        pk=pk,
+        channels_last=device.type == "cuda",
+    )
+
+
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile(model)``: the compiled module shares the parameters and buffers of
     ``model`` (its ``state_dict`` keys gain an ``_orig_mod.`` prefix, so checkpoints are
@@ -216,21 +236,7 @@ def fit(
         weight_decay=config.weight_decay,
         nesterov=config.nesterov and config.momentum > 0,
     )
-    pk = pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class) if loss_fn.needs_pk else None
-    train_loader = BatchLoader(
-        dataset.train,
-        config.batch_size,
-        mean,
-        std,
-        device,
-        shuffle=True,
-        augment=config.augment,
-        hflip=dataset.hflip,
-        crop_padding=dataset.crop_padding,
-        seed=config.seed,
-        pk=pk,
-        channels_last=device.type == "cuda",
-    )
+    train_loader = training_loader(config, dataset, loss_fn, device)
     centroid_split: Split | None = None  # the images the centroids come from (triplet)
     if loss_fn.scored_by == "centroids":
         cap = config.centroid_images_per_class
