@@ -255,7 +255,8 @@ def main() -> None:
                     for cap in ("50", "all")
                 )
                 + f"; linear probe on the pooled feature: {scoring['probe_top1']:.3f} / {scoring['probe_top5']:.3f}"
-                + "; batch-hard on test (20 x 6, margin 0.2): violated {:.3f}, pos / neg dist {:.3f} / {:.3f}".format(
+                + "; batch-hard on test ({} x 6, margin 0.2): violated {:.3f}, pos / neg dist {:.3f} / {:.3f}".format(
+                    dataset.num_classes,
                     scoring["test_batch_hard_violated"],
                     scoring["test_batch_hard_pos_dist"],
                     scoring["test_batch_hard_neg_dist"],
