@@ -52,6 +52,7 @@ def main() -> None:
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lrs.split(","))}
 
     dataset = take_subset(get_dataset("tiny-imagenet", data_root()), args.classes, args.per_class)
+    mean, std = dataset.channel_stats()
     device = torch.device("cpu")
     ratios: dict[str, dict[str, float]] = {}
     for loss, lr in lrs.items():
@@ -69,10 +70,9 @@ def main() -> None:
         torch.manual_seed(config.seed)
         model, loss_fn = build_model_and_loss(config, dataset, device)
         model.train()
-        # The triplet loss's P x K batches for every loss, so both see the same images.
-        loader = training_loader(
-            config.replace(loss="triplet"), dataset, LOSSES["triplet"](dataset.num_classes, 1), device
-        )
+        # fit's own P x K batches (the triplet loss's) for every loss: both see the same images.
+        pk_loss = LOSSES["triplet"](dataset.num_classes, 1)
+        loader = training_loader(config, dataset, pk_loss, mean, std, device)
         sums: dict[str, list[float]] = {}
         backbone = []
         for i, (x, y) in enumerate(loader):

@@ -342,6 +342,9 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
     )
 
 
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}  # for messages
+
+
 def check_setting_types(table: dict[str, Any], config_cls: type, where: str) -> None:
     """Every key of ``table`` is a field of ``config_cls`` and its value has the field's type
     (an int where a float is wanted is fine, a bool never stands for a number)."""
@@ -358,9 +361,6 @@ def check_setting_types(table: dict[str, Any], config_cls: type, where: str) -> 
             raise SpecError(
                 f"{where}: {key} = {value!r} should be {TYPE_WORDS.get(type(default), 'a ' + type(default).__name__)}"
             )
-
-
-TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | None = None) -> StudySpec:

@@ -135,9 +135,16 @@ def train_step(
     return loss, embedding, logits
 
 
-def training_loader(config: TrainConfig, dataset: Dataset, loss_fn: Loss, device: torch.device) -> BatchLoader:
-    """The shuffled, augmented training batches of ``fit`` (P x K for a loss that needs them)."""
-    mean, std = dataset.channel_stats()
+def training_loader(
+    config: TrainConfig,
+    dataset: Dataset,
+    loss_fn: Loss,
+    mean: np.ndarray,
+    std: np.ndarray,
+    device: torch.device,
+) -> BatchLoader:
+    """The shuffled, augmented training batches of ``fit`` (P x K for a loss that needs them),
+    normalised by ``dataset.channel_stats()`` (``mean``, ``std``: the caller has them)."""
     pk = pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class) if loss_fn.needs_pk else None
     return BatchLoader(
         dataset.train,
@@ -236,7 +243,7 @@ def fit(
         weight_decay=config.weight_decay,
         nesterov=config.nesterov and config.momentum > 0,
     )
-    train_loader = training_loader(config, dataset, loss_fn, device)
+    train_loader = training_loader(config, dataset, loss_fn, mean, std, device)
     centroid_split: Split | None = None  # the images the centroids come from (triplet)
     if loss_fn.scored_by == "centroids":
         cap = config.centroid_images_per_class
