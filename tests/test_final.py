@@ -359,6 +359,22 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
 
 
+def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_decay(dlops_home):
+    """`dlops final resnet18-ce-original --params baseline` trains the original setup: the lr
+    stays at 1e-3 through every epoch (resnet18-ce's cosine would lower it), and final.json
+    records the settings that make it the original."""
+    from dlops.cli import app
+
+    args = ["final", "resnet18-ce-original", "--params", "baseline", "--dataset", "digits"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "3", "--subset-per-class", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "resnet18-ce-original" / "final.json").read_text())
+    config = final["config"]
+    assert (config["weight_decay"], config["lr_schedule"], config["augment"]) == (0.0, "constant", False)
+    assert final["per_seed"][0]["history"]["lr"] == pytest.approx([1e-3] * 3)
+    assert 0.0 <= final["per_seed"][0]["test_top5"] <= 1.0 and final["epochs"] == 3
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -45,6 +45,34 @@ def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
         assert {"center_lambda", "center_alpha"} <= set(spec.search)
 
 
+def test_the_original_configuration_ships_as_a_spec() -> None:
+    """resnet18-ce-original's baseline is the original experiment, setting by setting; its
+    reference run is 15 epochs (`dlops final resnet18-ce-original --params baseline`)."""
+    spec = load_spec("resnet18-ce-original")
+    base = spec.config(params=spec.baseline_params())
+    tuned = load_spec("resnet18-ce").config(params=spec.baseline_params())
+    original = {
+        "model": "resnet18",
+        "loss": "ce",
+        "dataset": "tiny-imagenet",
+        "batch_size": 128,
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 0.0,
+        "lr_schedule": "constant",
+        "warmup_epochs": 0,
+        "augment": False,
+        "epochs": 15,
+        "width": 64,
+    }
+    assert {k: getattr(base, k) for k in original} == original
+    assert spec.final["epochs"] == 15 and spec.metric == "val_top5"
+    # The rest is resnet18-ce's: the original differs from it in the recipe only.
+    differs = {k for k, v in base.to_dict().items() if tuned.to_dict()[k] != v}
+    assert differs == {"weight_decay", "lr_schedule", "augment"}
+
+
 def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert {"resnet18-ce", "resnet18-triplet", "resnet18-center"} <= set(builtin_specs())
