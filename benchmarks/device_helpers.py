@@ -6,6 +6,7 @@
     python benchmarks/device_helpers.py spec --loss ce --out spec.toml [--width 8]
     python benchmarks/device_helpers.py curves --storage URL --out-json curves.json --out-png curves.png ...
     python benchmarks/device_helpers.py summary --work DIR --out DIR
+    python benchmarks/device_helpers.py full-summary --home DIR --runs ce,... --state DIR --out DIR
 
 ``install`` and ``versions`` use the standard library first, so that they run on a
 bare machine before anything is installed.
@@ -430,6 +431,83 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- the full-data runs
+
+FULL_RUNS = {
+    "ce": "resnet18-ce",
+    "triplet": "resnet18-triplet",
+    "center": "resnet18-center",
+    "original": "resnet18-ce-original",
+}
+
+
+def full_row(run: str, final: dict[str, Any] | None, done: bool) -> dict[str, Any]:
+    """One run of ``device_full.sh`` for the README table, from its ``final.json``."""
+    row: dict[str, Any] = {"run": run, "spec": FULL_RUNS.get(run, run), "done": done}
+    if not final:
+        return row
+    seed = final["per_seed"][0]
+    history = seed["history"]
+    epoch_s = history.get("epoch_seconds") or []
+    source = final.get("params_source") or {}
+    row.update(
+        {
+            "settings": final["params"],
+            "params_source": source.get("path") or source.get("kind"),
+            "epochs": len(history.get("val_top5") or []),
+            "val_top5": (history.get("val_top5") or [None])[-1],
+            "best_val_top5": max(history["val_top5"]) if history.get("val_top5") else None,
+            "test_top1": seed.get("test_top1"),
+            "test_top5": seed.get("test_top5"),
+            "seconds_per_epoch": sorted(epoch_s)[len(epoch_s) // 2] if epoch_s else None,
+            "train_minutes": sum(epoch_s) / 60 if epoch_s else None,
+            "resumed_from_epoch": seed.get("resumed_from_epoch"),
+            "device": final.get("device_name") or final.get("device"),
+            "created": final.get("created"),
+            "git_commit": final.get("git_commit"),
+            "torch": (final.get("versions") or {}).get("torch"),
+        }
+    )
+    return row
+
+
+def full_summary(args: argparse.Namespace) -> int:
+    home, state, out = Path(args.home), Path(args.state), Path(args.out)
+    rows = []
+    for run in args.runs.split(","):
+        final = _load(home / "reports" / FULL_RUNS.get(run, run) / "final.json")
+        rows.append(full_row(run, final, (state / "done" / run).exists()))
+    parts = _load(state / "parts" / "MANIFEST.json") or {}
+    result = {"runs": rows, "archive": {k: parts.get(k) for k in ("name", "size", "md5")}}
+    (out / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    def settings(s: dict[str, Any] | None) -> str:
+        return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in (s or {}).items()) or "-"
+
+    lines = [
+        "| run | spec | settings | epochs | val top-5 | test top-1 | test top-5 | s / epoch | minutes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']}{'' if r['done'] else ' (not finished)'} | {r['spec']} | {settings(r.get('settings'))} | "
+            f"{f(r.get('epochs'), 'd')} | {f(r.get('val_top5'), '.3f')} | {f(r.get('test_top1'), '.3f')} | "
+            f"{f(r.get('test_top5'), '.3f')} | {f(r.get('seconds_per_epoch'), '.1f')} | "
+            f"{f(r.get('train_minutes'), '.1f')} |"
+        )
+    done = [r for r in rows if r.get("created")]
+    if done:
+        r = done[0]
+        lines.append("")
+        lines.append(f"{r['device']}, torch {r['torch']}, commit {r['git_commit']}, {r['created']}")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -461,13 +539,17 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("summary")
     m.add_argument("--work", required=True)
     m.add_argument("--out", required=True)
+    fs = sub.add_parser("full-summary")
+    fs.add_argument("--home", required=True)
+    fs.add_argument("--runs", default=",".join(FULL_RUNS))
+    fs.add_argument("--state", required=True)
+    fs.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.command == "wheels-needed":
         print("\n".join(wheels_needed()))
         return 0
-    return {"install": install, "versions": versions, "spec": write_spec, "curves": curves, "summary": summary}[
-        args.command
-    ](args)
+    commands = {"install": install, "versions": versions, "spec": write_spec, "curves": curves, "summary": summary}
+    return {**commands, "full-summary": full_summary}[args.command](args)
 
 
 if __name__ == "__main__":

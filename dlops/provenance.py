@@ -5,6 +5,7 @@ package versions, commit, time, study)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import UTC, datetime
@@ -32,13 +33,14 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """The commit of the dlops source tree, ``+dirty`` when it has local changes; None
-    outside a git checkout."""
+    """The commit of the dlops source tree, ``+dirty`` when it has local changes. Outside a
+    git checkout (a copy of the tree on another machine): ``$DLOPS_GIT_COMMIT``, else None."""
     here = Path(__file__).resolve().parent
+    copied_from = os.environ.get("DLOPS_GIT_COMMIT") or None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
+            return copied_from
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=here,
@@ -48,7 +50,7 @@ def git_commit() -> str | None:
         )
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return copied_from
 
 
 def build_final(

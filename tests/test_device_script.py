@@ -6,6 +6,7 @@ reason and they run on digits."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,96 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
         assert len(h["val_top5"]) == 2 and all(math.isfinite(v) for v in h["train_loss"]), (loss, h)
         assert run["config"]["dataset"] == expected_dataset
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _full_call(out: Path, parts: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """One device call of ``device_full.sh --smoke``: the parts that came with it in ``parts``."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "DLOPS_FULL_STATE": str(state),
+        "DLOPS_FULL_PARTS": str(parts),
+    }
+    env.pop("DLOPS_HOME", None)
+    env.pop("DLOPS_STORAGE", None)
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "device_full.sh"), str(out), "--smoke", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+
+
+@pytest.mark.device_rehearsal
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_data_script_joins_parts_over_calls_and_runs_what_is_left(tmp_path: Path) -> None:
+    """``benchmarks/device_full.sh`` on the CPU: the archive in three parts over three calls (one
+    damaged on the way and sent again), then the reference runs, one call finishing what the
+    last one left. The real sample where there is one, else a small tree in the same layout."""
+    from data_trees import write_tiny_imagenet, zip_tree
+
+    if TINY_IMAGENET_SAMPLE.exists():
+        archive = TINY_IMAGENET_SAMPLE
+    else:
+        archive = zip_tree(write_tiny_imagenet(tmp_path / "tree", classes=4, train_per_class=10), tmp_path / "t.zip")
+    part_mib = archive.stat().st_size / 2.5 / 2**20  # three parts
+    cut = tmp_path / "cut"
+    split = [sys.executable, str(ROOT / "benchmarks" / "device_parts.py"), "split", str(archive), str(cut)]
+    subprocess.run([*split, "--part-mib", str(part_mib)], check=True)
+    state = tmp_path / "state"
+
+    def carry(call: str, names: list[str]) -> Path:
+        folder = tmp_path / call
+        folder.mkdir()
+        for name in ["MANIFEST.json", *names]:
+            (folder / name).write_bytes((cut / name).read_bytes())
+        return folder
+
+    # Call 1: part-01 and a damaged part-02. Only part-01 is kept; nothing runs yet.
+    first = carry("call1", ["part-01", "part-02"])
+    (first / "part-02").write_bytes(b"\0" + (first / "part-02").read_bytes()[1:])
+    done = _full_call(tmp_path / "out1", first, state)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "parts this call: part-01; REJECTED (size or md5): part-02" in log
+    assert "waiting for parts: 1 of 3 here; missing part-02, part-03" in log
+    assert not (state / "home").exists()
+
+    # Call 2: the other parts: joined, checked, fetched; two runs of two epochs.
+    done = _full_call(tmp_path / "out2", carry("call2", ["part-02", "part-03"]), state, "--runs", "ce,original")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert f"joined 3 parts, {archive.stat().st_size:,} bytes" in log
+    reports = state / "home" / "reports"
+    ce = json.loads((reports / "resnet18-ce" / "final.json").read_text())
+    original = json.loads((reports / "resnet18-ce-original" / "final.json").read_text())
+    assert ce["params"]["lr"] == json.loads((ROOT / "benchmarks/reference-params/resnet18-ce.json").read_text())["lr"]
+    assert ce["dataset"]["name"] == original["dataset"]["name"] == "tiny-imagenet"
+    assert (original["config"]["lr_schedule"], original["config"]["augment"]) == ("constant", False)
+    assert len(ce["per_seed"][0]["history"]["val_top5"]) == 2  # the rehearsal's --epochs 2 (default)
+
+    # Call 3, no parts: what is done stays done; the run not done yet runs.
+    done = _full_call(tmp_path / "out3", tmp_path / "nothing", state, "--runs", "ce,triplet,original")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "== ce: done in an earlier call" in log and "== original: done in an earlier call" in log
+    assert "== triplet: done" in log
+    assert json.loads((reports / "resnet18-ce" / "final.json").read_text())["created"] == ce["created"]
+
+    out = tmp_path / "out3"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["results.tar.gz", "run.log", "summary.json", "summary.md"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["run"] for r in summary["runs"]] == ["ce", "triplet", "original"]
+    assert all(r["done"] and 0 <= r["test_top5"] <= 1 and r["epochs"] == 2 for r in summary["runs"])
+    assert summary["archive"]["md5"] == hashlib.md5(archive.read_bytes()).hexdigest()
+    table = (out / "summary.md").read_text()
+    assert "| original | resnet18-ce-original | lr 0.001" in table
+    run_log = (out / "run.log").read_text()
+    assert run_log.count("dlops full-data runs:") == 3  # every call's log, kept across calls
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {f"home/reports/resnet18-{r}/{f}" for r in ("ce", "triplet") for f in ("final.json", "curves.png")} <= names

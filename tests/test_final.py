@@ -733,3 +733,24 @@ def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path,
     assert result.exit_code == 0, result.output
     final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())
     assert final["per_seed"][0]["resumed_from_epoch"] >= 2 and len(final["per_seed"][0]["history"]["val_top5"]) == 20
+
+
+def test_a_copied_tree_names_its_commit_from_the_environment(monkeypatch, tmp_path):
+    """On a machine that got a copy of the tree without .git (the GPU machine), final.json's
+    commit comes from $DLOPS_GIT_COMMIT; in a checkout, git's own answer wins."""
+    import subprocess
+
+    from dlops import provenance
+
+    in_checkout = provenance.git_commit()
+    assert in_checkout is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", in_checkout)
+    monkeypatch.setenv("DLOPS_GIT_COMMIT", "abc1234")
+    assert provenance.git_commit() == in_checkout
+
+    def no_checkout(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, "", "fatal: not a git repository")
+
+    monkeypatch.setattr(provenance.subprocess, "run", no_checkout)
+    assert provenance.git_commit() == "abc1234"
+    monkeypatch.delenv("DLOPS_GIT_COMMIT")
+    assert provenance.git_commit() is None
