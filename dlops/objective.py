@@ -14,6 +14,7 @@ A checkpoint that does not load or fails its checksum is discarded with a warnin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +26,19 @@ import optuna
 from dlops.console import trial_label
 from dlops.errors import DlopsError
 from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
-from dlops.paths import checkpoints_dir, folder_name
+from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
+from dlops.storage import journal_path, mask_url, sqlite_path, storage_kind
 from dlops.text import plural
 from dlops.trainers import get_trainer
-from dlops.trainers.base import NonFiniteLossError, TrainerConfig, config_defaults, config_matches
+from dlops.trainers.base import (
+    NonFiniteLossError,
+    TrainerConfig,
+    config_defaults,
+    config_differences,
+    config_matches,
+)
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
 
@@ -79,6 +87,53 @@ def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
     return trial.suggest_categorical(p.name, list(p.choices))
 
 
+def distribution(p: ParamSpec) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution :func:`suggest` draws ``p`` from."""
+    if p.type == "float":
+        assert p.low is not None and p.high is not None
+        return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    if p.type == "int":
+        assert p.low is not None and p.high is not None
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    return optuna.distributions.CategoricalDistribution(list(p.choices))
+
+
+def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
+    """A run joins a study only with the settings its trials trained with: the fixed settings
+    (every config field but the searched ones, the seed and what changes only speed) of its
+    latest recorded trial, and search-space distributions Optuna can continue. Otherwise its
+    values would sit beside values that do not compare (another epoch count, subset, batch
+    size, loss...)."""
+    recorded = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("config"), dict)]
+    name = study.study_name
+    hint = "run it with the study's settings, or give this run another --study-name"
+    if recorded:
+        last = recorded[-1]
+        searched = set(spec.search) | {k for t in recorded for k in t.params} | {"seed"}
+        config = trial_config(spec, options, spec.baseline_params(), last.number)
+        now = {k: v for k, v in config.to_dict().items() if k not in searched}
+        saved = {k: v for k, v in last.user_attrs["config"].items() if k not in searched}
+        differs = config_differences(saved, now, {k: v for k, v in config_defaults(config).items() if k in now})
+        if differs:
+            k = differs[0]
+            was = {**config_defaults(config), **saved}.get(k)
+            raise DlopsError(
+                f"study {name!r} trains with {k} = {was!r} (trial {last.number}), this run with {k} = "
+                f"{now.get(k)!r}: {hint}"
+            )
+    seen: dict[str, optuna.distributions.BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        seen.update(t.distributions)
+    for param, p in spec.search.items():
+        if param in seen:
+            try:
+                optuna.distributions.check_distribution_compatibility(seen[param], distribution(p))
+            except ValueError:
+                raise DlopsError(
+                    f"study {name!r} searched {param} as {seen[param]}, this spec as {distribution(p)}: {hint}"
+                ) from None
+
+
 def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     """A trial's values for the search space, in spec order; a conditional parameter
     (``when``) is suggested only where it is live."""
@@ -89,10 +144,29 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def checkpoint_path(study_name: str, trial_key: int) -> Path:
-    """The checkpoint of trial ``trial_key``: one folder per exact study name (a slug and a
-    hash, so ``a/b`` and ``a_b`` never share one)."""
-    return checkpoints_dir() / folder_name(study_name) / f"trial-{trial_key}.pt"
+def storage_identity(url: str | None) -> str:
+    """What tells one storage from another: the database or journal file itself for SQLite
+    and journal URLs (however the path is written), else the URL without its password."""
+    url = url or default_storage_url()
+    kind = storage_kind(url)
+    if kind == "sqlite":
+        path = sqlite_path(url)
+        return f"sqlite:{path.resolve() if path is not None else ':memory:'}"
+    if kind == "journal":
+        return f"journal:{journal_path(url).resolve()}"
+    return mask_url(url)
+
+
+def checkpoint_path(study_name: str, trial_key: int, storage: str | None = None) -> Path:
+    """The checkpoint of trial ``trial_key``: one folder per study, by its exact name (a slug
+    and a hash, so ``a/b`` and ``a_b`` never share one) and, for a storage other than the
+    default one, by its storage too (two studies of one name in two storages never share,
+    or clear, each other's checkpoints)."""
+    folder = folder_name(study_name)
+    where = storage_identity(storage)
+    if where != storage_identity(None):
+        folder += "-" + hashlib.sha256(where.encode()).hexdigest()[:8]
+    return checkpoints_dir() / folder / f"trial-{trial_key}.pt"
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -158,7 +232,7 @@ def make_objective(
         for inherited in ("stopped_reason", "resumed_from"):  # copied from the failed trial by a retry
             if trial.user_attrs.get(inherited) is not None:
                 trial.set_user_attr(inherited, None)
-        ckpt = checkpoint_path(trial.study.study_name, key)
+        ckpt = checkpoint_path(trial.study.study_name, key, options.storage)
         resumed = checkpointed_epochs(ckpt, config, say)
         if resumed is not None:
             trial.set_user_attr("resumed_from", {"trial": key, "epoch": resumed})
@@ -179,7 +253,7 @@ def make_objective(
             value = metrics[spec.metric]
             trial.report(value, epoch)
             if trial.should_prune():
-                trial.set_user_attr("stopped_reason", f"pruned after epoch {epoch} ({spec.metric}={value:.4f})")
+                trial.set_user_attr("stopped_reason", f"pruned after epoch {epoch + 1} ({spec.metric}={value:.4f})")
                 raise optuna.TrialPruned()
             if stop is not None and stop.requested and (last_epoch is None or epoch + 1 < last_epoch):
                 trial.set_user_attr(

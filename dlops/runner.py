@@ -39,7 +39,14 @@ from dlops.data import forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
-from dlops.objective import EpochCallback, RunOptions, checkpoint_path, make_objective, trial_config
+from dlops.objective import (
+    EpochCallback,
+    RunOptions,
+    check_same_settings,
+    checkpoint_path,
+    make_objective,
+    trial_config,
+)
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
@@ -104,10 +111,28 @@ def join_run(study: optuna.Study, storage: StudyStorage) -> int:
     return index
 
 
+MAX_STUDY_NAME = 120
+
+
+def check_study_name(name: str) -> None:
+    """A study name dlops can keep files by (lock files, checkpoint and report folders):
+    not blank, one line, no path separators, at most 120 characters."""
+    if not name.strip():
+        raise DlopsError("--study-name is blank: give a name, or leave the option out for the spec's")
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127 or c in "/\\"), None)
+    if bad is not None:
+        raise DlopsError(f"study name {name!r}: {bad!r} is not allowed in a study name (no path separators, one line)")
+    if name in (".", ".."):
+        raise DlopsError(f"study name {name!r} is not a name")
+    if len(name) > MAX_STUDY_NAME:
+        raise DlopsError(f"study name of {len(name)} characters: at most {MAX_STUDY_NAME}")
+
+
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
     config, the device, the dataset and its class count. Returns the spec as it runs: on
     5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
+    check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)
     resolve_device(config.device or "auto")
@@ -137,9 +162,24 @@ def objective_note(asked: StudySpec, runs: StudySpec) -> str | None:
     )
 
 
+ANOTHER = "give this run another --study-name"
+
+
 def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
-    """One study, one objective: a run never adds trials of another dataset or metric to
-    an existing study (their values would not compare)."""
+    """One study, one objective: a run never adds trials of another spec, dataset, metric,
+    direction or fixed settings to an existing study (their values would not compare), nor
+    joins a study dlops did not make (a multi-objective one, say)."""
+    name = study.study_name
+    if len(study.directions) > 1:
+        raise DlopsError(f"study {name!r} has {len(study.directions)} objectives; dlops studies have one: {ANOTHER}")
+    direction = study.direction.name.lower()
+    if direction != spec.direction:
+        raise DlopsError(f"study {name!r} is to {direction} its value, this run's spec to {spec.direction}: {ANOTHER}")
+    made_by = study.user_attrs.get("spec")
+    if made_by is None and study.get_trials(deepcopy=False):
+        raise DlopsError(f"study {name!r} was not made by dlops study run (it has no spec): {ANOTHER}")
+    if made_by is not None and made_by != spec.name:
+        raise DlopsError(f"study {name!r} belongs to the spec {made_by}, this run is {spec.name}: {ANOTHER}")
     dataset = options.dataset or spec.train.get("dataset")
     ran_on, metric = study.user_attrs.get("dataset"), (study.metric_names[0] if study.metric_names else None)
     if ran_on is not None and dataset is not None and ran_on != dataset:
@@ -150,6 +190,7 @@ def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptio
         raise DlopsError(
             f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: give this run another --study-name"
         )
+    check_same_settings(study, spec, options)
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
@@ -157,10 +198,9 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
     workers starting at once enqueue one baseline. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
     dataset = options.dataset or spec.train.get("dataset")
+    check_same_objective(study, spec, options)
     if new:  # checkpoints left by a deleted study of the same name are not this study's
-        shutil.rmtree(checkpoint_path(study.study_name, 0).parent, ignore_errors=True)
-    else:
-        check_same_objective(study, spec, options)
+        shutil.rmtree(checkpoint_path(study.study_name, 0, options.storage).parent, ignore_errors=True)
     if study.metric_names != [spec.metric]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -657,8 +697,7 @@ def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: 
         study = optuna.load_study(study_name=name, storage=storage.optuna)
     except KeyError:
         return {}
-    if study.get_trials(deepcopy=False):
-        check_same_objective(study, spec, options)
+    check_same_objective(study, spec, options)
     return state_counts(study)
 
 

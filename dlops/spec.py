@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import enum
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -363,8 +364,33 @@ def check_setting_types(table: dict[str, Any], config_cls: type, where: str) -> 
             )
 
 
+SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _check_tables(raw: dict[str, Any]) -> None:
+    """The sections that are tables are tables (``train = 5`` is one line, not a TypeError)."""
+    for key in ("train", "datasets", "search", "baseline", "final", "pruner", "sampler"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise SpecError(f"[{key}] must be a table, got {raw[key]!r}")
+    for sub in ("datasets", "search"):
+        for name, table in raw.get(sub, {}).items():
+            if not isinstance(table, dict):
+                raise SpecError(f"[{sub}.{name}] must be a table, got {table!r}")
+
+
+def _check_name(name: Any) -> str:
+    """A spec's name names its study, its report folder and its checkpoints: a plain name."""
+    if not isinstance(name, str) or not SPEC_NAME.fullmatch(name):
+        raise SpecError(
+            f"name = {name!r}: a spec's name is up to 100 letters, digits and . _ + -, starting with a letter or digit"
+        )
+    return name
+
+
 def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | None = None) -> StudySpec:
     _check_keys(raw, TOP_LEVEL_KEYS, "the spec")
+    _check_tables(raw)
+    spec_name = _check_name(raw.get("name", default_name))
     trainer_name = raw.get("trainer", "resnet18")
     trainer = get_trainer(trainer_name)
     config_cls = trainer.config_class
@@ -372,10 +398,14 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
 
     train = raw.get("train", {})
     check_setting_types(train, config_cls, "[train]")
-    datasets = {ds: dict(table) if isinstance(table, dict) else table for ds, table in raw.get("datasets", {}).items()}
+    datasets = {ds: dict(table) for ds, table in raw.get("datasets", {}).items()}
     dataset_metrics = {}
+    from dlops.data import DATASETS  # no torch: the registry of names
+
     for ds, table in datasets.items():
-        if isinstance(table, dict) and "metric" in table:
+        if ds not in DATASETS:
+            raise SpecError(f"[datasets.{ds}]: unknown dataset {ds!r} (known: {', '.join(sorted(DATASETS))})")
+        if "metric" in table:
             dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
         check_setting_types(table, config_cls, f"[datasets.{ds}]")
 
@@ -387,9 +417,11 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
 
     baseline = raw.get("baseline", {})
     check_setting_types(baseline, config_cls, "[baseline]")
-    for name, value in baseline.items():
-        if name in search and not search[name].contains(value):
-            raise SpecError(f"[baseline]: {name} = {value!r} lies outside its search range")
+    for key, value in baseline.items():
+        if key not in search:
+            raise SpecError(f"[baseline]: {key} is not searched (a setting every trial shares goes in [train])")
+        if not search[key].contains(value):
+            raise SpecError(f"[baseline]: {key} = {value!r} lies outside its search range")
 
     final = raw.get("final", {})
     _check_keys(final, FINAL_KEYS, "[final]")
@@ -406,16 +438,19 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     n_trials = raw.get("n_trials", 20)
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise SpecError(f"n_trials must be a positive integer, got {n_trials!r}")
+    timeout = raw.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise SpecError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
     spec = StudySpec(
-        name=raw.get("name", default_name),
+        name=spec_name,
         description=raw.get("description", ""),
         trainer=trainer_name,
         metric=_check_metric(raw.get("metric", "val_top5"), "metric", trainer.metrics),
         dataset_metrics=dataset_metrics,
         direction=direction,
         n_trials=n_trials,
-        timeout=raw.get("timeout"),
+        timeout=timeout,
         train=train,
         final=final,
         datasets=datasets,

@@ -45,7 +45,7 @@ def known_study(pruned: dict[int, int] | None = None, diverged: dict[int, int] |
         for step, v in enumerate(values[:stop]):
             trial.report(v, step)
         if number in (pruned or {}):
-            trial.set_user_attr("stopped_reason", f"pruned after epoch {stop - 1} (val_top1={values[stop - 1]:.4f})")
+            trial.set_user_attr("stopped_reason", f"pruned after epoch {stop} (val_top1={values[stop - 1]:.4f})")
             study.tell(trial, state=TrialState.PRUNED)
         elif number in (diverged or {}):
             trial.set_user_attr("stopped_reason", f"non-finite loss nan at epoch {stop}, step 3")

@@ -104,6 +104,18 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
         ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
+        # a typo in a dataset's table once left it unused without a word
+        ({"datasets": Add({"digit": {"epochs": 2}})}, "[datasets.digit]: unknown dataset 'digit' (known: digits,"),
+        # a setting the baseline cannot change: trial 0 trained without it, silently
+        ({"baseline": {"momentum": Add(0.0)}}, "[baseline]: momentum is not searched"),
+        ({"train": Replace(5)}, "[train] must be a table, got 5"),
+        ({"datasets": Add({"digits": 5})}, "[datasets.digits] must be a table, got 5"),
+        ({"timeout": Add("soon")}, "timeout must be a positive number of seconds, got 'soon'"),
+        ({"timeout": Add(0)}, "timeout must be a positive number of seconds, got 0"),
+        # the name names folders under $DLOPS_HOME: reports/../data would have been the data
+        ({"name": "../data"}, "name = '../data': a spec's name is up to 100 letters"),
+        ({"name": "."}, "name = '.'"),
+        ({"name": "a/b"}, "name = 'a/b'"),
     ],
 )
 def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: dict[str, Any], message: str) -> None:

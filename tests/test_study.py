@@ -149,7 +149,9 @@ def test_a_hopeless_trial_is_pruned(tmp_path: Path, dlops_home: Path) -> None:
     assert hopeless.state == TrialState.PRUNED
     assert len(hopeless.intermediate_values) < 3
     assert study.get_trials()[0].value > 0.9  # while the baseline learned
-    assert "pruned after epoch" in hopeless.user_attrs["stopped_reason"]
+    # counted from 1, like the epoch lines: the epochs it trained
+    epochs = len(hopeless.intermediate_values)
+    assert hopeless.user_attrs["stopped_reason"].startswith(f"pruned after epoch {epochs} (val_top5=")
 
 
 def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path: Path, dlops_home: Path) -> None:
@@ -207,6 +209,95 @@ def test_digits_studies_optimise_top1_and_a_study_keeps_one_objective(tmp_path: 
     assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
 
 
+def test_a_study_keeps_its_settings_direction_and_spec(tmp_path: Path, dlops_home: Path) -> None:
+    """A run that would add trials of other fixed settings (epochs, subset, batch size), a
+    search space Optuna cannot continue, the other direction or another spec to a study is
+    refused in one line before any trial, and the study stays as it was; the same settings
+    with another sampler seed or device join it."""
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True)))
+    run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    study = optuna.load_study(study_name="tiny-ce", storage=url)
+    before = [(t.number, t.state, t.value) for t in study.get_trials()]
+
+    refused = [
+        (
+            spec,
+            RunOptions(n_trials=1, device="cpu", epochs=3),
+            r"trains with epochs = 2 \(trial 0\), this run with epochs = 3",
+        ),
+        (spec, RunOptions(n_trials=1, device="cpu", train_overrides={"subset_per_class": 10}), "subset_per_class = 20"),
+        (
+            load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True, overrides={"train": {"batch_size": 16}}))),
+            RunOptions(n_trials=1, device="cpu"),
+            "trains with batch_size = 32",
+        ),
+        (
+            load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True, overrides={"search": {"lr": {"log": False}}}))),
+            RunOptions(n_trials=1, device="cpu"),
+            "searched lr as FloatDistribution",
+        ),
+        (
+            load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True, overrides={"direction": "minimize"}))),
+            RunOptions(n_trials=1, device="cpu"),
+            "is to maximize its value, this run's spec to minimize",
+        ),
+        (
+            load_spec(str(tiny_spec(tmp_path, "center", digits_metric=True))),
+            RunOptions(n_trials=1, device="cpu", study_name="tiny-ce"),
+            "belongs to the spec tiny-ce, this run is tiny-center",
+        ),
+    ]
+    for other, options, message in refused:
+        with pytest.raises(DlopsError, match=message):
+            run_study(other, options)
+    assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
+    assert study.user_attrs["spec"] == "tiny-ce"
+
+    run_study(spec, RunOptions(n_trials=1, device="cpu", seed=5))  # the sampler's seed is not a setting
+    assert len(optuna.load_study(study_name="tiny-ce", storage=url).get_trials()) == len(before) + 1
+
+
+def test_a_study_dlops_did_not_make_is_not_joined(tmp_path: Path, dlops_home: Path) -> None:
+    """A plain Optuna study (minimising, with trials) or a multi-objective one under the
+    run's study name: refused in one line, the study untouched."""
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    plain = optuna.create_study(study_name="tiny-ce", storage=url, direction="maximize")
+    plain.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=2)
+    optuna.create_study(study_name="multi", storage=url, directions=["minimize", "maximize"])
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True)))
+    with pytest.raises(DlopsError, match="was not made by dlops study run"):
+        run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    with pytest.raises(DlopsError, match="has 2 objectives"):
+        run_study(spec, RunOptions(n_trials=1, device="cpu", study_name="multi"))
+    assert len(optuna.load_study(study_name="tiny-ce", storage=url).get_trials()) == 2
+    assert optuna.load_study(study_name="multi", storage=url).get_trials() == []
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("", "--study-name is blank"),
+        ("   ", "--study-name is blank"),
+        ("../../etc", "'/' is not allowed"),
+        ("a\nb", "'\\n' is not allowed"),
+        ("..", "is not a name"),
+        ("x" * 121, "study name of 121 characters: at most 120"),
+    ],
+)
+def test_a_study_name_that_cannot_name_files_is_refused_before_anything_is_written(
+    name: str, message: str, dlops_home: Path
+) -> None:
+    from dlops.cli import app
+
+    args = ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--study-name", name, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not dlops_home.exists() or not any(dlops_home.iterdir())
+
+
 # --------------------------------------------------------------------------- checkpoints of trials
 
 
@@ -224,6 +315,25 @@ def test_checkpoint_folders_of_similar_study_names_do_not_collide(tmp_path: Path
     options = RunOptions(device="cpu", study_name="a_b")
     assert prepare_study(open_study(spec, options), spec, options)  # a new study: clears its own folder only
     assert kept.read_bytes() == b"trial 3 of study a/b"
+
+
+def test_one_study_name_in_two_storages_keeps_two_checkpoint_folders(tmp_path: Path, dlops_home: Path) -> None:
+    """A new study in another storage under a name the default storage already has once
+    cleared that study's checkpoints (an interrupted trial then trained again from epoch 0)."""
+    from dlops.objective import checkpoint_path
+    from dlops.runner import open_study, prepare_study
+
+    journal = f"journal://{tmp_path / 'other.log'}"
+    kept = checkpoint_path("tiny-ce", 1)
+    assert kept == checkpoint_path("tiny-ce", 1, f"sqlite:///{dlops_home / 'dlops.db'}")  # the default, spelled out
+    assert checkpoint_path("tiny-ce", 1, journal).parent != kept.parent
+    assert checkpoint_path("tiny-ce", 1, journal) == checkpoint_path("tiny-ce", 1, str(tmp_path / "other.log"))
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"trial 1 of tiny-ce in the default storage")
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1)))
+    options = RunOptions(device="cpu", storage=journal)
+    assert prepare_study(open_study(spec, options), spec, options)  # new there: clears its own folder only
+    assert kept.read_bytes() == b"trial 1 of tiny-ce in the default storage"
 
 
 def _interrupted_trial(tmp_path: Path):

@@ -378,7 +378,7 @@ def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=20)
 
     def kill_a_worker_mid_trial():
-        victim = running_with_checkpoint(b.study, checkpoint_path(b.study_name, 0).parent, epochs)
+        victim = running_with_checkpoint(b.study, checkpoint_path(b.study_name, 0, b.url).parent, epochs)
         os.kill(victim.system_attrs[OWNER_KEY]["pid"], signal.SIGKILL)
         return victim
 
@@ -451,7 +451,7 @@ def test_sigint_stops_cleanly_and_the_printed_command_continues(
     def ctrl_c_mid_trial():
         running_with_checkpoint(
             lambda: optuna.load_study(study_name="tiny-workers", storage=storage.optuna),
-            checkpoint_path("tiny-workers", 0).parent,
+            checkpoint_path("tiny-workers", 0, url).parent,
             epochs,
         )
         os.kill(os.getpid(), signal.SIGINT)  # as a terminal's Ctrl-C: to `dlops`, which tells its workers
