@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import threading
@@ -31,6 +32,12 @@ class _InterruptedTrialLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            # A second signal stopped the trial at once: dlops says so, without Optuna's traceback.
+            found = re.match(r"Trial (\d+) failed", msg)
+            if found:
+                self.numbers.add(int(found[1]))
+            return False
         return not any(msg.startswith(f"Trial {n} failed") for n in self.numbers)
 
 

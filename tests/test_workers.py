@@ -512,6 +512,29 @@ def test_sigterm_in_a_single_worker_run(tmp_path: Path, dlops_home: Path) -> Non
     assert not list((dlops_home / "checkpoints").rglob("*.pt*"))
 
 
+def test_a_second_signal_stops_the_trial_at_once_without_a_traceback(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C twice: the trial stops at once (FAIL, queued again) and the log says so in
+    dlops' words, without Optuna's KeyboardInterrupt traceback and 'failed with value None'."""
+    spec = load_spec(str(tiny_workers_spec(tmp_path, epochs=3)))
+    sent = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if trial == 1 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = run_study(spec, RunOptions(n_trials=3, device="cpu"), on_epoch)
+    err = capfd.readouterr().err
+    assert result.interrupted == signal.SIGINT and result.finished == 1
+    assert [t.state for t in result.study.get_trials()][:2] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert "send it again to stop now" in err
+    logged = [(r.getMessage(), r.exc_info) for r in caplog.records if r.name.startswith("optuna")]
+    assert not [m for m, exc in logged if exc or "failed" in m], logged
+
+
 def test_workers_that_give_up_fail_the_run_with_the_last_reason(
     tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
