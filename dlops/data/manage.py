@@ -2,7 +2,7 @@
 
 ``fetch`` gets an archive (download or local file), checks its md5, extracts it into a
 scratch directory, builds the cache from it and only then moves the extracted tree to
-``<root>/<name>/raw`` and the cache to ``<root>/<name>/cache``. Any failure removes the
+``<root>/<name>/raw`` and the cache to ``<root>/<name>/cache``, both or neither. Any failure removes the
 scratch files and leaves what was there before (a good cache included) untouched.
 """
 
@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,8 +29,8 @@ from dlops.data.cache import (
     directory_bytes,
     is_prepared,
     read_manifest,
-    replace_dir,
     resolve_root,
+    settle_previous,
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
@@ -69,7 +69,9 @@ def _build(
     seed: int,
     workers: int | None,
     progress: bool,
+    also: Sequence[tuple[Path, Path]] = (),
 ) -> dict[str, Any]:
+    """Build the cache of ``tree`` and swap it in, with the folders ``also`` (all or none)."""
     if not 0 < val_fraction < 1:
         raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     with CacheBuilder(root, module.NAME) as builder:
@@ -82,7 +84,8 @@ def _build(
                 **entries,
                 "source": source,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            },
+            also,
         )
 
 
@@ -154,6 +157,7 @@ def fetch_dataset(
         "official": actual == module.MD5,
     }
 
+    settle_previous(home / "raw")
     scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
     try:
         say(f"extracting {archive.name}")
@@ -170,8 +174,8 @@ def fetch_dataset(
             seed=0,
             workers=workers,
             progress=progress,
+            also=[(scratch, home / "raw")],  # the cache and the tree it came from: both or neither
         )
-        replace_dir(scratch, home / "raw")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if downloaded and not keep_archive:
