@@ -141,3 +141,23 @@ def test_safe_extract_refuses_escapes_before_writing(tmp_path: Path) -> None:
     )
     safe_extract(good, tmp_path / "out3", progress=False)
     assert (tmp_path / "out3" / "tiny-imagenet-200" / "wnids.txt").read_text() == "n90000000\n"
+
+
+def test_a_fetch_never_deletes_an_archive_that_was_there_before(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    md5 = md5_file(archive)
+    args = ("data", "fetch", "tiny-imagenet", "--root", str(root), "--md5", md5, "--workers", "1")
+    result = dlops(*args, "--source", f"{base}/mini.zip", "--keep-archive")
+    assert result.exit_code == 0, result.output
+    kept = root / "tiny-imagenet" / "downloads" / "mini.zip"
+    for source in (kept.as_uri(), f"{base}/mini.zip"):  # the kept archive itself; the same name again
+        result = dlops(*args, "--source", source, "--force")
+        assert result.exit_code == 0, result.output
+        assert files_under(kept.parent) == ["mini.zip"] and md5_file(kept) == md5
+        assert (
+            json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)["source"][
+                "location"
+            ]
+            == source
+        )

@@ -107,8 +107,8 @@ def fetch_dataset(
     match ``md5`` (default: the official md5). A local file must match ``md5`` when one is
     given; otherwise one that differs from the official md5 (a repack, a sample) is
     used only if its layout checks out. A downloaded archive is deleted once the cache is
-    built unless ``keep_archive``. An existing cache is kept (the manifest comes back with
-    ``"reused": True``) unless ``force``.
+    built unless ``keep_archive``; a file that was there before the download stays. An
+    existing cache is kept (the manifest comes back with ``"reused": True``) unless ``force``.
     """
     module = cached_module(name)
     root = resolve_root(root)
@@ -125,13 +125,14 @@ def fetch_dataset(
         expected = md5 or module.MD5
         filename = Path(urlparse(src).path).name or module.ARCHIVE
         archive = home / "downloads" / filename
+        # A file already there (kept by --keep-archive, or the very file a file:// URL names) stays.
+        downloaded = not archive.exists()
         say(f"downloading {src}")
         try:
             actual = download(src, archive, expected, progress=progress)
         except DlopsError:
             _remove_empty(archive.parent, home)
             raise
-        downloaded = True
     else:
         archive = Path(src).expanduser().absolute()
         if archive.is_dir():
