@@ -26,7 +26,7 @@ from dlops.data import DATASETS, cache, get_dataset, load_split, take_subset, ti
 from dlops.data.cache import read_manifest
 from dlops.data.manage import fetch_dataset
 from dlops.data.splits import stratified_holdout
-from dlops.errors import DatasetNotAvailable
+from dlops.errors import DatasetNotAvailable, DlopsError
 from dlops.spec import Add, spec_table
 from specs import write_spec
 
@@ -590,3 +590,15 @@ def test_a_failed_exchange_of_the_tree_puts_the_exchanged_cache_back(
     with pytest.raises(OSError, match="disk trouble"):
         fetch_dataset("tiny-imagenet", good_root, str(other), force=True, workers=1, progress=False)
     assert_survived(good_root, before)
+
+
+def test_a_val_fraction_that_leaves_a_class_nothing_to_train_on_is_refused(good_root: Path) -> None:
+    before = snapshot(good_root)
+    for fraction in ("0.99", "0.96"):  # 10 images a class: round(9.6) is all of them too
+        line = one_error_line(
+            dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", fraction)
+        )
+        assert f"hold-out fraction of {fraction} takes all 10 images of class 0" in line, line
+    assert_survived(good_root, before)
+    with pytest.raises(DlopsError, match="leaving none to train on"):
+        stratified_holdout(np.array([0, 0, 1]), 0.1, 0)  # one image of class 1: it cannot be held out

@@ -230,6 +230,11 @@ def fit(
     np.random.seed(config.seed % 2**32)
     if dataset is None:
         dataset = load_dataset(config)
+    if len(dataset.train) == 0:
+        raise DlopsError(
+            f"the {dataset.name} training split has no images: rebuild its cache with a smaller "
+            f"--val-fraction (`dlops data prepare {dataset.name} --force`)"
+        )
     mean, std = dataset.channel_stats()
     model, loss_fn = build_model_and_loss(config, dataset, device)
     if device.type == "cuda":
