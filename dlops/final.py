@@ -66,6 +66,7 @@ from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
 from dlops.studies import find_study
 from dlops.study_plots import write_study_plots
+from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (
     FitResult,
@@ -225,6 +226,23 @@ def _signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
     if pending:
         raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def previous_run_line(spec_name: str) -> str | None:
+    """The line that says which reference run this one replaces (from its ``final.json``),
+    None when the spec has none."""
+    path = report_dir(spec_name) / "final.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        what = (
+            f"of {str(old['created'])[:16]} ({old['dataset']['name']}, "
+            f"{plural(int(old['epochs']), 'epoch')} x {plural(len(old['seeds']), 'seed')})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        what = f"in {path.parent}"
+    return f"replaces the reference run {what} when this one finishes"
 
 
 # --------------------------------------------------------------------------- the run
@@ -421,6 +439,9 @@ def _run_locked(
     say: Say,
 ) -> FinalResult:
     """The part of :func:`run_final` that holds the spec's lock."""
+    replacing = previous_run_line(spec.name)
+    if replacing:
+        say(replacing)
     if options.resume:
         if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
             say(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")

@@ -809,3 +809,15 @@ def test_a_copied_tree_names_its_commit_from_the_environment(monkeypatch, tmp_pa
     assert provenance.git_commit() == "abc1234"
     monkeypatch.delenv("DLOPS_GIT_COMMIT")
     assert provenance.git_commit() is None
+
+
+def test_a_run_says_which_reference_run_it_replaces(tmp_path, monkeypatch):
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=2))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    messages: list[str] = []
+    first = run_final(spec, FinalOptions(params="baseline", device="cpu"), say=messages.append).final
+    assert not any("replaces" in m for m in messages)
+    messages.clear()
+    run_final(spec, FinalOptions(params="baseline", device="cpu", seeds=1), say=messages.append)
+    said = f"replaces the reference run of {first['created'][:16]} (digits, 1 epoch x 2 seeds) when this one finishes"
+    assert said in messages
