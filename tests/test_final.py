@@ -821,3 +821,24 @@ def test_a_run_says_which_reference_run_it_replaces(tmp_path, monkeypatch):
     run_final(spec, FinalOptions(params="baseline", device="cpu", seeds=1), say=messages.append)
     said = f"replaces the reference run of {first['created'][:16]} (digits, 1 epoch x 2 seeds) when this one finishes"
     assert said in messages
+
+
+def test_after_resume_the_recorded_times_cover_the_whole_run(tmp_path, monkeypatch):
+    import time
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=3, final_seeds=2))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+
+    def slow_then_stop(s: int, e: int, metrics: dict, restored: bool) -> None:
+        if (s, e) == (1, 0):
+            raise KeyboardInterrupt
+        time.sleep(0.4)  # the interrupted process spends >= 0.8 s on seed 0 before its last epoch ends
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=slow_then_stop)
+    final = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True)).final
+    seed0, seed1 = final["per_seed"]
+    assert seed0["resumed_from_epoch"] == 3 and seed0["train_seconds"] >= 0.8
+    assert seed0["earlier_seconds"] >= 0.8 and seed1["earlier_seconds"] > 0  # seed 1's epoch 0
+    assert seed0["train_seconds"] >= sum(seed0["history"]["epoch_seconds"])
+    assert final["wall_seconds"] >= seed0["train_seconds"] + seed1["train_seconds"]
