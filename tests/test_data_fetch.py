@@ -161,3 +161,15 @@ def test_a_fetch_never_deletes_an_archive_that_was_there_before(served, tmp_path
             ]
             == source
         )
+
+
+def test_an_empty_dlops_home_means_storage_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlops.paths import data_root, dlops_home
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DLOPS_HOME", "")
+    assert dlops_home() == tmp_path / "storage" and data_root() == tmp_path / "storage" / "data"
+    line = one_error_line(dlops("data", "info", "tiny-imagenet"))
+    assert str(tmp_path / "storage" / "data") in line
