@@ -61,8 +61,9 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
         name = study_name_for(spec, options)
         url = options.storage or default_storage_url()
         if study is None:
+            dataset = f" --dataset {options.dataset}" if options.dataset else ""
             raise DlopsError(
-                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}` first, "
+                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}` first, "
                 "or use --params baseline"
             )
         try:
