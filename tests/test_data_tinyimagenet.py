@@ -602,3 +602,40 @@ def test_a_val_fraction_that_leaves_a_class_nothing_to_train_on_is_refused(good_
     assert_survived(good_root, before)
     with pytest.raises(DlopsError, match="leaving none to train on"):
         stratified_holdout(np.array([0, 0, 1]), 0.1, 0)  # one image of class 1: it cannot be held out
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.pop("class_names"), "has no list of class_names"),
+        (lambda m: m.update(classes=5), "has 3 class_ids, 3 class_names and classes = 5"),
+        (lambda m: m["splits"].pop("test"), "has no train, val and test counts"),
+        (lambda m: m.update(image_shape="64x64"), "has image_shape '64x64'"),
+        (lambda m: m["splits"].update(train="27"), "has split counts that are not whole numbers"),
+    ],
+    ids=["no class_names", "classes", "no test count", "image_shape", "count as text"],
+)
+def test_a_hand_edited_manifest_is_one_line_with_the_fix(good_root: Path, edit, problem: str) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    fix = "dlops data prepare tiny-imagenet --force"
+    for command in ("info", "show"):
+        line = one_error_line(dlops("data", command, "tiny-imagenet", "--root", str(good_root)))
+        assert f"manifest.json {problem}" in line and fix in line, line
+    with pytest.raises(DatasetNotAvailable, match=re.escape(fix)):
+        get_dataset("tiny-imagenet", good_root)
+
+
+@pytest.mark.parametrize(("split", "label"), [("train", 3), ("val", -1), ("test", 99)])
+def test_labels_out_of_range_are_one_line_with_the_fix(good_root: Path, tmp_path: Path, split: str, label: int) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / f"{split}_labels.npy"
+    labels = np.load(path)
+    labels[0] = label
+    np.save(path, labels)
+    line = one_error_line(
+        dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(tmp_path / "x.png"))
+    )
+    assert f"{split}_labels.npy holds labels" in line and "not class indices 0..2" in line, line
+    assert "dlops data prepare tiny-imagenet --force" in line

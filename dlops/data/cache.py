@@ -75,25 +75,54 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
         raise DatasetNotAvailable(
             f"{name} cache manifest {path} is unreadable ({exc}): rebuild it with `dlops data prepare {name} --force`"
         ) from None
+    if not isinstance(manifest, dict):
+        raise DatasetNotAvailable(_damaged(name, directory, f"{MANIFEST} is not a JSON object"))
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DatasetNotAvailable(
             f"{name} cache at {directory} has format version {version}, this dlops reads {FORMAT_VERSION}: "
             f"rebuild it with `dlops data prepare {name} --force`"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DatasetNotAvailable(_damaged(name, directory, f"{MANIFEST} {problem}"))
     for split, count in manifest["splits"].items():
         expected: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
-            images_file(split): (np.dtype(np.uint8), (int(count), *map(int, manifest.get("image_shape", ())))),
+            images_file(split): (np.dtype(np.uint8), (count, *manifest["image_shape"])),
             labels_file(split): (np.dtype(np.int64), (int(count),)),
         }
         for file, (dtype, shape) in expected.items():
             problem = _array_file_problem(directory / file, dtype, shape)
             if problem:
-                raise DatasetNotAvailable(
-                    f"{name} cache at {directory}: {file} {problem}: "
-                    f"rebuild it with `dlops data prepare {name} --force`"
-                )
+                raise DatasetNotAvailable(_damaged(name, directory, f"{file} {problem}"))
     return manifest
+
+
+def _damaged(name: str, directory: Path, problem: str) -> str:
+    return f"{name} cache at {directory}: {problem}: rebuild it with `dlops data prepare {name} --force`"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is missing or wrong in a manifest's fields that dlops reads, or None."""
+    splits, shape = manifest.get("splits"), manifest.get("image_shape")
+    ids, names = manifest.get("class_ids"), manifest.get("class_names")
+    if not isinstance(splits, dict) or not {"train", "val", "test"} <= set(splits):
+        return "has no train, val and test counts in 'splits'"
+    if not all(_is_int(n) and n >= 0 for n in splits.values()):
+        return f"has split counts that are not whole numbers: {splits}"
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+        return f"has image_shape {shape!r}, not [channels, height, width]"
+    for key, value in (("class_ids", ids), ("class_names", names)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            return f"has no list of {key}"
+    assert isinstance(ids, list) and isinstance(names, list)
+    if len(names) != len(ids) or manifest.get("classes") != len(ids):
+        return f"has {len(ids)} class_ids, {len(names)} class_names and classes = {manifest.get('classes')!r}"
+    return None
 
 
 def _array_file_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
@@ -130,11 +159,21 @@ def is_prepared(root: Path | str | None, name: str) -> bool:
         return False
 
 
-def open_split(root: Path | str | None, name: str, split: str) -> Split:
-    """One cached split: images memory-mapped read-only, labels in memory."""
+def open_split(root: Path | str | None, name: str, split: str, num_classes: int | None = None) -> Split:
+    """One cached split: images memory-mapped read-only, labels in memory (checked to be
+    class indices below ``num_classes`` when given)."""
     directory = cache_dir(root, name)
     images = np.load(directory / images_file(split), mmap_mode="r")
     labels = np.load(directory / labels_file(split))
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetNotAvailable(
+            _damaged(
+                name,
+                directory,
+                f"{labels_file(split)} holds labels {labels.min()}..{labels.max()}, "
+                f"not class indices 0..{num_classes - 1}",
+            )
+        )
     return Split(images, labels)
 
 
@@ -142,13 +181,14 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
     """A :class:`Dataset` over the cache of ``name``; the test split is opened when asked for."""
     manifest = read_manifest(root, name)
     root_path = resolve_root(root)
+    classes = len(manifest["class_ids"])
     return Dataset(
         name=name,
         class_ids=list(manifest["class_ids"]),
         class_names=list(manifest["class_names"]),
-        train=open_split(root_path, name, "train"),
-        val=open_split(root_path, name, "val"),
-        load_test=lambda: open_split(root_path, name, "test"),
+        train=open_split(root_path, name, "train", classes),
+        val=open_split(root_path, name, "val", classes),
+        load_test=lambda: open_split(root_path, name, "test", classes),
         hflip=hflip,
         crop_padding=crop_padding,
     )
