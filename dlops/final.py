@@ -49,7 +49,14 @@ import optuna
 from dlops.dashboard import attach_artifacts
 from dlops.data import get_dataset
 from dlops.errors import DlopsError
-from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint, run_lock, save_checkpoint
+from dlops.io import (
+    CorruptCheckpoint,
+    json_safe,
+    load_checkpoint,
+    run_lock,
+    save_checkpoint,
+    write_text_atomic,
+)
 from dlops.params import (
     ChosenParams,
     FinalOptions,
@@ -66,6 +73,7 @@ from dlops.spec import StudySpec, load_spec
 from dlops.storage import mask_url
 from dlops.studies import find_study
 from dlops.study_plots import write_study_plots
+from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (
     FitResult,
@@ -227,6 +235,23 @@ def _signals_held() -> Iterator[None]:
         raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
+def previous_run_line(spec_name: str) -> str | None:
+    """The line that says which reference run this one replaces (from its ``final.json``),
+    None when the spec has none."""
+    path = report_dir(spec_name) / "final.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        what = (
+            f"of {str(old['created'])[:16]} ({old['dataset']['name']}, "
+            f"{plural(int(old['epochs']), 'epoch')} x {plural(len(old['seeds']), 'seed')})"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        what = f"in {path.parent}"
+    return f"replaces the reference run {what} when this one finishes"
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -272,6 +297,17 @@ def resume_command(argv: Sequence[str]) -> str:
     return mask_url(" ".join(shlex.quote(a) for a in args))
 
 
+SECONDS_FILE = "seconds.json"
+
+
+def _seconds_so_far(path: Path) -> float:
+    """The training seconds an interrupted run recorded for a seed (0 when none)."""
+    try:
+        return float(json.loads(path.read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 @dataclass
 class _Seeded:
     record: dict[str, Any]  # this seed's entry of final.json's per_seed
@@ -297,26 +333,35 @@ def _run_seed(
     (``run_dir``)."""
     sdir = seed_dir(spec.name, seed)
     checkpoint = sdir / "checkpoint.pt"
+    timing = sdir / SECONDS_FILE  # the seed's training seconds so far, over every process
+    earlier = 0.0
     if checkpoint.exists():
         say(f"seed {seed}: resuming from {checkpoint}" + (f" (after epoch {restored})" if restored else ""))
+        earlier = _seconds_so_far(timing)
+    t0 = time.perf_counter()
+
+    def note_time() -> None:  # after each epoch (its checkpoint is written): what --resume adds on
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(timing, json.dumps({"train_seconds": earlier + time.perf_counter() - t0}) + "\n")
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch >= restored:
+            note_time()
         if on_epoch is not None:
             on_epoch(seed, epoch, metrics, epoch < restored)
 
-    t0 = time.perf_counter()
+    def progress_line(line: str) -> None:
+        note_time()
+        if progress is not None:
+            progress(seed, line)
+
     try:
-        result = trainer.fit(
-            config,
-            report=report,
-            checkpoint_path=checkpoint,
-            progress=None if progress is None else lambda line: progress(seed, line),
-        )
+        result = trainer.fit(config, report=report, checkpoint_path=checkpoint, progress=progress_line)
     except NonFiniteLossError as exc:
         raise DlopsError(
             f"seed {seed} diverged: {exc} (lr {config.lr} too high?); the previous reference run is untouched"
         ) from None
-    train_seconds = time.perf_counter() - t0
+    train_seconds = earlier + time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.
     split = result.dataset.test()
@@ -330,6 +375,7 @@ def _run_seed(
         "epochs_trained": len(result.history["train_loss"]) - result.start_epoch,
         "resumed_from_epoch": result.start_epoch,
         "train_seconds": train_seconds,
+        "earlier_seconds": earlier,
         "split_sizes": {"train": len(result.dataset.train), "val": len(result.dataset.val), "test": len(split)},
         "checkpoint": _relative_to_home(run_dir / sdir.name / checkpoint.name),
         "weights": _relative_to_home(run_dir / sdir.name / weights_path.name),
@@ -421,6 +467,9 @@ def _run_locked(
     say: Say,
 ) -> FinalResult:
     """The part of :func:`run_final` that holds the spec's lock."""
+    replacing = previous_run_line(spec.name)
+    if replacing:
+        say(replacing)
     if options.resume:
         if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
             say(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
@@ -445,7 +494,7 @@ def _run_locked(
         configs,
         [run.record for run in runs],
         runs[-1].result,
-        time.perf_counter() - started,
+        time.perf_counter() - started + sum(run.record["earlier_seconds"] for run in runs),
         {"name": study.study_name, "storage": mask_url(url)} if study is not None else None,
     )
     write_final(final, stage / "final.json")

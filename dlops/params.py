@@ -61,8 +61,9 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
         name = study_name_for(spec, options)
         url = options.storage or default_storage_url()
         if study is None:
+            dataset = f" --dataset {options.dataset}" if options.dataset else ""
             raise DlopsError(
-                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}` first, "
+                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}` first, "
                 "or use --params baseline"
             )
         try:
@@ -84,6 +85,20 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
     return _params_from_file(spec, Path(source))
 
 
+# Settings of the run rather than of the configuration trained: a params file may not set them.
+RUN_SETTINGS = {
+    "loss": "the spec defines it (pick the spec of that loss: --loss L or SPEC)",
+    "model": "the spec defines it",
+    "dataset": "use --dataset",
+    "data_root": "the data root is the spec's or $DLOPS_HOME/data",
+    "epochs": "use --epochs",
+    "seed": "a run trains seeds 0..N-1: use --seeds N",
+    "device": "use --device",
+    "subset_classes": "use --subset-classes",
+    "subset_per_class": "use --subset-per-class",
+}
+
+
 def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
     if not path.is_file():
         raise DlopsError(f"--params {path}: no such file (give best, baseline or a JSON file)")
@@ -95,12 +110,24 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
         raw = raw["params"]  # an earlier final.json
     if not isinstance(raw, dict) or not raw:
         raise DlopsError(f'--params {path}: expected a JSON object of settings, e.g. {{"lr": 0.01}}')
-    config_class = get_trainer(spec.trainer).config_class
+    trainer = get_trainer(spec.trainer)
+    config_class = trainer.config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
+    for key in raw:
+        if key in RUN_SETTINGS:
+            raise DlopsError(f"--params {path}: {key!r} is not a setting a params file may change: {RUN_SETTINGS[key]}")
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise DlopsError(f"--params {path}: {unknown[0]!r} is not a setting of trainer {spec.trainer!r}")
     check_setting_types(raw, config_class, f"--params {path}")
+    base = spec.config()
+    foreign = trainer.foreign_settings(base)
+    for key in raw:
+        if key in foreign:
+            raise DlopsError(
+                f"--params {path}: {key!r} is read only by {foreign[key]}, and {spec.name} trains "
+                f"the {getattr(base, 'loss', '?')} loss: it would have no effect; remove it or use that loss's spec"
+            )
     return ChosenParams(dict(raw), {"kind": "file", "path": str(path)})
 
 

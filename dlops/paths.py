@@ -10,8 +10,9 @@ from urllib.parse import quote
 
 
 def dlops_home() -> Path:
-    """The root of everything dlops writes: study database, data, checkpoints, reports."""
-    return Path(os.environ.get("DLOPS_HOME", "storage")).expanduser().absolute()
+    """The root of everything dlops writes: study database, data, checkpoints, reports
+    (``$DLOPS_HOME``; unset or empty: ``./storage``)."""
+    return Path(os.environ.get("DLOPS_HOME") or "storage").expanduser().absolute()
 
 
 def data_root() -> Path:

@@ -141,3 +141,35 @@ def test_safe_extract_refuses_escapes_before_writing(tmp_path: Path) -> None:
     )
     safe_extract(good, tmp_path / "out3", progress=False)
     assert (tmp_path / "out3" / "tiny-imagenet-200" / "wnids.txt").read_text() == "n90000000\n"
+
+
+def test_a_fetch_never_deletes_an_archive_that_was_there_before(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    md5 = md5_file(archive)
+    args = ("data", "fetch", "tiny-imagenet", "--root", str(root), "--md5", md5, "--workers", "1")
+    result = dlops(*args, "--source", f"{base}/mini.zip", "--keep-archive")
+    assert result.exit_code == 0, result.output
+    kept = root / "tiny-imagenet" / "downloads" / "mini.zip"
+    for source in (kept.as_uri(), f"{base}/mini.zip"):  # the kept archive itself; the same name again
+        result = dlops(*args, "--source", source, "--force")
+        assert result.exit_code == 0, result.output
+        assert files_under(kept.parent) == ["mini.zip"] and md5_file(kept) == md5
+        assert (
+            json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)["source"][
+                "location"
+            ]
+            == source
+        )
+
+
+def test_an_empty_dlops_home_means_storage_not_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlops.paths import data_root, dlops_home
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DLOPS_HOME", "")
+    assert dlops_home() == tmp_path / "storage" and data_root() == tmp_path / "storage" / "data"
+    line = one_error_line(dlops("data", "info", "tiny-imagenet"))
+    assert str(tmp_path / "storage" / "data") in line

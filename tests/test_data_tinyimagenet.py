@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import zipfile
@@ -20,10 +22,11 @@ from typer.testing import CliRunner
 from conftest import TINY_IMAGENET_SAMPLE, TINY_IMAGENET_SAMPLE_MISSING, requires_tiny_imagenet_sample
 from data_trees import one_error_line, write_tiny_imagenet, zip_tree
 from dlops.cli import app
-from dlops.data import DATASETS, get_dataset, load_split, take_subset, tinyimagenet
+from dlops.data import DATASETS, cache, get_dataset, load_split, take_subset, tinyimagenet
 from dlops.data.cache import read_manifest
+from dlops.data.manage import fetch_dataset
 from dlops.data.splits import stratified_holdout
-from dlops.errors import DatasetNotAvailable
+from dlops.errors import DatasetNotAvailable, DlopsError
 from dlops.spec import Add, spec_table
 from specs import write_spec
 
@@ -504,3 +507,135 @@ def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(
     )
     assert result.exit_code == 0, result.output
     assert read_manifest(good_root, "tiny-imagenet")["source"]["archive"] == "other.zip"
+
+
+# --------------------------------------------------------------------------- the swap
+
+
+def _fail_when_moving(monkeypatch: pytest.MonkeyPatch, prefix: str, error: BaseException) -> None:
+    """Rename without the atomic exchange, and fail when a folder named ``prefix*`` is
+    moved into place, between the swap's two renames."""
+    monkeypatch.setattr(cache, "_exchange", lambda a, b: False, raising=False)
+    real_rename, real_replace = os.rename, os.replace
+
+    def failing(real):
+        def move(src, dst):
+            if Path(src).name.startswith(prefix) and Path(dst).name in ("cache", "raw"):
+                raise error
+            return real(src, dst)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", failing(real_rename))
+    monkeypatch.setattr(os, "replace", failing(real_replace))
+
+
+@pytest.mark.parametrize("prefix", [".cache-tmp-", ".extract-tmp-"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError("disk trouble")], ids=["ctrl-c", "oserror"])
+def test_a_failure_between_the_renames_of_the_swap_keeps_cache_and_tree(
+    prefix: str, error: BaseException, good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    before = snapshot(good_root)
+    _fail_when_moving(monkeypatch, prefix, error)
+    with pytest.raises(type(error)):
+        fetch_dataset("tiny-imagenet", good_root, str(other), force=True, workers=1, progress=False)
+    monkeypatch.undo()
+    assert_survived(good_root, before)  # the old cache beside the old tree, no hidden leftovers
+
+
+def test_ctrl_c_during_the_swap_waits_until_it_is_done(
+    good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    monkeypatch.setattr(cache, "_exchange", lambda a, b: False, raising=False)
+    real_rename = os.rename
+
+    def interrupted(src, dst):
+        if Path(src).name == "cache":  # the old cache goes aside: Ctrl-C right then
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_dataset("tiny-imagenet", good_root, str(other), force=True, workers=1, progress=False)
+    monkeypatch.undo()
+    assert read_manifest(good_root, "tiny-imagenet")["source"]["archive"] == "other.zip"
+    assert (good_root / "tiny-imagenet" / "raw" / "tiny-imagenet-200" / "wnids.txt").read_text().count("\n") == 4
+    assert [p.name for p in (good_root / "tiny-imagenet").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_cache_left_aside_by_a_crashed_swap_is_put_back(good_root: Path) -> None:
+    home = good_root / "tiny-imagenet"
+    before = snapshot(good_root)
+    (home / "cache").rename(home / ".cache-old-0123abcd")  # what a crash between the renames left
+    result = dlops("data", "info", "tiny-imagenet", "--root", str(good_root))
+    assert result.exit_code == 0, result.output
+    assert_survived(good_root, before)
+
+
+def test_a_failed_exchange_of_the_tree_puts_the_exchanged_cache_back(
+    good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    before = snapshot(good_root)
+    real_exchange = cache._exchange
+
+    def exchange(a: Path, b: Path) -> bool:
+        if a.name.startswith(".extract-tmp-"):
+            raise OSError("disk trouble")
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(cache, "_exchange", exchange)
+    with pytest.raises(OSError, match="disk trouble"):
+        fetch_dataset("tiny-imagenet", good_root, str(other), force=True, workers=1, progress=False)
+    assert_survived(good_root, before)
+
+
+def test_a_val_fraction_that_leaves_a_class_nothing_to_train_on_is_refused(good_root: Path) -> None:
+    before = snapshot(good_root)
+    for fraction in ("0.99", "0.96"):  # 10 images a class: round(9.6) is all of them too
+        line = one_error_line(
+            dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", fraction)
+        )
+        assert f"hold-out fraction of {fraction} takes all 10 images of class 0" in line, line
+    assert_survived(good_root, before)
+    with pytest.raises(DlopsError, match="leaving none to train on"):
+        stratified_holdout(np.array([0, 0, 1]), 0.1, 0)  # one image of class 1: it cannot be held out
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.pop("class_names"), "has no list of class_names"),
+        (lambda m: m.update(classes=5), "has 3 class_ids, 3 class_names and classes = 5"),
+        (lambda m: m["splits"].pop("test"), "has no train, val and test counts"),
+        (lambda m: m.update(image_shape="64x64"), "has image_shape '64x64'"),
+        (lambda m: m["splits"].update(train="27"), "has split counts that are not whole numbers"),
+    ],
+    ids=["no class_names", "classes", "no test count", "image_shape", "count as text"],
+)
+def test_a_hand_edited_manifest_is_one_line_with_the_fix(good_root: Path, edit, problem: str) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    fix = "dlops data prepare tiny-imagenet --force"
+    for command in ("info", "show"):
+        line = one_error_line(dlops("data", command, "tiny-imagenet", "--root", str(good_root)))
+        assert f"manifest.json {problem}" in line and fix in line, line
+    with pytest.raises(DatasetNotAvailable, match=re.escape(fix)):
+        get_dataset("tiny-imagenet", good_root)
+
+
+@pytest.mark.parametrize(("split", "label"), [("train", 3), ("val", -1), ("test", 99)])
+def test_labels_out_of_range_are_one_line_with_the_fix(good_root: Path, tmp_path: Path, split: str, label: int) -> None:
+    path = good_root / "tiny-imagenet" / "cache" / f"{split}_labels.npy"
+    labels = np.load(path)
+    labels[0] = label
+    np.save(path, labels)
+    line = one_error_line(
+        dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(tmp_path / "x.png"))
+    )
+    assert f"{split}_labels.npy holds labels" in line and "not class indices 0..2" in line, line
+    assert "dlops data prepare tiny-imagenet --force" in line

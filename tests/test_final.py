@@ -379,6 +379,8 @@ def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_deca
     "args, message",
     [
         (["final", "--loss", "ce"], "no study named 'resnet18-ce'"),
+        (["final", "--loss", "ce"], "run `dlops study run resnet18-ce` first"),
+        (["final", "--loss", "ce", "--dataset", "digits"], "run `dlops study run resnet18-ce --dataset digits` first"),
         (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
         (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
         (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
@@ -398,7 +400,7 @@ def test_cli_final_user_errors_are_one_line(dlops_home, args, message):
     [
         ({"lr": "abc"}, "lr = 'abc' should be a number"),
         ({"lr": 0.01, "augment": 1}, "augment = 1 should be true or false"),
-        ({"lr": 0.01, "epochs": 2.5}, "epochs = 2.5 should be an integer"),
+        ({"lr": 0.01, "width": 2.5}, "width = 2.5 should be an integer"),
     ],
 )
 def test_cli_final_refuses_a_params_file_of_the_wrong_types(dlops_home, tmp_path, params, message):
@@ -410,6 +412,61 @@ def test_cli_final_refuses_a_params_file_of_the_wrong_types(dlops_home, tmp_path
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (dlops_home / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    "loss, params, message",
+    [
+        ("ce", {"lr": 0.01, "epochs": 1}, "'epochs' is not a setting a params file may change: use --epochs"),
+        ("ce", {"seed": 7}, "'seed' is not a setting a params file may change: a run trains seeds 0..N-1"),
+        ("ce", {"device": "cuda"}, "'device' is not a setting a params file may change: use --device"),
+        ("ce", {"loss": "center"}, "'loss' is not a setting a params file may change: the spec defines it"),
+        ("ce", {"dataset": "stl10"}, "'dataset' is not a setting a params file may change: use --dataset"),
+        ("ce", {"subset_per_class": 3}, "use --subset-per-class"),
+        ("ce", {"margin": 0.3}, "'margin' is read only by the triplet loss, and resnet18-ce trains the ce loss"),
+        ("ce", {"samples_per_class": 8}, "'samples_per_class' is read only by the triplet loss"),
+        ("center", {"triplet_soft": True}, "'triplet_soft' is read only by the triplet loss"),
+        ("triplet", {"center_lambda": 0.1}, "'center_lambda' is read only by the center loss"),
+    ],
+)
+def test_cli_final_refuses_params_the_run_would_ignore_or_misreport(dlops_home, tmp_path, loss, params, message):
+    from dlops.cli import app
+
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    args = ["final", "--loss", loss, "--dataset", "digits", "--params", str(path), "--epochs", "1", "--seeds", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (dlops_home / "reports").exists()
+
+
+def test_a_params_file_may_set_every_setting_of_the_specs_own_loss(dlops_home, tmp_path):
+    from dlops.params import FinalOptions, choose_params
+    from dlops.spec import load_spec
+
+    settings = {
+        "ce": {
+            "lr": 0.01,
+            "momentum": 0.8,
+            "weight_decay": 0.0,
+            "width": 8,
+            "batch_size": 16,
+            "eval_batch_size": 64,
+            "lr_schedule": "constant",
+            "augment": False,
+            "warmup_epochs": 1,
+            "embedding_dim": 32,
+        },
+        "triplet": {"margin": 0.3, "triplet_soft": True, "samples_per_class": 2, "centroid_images_per_class": 5},
+        "center": {"center_lambda": 0.01, "center_alpha": 0.3},
+    }
+    for loss, params in settings.items():
+        path = tmp_path / f"{loss}.json"
+        path.write_text(json.dumps(params))
+        chosen = choose_params(load_spec(f"resnet18-{loss}"), FinalOptions(params=str(path)), None)
+        assert chosen.params == params
 
 
 def write_ae_spec(directory: Path) -> Path:
@@ -754,3 +811,36 @@ def test_a_copied_tree_names_its_commit_from_the_environment(monkeypatch, tmp_pa
     assert provenance.git_commit() == "abc1234"
     monkeypatch.delenv("DLOPS_GIT_COMMIT")
     assert provenance.git_commit() is None
+
+
+def test_a_run_says_which_reference_run_it_replaces(tmp_path, monkeypatch):
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=2))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    messages: list[str] = []
+    first = run_final(spec, FinalOptions(params="baseline", device="cpu"), say=messages.append).final
+    assert not any("replaces" in m for m in messages)
+    messages.clear()
+    run_final(spec, FinalOptions(params="baseline", device="cpu", seeds=1), say=messages.append)
+    said = f"replaces the reference run of {first['created'][:16]} (digits, 1 epoch x 2 seeds) when this one finishes"
+    assert said in messages
+
+
+def test_after_resume_the_recorded_times_cover_the_whole_run(tmp_path, monkeypatch):
+    import time
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=3, final_seeds=2))
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+
+    def slow_then_stop(s: int, e: int, metrics: dict, restored: bool) -> None:
+        if (s, e) == (1, 0):
+            raise KeyboardInterrupt
+        time.sleep(0.4)  # the interrupted process spends >= 0.8 s on seed 0 before its last epoch ends
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=slow_then_stop)
+    final = run_final(spec, FinalOptions(params="baseline", device="cpu", resume=True)).final
+    seed0, seed1 = final["per_seed"]
+    assert seed0["resumed_from_epoch"] == 3 and seed0["train_seconds"] >= 0.8
+    assert seed0["earlier_seconds"] >= 0.8 and seed1["earlier_seconds"] > 0  # seed 1's epoch 0
+    assert seed0["train_seconds"] >= sum(seed0["history"]["epoch_seconds"])
+    assert final["wall_seconds"] >= seed0["train_seconds"] + seed1["train_seconds"]

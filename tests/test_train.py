@@ -208,3 +208,15 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_def
     save_checkpoint(state, ckpt)
     with pytest.raises(DlopsError, match="differs in warmup_epochs"):
         fit(config.replace(warmup_epochs=1), checkpoint_path=ckpt)
+
+
+def test_an_empty_training_split_is_one_line_not_a_crash() -> None:
+    from dataclasses import replace
+
+    from dlops.data import get_dataset
+    from dlops.data.base import Split
+
+    digits = get_dataset("digits")
+    empty = replace(digits, train=Split(digits.train.images[:0], digits.train.labels[:0]))
+    with pytest.raises(DlopsError, match=r"the digits training split has no images.*--val-fraction"):
+        fit(small("ce", epochs=1), dataset=empty)

@@ -9,17 +9,23 @@ Layout under the data root (default ``$DLOPS_HOME/data``)::
     <root>/<dataset>/cache/val_source_index.npy   positions of the hold-out in the official train order
 
 A cache is built in a scratch directory next to it and swapped in by renames only once
-complete, so a failed or interrupted build leaves the previous cache as it was.
+complete (:func:`replace_dirs`: atomic where the system can, else rolled back on an error,
+with Ctrl-C held), so a failed or interrupted build leaves the previous cache as it was.
 Readers open the arrays with ``np.load(mmap_mode="r")``: several processes share one
 copy through the page cache.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,7 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
     """The manifest of a complete cache of the current format; else :class:`DatasetNotAvailable`."""
     directory = cache_dir(root, name)
     path = directory / MANIFEST
-    if not path.is_file():
+    if not path.is_file() and not (restore_previous(directory) and path.is_file()):
         raise DatasetNotAvailable(f"{name} is not prepared under {resolve_root(root)}: {how_to_get(name)}")
     try:
         manifest = json.loads(path.read_text())
@@ -69,25 +75,54 @@ def read_manifest(root: Path | str | None, name: str) -> dict[str, Any]:
         raise DatasetNotAvailable(
             f"{name} cache manifest {path} is unreadable ({exc}): rebuild it with `dlops data prepare {name} --force`"
         ) from None
+    if not isinstance(manifest, dict):
+        raise DatasetNotAvailable(_damaged(name, directory, f"{MANIFEST} is not a JSON object"))
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DatasetNotAvailable(
             f"{name} cache at {directory} has format version {version}, this dlops reads {FORMAT_VERSION}: "
             f"rebuild it with `dlops data prepare {name} --force`"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DatasetNotAvailable(_damaged(name, directory, f"{MANIFEST} {problem}"))
     for split, count in manifest["splits"].items():
         expected: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
-            images_file(split): (np.dtype(np.uint8), (int(count), *map(int, manifest.get("image_shape", ())))),
+            images_file(split): (np.dtype(np.uint8), (count, *manifest["image_shape"])),
             labels_file(split): (np.dtype(np.int64), (int(count),)),
         }
         for file, (dtype, shape) in expected.items():
             problem = _array_file_problem(directory / file, dtype, shape)
             if problem:
-                raise DatasetNotAvailable(
-                    f"{name} cache at {directory}: {file} {problem}: "
-                    f"rebuild it with `dlops data prepare {name} --force`"
-                )
+                raise DatasetNotAvailable(_damaged(name, directory, f"{file} {problem}"))
     return manifest
+
+
+def _damaged(name: str, directory: Path, problem: str) -> str:
+    return f"{name} cache at {directory}: {problem}: rebuild it with `dlops data prepare {name} --force`"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is missing or wrong in a manifest's fields that dlops reads, or None."""
+    splits, shape = manifest.get("splits"), manifest.get("image_shape")
+    ids, names = manifest.get("class_ids"), manifest.get("class_names")
+    if not isinstance(splits, dict) or not {"train", "val", "test"} <= set(splits):
+        return "has no train, val and test counts in 'splits'"
+    if not all(_is_int(n) and n >= 0 for n in splits.values()):
+        return f"has split counts that are not whole numbers: {splits}"
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+        return f"has image_shape {shape!r}, not [channels, height, width]"
+    for key, value in (("class_ids", ids), ("class_names", names)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            return f"has no list of {key}"
+    assert isinstance(ids, list) and isinstance(names, list)
+    if len(names) != len(ids) or manifest.get("classes") != len(ids):
+        return f"has {len(ids)} class_ids, {len(names)} class_names and classes = {manifest.get('classes')!r}"
+    return None
 
 
 def _array_file_problem(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> str | None:
@@ -124,11 +159,21 @@ def is_prepared(root: Path | str | None, name: str) -> bool:
         return False
 
 
-def open_split(root: Path | str | None, name: str, split: str) -> Split:
-    """One cached split: images memory-mapped read-only, labels in memory."""
+def open_split(root: Path | str | None, name: str, split: str, num_classes: int | None = None) -> Split:
+    """One cached split: images memory-mapped read-only, labels in memory (checked to be
+    class indices below ``num_classes`` when given)."""
     directory = cache_dir(root, name)
     images = np.load(directory / images_file(split), mmap_mode="r")
     labels = np.load(directory / labels_file(split))
+    if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetNotAvailable(
+            _damaged(
+                name,
+                directory,
+                f"{labels_file(split)} holds labels {labels.min()}..{labels.max()}, "
+                f"not class indices 0..{num_classes - 1}",
+            )
+        )
     return Split(images, labels)
 
 
@@ -136,13 +181,14 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
     """A :class:`Dataset` over the cache of ``name``; the test split is opened when asked for."""
     manifest = read_manifest(root, name)
     root_path = resolve_root(root)
+    classes = len(manifest["class_ids"])
     return Dataset(
         name=name,
         class_ids=list(manifest["class_ids"]),
         class_names=list(manifest["class_names"]),
-        train=open_split(root_path, name, "train"),
-        val=open_split(root_path, name, "val"),
-        load_test=lambda: open_split(root_path, name, "test"),
+        train=open_split(root_path, name, "train", classes),
+        val=open_split(root_path, name, "val", classes),
+        load_test=lambda: open_split(root_path, name, "test", classes),
         hflip=hflip,
         crop_padding=crop_padding,
     )
@@ -152,14 +198,110 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def replace_dir(scratch: Path, final: Path) -> None:
-    """Put ``scratch`` where ``final`` is, by renames; the old ``final`` is removed after."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(scratch, final)
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` atomically; False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done, then arrive as they would have."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _previous_name(final: Path) -> str:
+    return f".{final.name}-old-"
+
+
+def _put(scratch: Path, final: Path) -> Path | None:
+    """Put ``scratch`` where ``final`` is; where the previous ``final`` is now (None: there
+    was none). On an error nothing has moved."""
+    if not final.exists():
+        os.rename(scratch, final)
+        return None
+    if _exchange(scratch, final):
+        return scratch
+    old = final.with_name(_previous_name(final) + uuid.uuid4().hex[:8])
+    os.rename(final, old)
+    try:
+        os.rename(scratch, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    return old
+
+
+def _take_back(scratch: Path, final: Path, old: Path | None) -> None:
+    """Undo :func:`_put`: the new folder goes back to ``scratch``, the previous one to ``final``."""
+    if old == scratch:
+        _exchange(scratch, final)
+        return
+    os.rename(final, scratch)
     if old is not None:
+        os.rename(old, final)
+
+
+def replace_dirs(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Put each ``scratch`` folder where its ``final`` one is, all or none: an exception
+    (or Ctrl-C, held until the swap is done) puts back every folder already moved. The
+    previous folders are removed after."""
+    done: list[tuple[Path, Path, Path | None]] = []
+    try:
+        with _signals_held():
+            try:
+                for scratch, final in pairs:
+                    done.append((scratch, final, _put(scratch, final)))
+            except BaseException:
+                for scratch, final, old in reversed(done):
+                    _take_back(scratch, final, old)
+                done.clear()
+                raise
+    finally:  # the swap is done (a held Ctrl-C arrives after this)
+        for _, _, old in done:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_previous(final: Path) -> bool:
+    """Where ``final`` is missing but a swap interrupted by a crash left the previous one
+    in a hidden ``.NAME-old-*`` folder beside it, put that one back; True if it did."""
+    if final.exists():
+        return False
+    leftovers = sorted(final.parent.glob(_previous_name(final) + "*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(leftovers):
+        with suppress(OSError):  # another process may be restoring it too
+            os.rename(old, final)
+            return True
+    return False
+
+
+def settle_previous(final: Path) -> None:
+    """Before a swap: restore a previous ``final`` left aside by an interrupted swap
+    (:func:`restore_previous`), and remove such leftovers where ``final`` is whole."""
+    restore_previous(final)
+    for old in final.parent.glob(_previous_name(final) + "*"):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -207,6 +349,7 @@ class CacheBuilder:
         self.name = name
         self.final = cache_dir(root, name)
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        settle_previous(self.final)
         self.dir = self.final.parent / f".cache-tmp-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir()
         self.splits: dict[str, int] = {}
@@ -242,8 +385,9 @@ class CacheBuilder:
     def save_array(self, filename: str, array: np.ndarray) -> None:
         np.save(self.dir / filename, array)
 
-    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Write ``manifest.json`` (with format version, splits, image shape) and swap in."""
+    def commit(self, manifest: dict[str, Any], also: Sequence[tuple[Path, Path]] = ()) -> dict[str, Any]:
+        """Write ``manifest.json`` (with format version, splits, image shape) and swap in,
+        together with the folders ``also`` (scratch, final), all or none."""
         for split, count in self.splits.items():
             labels = np.load(self.dir / labels_file(split), mmap_mode="r")
             if len(labels) != count:
@@ -259,6 +403,6 @@ class CacheBuilder:
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(full, indent=2) + "\n")
         os.replace(tmp, self.dir / MANIFEST)
-        replace_dir(self.dir, self.final)
+        replace_dirs([(self.dir, self.final), *also])
         self.committed = True
         return full

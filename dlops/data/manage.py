@@ -2,7 +2,7 @@
 
 ``fetch`` gets an archive (download or local file), checks its md5, extracts it into a
 scratch directory, builds the cache from it and only then moves the extracted tree to
-``<root>/<name>/raw`` and the cache to ``<root>/<name>/cache``. Any failure removes the
+``<root>/<name>/raw`` and the cache to ``<root>/<name>/cache``, both or neither. Any failure removes the
 scratch files and leaves what was there before (a good cache included) untouched.
 """
 
@@ -13,7 +13,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,8 +29,8 @@ from dlops.data.cache import (
     directory_bytes,
     is_prepared,
     read_manifest,
-    replace_dir,
     resolve_root,
+    settle_previous,
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
@@ -69,7 +69,9 @@ def _build(
     seed: int,
     workers: int | None,
     progress: bool,
+    also: Sequence[tuple[Path, Path]] = (),
 ) -> dict[str, Any]:
+    """Build the cache of ``tree`` and swap it in, with the folders ``also`` (all or none)."""
     if not 0 < val_fraction < 1:
         raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     with CacheBuilder(root, module.NAME) as builder:
@@ -82,7 +84,8 @@ def _build(
                 **entries,
                 "source": source,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            },
+            also,
         )
 
 
@@ -104,8 +107,8 @@ def fetch_dataset(
     match ``md5`` (default: the official md5). A local file must match ``md5`` when one is
     given; otherwise one that differs from the official md5 (a repack, a sample) is
     used only if its layout checks out. A downloaded archive is deleted once the cache is
-    built unless ``keep_archive``. An existing cache is kept (the manifest comes back with
-    ``"reused": True``) unless ``force``.
+    built unless ``keep_archive``; a file that was there before the download stays. An
+    existing cache is kept (the manifest comes back with ``"reused": True``) unless ``force``.
     """
     module = cached_module(name)
     root = resolve_root(root)
@@ -122,13 +125,14 @@ def fetch_dataset(
         expected = md5 or module.MD5
         filename = Path(urlparse(src).path).name or module.ARCHIVE
         archive = home / "downloads" / filename
+        # A file already there (kept by --keep-archive, or the very file a file:// URL names) stays.
+        downloaded = not archive.exists()
         say(f"downloading {src}")
         try:
             actual = download(src, archive, expected, progress=progress)
         except DlopsError:
             _remove_empty(archive.parent, home)
             raise
-        downloaded = True
     else:
         archive = Path(src).expanduser().absolute()
         if archive.is_dir():
@@ -154,6 +158,7 @@ def fetch_dataset(
         "official": actual == module.MD5,
     }
 
+    settle_previous(home / "raw")
     scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
     try:
         say(f"extracting {archive.name}")
@@ -170,8 +175,8 @@ def fetch_dataset(
             seed=0,
             workers=workers,
             progress=progress,
+            also=[(scratch, home / "raw")],  # the cache and the tree it came from: both or neither
         )
-        replace_dir(scratch, home / "raw")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if downloaded and not keep_archive:

@@ -305,6 +305,11 @@ class Trainer(ABC, Generic[ConfigT]):
     def evaluate_weights(self, config: ConfigT, saved: dict[str, Any], device: torch.device) -> dict[str, Any]:
         """:meth:`test_metrics` again, from the saved :meth:`weights`."""
 
+    def foreign_settings(self, config: ConfigT) -> dict[str, str]:
+        """Settings this trainer has that a run of ``config`` would not read (another
+        loss's, say): name -> what reads them."""
+        return {}
+
     def seed_record(self, result: FitResult) -> dict[str, Any]:
         """More per-seed data for ``final.json`` (JSON-safe)."""
         return {}

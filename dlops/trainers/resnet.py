@@ -10,6 +10,7 @@ and pruning (by raising from the callback).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -230,6 +231,11 @@ def fit(
     np.random.seed(config.seed % 2**32)
     if dataset is None:
         dataset = load_dataset(config)
+    if len(dataset.train) == 0:
+        raise DlopsError(
+            f"the {dataset.name} training split has no images: rebuild its cache with a smaller "
+            f"--val-fraction (`dlops data prepare {dataset.name} --force`)"
+        )
     mean, std = dataset.channel_stats()
     model, loss_fn = build_model_and_loss(config, dataset, device)
     if device.type == "cuda":
@@ -367,6 +373,19 @@ def _test_figures(
     return {"test_top1": m["top1"], "test_top5": m["top5"], "test_loss": m["loss"]}
 
 
+def loss_settings(loss: str) -> set[str]:
+    """The settings of :class:`TrainConfig` that the loss ``loss`` reads: its constructor's
+    keywords, ``samples_per_class`` for P x K batches, ``centroid_images_per_class`` when
+    scored by centroids."""
+    cls = LOSSES[loss]
+    read = set(inspect.signature(cls.__init__).parameters) & {f.name for f in dataclasses.fields(TrainConfig)}
+    if cls.needs_pk:
+        read.add("samples_per_class")
+    if cls.scored_by == "centroids":
+        read.add("centroid_images_per_class")
+    return read
+
+
 class ResNetTrainer(Trainer[TrainConfig]):
     name = "resnet18"
     config_class = TrainConfig
@@ -376,6 +395,16 @@ class ResNetTrainer(Trainer[TrainConfig]):
 
     def validate(self, config: TrainConfig) -> None:
         validate_config(config)
+
+    def foreign_settings(self, config: TrainConfig) -> dict[str, str]:
+        if config.loss not in LOSSES:
+            return {}
+        mine = loss_settings(config.loss)
+        readers: dict[str, list[str]] = {}
+        for other in LOSSES:
+            for setting in loss_settings(other) - mine:
+                readers.setdefault(setting, []).append(other)
+        return {setting: "the " + " and ".join(losses) + " loss" for setting, losses in readers.items()}
 
     def fit(
         self,
