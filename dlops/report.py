@@ -12,6 +12,7 @@ The figures themselves are drawn by :mod:`dlops.plots` and the trainer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,9 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from dlops import plots
-from dlops.errors import SpecError
+from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
-from dlops.paths import default_storage_url, reports_dir
+from dlops.paths import default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
 from dlops.storage import NoStorageYet, mask_url, open_storage
 from dlops.studies import epochs_summary
@@ -44,6 +45,18 @@ STUDY_PLOT_TITLES = {
     "slice": "Slice plot",
     "parallel_coordinate": "Parallel coordinates",
 }
+INDEX = "index.md"
+# What reports/ holds beside the spec folders (the index, its chart, `dlops data show`'s PNGs).
+_NOT_A_FOLDER = {INDEX, "val_top5_by_loss.png", "data"}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def report_folder(name: str) -> str:
+    """The folder under ``reports/`` of a study that has no spec folder: the name itself
+    when it is plain, else a slug and hash (``../x``, ``a/b``, ``.staging`` and
+    ``index.md`` never leave or clash inside ``reports/``)."""
+    plain = _PLAIN_NAME.fullmatch(name) and name.lower() not in _NOT_A_FOLDER
+    return name if plain else folder_name(name)
 
 
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
@@ -283,6 +296,7 @@ class Entry:
     loss: str | None
     final: dict[str, Any] | None
     study: optuna.Study | None
+    folder: str  # under reports/: the spec's own, or report_folder(study name)
 
 
 @dataclass
@@ -308,7 +322,7 @@ def _entries(url: str) -> list[Entry]:
     def study_of(name: str) -> str | None:
         """A spec's study: the one its reference run names, else the default name that
         `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own)."""
-        final = load_final(name) or {}
+        final = (load_final(name) if name in finals else None) or {}
         recorded = (final.get("study") or {}).get("name")
         if recorded in studies:
             return recorded
@@ -325,7 +339,7 @@ def _entries(url: str) -> list[Entry]:
     names += sorted(n for n in studies - set(builtin) - finals - claimed)
     out = []
     for name in names:
-        final = load_final(name)
+        final = load_final(name) if name in finals else None
         study_name = study_of(name)
         study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
@@ -339,7 +353,8 @@ def _entries(url: str) -> list[Entry]:
                 loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
             except ValueError:
                 pass
-        out.append(Entry(name, trainer, loss, final, study))
+        folder = name if name in builtin or name in finals else report_folder(name)
+        out.append(Entry(name, trainer, loss, final, study, folder))
     return out
 
 
@@ -393,10 +408,11 @@ def build_report(
     url = storage or default_storage_url()
     root = reports_dir()
     root.mkdir(parents=True, exist_ok=True)
+    _move_aside_old_index_folder(root)
     entries = _entries(url)
     files: list[Path] = []
     for e in entries:
-        out_dir = root / e.name
+        out_dir = root / e.folder
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
@@ -404,14 +420,14 @@ def build_report(
             if attach_study_plots is not None:
                 attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
             files += study_files
-        files.append(write_spec_report(e.name, e.study))
+        files.append(write_spec_report(e.name, e.study, out_dir))
 
-    by_loss = {e.name for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
+    by_loss = {e.folder for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
     resnets = sorted(
-        (e for e in entries if e.name in by_loss),
+        (e for e in entries if e.folder in by_loss),
         key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name),
     )
-    others = [e for e in entries if e.name not in by_loss]
+    others = [e for e in entries if e.folder not in by_loss]
     now = datetime.now(UTC).isoformat(timespec="seconds")
     lines = [
         "# dlops report",
@@ -445,13 +461,25 @@ def build_report(
         ]
     for e in others:
         lines += _other_section(e)
-    index = root / "index.md"
+    index = root / INDEX
     _write_text(index, "\n".join(lines))
     return ReportResult(index=index, files=[index, *files], entries=entries)
 
 
+def _move_aside_old_index_folder(root: Path) -> None:
+    """Older dlops versions wrote the report of a study named ``index.md`` to the folder
+    ``reports/index.md``, where the index goes: it moves to that study's folder now."""
+    old = root / INDEX
+    if not old.is_dir():
+        return
+    new = root / report_folder(INDEX)
+    if new.exists():
+        raise DlopsError(f"{old} is a folder (a study's report from an older dlops; {new} exists): remove it")
+    old.rename(new)
+
+
 def _loss_table(entries: list[Entry]) -> list[str]:
-    head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.name}/report.md)" for e in entries]
+    head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.folder}/report.md)" for e in entries]
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
     rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
@@ -501,7 +529,7 @@ def _other_section(e: Entry) -> list[str]:
     trainer = trainer_of(e.trainer)
     title = trainer.title if trainer is not None else e.name
     facts = StudyFacts.of(e.study) if e.study is not None else None
-    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.name}/report.md)", ""]
+    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.folder}/report.md)", ""]
     lines += ["| | |", "|---|---|"]
     if e.final:
         lines.append(f"| dataset | {e.final['dataset']['name']} |")
@@ -522,6 +550,6 @@ def _other_section(e: Entry) -> list[str]:
     )
     lines.append("")
     for png, caption in (("curves.png", "curves"), *(trainer.report_figures if trainer is not None else ())):
-        if (reports_dir() / e.name / png).exists():
-            lines += [f"![{caption}]({e.name}/{png})", ""]
+        if (reports_dir() / e.folder / png).exists():
+            lines += [f"![{caption}]({e.folder}/{png})", ""]
     return lines

@@ -258,3 +258,33 @@ def test_the_loss_chart_has_one_panel_per_dataset_named_in_title_and_legend(dlop
     assert axes["on tiny-imagenet"].get_legend().get_title().get_text() == "tiny-imagenet"
     index = (dlops_home / "reports" / "index.md").read_text()
     assert "One chart per dataset (digits, tiny-imagenet)" in index
+
+
+def test_report_folders_of_odd_study_names_stay_inside_reports(dlops_home):
+    dlops_home.mkdir(parents=True)
+    for name in ("../../etc", "a/b", "index.md", ".staging", "data"):
+        make_study(dlops_home, name, n=2)
+
+    result = build_report()
+    assert build_report().index == result.index  # a second report works as well
+    reports = dlops_home / "reports"
+    assert (reports / "index.md").is_file()
+    assert not (dlops_home.parent / "etc").exists() and not (reports / "a").exists()
+    assert not (reports / ".staging").exists() and not (reports / "data").exists()
+    folders = {e.name: e.folder for e in result.entries}
+    assert set(folders) == {"../../etc", "a/b", "index.md", ".staging", "data"}
+    for name, folder in folders.items():
+        assert "/" not in folder and folder not in ("index.md", "data") and not folder.startswith(".")
+        assert f"## Study `{name}`" in (reports / folder / "report.md").read_text()
+        assert f"({folder}/report.md)" in (reports / "index.md").read_text()
+
+
+def test_a_report_folder_left_at_index_md_by_an_older_dlops_moves_aside(dlops_home):
+    from dlops.paths import folder_name
+
+    reports = dlops_home / "reports"
+    (reports / "index.md" / "study").mkdir(parents=True)
+    (reports / "index.md" / "report.md").write_text("old")
+    build_report()
+    assert (reports / "index.md").is_file()
+    assert (reports / folder_name("index.md") / "report.md").read_text() == "old"
