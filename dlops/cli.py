@@ -557,6 +557,8 @@ def report(storage: StorageOpt = None) -> None:
 
     quiet_optuna()
     result = build_report(storage, attach_study_plots=attach_study_plots)
+    for name, why in result.skipped.items():
+        say(f"left out study {name}: {why}")
     say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 

@@ -63,7 +63,7 @@ def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
         return
     table = Table("study", "trials", "complete", "pruned", "fail", "best")
     for r in rows:
-        best = "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
+        best = r.get("note") or ("-" if r["best_value"] is None else f"{r['best_value']:.4f}")
         table.add_row(
             r["name"],
             str(r["n_trials"]),

@@ -28,7 +28,7 @@ from dlops.io import write_text_atomic
 from dlops.paths import default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
 from dlops.storage import NoStorageYet, mask_url, open_storage
-from dlops.studies import epochs_summary
+from dlops.studies import epochs_summary, not_dlops_reason
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
 from dlops.trainers import get_trainer
@@ -304,18 +304,20 @@ class ReportResult:
     index: Path
     files: list[Path]
     entries: list[Entry]
+    skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
 
 
-def _entries(url: str) -> list[Entry]:
-    """Every spec with a reference run or a study: built-in names first."""
+def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
+    """Every spec with a reference run or a study: built-in names first; and the studies
+    left out, with the reason."""
 
     try:
         storage: optuna.storages.BaseStorage | None = open_storage(url, create=False)
     except NoStorageYet:  # reference runs only: no study has run with this storage
         storage = None
-    studies = (
-        {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)} if storage else set()
-    )
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
+    skipped = {s.study_name: r for s in summaries if (r := not_dlops_reason(s.directions)) is not None}
+    studies = {s.study_name for s in summaries} - set(skipped)
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
     builtin = builtin_specs()
 
@@ -355,7 +357,7 @@ def _entries(url: str) -> list[Entry]:
                 pass
         folder = name if name in builtin or name in finals else report_folder(name)
         out.append(Entry(name, trainer, loss, final, study, folder))
-    return out
+    return out, skipped
 
 
 def entry_dataset(entry: Entry) -> str | None:
@@ -409,7 +411,7 @@ def build_report(
     root = reports_dir()
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
-    entries = _entries(url)
+    entries, skipped = _entries(url)
     files: list[Path] = []
     for e in entries:
         out_dir = root / e.folder
@@ -461,9 +463,11 @@ def build_report(
         ]
     for e in others:
         lines += _other_section(e)
+    if skipped:
+        lines += ["## Left out", "", *(f"- study `{name}`: {why}" for name, why in skipped.items()), ""]
     index = root / INDEX
     _write_text(index, "\n".join(lines))
-    return ReportResult(index=index, files=[index, *files], entries=entries)
+    return ReportResult(index=index, files=[index, *files], entries=entries, skipped=skipped)
 
 
 def _move_aside_old_index_folder(root: Path) -> None:

@@ -288,3 +288,20 @@ def test_a_report_folder_left_at_index_md_by_an_older_dlops_moves_aside(dlops_ho
     build_report()
     assert (reports / "index.md").is_file()
     assert (reports / folder_name("index.md") / "report.md").read_text() == "old"
+
+
+def test_report_leaves_out_a_multi_objective_study_and_says_so(dlops_home):
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    make_study(dlops_home, "resnet18-ce", n=2)
+    mo = optuna.create_study(
+        study_name="mo", directions=["minimize", "maximize"], storage=f"sqlite:///{dlops_home / 'dlops.db'}"
+    )
+    mo.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    assert "left out study mo: 2 objectives (minimize, maximize), not a dlops study" in result.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "- study `mo`: 2 objectives" in index and "resnet18-ce/report.md" in index
+    assert not (dlops_home / "reports" / "mo").exists()
