@@ -398,6 +398,8 @@ def replay(
         curves = curves.complete_only()
     if not [t for t in curves.trials if t.final is not None]:
         raise ReplayError(f"{curves.source}: no trial with a final value to replay")
+    if not any(t.values for t in curves.trials):
+        raise ReplayError(f"{curves.source}: no learning curves recorded (no trial reported a value per epoch)")
     tables = [parse_pruner(p) if isinstance(p, str) else dict(p) for p in (pruners or DEFAULT_CANDIDATES)]
     return [replay_one(curves, table, tolerance=tolerance) for table in tables]
 

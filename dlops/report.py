@@ -117,6 +117,8 @@ class StudyFacts:
         e = self.epochs
         if not e:
             return "–"
+        if e["share"] is None:  # trials without per-epoch values (not run by dlops)
+            return "no per-epoch values recorded"
         stops = sorted(e["pruned_stop_epochs"].values())
         return f"{e['trained']} of {e['unpruned']} epochs unpruned ({100 * e['share']:.0f}%); " + (
             f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"
