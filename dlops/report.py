@@ -59,14 +59,66 @@ def report_folder(name: str) -> str:
     return name if plain else folder_name(name)
 
 
+# What the report reads from final.json: keys of the whole, of nested objects, of each seed.
+_FINAL_KEYS: dict[str, tuple[str, ...]] = {
+    "": (
+        *("spec", "dataset", "params", "params_source", "epochs", "seeds"),
+        *("mean", "std", "per_seed", "wall_seconds", "device", "created"),
+    ),
+    "dataset": ("name", "num_classes", "splits"),
+    "dataset.splits": ("train", "val", "test"),
+    "params_source": ("kind",),
+}
+_SEED_KEYS = ("seed", "history", "epochs_trained", "resumed_from_epoch", "train_seconds")
+_SOURCE_KEYS = {"trial": ("trial", "study"), "file": ("path",)}
+
+
+def _lacks(obj: Any, keys: tuple[str, ...], where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is not an object"
+    missing = [k for k in keys if k not in obj]
+    return f"{where} has no {', '.join(missing)}" if missing else None
+
+
+def _final_problem(final: Any) -> str | None:
+    """What a final.json lacks that the report reads, or None."""
+    for where, keys in _FINAL_KEYS.items():
+        obj = final
+        for part in where.split(".") if where else ():
+            obj = obj[part]
+        problem = _lacks(obj, keys, where or "the file")
+        if problem:
+            return problem
+    source = final["params_source"]
+    problem = _lacks(source, _SOURCE_KEYS.get(source["kind"], ()), "params_source")
+    if problem:
+        return problem
+    if not isinstance(final["per_seed"], list) or not final["per_seed"]:
+        return "per_seed is not a list of seeds"
+    for i, seed in enumerate(final["per_seed"]):
+        problem = _lacks(seed, _SEED_KEYS, f"per_seed[{i}]") or _lacks(seed["history"], (), f"per_seed[{i}].history")
+        if problem:
+            return problem
+    return None
+
+
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
+    """The ``final.json`` of a spec's folder; None where there is none. A damaged one (not
+    JSON, or without what the report reads) is one line naming it: nothing is rewritten."""
     path = (out_dir or reports_dir() / spec_name) / "final.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        final = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        problem: str | None = f"not JSON ({exc.msg}, line {exc.lineno})"
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    else:
+        problem = _final_problem(final)
+    if problem:
+        raise DlopsError(f"{path} is damaged: {problem} (restore it, or move it away to drop that reference run)")
+    return final
 
 
 def trainer_of(name: str | None) -> Trainer | None:

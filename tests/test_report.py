@@ -305,3 +305,32 @@ def test_report_leaves_out_a_multi_objective_study_and_says_so(dlops_home):
     index = (dlops_home / "reports" / "index.md").read_text()
     assert "- study `mo`: 2 objectives" in index and "resnet18-ce/report.md" in index
     assert not (dlops_home / "reports" / "mo").exists()
+
+
+def test_a_damaged_final_json_is_one_line_and_nothing_is_rewritten(dlops_home):
+    from dlops.cli import app
+
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))
+    assert CliRunner().invoke(app, ["report"]).exit_code == 0
+    folder = dlops_home / "reports" / "resnet18-ce"
+    before = {p: p.read_bytes() for p in (*folder.rglob("*"), dlops_home / "reports" / "index.md") if p.is_file()}
+    final_json = folder / "final.json"
+    whole = final_json.read_text()
+    broken_seed = make_final("resnet18-ce", "ce", [0.90, 0.92])
+    del broken_seed["per_seed"][1]["history"]
+    no_dataset = make_final("resnet18-ce", "ce", [0.90])
+    del no_dataset["dataset"]["splits"]
+    for damaged, says in (
+        (whole[: len(whole) // 2], "not JSON ("),
+        (json.dumps(broken_seed), "per_seed[1] has no history"),
+        (json.dumps(no_dataset), "dataset has no splits"),
+        (json.dumps([1, 2]), "the file is not an object"),
+    ):
+        final_json.write_text(damaged)
+        before[final_json] = damaged.encode()
+        result = CliRunner().invoke(app, ["report"])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"error: {final_json} is damaged: {says}"), line
+        after = {p: p.read_bytes() for p in (*folder.rglob("*"), dlops_home / "reports" / "index.md") if p.is_file()}
+        assert after == before
