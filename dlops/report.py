@@ -389,14 +389,19 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
                 return derived
         return name if name in studies else None
 
-    names = [n for n in builtin if n in studies or n in finals]
-    names += sorted(n for n in finals - set(builtin))
-    claimed = {study_of(n) for n in names}
-    names += sorted(n for n in studies - set(builtin) - finals - claimed)
+    study_for = {n: study_of(n) for n in finals}
+    for n in builtin:  # a spec with a study and no reference run, unless a reference run took that study
+        if n not in finals and n in studies and n not in study_for.values():
+            study_for[n] = n
+    names = [n for n in builtin if n in study_for] + sorted(set(study_for) - set(builtin))
+    rows = [(n, n, study_for[n]) for n in names]  # name, folder under reports/, study
+    taken = {n.lower() for n in names}
+    for s in sorted(studies - set(study_for.values())):  # every other study, the spec-named too
+        folder = report_folder(s)
+        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s))
     out = []
-    for name in names:
-        final = load_final(name) if name in finals else None
-        study_name = study_of(name)
+    for name, folder, study_name in rows:
+        final = load_final(name) if folder == name and name in finals else None
         study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
@@ -409,7 +414,6 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
                 loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
             except ValueError:
                 pass
-        folder = name if name in builtin or name in finals else report_folder(name)
         out.append(Entry(name, trainer, loss, final, study, folder))
     return out, skipped
 
@@ -536,11 +540,17 @@ def _move_aside_old_index_folder(root: Path) -> None:
     old.rename(new)
 
 
+def _spec_and_study(e: Entry) -> str:
+    if e.study is None:
+        return f"`{e.name}` (no study)"
+    return f"`{e.name}`" + ("" if e.study.study_name == e.name else f", study `{e.study.study_name}`")
+
+
 def _loss_table(entries: list[Entry]) -> list[str]:
     head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.folder}/report.md)" for e in entries]
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
-    rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
+    rows.append(("spec / study", [_spec_and_study(e) for e in entries]))
     rows.append(("dataset", [entry_dataset(e) or "–" for e in entries]))
     rows.append(
         (

@@ -334,3 +334,22 @@ def test_a_damaged_final_json_is_one_line_and_nothing_is_rewritten(dlops_home):
         assert line.startswith(f"error: {final_json} is damaged: {says}"), line
         after = {p: p.read_bytes() for p in (*folder.rglob("*"), dlops_home / "reports" / "index.md") if p.is_file()}
         assert after == before
+
+
+def test_every_study_appears_once_even_one_named_after_a_spec_whose_final_used_another(dlops_home):
+    from dlops.paths import folder_name
+
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90]))  # on digits: its study is resnet18-ce-digits
+    make_study(dlops_home, "resnet18-ce-digits", n=2)
+    make_study(dlops_home, "resnet18-ce", n=3)
+    result = build_report()
+    studies = sorted(e.study.study_name for e in result.entries if e.study is not None)
+    assert studies == ["resnet18-ce", "resnet18-ce-digits"]
+    reports = dlops_home / "reports"
+    assert "## Study `resnet18-ce-digits`" in (reports / "resnet18-ce" / "report.md").read_text()
+    own = reports / folder_name("resnet18-ce") / "report.md"
+    assert "## Study `resnet18-ce`" in own.read_text() and "resnet18-ce-digits" not in own.read_text()
+    index = (reports / "index.md").read_text()
+    assert f"({folder_name('resnet18-ce')}/report.md)" in index and "(resnet18-ce/report.md)" in index
+    assert "`resnet18-ce`, study `resnet18-ce-digits`" in index
+    assert "| trials complete / pruned | 2 / 0 | 3 / 0 |" in index
