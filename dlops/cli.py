@@ -378,7 +378,7 @@ def study_replay(
 def dashboard(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port")] = 8080,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study storage (and the artifact store)."""
     from dlops.dashboard import serve_dashboard

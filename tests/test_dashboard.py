@@ -77,3 +77,15 @@ def test_a_later_final_replaces_the_study_artifacts_of_an_earlier_one(dlops_home
     attach_artifacts(study, [tmp_path / "curves.png"], trial_number=0, tag="resnet18-ce")
     assert _study_artifacts(app, study) == {}
     assert len(list((dlops_home / "artifacts").iterdir())) == 1
+
+
+def test_a_port_out_of_range_is_one_line(dlops_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    for port, bound in (("99999", "65535"), ("-1", "0")):
+        result = CliRunner().invoke(app, ["dashboard", "--port", port])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: Invalid value for '--port'") and line.split("(see")[0].rstrip().endswith(bound)
