@@ -309,6 +309,11 @@ def connect(
     The journal storages have no heartbeat (dlops proves dead workers by pid instead).
     """
     kind = storage_kind(url)
+    if kind == "sqlite" and storage_file(url) is None:
+        raise StorageError(
+            f"{mask_url(url)} is an in-memory SQLite database: the study would vanish with this process "
+            "(use sqlite:///path/to/dlops.db)"
+        )
     password = _URL_PASSWORD.match(url)
     if kind in ("postgresql", "rdb") and password and "@" in password["password"]:
         # SQLAlchemy splits at the first '@' and would send the rest of the password out as

@@ -317,3 +317,16 @@ def test_a_bare_postgresql_url_opens_the_server(scheme: str) -> None:
         assert name in result.output
     finally:
         optuna.delete_study(study_name=name, storage=PG)
+
+
+@pytest.mark.parametrize("memory", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_storage_is_refused_in_one_line(memory: str, dlops_home: Path) -> None:
+    with pytest.raises(StorageError, match="in-memory SQLite database"):
+        connect(memory)
+    result = CliRunner().invoke(
+        app, ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1", "--storage", memory]
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {memory} is an in-memory SQLite database"), errors
+    assert "epoch" not in result.output and "Traceback" not in result.output
