@@ -548,7 +548,7 @@ def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_li
     runner = CliRunner()
     listed = runner.invoke(app, ["study", "list"])
     assert listed.exit_code == 0, listed.output
-    assert "mo" in listed.output and "single" in listed.output and "2 objectives" in listed.output
+    assert "single" in listed.output and "mo: 2 objectives (minimize, maximize), not a dlops study" in listed.output
     for command in (["study", "show", "mo"], ["study", "show", "mo", "--json"], ["study", "replay", "mo"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
