@@ -3,6 +3,7 @@ prints a summary; errors a user can cause end in one line and a non-zero exit.""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import re
@@ -127,15 +128,29 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except DlopsError as exc:
             fail(str(exc), exc.exit_code)
-        except OSError as exc:  # a full disk where no dlops writer saw it (a library's own file)
+        except OSError as exc:  # a file no dlops writer checked: a full disk, $DLOPS_HOME on a file, no permission
             from dlops.io import DiskFull, write_error
 
-            error = write_error(exc, Path(exc.filename)) if exc.filename else None
-            if not isinstance(error, DiskFull):
+            if not exc.filename:
                 raise
-            fail(str(error), error.exit_code)
+            error = write_error(exc, Path(exc.filename))
+            if isinstance(error, DiskFull):
+                fail(str(error), error.exit_code)
+            fail(f"cannot {_verb(exc)} {exc.filename}: {exc.strerror or exc}")
 
     return wrapper
+
+
+_READS = {"read_text", "read_bytes", "stat", "exists", "is_file", "is_dir", "iterdir", "glob", "rglob", "load"}
+
+
+def _verb(exc: OSError) -> str:
+    """``read`` or ``write``: what the failed call (the innermost frame) was doing."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    reading = exc.errno == errno.ENOENT or (tb is not None and tb.tb_frame.f_code.co_name in _READS)
+    return "read" if reading else "write"
 
 
 def _spec_name(spec: str | None, loss: Loss | None) -> str:
@@ -363,7 +378,7 @@ def study_replay(
 def dashboard(
     storage: StorageOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port")] = 8080,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study storage (and the artifact store)."""
     from dlops.dashboard import serve_dashboard
@@ -557,6 +572,8 @@ def report(storage: StorageOpt = None) -> None:
 
     quiet_optuna()
     result = build_report(storage, attach_study_plots=attach_study_plots)
+    for name, why in result.skipped.items():
+        say(f"left out study {name}: {why}")
     say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 

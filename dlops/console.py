@@ -63,7 +63,7 @@ def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
         return
     table = Table("study", "trials", "complete", "pruned", "fail", "best")
     for r in rows:
-        best = "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
+        best = "n/a" if r.get("note") else "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
         table.add_row(
             r["name"],
             str(r["n_trials"]),
@@ -73,6 +73,9 @@ def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
             best,
         )
     console.print(table)
+    for r in rows:
+        if r.get("note"):
+            say(f"{r['name']}: {r['note']}")
 
 
 def print_study_trials(info: dict[str, Any]) -> None:

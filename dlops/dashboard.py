@@ -148,27 +148,35 @@ def attach_artifacts(
     A finished trial is read-only in Optuna's storage, so a trial's files are attached
     the way optuna-dashboard attaches its own uploads: a study attribute
     ``dashboard:artifacts:<trial_id>:<artifact_id>``, which the dashboard lists on that
-    trial's page. Files attached by an earlier run with the same ``tag`` are withdrawn
-    (trial attachments) so a trial shows only the latest reference run.
+    trial's page. What an earlier run with the same ``tag`` attached is replaced, so the
+    dashboard shows only the latest reference run: a study attachment of the same file
+    name keeps its artifact and gets the new content (Optuna's own lister cannot skip a
+    withdrawn ``artifacts:*`` key), every other earlier attachment is withdrawn.
     """
     root = artifacts_dir()
     root.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(root))
     storage, study_id = study._storage, study._study_id
     key = FINAL_ARTIFACTS_KEY + tag
-    for attr_key, artifact_id in storage.get_study_system_attrs(study_id).get(key, []):
-        if attr_key.startswith("dashboard:"):  # Optuna's own lister cannot skip nulled artifacts:* keys
-            storage.set_study_system_attr(study_id, attr_key, json.dumps(None))
-            try:
-                store.remove(artifact_id)
-            except ArtifactNotFound:
-                pass
+    attrs = storage.get_study_system_attrs(study_id)
+    reusable: dict[str, list[str]] = {}  # file name -> [attr key, artifact id] of an earlier study attachment
+    for attr_key, artifact_id in attrs.get(key, []):
+        meta = json.loads(attrs.get(attr_key) or "null")
+        if trial_number is None and attr_key.startswith("artifacts:") and meta is not None:
+            reusable[meta["filename"]] = [attr_key, artifact_id]
+        else:
+            _withdraw(study, store, attr_key, artifact_id)
     trial_id = None
     if trial_number is not None:
         trial_id = next(t._trial_id for t in study.get_trials(deepcopy=False) if t.number == trial_number)
     attached: list[list[str]] = []
     for path in files:
         if trial_id is None:
+            earlier = reusable.pop(path.name, None)
+            if earlier is not None:  # in place, as the study's plots are refreshed
+                write_atomic(root / earlier[1], _writer(path.read_bytes()))
+                attached.append(earlier)
+                continue
             artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
             attached.append(["artifacts:" + artifact_id, artifact_id])
             continue
@@ -185,5 +193,17 @@ def attach_artifacts(
         }
         storage.set_study_system_attr(study_id, attr_key, json.dumps(meta))
         attached.append([attr_key, artifact_id])
+    for attr_key, artifact_id in reusable.values():  # files the new run does not have
+        _withdraw(study, store, attr_key, artifact_id)
     storage.set_study_system_attr(study_id, key, attached)
     return [artifact_id for _, artifact_id in attached]
+
+
+def _withdraw(study: optuna.Study, store: FileSystemArtifactStore, attr_key: str, artifact_id: str) -> None:
+    """Take an attachment off the dashboard as its own Delete button does (the key's
+    metadata set to null) and remove its file."""
+    study._storage.set_study_system_attr(study._study_id, attr_key, json.dumps(None))
+    try:
+        store.remove(artifact_id)
+    except ArtifactNotFound:
+        pass

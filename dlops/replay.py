@@ -44,7 +44,7 @@ from dlops.errors import DlopsError
 from dlops.io import write_text_atomic
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner
-from dlops.studies import load_existing_study, pruned_by_pruner
+from dlops.studies import load_existing_study, pruned_by_pruner, require_dlops_study
 
 FORMAT = "dlops-curves"
 VERSION = 1
@@ -116,6 +116,7 @@ def curves_from_study(study: optuna.Study) -> Curves:
     """The finished trials of ``study`` as curves, in trial order. A PRUNED trial is
     ``diverged`` when its stop was a non-finite loss (dlops records the reason), else
     ``pruned``; RUNNING, WAITING and FAIL trials are left out."""
+    require_dlops_study(study)
     trials = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         values = [float(t.intermediate_values[s]) for s in sorted(t.intermediate_values)]
@@ -397,6 +398,8 @@ def replay(
         curves = curves.complete_only()
     if not [t for t in curves.trials if t.final is not None]:
         raise ReplayError(f"{curves.source}: no trial with a final value to replay")
+    if not any(t.values for t in curves.trials):
+        raise ReplayError(f"{curves.source}: no learning curves recorded (no trial reported a value per epoch)")
     tables = [parse_pruner(p) if isinstance(p, str) else dict(p) for p in (pruners or DEFAULT_CANDIDATES)]
     return [replay_one(curves, table, tolerance=tolerance) for table in tables]
 

@@ -12,6 +12,7 @@ The figures themselves are drawn by :mod:`dlops.plots` and the trainer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,12 +23,12 @@ import optuna
 from optuna.trial import TrialState
 
 from dlops import plots
-from dlops.errors import SpecError
+from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
-from dlops.paths import default_storage_url, reports_dir
+from dlops.paths import default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
 from dlops.storage import NoStorageYet, mask_url, open_storage
-from dlops.studies import epochs_summary
+from dlops.studies import epochs_summary, not_dlops_reason
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
 from dlops.trainers import get_trainer
@@ -44,16 +45,80 @@ STUDY_PLOT_TITLES = {
     "slice": "Slice plot",
     "parallel_coordinate": "Parallel coordinates",
 }
+INDEX = "index.md"
+# What reports/ holds beside the spec folders (the index, its chart, `dlops data show`'s PNGs).
+_NOT_A_FOLDER = {INDEX, "val_top5_by_loss.png", "data"}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def report_folder(name: str) -> str:
+    """The folder under ``reports/`` of a study that has no spec folder: the name itself
+    when it is plain, else a slug and hash (``../x``, ``a/b``, ``.staging`` and
+    ``index.md`` never leave or clash inside ``reports/``)."""
+    plain = _PLAIN_NAME.fullmatch(name) and name.lower() not in _NOT_A_FOLDER
+    return name if plain else folder_name(name)
+
+
+# What the report reads from final.json: keys of the whole, of nested objects, of each seed.
+_FINAL_KEYS: dict[str, tuple[str, ...]] = {
+    "": (
+        *("spec", "dataset", "params", "params_source", "epochs", "seeds"),
+        *("mean", "std", "per_seed", "wall_seconds", "device", "created"),
+    ),
+    "dataset": ("name", "num_classes", "splits"),
+    "dataset.splits": ("train", "val", "test"),
+    "params_source": ("kind",),
+}
+_SEED_KEYS = ("seed", "history", "epochs_trained", "resumed_from_epoch", "train_seconds")
+_SOURCE_KEYS = {"trial": ("trial", "study"), "file": ("path",)}
+
+
+def _lacks(obj: Any, keys: tuple[str, ...], where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is not an object"
+    missing = [k for k in keys if k not in obj]
+    return f"{where} has no {', '.join(missing)}" if missing else None
+
+
+def _final_problem(final: Any) -> str | None:
+    """What a final.json lacks that the report reads, or None."""
+    for where, keys in _FINAL_KEYS.items():
+        obj = final
+        for part in where.split(".") if where else ():
+            obj = obj[part]
+        problem = _lacks(obj, keys, where or "the file")
+        if problem:
+            return problem
+    source = final["params_source"]
+    problem = _lacks(source, _SOURCE_KEYS.get(source["kind"], ()), "params_source")
+    if problem:
+        return problem
+    if not isinstance(final["per_seed"], list) or not final["per_seed"]:
+        return "per_seed is not a list of seeds"
+    for i, seed in enumerate(final["per_seed"]):
+        problem = _lacks(seed, _SEED_KEYS, f"per_seed[{i}]") or _lacks(seed["history"], (), f"per_seed[{i}].history")
+        if problem:
+            return problem
+    return None
 
 
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
+    """The ``final.json`` of a spec's folder; None where there is none. A damaged one (not
+    JSON, or without what the report reads) is one line naming it: nothing is rewritten."""
     path = (out_dir or reports_dir() / spec_name) / "final.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        final = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        problem: str | None = f"not JSON ({exc.msg}, line {exc.lineno})"
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    else:
+        problem = _final_problem(final)
+    if problem:
+        raise DlopsError(f"{path} is damaged: {problem} (restore it, or move it away to drop that reference run)")
+    return final
 
 
 def trainer_of(name: str | None) -> Trainer | None:
@@ -104,6 +169,8 @@ class StudyFacts:
         e = self.epochs
         if not e:
             return "–"
+        if e["share"] is None:  # trials without per-epoch values (not run by dlops)
+            return "no per-epoch values recorded"
         stops = sorted(e["pruned_stop_epochs"].values())
         return f"{e['trained']} of {e['unpruned']} epochs unpruned ({100 * e['share']:.0f}%); " + (
             f"{len(stops)} pruned, stopped after epoch {', '.join(map(str, stops))}" if stops else "none pruned"
@@ -283,6 +350,7 @@ class Entry:
     loss: str | None
     final: dict[str, Any] | None
     study: optuna.Study | None
+    folder: str  # under reports/: the spec's own, or report_folder(study name)
 
 
 @dataclass
@@ -290,25 +358,27 @@ class ReportResult:
     index: Path
     files: list[Path]
     entries: list[Entry]
+    skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
 
 
-def _entries(url: str) -> list[Entry]:
-    """Every spec with a reference run or a study: built-in names first."""
+def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
+    """Every spec with a reference run or a study: built-in names first; and the studies
+    left out, with the reason."""
 
     try:
         storage: optuna.storages.BaseStorage | None = open_storage(url, create=False)
     except NoStorageYet:  # reference runs only: no study has run with this storage
         storage = None
-    studies = (
-        {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)} if storage else set()
-    )
+    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
+    skipped = {s.study_name: r for s in summaries if (r := not_dlops_reason(s.directions)) is not None}
+    studies = {s.study_name for s in summaries} - set(skipped)
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
     builtin = builtin_specs()
 
     def study_of(name: str) -> str | None:
         """A spec's study: the one its reference run names, else the default name that
         `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own)."""
-        final = load_final(name) or {}
+        final = (load_final(name) if name in finals else None) or {}
         recorded = (final.get("study") or {}).get("name")
         if recorded in studies:
             return recorded
@@ -319,14 +389,19 @@ def _entries(url: str) -> list[Entry]:
                 return derived
         return name if name in studies else None
 
-    names = [n for n in builtin if n in studies or n in finals]
-    names += sorted(n for n in finals - set(builtin))
-    claimed = {study_of(n) for n in names}
-    names += sorted(n for n in studies - set(builtin) - finals - claimed)
+    study_for = {n: study_of(n) for n in finals}
+    for n in builtin:  # a spec with a study and no reference run, unless a reference run took that study
+        if n not in finals and n in studies and n not in study_for.values():
+            study_for[n] = n
+    names = [n for n in builtin if n in study_for] + sorted(set(study_for) - set(builtin))
+    rows = [(n, n, study_for[n]) for n in names]  # name, folder under reports/, study
+    taken = {n.lower() for n in names}
+    for s in sorted(studies - set(study_for.values())):  # every other study, the spec-named too
+        folder = report_folder(s)
+        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s))
     out = []
-    for name in names:
-        final = load_final(name)
-        study_name = study_of(name)
+    for name, folder, study_name in rows:
+        final = load_final(name) if folder == name and name in finals else None
         study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
@@ -339,8 +414,8 @@ def _entries(url: str) -> list[Entry]:
                 loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
             except ValueError:
                 pass
-        out.append(Entry(name, trainer, loss, final, study))
-    return out
+        out.append(Entry(name, trainer, loss, final, study, folder))
+    return out, skipped
 
 
 def entry_dataset(entry: Entry) -> str | None:
@@ -393,10 +468,11 @@ def build_report(
     url = storage or default_storage_url()
     root = reports_dir()
     root.mkdir(parents=True, exist_ok=True)
-    entries = _entries(url)
+    _move_aside_old_index_folder(root)
+    entries, skipped = _entries(url)
     files: list[Path] = []
     for e in entries:
-        out_dir = root / e.name
+        out_dir = root / e.folder
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
@@ -404,14 +480,14 @@ def build_report(
             if attach_study_plots is not None:
                 attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
             files += study_files
-        files.append(write_spec_report(e.name, e.study))
+        files.append(write_spec_report(e.name, e.study, out_dir))
 
-    by_loss = {e.name for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
+    by_loss = {e.folder for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
     resnets = sorted(
-        (e for e in entries if e.name in by_loss),
+        (e for e in entries if e.folder in by_loss),
         key=lambda e: (LOSS_ORDER.index(e.loss) if e.loss in LOSS_ORDER else len(LOSS_ORDER), e.name),
     )
-    others = [e for e in entries if e.name not in by_loss]
+    others = [e for e in entries if e.folder not in by_loss]
     now = datetime.now(UTC).isoformat(timespec="seconds")
     lines = [
         "# dlops report",
@@ -445,16 +521,36 @@ def build_report(
         ]
     for e in others:
         lines += _other_section(e)
-    index = root / "index.md"
+    if skipped:
+        lines += ["## Left out", "", *(f"- study `{name}`: {why}" for name, why in skipped.items()), ""]
+    index = root / INDEX
     _write_text(index, "\n".join(lines))
-    return ReportResult(index=index, files=[index, *files], entries=entries)
+    return ReportResult(index=index, files=[index, *files], entries=entries, skipped=skipped)
+
+
+def _move_aside_old_index_folder(root: Path) -> None:
+    """Older dlops versions wrote the report of a study named ``index.md`` to the folder
+    ``reports/index.md``, where the index goes: it moves to that study's folder now."""
+    old = root / INDEX
+    if not old.is_dir():
+        return
+    new = root / report_folder(INDEX)
+    if new.exists():
+        raise DlopsError(f"{old} is a folder (a study's report from an older dlops; {new} exists): remove it")
+    old.rename(new)
+
+
+def _spec_and_study(e: Entry) -> str:
+    if e.study is None:
+        return f"`{e.name}` (no study)"
+    return f"`{e.name}`" + ("" if e.study.study_name == e.name else f", study `{e.study.study_name}`")
 
 
 def _loss_table(entries: list[Entry]) -> list[str]:
-    head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.name}/report.md)" for e in entries]
+    head = [f"[{LOSS_TITLES.get(e.loss or '', e.loss or e.name)}]({e.folder}/report.md)" for e in entries]
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
-    rows.append(("spec / study", [f"`{e.name}`" + ("" if e.study is not None else " (no study)") for e in entries]))
+    rows.append(("spec / study", [_spec_and_study(e) for e in entries]))
     rows.append(("dataset", [entry_dataset(e) or "–" for e in entries]))
     rows.append(
         (
@@ -501,7 +597,7 @@ def _other_section(e: Entry) -> list[str]:
     trainer = trainer_of(e.trainer)
     title = trainer.title if trainer is not None else e.name
     facts = StudyFacts.of(e.study) if e.study is not None else None
-    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.name}/report.md)", ""]
+    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.folder}/report.md)", ""]
     lines += ["| | |", "|---|---|"]
     if e.final:
         lines.append(f"| dataset | {e.final['dataset']['name']} |")
@@ -522,6 +618,6 @@ def _other_section(e: Entry) -> list[str]:
     )
     lines.append("")
     for png, caption in (("curves.png", "curves"), *(trainer.report_figures if trainer is not None else ())):
-        if (reports_dir() / e.name / png).exists():
-            lines += [f"![{caption}]({e.name}/{png})", ""]
+        if (reports_dir() / e.folder / png).exists():
+            lines += [f"![{caption}]({e.folder}/{png})", ""]
     return lines

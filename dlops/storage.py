@@ -6,7 +6,9 @@ passwords out of every message.
 =====================================================  ==========================================
 ``sqlite:///relative/dlops.db``,                       one worker at a time (the default, under
 ``sqlite:////absolute/dlops.db``                       ``$DLOPS_HOME``)
-``postgresql+psycopg2://user:password@host:5432/db``   many workers on many machines (heartbeats)
+``postgresql+psycopg2://user:password@host:5432/db``   many workers on many machines (heartbeats;
+(or ``postgresql://``, ``postgres://``: psycopg2        a bare URL gets psycopg2, the driver that
+unless psycopg 3 is installed)                         ships with dlops)
 ``journal:///absolute/path.log``,                      many workers on one machine (an append-only
 ``journal:relative/path.log``, or a plain path         Optuna journal file, ``fcntl``-locked)
 ending in ``.log`` / ``.journal``
@@ -83,6 +85,18 @@ def storage_kind(url: str) -> str:
         f"unsupported storage {mask_url(url)!r}: use sqlite:///path.db, postgresql+psycopg2://user@host/db, "
         "journal:///path.log or redis://host:6379/0"
     )
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The URL handed to SQLAlchemy. A bare ``postgresql://`` (or ``postgres://``, which
+    SQLAlchemy does not know) names the psycopg2 driver that ships with dlops, unless
+    psycopg 3, SQLAlchemy's own default, is installed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    return ("postgresql" if importlib.util.find_spec("psycopg") else "postgresql+psycopg2") + "://" + rest
 
 
 def journal_path(url: str) -> Path:
@@ -295,6 +309,11 @@ def connect(
     The journal storages have no heartbeat (dlops proves dead workers by pid instead).
     """
     kind = storage_kind(url)
+    if kind == "sqlite" and storage_file(url) is None:
+        raise StorageError(
+            f"{mask_url(url)} is an in-memory SQLite database: the study would vanish with this process "
+            "(use sqlite:///path/to/dlops.db)"
+        )
     password = _URL_PASSWORD.match(url)
     if kind in ("postgresql", "rdb") and password and "@" in password["password"]:
         # SQLAlchemy splits at the first '@' and would send the rest of the password out as
@@ -352,7 +371,7 @@ def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: 
             grace_period=int(grace_period) if grace_period is not None else None,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRY_LIMIT),
         )
-    return StudyStorage(url, kind, optuna.storages.RDBStorage(url, **kwargs))
+    return StudyStorage(url, kind, optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs))
 
 
 def open_storage(url: str, **kwargs: Any) -> optuna.storages.BaseStorage:

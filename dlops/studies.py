@@ -6,7 +6,7 @@ the time it takes to open the storage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,25 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
+def not_dlops_reason(directions: Sequence[optuna.study.StudyDirection]) -> str | None:
+    """Why a study with these directions is not one dlops can read (a dlops study has one
+    objective), or None."""
+    if len(directions) == 1:
+        return None
+    return f"{len(directions)} objectives ({', '.join(d.name.lower() for d in directions)}), not a dlops study"
+
+
+def require_dlops_study(study: optuna.Study) -> optuna.Study:
+    """``study``, or one line saying why dlops cannot read it (a multi-objective study)."""
+    reason = not_dlops_reason(study.directions)
+    if reason is not None:
+        raise DlopsError(f"study {study.study_name!r} has {reason} (dlops studies have one objective)")
+    return study
+
+
 def summarize(study: optuna.Study) -> dict[str, Any]:
     """JSON-ready summary: name, direction, metric, states, best trial, user attrs."""
+    require_dlops_study(study)
     counts = state_counts(study)
     best = None
     try:
@@ -113,8 +130,21 @@ def list_studies(url: str) -> list[dict[str, Any]]:
     except NoStorageYet:
         return []
     rows = []
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=True):
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=s.study_name, storage=storage)
+        reason = not_dlops_reason(s.directions)
+        if reason is not None:  # another tool's study: its counts, no single best value
+            counts = state_counts(study)
+            rows.append(
+                {
+                    "name": s.study_name,
+                    "n_trials": sum(counts.values()),
+                    "states": {k: v for k, v in counts.items() if v},
+                    "best_value": None,
+                    "note": reason,
+                }
+            )
+            continue
         summary = summarize(study)
         rows.append(
             {
@@ -138,7 +168,9 @@ def find_study(url: str, name: str) -> optuna.Study | None:
         storage = open_storage(url, create=False)
     except NoStorageYet:
         return None
-    return optuna.load_study(study_name=name, storage=storage) if name in _names(storage) else None
+    if name not in _names(storage):
+        return None
+    return require_dlops_study(optuna.load_study(study_name=name, storage=storage))
 
 
 def load_existing_study(name: str, url: str) -> optuna.Study:
@@ -153,7 +185,7 @@ def load_existing_study(name: str, url: str) -> optuna.Study:
 
 def describe_study(name: str, url: str) -> dict[str, Any]:
     """:func:`summarize`, the epochs trained against unpruned, and every trial (``dlops study show``)."""
-    study = load_existing_study(name, url)
+    study = require_dlops_study(load_existing_study(name, url))
     info = summarize(study)
     info["epochs"] = epochs_summary(study.get_trials(deepcopy=False))
     info["trials"] = [

@@ -111,3 +111,51 @@ def test_loss_and_device_choices_are_listed_and_checked_in_one_line(command: lis
         assert result.exit_code == 2 and len(lines) == 1, result.output
         assert lines[0].startswith("error: ") and message in lines[0], lines
         assert "Value error" not in lines[0] and "--help" in lines[0]
+
+
+def test_a_dlops_home_on_a_file_or_an_unreadable_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setenv("DLOPS_HOME", str(a_file))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    for command, path in ((["report"], "reports"), (["data", "show", "digits"], "reports/data")):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [f"error: cannot write {a_file / path}: Not a directory"]
+
+    home = tmp_path / "home"
+    final_json = home / "reports" / "x" / "final.json"
+    final_json.parent.mkdir(parents=True)
+    final_json.write_text("{}")
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    real = Path.read_text
+
+    def read_text(self: Path, *args, **kwargs) -> str:
+        if self.name == "final.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: cannot read {final_json}: Permission denied"]
+
+
+def test_a_full_disk_keeps_its_own_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+
+    def mkdir(self: Path, *args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 2, result.output
+    reports = tmp_path / "home" / "reports"
+    assert result.output.strip().splitlines() == [f"error: no space left on device while writing {reports}"]

@@ -44,3 +44,48 @@ def test_dashboard_lists_the_studies_of_the_storage(dlops_home: Path) -> None:
     payload = json.loads(body)
     names = [s["study_name"] for s in payload["study_summaries"]]
     assert names == ["resnet18-ce"]
+
+
+def _study_artifacts(app, study: optuna.Study) -> dict[str, bytes]:
+    """File name -> content of the study-level artifacts the dashboard shows."""
+    status, body = call(app, f"/api/studies/{study._study_id}")
+    assert status.startswith("200")
+    shown = json.loads(body)["artifacts"]
+    return {a["filename"]: call(app, f"/artifacts/{study._study_id}/{a['artifact_id']}")[1] for a in shown}
+
+
+def test_a_later_final_replaces_the_study_artifacts_of_an_earlier_one(dlops_home: Path, tmp_path: Path) -> None:
+    from dlops.dashboard import attach_artifacts
+
+    url = default_storage_url()
+    dlops_home.mkdir(parents=True)
+    study = optuna.create_study(study_name="resnet18-ce-digits", storage=url, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=1)
+    app = dashboard_app(url)
+    for run in ("first", "second"):  # two `dlops final --params baseline` runs: attached to the study
+        files = [tmp_path / "curves.png", tmp_path / "final.json"]
+        for f in files:
+            f.write_text(f"{f.name} of the {run} run")
+        attach_artifacts(study, files, tag="resnet18-ce")
+    assert _study_artifacts(app, study) == {
+        "curves.png": b"curves.png of the second run",
+        "final.json": b"final.json of the second run",
+    }
+    assert len(optuna.artifacts.get_all_artifact_meta(study)) == 2
+    assert len(list((dlops_home / "artifacts").iterdir())) == 2
+    # then a run from the best trial: on that trial's page, none left on the study
+    attach_artifacts(study, [tmp_path / "curves.png"], trial_number=0, tag="resnet18-ce")
+    assert _study_artifacts(app, study) == {}
+    assert len(list((dlops_home / "artifacts").iterdir())) == 1
+
+
+def test_a_port_out_of_range_is_one_line(dlops_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    for port, bound in (("99999", "65535"), ("-1", "0")):
+        result = CliRunner().invoke(app, ["dashboard", "--port", port])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: Invalid value for '--port'") and line.split("(see")[0].rstrip().endswith(bound)

@@ -231,3 +231,20 @@ def test_report_gives_each_study_its_pruning_line(dlops_home: Path):
         in result.index.read_text()
     )
     assert "- pruning: 10 of 12 epochs unpruned (83%)" in (dlops_home / "reports" / "cut" / "report.md").read_text()
+
+
+def test_a_study_without_learning_curves_is_refused_in_one_line_and_reported(dlops_home: Path):
+    from dlops.report import build_report
+
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    plain = optuna.create_study(storage=url, study_name="plain", direction="maximize")
+    plain.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)  # no trial.report: no curves
+    out = CliRunner().invoke(app, ["study", "replay", "plain", "--storage", url])
+    assert out.exit_code == 2, out.output
+    assert out.output.strip().splitlines() == [
+        "error: plain: no learning curves recorded (no trial reported a value per epoch)"
+    ]
+    index = build_report(url).index.read_text()
+    assert "| pruning: epochs trained | no per-epoch values recorded |" in index
+    assert "- pruning: no per-epoch values recorded" in (dlops_home / "reports" / "plain" / "report.md").read_text()

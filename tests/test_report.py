@@ -258,3 +258,98 @@ def test_the_loss_chart_has_one_panel_per_dataset_named_in_title_and_legend(dlop
     assert axes["on tiny-imagenet"].get_legend().get_title().get_text() == "tiny-imagenet"
     index = (dlops_home / "reports" / "index.md").read_text()
     assert "One chart per dataset (digits, tiny-imagenet)" in index
+
+
+def test_report_folders_of_odd_study_names_stay_inside_reports(dlops_home):
+    dlops_home.mkdir(parents=True)
+    for name in ("../../etc", "a/b", "index.md", ".staging", "data"):
+        make_study(dlops_home, name, n=2)
+
+    result = build_report()
+    assert build_report().index == result.index  # a second report works as well
+    reports = dlops_home / "reports"
+    assert (reports / "index.md").is_file()
+    assert not (dlops_home.parent / "etc").exists() and not (reports / "a").exists()
+    assert not (reports / ".staging").exists() and not (reports / "data").exists()
+    folders = {e.name: e.folder for e in result.entries}
+    assert set(folders) == {"../../etc", "a/b", "index.md", ".staging", "data"}
+    for name, folder in folders.items():
+        assert "/" not in folder and folder not in ("index.md", "data") and not folder.startswith(".")
+        assert f"## Study `{name}`" in (reports / folder / "report.md").read_text()
+        assert f"({folder}/report.md)" in (reports / "index.md").read_text()
+
+
+def test_a_report_folder_left_at_index_md_by_an_older_dlops_moves_aside(dlops_home):
+    from dlops.paths import folder_name
+
+    reports = dlops_home / "reports"
+    (reports / "index.md" / "study").mkdir(parents=True)
+    (reports / "index.md" / "report.md").write_text("old")
+    build_report()
+    assert (reports / "index.md").is_file()
+    assert (reports / folder_name("index.md") / "report.md").read_text() == "old"
+
+
+def test_report_leaves_out_a_multi_objective_study_and_says_so(dlops_home):
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    make_study(dlops_home, "resnet18-ce", n=2)
+    mo = optuna.create_study(
+        study_name="mo", directions=["minimize", "maximize"], storage=f"sqlite:///{dlops_home / 'dlops.db'}"
+    )
+    mo.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    assert "left out study mo: 2 objectives (minimize, maximize), not a dlops study" in result.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "- study `mo`: 2 objectives" in index and "resnet18-ce/report.md" in index
+    assert not (dlops_home / "reports" / "mo").exists()
+
+
+def test_a_damaged_final_json_is_one_line_and_nothing_is_rewritten(dlops_home):
+    from dlops.cli import app
+
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))
+    assert CliRunner().invoke(app, ["report"]).exit_code == 0
+    folder = dlops_home / "reports" / "resnet18-ce"
+    before = {p: p.read_bytes() for p in (*folder.rglob("*"), dlops_home / "reports" / "index.md") if p.is_file()}
+    final_json = folder / "final.json"
+    whole = final_json.read_text()
+    broken_seed = make_final("resnet18-ce", "ce", [0.90, 0.92])
+    del broken_seed["per_seed"][1]["history"]
+    no_dataset = make_final("resnet18-ce", "ce", [0.90])
+    del no_dataset["dataset"]["splits"]
+    for damaged, says in (
+        (whole[: len(whole) // 2], "not JSON ("),
+        (json.dumps(broken_seed), "per_seed[1] has no history"),
+        (json.dumps(no_dataset), "dataset has no splits"),
+        (json.dumps([1, 2]), "the file is not an object"),
+    ):
+        final_json.write_text(damaged)
+        before[final_json] = damaged.encode()
+        result = CliRunner().invoke(app, ["report"])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"error: {final_json} is damaged: {says}"), line
+        after = {p: p.read_bytes() for p in (*folder.rglob("*"), dlops_home / "reports" / "index.md") if p.is_file()}
+        assert after == before
+
+
+def test_every_study_appears_once_even_one_named_after_a_spec_whose_final_used_another(dlops_home):
+    from dlops.paths import folder_name
+
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90]))  # on digits: its study is resnet18-ce-digits
+    make_study(dlops_home, "resnet18-ce-digits", n=2)
+    make_study(dlops_home, "resnet18-ce", n=3)
+    result = build_report()
+    studies = sorted(e.study.study_name for e in result.entries if e.study is not None)
+    assert studies == ["resnet18-ce", "resnet18-ce-digits"]
+    reports = dlops_home / "reports"
+    assert "## Study `resnet18-ce-digits`" in (reports / "resnet18-ce" / "report.md").read_text()
+    own = reports / folder_name("resnet18-ce") / "report.md"
+    assert "## Study `resnet18-ce`" in own.read_text() and "resnet18-ce-digits" not in own.read_text()
+    index = (reports / "index.md").read_text()
+    assert f"({folder_name('resnet18-ce')}/report.md)" in index and "(resnet18-ce/report.md)" in index
+    assert "`resnet18-ce`, study `resnet18-ce-digits`" in index
+    assert "| trials complete / pruned | 2 / 0 | 3 / 0 |" in index

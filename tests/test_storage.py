@@ -288,3 +288,45 @@ def test_processes_opening_a_new_sqlite_database_at_once_all_get_it(tmp_path: Pa
             failed.append(errors.get())
         optuna.create_study(study_name="s", storage=connect(url).optuna)  # usable afterwards
     assert not failed, failed[0]
+
+
+def test_a_bare_postgresql_url_uses_the_psycopg2_driver_that_ships(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from dlops.storage import sqlalchemy_url
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
+    assert sqlalchemy_url("postgresql://u:p@h:5432/db") == "postgresql+psycopg2://u:p@h:5432/db"
+    assert sqlalchemy_url("postgres://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert sqlalchemy_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert sqlalchemy_url("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # psycopg 3 installed
+    assert sqlalchemy_url("postgres://u@h/db") == "postgresql://u@h/db"
+
+
+@requires_pg
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_bare_postgresql_url_opens_the_server(scheme: str) -> None:
+    url = f"{scheme}://postgres@127.0.0.1:5432/test"
+    name = f"s-{uuid.uuid4().hex[:10]}"
+    try:
+        optuna.create_study(study_name=name, storage=connect(url).optuna)
+        result = CliRunner().invoke(app, ["study", "list", "--storage", url])
+        assert result.exit_code == 0, result.output
+        assert name in result.output
+    finally:
+        optuna.delete_study(study_name=name, storage=PG)
+
+
+@pytest.mark.parametrize("memory", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_sqlite_storage_is_refused_in_one_line(memory: str, dlops_home: Path) -> None:
+    with pytest.raises(StorageError, match="in-memory SQLite database"):
+        connect(memory)
+    result = CliRunner().invoke(
+        app, ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1", "--storage", memory]
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {memory} is an in-memory SQLite database"), errors
+    assert "epoch" not in result.output and "Traceback" not in result.output

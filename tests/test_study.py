@@ -644,3 +644,23 @@ def test_top5_on_five_classes_or_fewer_becomes_top1_and_says_so(tmp_path: Path, 
     )
     assert too_many.exit_code == 2 and "--subset-classes 11: digits has 10 classes" in too_many.output
     assert optuna.get_all_study_names(f"sqlite:///{dlops_home / 'dlops.db'}") == ["tiny-ce"]
+
+
+def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_line(dlops_home: Path) -> None:
+    dlops_home.mkdir(parents=True)
+    url = default_storage_url()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mo = optuna.create_study(study_name="mo", directions=["minimize", "maximize"], storage=url)
+    mo.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+    optuna.create_study(study_name="single", direction="maximize", storage=url).optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=1
+    )
+    runner = CliRunner()
+    listed = runner.invoke(app, ["study", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "single" in listed.output and "mo: 2 objectives (minimize, maximize), not a dlops study" in listed.output
+    for command in (["study", "show", "mo"], ["study", "show", "mo", "--json"], ["study", "replay", "mo"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert "'mo' has 2 objectives" in result.output and "not a dlops study" in result.output
