@@ -61,6 +61,7 @@ from dlops.params import (
     ChosenParams,
     FinalOptions,
     build_config,
+    check_same_recipe,
     choose_params,
     final_epochs,
     final_seeds,
@@ -423,6 +424,7 @@ def run_final(
         )
         for s in seeds
     ]
+    check_same_recipe(chosen, configs[0])
     resolve_device(configs[0].device or options.device or "auto")  # a missing device: one line, now
     if configs[0].dataset:  # an unknown or unprepared dataset: one line, before any work
         root = configs[0].data_root

@@ -21,7 +21,7 @@ from dlops.paths import default_storage_url
 from dlops.spec import StudySpec, check_setting_types
 from dlops.storage import mask_url
 from dlops.trainers import get_trainer
-from dlops.trainers.base import TrainerConfig
+from dlops.trainers.base import TrainerConfig, config_defaults, config_differences
 
 
 @dataclass
@@ -44,6 +44,7 @@ class ChosenParams:
     params: dict[str, Any]
     source: dict[str, Any]  # {"kind": "trial"|"baseline"|"file", ...}
     dataset: str | None = None  # the dataset the study ran on, when they came from one
+    trained: dict[str, Any] | None = None  # the config the study's trial trained, when they came from one
 
 
 def study_name_for(spec: StudySpec, options: FinalOptions) -> str:
@@ -81,8 +82,32 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
                 "baseline": bool(best.user_attrs.get("baseline", False)),
             },
             dataset=study.user_attrs.get("dataset"),
+            trained=best.user_attrs.get("config"),
         )
     return _params_from_file(spec, Path(source))
+
+
+# What a reference run may change from the trial it retrains: how long, which seeds, where,
+# on how much of the data (a study on a subset, the reference run on all of it).
+FINAL_MAY_DIFFER = {"epochs", "seed", "device", "subset_classes", "subset_per_class", "data_root"}
+
+
+def check_same_recipe(chosen: ChosenParams, config: TrainerConfig) -> None:
+    """``--params best`` on the study's dataset retrains what its best trial trained: a spec
+    edited since (another batch size, schedule, loss...) would train something else under
+    the trial's name."""
+    if chosen.trained is None or chosen.trained.get("dataset") != config.dataset:
+        return  # the study's params taken to another dataset (its own [datasets] settings): by choice
+    now = {k: v for k, v in config.to_dict().items() if k not in FINAL_MAY_DIFFER}
+    saved = {k: v for k, v in chosen.trained.items() if k not in FINAL_MAY_DIFFER}
+    differs = config_differences(saved, now, {k: v for k, v in config_defaults(config).items() if k in now})
+    if differs:
+        k = differs[0]
+        was = {**config_defaults(config), **saved}.get(k)
+        raise DlopsError(
+            f"trial {chosen.source['trial']} of study {chosen.source['study']!r} trained with {k} = {was!r}, the spec "
+            f"now gives {k} = {now.get(k)!r}: restore the spec, or give --params FILE.json with the settings to train"
+        )
 
 
 # Settings of the run rather than of the configuration trained: a params file may not set them.

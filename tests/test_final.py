@@ -844,3 +844,35 @@ def test_after_resume_the_recorded_times_cover_the_whole_run(tmp_path, monkeypat
     assert seed0["earlier_seconds"] >= 0.8 and seed1["earlier_seconds"] > 0  # seed 1's epoch 0
     assert seed0["train_seconds"] >= sum(seed0["history"]["epoch_seconds"])
     assert final["wall_seconds"] >= seed0["train_seconds"] + seed1["train_seconds"]
+
+
+def test_params_best_refuses_a_spec_edited_since_the_study(tmp_path, dlops_home):
+    """`--params best` retrains what the best trial trained: after the spec's batch size
+    changed, the run is refused in one line (it would train another recipe under the trial's
+    name); a run on a subset study's full data, with other epochs, is what it is for."""
+    from dlops.cli import app
+    from dlops.spec import spec_table
+    from specs import write_spec
+
+    table = spec_table("resnet18-ce", {"name": "my-ce"})
+    spec = write_spec(tmp_path / "my-ce.toml", table)
+    runner = CliRunner()
+    study = ["study", "run", str(spec), "--dataset", "digits", "--n-trials", "1", "--epochs", "1", "--device", "cpu"]
+    assert runner.invoke(app, [*study, "--subset-per-class", "5"]).exit_code == 0
+    final = ["final", str(spec), "--dataset", "digits", "--epochs", "2", "--device", "cpu"]
+
+    table["train"]["batch_size"] = 32
+    write_spec(spec, table)
+    result = runner.invoke(app, final)
+    assert result.exit_code == 2, result.output
+    assert "trial 0 of study 'my-ce-digits' trained with batch_size = 128, the spec now gives batch_size = 32" in (
+        result.output
+    )
+    assert not (dlops_home / "reports" / "my-ce").exists()
+
+    table["train"]["batch_size"] = 128
+    write_spec(spec, table)
+    result = runner.invoke(app, [*final, "--subset-per-class", "10"])
+    assert result.exit_code == 0, result.output
+    done = json.loads((dlops_home / "reports" / "my-ce" / "final.json").read_text())
+    assert done["params_source"]["kind"] == "trial" and done["config"]["subset_per_class"] == 10
