@@ -3,7 +3,6 @@ prints a summary; errors a user can cause end in one line and a non-zero exit.""
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import re
@@ -136,21 +135,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             error = write_error(exc, Path(exc.filename))
             if isinstance(error, DiskFull):
                 fail(str(error), error.exit_code)
-            fail(f"cannot {_verb(exc)} {exc.filename}: {exc.strerror or exc}")
+            fail(f"cannot use {exc.filename}: {exc.strerror or exc}")
 
     return wrapper
-
-
-_READS = {"read_text", "read_bytes", "stat", "exists", "is_file", "is_dir", "iterdir", "glob", "rglob", "load"}
-
-
-def _verb(exc: OSError) -> str:
-    """``read`` or ``write``: what the failed call (the innermost frame) was doing."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    reading = exc.errno == errno.ENOENT or (tb is not None and tb.tb_frame.f_code.co_name in _READS)
-    return "read" if reading else "write"
 
 
 def _spec_name(spec: str | None, loss: Loss | None) -> str:

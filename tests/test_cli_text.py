@@ -125,7 +125,7 @@ def test_a_dlops_home_on_a_file_or_an_unreadable_file_is_one_line(
     for command, path in ((["report"], "reports"), (["data", "show", "digits"], "reports/data")):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2, result.output
-        assert result.output.strip().splitlines() == [f"error: cannot write {a_file / path}: Not a directory"]
+        assert result.output.strip().splitlines() == [f"error: cannot use {a_file / path}: Not a directory"]
 
     home = tmp_path / "home"
     final_json = home / "reports" / "x" / "final.json"
@@ -142,7 +142,7 @@ def test_a_dlops_home_on_a_file_or_an_unreadable_file_is_one_line(
     monkeypatch.setattr(Path, "read_text", read_text)
     result = CliRunner().invoke(app, ["report"])
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [f"error: cannot read {final_json}: Permission denied"]
+    assert result.output.strip().splitlines() == [f"error: cannot use {final_json}: Permission denied"]
 
 
 def test_a_full_disk_keeps_its_own_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
