@@ -36,8 +36,8 @@ from dlops.trainers.base import (
     NonFiniteLossError,
     TrainerConfig,
     config_defaults,
-    config_differences,
     config_matches,
+    first_change,
 )
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
@@ -113,13 +113,11 @@ def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOption
         config = trial_config(spec, options, spec.baseline_params(), last.number)
         now = {k: v for k, v in config.to_dict().items() if k not in searched}
         saved = {k: v for k, v in last.user_attrs["config"].items() if k not in searched}
-        differs = config_differences(saved, now, {k: v for k, v in config_defaults(config).items() if k in now})
-        if differs:
-            k = differs[0]
-            was = {**config_defaults(config), **saved}.get(k)
+        change = first_change(saved, now, config)
+        if change:
+            k, was, will = change
             raise DlopsError(
-                f"study {name!r} trains with {k} = {was!r} (trial {last.number}), this run with {k} = "
-                f"{now.get(k)!r}: {hint}"
+                f"study {name!r} trains with {k} = {was!r} (trial {last.number}), this run with {k} = {will!r}: {hint}"
             )
     seen: dict[str, optuna.distributions.BaseDistribution] = {}
     for t in study.get_trials(deepcopy=False):

@@ -21,7 +21,7 @@ from dlops.paths import default_storage_url
 from dlops.spec import StudySpec, check_setting_types
 from dlops.storage import mask_url
 from dlops.trainers import get_trainer
-from dlops.trainers.base import TrainerConfig, config_defaults, config_differences
+from dlops.trainers.base import TrainerConfig, first_change
 
 
 @dataclass
@@ -100,13 +100,12 @@ def check_same_recipe(chosen: ChosenParams, config: TrainerConfig) -> None:
         return  # the study's params taken to another dataset (its own [datasets] settings): by choice
     now = {k: v for k, v in config.to_dict().items() if k not in FINAL_MAY_DIFFER}
     saved = {k: v for k, v in chosen.trained.items() if k not in FINAL_MAY_DIFFER}
-    differs = config_differences(saved, now, {k: v for k, v in config_defaults(config).items() if k in now})
-    if differs:
-        k = differs[0]
-        was = {**config_defaults(config), **saved}.get(k)
+    change = first_change(saved, now, config)
+    if change:
+        k, was, will = change
         raise DlopsError(
             f"trial {chosen.source['trial']} of study {chosen.source['study']!r} trained with {k} = {was!r}, the spec "
-            f"now gives {k} = {now.get(k)!r}: restore the spec, or give --params FILE.json with the settings to train"
+            f"now gives {k} = {will!r}: restore the spec, or give --params FILE.json with the settings to train"
         )
 
 

@@ -205,6 +205,18 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], defaults: dic
     return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
 
 
+def first_change(saved: dict[str, Any], now: dict[str, Any], config: Any) -> tuple[str, Any, Any] | None:
+    """The first setting (sorted) in which config dict ``now`` differs from ``saved``, with
+    its value in each, or None; a setting ``saved`` lacks counts as the default of
+    ``config``'s field (as in :func:`config_differences`)."""
+    defaults = config_defaults(config)
+    differs = config_differences(saved, now, {k: v for k, v in defaults.items() if k in now})
+    if not differs:
+        return None
+    key = differs[0]
+    return key, {**defaults, **saved}.get(key), now.get(key)
+
+
 def config_matches(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
     """Whether a checkpoint made with config ``saved`` may resume a run of config ``now``."""
     return not config_differences(saved, now, defaults)
