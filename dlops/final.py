@@ -55,6 +55,7 @@ from dlops.io import (
     load_checkpoint,
     run_lock,
     save_checkpoint,
+    signals_held,
     write_text_atomic,
 )
 from dlops.params import (
@@ -214,26 +215,6 @@ def _swap_in(new: Path, dest: Path) -> None:
     os.rename(dest, old)
     os.rename(new, dest)
     shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT/SIGTERM wait until the block is done (the swap at the end of a run), then
-    stop the run as they would have."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def previous_run_line(spec_name: str) -> str | None:
@@ -508,10 +489,12 @@ def _run_locked(
     # The swap: the new run's checkpoints take their final name, then its report takes the
     # place of the old one; only then do the previous run's files go.
     out_dir = report_dir(spec.name)
-    with _signals_held():
+    with signals_held() as pending:
         os.rename(staging_dir(spec.name), run_dir)
         _swap_in(stage, out_dir)
         state["swapped"] = True
+    if pending:  # a signal during the swap stops the run now that it is done
+        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
     for old in final_checkpoint_dir(spec.name).glob("run-*"):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -272,3 +274,22 @@ def run_lock(path: Path, what: str) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)
+
+
+@contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM wait until the block is done (a swap of folders that must not stop
+    half-way): the list it gives holds the signals that came meanwhile, once the previous
+    handlers are back, for the caller to deliver as its own stop."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield pending
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

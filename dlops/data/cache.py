@@ -22,10 +22,9 @@ import json
 import os
 import shutil
 import signal
-import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from dlops.data.base import Dataset, Split
 from dlops.errors import DatasetNotAvailable
+from dlops.io import signals_held
 from dlops.paths import data_root
 
 FORMAT_VERSION = 1
@@ -211,26 +211,6 @@ def _exchange(a: Path, b: Path) -> bool:
     return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0)
 
 
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done, then arrive as they would have."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in HELD_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if pending:
-            signal.raise_signal(pending[0])
-
-
 def _previous_name(final: Path) -> str:
     return f".{final.name}-old-"
 
@@ -268,17 +248,22 @@ def replace_dirs(pairs: Sequence[tuple[Path, Path]]) -> None:
     (or Ctrl-C, held until the swap is done) puts back every folder already moved. The
     previous folders are removed after."""
     done: list[tuple[Path, Path, Path | None]] = []
+    pending: list[int] = []
     try:
-        with _signals_held():
-            try:
-                for scratch, final in pairs:
-                    done.append((scratch, final, _put(scratch, final)))
-            except BaseException:
-                for scratch, final, old in reversed(done):
-                    _take_back(scratch, final, old)
-                done.clear()
-                raise
-    finally:  # the swap is done (a held Ctrl-C arrives after this)
+        try:
+            with signals_held() as pending:
+                try:
+                    for scratch, final in pairs:
+                        done.append((scratch, final, _put(scratch, final)))
+                except BaseException:
+                    for scratch, final, old in reversed(done):
+                        _take_back(scratch, final, old)
+                    done.clear()
+                    raise
+        finally:
+            if pending:  # a held Ctrl-C arrives as it would have, once the swap is done or undone
+                signal.raise_signal(pending[0])
+    finally:  # the previous folders go once the swap is done
         for _, _, old in done:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
