@@ -63,8 +63,9 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
         url = options.storage or default_storage_url()
         if study is None:
             dataset = f" --dataset {options.dataset}" if options.dataset else ""
+            named = f" --study-name {name}" if options.study_name else ""
             raise DlopsError(
-                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}` first, "
+                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}{named}` first, "
                 "or use --params baseline"
             )
         try:

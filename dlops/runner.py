@@ -133,6 +133,8 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     config, the device, the dataset and its class count. Returns the spec as it runs: on
     5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
     check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
+    if options.timeout is not None and options.timeout <= 0:
+        raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)
     resolve_device(config.device or "auto")

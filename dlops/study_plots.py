@@ -8,6 +8,7 @@ display to a headless backend first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -62,7 +63,12 @@ def study_figures(study: Any) -> dict[str, Any]:
         plots["param_importances"] = lambda: ovm.plot_param_importances(study)
         plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(study)
     out: dict[str, Any] = {}
-    with warnings.catch_warnings():
+    verbosity = optuna.logging.get_verbosity()
+    # Optuna's own notes while drawing ("There are no complete trials", "You need to set up
+    # the pruning feature"): an empty or flat figure says the same, without the log lines.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with contextlib.ExitStack() as restore, warnings.catch_warnings():
+        restore.callback(optuna.logging.set_verbosity, verbosity)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # matplotlib's complaints about a parameter with one value so far ("identical
         # low and high xlims"): the plot is still right, the warning is noise.

@@ -381,6 +381,10 @@ def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_deca
         (["final", "--loss", "ce"], "no study named 'resnet18-ce'"),
         (["final", "--loss", "ce"], "run `dlops study run resnet18-ce` first"),
         (["final", "--loss", "ce", "--dataset", "digits"], "run `dlops study run resnet18-ce --dataset digits` first"),
+        (
+            ["final", "--loss", "ce", "--dataset", "digits", "--study-name", "mine"],
+            "run `dlops study run resnet18-ce --dataset digits --study-name mine` first",
+        ),
         (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
         (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
         (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),

@@ -353,3 +353,24 @@ def test_every_study_appears_once_even_one_named_after_a_spec_whose_final_used_a
     assert f"({folder_name('resnet18-ce')}/report.md)" in index and "(resnet18-ce/report.md)" in index
     assert "`resnet18-ce`, study `resnet18-ce-digits`" in index
     assert "| trials complete / pruned | 2 / 0 | 3 / 0 |" in index
+
+
+def test_study_figures_of_a_study_without_curves_or_complete_trials_log_nothing(caplog):
+    """Drawing a study with no complete trial, or trials without per-epoch values, once
+    printed Optuna's own warnings ("There are no complete trials", "You need to set up the
+    pruning feature") in the middle of `dlops report`; the verbosity is left as it was."""
+    import logging
+
+    from matplotlib import pyplot as plt
+
+    plots.use_headless_backend()
+    empty = optuna.create_study(direction="maximize")
+    flat = optuna.create_study(direction="maximize")
+    flat.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True), n_trials=3)
+    before = optuna.logging.get_verbosity()
+    with caplog.at_level(logging.DEBUG, logger="optuna"):
+        for study in (empty, flat):
+            for fig in study_figures(study).values():
+                plt.close(fig)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert optuna.logging.get_verbosity() == before

@@ -276,23 +276,24 @@ def test_a_study_dlops_did_not_make_is_not_joined(tmp_path: Path, dlops_home: Pa
 
 
 @pytest.mark.parametrize(
-    "name, message",
+    "extra, message",
     [
-        ("", "--study-name is blank"),
-        ("   ", "--study-name is blank"),
-        ("../../etc", "'/' is not allowed"),
-        ("a\nb", "'\\n' is not allowed"),
-        ("..", "is not a name"),
-        ("x" * 121, "study name of 121 characters: at most 120"),
+        (["--study-name", ""], "--study-name is blank"),
+        (["--study-name", "   "], "--study-name is blank"),
+        (["--study-name", "../../etc"], "'/' is not allowed"),
+        (["--study-name", "a\nb"], "'\\n' is not allowed"),
+        (["--study-name", ".."], "is not a name"),
+        (["--study-name", "x" * 121], "study name of 121 characters: at most 120"),
+        (["--timeout", "0"], "--timeout 0: no trial could start"),
     ],
 )
-def test_a_study_name_that_cannot_name_files_is_refused_before_anything_is_written(
-    name: str, message: str, dlops_home: Path
+def test_a_run_that_cannot_name_its_files_or_start_a_trial_is_refused_before_anything_is_written(
+    extra: list[str], message: str, dlops_home: Path
 ) -> None:
     from dlops.cli import app
 
     args = ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1", "--epochs", "1"]
-    result = CliRunner().invoke(app, [*args, "--study-name", name, "--device", "cpu"])
+    result = CliRunner().invoke(app, [*args, *extra, "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not dlops_home.exists() or not any(dlops_home.iterdir())
