@@ -151,10 +151,13 @@ def test_a_fetch_never_deletes_an_archive_that_was_there_before(served, tmp_path
     result = dlops(*args, "--source", f"{base}/mini.zip", "--keep-archive")
     assert result.exit_code == 0, result.output
     kept = root / "tiny-imagenet" / "downloads" / "mini.zip"
+    inode = kept.stat().st_ino
     for source in (kept.as_uri(), f"{base}/mini.zip"):  # the kept archive itself; the same name again
         result = dlops(*args, "--source", source, "--force")
         assert result.exit_code == 0, result.output
         assert files_under(kept.parent) == ["mini.zip"] and md5_file(kept) == md5
+        if source.startswith("file:"):
+            assert kept.stat().st_ino == inode  # read in place, not copied onto itself
         assert (
             json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)["source"][
                 "location"

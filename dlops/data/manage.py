@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -121,7 +122,9 @@ def fetch_dataset(
     home = dataset_dir(root, name)
     src = source or module.URL
     downloaded = False
-    if is_url(src):
+    # A file:// URL names a local file: read in place, as a path is (never copied onto itself).
+    local = Path(url2pathname(urlparse(src).path)) if src.startswith("file://") else None
+    if is_url(src) and local is None:
         expected = md5 or module.MD5
         filename = Path(urlparse(src).path).name or module.ARCHIVE
         archive = home / "downloads" / filename
@@ -134,7 +137,7 @@ def fetch_dataset(
             _remove_empty(archive.parent, home)
             raise
     else:
-        archive = Path(src).expanduser().absolute()
+        archive = (local or Path(src)).expanduser().absolute()
         if archive.is_dir():
             raise DlopsError(
                 f"{name}: {archive} is a directory, not an archive: for an extracted tree run "
