@@ -28,7 +28,6 @@ kept (``weights.pt``) so that :func:`recompute_test_metrics` can check the figur
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
@@ -51,6 +50,7 @@ from dlops.data import get_dataset
 from dlops.errors import DlopsError
 from dlops.io import (
     CorruptCheckpoint,
+    exchange_paths,
     json_safe,
     load_checkpoint,
     run_lock,
@@ -186,20 +186,6 @@ def _check_checkpoint(path: Path, config: TrainerConfig, say: Say | None = None)
     return int(state.get("epoch", -1)) + 1  # -1 until the first reported epoch (e.g. during pretraining)
 
 
-_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the folders ``a`` and ``b`` atomically; False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
-
-
 def _swap_in(new: Path, dest: Path) -> None:
     """Put folder ``new`` in the place of ``dest`` (in one step where the system can) and
     remove what was there."""
@@ -207,7 +193,7 @@ def _swap_in(new: Path, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(new, dest)
         return
-    if _exchange(new, dest):
+    if exchange_paths(new, dest):
         shutil.rmtree(new, ignore_errors=True)  # now the previous contents
         return
     old = new.with_name(new.name + ".old")

@@ -17,6 +17,7 @@ unchecked.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import math
@@ -293,3 +294,17 @@ def signals_held() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one step (``renameat2`` with ``RENAME_EXCHANGE``);
+    False where the system cannot, and nothing has moved."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0)

@@ -515,7 +515,7 @@ def test_fetch_of_another_source_over_a_prepared_cache_is_refused_without_force(
 def _fail_when_moving(monkeypatch: pytest.MonkeyPatch, prefix: str, error: BaseException) -> None:
     """Rename without the atomic exchange, and fail when a folder named ``prefix*`` is
     moved into place, between the swap's two renames."""
-    monkeypatch.setattr(cache, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(cache, "exchange_paths", lambda a, b: False, raising=False)
     real_rename, real_replace = os.rename, os.replace
 
     def failing(real):
@@ -548,7 +548,7 @@ def test_ctrl_c_during_the_swap_waits_until_it_is_done(
     good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
-    monkeypatch.setattr(cache, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(cache, "exchange_paths", lambda a, b: False, raising=False)
     real_rename = os.rename
 
     def interrupted(src, dst):
@@ -579,14 +579,14 @@ def test_a_failed_exchange_of_the_tree_puts_the_exchanged_cache_back(
 ) -> None:
     other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
     before = snapshot(good_root)
-    real_exchange = cache._exchange
+    real_exchange = cache.exchange_paths
 
     def exchange(a: Path, b: Path) -> bool:
         if a.name.startswith(".extract-tmp-"):
             raise OSError("disk trouble")
         return real_exchange(a, b)
 
-    monkeypatch.setattr(cache, "_exchange", exchange)
+    monkeypatch.setattr(cache, "exchange_paths", exchange)
     with pytest.raises(OSError, match="disk trouble"):
         fetch_dataset("tiny-imagenet", good_root, str(other), force=True, workers=1, progress=False)
     assert_survived(good_root, before)

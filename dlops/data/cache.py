@@ -17,7 +17,6 @@ copy through the page cache.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import numpy as np
 
 from dlops.data.base import Dataset, Split
 from dlops.errors import DatasetNotAvailable
-from dlops.io import signals_held
+from dlops.io import exchange_paths, signals_held
 from dlops.paths import data_root
 
 FORMAT_VERSION = 1
@@ -198,19 +197,6 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the folders ``a`` and ``b`` atomically; False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0)
-
-
 def _previous_name(final: Path) -> str:
     return f".{final.name}-old-"
 
@@ -221,7 +207,7 @@ def _put(scratch: Path, final: Path) -> Path | None:
     if not final.exists():
         os.rename(scratch, final)
         return None
-    if _exchange(scratch, final):
+    if exchange_paths(scratch, final):
         return scratch
     old = final.with_name(_previous_name(final) + uuid.uuid4().hex[:8])
     os.rename(final, old)
@@ -236,7 +222,7 @@ def _put(scratch: Path, final: Path) -> Path | None:
 def _take_back(scratch: Path, final: Path, old: Path | None) -> None:
     """Undo :func:`_put`: the new folder goes back to ``scratch``, the previous one to ``final``."""
     if old == scratch:
-        _exchange(scratch, final)
+        exchange_paths(scratch, final)
         return
     os.rename(final, scratch)
     if old is not None:
