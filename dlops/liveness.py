@@ -96,14 +96,17 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None =
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 
+STALE_REASON = "no heartbeat for the grace period (its worker stalled, slept or lost the storage); re-queued"
+
+
 def recover_dead_trials(
     study: optuna.Study, storage: StudyStorage, say: Say | None = None, trials: Sequence[FrozenTrial] | None = None
-) -> list[int]:
+) -> dict[int, str]:
     """Fail and re-queue the RUNNING trials whose workers are provably dead; with heartbeats
     on, also those whose heartbeat went stale (Optuna's ``fail_stale_trials``, whose
-    ``RetryHeartbeatStaleTrialCallback`` re-queues them). Returns the numbers of the trials
-    failed here (heartbeat-failed ones included). ``trials``: the study's trials, if at hand."""
-    recovered = []
+    ``RetryHeartbeatStaleTrialCallback`` re-queues them). Returns the trials failed here
+    (heartbeat-failed ones included): number -> why. ``trials``: the study's trials, if at hand."""
+    recovered: dict[int, str] = {}
     if trials is None:
         trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
@@ -113,7 +116,7 @@ def recover_dead_trials(
             optuna.storages.fail_stale_trials(study)
         now = [storage.optuna.get_trial(t._trial_id) for t in running]
         stale = [t.number for t in now if t.state == TrialState.FAIL]
-        recovered += stale
+        recovered.update(dict.fromkeys(stale, STALE_REASON))
         running = [t for t in now if t.state == TrialState.RUNNING]
         if say and stale:
             say(
@@ -132,7 +135,7 @@ def recover_dead_trials(
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
         retry_trial(study, storage.optuna.get_trial(t._trial_id))
-        recovered.append(t.number)
+        recovered[t.number] = reason
         if say:
             say(f"trial {t.number}: its worker (pid {owner['pid']}) is gone; marked FAIL and queued again")
     return recovered

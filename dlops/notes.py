@@ -359,9 +359,13 @@ def config_changes(config: dict[str, Any], baseline: dict[str, Any] | None) -> l
     ]
 
 
-def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str, Any] | None) -> str:
+def trial_note(
+    trial: FrozenTrial, metric: str | None, baseline_config: dict[str, Any] | None, reason: str | None = None
+) -> str:
+    """The trial's note; ``reason``: why it stopped, where the trial cannot carry it (a trial
+    Optuna failed for its stale heartbeat takes no more user attributes)."""
     title = f"# Trial {trial.number}" + (" (baseline)" if trial.user_attrs.get("baseline") else "")
-    lines = [title, "", stop_reason(trial, metric)]
+    lines = [title, "", f"Failed: {reason}." if reason else stop_reason(trial, metric)]
     resumed = trial.user_attrs.get("resumed_from")
     origin = trial.system_attrs.get("failed_trial")
     if origin is not None:
@@ -388,13 +392,16 @@ def trial_note(trial: FrozenTrial, metric: str | None, baseline_config: dict[str
     return "\n".join(lines)
 
 
-def write_trial_note(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial] | None = None) -> None:
-    """The note of a finished ``trial``: its own, written by the worker that ran it."""
+def write_trial_note(
+    study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial] | None = None, reason: str | None = None
+) -> None:
+    """The note of a finished ``trial``: written by the worker that ran it, or by the one
+    that failed it for a dead worker or a stale heartbeat (``reason``)."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     base = _baseline_trial(trials)
     baseline_config = (base.user_attrs.get("config") if base is not None else None) or None
     metric = study.metric_names[0] if study.metric_names else None
-    save_note(study, trial_id(trial), trial_note(trial, metric, baseline_config))
+    save_note(study, trial_id(trial), trial_note(trial, metric, baseline_config, reason))
 
 
 # --------------------------------------------------------------------------- during a run
@@ -437,6 +444,11 @@ class RunNotes:
                 write_study_note(study, self.ctx)
 
         self._guard(both)
+
+    def trial_recovered(self, study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+        """A trial this worker failed for another one (dead, or silent past its heartbeat's
+        grace period): its note says why, from here."""
+        self._guard(write_trial_note, study, trial, None, why)
 
 
 # --------------------------------------------------------------------------- study artifacts

@@ -28,7 +28,7 @@ from dlops.errors import DlopsError
 from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, folder_name
 from dlops.spec import ParamSpec, StudySpec
-from dlops.stopping import GracefulStop, TrialInterrupted, interrupted
+from dlops.stopping import GracefulStop, TrialInterrupted, interrupted, taken_over
 from dlops.storage import journal_path, mask_url, sqlite_path, storage_kind
 from dlops.text import plural
 from dlops.trainers import get_trainer
@@ -278,16 +278,24 @@ def make_objective(
         except (TrialInterrupted, KeyboardInterrupt):
             keep_checkpoint = True  # the retry resumes from it
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed meanwhile by another worker, this one silent past its heartbeat's grace
+            # period: the retry resumes from the checkpoint.
+            keep_checkpoint = True
+            raise taken_over(trial.number) from None
         except DlopsError as exc:  # a full disk, a damaged file: the trial fails with one line
             trial.set_user_attr("stopped_reason", str(exc))
             raise
         finally:
             if not keep_checkpoint:
                 remove_checkpoint(ckpt)
-        trial.set_user_attr("history", json_safe(result.history))
-        # A trainer may hand over more per-trial results (the autoencoder's layer curves).
-        for name, value in result.extra_user_attrs.items():
-            trial.set_user_attr(name, value)
+        try:
+            trial.set_user_attr("history", json_safe(result.history))
+            # A trainer may hand over more per-trial results (the autoencoder's layer curves).
+            for name, value in result.extra_user_attrs.items():
+                trial.set_user_attr(name, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise taken_over(trial.number) from None
         return float(result.metrics[spec.metric])
 
     return objective

@@ -50,7 +50,7 @@ from dlops.objective import (
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
-from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, exit_code
+from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
 from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
@@ -242,6 +242,7 @@ class _TrialGate:
         self.trial_number: int | None = None
         self.trial_id: int | None = None
         self.last_error: BaseException | None = None  # of the last trial that failed
+        self.taken_over = False  # the last trial was failed by another worker while this one stalled
 
     def __call__(self, trial: optuna.Trial) -> None:
         trial.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self.identity)
@@ -333,6 +334,7 @@ def _run_trials(
     own_trials: bool = False,
     baseline: StudySpec | None = None,
     after_trial: Callable[[FrozenTrial], None] | None = None,
+    after_recovery: Callable[[FrozenTrial, str], None] | None = None,
 ) -> None:
     """One worker's loop: under the study lock, recover trials of dead workers, then start
     a trial only while finished + running < target (counting only the trials of this run,
@@ -345,6 +347,9 @@ def _run_trials(
         try:
             return objective(trial)
         except (optuna.TrialPruned, TrialInterrupted):
+            raise
+        except TrialTakenOver:
+            gate.taken_over = True
             raise
         except Exception as exc:
             gate.last_error = exc
@@ -364,8 +369,12 @@ def _run_trials(
         lock.acquire()
         try:
             trials = study.get_trials(deepcopy=False)
-            if recover_dead_trials(study, storage, say, trials):
+            recovered = recover_dead_trials(study, storage, say, trials)
+            if recovered:
                 trials = study.get_trials(deepcopy=False)
+                for t in trials:
+                    if t.number in recovered and after_recovery is not None:
+                        after_recovery(t, recovered[t.number])
             counted = [t for t in trials if of_run(t, gate.run_id)] if own_trials else trials
             finished = sum(t.state in FINISHED for t in counted)
             running = [t for t in counted if t.state == TrialState.RUNNING]
@@ -391,13 +400,24 @@ def _run_trials(
             if baseline is not None and trials and enqueue_baseline(study, baseline, trials):
                 say("no baseline trial has finished (each one failed): the baseline is queued again")
             gate.lock = lock
-            study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=gc_after_trial)
+            gate.taken_over = False
+            try:
+                study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=gc_after_trial)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not gate.taken_over:  # Optuna cannot tell a trial that another worker failed
+                    raise
         except KeyboardInterrupt:
             stop.signum = stop.signum or 2  # a second signal: the trial stopped at once
         finally:
             gate.lock = None
             lock.release()
         if gate.trial_number is None:
+            continue
+        if gate.taken_over:  # the worker that failed it wrote its note; its retry runs as any trial
+            say(
+                f"trial {gate.trial_number}: failed and queued again while this worker stalled (no heartbeat for "
+                "the grace period); its retry trains it, dropped here"
+            )
             continue
         trial = storage.optuna.get_trial(gate.trial_id)
         if after_trial is not None:
@@ -503,6 +523,7 @@ def run_study(
             stop=stop,
             say=say,
             after_trial=lambda trial: notes.trial_finished(study, storage, trial),
+            after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
         )
     return StudyResult(
         study=study,

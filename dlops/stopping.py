@@ -23,6 +23,20 @@ class TrialInterrupted(Exception):
     """SIGINT/SIGTERM reached a trial at an epoch end: it stops there, its checkpoint stays."""
 
 
+class TrialTakenOver(Exception):
+    """This worker's trial was finished by another one while this worker stalled (its
+    heartbeat went stale and it was failed and queued again): its retry trains it; this
+    worker drops it, without a traceback."""
+
+
+def taken_over(trial_number: int) -> TrialTakenOver:
+    INTERRUPTED_LOG.numbers.add(trial_number)
+    return TrialTakenOver(
+        f"trial {trial_number} was failed and queued again while this worker stalled (no heartbeat for the "
+        "grace period): its retry trains it; dropped here"
+    )
+
+
 class _InterruptedTrialLog(logging.Filter):
     """Optuna logs a failed trial with its traceback; an interrupted trial is no error."""
 
@@ -32,7 +46,7 @@ class _InterruptedTrialLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, TrialTakenOver)):
             # A second signal stopped the trial at once: dlops says so, without Optuna's traceback.
             found = re.match(r"Trial (\d+) failed", msg)
             if found:

@@ -252,7 +252,7 @@ def test_heartbeats_fail_and_requeue_the_trial_of_a_silent_worker_elsewhere(tmp_
         storage.optuna.record_heartbeat(trial._trial_id)
         frozen = study.get_trials()[0]
         assert worth_waiting_for(frozen, storage)  # heartbeats will settle it either way
-        assert recover_dead_trials(study, storage) == [] and study.get_trials()[0].state == TrialState.RUNNING
+        assert recover_dead_trials(study, storage) == {} and study.get_trials()[0].state == TrialState.RUNNING
         time.sleep(2.5)  # no heartbeat for longer than the grace period
         recover_dead_trials(study, storage)
         failed, retry = study.get_trials()
@@ -275,7 +275,7 @@ def test_journal_leaves_a_running_trial_of_another_machine_alone(tmp_path: Path)
     child.wait()
     storage.optuna.set_trial_system_attr(here_dead._trial_id, OWNER_KEY, {**worker_identity(), "pid": child.pid})
     assert not worth_waiting_for(study.get_trials()[0], storage)  # cannot tell: do not wait for it
-    assert recover_dead_trials(study, storage) == [1]
+    assert list(recover_dead_trials(study, storage)) == [1]
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
     assert "died" in study.get_trials()[1].user_attrs["stopped_reason"]
@@ -533,6 +533,60 @@ def test_a_second_signal_stops_the_trial_at_once_without_a_traceback(
     assert "send it again to stop now" in err
     logged = [(r.getMessage(), r.exc_info) for r in caplog.records if r.name.startswith("optuna")]
     assert not [m for m, exc in logged if exc or "failed" in m], logged
+
+
+def test_a_worker_whose_trial_was_failed_while_it_stalled_drops_it_and_goes_on(
+    tmp_path: Path, dlops_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that stalls past its heartbeat's grace period (a laptop asleep, a VM paused)
+    finds its trial failed and re-queued by another worker when it wakes: it drops the trial
+    at its next epoch, keeps the checkpoint for the retry, and goes on; no traceback, no
+    failed run. (The other worker's part is played here by the test, as fail_stale_trials
+    and the retry callback would.)"""
+    from dlops.liveness import retry_trial
+
+    spec = load_spec(str(tiny_workers_spec(tmp_path, epochs=3)))
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    taken: list[int] = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if trial == 1 and not taken:
+            taken.append(trial)
+            study = optuna.load_study(study_name="tiny-workers", storage=url)
+            stalled = study.get_trials()[1]
+            study._storage.set_trial_state_values(stalled._trial_id, TrialState.FAIL)
+            retry_trial(study, study._storage.get_trial(stalled._trial_id))
+
+    lines: list[str] = []
+    result = run_study(spec, RunOptions(n_trials=3, device="cpu"), on_epoch, say=lines.append)
+    trials = result.study.get_trials()
+    assert trials[1].state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {"trial": 1, "epoch": 1}
+    assert result.finished == 3 and result.interrupted is None
+    assert any("trial 1: failed and queued again while this worker stalled" in line for line in lines), lines
+    logged = [(r.getMessage(), r.exc_info) for r in caplog.records if r.name.startswith("optuna")]
+    assert not [m for m, exc in logged if exc or "failed" in m], logged
+
+
+def test_a_trial_failed_for_its_dead_worker_has_a_note_that_says_so(tmp_path: Path, dlops_home: Path) -> None:
+    """The worker that fails another's trial (its process gone) writes that trial's note:
+    the dashboard showed an empty one."""
+    from dlops.dashboard import read_note, trial_id
+
+    spec = load_spec(str(tiny_workers_spec(tmp_path, epochs=1)))
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    study = optuna.load_study(study_name="tiny-workers", storage=url)
+    orphan = study.ask()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    study._storage.set_trial_system_attr(orphan._trial_id, OWNER_KEY, {**worker_identity(), "pid": child.pid})
+    run_study(spec, RunOptions(n_trials=1, device="cpu"))
+    dead = study.get_trials()[orphan.number]
+    assert dead.state == TrialState.FAIL
+    note = read_note(study, trial_id(dead))
+    assert note.startswith(f"# Trial {orphan.number}") and f"worker pid {child.pid}" in note and "died" in note
 
 
 def test_workers_that_give_up_fail_the_run_with_the_last_reason(
