@@ -634,7 +634,7 @@ class AutoencoderTrainer(Trainer[AEConfig]):
     report_figures = (
         ("class_accuracy.png", "per-class test accuracy"),
         ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
-        ("tsne.png", "t-SNE of hidden layer X[3], test images"),
+        ("tsne.png", "t-SNE of hidden layer X[3] (the last one of a shorter stack; the figure names it), test images"),
     )
 
     def validate(self, config: AEConfig) -> None:
