@@ -371,9 +371,7 @@ def dashboard(
     from dlops.dashboard import serve_dashboard
     from dlops.paths import default_storage_url
 
-    url = storage or default_storage_url()
-    say(f"optuna-dashboard for {url} on http://{host}:{port}/ (Ctrl-C stops)")
-    serve_dashboard(url, host, port)
+    serve_dashboard(storage or default_storage_url(), host, port, ready=say)
 
 
 RootOpt = Annotated[str | None, typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]

@@ -26,7 +26,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from dlops.errors import DlopsError
 from dlops.io import write_atomic
 from dlops.paths import artifacts_dir
-from dlops.storage import open_storage
+from dlops.storage import mask_url, open_storage
 
 STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
 FINAL_ARTIFACTS_KEY = "dlops:final_artifacts:"  # study system attr: earlier uploads per spec
@@ -121,7 +121,9 @@ def dashboard_app(url: str):
     return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
 
 
-def serve_dashboard(url: str, host: str, port: int) -> None:
+def serve_dashboard(url: str, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
+    """Serve the dashboard until Ctrl-C; ``ready`` gets the line to print once the storage
+    is open and the port is taken (its password masked)."""
     from wsgiref.simple_server import make_server
 
     app = dashboard_app(url)
@@ -129,6 +131,8 @@ def serve_dashboard(url: str, host: str, port: int) -> None:
         server = make_server(host, port, app)
     except OSError as exc:
         raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    if ready is not None:
+        ready(f"optuna-dashboard for {mask_url(url)} on http://{host}:{server.server_port}/ (Ctrl-C stops)")
     with server:
         try:
             server.serve_forever()

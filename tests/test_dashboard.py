@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
 
 from dlops.dashboard import dashboard_app
 from dlops.paths import default_storage_url
@@ -89,3 +90,43 @@ def test_a_port_out_of_range_is_one_line(dlops_home: Path) -> None:
         assert result.exit_code == 2, result.output
         (line,) = result.output.strip().splitlines()
         assert line.startswith("error: Invalid value for '--port'") and line.split("(see")[0].rstrip().endswith(bound)
+
+
+def test_the_dashboard_announces_itself_once_serving_with_the_password_masked(
+    dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to print "optuna-dashboard for URL on ..." (the password too) before opening
+    the storage, and then the error for a storage that does not open."""
+    from typer.testing import CliRunner
+
+    from dlops import dashboard
+    from dlops.cli import app
+
+    bad = "postgresql+psycopg2://user:s3cret@127.0.0.1:1/nowhere"
+    result = CliRunner().invoke(app, ["dashboard", "--storage", bad, "--port", "0"])
+    assert result.exit_code == 2 and "optuna-dashboard for" not in result.output, result.output
+    assert "s3cret" not in result.output and len(result.output.strip().splitlines()) == 1
+
+    served: list[str] = []
+
+    class Server:  # make_server's: the port is taken, serving stops at once
+        server_port = 43210
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def serve_forever(self):
+            served.append("serving")
+
+    import wsgiref.simple_server
+
+    monkeypatch.setattr(wsgiref.simple_server, "make_server", lambda host, port, app: Server())
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    optuna.create_study(study_name="s", storage=url)
+    lines: list[str] = []
+    dashboard.serve_dashboard(url, "127.0.0.1", 0, ready=lines.append)
+    assert lines == [f"optuna-dashboard for {url} on http://127.0.0.1:43210/ (Ctrl-C stops)"] and served
