@@ -153,7 +153,7 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
                 f"--params {path}: {key!r} is read only by {foreign[key]}, and {spec.name} trains "
                 f"the {getattr(base, 'loss', '?')} loss: it would have no effect; remove it or use that loss's spec"
             )
-    return ChosenParams(dict(raw), {"kind": "file", "path": str(path)})
+    return ChosenParams(dict(raw), {"kind": "file", "path": str(path.absolute())})  # the file, wherever run from
 
 
 def build_config(spec: StudySpec, dataset: str | None, params: dict[str, Any], **overrides: Any) -> TrainerConfig:

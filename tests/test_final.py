@@ -320,6 +320,10 @@ def test_params_from_a_json_file(tmp_path, monkeypatch):
     final = run_final(spec, FinalOptions(params=str(params), device="cpu")).final
     assert final["params"] == {"lr": 0.05} and final["config"]["lr"] == 0.05
     assert final["params_source"] == {"kind": "file", "path": str(params)}
+    # from another working directory, a relative path: final.json names the file itself
+    monkeypatch.chdir(tmp_path)
+    relative = run_final(spec, FinalOptions(params="params.json", device="cpu")).final
+    assert relative["params_source"] == {"kind": "file", "path": str(params)}
     # an earlier final.json can be given back as the params file
     again = run_final(spec, FinalOptions(params=str(tmp_path / "home/reports/tiny-ce/final.json"), device="cpu")).final
     assert again["params"] == {"lr": 0.05} and again["mean"] == final["mean"]
