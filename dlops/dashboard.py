@@ -121,9 +121,24 @@ def dashboard_app(url: str):
     return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
 
 
+def missing_artifacts(url: str) -> int:
+    """How many artifacts the storage's studies list (plots, final runs) are not in this
+    machine's artifact store: stored under another ``$DLOPS_HOME`` (another machine of a
+    shared storage), the dashboard cannot show them."""
+    here = artifacts_dir()
+    missing = 0
+    for study in open_storage(url, create=False).get_all_studies():
+        for key, meta in study.system_attrs.items():
+            if not key.startswith(("dashboard:artifacts:", "artifacts:")) or json.loads(meta or "null") is None:
+                continue  # not an artifact, or one taken off the dashboard (its metadata null)
+            missing += not (here / key.rsplit(":", 1)[-1]).exists()
+    return missing
+
+
 def serve_dashboard(url: str, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
-    """Serve the dashboard until Ctrl-C; ``ready`` gets the line to print once the storage
-    is open and the port is taken (its password masked)."""
+    """Serve the dashboard until Ctrl-C; ``ready`` gets the lines to print once the storage
+    is open and the port is taken (its password masked), and a note on artifacts stored on
+    another machine."""
     from wsgiref.simple_server import make_server
 
     app = dashboard_app(url)
@@ -133,6 +148,12 @@ def serve_dashboard(url: str, host: str, port: int, ready: Callable[[str], None]
         raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
     if ready is not None:
         ready(f"optuna-dashboard for {mask_url(url)} on http://{host}:{server.server_port}/ (Ctrl-C stops)")
+        missing = missing_artifacts(url)
+        if missing:
+            ready(
+                f"note: {missing} of the artifacts the studies list are not in {artifacts_dir()} (stored under "
+                "another $DLOPS_HOME, another machine's?): the dashboard cannot show those"
+            )
     with server:
         try:
             server.serve_forever()

@@ -92,6 +92,29 @@ def test_a_port_out_of_range_is_one_line(dlops_home: Path) -> None:
         assert line.startswith("error: Invalid value for '--port'") and line.split("(see")[0].rstrip().endswith(bound)
 
 
+def _serving_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """make_server gives a server on port 43210 whose serve_forever returns at once; the
+    list it returns records each serving."""
+    import wsgiref.simple_server
+
+    served: list[str] = []
+
+    class Server:
+        server_port = 43210
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def serve_forever(self):
+            served.append("serving")
+
+    monkeypatch.setattr(wsgiref.simple_server, "make_server", lambda host, port, app: Server())
+    return served
+
+
 def test_the_dashboard_announces_itself_once_serving_with_the_password_masked(
     dlops_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -107,26 +130,41 @@ def test_the_dashboard_announces_itself_once_serving_with_the_password_masked(
     assert result.exit_code == 2 and "optuna-dashboard for" not in result.output, result.output
     assert "s3cret" not in result.output and len(result.output.strip().splitlines()) == 1
 
-    served: list[str] = []
-
-    class Server:  # make_server's: the port is taken, serving stops at once
-        server_port = 43210
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def serve_forever(self):
-            served.append("serving")
-
-    import wsgiref.simple_server
-
-    monkeypatch.setattr(wsgiref.simple_server, "make_server", lambda host, port, app: Server())
+    served = _serving_returns_at_once(monkeypatch)
     url = f"sqlite:///{dlops_home / 'dlops.db'}"
     dlops_home.mkdir(parents=True, exist_ok=True)
     optuna.create_study(study_name="s", storage=url)
     lines: list[str] = []
     dashboard.serve_dashboard(url, "127.0.0.1", 0, ready=lines.append)
     assert lines == [f"optuna-dashboard for {url} on http://127.0.0.1:43210/ (Ctrl-C stops)"] and served
+
+
+def test_artifacts_stored_under_another_dlops_home_are_counted_and_said(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared storage lists the artifacts of every machine; a dashboard can show only its
+    own machine's: it says how many it cannot (they answered HTTP 500 without a word)."""
+    from dlops.dashboard import attach_artifacts, missing_artifacts, serve_dashboard
+    from dlops.paths import artifacts_dir
+
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name="s", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    files = []
+    for name in ("curves.png", "final.json"):
+        (tmp_path / name).write_bytes(name.encode())
+        files.append(tmp_path / name)
+    attach_artifacts(study, files[:1], trial_number=0, tag="plots")
+    attach_artifacts(study, files[1:])
+    assert missing_artifacts(url) == 0
+    stored = sorted(artifacts_dir().iterdir())
+    assert len(stored) == 2
+    stored[0].unlink()  # as if uploaded on another machine
+    assert missing_artifacts(url) == 1
+    _serving_returns_at_once(monkeypatch)
+    lines: list[str] = []
+    serve_dashboard(url, "127.0.0.1", 0, ready=lines.append)
+    assert len(lines) == 2 and lines[1].startswith(
+        f"note: 1 of the artifacts the studies list are not in {stored[0].parent}"
+    )
