@@ -12,8 +12,8 @@ from rich.table import Table
 from dlops.storage import mask_url
 from dlops.text import plural
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # ":b:" in a study name is text, not an emoji code
+err_console = Console(stderr=True, emoji=False)
 
 _SHOWN = ("train_loss", "train_acc", "val_top1", "val_top5")  # every epoch line, where the trainer reports them
 
@@ -44,7 +44,7 @@ def trial_label(number: int) -> str:
 
 
 def print_study_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"study {summary['name']}", show_header=False)
+    table = Table(title=f"study {escape(summary['name'])}", show_header=False)
     best = summary["best"]
     if best:
         table.add_row(f"best {summary['metric'] or 'value'}", f"{best['value']:.4f} (trial {best['number']})")
@@ -65,7 +65,7 @@ def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
     for r in rows:
         best = "n/a" if r.get("note") else "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
         table.add_row(
-            r["name"],
+            escape(r["name"]),
             str(r["n_trials"]),
             str(r["states"].get("COMPLETE", 0)),
             str(r["states"].get("PRUNED", 0)),
@@ -85,7 +85,7 @@ def print_study_trials(info: dict[str, Any]) -> None:
     for t in info["trials"]:
         value = "-" if t["value"] is None else f"{t['value']:.4f}"
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items())
-        table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), params)
+        table.add_row(str(t["number"]), t["state"], value, str(t["epochs"]), escape(params))
     console.print(table)
     ep = info.get("epochs")
     if ep and ep["share"] is not None:  # None: no trial reported an epoch (not a dlops trainer's study)

@@ -159,3 +159,23 @@ def test_a_full_disk_keeps_its_own_line(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 2, result.output
     reports = tmp_path / "home" / "reports"
     assert result.output.strip().splitlines() == [f"error: no space left on device while writing {reports}"]
+
+
+def test_a_study_name_with_colons_or_brackets_prints_as_typed(capsys) -> None:
+    """Rich read ':b:' in "study a:b: new" as an emoji code and printed "a🅱"."""
+    from dlops.console import error, say
+
+    say("study a:b: new, in sqlite:///x.db; [bold]kept[/bold] :smile:")
+    error("study 'a:b:' trains with epochs = 2")
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "study a:b: new, in sqlite:///x.db; [bold]kept[/bold] :smile:"
+    assert captured.err.strip() == "error: study 'a:b:' trains with epochs = 2"
+
+    from dlops.console import print_study_list, print_study_summary
+
+    name = "[red]a:b:[/red]"
+    row = {"name": name, "n_trials": 1, "states": {"COMPLETE": 1}, "best_value": 0.5}
+    print_study_list([row], "sqlite:///x.db")
+    print_study_summary({"name": name, "best": None, "metric": "val_top1", "states": {"COMPLETE": 1}})
+    out = capsys.readouterr().out
+    assert out.count(name) == 2, out
