@@ -47,10 +47,10 @@ import optuna
 
 from dlops.dashboard import attach_artifacts
 from dlops.data import get_dataset
+from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError
 from dlops.io import (
     CorruptCheckpoint,
-    exchange_paths,
     json_safe,
     load_checkpoint,
     run_lock,
@@ -184,23 +184,6 @@ def _check_checkpoint(path: Path, config: TrainerConfig, say: Say | None = None)
     if not isinstance(state, dict):
         return 0
     return int(state.get("epoch", -1)) + 1  # -1 until the first reported epoch (e.g. during pretraining)
-
-
-def _swap_in(new: Path, dest: Path) -> None:
-    """Put folder ``new`` in the place of ``dest`` (in one step where the system can) and
-    remove what was there."""
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(new, dest)
-        return
-    if exchange_paths(new, dest):
-        shutil.rmtree(new, ignore_errors=True)  # now the previous contents
-        return
-    old = new.with_name(new.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(dest, old)
-    os.rename(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def previous_run_line(spec_name: str) -> str | None:
@@ -475,9 +458,10 @@ def _run_locked(
     # The swap: the new run's checkpoints take their final name, then its report takes the
     # place of the old one; only then do the previous run's files go.
     out_dir = report_dir(spec.name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with signals_held() as pending:
         os.rename(staging_dir(spec.name), run_dir)
-        _swap_in(stage, out_dir)
+        replace_dirs([(stage, out_dir)])  # in one step where the system can; the old report goes
         state["swapped"] = True
     if pending:  # a signal during the swap stops the run now that it is done
         raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()

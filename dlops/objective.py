@@ -104,7 +104,8 @@ def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOption
     latest recorded trial, and search-space distributions Optuna can continue. Otherwise its
     values would sit beside values that do not compare (another epoch count, subset, batch
     size, loss...)."""
-    recorded = [t for t in study.get_trials(deepcopy=False) if isinstance(t.user_attrs.get("config"), dict)]
+    trials = study.get_trials(deepcopy=False)
+    recorded = [t for t in trials if isinstance(t.user_attrs.get("config"), dict)]
     name = study.study_name
     hint = "run it with the study's settings, or give this run another --study-name"
     if recorded:
@@ -120,7 +121,7 @@ def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOption
                 f"study {name!r} trains with {k} = {was!r} (trial {last.number}), this run with {k} = {will!r}: {hint}"
             )
     seen: dict[str, optuna.distributions.BaseDistribution] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         seen.update(t.distributions)
     for param, p in spec.search.items():
         if param in seen:

@@ -242,7 +242,7 @@ class _TrialGate:
         self.trial_number: int | None = None
         self.trial_id: int | None = None
         self.last_error: BaseException | None = None  # of the last trial that failed
-        self.taken_over = False  # the last trial was failed by another worker while this one stalled
+        self.taken_over: TrialTakenOver | None = None  # the last trial was failed elsewhere while this worker stalled
 
     def __call__(self, trial: optuna.Trial) -> None:
         trial.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self.identity)
@@ -348,8 +348,8 @@ def _run_trials(
             return objective(trial)
         except (optuna.TrialPruned, TrialInterrupted):
             raise
-        except TrialTakenOver:
-            gate.taken_over = True
+        except TrialTakenOver as exc:
+            gate.taken_over = exc
             raise
         except Exception as exc:
             gate.last_error = exc
@@ -400,11 +400,11 @@ def _run_trials(
             if baseline is not None and trials and enqueue_baseline(study, baseline, trials):
                 say("no baseline trial has finished (each one failed): the baseline is queued again")
             gate.lock = lock
-            gate.taken_over = False
+            gate.taken_over = None
             try:
                 study.optimize(guarded, n_trials=1, catch=(Exception,), gc_after_trial=gc_after_trial)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                if not gate.taken_over:  # Optuna cannot tell a trial that another worker failed
+                if gate.taken_over is None:  # Optuna cannot tell a trial that another worker failed
                     raise
         except KeyboardInterrupt:
             stop.signum = stop.signum or 2  # a second signal: the trial stopped at once
@@ -413,11 +413,8 @@ def _run_trials(
             lock.release()
         if gate.trial_number is None:
             continue
-        if gate.taken_over:  # the worker that failed it wrote its note; its retry runs as any trial
-            say(
-                f"trial {gate.trial_number}: failed and queued again while this worker stalled (no heartbeat for "
-                "the grace period); its retry trains it, dropped here"
-            )
+        if gate.taken_over is not None:  # the worker that failed it wrote its note; its retry runs as any trial
+            say(str(gate.taken_over))
             continue
         trial = storage.optuna.get_trial(gate.trial_id)
         if after_trial is not None:

@@ -32,8 +32,8 @@ class TrialTakenOver(Exception):
 def taken_over(trial_number: int) -> TrialTakenOver:
     INTERRUPTED_LOG.numbers.add(trial_number)
     return TrialTakenOver(
-        f"trial {trial_number} was failed and queued again while this worker stalled (no heartbeat for the "
-        "grace period): its retry trains it; dropped here"
+        f"trial {trial_number}: failed and queued again while this worker stalled (no heartbeat for the "
+        "grace period); its retry trains it, dropped here"
     )
 
 
@@ -46,7 +46,7 @@ class _InterruptedTrialLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, TrialTakenOver)):
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
             # A second signal stopped the trial at once: dlops says so, without Optuna's traceback.
             found = re.match(r"Trial (\d+) failed", msg)
             if found:
