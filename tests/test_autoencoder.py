@@ -244,6 +244,30 @@ def test_resume_from_checkpoints_gives_the_same_numbers(tmp_path: Path) -> None:
         fit(config.replace(lr=0.01), checkpoint_path=ckpt)
 
 
+def test_a_seed_resumed_mid_pretraining_says_which_epochs_it_restored(tmp_path: Path) -> None:
+    """``resumed_from_epoch`` counts fine-tuning epochs; the pretraining epochs a run took
+    from its checkpoint are recorded per layer (final.json's ``resumed_pretraining_epochs``)."""
+    config = small_config(pretrain_epochs=2, epochs=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_layer_2(line: str) -> None:
+        if pretraining_epoch(line) == (2, 0):
+            raise Stop
+
+    ckpt = tmp_path / "ae.pt"
+    with pytest.raises(Stop):
+        fit(config, checkpoint_path=ckpt, progress=stop_in_layer_2)
+    trained: list[tuple[int, int]] = []
+    resumed = fit(config, checkpoint_path=ckpt, progress=lambda line: trained.append(pretraining_epoch(line)))
+    assert trained == [(2, 1), (3, 0), (3, 1), (4, 0), (4, 1), (5, 0), (5, 1)]
+    assert resumed.start_epoch == 0 and resumed.restored_layer_epochs == [2, 2, 1, 0, 0, 0]
+    record = ae.AutoencoderTrainer().seed_record(resumed)
+    assert record["resumed_pretraining_epochs"] == [2, 2, 1, 0, 0, 0]
+    assert ae.AutoencoderTrainer().seed_record(fit(config))["resumed_pretraining_epochs"] == [0] * 6
+
+
 def test_a_checkpoint_resumes_on_another_device_data_root_and_eval_batch_size(tmp_path: Path) -> None:
     config = small_config(pretrain_epochs=1, epochs=2)
 

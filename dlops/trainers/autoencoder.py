@@ -246,6 +246,8 @@ class AEResult(FitResult):
 
     layer_history: dict[str, list[float]] = field(default_factory=dict)
     stack: AutoencoderStack | None = None
+    # pretraining epochs of each layer restored from a checkpoint (resumed, not retrained)
+    restored_layer_epochs: list[int] = field(default_factory=list)
 
     @property
     def pretrain_seconds_per_epoch(self) -> list[float | None]:
@@ -414,6 +416,7 @@ def fit(
         finetune_loader.load_state_dict(resume["finetune_loader"])
         torch.set_rng_state(resume["torch_rng"])
         history, layer_history = resume["history"], resume["layer_history"]
+    restored_layer_epochs = [len(layer_history[f"ae{k}_train_loss"]) for k in range(len(hidden))]
 
     def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if checkpoint_path is None:
@@ -508,6 +511,7 @@ def fit(
         dataset=dataset,
         device=device,
         start_epoch=start_epoch,
+        restored_layer_epochs=restored_layer_epochs,
         seconds=time.perf_counter() - started,
         metrics={k: v[-1] for k, v in history.items() if v},
         extra_user_attrs=layer_user_attrs(layer_history),
@@ -667,9 +671,14 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         return _test_figures(model, loss_fn, dataset, dataset.test(), device, config.eval_batch_size)
 
     def seed_record(self, result: FitResult) -> dict[str, Any]:
-        """Pretraining curves per layer, so ``ae_losses.png`` can be redrawn from final.json."""
+        """Pretraining curves per layer, so ``ae_losses.png`` can be redrawn from final.json,
+        and the pretraining epochs of each layer a resumed seed took from its checkpoint
+        (``resumed_from_epoch`` counts fine-tuning epochs only)."""
         assert isinstance(result, AEResult)
-        return {"layer_history": json_safe(result.layer_history)}
+        return {
+            "layer_history": json_safe(result.layer_history),
+            "resumed_pretraining_epochs": list(result.restored_layer_epochs),
+        }
 
     def seed_files(self, result: FitResult, split: Split, out_dir: Path) -> list[Path]:
         """``tsne.png``: t-SNE of layer ``X[3]`` (the last hidden layer of a smaller stack)
