@@ -597,7 +597,9 @@ def _other_section(e: Entry) -> list[str]:
     trainer = trainer_of(e.trainer)
     title = trainer.title if trainer is not None else e.name
     facts = StudyFacts.of(e.study) if e.study is not None else None
-    lines = [f"## {title}", "", f"Spec `{e.name}` — [full report]({e.folder}/report.md)", ""]
+    # a reference run belongs to a spec; an entry without one is a study (of a spec or not)
+    what = f"Spec {_spec_and_study(e)}" if e.final or e.study is None else f"Study `{e.study.study_name}`"
+    lines = [f"## {title}", "", f"{what} — [full report]({e.folder}/report.md)", ""]
     lines += ["| | |", "|---|---|"]
     if e.final:
         lines.append(f"| dataset | {e.final['dataset']['name']} |")

@@ -166,6 +166,7 @@ def test_report_puts_the_three_losses_side_by_side_then_the_autoencoder(dlops_ho
     assert (dlops_home / "reports" / "val_top5_by_loss.png").is_file()
     ae_part = index[index.index("## Autoencoder") :]
     assert "0.5500 (1 seed)" in ae_part and "(autoencoder/class_accuracy.png)" in ae_part
+    assert "Spec `autoencoder` (no study) — [full report](autoencoder/report.md)" in ae_part
     for spec in ("resnet18-ce", "resnet18-triplet", "resnet18-center", "autoencoder"):
         assert (dlops_home / "reports" / spec / "report.md").is_file()
     # Optuna's plots; parameter importances and parallel coordinates only with two parameters or more
@@ -374,3 +375,15 @@ def test_study_figures_of_a_study_without_curves_or_complete_trials_log_nothing(
                 plt.close(fig)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
     assert optuna.logging.get_verbosity() == before
+
+
+def test_an_entry_without_a_reference_run_is_headed_by_its_study(dlops_home):
+    """The index names what it shows: a spec's reference run, or else a study (its name
+    is the study's, e.g. `autoencoder-digits`, not a spec's)."""
+    dlops_home.mkdir(parents=True)
+    study = make_study(dlops_home, "autoencoder-digits", n=2)
+    study.set_user_attr("trainer", "autoencoder")
+    index = build_report().index.read_text()
+    part = index[index.index("## Autoencoder") :]
+    assert "Study `autoencoder-digits` — [full report](autoencoder-digits/report.md)" in part
+    assert "Spec `autoencoder-digits`" not in index
