@@ -26,7 +26,7 @@ import optuna
 from dlops.console import trial_label
 from dlops.errors import DlopsError
 from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
-from dlops.paths import checkpoints_dir, default_storage_url, folder_name
+from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, sqlite_url
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted, taken_over
 from dlops.storage import journal_path, mask_url, sqlite_path, storage_kind
@@ -158,12 +158,14 @@ def storage_identity(url: str | None) -> str:
 
 def checkpoint_path(study_name: str, trial_key: int, storage: str | None = None) -> Path:
     """The checkpoint of trial ``trial_key``: one folder per study, by its exact name (a slug
-    and a hash, so ``a/b`` and ``a_b`` never share one) and, for a storage other than the
-    default one, by its storage too (two studies of one name in two storages never share,
-    or clear, each other's checkpoints)."""
+    and a hash, so ``a/b`` and ``a_b`` never share one) and, for a storage other than
+    ``$DLOPS_HOME/dlops.db``, by its storage too (two studies of one name in two storages
+    never share, or clear, each other's checkpoints). The bare folder belongs to that one
+    file, not to whatever ``$DLOPS_STORAGE`` names at the moment: a run with the variable
+    set and one without it are two storages."""
     folder = folder_name(study_name)
     where = storage_identity(storage)
-    if where != storage_identity(None):
+    if where != storage_identity(sqlite_url(dlops_home() / "dlops.db")):
         folder += "-" + hashlib.sha256(where.encode()).hexdigest()[:8]
     return checkpoints_dir() / folder / f"trial-{trial_key}.pt"
 

@@ -337,6 +337,29 @@ def test_one_study_name_in_two_storages_keeps_two_checkpoint_folders(tmp_path: P
     assert kept.read_bytes() == b"trial 1 of tiny-ce in the default storage"
 
 
+def test_a_study_reached_through_dlops_storage_keeps_its_own_checkpoint_folder(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal study run with $DLOPS_STORAGE set, then a new study of the same name in the
+    SQLite file of $DLOPS_HOME (the variable unset): the new study once cleared the journal
+    study's checkpoints, since both took the bare folder."""
+    from dlops.objective import checkpoint_path
+    from dlops.runner import open_study, prepare_study
+
+    journal = f"journal://{tmp_path / 'j.log'}"
+    monkeypatch.setenv("DLOPS_STORAGE", journal)
+    theirs = checkpoint_path("tiny-ce", 1)  # the journal study's, through the variable
+    assert theirs == checkpoint_path("tiny-ce", 1, journal)
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"trial 1 of tiny-ce in the journal")
+    monkeypatch.delenv("DLOPS_STORAGE")
+    assert checkpoint_path("tiny-ce", 1) != theirs
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1)))
+    options = RunOptions(device="cpu")
+    assert prepare_study(open_study(spec, options), spec, options)  # new in the SQLite file
+    assert theirs.read_bytes() == b"trial 1 of tiny-ce in the journal"
+
+
 def _interrupted_trial(tmp_path: Path):
     """A study whose trial 1 was stopped by SIGTERM after its first epoch: FAIL, queued
     again, its checkpoint kept."""
