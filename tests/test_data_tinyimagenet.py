@@ -308,6 +308,26 @@ def test_show_writes_a_grid_and_histogram_png(good_root: Path, tmp_path: Path) -
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
 
 
+def test_show_out_takes_a_folder_and_refuses_another_format(good_root: Path, tmp_path: Path) -> None:
+    """``--out`` a folder writes NAME.png in it (and says so); a path matplotlib would save
+    under another name or format is one line, before any work."""
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    result = dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(folder), "--count", "4")
+    assert result.exit_code == 0, result.output
+    written = folder / "tiny-imagenet.png"
+    assert str(written) in result.output.replace("\n", "")
+    with Image.open(written) as im:
+        assert im.format == "PNG"
+    for bad in (tmp_path / "x.txt", tmp_path / "no-suffix"):
+        result = dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(bad))
+        assert result.exit_code != 0
+        assert result.output.strip().splitlines() == [
+            f"error: --out {bad}: give a .png path or an existing folder (the figure is a PNG)"
+        ]
+        assert not bad.exists() and not bad.with_suffix(".png").exists()
+
+
 def test_the_data_benchmark_prints_its_speedup_last(
     good_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

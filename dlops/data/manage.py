@@ -338,6 +338,11 @@ def show_dataset(
     and the per-class histogram of every split; returns its path."""
     from dlops.paths import reports_dir
 
+    path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
+    if path.is_dir():
+        path = path / f"{name}.png"  # --out a folder: the default file name in it
+    elif path.suffix.lower() != ".png":
+        raise DlopsError(f"--out {out}: give a .png path or an existing folder (the figure is a PNG)")
     ds = get_dataset(name, None if root is None else Path(root))
     labels = np.asarray(ds.train.labels)
     rng = np.random.default_rng(seed)
@@ -356,7 +361,6 @@ def show_dataset(
     total = sum(len(s) for s in (ds.train, ds.val, test))
     title = f"{name}: {plural(ds.num_classes, 'class')}, {plural(total, 'image')} {list(ds.image_shape)}"
     fig = dataset_figure(np.asarray(ds.train.images[chosen]), labels[chosen], ds.class_names, counts, title)
-    path = Path(out) if out is not None else reports_dir() / "data" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
