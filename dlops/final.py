@@ -378,7 +378,7 @@ def run_final(
     resolve_device(configs[0].device or options.device or "auto")  # a missing device: one line, now
     if configs[0].dataset:  # an unknown or unprepared dataset: one line, before any work
         root = configs[0].data_root
-        get_dataset(configs[0].dataset, Path(root) if root else None)
+        get_dataset(configs[0].dataset, Path(root) if root else None).check_test()  # damaged test cache: now
 
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}
     with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):

@@ -659,3 +659,24 @@ def test_labels_out_of_range_are_one_line_with_the_fix(good_root: Path, tmp_path
     )
     assert f"{split}_labels.npy holds labels" in line and "not class indices 0..2" in line, line
     assert "dlops data prepare tiny-imagenet --force" in line
+
+
+def test_a_reference_run_finds_a_damaged_test_split_before_it_trains(
+    good_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test split is evaluated once, after training; its cache is checked before: a
+    damaged one is one line at the start, not after the seeds have trained."""
+    path = good_root / "tiny-imagenet" / "cache" / "test_labels.npy"
+    labels = np.load(path)
+    labels[0] = -5
+    np.save(path, labels)
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path))  # its data/ is good_root
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    result = dlops(
+        "final", "--loss", "ce", "--params", "baseline", "--dataset", "tiny-imagenet", "--device", "cpu",
+        "--epochs", "1", "--subset-classes", "2", "--subset-per-class", "2",
+    )  # fmt: skip
+    line = one_error_line(result)
+    assert "test_labels.npy holds labels -5.." in line and "dlops data prepare tiny-imagenet --force" in line, line
+    assert "epoch" not in result.output
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "reports").exists()

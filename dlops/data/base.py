@@ -54,6 +54,8 @@ class Dataset:
     hflip: bool = True
     crop_padding: int = 4
     test_reads: int = 0
+    # checks the stored test split (raises DatasetNotAvailable when damaged); None: nothing stored to check
+    verify_test: Callable[[], object] | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +71,13 @@ class Dataset:
             raise TestSplitForbidden(f"the test split of {self.name} was read during a study")
         self.test_reads += 1
         return self.load_test()
+
+    def check_test(self) -> None:
+        """Check the test split's stored form (a cache: its labels and sizes) without
+        evaluating anything on it: not a read, so a reference run finds a damaged test
+        split before it trains, not after."""
+        if self.verify_test is not None:
+            self.verify_test()
 
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std of the training images in [0, 1] (from up to 10k images)."""

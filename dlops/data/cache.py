@@ -188,6 +188,7 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
         train=open_split(root_path, name, "train", classes),
         val=open_split(root_path, name, "val", classes),
         load_test=lambda: open_split(root_path, name, "test", classes),
+        verify_test=lambda: open_split(root_path, name, "test", classes),
         hflip=hflip,
         crop_padding=crop_padding,
     )
