@@ -128,7 +128,8 @@ def print_dataset_info(name: str, info: dict[str, Any]) -> None:
         h = info["holdout"]
         table.add_row(
             "validation",
-            f"{h['count']:,} held out of {h['from']} ({h['fraction']:.0%} of each class, seed {h['seed']})",
+            f"{h['count']:,} held out of {h['from']} ({h['fraction'] * 100:.3g}% of each class, at least 1; "
+            f"seed {h['seed']})",
         )
     if info.get("source"):
         s = info["source"]

@@ -335,6 +335,9 @@ def connect(
     except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
         detail = " ".join(lines)[:300] or type(exc).__name__
+        if kind == "journal" and isinstance(exc, (KeyError, TypeError, ValueError)):
+            # a file of other JSON lines: Optuna fails on a missing key of its log format
+            detail = f"{storage_file(url)} is not an Optuna journal file ({type(exc).__name__} {detail})"
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
 
 

@@ -680,3 +680,11 @@ def test_a_reference_run_finds_a_damaged_test_split_before_it_trains(
     assert "test_labels.npy holds labels -5.." in line and "dlops data prepare tiny-imagenet --force" in line, line
     assert "epoch" not in result.output
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "reports").exists()
+
+
+def test_info_gives_a_small_hold_out_fraction_as_it_is(good_root: Path) -> None:
+    """A fraction under 0.5% printed as "0% of each class" read as no hold-out at all."""
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--val-fraction", "0.001")
+    assert result.exit_code == 0, result.output
+    info = " ".join(dlops("data", "info", "tiny-imagenet", "--root", str(good_root)).output.split())
+    assert "(0.1% of each class, at least 1;" in info, info

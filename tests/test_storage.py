@@ -330,3 +330,13 @@ def test_an_in_memory_sqlite_storage_is_refused_in_one_line(memory: str, dlops_h
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {memory} is an in-memory SQLite database"), errors
     assert "epoch" not in result.output and "Traceback" not in result.output
+
+
+def test_a_file_of_other_json_lines_given_as_a_journal_says_so(tmp_path: Path) -> None:
+    other = tmp_path / "events.log"
+    other.write_text('{"a": 1}\n')
+    result = CliRunner().invoke(app, ["study", "list", "--storage", str(other)])
+    assert result.exit_code != 0
+    (line,) = result.output.strip().splitlines()
+    assert f"{other} is not an Optuna journal file" in line, line
+    assert other.read_text() == '{"a": 1}\n'  # left as it was
