@@ -59,47 +59,115 @@ def report_folder(name: str) -> str:
     return name if plain else folder_name(name)
 
 
-# What the report reads from final.json: keys of the whole, of nested objects, of each seed.
-_FINAL_KEYS: dict[str, tuple[str, ...]] = {
-    "": (
-        *("spec", "dataset", "params", "params_source", "epochs", "seeds"),
-        *("mean", "std", "per_seed", "wall_seconds", "device", "created"),
-    ),
-    "dataset": ("name", "num_classes", "splits"),
-    "dataset.splits": ("train", "val", "test"),
-    "params_source": ("kind",),
+# What the report reads from final.json, and the type of each: a schema in plain data. A
+# dict is an object with those keys (``key?``: may be absent or null; the key ``str``: every
+# other key); a one-item list is a list of those; a type or tuple of types is a value of
+# one of them (None: null; bool is not a number).
+NUMBER = (int, float)
+NUMBER_OR_NULL = (int, float, None)
+_SEED_SCHEMA: dict[Any, Any] = {
+    "seed": int,
+    "history": {str: [NUMBER_OR_NULL]},
+    "epochs_trained": int,
+    "resumed_from_epoch": int,
+    "train_seconds": NUMBER_OR_NULL,
 }
-_SEED_KEYS = ("seed", "history", "epochs_trained", "resumed_from_epoch", "train_seconds")
-_SOURCE_KEYS = {"trial": ("trial", "study"), "file": ("path",)}
+_FINAL_SCHEMA: dict[Any, Any] = {
+    "spec": str,
+    "trainer?": str,
+    "description?": str,
+    "metric?": str,
+    "params": {str: object},
+    "params_source": {"kind": str},
+    "dataset": {"name": str, "num_classes": int, "splits": {"train": int, "val": int, "test": int}},
+    "epochs": int,
+    "seeds": [int],
+    "config?": {"loss?": str},
+    "mean": {str: NUMBER_OR_NULL},
+    "std": {str: NUMBER_OR_NULL},
+    "per_seed": [_SEED_SCHEMA],
+    "wall_seconds": NUMBER_OR_NULL,
+    "device": str,
+    "created": str,
+    "study?": {"name?": str},
+}
+_SOURCE_SCHEMA: dict[str, dict[Any, Any]] = {
+    "trial": {"trial": int, "study": str, "metric?": str, "value?": NUMBER},
+    "file": {"path": str},
+}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", None: "null"}
 
 
-def _lacks(obj: Any, keys: tuple[str, ...], where: str) -> str | None:
-    if not isinstance(obj, dict):
-        return f"{where} is not an object"
-    missing = [k for k in keys if k not in obj]
-    return f"{where} has no {', '.join(missing)}" if missing else None
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _schema_problem(value: Any, schema: Any, where: str) -> str | None:
+    """What in ``value`` (at ``where``) does not fit ``schema``, or None."""
+    name = where or "the file"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{name} is not an object"
+        named = {k.removesuffix("?"): k.endswith("?") for k in schema if k is not str}
+        missing = [k for k, optional in named.items() if not optional and k not in value]
+        if missing:
+            return f"{name} has no {', '.join(missing)}"
+        for key, item in value.items():
+            sub = schema[key + "?" if named.get(key) else key] if key in named else schema.get(str)
+            if sub is None or (item is None and named.get(key)):
+                continue
+            if named.get(key) and not isinstance(sub, (dict, list)):  # an optional value may be null
+                sub = (*(sub if isinstance(sub, tuple) else (sub,)), None)
+            problem = _schema_problem(item, sub, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{name} is {_shown(value)}, not a list"
+        for i, item in enumerate(value):
+            problem = _schema_problem(item, schema[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if object in types or (value is None and None in types):
+        return None
+    if value is not None and not isinstance(value, bool) and isinstance(value, tuple(t for t in types if t)):
+        return None
+    words = "a number" if int in types and float in types else " or ".join(_TYPE_WORDS[t] for t in types if t)
+    return f"{name} is {_shown(value)}, not {words}" + (" or null" if None in types else "")
 
 
 def _final_problem(final: Any) -> str | None:
-    """What a final.json lacks that the report reads, or None."""
-    for where, keys in _FINAL_KEYS.items():
-        obj = final
-        for part in where.split(".") if where else ():
-            obj = obj[part]
-        problem = _lacks(obj, keys, where or "the file")
-        if problem:
-            return problem
-    source = final["params_source"]
-    problem = _lacks(source, _SOURCE_KEYS.get(source["kind"], ()), "params_source")
+    """What in a final.json the report cannot read (a key it reads missing, or of the
+    wrong type, or figures that do not match up), or None."""
+    problem = _schema_problem(final, _FINAL_SCHEMA, "")
     if problem:
         return problem
-    if not isinstance(final["per_seed"], list) or not final["per_seed"]:
-        return "per_seed is not a list of seeds"
-    for i, seed in enumerate(final["per_seed"]):
-        problem = _lacks(seed, _SEED_KEYS, f"per_seed[{i}]") or _lacks(seed["history"], (), f"per_seed[{i}].history")
-        if problem:
-            return problem
-    return None
+    source = final["params_source"]
+    problem = _schema_problem(source, _SOURCE_SCHEMA.get(source["kind"], {}), "params_source")
+    if problem:
+        return problem
+    per_seed, figures = final["per_seed"], list(final["mean"])
+    if not per_seed:
+        return "per_seed has no seeds"
+    if len(per_seed) != len(final["seeds"]):
+        return f"seeds lists {len(final['seeds'])}, per_seed has {len(per_seed)}"
+    if not figures:
+        return "mean has no figures"
+    lacking = [k for k in figures if k not in final["std"]]
+    if lacking:
+        return f"std has no {', '.join(lacking)}"
+    metric = final.get("metric") or "val_top5"
+    for i, seed in enumerate(per_seed):
+        problem = _schema_problem({k: seed[k] for k in figures if k in seed}, {str: NUMBER_OR_NULL}, f"per_seed[{i}]")
+        lacking = [k for k in dict.fromkeys(("train_loss", metric)) if k not in seed["history"]]
+        if problem or lacking:
+            return problem or f"per_seed[{i}].history has no {', '.join(lacking)}"
+    trainer = trainer_of(final.get("trainer"))
+    return trainer.final_problem(final) if trainer is not None else None
 
 
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
@@ -467,9 +535,9 @@ def build_report(
     plots.use_headless_backend()
     url = storage or default_storage_url()
     root = reports_dir()
+    entries, skipped = _entries(url)  # reads (and checks) every final.json: a damaged one stops here
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
-    entries, skipped = _entries(url)
     files: list[Path] = []
     for e in entries:
         out_dir = root / e.folder
