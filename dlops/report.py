@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -382,7 +383,11 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
                 if (out_dir / png).exists():
                     lines += [f"![{caption}]({png})", ""]
     else:
-        lines += ["No reference run yet: `dlops final " + spec_name + "` trains one.", ""]
+        made_by = study.user_attrs.get("spec") if study is not None else None
+        command = f"dlops final {spec_name}"
+        if study is not None and made_by not in (None, spec_name):  # another spec's study, under its own name
+            command = f"dlops final {made_by} --study-name {shlex.quote(study.study_name)}"
+        lines += [f"No reference run yet: `{command}` trains one.", ""]
     if facts is not None:
         lines += [
             f"## Study `{facts.name}`",
@@ -419,6 +424,7 @@ class Entry:
     final: dict[str, Any] | None
     study: optuna.Study | None
     folder: str  # under reports/: the spec's own, or report_folder(study name)
+    spec: str | None = None  # the spec whose entry this is; None for a study's own entry
 
 
 @dataclass
@@ -440,40 +446,50 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
     skipped = {s.study_name: r for s in summaries if (r := not_dlops_reason(s.directions)) is not None}
     studies = {s.study_name for s in summaries} - set(skipped)
+    made_by = {s.study_name: s.user_attrs.get("spec") for s in summaries}  # the spec `dlops study run` records
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
+    loaded = {n: load_final(n) for n in sorted(finals)}  # every one checked before anything is written
     builtin = builtin_specs()
+
+    def of_spec(study: str | None, spec: str, named_by_run: bool = False) -> bool:
+        """Whether ``study`` is the spec's: made by it (a study that records another spec is
+        another spec's), or, one that records none, the study its reference run names."""
+        if study not in studies:
+            return False
+        return made_by.get(study) == spec or (named_by_run and made_by.get(study) is None)
 
     def study_of(name: str) -> str | None:
         """A spec's study: the one its reference run names, else the default name that
-        `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own)."""
-        final = (load_final(name) if name in finals else None) or {}
+        `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own);
+        never a study of another spec, whatever its name."""
+        final = loaded.get(name) or {}
         recorded = (final.get("study") or {}).get("name")
-        if recorded in studies:
+        if of_spec(recorded, name, named_by_run=True):
             return recorded
         dataset = (final.get("dataset") or {}).get("name")
         if name in builtin and dataset:
             derived = load_spec(name).study_name(dataset)
-            if derived in studies:
+            if of_spec(derived, name):
                 return derived
-        return name if name in studies else None
+        return name if of_spec(name, name) else None
 
     study_for = {n: study_of(n) for n in finals}
-    for n in builtin:  # a spec with a study and no reference run, unless a reference run took that study
-        if n not in finals and n in studies and n not in study_for.values():
+    for n in builtin:  # a spec with its study and no reference run, unless a reference run took that study
+        if n not in finals and of_spec(n, n) and n not in study_for.values():
             study_for[n] = n
     names = [n for n in builtin if n in study_for] + sorted(set(study_for) - set(builtin))
-    rows = [(n, n, study_for[n]) for n in names]  # name, folder under reports/, study
+    rows = [(n, n, study_for[n], True) for n in names]  # name, folder under reports/, study, a spec's entry
     taken = {n.lower() for n in names}
     for s in sorted(studies - set(study_for.values())):  # every other study, the spec-named too
         folder = report_folder(s)
-        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s))
+        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s, False))
     out = []
-    for name, folder, study_name in rows:
-        final = load_final(name) if folder == name and name in finals else None
+    for name, folder, study_name, of_a_spec in rows:
+        final = loaded.get(name) if of_a_spec else None
         study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
-        if name in builtin:
+        if of_a_spec and name in builtin:
             spec = load_spec(name)
             trainer = trainer or spec.trainer
             loss = loss or spec.train.get("loss")
@@ -482,7 +498,7 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
                 loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
             except ValueError:
                 pass
-        out.append(Entry(name, trainer, loss, final, study, folder))
+        out.append(Entry(name, trainer, loss, final, study, folder, name if of_a_spec else None))
     return out, skipped
 
 
@@ -611,6 +627,9 @@ def _move_aside_old_index_folder(root: Path) -> None:
 def _spec_and_study(e: Entry) -> str:
     if e.study is None:
         return f"`{e.name}` (no study)"
+    if e.spec is None:  # a study's own entry: the spec that made it, if another name
+        made_by = e.study.user_attrs.get("spec")
+        return f"study `{e.study.study_name}`" + (f" (spec `{made_by}`)" if made_by not in (None, e.name) else "")
     return f"`{e.name}`" + ("" if e.study.study_name == e.name else f", study `{e.study.study_name}`")
 
 

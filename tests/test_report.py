@@ -85,12 +85,16 @@ def write_final(home: Path, final: dict) -> None:
     (out / "final.json").write_text(json.dumps(final))
 
 
-def make_study(home: Path, name: str, params: tuple[str, ...] = ("lr",), n: int = 4, loss: str = "ce") -> optuna.Study:
-    """A finished study without training: each trial reports 3 epochs of val_top5."""
+def make_study(
+    home: Path, name: str, params: tuple[str, ...] = ("lr",), n: int = 4, loss: str = "ce", spec: str | None = None
+) -> optuna.Study:
+    """A finished study without training: each trial reports 3 epochs of val_top5. It
+    records its spec as `dlops study run` does (``resnet18-<loss>`` unless given)."""
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{home / 'dlops.db'}", direction="maximize")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_top5"])
+    study.set_user_attr("spec", spec or f"resnet18-{loss}")
     study.set_user_attr("trainer", "resnet18")
     study.set_user_attr("dataset", "digits")
 
@@ -382,7 +386,7 @@ def test_an_entry_without_a_reference_run_is_headed_by_its_study(dlops_home):
     """The index names what it shows: a spec's reference run, or else a study (its name
     is the study's, e.g. `autoencoder-digits`, not a spec's)."""
     dlops_home.mkdir(parents=True)
-    study = make_study(dlops_home, "autoencoder-digits", n=2)
+    study = make_study(dlops_home, "autoencoder-digits", n=2, spec="autoencoder")
     study.set_user_attr("trainer", "autoencoder")
     index = build_report().index.read_text()
     part = index[index.index("## Autoencoder") :]
@@ -464,3 +468,36 @@ def test_a_final_json_of_the_wrong_shape_is_one_line_and_nothing_is_rewritten(dl
     now = [p for p in (dlops_home / "reports").rglob("*") if p.is_file()]
     now += [p for p in (dlops_home / "artifacts").rglob("*") if p.is_file()]
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in now} == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "study_name", "recorded"),
+    [
+        ("autoencoder", "autoencoder", False),  # the spec's own name, taken by a resnet18-ce study
+        ("resnet18-triplet", "resnet18-triplet-digits", False),  # the name `dlops study run` would give it
+        ("resnet18-triplet", "picked", True),  # the study its final.json names, since replaced by another spec's
+    ],
+)
+def test_a_study_of_another_spec_is_never_shown_as_a_specs_study(dlops_home, spec, study_name, recorded):
+    """A spec's entry shows a study only if the study records that spec: a resnet18-ce study
+    named `autoencoder` once filled the autoencoder's report and its study/ folder."""
+    dlops_home.mkdir(parents=True)
+    trainer = "autoencoder" if spec == "autoencoder" else "resnet18"
+    final = make_final(spec, None if trainer == "autoencoder" else "triplet", [0.6], trainer=trainer)
+    final["study"] = {"name": study_name, "storage": "sqlite:///x"} if recorded else None
+    write_final(dlops_home, final)
+    make_study(dlops_home, study_name, n=2, loss="ce")  # made by resnet18-ce
+
+    result = build_report()
+    entries = {e.folder: e for e in result.entries}
+    reports = dlops_home / "reports"
+    assert entries[spec].study is None and entries[spec].final is not None
+    assert not (reports / spec / "study").exists()
+    assert "## Study" not in (reports / spec / "report.md").read_text()
+    (own,) = [e for e in result.entries if e.study is not None]
+    assert own.study.study_name == study_name and own.final is None and own.folder != spec
+    text = (reports / own.folder / "report.md").read_text()
+    assert f"## Study `{study_name}`" in text and "![Slice plot](study/slice.png)" in text
+    assert f"`dlops final resnet18-ce --study-name {study_name}` trains one" in text
+    index = result.index.read_text()
+    assert f"study `{study_name}` (spec `resnet18-ce`)" in index and f"({own.folder}/report.md)" in index
