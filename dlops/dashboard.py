@@ -224,6 +224,25 @@ def attach_artifacts(
     return [artifact_id for _, artifact_id in attached]
 
 
+def withdraw_artifacts(study: optuna.Study, tag: str = "final") -> int:
+    """Withdraw everything :func:`attach_artifacts` attached to ``study`` under ``tag``
+    (a reference run that a run attached elsewhere has replaced); returns how many."""
+    storage, study_id = study._storage, study._study_id
+    key = FINAL_ARTIFACTS_KEY + tag
+    attrs = storage.get_study_system_attrs(study_id)
+    earlier = attrs.get(key) or []
+    if not earlier:
+        return 0
+    store = FileSystemArtifactStore(str(artifacts_dir()))
+    withdrawn = 0
+    for attr_key, artifact_id in earlier:
+        if json.loads(attrs.get(attr_key) or "null") is not None:  # not already deleted in the dashboard
+            withdrawn += 1
+        _withdraw(study, store, attr_key, artifact_id)
+    storage.set_study_system_attr(study_id, key, [])
+    return withdrawn
+
+
 def _withdraw(study: optuna.Study, store: FileSystemArtifactStore, attr_key: str, artifact_id: str) -> None:
     """Take an attachment off the dashboard as its own Delete button does (the key's
     metadata set to null) and remove its file."""

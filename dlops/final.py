@@ -45,7 +45,7 @@ from typing import Any
 
 import optuna
 
-from dlops.dashboard import attach_artifacts
+from dlops.dashboard import attach_artifacts, withdraw_artifacts
 from dlops.data import get_dataset
 from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError
@@ -201,6 +201,49 @@ def previous_run_line(spec_name: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         what = f"in {path.parent}"
     return f"replaces the reference run {what} when this one finishes"
+
+
+def previous_study(spec_name: str) -> tuple[str, str | None] | None:
+    """The study (name, masked storage) that the spec's reference run attached its files
+    to, as its ``final.json`` records it; None without one."""
+    try:
+        study = json.loads((report_dir(spec_name) / "final.json").read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(study, dict) or not isinstance(study.get("name"), str):
+        return None
+    storage = study.get("storage")
+    return study["name"], storage if isinstance(storage, str) else None
+
+
+def withdraw_replaced(
+    previous: tuple[str, str | None] | None, url: str, study: optuna.Study | None, tag: str, say: Say
+) -> None:
+    """Take the replaced reference run's files off the study they were attached to, when
+    this run attached to another (or none): in place, :func:`attach_artifacts` has replaced
+    them already. Its storage is this run's when the masked URLs match, else the recorded
+    URL, if it can be opened (a masked password cannot)."""
+    if previous is None:
+        return
+    name, stored = previous
+    here = mask_url(url)
+    where = f"study {name!r} in {stored or here}"
+    if stored is None or stored == here:
+        if study is not None and study.study_name == name:
+            return
+        target = url
+    elif "***" in stored:
+        say(f"the replaced reference run's files stay attached to {where}: its password is not recorded")
+        return
+    else:
+        target = stored
+    try:
+        old = find_study(target, name)
+    except DlopsError as exc:
+        say(f"the replaced reference run's files stay attached to {where}: {exc}")
+        return
+    if old is not None:
+        withdraw_artifacts(old, tag=tag)
 
 
 # --------------------------------------------------------------------------- the run
@@ -422,6 +465,7 @@ def _run_locked(
     replacing = previous_run_line(spec.name)
     if replacing:
         say(replacing)
+    replaced_study = previous_study(spec.name)  # its files come off that study once this run is attached
     if options.resume:
         if not any(staging_dir(spec.name).glob("seed*/checkpoint.pt")):
             say(f"nothing to resume under {staging_dir(spec.name)}: a fresh run")
@@ -481,6 +525,7 @@ def _run_locked(
         artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
     else:
         say(f"no study {study_name_for(spec, options)!r} in the storage: study plots and artifacts skipped")
+    withdraw_replaced(replaced_study, url, study, spec.name, say)
     return FinalResult(report_dir=out_dir, final=final, files=files, artifacts=artifacts)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,47 +60,115 @@ def report_folder(name: str) -> str:
     return name if plain else folder_name(name)
 
 
-# What the report reads from final.json: keys of the whole, of nested objects, of each seed.
-_FINAL_KEYS: dict[str, tuple[str, ...]] = {
-    "": (
-        *("spec", "dataset", "params", "params_source", "epochs", "seeds"),
-        *("mean", "std", "per_seed", "wall_seconds", "device", "created"),
-    ),
-    "dataset": ("name", "num_classes", "splits"),
-    "dataset.splits": ("train", "val", "test"),
-    "params_source": ("kind",),
+# What the report reads from final.json, and the type of each: a schema in plain data. A
+# dict is an object with those keys (``key?``: may be absent or null; the key ``str``: every
+# other key); a one-item list is a list of those; a type or tuple of types is a value of
+# one of them (None: null; bool is not a number).
+NUMBER = (int, float)
+NUMBER_OR_NULL = (int, float, None)
+_SEED_SCHEMA: dict[Any, Any] = {
+    "seed": int,
+    "history": {str: [NUMBER_OR_NULL]},
+    "epochs_trained": int,
+    "resumed_from_epoch": int,
+    "train_seconds": NUMBER_OR_NULL,
 }
-_SEED_KEYS = ("seed", "history", "epochs_trained", "resumed_from_epoch", "train_seconds")
-_SOURCE_KEYS = {"trial": ("trial", "study"), "file": ("path",)}
+_FINAL_SCHEMA: dict[Any, Any] = {
+    "spec": str,
+    "trainer?": str,
+    "description?": str,
+    "metric?": str,
+    "params": {str: object},
+    "params_source": {"kind": str},
+    "dataset": {"name": str, "num_classes": int, "splits": {"train": int, "val": int, "test": int}},
+    "epochs": int,
+    "seeds": [int],
+    "config?": {"loss?": str},
+    "mean": {str: NUMBER_OR_NULL},
+    "std": {str: NUMBER_OR_NULL},
+    "per_seed": [_SEED_SCHEMA],
+    "wall_seconds": NUMBER_OR_NULL,
+    "device": str,
+    "created": str,
+    "study?": {"name?": str},
+}
+_SOURCE_SCHEMA: dict[str, dict[Any, Any]] = {
+    "trial": {"trial": int, "study": str, "metric?": str, "value?": NUMBER},
+    "file": {"path": str},
+}
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", None: "null"}
 
 
-def _lacks(obj: Any, keys: tuple[str, ...], where: str) -> str | None:
-    if not isinstance(obj, dict):
-        return f"{where} is not an object"
-    missing = [k for k in keys if k not in obj]
-    return f"{where} has no {', '.join(missing)}" if missing else None
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _schema_problem(value: Any, schema: Any, where: str) -> str | None:
+    """What in ``value`` (at ``where``) does not fit ``schema``, or None."""
+    name = where or "the file"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{name} is not an object"
+        named = {k.removesuffix("?"): k.endswith("?") for k in schema if k is not str}
+        missing = [k for k, optional in named.items() if not optional and k not in value]
+        if missing:
+            return f"{name} has no {', '.join(missing)}"
+        for key, item in value.items():
+            sub = schema[key + "?" if named.get(key) else key] if key in named else schema.get(str)
+            if sub is None or (item is None and named.get(key)):
+                continue
+            if named.get(key) and not isinstance(sub, (dict, list)):  # an optional value may be null
+                sub = (*(sub if isinstance(sub, tuple) else (sub,)), None)
+            problem = _schema_problem(item, sub, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{name} is {_shown(value)}, not a list"
+        for i, item in enumerate(value):
+            problem = _schema_problem(item, schema[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if object in types or (value is None and None in types):
+        return None
+    if value is not None and not isinstance(value, bool) and isinstance(value, tuple(t for t in types if t)):
+        return None
+    words = "a number" if int in types and float in types else " or ".join(_TYPE_WORDS[t] for t in types if t)
+    return f"{name} is {_shown(value)}, not {words}" + (" or null" if None in types else "")
 
 
 def _final_problem(final: Any) -> str | None:
-    """What a final.json lacks that the report reads, or None."""
-    for where, keys in _FINAL_KEYS.items():
-        obj = final
-        for part in where.split(".") if where else ():
-            obj = obj[part]
-        problem = _lacks(obj, keys, where or "the file")
-        if problem:
-            return problem
-    source = final["params_source"]
-    problem = _lacks(source, _SOURCE_KEYS.get(source["kind"], ()), "params_source")
+    """What in a final.json the report cannot read (a key it reads missing, or of the
+    wrong type, or figures that do not match up), or None."""
+    problem = _schema_problem(final, _FINAL_SCHEMA, "")
     if problem:
         return problem
-    if not isinstance(final["per_seed"], list) or not final["per_seed"]:
-        return "per_seed is not a list of seeds"
-    for i, seed in enumerate(final["per_seed"]):
-        problem = _lacks(seed, _SEED_KEYS, f"per_seed[{i}]") or _lacks(seed["history"], (), f"per_seed[{i}].history")
-        if problem:
-            return problem
-    return None
+    source = final["params_source"]
+    problem = _schema_problem(source, _SOURCE_SCHEMA.get(source["kind"], {}), "params_source")
+    if problem:
+        return problem
+    per_seed, figures = final["per_seed"], list(final["mean"])
+    if not per_seed:
+        return "per_seed has no seeds"
+    if len(per_seed) != len(final["seeds"]):
+        return f"seeds lists {len(final['seeds'])}, per_seed has {len(per_seed)}"
+    if not figures:
+        return "mean has no figures"
+    lacking = [k for k in figures if k not in final["std"]]
+    if lacking:
+        return f"std has no {', '.join(lacking)}"
+    metric = final.get("metric") or "val_top5"
+    for i, seed in enumerate(per_seed):
+        problem = _schema_problem({k: seed[k] for k in figures if k in seed}, {str: NUMBER_OR_NULL}, f"per_seed[{i}]")
+        lacking = [k for k in dict.fromkeys(("train_loss", metric)) if k not in seed["history"]]
+        if problem or lacking:
+            return problem or f"per_seed[{i}].history has no {', '.join(lacking)}"
+    trainer = trainer_of(final.get("trainer"))
+    return trainer.final_problem(final) if trainer is not None else None
 
 
 def load_final(spec_name: str, out_dir: Path | None = None) -> dict[str, Any] | None:
@@ -314,7 +383,11 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
                 if (out_dir / png).exists():
                     lines += [f"![{caption}]({png})", ""]
     else:
-        lines += ["No reference run yet: `dlops final " + spec_name + "` trains one.", ""]
+        made_by = study.user_attrs.get("spec") if study is not None else None
+        command = f"dlops final {spec_name}"
+        if study is not None and made_by not in (None, spec_name):  # another spec's study, under its own name
+            command = f"dlops final {made_by} --study-name {shlex.quote(study.study_name)}"
+        lines += [f"No reference run yet: `{command}` trains one.", ""]
     if facts is not None:
         lines += [
             f"## Study `{facts.name}`",
@@ -351,6 +424,7 @@ class Entry:
     final: dict[str, Any] | None
     study: optuna.Study | None
     folder: str  # under reports/: the spec's own, or report_folder(study name)
+    spec: str | None = None  # the spec whose entry this is; None for a study's own entry
 
 
 @dataclass
@@ -372,40 +446,50 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
     skipped = {s.study_name: r for s in summaries if (r := not_dlops_reason(s.directions)) is not None}
     studies = {s.study_name for s in summaries} - set(skipped)
+    made_by = {s.study_name: s.user_attrs.get("spec") for s in summaries}  # the spec `dlops study run` records
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
+    loaded = {n: load_final(n) for n in sorted(finals)}  # every one checked before anything is written
     builtin = builtin_specs()
+
+    def of_spec(study: str | None, spec: str, named_by_run: bool = False) -> bool:
+        """Whether ``study`` is the spec's: made by it (a study that records another spec is
+        another spec's), or, one that records none, the study its reference run names."""
+        if study not in studies:
+            return False
+        return made_by.get(study) == spec or (named_by_run and made_by.get(study) is None)
 
     def study_of(name: str) -> str | None:
         """A spec's study: the one its reference run names, else the default name that
-        `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own)."""
-        final = (load_final(name) if name in finals else None) or {}
+        `dlops study run` gives it on the reference run's dataset (NAME-DATASET off its own);
+        never a study of another spec, whatever its name."""
+        final = loaded.get(name) or {}
         recorded = (final.get("study") or {}).get("name")
-        if recorded in studies:
+        if of_spec(recorded, name, named_by_run=True):
             return recorded
         dataset = (final.get("dataset") or {}).get("name")
         if name in builtin and dataset:
             derived = load_spec(name).study_name(dataset)
-            if derived in studies:
+            if of_spec(derived, name):
                 return derived
-        return name if name in studies else None
+        return name if of_spec(name, name) else None
 
     study_for = {n: study_of(n) for n in finals}
-    for n in builtin:  # a spec with a study and no reference run, unless a reference run took that study
-        if n not in finals and n in studies and n not in study_for.values():
+    for n in builtin:  # a spec with its study and no reference run, unless a reference run took that study
+        if n not in finals and of_spec(n, n) and n not in study_for.values():
             study_for[n] = n
     names = [n for n in builtin if n in study_for] + sorted(set(study_for) - set(builtin))
-    rows = [(n, n, study_for[n]) for n in names]  # name, folder under reports/, study
+    rows = [(n, n, study_for[n], True) for n in names]  # name, folder under reports/, study, a spec's entry
     taken = {n.lower() for n in names}
     for s in sorted(studies - set(study_for.values())):  # every other study, the spec-named too
         folder = report_folder(s)
-        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s))
+        rows.append((s, folder_name(s) if folder.lower() in taken else folder, s, False))
     out = []
-    for name, folder, study_name in rows:
-        final = load_final(name) if folder == name and name in finals else None
+    for name, folder, study_name, of_a_spec in rows:
+        final = loaded.get(name) if of_a_spec else None
         study = optuna.load_study(study_name=study_name, storage=storage) if study_name and storage else None
         trainer = (final or {}).get("trainer") or (study.user_attrs.get("trainer") if study else None)
         loss = ((final or {}).get("config") or {}).get("loss")
-        if name in builtin:
+        if of_a_spec and name in builtin:
             spec = load_spec(name)
             trainer = trainer or spec.trainer
             loss = loss or spec.train.get("loss")
@@ -414,7 +498,7 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
                 loss = (study.best_trial.user_attrs.get("config") or {}).get("loss")
             except ValueError:
                 pass
-        out.append(Entry(name, trainer, loss, final, study, folder))
+        out.append(Entry(name, trainer, loss, final, study, folder, name if of_a_spec else None))
     return out, skipped
 
 
@@ -467,9 +551,9 @@ def build_report(
     plots.use_headless_backend()
     url = storage or default_storage_url()
     root = reports_dir()
+    entries, skipped = _entries(url)  # reads (and checks) every final.json: a damaged one stops here
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
-    entries, skipped = _entries(url)
     files: list[Path] = []
     for e in entries:
         out_dir = root / e.folder
@@ -543,6 +627,9 @@ def _move_aside_old_index_folder(root: Path) -> None:
 def _spec_and_study(e: Entry) -> str:
     if e.study is None:
         return f"`{e.name}` (no study)"
+    if e.spec is None:  # a study's own entry: the spec that made it, if another name
+        made_by = e.study.user_attrs.get("spec")
+        return f"study `{e.study.study_name}`" + (f" (spec `{made_by}`)" if made_by not in (None, e.name) else "")
     return f"`{e.name}`" + ("" if e.study.study_name == e.name else f", study `{e.study.study_name}`")
 
 

@@ -884,3 +884,60 @@ def test_params_best_refuses_a_spec_edited_since_the_study(tmp_path, dlops_home)
     assert result.exit_code == 0, result.output
     done = json.loads((dlops_home / "reports" / "my-ce" / "final.json").read_text())
     assert done["params_source"]["kind"] == "trial" and done["config"]["subset_per_class"] == 10
+
+
+def _live_attachments(study) -> list[str]:
+    """The file names the dashboard lists on ``study`` and its trials (not deleted ones)."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    metas = [json.loads(v or "null") for k, v in attrs.items() if k.startswith(("artifacts:", "dashboard:artifacts:"))]
+    return sorted(meta["filename"] for meta in metas if meta is not None)
+
+
+@pytest.mark.parametrize("then", ["another study", "no study", "the same name in another storage"])
+def test_a_replaced_reference_run_leaves_no_file_on_the_study_it_was_attached_to(tmp_path, monkeypatch, then):
+    """The reference run's files once stayed on the dashboard page of the study an earlier
+    run was attached to, after a run attached to another study had replaced it."""
+    import optuna
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=1))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    first_url, second_url = f"sqlite:///{home / 'dlops.db'}", f"sqlite:///{home / 'dlops.db'}"
+    first_name, second_name = "first", "second"
+    if then == "the same name in another storage":
+        second_url, second_name = f"sqlite:///{home / 'other.db'}", "first"
+    for url, name in ((first_url, first_name), (second_url, second_name)):
+        if then != "no study" or name == first_name:
+            study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+            study.set_user_attr("spec", "tiny-ce")
+            study.optimize(lambda t: t.suggest_float("lr", 1e-3, 1e-1, log=True), n_trials=1)
+
+    def run(url: str, name: str) -> list[str]:
+        options = FinalOptions(params="baseline", device="cpu", storage=url, study_name=name)
+        return run_final(spec, options).artifacts
+
+    first_ids = run(first_url, first_name)
+    first = optuna.load_study(study_name=first_name, storage=first_url)
+    assert _live_attachments(first) == ["curves.png", "final.json"]
+    second_ids = run(second_url, second_name)
+
+    assert _live_attachments(first) == []
+    assert not [i for i in first_ids if (home / "artifacts" / i).exists()]
+    if then != "no study":
+        second = optuna.load_study(study_name=second_name, storage=second_url)
+        assert _live_attachments(second) == ["curves.png", "final.json"]
+        assert all((home / "artifacts" / i).exists() for i in second_ids)
+
+
+def test_the_replaced_runs_files_stay_on_a_storage_it_cannot_open_and_a_line_says_so(dlops_home):
+    from dlops.final import withdraw_replaced
+
+    said: list[str] = []
+    previous = ("first", "postgresql://user:***@db.example/dlops")
+    withdraw_replaced(previous, f"sqlite:///{dlops_home / 'dlops.db'}", None, "tiny-ce", said.append)
+    assert said == [
+        "the replaced reference run's files stay attached to study 'first' in "
+        "postgresql://user:***@db.example/dlops: its password is not recorded"
+    ]

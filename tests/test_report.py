@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
@@ -84,12 +85,16 @@ def write_final(home: Path, final: dict) -> None:
     (out / "final.json").write_text(json.dumps(final))
 
 
-def make_study(home: Path, name: str, params: tuple[str, ...] = ("lr",), n: int = 4, loss: str = "ce") -> optuna.Study:
-    """A finished study without training: each trial reports 3 epochs of val_top5."""
+def make_study(
+    home: Path, name: str, params: tuple[str, ...] = ("lr",), n: int = 4, loss: str = "ce", spec: str | None = None
+) -> optuna.Study:
+    """A finished study without training: each trial reports 3 epochs of val_top5. It
+    records its spec as `dlops study run` does (``resnet18-<loss>`` unless given)."""
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{home / 'dlops.db'}", direction="maximize")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_top5"])
+    study.set_user_attr("spec", spec or f"resnet18-{loss}")
     study.set_user_attr("trainer", "resnet18")
     study.set_user_attr("dataset", "digits")
 
@@ -381,9 +386,118 @@ def test_an_entry_without_a_reference_run_is_headed_by_its_study(dlops_home):
     """The index names what it shows: a spec's reference run, or else a study (its name
     is the study's, e.g. `autoencoder-digits`, not a spec's)."""
     dlops_home.mkdir(parents=True)
-    study = make_study(dlops_home, "autoencoder-digits", n=2)
+    study = make_study(dlops_home, "autoencoder-digits", n=2, spec="autoencoder")
     study.set_user_attr("trainer", "autoencoder")
     index = build_report().index.read_text()
     part = index[index.index("## Autoencoder") :]
     assert "Study `autoencoder-digits` — [full report](autoencoder-digits/report.md)" in part
     assert "Spec `autoencoder-digits`" not in index
+
+
+def _set(path: str, value):
+    """A damage: set the key at ``path`` (dots, and [i] for a list item) to ``value``."""
+
+    def damage(final: dict) -> None:
+        *parents, last = path.replace("[", ".").replace("]", "").split(".")
+        obj = final
+        for part in parents:
+            obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+        obj[last] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("spec", "damage", "says"),
+    [
+        ("resnet18-ce", _set("mean", "abc"), "mean is not an object"),
+        ("resnet18-ce", _set("mean", {}), "mean has no figures"),
+        ("resnet18-ce", _set("mean.test_top5", "abc"), 'mean.test_top5 is "abc", not a number or null'),
+        ("resnet18-ce", _set("std", None), "std is not an object"),
+        ("resnet18-ce", _set("std", {"test_top1": 0.1}), "std has no test_top5"),
+        ("resnet18-ce", _set("per_seed[0].history.val_top5", None), "per_seed[0].history.val_top5 is null, not a list"),
+        ("resnet18-ce", _set("per_seed[1].history.train_loss", [0.5, "x"]), 'per_seed[1].history.train_loss[1] is "x"'),
+        ("resnet18-ce", _set("per_seed[0].history", {}), "per_seed[0].history has no train_loss, val_top5"),
+        ("resnet18-ce", _set("per_seed[0].test_top1", [0.5]), "per_seed[0].test_top1 is [0.5], not a number or null"),
+        ("resnet18-ce", _set("per_seed[0].epochs_trained", 2.5), "per_seed[0].epochs_trained is 2.5, not an integer"),
+        ("resnet18-ce", _set("epochs", "x"), 'epochs is "x", not an integer'),
+        ("resnet18-ce", _set("seeds", [0]), "seeds lists 1, per_seed has 2"),
+        ("resnet18-ce", _set("params", None), "params is not an object"),
+        ("resnet18-ce", _set("params_source.kind", ["trial"]), 'params_source.kind is ["trial"], not a string'),
+        ("resnet18-ce", _set("wall_seconds", "slow"), 'wall_seconds is "slow", not a number or null'),
+        ("resnet18-ce", _set("dataset.name", ["digits"]), 'dataset.name is ["digits"], not a string'),
+        ("resnet18-ce", _set("config", {"loss": 1}), "config.loss is 1, not a string or null"),
+        ("resnet18-ce", _set("study", "resnet18-ce-digits"), "study is not an object"),
+        ("autoencoder", _set("class_accuracy.3", "high"), "class_accuracy.3 is not a number or null"),
+        ("autoencoder", _set("per_seed[0].layer_history.ae0_train_loss", None), "ae0_train_loss is not a list"),
+        ("autoencoder", _set("per_seed[0].layer_history.hidden_sizes", [8, 4]), "layer_history has no ae1_train_loss"),
+    ],
+)
+def test_a_final_json_of_the_wrong_shape_is_one_line_and_nothing_is_rewritten(dlops_home, spec, damage, says):
+    """Every key the report reads is checked, for every final.json, before anything is
+    written: a damaged one once gave a traceback after curves.png and the study plots had
+    been redrawn (and uploaded), or an empty report without a word."""
+    import os
+
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90, 0.92]))
+    ae = make_final("autoencoder", None, [0.6], trainer="autoencoder", class_accuracy={str(i): 0.5 for i in range(10)})
+    ae["per_seed"][0]["layer_history"] = {
+        "hidden_sizes": [8],
+        **{f"ae0_{k}": [0.3, 0.2] for k in ("train_loss", "val_loss", "epoch_seconds")},
+    }
+    write_final(dlops_home, ae)
+    make_study(dlops_home, "resnet18-ce-digits", n=2)  # the resnet18-ce reference run's study: its plots are drawn
+    assert CliRunner().invoke(app, ["report"]).exit_code == 0
+    final_json = dlops_home / "reports" / spec / "final.json"
+    final = json.loads(final_json.read_text())
+    damage(final)
+    final_json.write_text(json.dumps(final))
+    written = [p for p in (dlops_home / "reports").rglob("*") if p.is_file()]
+    written += [p for p in (dlops_home / "artifacts").rglob("*") if p.is_file()]
+    for p in written:  # an hour old: anything rewritten now shows in its time
+        os.utime(p, ns=(p.stat().st_mtime_ns - 3600 * 10**9,) * 2)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in written}
+
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {final_json} is damaged: ") and says in line, line
+    now = [p for p in (dlops_home / "reports").rglob("*") if p.is_file()]
+    now += [p for p in (dlops_home / "artifacts").rglob("*") if p.is_file()]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in now} == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "study_name", "recorded"),
+    [
+        ("autoencoder", "autoencoder", False),  # the spec's own name, taken by a resnet18-ce study
+        ("resnet18-triplet", "resnet18-triplet-digits", False),  # the name `dlops study run` would give it
+        ("resnet18-triplet", "picked", True),  # the study its final.json names, since replaced by another spec's
+    ],
+)
+def test_a_study_of_another_spec_is_never_shown_as_a_specs_study(dlops_home, spec, study_name, recorded):
+    """A spec's entry shows a study only if the study records that spec: a resnet18-ce study
+    named `autoencoder` once filled the autoencoder's report and its study/ folder."""
+    dlops_home.mkdir(parents=True)
+    trainer = "autoencoder" if spec == "autoencoder" else "resnet18"
+    final = make_final(spec, None if trainer == "autoencoder" else "triplet", [0.6], trainer=trainer)
+    final["study"] = {"name": study_name, "storage": "sqlite:///x"} if recorded else None
+    write_final(dlops_home, final)
+    make_study(dlops_home, study_name, n=2, loss="ce")  # made by resnet18-ce
+
+    result = build_report()
+    entries = {e.folder: e for e in result.entries}
+    reports = dlops_home / "reports"
+    assert entries[spec].study is None and entries[spec].final is not None
+    assert not (reports / spec / "study").exists()
+    assert "## Study" not in (reports / spec / "report.md").read_text()
+    (own,) = [e for e in result.entries if e.study is not None]
+    assert own.study.study_name == study_name and own.final is None and own.folder != spec
+    text = (reports / own.folder / "report.md").read_text()
+    assert f"## Study `{study_name}`" in text and "![Slice plot](study/slice.png)" in text
+    assert f"`dlops final resnet18-ce --study-name {study_name}` trains one" in text
+    index = result.index.read_text()
+    assert f"study `{study_name}` (spec `resnet18-ce`)" in index and f"({own.folder}/report.md)" in index

@@ -705,6 +705,34 @@ class AutoencoderTrainer(Trainer[AEConfig]):
             return {}
         return {"class_accuracy": {name: mean_std([s["class_accuracy"][name] for s in per_seed])[0] for name in names}}
 
+    def final_problem(self, final: dict[str, Any]) -> str | None:
+        """``class_accuracy`` (class -> accuracy or null) and each seed's ``layer_history``
+        (``hidden_sizes``, and per layer its lists of losses and seconds, numbers or null)."""
+        accuracy = final.get("class_accuracy")
+        if accuracy is not None and not isinstance(accuracy, dict):
+            return "class_accuracy is not an object"
+        for name, value in (accuracy or {}).items():
+            if not _number_or_null(value):
+                return f"class_accuracy.{name} is not a number or null"
+        for i, seed in enumerate(final["per_seed"]):
+            layers = seed.get("layer_history")
+            where = f"per_seed[{i}].layer_history"
+            if layers is None:
+                continue
+            if not isinstance(layers, dict):
+                return f"{where} is not an object"
+            sizes = layers.get("hidden_sizes", [])
+            if not isinstance(sizes, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+                return f"{where}.hidden_sizes is not a list of integers"
+            for key, values in layers.items():
+                if key != "hidden_sizes" and not (isinstance(values, list) and all(map(_number_or_null, values))):
+                    return f"{where}.{key} is not a list of numbers or null"
+            keys = [f"ae{k}_{what}" for k in range(len(sizes)) for what in ("train_loss", "val_loss", "epoch_seconds")]
+            lacking = [key for key in keys if key not in layers]
+            if lacking:
+                return f"{where} has no {', '.join(lacking)}"
+        return None
+
     def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
         """``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (seed 0)."""
         from dlops import plots
@@ -732,6 +760,10 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         if layer_history and "hidden_sizes" in layer_history:
             tables.append(layer_cost_table(layer_history))
         return tables
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 TRAINER = AutoencoderTrainer()

@@ -335,6 +335,12 @@ class Trainer(ABC, Generic[ConfigT]):
         return {}
 
     # ---- the written report (from final.json alone)
+    def final_problem(self, final: dict[str, Any]) -> str | None:
+        """What in the trainer's own entries of ``final.json`` (those :meth:`final_plots`
+        and :meth:`report_tables` read) is missing or of the wrong type, in a few words
+        naming the key, or None. The report checks every other key it reads itself."""
+        return None
+
     def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
         """Figures beyond the training curves, drawn from ``final.json``."""
         return []
