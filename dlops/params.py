@@ -57,7 +57,10 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
     """The settings to train: the study's best trial, the baseline, or a JSON file."""
     source = options.params
     if source == "baseline":
-        return ChosenParams(spec.baseline_params(), {"kind": "baseline"})
+        params = spec.baseline_params(
+            options.dataset, epochs=options.epochs, device=options.device, **options.train_overrides
+        )
+        return ChosenParams(params, {"kind": "baseline"})
     if source == "best":
         name = study_name_for(spec, options)
         url = options.storage or default_storage_url()
@@ -153,6 +156,10 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
                 f"--params {path}: {key!r} is read only by {foreign[key]}, and {spec.name} trains "
                 f"the {getattr(base, 'loss', '?')} loss: it would have no effect; remove it or use that loss's spec"
             )
+    try:  # the trainer's own check: a null lr, a negative weight decay, a momentum of 1...
+        spec.config(params=raw)
+    except DlopsError as exc:
+        raise DlopsError(f"--params {path}: {exc}") from None
     return ChosenParams(dict(raw), {"kind": "file", "path": str(path.absolute())})  # the file, wherever run from
 
 
