@@ -71,6 +71,12 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
                 f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}{named}` first, "
                 "or use --params baseline"
             )
+        made_by = study.user_attrs.get("spec")
+        if made_by is not None and made_by != spec.name:
+            raise DlopsError(
+                f"study {name!r} belongs to the spec {made_by} (trainer {study.user_attrs.get('trainer', '?')}), "
+                f"not {spec.name}: give that spec, or the --study-name of a study of {spec.name}"
+            )
         try:
             best = study.best_trial
         except ValueError:
@@ -128,6 +134,8 @@ RUN_SETTINGS = {
 
 
 def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
+    if path.is_dir():
+        raise DlopsError(f"--params {path}: a directory, not a file (give best, baseline or a JSON file)")
     if not path.is_file():
         raise DlopsError(f"--params {path}: no such file (give best, baseline or a JSON file)")
     try:

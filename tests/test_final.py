@@ -385,6 +385,23 @@ def test_final_baseline_trains_a_searched_setting_as_its_dataset_sets_it(tmp_pat
     assert final["params"] == {"width": 6} and final["config"]["width"] == 6
 
 
+def test_final_of_a_spec_refuses_another_specs_study(tmp_path, dlops_home):
+    """`dlops final autoencoder --study-name S` where S is a ResNet study names the spec S
+    belongs to (it said that trial 0 trained augment = True and the spec should be restored)."""
+    from dlops.cli import app
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce")
+    study = ["study", "run", str(spec), "--n-trials", "1", "--study-name", "shared", "--device", "cpu"]
+    assert CliRunner().invoke(app, study).exit_code == 0
+    result = CliRunner().invoke(app, ["final", "autoencoder", "--study-name", "shared", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: study 'shared' belongs to the spec tiny-ce (trainer resnet18), not autoencoder: "
+        "give that spec, or the --study-name of a study of autoencoder"
+    ]
+    assert not (dlops_home / "reports").exists()
+
+
 def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_decay(dlops_home):
     """`dlops final resnet18-ce-original --params baseline` trains the original setup: the lr
     stays at 1e-3 through every epoch (resnet18-ce's cosine would lower it), and final.json
@@ -412,6 +429,7 @@ def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_deca
             "run `dlops study run resnet18-ce --dataset digits --study-name mine` first",
         ),
         (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
+        (["final", "--loss", "ce", "--params", "."], "--params .: a directory, not a file"),
         (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
         (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
     ],
