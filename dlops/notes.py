@@ -34,7 +34,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.dashboard import attach_study_plots, read_note, save_note, trial_id
-from dlops.objective import RunOptions, trial_config
+from dlops.objective import RunOptions, baseline_params, trial_config
 from dlops.paths import default_storage_url
 from dlops.spec import StudySpec, builtin_spec_dir
 from dlops.storage import StudyStorage, connect, mask_url
@@ -97,8 +97,8 @@ def _pruner_text(pruner: dict[str, Any]) -> str:
     return f"`{kind}`" + (f" ({args})" if args else "") + (f": {what}" if what else "")
 
 
-def _search_rows(spec: StudySpec) -> list[str]:
-    baseline = spec.baseline_params()
+def _search_rows(spec: StudySpec, options: RunOptions) -> list[str]:
+    baseline = baseline_params(spec, options)
     rows = ["| parameter | type | range | baseline |", "| --- | --- | --- | --- |"]
     for name, p in spec.search.items():
         if p.type == "categorical":
@@ -157,7 +157,7 @@ class StudyContext:
 
 def dataset_facts(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
     """Name, classes, image shape and split sizes of the data a trial trains on."""
-    config = trial_config(spec, options, spec.baseline_params(), 0)
+    config = trial_config(spec, options, baseline_params(spec, options), 0)
     name = config.dataset
     facts: dict[str, Any] = {"name": name}
     if not name:
@@ -199,7 +199,7 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     metric = (study.metric_names or [spec.metric])[0]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-    config = trial_config(spec, options, spec.baseline_params(), 0)
+    config = trial_config(spec, options, baseline_params(spec, options), 0)
     lines = [f"# {study.study_name}", ""]
     lines.append(
         f"**{spec.description or spec.name}**: spec `{spec.name}`, trainer `{spec.trainer}`. "
@@ -233,7 +233,7 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
     lines.append("")
     lines.append("**Search space** (trial 0 is the baseline):")
     lines.append("")
-    lines += _search_rows(spec)
+    lines += _search_rows(spec, options)
     lines.append("")
     sampler = dict(spec.sampler)
     seed = options.seed if options.seed is not None else sampler.get("seed", 0)

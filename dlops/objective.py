@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 
 from dlops.console import trial_label
-from dlops.errors import DlopsError
+from dlops.errors import DlopsError, SpecError
 from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, sqlite_url
 from dlops.spec import ParamSpec, StudySpec
@@ -78,6 +78,17 @@ def trial_config(spec: StudySpec, options: RunOptions, params: dict[str, Any], t
     )
 
 
+def baseline_params(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
+    """Trial 0 of this run: the spec's baseline, where a searched parameter it leaves out
+    takes the value of the run's config (its dataset's overrides, the command line's)."""
+    try:
+        return spec.baseline_params(
+            options.dataset, epochs=options.epochs, device=options.device, **options.train_overrides
+        )
+    except SpecError as exc:
+        raise SpecError(f"{spec.path.name if spec.path else spec.name}: {exc}") from None
+
+
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
     if p.type in ("float", "int"):
         assert p.low is not None and p.high is not None  # the spec loader checks ranges
@@ -111,7 +122,7 @@ def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOption
     if recorded:
         last = recorded[-1]
         searched = set(spec.search) | {k for t in recorded for k in t.params} | {"seed"}
-        config = trial_config(spec, options, spec.baseline_params(), last.number)
+        config = trial_config(spec, options, baseline_params(spec, options), last.number)
         now = {k: v for k, v in config.to_dict().items() if k not in searched}
         saved = {k: v for k, v in last.user_attrs["config"].items() if k not in searched}
         change = first_change(saved, now, config)

@@ -57,7 +57,10 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
     """The settings to train: the study's best trial, the baseline, or a JSON file."""
     source = options.params
     if source == "baseline":
-        return ChosenParams(spec.baseline_params(), {"kind": "baseline"})
+        params = spec.baseline_params(
+            options.dataset, epochs=options.epochs, device=options.device, **options.train_overrides
+        )
+        return ChosenParams(params, {"kind": "baseline"})
     if source == "best":
         name = study_name_for(spec, options)
         url = options.storage or default_storage_url()
@@ -67,6 +70,12 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
             raise DlopsError(
                 f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}{named}` first, "
                 "or use --params baseline"
+            )
+        made_by = study.user_attrs.get("spec")
+        if made_by is not None and made_by != spec.name:
+            raise DlopsError(
+                f"study {name!r} belongs to the spec {made_by} (trainer {study.user_attrs.get('trainer', '?')}), "
+                f"not {spec.name}: give that spec, or the --study-name of a study of {spec.name}"
             )
         try:
             best = study.best_trial
@@ -125,6 +134,8 @@ RUN_SETTINGS = {
 
 
 def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
+    if path.is_dir():
+        raise DlopsError(f"--params {path}: a directory, not a file (give best, baseline or a JSON file)")
     if not path.is_file():
         raise DlopsError(f"--params {path}: no such file (give best, baseline or a JSON file)")
     try:
@@ -153,6 +164,10 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
                 f"--params {path}: {key!r} is read only by {foreign[key]}, and {spec.name} trains "
                 f"the {getattr(base, 'loss', '?')} loss: it would have no effect; remove it or use that loss's spec"
             )
+    try:  # the trainer's own check: a null lr, a negative weight decay, a momentum of 1...
+        spec.config(params=raw)
+    except DlopsError as exc:
+        raise DlopsError(f"--params {path}: {exc}") from None
     return ChosenParams(dict(raw), {"kind": "file", "path": str(path.absolute())})  # the file, wherever run from
 
 

@@ -42,6 +42,7 @@ from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
     EpochCallback,
     RunOptions,
+    baseline_params,
     check_same_settings,
     checkpoint_path,
     make_objective,
@@ -83,14 +84,15 @@ def open_study(
     return study
 
 
-def enqueue_baseline(study: optuna.Study, spec: StudySpec, trials: Sequence[FrozenTrial] | None = None) -> bool:
-    """Queue the baseline: trial 0 of a new study, and again while no baseline trial is
-    complete, pruned, running or waiting (every one so far failed: a full disk, a bad
-    checkpoint). Run under the study lock. Returns whether it was enqueued."""
+def enqueue_baseline(study: optuna.Study, params: dict[str, Any], trials: Sequence[FrozenTrial] | None = None) -> bool:
+    """Queue the baseline (its ``params``, :func:`dlops.objective.baseline_params`): trial 0
+    of a new study, and again while no baseline trial is complete, pruned, running or
+    waiting (every one so far failed: a full disk, a bad checkpoint). Run under the study
+    lock. Returns whether it was enqueued."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     if any(t.user_attrs.get(BASELINE_ATTR) and t.state != TrialState.FAIL for t in trials):
         return False
-    study.enqueue_trial(spec.baseline_params(), user_attrs={BASELINE_ATTR: True})
+    study.enqueue_trial(params, user_attrs={BASELINE_ATTR: True})
     return True
 
 
@@ -136,7 +138,7 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     if options.timeout is not None and options.timeout <= 0:
         raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
     spec = spec.for_dataset(options.dataset)
-    config = trial_config(spec, options, spec.baseline_params(), 0)
+    config = trial_config(spec, options, baseline_params(spec, options), 0)
     resolve_device(config.device or "auto")
     if not config.dataset:
         return spec
@@ -211,7 +213,7 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
     for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", dataset)):
         if attrs.get(key) != value:
             study.set_user_attr(key, value)
-    enqueue_baseline(study, spec)
+    enqueue_baseline(study, baseline_params(spec, options))
     return new
 
 
@@ -332,7 +334,7 @@ def _run_trials(
     say: Callable[[str], None],
     gc_after_trial: bool = True,
     own_trials: bool = False,
-    baseline: StudySpec | None = None,
+    baseline: dict[str, Any] | None = None,
     after_trial: Callable[[FrozenTrial], None] | None = None,
     after_recovery: Callable[[FrozenTrial, str], None] | None = None,
 ) -> None:
@@ -340,7 +342,7 @@ def _run_trials(
     a trial only while finished + running < target (counting only the trials of this run,
     ``gate.run_id``, with ``own_trials``). When the rest of the target is running in other
     workers, wait for them where they can still end (alive here, or heartbeats). With
-    ``baseline`` (the spec), a baseline whose every trial failed is queued again.
+    ``baseline`` (trial 0's params), a baseline whose every trial failed is queued again.
     Raises :class:`TrialsFailed` after ``max_failures`` failed trials."""
 
     def guarded(trial: optuna.Trial) -> float:
@@ -514,7 +516,7 @@ def run_study(
             gate,
             target=goal,
             own_trials=total is None,
-            baseline=spec,
+            baseline=baseline_params(spec, options),
             max_failures=budget,
             timeout=options.timeout if options.timeout is not None else spec.timeout,
             stop=stop,

@@ -53,6 +53,24 @@ PRUNERS = {"median", "percentile", "hyperband", "successive_halving", "none"}
 SAMPLERS = {"tpe", "random"}
 FINAL_KEYS = {"epochs", "seeds"}
 
+# Settings of the run rather than hyperparameters: a spec fixes them ([train], the command
+# line), it never searches them (a params file of ``dlops final`` may not set most of them
+# either: ``dlops.params.RUN_SETTINGS``).
+NOT_SEARCHABLE = {
+    "loss": "a study compares one loss; each loss has its own spec",
+    "model": "the spec names the model",
+    "dataset": "a study runs on one dataset, which --dataset chooses",
+    "data_root": "it says where the data lies",
+    "epochs": "every trial of a study trains the same epochs, --epochs; the pruner stops weak trials early",
+    "seed": "trial k trains with seed + k, --seed",
+    "device": "it says where a trial runs, --device",
+    "subset_classes": "every trial of a study trains on the same data, --subset-classes",
+    "subset_per_class": "every trial of a study trains on the same data, --subset-per-class",
+    "eval_batch_size": "it changes only speed, not results",
+    "compile": "it changes only speed, not results",
+    "cudnn_benchmark": "it changes only speed, not results",
+}
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -72,9 +90,24 @@ class ParamSpec:
         return all(params.get(name) == value for name, value in self.when)
 
     def contains(self, value: Any) -> bool:
-        if self.type == "categorical":
-            return value in self.choices
+        if self.type == "categorical":  # 1 is not true
+            return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        assert self.low is not None and self.high is not None  # numeric parameters have both
         return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        """The range or choices, as a spec writes them (``4..8``, ``choices true, false``)."""
+        if self.type == "categorical":
+            return "choices " + ", ".join(_toml_value(c) for c in self.choices)
+        return f"{self.low:g}..{self.high:g}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 @dataclass
@@ -109,6 +142,17 @@ class StudySpec:
         own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_class, "dataset", None)
         return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
 
+    def _values(self, dataset: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings of a run on ``dataset`` before any trial's params: ``[train]``, then
+        ``[datasets.<dataset>]``, then ``overrides`` (``None`` values are ignored)."""
+        values = dict(self.train)
+        ds = dataset or values.get("dataset")
+        if ds is not None:
+            values["dataset"] = ds
+            values.update(self.datasets.get(ds, {}))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return values
+
     def config(
         self, dataset: str | None = None, params: dict[str, Any] | None = None, **overrides: Any
     ) -> TrainerConfig:
@@ -116,25 +160,50 @@ class StudySpec:
         ``params`` (a trial's or the baseline's), then explicit ``overrides``
         (``None`` values are ignored)."""
         trainer = get_trainer(self.trainer)
-        values = dict(self.train)
-        ds = dataset or values.get("dataset")
-        if ds is not None:
-            values["dataset"] = ds
-            values.update(self.datasets.get(ds, {}))
+        values = self._values(dataset, {})
         values.update(params or {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = trainer.config_class(**values)
         trainer.validate(config)
         return config
 
-    def baseline_params(self) -> dict[str, Any]:
-        """Trial 0: the baseline's values for every searched parameter (a parameter the
-        baseline leaves out takes its fixed ``[train]`` value or the config default)."""
-        defaults = self.config().__dict__
+    def baseline_params(self, dataset: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """Trial 0 of a run on ``dataset`` with ``overrides`` (as :meth:`config` takes them):
+        the baseline's values for every searched parameter. A parameter the baseline leaves
+        out takes the value the run's config gives it (``[datasets.<dataset>]``, else
+        ``[train]``, else the trainer's default); a :class:`SpecError` if that value lies
+        outside the parameter's range (Optuna would only warn, and trial 0 would train a
+        value the search never proposes)."""
+        values = self._values(dataset, overrides)
+        ds = values.get("dataset")
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(get_trainer(self.trainer).config_class)
+            if f.default is not dataclasses.MISSING
+        }
         params: dict[str, Any] = {}
         for name, p in self.search.items():
-            if p.active(params):
-                params[name] = self.baseline.get(name, defaults[name])
+            if not p.active(params):
+                continue
+            if name in self.baseline:
+                params[name] = self.baseline[name]
+                continue
+            value = values.get(name, defaults.get(name))
+            if not p.contains(value):
+                if overrides.get(name) is not None:
+                    source = "this run's override"
+                elif ds is not None and name in self.datasets.get(ds, {}):
+                    source = f"[datasets.{ds}]"
+                elif name in self.train:
+                    source = "[train]"
+                else:
+                    source = "the trainer's default"
+                on = f" on {ds}" if ds else ""
+                raise SpecError(
+                    f"the baseline (trial 0){on} would train {name} = {_toml_value(value)} ({source}), outside "
+                    f"[search.{name}] ({p.describe()}): add {name} to [baseline] or widen the range"
+                )
+            params[name] = value
         return params
 
 
@@ -315,6 +384,9 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpecError(f"{where}: categorical needs a non-empty list 'choices'")
+        for choice in choices:
+            if not isinstance(choice, bool | int | float | str):
+                raise SpecError(f"{where}: a choice is a number, a string or true/false, not {choice!r}")
         return ParamSpec(name, kind, choices=tuple(choices), when=when)
     if "low" not in raw or "high" not in raw:
         raise SpecError(f"{where}: {kind} needs 'low' and 'high'")
@@ -413,7 +485,13 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     for name, table in raw.get("search", {}).items():
         if name not in fields:
             raise SpecError(f"[search.{name}]: {name!r} is not a setting of trainer {trainer_name!r}")
+        if name in NOT_SEARCHABLE:
+            raise SpecError(
+                f"[search.{name}]: {name} is a setting of the run, not a hyperparameter to search "
+                f"({NOT_SEARCHABLE[name]}); fix it in [train]"
+            )
         search[name] = _parse_param(name, table, search)
+        _check_search_types(search[name], config_cls)
 
     baseline = raw.get("baseline", {})
     check_setting_types(baseline, config_cls, "[baseline]")
@@ -461,13 +539,54 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         path=path,
     )
     _check_pruner(spec)
-    # Building the configs checks values no type check can (unknown loss, bad sizes).
-    try:
-        spec.config(params=spec.baseline_params())
-        for ds in datasets:
-            spec.config(dataset=ds, params=spec.baseline_params())
-    except SpecError:
-        raise
-    except DlopsError as exc:
-        raise SpecError(str(exc)) from None
+    _check_values(spec)
     return spec
+
+
+def _check_search_types(p: ParamSpec, config_cls: type) -> None:
+    """The values a search can propose have the setting's type (``width`` searched as a float
+    would build a model of width 4.5; ``augment`` choices "yes"/"no" would be truthy strings)."""
+    values = p.choices if p.type == "categorical" else (p.low, p.high)
+    try:
+        for v in values:
+            check_setting_types({p.name: v}, config_cls, f"[search.{p.name}]")
+    except SpecError as exc:
+        if p.type == "categorical":
+            raise
+        raise SpecError(f'{exc} (type = "int" searches integers, "categorical" a list of other values)') from None
+
+
+def _check_values(spec: StudySpec) -> None:
+    """Build the configs a study may train and let the trainer check them (an unknown loss,
+    a negative weight decay, a momentum of 1...): ``[train]`` and each ``[datasets.NAME]``,
+    the baseline on each (its implicit values inside their ranges), and the ends of every
+    searched range and every choice."""
+    trainer = get_trainer(spec.trainer)
+
+    def check(where: str, dataset: str | None, params: dict[str, Any] | None = None) -> TrainerConfig:
+        try:
+            return spec.config(dataset, params)
+        except SpecError:
+            raise
+        except DlopsError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+
+    try:
+        trainer.validate(trainer.config_class(**spec.train))
+    except DlopsError as exc:
+        raise SpecError(f"[train]: {exc}") from None
+    for name in spec.datasets:
+        check(f"[datasets.{name}]", name)
+    for ds in (None, *spec.datasets):
+        check("[baseline]" if ds is None else f"[baseline] on {ds}", ds, spec.baseline_params(ds))
+    base = spec.config()
+    for name, p in spec.search.items():
+        if p.type == "categorical":
+            values = [(f"choice {_toml_value(c)}", c) for c in p.choices]
+        else:
+            values = [(f"{end} = {_toml_value(v)}", v) for end, v in (("low", p.low), ("high", p.high))]
+        for label, value in values:
+            try:
+                trainer.validate(base.replace(**{name: value}))
+            except DlopsError as exc:
+                raise SpecError(f"[search.{name}]: {label} is not a value a run can use ({exc})") from None

@@ -93,7 +93,12 @@ def test_builtin_spec_baseline_is_the_original_setting() -> None:
         ({"pretrain_epochs_2": -1}, "layer 2"),
         ({"hidden_sizes": []}, "hidden_sizes"),
         ({"dropout": 1.0}, "dropout"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr": 0.0}, r"lr must be a finite number in \(0, 1e\+30\], got 0.0"),
+        # values the optimizer or the config could not take: one line each, not a traceback mid-run
+        ({"lr": 1e308}, r"lr must be a finite number in \(0, 1e\+30\], got 1e\+308"),
+        ({"weight_decay": float("inf")}, r"weight_decay must be a finite number >= 0, got inf"),
+        ({"pretrain_lr": 1e31}, r"pretrain_lr must be a finite number in \(0, 1e\+30\]"),
+        ({"lr": None}, "lr must be set: null is not a value of lr"),
     ],
 )
 def test_validate_config_rejects_unusable_settings(changes: dict, message: str) -> None:

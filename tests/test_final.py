@@ -363,6 +363,45 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
 
 
+def test_final_baseline_trains_a_searched_setting_as_its_dataset_sets_it(tmp_path, dlops_home):
+    """`--params baseline --dataset digits` of a spec that searches width and sets it in
+    [datasets.digits]: the run trains that width (it trained [train]'s, 8)."""
+    from dlops.cli import app
+    from specs import write_spec as write_table
+
+    table = {
+        "name": "wid",
+        "trainer": "resnet18",
+        "train": {"loss": "ce", "dataset": "tiny-imagenet", "epochs": 1, "width": 8, "batch_size": 40},
+        "datasets": {"digits": {"width": 6, "eval_batch_size": 64}},
+        "search": {"width": {"type": "int", "low": 4, "high": 8}},
+        "final": {"epochs": 1, "seeds": 1},
+    }
+    path = write_table(tmp_path / "wid.toml", table)
+    args = ["final", str(path), "--params", "baseline", "--dataset", "digits", "--subset-per-class", "5"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "wid" / "final.json").read_text())
+    assert final["params"] == {"width": 6} and final["config"]["width"] == 6
+
+
+def test_final_of_a_spec_refuses_another_specs_study(tmp_path, dlops_home):
+    """`dlops final autoencoder --study-name S` where S is a ResNet study names the spec S
+    belongs to (it said that trial 0 trained augment = True and the spec should be restored)."""
+    from dlops.cli import app
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce")
+    study = ["study", "run", str(spec), "--n-trials", "1", "--study-name", "shared", "--device", "cpu"]
+    assert CliRunner().invoke(app, study).exit_code == 0
+    result = CliRunner().invoke(app, ["final", "autoencoder", "--study-name", "shared", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: study 'shared' belongs to the spec tiny-ce (trainer resnet18), not autoencoder: "
+        "give that spec, or the --study-name of a study of autoencoder"
+    ]
+    assert not (dlops_home / "reports").exists()
+
+
 def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_decay(dlops_home):
     """`dlops final resnet18-ce-original --params baseline` trains the original setup: the lr
     stays at 1e-3 through every epoch (resnet18-ce's cosine would lower it), and final.json
@@ -390,6 +429,7 @@ def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_deca
             "run `dlops study run resnet18-ce --dataset digits --study-name mine` first",
         ),
         (["final", "--loss", "ce", "--params", "nope.json"], "no such file"),
+        (["final", "--loss", "ce", "--params", "."], "--params .: a directory, not a file"),
         (["final", "--loss", "hinge"], "'hinge' is not one of 'ce', 'triplet', 'center'"),
         (["final", "--loss", "ce", "--params", "baseline", "--dataset", "mnist"], "unknown dataset"),
     ],
@@ -420,6 +460,29 @@ def test_cli_final_refuses_a_params_file_of_the_wrong_types(dlops_home, tmp_path
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (dlops_home / "reports").exists()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        # tracebacks from torch once (or a TypeError's words), after the run had started
+        ({"weight_decay": -1}, "--params params.json: weight_decay must be a finite number >= 0, got -1"),
+        ({"momentum": -1}, "--params params.json: momentum must be a finite number in [0, 1), got -1"),
+        ({"lr": 1e308}, "--params params.json: lr must be a finite number in (0, 1e+30], got 1e+308"),
+        ({"lr": None}, "--params params.json: lr must be set: null is not a value of lr"),
+        ({"width": 0}, "--params params.json: width must be an integer >= 1, got 0"),
+    ],
+)
+def test_cli_final_refuses_a_params_file_value_no_run_could_use(dlops_home, tmp_path, monkeypatch, params, message):
+    from dlops.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    Path("params.json").write_text(json.dumps(params))
+    args = ["final", "--loss", "ce", "--dataset", "digits", "--params", "params.json", "--epochs", "1", "--seeds", "1"]
+    result = CliRunner().invoke(app, [*args, "--subset-per-class", "5", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {message}"]
+    assert not dlops_home.exists()  # no lock, no checkpoint, no report
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,67 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"name": "../data"}, "name = '../data': a spec's name is up to 100 letters"),
         ({"name": "."}, "name = '.'"),
         ({"name": "a/b"}, "name = 'a/b'"),
+        # settings of the run are not hyperparameters: a study of them would mix runs that do not compare
+        *(
+            ({"search": {key: Add(table)}}, f"[search.{key}]: {key} is a setting of the run, not a hyperparameter")
+            for key, table in {
+                "epochs": {"type": "int", "low": 1, "high": 3},
+                "seed": {"type": "int", "low": 0, "high": 9},
+                "loss": {"type": "categorical", "choices": ["ce", "center"]},
+                "device": {"type": "categorical", "choices": ["cpu"]},
+                "dataset": {"type": "categorical", "choices": ["digits", "stl10"]},
+                "data_root": {"type": "categorical", "choices": ["/tmp"]},
+                "subset_classes": {"type": "int", "low": 2, "high": 5},
+                "subset_per_class": {"type": "int", "low": 5, "high": 10},
+            }.items()
+        ),
+        # a range or choice the trainer would refuse once a trial drew it
+        (
+            {"search": {"weight_decay": Add({"type": "float", "low": -0.1, "high": 0.1})}},
+            "[search.weight_decay]: low = -0.1 is not a value a run can use (weight_decay must be a finite number >= 0",
+        ),
+        (
+            {"search": {"momentum": Add({"type": "float", "low": 0.5, "high": 1.0})}},
+            "[search.momentum]: high = 1.0 is not a value a run can use (momentum must be a finite number in [0, 1)",
+        ),
+        (
+            {"search": {"lr_schedule": Add({"type": "categorical", "choices": ["cosine", "bogus"]})}},
+            "[search.lr_schedule]: choice 'bogus' is not a value a run can use (unknown lr_schedule 'bogus'",
+        ),
+        (
+            {"search": {"augment": Add({"type": "categorical", "choices": ["yes", "no"]})}},
+            "[search.augment]: augment = 'yes' should be true or false",
+        ),
+        (
+            {"search": {"width": Add({"type": "float", "low": 8, "high": 16})}, "baseline": {"width": Add(8)}},
+            '[search.width]: width = 8.0 should be an integer (type = "int" searches integers',
+        ),
+        (
+            {"search": {"width": Add({"type": "categorical", "choices": [[8, 16]]})}},
+            "[search.width]: a choice is a number, a string or true/false, not [8, 16]",
+        ),
+        # fixed values the trainer refuses: one line at load, not a FAIL trial per attempt
+        ({"train": {"weight_decay": Add(-1)}}, "[train]: weight_decay must be a finite number >= 0, got -1"),
+        ({"train": {"momentum": Add(-1)}}, "[train]: momentum must be a finite number in [0, 1), got -1"),
+        ({"datasets": Add({"digits": {"lr": 0}})}, "[datasets.digits]: lr must be a finite number in (0, 1e+30]"),
+        # a searched parameter the baseline leaves out trains the run's value, which must lie in its range
+        (
+            {"search": {"momentum": Add({"type": "float", "low": 0.95, "high": 0.99})}},
+            "the baseline (trial 0) on digits would train momentum = 0.9 (the trainer's default), outside "
+            "[search.momentum] (0.95..0.99): add momentum to [baseline] or widen the range",
+        ),
+        (
+            {
+                "train": {"width": Add(8)},
+                "datasets": Add({"digits": {"width": 16}}),
+                "search": {"width": Add({"type": "int", "low": 4, "high": 8})},
+            },
+            "the baseline (trial 0) on digits would train width = 16 ([datasets.digits]), outside [search.width]",
+        ),
+        (
+            {"search": {"augment": Add({"type": "categorical", "choices": [False]})}},
+            "would train augment = true (the trainer's default), outside [search.augment] (choices false)",
+        ),
     ],
 )
 def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -147,6 +208,61 @@ def test_the_allowed_metrics_are_what_the_trainer_reports(trainer_spec: str) -> 
     spec = load_spec(trainer_spec)
     reported = get_trainer(spec.trainer).metrics
     assert spec.metric in reported and "val_top1" in reported and "val_nope" not in reported
+
+
+BASELINE_FROM_THE_RUN = {
+    "name": "wid",
+    "trainer": "resnet18",
+    "train": {"loss": "ce", "dataset": "tiny-imagenet", "epochs": 1, "width": 6, "batch_size": 40},
+    "datasets": {"digits": {"width": 8}},
+    "search": {"width": {"type": "int", "low": 4, "high": 8}},
+    "pruner": {"type": "none"},
+}
+
+
+def test_the_implicit_baseline_takes_the_value_of_the_runs_dataset() -> None:
+    """A searched parameter that [baseline] leaves out trains, in trial 0, what the run's
+    config gives it: the [datasets.NAME] override on that dataset, [train] elsewhere."""
+    from dlops.spec import parse_spec
+
+    spec = parse_spec(BASELINE_FROM_THE_RUN)
+    assert spec.baseline_params() == {"width": 6}
+    assert spec.baseline_params("digits") == {"width": 8}
+    assert spec.baseline_params("stl10") == {"width": 6}
+    assert spec.config("digits", spec.baseline_params("digits")).width == 8
+
+
+def test_cli_refuses_a_run_whose_implicit_baseline_lies_outside_its_range(tmp_path: Path, dlops_home: Path) -> None:
+    """Caught when the spec loads for the datasets it names; on another dataset, when the run
+    is checked: one line, exit 2, no study (Optuna only warned, and trial 0 trained the value)."""
+    path = write_spec(
+        tmp_path / "wide.toml", override_table(BASELINE_FROM_THE_RUN, {"datasets": {"digits": {"width": 16}}})
+    )
+    args = ["study", "run", str(path), "--dataset", "digits", "--subset-per-class", "10", "--n-trials", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: wide.toml: the baseline (trial 0) on digits would train width = 16 ([datasets.digits]), outside "
+        "[search.width] (4..8): add width to [baseline] or widen the range"
+    ]
+    assert not (dlops_home / "dlops.db").exists()
+
+    # tiny-imagenet (the spec's own) and digits are in range; stl10 trains [train]'s width
+    path = write_spec(
+        tmp_path / "own.toml",
+        override_table(
+            BASELINE_FROM_THE_RUN,
+            {"train": {"width": 12}, "datasets": {"tiny-imagenet": Add({"width": 6})}},
+        ),
+    )
+    load_spec(str(path))
+    result = CliRunner().invoke(app, ["study", "run", str(path), "--dataset", "stl10", "--n-trials", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: own.toml: the baseline (trial 0) on stl10 would train width = 12 ([train]), outside "
+        "[search.width] (4..8): add width to [baseline] or widen the range"
+    ]
+    assert not (dlops_home / "dlops.db").exists()
 
 
 def test_cli_names_the_search_key_of_a_bad_parameter(tmp_path: Path, dlops_home: Path) -> None:

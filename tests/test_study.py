@@ -523,6 +523,32 @@ def test_the_baseline_is_queued_again_until_one_finishes(
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.get_trials()) == 2
 
 
+def test_the_baseline_trains_a_searched_setting_as_the_runs_dataset_sets_it(tmp_path: Path, dlops_home: Path) -> None:
+    """A spec searching width without a [baseline] width: on digits, trial 0 trains the
+    width of [datasets.digits] (it trained the spec's own dataset's, 8, and width 6 never
+    ran), and the study note's search table says so."""
+    from dlops.dashboard import read_note
+    from specs import write_spec
+
+    table = {
+        "name": "wid",
+        "trainer": "resnet18",
+        "train": {"loss": "ce", "dataset": "tiny-imagenet", "epochs": 1, "width": 8, "batch_size": 40},
+        "datasets": {"digits": {"width": 6, "eval_batch_size": 64}},
+        "search": {"width": {"type": "int", "low": 4, "high": 8}},
+        "pruner": {"type": "none"},
+    }
+    path = write_spec(tmp_path / "wid.toml", table)
+    args = ["study", "run", str(path), "--dataset", "digits", "--subset-per-class", "10", "--n-trials", "1"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="wid-digits", storage=default_storage_url())
+    trial = study.get_trials()[0]
+    assert trial.user_attrs["baseline"] is True
+    assert trial.params == {"width": 6} and trial.user_attrs["config"]["width"] == 6
+    assert "| width | int | 4 – 8 | 6 |" in read_note(study)
+
+
 # --- a continued study samples new points; a fresh one reproduces ------------------------------
 
 

@@ -191,32 +191,57 @@ def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch:
         [config.lr * resnet._lr_factor(config, 2 + i // steps) for i in range(2 * steps)]
     )
     assert result.history["lr"] == pytest.approx([config.lr * resnet._lr_factor(config, e) for e in range(4)])
-    with pytest.raises(DlopsError, match="warmup_epochs must be 0"):
+    with pytest.raises(DlopsError, match="warmup_epochs must be an integer >= 0, got -1"):
         validate_config(small("ce", warmup_epochs=-1))
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_default(tmp_path: Path) -> None:
-    from dlops.io import save_checkpoint
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        # torch's SGD raised these mid-run (a traceback per trial, the study left with FAIL trials)
+        ({"weight_decay": -1}, "weight_decay must be a finite number >= 0, got -1"),
+        ({"momentum": -1}, r"momentum must be a finite number in \[0, 1\), got -1"),
+        ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\), got 1.0"),
+        ({"lr": 1e308}, r"lr must be a finite number in \(0, 1e\+30\], got 1e\+308"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        # null once read "'<=' not supported between instances of 'NoneType' and 'int'"
+        ({"lr": None}, "lr must be set: null is not a value of lr"),
+        ({"width": None}, "width must be set"),
+        ({"augment": None}, "augment must be set"),
+        ({"augment": 1}, "augment must be true or false, got 1"),
+        ({"width": 2.5}, "width must be an integer, got 2.5"),
+        ({"margin": -0.1}, "margin must be a finite number >= 0, got -0.1"),
+        ({"center_lambda": -1.0}, "center_lambda must be a finite number >= 0"),
+        ({"center_alpha": 1.5}, r"center_alpha must be a finite number in \[0, 1\], got 1.5"),
+        ({"subset_classes": 0}, "subset_classes must be an integer >= 1, got 0"),
+        ({"centroid_images_per_class": 0}, "centroid_images_per_class must be an integer >= 1"),
+    ],
+)
+def test_validate_refuses_settings_no_run_could_use(changes: dict, message: str) -> None:
+    from dlops.trainers.resnet import validate_config
 
-    config = small("ce", epochs=2)
-    ckpt = tmp_path / "ckpt.pt"
-    checkpoint_after_one_epoch(config, ckpt)
-    state = load_checkpoint(ckpt)
-    del state["config"]["warmup_epochs"]  # as written before the setting existed
-    save_checkpoint(state, ckpt)
-    assert fit(config, checkpoint_path=ckpt).start_epoch == 1  # its default, 0: the same run
-    save_checkpoint(state, ckpt)
-    with pytest.raises(DlopsError, match="differs in warmup_epochs"):
-        fit(config.replace(warmup_epochs=1), checkpoint_path=ckpt)
+    with pytest.raises(DlopsError, match=message):
+        validate_config(small("center", **changes))
 
 
-def test_an_empty_training_split_is_one_line_not_a_crash() -> None:
-    from dataclasses import replace
+def test_validate_draws_each_bound_where_the_setting_means_it() -> None:
+    """The edges a run can use pass, the values just past them do not."""
+    from dlops.trainers.resnet import validate_config
 
-    from dlops.data import get_dataset
-    from dlops.data.base import Split
-
-    digits = get_dataset("digits")
-    empty = replace(digits, train=Split(digits.train.images[:0], digits.train.labels[:0]))
-    with pytest.raises(DlopsError, match=r"the digits training split has no images.*--val-fraction"):
-        fit(small("ce", epochs=1), dataset=empty)
+    for name, good, bad in [
+        ("momentum", 0.0, 1.0),
+        ("momentum", 0.999, -1e-9),
+        ("weight_decay", 0.0, -1e-12),
+        ("margin", 0.0, -1e-9),
+        ("center_lambda", 0.0, -1e-9),
+        ("center_alpha", 0.0, -1e-9),
+        ("center_alpha", 1.0, 1.0 + 1e-9),
+        ("lr", 1e30, 1e31),
+        ("lr", 1, float("-inf")),  # an int where a float is wanted is fine
+        ("subset_classes", None, 0),  # None: every class
+        ("centroid_images_per_class", None, 0),
+    ]:
+        validate_config(small("center", **{name: good}))
+        with pytest.raises(DlopsError, match=f"^{name} must be"):
+            validate_config(small("center", **{name: bad}))

@@ -50,12 +50,15 @@ from dlops.metrics import mean_std
 from dlops.text import plural
 from dlops.trainers.base import (
     HISTORY_KEYS,
+    MAX_LR,
     FitResult,
     ProgressFn,
     ReportFn,
     Table,
     Trainer,
     check_epoch_loss,
+    check_range,
+    check_set_and_typed,
     check_step_loss,
     epoch_row,
     evaluate,
@@ -117,8 +120,13 @@ class AEConfig:
 
 def validate_config(config: AEConfig) -> None:
     """Reject settings no run could use, with one clear line."""
+    check_set_and_typed(config)
     sizes = config.hidden_sizes
-    if not sizes or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes):
+    if (
+        not isinstance(sizes, list | tuple)
+        or not sizes
+        or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in sizes)
+    ):
         raise DlopsError(f"hidden_sizes must be a non-empty list of positive integers, got {sizes!r}")
     if len(sizes) > MAX_LAYERS:
         raise DlopsError(f"at most {MAX_LAYERS} hidden layers are supported, got {len(sizes)}")
@@ -132,21 +140,18 @@ def validate_config(config: AEConfig) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise DlopsError(f"pretraining epochs of layer {k} must be an integer >= 0, got {n!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(config, name) < 1:
-            raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")
+        check_range(config, name, 1, integer=True)
+    for name in ("subset_classes", "subset_per_class", "pretrain_limit"):  # None: all
+        check_range(config, name, 1, integer=True)
+    check_range(config, "seed", integer=True)
     for name in ("lr", "pretrain_lr"):
-        if not getattr(config, name) > 0:
-            raise DlopsError(f"{name} must be positive, got {getattr(config, name)}")
-    if config.weight_decay < 0:
-        raise DlopsError(f"weight_decay must be >= 0, got {config.weight_decay}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise DlopsError(f"dropout must lie in [0, 1), got {config.dropout}")
+        check_range(config, name, 0, MAX_LR, low_open=True)
+    check_range(config, "weight_decay", 0)
+    check_range(config, "dropout", 0, 1, high_open=True)
     if config.pretrain_data not in PRETRAIN_DATA:
         raise DlopsError(f"unknown pretrain_data {config.pretrain_data!r} ({', '.join(PRETRAIN_DATA)})")
     if config.pretrain_data == "unlabeled" and config.dataset != "stl10":
         raise DlopsError(f"pretrain_data = 'unlabeled' needs dataset stl10 (got {config.dataset!r})")
-    if config.pretrain_limit is not None and config.pretrain_limit < 1:
-        raise DlopsError(f"pretrain_limit must be at least 1, got {config.pretrain_limit}")
 
 
 # --------------------------------------------------------------------------- models

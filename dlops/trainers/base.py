@@ -104,6 +104,72 @@ def load_dataset(config: TrainerConfig) -> Dataset:
     return take_subset(get_dataset(config.dataset, root), config.subset_classes, config.subset_per_class)
 
 
+# --------------------------------------------------------------------------- validation
+
+# The largest learning rate a config may ask for. The optimizers step in float32, whose range
+# ends at 3.4e38, and scale the lr on the way (Adam's first step by 10): lr 1e308 was a
+# RuntimeError inside torch. Far below this bound a run diverges, which is a result (the
+# trial is pruned, its loss non-finite), not an error.
+MAX_LR = 1e30
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_set_and_typed(config: Any) -> None:
+    """Every setting of a config dataclass has a value of its field's type: null only where
+    the field admits None, a bool never for a number (nor a number for a bool), an int
+    for an int, a number for a float. Fields without a plain default (lists) are the
+    trainer's to check."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            if "None" not in str(f.type):
+                raise DlopsError(f"{f.name} must be set: null is not a value of {f.name}")
+            continue
+        kind = type(f.default) if f.default is not dataclasses.MISSING and f.default is not None else None
+        if kind not in _TYPE_WORDS:
+            continue
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if isinstance(value, bool) != (kind is bool):
+            ok = False
+        if not ok:
+            raise DlopsError(f"{f.name} must be {_TYPE_WORDS[kind]}, got {value!r}")
+
+
+def check_range(
+    config: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """``config.<name>`` is a finite number (an integer with ``integer``) within the bounds
+    (``None``: unbounded on that side; ``*_open``: the bound itself excluded); a setting
+    whose value is None is left alone (:func:`check_set_and_typed` says whether it may be)."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if integer and not isinstance(value, int):
+        ok = False
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        what = "an integer" if integer else "a finite number"
+        if low is not None and high is not None:
+            what += f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            what += f" {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            what += f" {'<' if high_open else '<='} {high:g}"
+        raise DlopsError(f"{name} must be {what}, got {value!r}")
+
+
 # --------------------------------------------------------------------------- device
 
 

@@ -29,6 +29,7 @@ from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
 from dlops.trainers.base import (
     HISTORY_KEYS,
+    MAX_LR,
     FitResult,
     ProgressFn,
     ReportFn,
@@ -36,6 +37,8 @@ from dlops.trainers.base import (
     autocast,
     centroids_of,
     check_epoch_loss,
+    check_range,
+    check_set_and_typed,
     check_step_loss,
     describe_device,
     epoch_row,
@@ -347,22 +350,28 @@ def fit(
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Reject settings no run could use, with one clear line."""
+    """Reject settings no run could use, with one clear line: a null or mistyped setting, a
+    name no model, loss or schedule has, a number outside what its setting means."""
+    check_set_and_typed(config)
     if config.loss not in LOSSES:
         raise DlopsError(f"unknown loss {config.loss!r} (known: {', '.join(LOSSES)})")
     if config.model not in MODELS:
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
     if config.lr_schedule not in ("cosine", "constant"):
         raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
-    if config.embedding_dim < 0:
-        raise DlopsError(f"embedding_dim must be 0 (no head) or positive, got {config.embedding_dim}")
     for name in ("epochs", "batch_size", "width", "samples_per_class", "eval_batch_size"):
-        if getattr(config, name) < 1:
-            raise DlopsError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.lr <= 0:
-        raise DlopsError(f"lr must be positive, got {config.lr}")
-    if config.warmup_epochs < 0:
-        raise DlopsError(f"warmup_epochs must be 0 (none) or positive, got {config.warmup_epochs}")
+        check_range(config, name, 1, integer=True)
+    for name in ("subset_classes", "subset_per_class", "centroid_images_per_class"):  # None: all
+        check_range(config, name, 1, integer=True)
+    for name in ("embedding_dim", "warmup_epochs"):  # 0: no head, no warm-up
+        check_range(config, name, 0, integer=True)
+    check_range(config, "seed", integer=True)
+    check_range(config, "lr", 0, MAX_LR, low_open=True)
+    check_range(config, "momentum", 0, 1, high_open=True)  # 1 would never forget a gradient
+    check_range(config, "weight_decay", 0)
+    check_range(config, "margin", 0)  # a distance (in [0, 2] between normalised embeddings)
+    check_range(config, "center_lambda", 0)  # 0: plain cross-entropy
+    check_range(config, "center_alpha", 0, 1)  # the share of the way to the batch means a center moves
 
 
 def _test_figures(
