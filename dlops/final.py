@@ -66,6 +66,7 @@ from dlops.params import (
     choose_params,
     final_epochs,
     final_seeds,
+    own_study,
     study_name_for,
 )
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, reports_dir
@@ -400,7 +401,7 @@ def run_final(
     spec = load_spec(spec_name)
     trainer = get_trainer(spec.trainer)
     url = options.storage or default_storage_url()
-    study = find_study(url, study_name_for(spec, options))
+    study = own_study(spec, options, find_study(url, study_name_for(spec, options)))
     chosen = choose_params(spec, options, study)
     spec = spec.for_dataset(options.dataset or chosen.dataset)
     seeds = final_seeds(spec, options)

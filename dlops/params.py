@@ -53,6 +53,23 @@ def study_name_for(spec: StudySpec, options: FinalOptions) -> str:
     return options.study_name or spec.study_name(options.dataset)
 
 
+def own_study(spec: StudySpec, options: FinalOptions, study: optuna.Study | None) -> optuna.Study | None:
+    """The study a reference run of ``spec`` belongs to (its plots, its dashboard files).
+    Another spec's study is refused where the run names it (``--study-name``) or reads its
+    best trial; found only by the default name (a study of that name made by another
+    spec), it is not this run's: no study."""
+    made_by = study.user_attrs.get("spec") if study is not None else None
+    if study is None or made_by is None or made_by == spec.name:
+        return study
+    if options.study_name or options.params == "best":
+        trainer = study.user_attrs.get("trainer", "?")
+        raise DlopsError(
+            f"study {study.study_name!r} belongs to the spec {made_by} (trainer {trainer}), "
+            f"not {spec.name}: give that spec, or the --study-name of a study of {spec.name}"
+        )
+    return None
+
+
 def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | None) -> ChosenParams:
     """The settings to train: the study's best trial, the baseline, or a JSON file."""
     source = options.params
@@ -71,12 +88,8 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
                 f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}{named}` first, "
                 "or use --params baseline"
             )
-        made_by = study.user_attrs.get("spec")
-        if made_by is not None and made_by != spec.name:
-            raise DlopsError(
-                f"study {name!r} belongs to the spec {made_by} (trainer {study.user_attrs.get('trainer', '?')}), "
-                f"not {spec.name}: give that spec, or the --study-name of a study of {spec.name}"
-            )
+        study = own_study(spec, options, study)
+        assert study is not None
         try:
             best = study.best_trial
         except ValueError:

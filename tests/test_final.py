@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import optuna
 import pytest
 from typer.testing import CliRunner
 
@@ -400,6 +401,30 @@ def test_final_of_a_spec_refuses_another_specs_study(tmp_path, dlops_home):
         "give that spec, or the --study-name of a study of autoencoder"
     ]
     assert not (dlops_home / "reports").exists()
+
+
+def test_a_baseline_run_takes_no_other_specs_study(tmp_path, dlops_home):
+    """`--params baseline` reads no trial, but a run attaches its files to its spec's study:
+    another spec's study named with --study-name is refused; one that only shares the
+    spec's name is not this run's (no plots of it, no files attached to it)."""
+    from dlops.cli import app
+
+    ce = write_spec(tmp_path, "tiny-ce", "ce")
+    study = ["study", "run", str(ce), "--n-trials", "1", "--study-name", "tiny-center", "--device", "cpu"]
+    assert CliRunner().invoke(app, study).exit_code == 0
+    center = write_spec(tmp_path, "tiny-center", "center")
+    args = ["final", str(center), "--params", "baseline", "--device", "cpu", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--study-name", "tiny-center"])
+    assert result.exit_code == 2 and "belongs to the spec tiny-ce" in result.output, result.output
+    assert not (dlops_home / "reports").exists()
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "tiny-center" / "final.json").read_text())
+    assert final["study"] is None
+    assert not (dlops_home / "reports" / "tiny-center" / "study").exists()
+    other = optuna.load_study(study_name="tiny-center", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    assert not {"curves.png", "final.json"} & set(_live_attachments(other))  # its own study plots stay
 
 
 def test_the_original_configuration_reruns_with_a_constant_lr_and_no_weight_decay(dlops_home):
