@@ -75,7 +75,7 @@ def open_study(
     study = optuna.create_study(
         study_name=options.study_name_for(spec),
         storage=storage.optuna,
-        sampler=make_sampler(spec.sampler, base_seed + worker),
+        sampler=make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0)),
         pruner=make_pruner(spec.pruner),
         direction=optuna.study.StudyDirection[spec.direction.upper()],
         load_if_exists=True,

@@ -665,3 +665,35 @@ def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_li
         assert result.exit_code == 2, (command, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
         assert "'mo' has 2 objectives" in result.output and "not a dlops study" in result.output
+
+
+# --- options refused in one line before anything is written -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-5"], "Invalid value for '--seed'"),
+        (["--seed", "99999999999"], "Invalid value for '--seed'"),
+    ],
+)
+def test_bad_run_options_are_one_line_and_write_nothing(
+    extra: list[str], message: str, tmp_path: Path, dlops_home: Path
+) -> None:
+    from data_trees import one_error_line
+
+    spec = tiny_spec(tmp_path, "triplet", epochs=1, per_class=5)
+    line = one_error_line(
+        CliRunner().invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu", *extra])
+    )
+    assert message in line, line
+    assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))
+
+
+def test_the_top_sampler_seed_runs_and_wraps_for_a_second_worker(tmp_path: Path, dlops_home: Path) -> None:
+    from dlops.sampling import sampler_seed
+
+    assert sampler_seed(2**32 - 1, 0, 0) == 2**32 - 1 and sampler_seed(2**32 - 1, 1, 0) == 0
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5)))
+    study = run_study(spec, RunOptions(n_trials=1, device="cpu", seed=2**32 - 1), worker=1).study
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
