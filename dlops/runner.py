@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.console import epoch_line, trial_label
-from dlops.data import forbid_test_split, get_dataset
+from dlops.data import check_subset_classes, forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
@@ -130,8 +130,9 @@ def check_study_name(name: str) -> None:
 
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
-    config, the device, the dataset and its class count. Returns the spec as it runs: on
-    5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
+    config, the device, the dataset and its class count (at least 2). Returns the spec as
+    it runs: on 5 classes or fewer a top-5 objective is always 1.0, so such a study
+    optimises top-1."""
     check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
     if options.timeout is not None and options.timeout <= 0:
         raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
@@ -141,12 +142,7 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     if not config.dataset:
         return spec
     ds = get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
-    classes = ds.num_classes
-    subset = config.subset_classes
-    if subset is not None:
-        if not 1 <= subset <= classes:
-            raise DlopsError(f"--subset-classes {subset}: {ds.name} has {classes} classes")
-        classes = subset
+    classes = check_subset_classes(ds, config.subset_classes)
     if spec.metric == "val_top5" and classes <= 5:
         spec = dataclasses.replace(
             spec, metric="val_top1", dataset_metrics={**spec.dataset_metrics, config.dataset: "val_top1"}

@@ -675,6 +675,7 @@ def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_li
     [
         (["--seed", "-5"], "Invalid value for '--seed'"),
         (["--seed", "99999999999"], "Invalid value for '--seed'"),
+        (["--subset-classes", "1"], "--subset-classes 1: a run needs at least 2 classes"),
     ],
 )
 def test_bad_run_options_are_one_line_and_write_nothing(
@@ -697,3 +698,12 @@ def test_the_top_sampler_seed_runs_and_wraps_for_a_second_worker(tmp_path: Path,
     spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5)))
     study = run_study(spec, RunOptions(n_trials=1, device="cpu", seed=2**32 - 1), worker=1).study
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_a_final_run_on_one_class_is_one_line_and_writes_nothing(dlops_home: Path) -> None:
+    from data_trees import one_error_line
+
+    args = ["final", "--loss", "triplet", "--dataset", "digits", "--params", "baseline", "--device", "cpu"]
+    line = one_error_line(CliRunner().invoke(app, [*args, "--subset-classes", "1", "--epochs", "1"]))
+    assert "--subset-classes 1: a run needs at least 2 classes" in line, line
+    assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))

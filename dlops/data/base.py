@@ -125,3 +125,19 @@ def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | No
         hflip=ds.hflip,
         crop_padding=ds.crop_padding,
     )
+
+
+def check_subset_classes(ds: Dataset, n: int | None) -> int:
+    """The number of classes a run on ``ds`` trains on with a subset of ``n`` classes (None:
+    all). Fewer than 2 (every validation score is 1.0, a triplet batch has no negative) or
+    more than ``ds`` has is a :class:`DlopsError` in one line."""
+    if n is None:
+        return ds.num_classes
+    if n < 2:
+        raise DlopsError(
+            f"--subset-classes {n}: a run needs at least 2 classes (on one class every prediction is right "
+            "and the triplet loss has no negatives)"
+        )
+    if n > ds.num_classes:
+        raise DlopsError(f"--subset-classes {n}: {ds.name} has {ds.num_classes} classes")
+    return n
