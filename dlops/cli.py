@@ -200,10 +200,17 @@ def study_run(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); not with SQLite")
     ] = 1,
-    heartbeat_interval: Annotated[int, typer.Option(min=1, help="PostgreSQL: seconds between trial heartbeats")] = 60,
+    heartbeat_interval: Annotated[
+        int | None,
+        typer.Option(min=1, help="PostgreSQL only: seconds between trial heartbeats [default: 60]"),
+    ] = None,
     grace_period: Annotated[
         int | None,
-        typer.Option(min=1, help="PostgreSQL: a trial silent this long is failed and retried [default: 2x heartbeat]"),
+        typer.Option(
+            min=1,
+            help="PostgreSQL only: a trial silent this long is failed and retried; at least the heartbeat "
+            "interval [default: 2x heartbeat]",
+        ),
     ] = None,
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""

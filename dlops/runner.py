@@ -51,7 +51,15 @@ from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
 from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
-from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
+from dlops.storage import (
+    StudyStorage,
+    connect,
+    heartbeat_settings,
+    journal_url,
+    mask_url,
+    sqlite_path,
+    storage_kind,
+)
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
 from dlops.trainers.base import resolve_device
@@ -130,12 +138,13 @@ def check_study_name(name: str) -> None:
 
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
-    config, the device, the dataset and its class count (at least 2). Returns the spec as
-    it runs: on 5 classes or fewer a top-5 objective is always 1.0, so such a study
-    optimises top-1."""
+    config, the storage's heartbeat options, the device, the dataset and its class count
+    (at least 2). Returns the spec as it runs: on 5 classes or fewer a top-5 objective is
+    always 1.0, so such a study optimises top-1."""
     check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
     if options.timeout is not None and options.timeout <= 0:
         raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
+    heartbeat_settings(options.storage or default_storage_url(), options.heartbeat_interval, options.grace_period)
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)
     resolve_device(config.device or "auto")
@@ -436,6 +445,13 @@ class RunSlot:
     index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
 
 
+def connect_run(options: RunOptions) -> StudyStorage:
+    """The storage a run writes to, with heartbeats where the storage has them."""
+    url = options.storage or default_storage_url()
+    interval, grace = heartbeat_settings(url, options.heartbeat_interval, options.grace_period)
+    return connect(url, heartbeat_interval=interval, grace_period=grace)
+
+
 def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | None]:
     """(n_trials, total): the finished trials this run adds (``--n-trials``, default the
     spec's), or with ``--total-trials`` the study-wide count every run stops at."""
@@ -478,11 +494,7 @@ def run_study(
     note = objective_note(asked, spec)
     if note and announce:
         say(note)
-    storage = connect(
-        options.storage or default_storage_url(),
-        heartbeat_interval=options.heartbeat_interval,
-        grace_period=options.grace_period,
-    )
+    storage = connect_run(options)
     study = open_study(spec, options, storage, worker)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
@@ -605,7 +617,7 @@ def run_workers(
     note = objective_note(asked, spec)
     if note:
         say(note)
-    storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+    storage = connect_run(options)
     name = options.study_name_for(spec)
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)

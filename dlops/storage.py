@@ -61,6 +61,7 @@ _KEY_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>[^&\s'\"]+)
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 RETRY_LIMIT = 3  # a trial whose worker keeps dying is retried this often, then left FAIL
+HEARTBEAT_INTERVAL = 60  # seconds between trial heartbeats on a PostgreSQL (RDB) storage, by default
 REDIS_LOCK_TTL = 120  # seconds; a lock whose holder vanished expires after this
 
 
@@ -129,6 +130,39 @@ def sqlite_path(url: str) -> Path | None:
 
     database = make_url(url).database
     return Path(database) if database not in (None, "", ":memory:") else None
+
+
+def heartbeat_settings(url: str, interval: int | None, grace_period: int | None) -> tuple[int | None, int | None]:
+    """The heartbeat interval and grace period (seconds) a run opens ``url`` with.
+
+    Heartbeats exist on PostgreSQL and the other SQLAlchemy databases (not SQLite): the
+    interval defaults to :data:`HEARTBEAT_INTERVAL`, the grace period (None) to twice the
+    interval; a grace period shorter than the interval would fail trials whose workers are
+    alive, and is refused. SQLite and the journal storages have none: an interval or grace
+    period given for one would have no effect, and is refused too (:class:`StorageError`)."""
+    kind = storage_kind(url)
+    if kind not in ("postgresql", "rdb"):
+        given = [
+            name
+            for name, value in (("--heartbeat-interval", interval), ("--grace-period", grace_period))
+            if value is not None
+        ]
+        if given:
+            it = "they" if len(given) > 1 else "it"
+            raise StorageError(
+                f"{' and '.join(given)}: {mask_url(url)} is a {kind} storage, without the heartbeats of PostgreSQL, "
+                f"so {it} would have no effect: leave {'them' if len(given) > 1 else 'it'} out (dlops finds the "
+                "trial of a dead worker by its pid on this machine)"
+            )
+        return None, None
+    interval = HEARTBEAT_INTERVAL if interval is None else interval
+    if grace_period is not None and grace_period < interval:
+        raise StorageError(
+            f"--grace-period {grace_period} is shorter than the heartbeat interval ({interval} s): trials of "
+            "live workers would be failed between two heartbeats; give a grace period of at least the interval "
+            "(by default it is twice the interval)"
+        )
+    return interval, grace_period
 
 
 class NoStorageYet(StorageError):

@@ -225,6 +225,20 @@ def test_reading_a_storage_creates_no_file_beside_it(dlops_home: Path, tmp_path:
     assert [p.name for p in folder.parent.iterdir()] == ["lk"] and not any(folder.iterdir())
 
 
+def test_heartbeat_settings_apply_to_postgresql_only() -> None:
+    from dlops.storage import HEARTBEAT_INTERVAL, heartbeat_settings
+
+    pg = "postgresql://u@127.0.0.1:1/x"
+    assert heartbeat_settings(pg, None, None) == (HEARTBEAT_INTERVAL, None)  # Optuna's default grace: 2x
+    assert heartbeat_settings(pg, 5, 5) == (5, 5) and heartbeat_settings("mysql://u@h/db", None, 90) == (60, 90)
+    with pytest.raises(StorageError, match="--grace-period 4 is shorter than the heartbeat interval"):
+        heartbeat_settings(pg, 5, 4)
+    for url in ("sqlite:///x.db", "journal:///x.log", "redis://127.0.0.1:1/0"):
+        assert heartbeat_settings(url, None, None) == (None, None)
+        with pytest.raises(StorageError, match="without the heartbeats of PostgreSQL, so it would have no effect"):
+            heartbeat_settings(url, 60, None)
+
+
 @pytest.mark.parametrize("folder", ["c9q?x", "p%q", "a%41b", "h#sh", "sp ace%3F"])
 def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(
     folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -676,6 +676,14 @@ def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_li
         (["--seed", "-5"], "Invalid value for '--seed'"),
         (["--seed", "99999999999"], "Invalid value for '--seed'"),
         (["--subset-classes", "1"], "--subset-classes 1: a run needs at least 2 classes"),
+        (["--heartbeat-interval", "5"], "--heartbeat-interval: sqlite:///"),
+        (["--heartbeat-interval", "5", "--grace-period", "2"], "--heartbeat-interval and --grace-period: sqlite:///"),
+        (["--grace-period", "2", "--storage", "journal:///{home}/x.log"], "--grace-period: journal:///"),
+        (
+            ["--heartbeat-interval", "5", "--grace-period", "2", "--storage", "postgresql://u@127.0.0.1:1/x"],
+            "--grace-period 2 is shorter than the heartbeat interval (5 s)",
+        ),
+        (["--grace-period", "30", "--storage", "postgresql://u@127.0.0.1:1/x"], "heartbeat interval (60 s)"),
     ],
 )
 def test_bad_run_options_are_one_line_and_write_nothing(
@@ -684,6 +692,7 @@ def test_bad_run_options_are_one_line_and_write_nothing(
     from data_trees import one_error_line
 
     spec = tiny_spec(tmp_path, "triplet", epochs=1, per_class=5)
+    extra = [e.replace("{home}", str(dlops_home)) for e in extra]
     line = one_error_line(
         CliRunner().invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu", *extra])
     )
