@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.console import epoch_line, trial_label
-from dlops.data import check_subset_classes, forbid_test_split, get_dataset
+from dlops.data import Dataset, check_subset_classes, data_identity, forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
@@ -65,6 +65,7 @@ from dlops.text import plural
 from dlops.trainers.base import resolve_device
 
 RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
+DATA_KEY = "data"  # study user attr: the data its values are measured on (dlops.data.data_identity)
 BASELINE_ATTR = "baseline"  # user attr of a baseline trial (a retried copy inherits it)
 
 Say = Callable[[str], None]
@@ -136,6 +137,15 @@ def check_study_name(name: str) -> None:
         raise DlopsError(f"study name of {len(name)} characters: at most {MAX_STUDY_NAME}")
 
 
+def run_dataset(spec: StudySpec, options: RunOptions) -> Dataset | None:
+    """The dataset (all of it, before any subset) a run of ``spec`` trains on; None for a
+    trainer without one. An unknown or unprepared dataset is a one-line error."""
+    config = trial_config(spec.for_dataset(options.dataset), options, spec.baseline_params(), 0)
+    if not config.dataset:
+        return None
+    return get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
+
+
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
     config, the storage's heartbeat options, the device, the dataset and its class count
@@ -148,9 +158,9 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, spec.baseline_params(), 0)
     resolve_device(config.device or "auto")
-    if not config.dataset:
+    ds = run_dataset(spec, options)
+    if ds is None:
         return spec
-    ds = get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
     classes = check_subset_classes(ds, config.subset_classes)
     if spec.metric == "val_top5" and classes <= 5:
         spec = dataclasses.replace(
@@ -172,10 +182,13 @@ def objective_note(asked: StudySpec, runs: StudySpec) -> str | None:
 ANOTHER = "give this run another --study-name"
 
 
-def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
+def check_same_objective(
+    study: optuna.Study, spec: StudySpec, options: RunOptions, data: dict[str, Any] | None = None
+) -> None:
     """One study, one objective: a run never adds trials of another spec, dataset, metric,
-    direction or fixed settings to an existing study (their values would not compare), nor
-    joins a study dlops did not make (a multi-objective one, say)."""
+    direction, fixed settings or data (``data``: :func:`data_record`, read here when not
+    given) to an existing study (their values would not compare), nor joins a study dlops
+    did not make (a multi-objective one, say)."""
     name = study.study_name
     if len(study.directions) > 1:
         raise DlopsError(f"study {name!r} has {len(study.directions)} objectives; dlops studies have one: {ANOTHER}")
@@ -198,14 +211,75 @@ def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptio
             f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: give this run another --study-name"
         )
     check_same_settings(study, spec, options)
+    check_same_data(study, data_record(spec, options) if data is None else data)
+
+
+def data_record(spec: StudySpec, options: RunOptions) -> dict[str, Any] | None:
+    """What a study records of the data a run of ``spec`` measures its values on
+    (:func:`dlops.data.data_identity`), None for a trainer without a dataset."""
+    ds = run_dataset(spec, options)
+    return None if ds is None else data_identity(ds)
+
+
+# What check_same_data compares: a label and the data_identity keys behind it.
+DATA_FIELDS = {
+    "validation hold-out": ("holdout_fraction", "holdout_seed"),
+    "split sizes": ("splits",),
+    "classes": ("classes", "class_ids_sha256"),
+    "source archive": ("source_md5",),
+}
+
+
+def _data_text(data: dict[str, Any], label: str) -> str:
+    if label == "validation hold-out":
+        return f"--val-fraction {data.get('holdout_fraction')} --seed {data.get('holdout_seed')}"
+    if label == "split sizes":
+        return ", ".join(f"{split} {count}" for split, count in (data.get("splits") or {}).items())
+    if label == "classes":
+        return f"{data.get('classes')} (list {data.get('class_ids_sha256')})"
+    return f"md5 {data.get('source_md5')}"
+
+
+def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
+    """A run joins a study only on the data its values were measured on (recorded in the
+    study's ``user_attrs["data"]`` when it was created): the same validation hold-out
+    (fraction and seed), split sizes, classes and, where both are known, source archive.
+    A cache rebuilt since (``dlops data prepare --force --val-fraction ... --seed ...``)
+    would put values measured on two hold-outs side by side. A study from before this
+    record is not checked (the run records it)."""
+    recorded = study.user_attrs.get(DATA_KEY)
+    if data is None or not isinstance(recorded, dict):
+        return
+    changed = [
+        label
+        for label, keys in DATA_FIELDS.items()
+        if any(recorded.get(k) is not None and data.get(k) is not None and recorded[k] != data[k] for k in keys)
+    ]
+    if not changed:
+        return
+    name, dataset = study.study_name, recorded.get("dataset") or study.user_attrs.get("dataset")
+    what = "; ".join(f"{label}: {_data_text(recorded, label)} then, {_data_text(data, label)} now" for label in changed)
+    if "validation hold-out" in changed:
+        fix = (
+            f"rebuild the cache as it was (`dlops data prepare {dataset} --force --val-fraction "
+            f"{recorded.get('holdout_fraction')} --seed {recorded.get('holdout_seed')}`)"
+        )
+    else:
+        fix = "use the data it was measured on"
+    raise DlopsError(
+        f"study {name!r} was measured on other {dataset + ' ' if dataset else ''}data ({what}): "
+        f"its values would not compare; {ANOTHER}, or {fix}"
+    )
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
-    """Labels, and the baseline as trial 0 of a new study. Run under the study lock, so
-    workers starting at once enqueue one baseline. Returns whether the study was new."""
+    """Labels, the data the study is measured on (:func:`data_record`, recorded once), and
+    the baseline as trial 0 of a new study. Run under the study lock, so workers starting
+    at once enqueue one baseline. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
     dataset = options.dataset or spec.train.get("dataset")
-    check_same_objective(study, spec, options)
+    data = data_record(spec, options)
+    check_same_objective(study, spec, options, data)
     if new:  # checkpoints left by a deleted study of the same name are not this study's
         shutil.rmtree(checkpoint_path(study.study_name, 0, options.storage).parent, ignore_errors=True)
     if study.metric_names != [spec.metric]:
@@ -216,6 +290,8 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
     for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", dataset)):
         if attrs.get(key) != value:
             study.set_user_attr(key, value)
+    if data is not None and not isinstance(attrs.get(DATA_KEY), dict):
+        study.set_user_attr(DATA_KEY, data)
     enqueue_baseline(study, spec)
     return new
 

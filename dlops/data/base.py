@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,10 @@ class Dataset:
     hflip: bool = True
     crop_padding: int = 4
     test_reads: int = 0
+    # How a cached dataset was built, from its manifest (:func:`dlops.data.cache.open_dataset`):
+    # the hold-out's fraction and seed, the split sizes, the source archive's md5. Empty for a
+    # built-in dataset (digits: its split is fixed in the code).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -124,6 +130,7 @@ def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | No
         load_test=lambda: restrict(load_test(), None),
         hflip=ds.hflip,
         crop_padding=ds.crop_padding,
+        provenance=ds.provenance,
     )
 
 
@@ -141,3 +148,17 @@ def check_subset_classes(ds: Dataset, n: int | None) -> int:
     if n > ds.num_classes:
         raise DlopsError(f"--subset-classes {n}: {ds.name} has {ds.num_classes} classes")
     return n
+
+
+def data_identity(ds: Dataset) -> dict[str, Any]:
+    """What tells the data a study measures its values on from other data under the same
+    name (``dataset``): the class count and list (a hash), the split sizes and, for a cached dataset, the
+    validation hold-out's fraction and seed and the archive it was built from (its md5,
+    None when the cache was prepared from a tree of unknown origin). JSON-ready."""
+    identity: dict[str, Any] = {
+        "dataset": ds.name,
+        "classes": ds.num_classes,
+        "class_ids_sha256": hashlib.sha256("\n".join(ds.class_ids).encode()).hexdigest()[:16],
+        "splits": {"train": len(ds.train), "val": len(ds.val)},
+    }
+    return {**identity, **ds.provenance}
