@@ -189,7 +189,9 @@ def study_run(
             "resnet18-ce-digits)"
         ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampler seed; trial k trains with seed+k")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=2**32 - 1, help="Sampler seed (0 to 2**32-1); trial k trains with seed+k")
+    ] = None,
     device: DeviceOpt = "auto",
     subset_classes: Annotated[int | None, typer.Option(min=1, help="Use only the first N classes")] = None,
     subset_per_class: Annotated[
@@ -198,10 +200,17 @@ def study_run(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); not with SQLite")
     ] = 1,
-    heartbeat_interval: Annotated[int, typer.Option(min=1, help="PostgreSQL: seconds between trial heartbeats")] = 60,
+    heartbeat_interval: Annotated[
+        int | None,
+        typer.Option(min=1, help="PostgreSQL only: seconds between trial heartbeats [default: 60]"),
+    ] = None,
     grace_period: Annotated[
         int | None,
-        typer.Option(min=1, help="PostgreSQL: a trial silent this long is failed and retried [default: 2x heartbeat]"),
+        typer.Option(
+            min=1,
+            help="PostgreSQL only: a trial silent this long is failed and retried; at least the heartbeat "
+            "interval [default: 2x heartbeat]",
+        ),
     ] = None,
 ) -> None:
     """Run (or continue) the Optuna study of a spec. Ctrl-C stops at the next epoch end."""
@@ -422,7 +431,7 @@ def data_prepare(
     raw: Annotated[str | None, typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
     val_fraction: Annotated[float, typer.Option(help="Hold-out of each training class for validation")] = 0.1,
-    seed: Annotated[int, typer.Option(help="Seed of the validation hold-out")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the validation hold-out")] = 0,
     workers: WorkersOpt = None,
 ) -> None:
     """Build the uint8 cache (and manifest) from an extracted tree."""

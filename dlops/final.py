@@ -46,7 +46,7 @@ from typing import Any
 import optuna
 
 from dlops.dashboard import attach_artifacts, withdraw_artifacts
-from dlops.data import get_dataset
+from dlops.data import check_subset_classes, get_dataset
 from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError
 from dlops.io import (
@@ -420,9 +420,11 @@ def run_final(
     ]
     check_same_recipe(chosen, configs[0])
     resolve_device(configs[0].device or options.device or "auto")  # a missing device: one line, now
-    if configs[0].dataset:  # an unknown or unprepared dataset: one line, before any work
+    if configs[0].dataset:  # an unknown or unprepared dataset, a subset of 1 class: one line, before any work
         root = configs[0].data_root
-        get_dataset(configs[0].dataset, Path(root) if root else None).check_test()  # damaged test cache: now
+        dataset = get_dataset(configs[0].dataset, Path(root) if root else None)
+        check_subset_classes(dataset, configs[0].subset_classes)
+        dataset.check_test()  # a damaged test cache: now, not after training
 
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}
     with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):

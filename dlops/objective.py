@@ -56,8 +56,10 @@ class RunOptions:
     seed: int | None = None
     device: str | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)
-    heartbeat_interval: int | None = 60  # RDB storages (not SQLite): a dead worker's trial is
-    grace_period: int | None = None  # failed and retried after grace_period s (default 2x interval)
+    # PostgreSQL (RDB storages, not SQLite or journals): heartbeats every heartbeat_interval s
+    # (None: 60); a trial silent for grace_period s (None: twice the interval) is failed and retried.
+    heartbeat_interval: int | None = None
+    grace_period: int | None = None
     total_trials: int | None = None  # stop once the study has this many finished trials (all runs)
 
     def study_name_for(self, spec: StudySpec) -> str:

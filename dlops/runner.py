@@ -35,7 +35,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.console import epoch_line, trial_label
-from dlops.data import forbid_test_split, get_dataset
+from dlops.data import Dataset, check_subset_classes, data_identity, forbid_test_split, get_dataset
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
@@ -52,12 +52,21 @@ from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
 from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
-from dlops.storage import StudyStorage, connect, journal_url, mask_url, sqlite_path, storage_kind
+from dlops.storage import (
+    StudyStorage,
+    connect,
+    heartbeat_settings,
+    journal_url,
+    mask_url,
+    sqlite_path,
+    storage_kind,
+)
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
 from dlops.trainers.base import resolve_device
 
 RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
+DATA_KEY = "data"  # study user attr: the data its values are measured on (dlops.data.data_identity)
 BASELINE_ATTR = "baseline"  # user attr of a baseline trial (a retried copy inherits it)
 
 Say = Callable[[str], None]
@@ -76,7 +85,7 @@ def open_study(
     study = optuna.create_study(
         study_name=options.study_name_for(spec),
         storage=storage.optuna,
-        sampler=make_sampler(spec.sampler, base_seed + worker),
+        sampler=make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0)),
         pruner=make_pruner(spec.pruner),
         direction=optuna.study.StudyDirection[spec.direction.upper()],
         load_if_exists=True,
@@ -130,25 +139,31 @@ def check_study_name(name: str) -> None:
         raise DlopsError(f"study name of {len(name)} characters: at most {MAX_STUDY_NAME}")
 
 
+def run_dataset(spec: StudySpec, options: RunOptions) -> Dataset | None:
+    """The dataset (all of it, before any subset) a run of ``spec`` trains on; None for a
+    trainer without one. An unknown or unprepared dataset is a one-line error."""
+    config = trial_config(spec.for_dataset(options.dataset), options, spec.baseline_params(), 0)
+    if not config.dataset:
+        return None
+    return get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
+
+
 def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
-    config, the device, the dataset and its class count. Returns the spec as it runs: on
-    5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
+    config, the storage's heartbeat options, the device, the dataset and its class count
+    (at least 2). Returns the spec as it runs: on 5 classes or fewer a top-5 objective is
+    always 1.0, so such a study optimises top-1."""
     check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
     if options.timeout is not None and options.timeout <= 0:
         raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
+    heartbeat_settings(options.storage or default_storage_url(), options.heartbeat_interval, options.grace_period)
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, baseline_params(spec, options), 0)
     resolve_device(config.device or "auto")
-    if not config.dataset:
+    ds = run_dataset(spec, options)
+    if ds is None:
         return spec
-    ds = get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
-    classes = ds.num_classes
-    subset = config.subset_classes
-    if subset is not None:
-        if not 1 <= subset <= classes:
-            raise DlopsError(f"--subset-classes {subset}: {ds.name} has {classes} classes")
-        classes = subset
+    classes = check_subset_classes(ds, config.subset_classes)
     if spec.metric == "val_top5" and classes <= 5:
         spec = dataclasses.replace(
             spec, metric="val_top1", dataset_metrics={**spec.dataset_metrics, config.dataset: "val_top1"}
@@ -169,10 +184,13 @@ def objective_note(asked: StudySpec, runs: StudySpec) -> str | None:
 ANOTHER = "give this run another --study-name"
 
 
-def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
+def check_same_objective(
+    study: optuna.Study, spec: StudySpec, options: RunOptions, data: dict[str, Any] | None = None
+) -> None:
     """One study, one objective: a run never adds trials of another spec, dataset, metric,
-    direction or fixed settings to an existing study (their values would not compare), nor
-    joins a study dlops did not make (a multi-objective one, say)."""
+    direction, fixed settings or data (``data``: :func:`data_record`, read here when not
+    given) to an existing study (their values would not compare), nor joins a study dlops
+    did not make (a multi-objective one, say)."""
     name = study.study_name
     if len(study.directions) > 1:
         raise DlopsError(f"study {name!r} has {len(study.directions)} objectives; dlops studies have one: {ANOTHER}")
@@ -195,14 +213,75 @@ def check_same_objective(study: optuna.Study, spec: StudySpec, options: RunOptio
             f"study {study.study_name!r} optimises {metric}, this run {spec.metric}: give this run another --study-name"
         )
     check_same_settings(study, spec, options)
+    check_same_data(study, data_record(spec, options) if data is None else data)
+
+
+def data_record(spec: StudySpec, options: RunOptions) -> dict[str, Any] | None:
+    """What a study records of the data a run of ``spec`` measures its values on
+    (:func:`dlops.data.data_identity`), None for a trainer without a dataset."""
+    ds = run_dataset(spec, options)
+    return None if ds is None else data_identity(ds)
+
+
+# What check_same_data compares: a label and the data_identity keys behind it.
+DATA_FIELDS = {
+    "validation hold-out": ("holdout_fraction", "holdout_seed"),
+    "split sizes": ("splits",),
+    "classes": ("classes", "class_ids_sha256"),
+    "source archive": ("source_md5",),
+}
+
+
+def _data_text(data: dict[str, Any], label: str) -> str:
+    if label == "validation hold-out":
+        return f"--val-fraction {data.get('holdout_fraction')} --seed {data.get('holdout_seed')}"
+    if label == "split sizes":
+        return ", ".join(f"{split} {count}" for split, count in (data.get("splits") or {}).items())
+    if label == "classes":
+        return f"{data.get('classes')} (list {data.get('class_ids_sha256')})"
+    return f"md5 {data.get('source_md5')}"
+
+
+def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
+    """A run joins a study only on the data its values were measured on (recorded in the
+    study's ``user_attrs["data"]`` when it was created): the same validation hold-out
+    (fraction and seed), split sizes, classes and, where both are known, source archive.
+    A cache rebuilt since (``dlops data prepare --force --val-fraction ... --seed ...``)
+    would put values measured on two hold-outs side by side. A study from before this
+    record is not checked (the run records it)."""
+    recorded = study.user_attrs.get(DATA_KEY)
+    if data is None or not isinstance(recorded, dict):
+        return
+    changed = [
+        label
+        for label, keys in DATA_FIELDS.items()
+        if any(recorded.get(k) is not None and data.get(k) is not None and recorded[k] != data[k] for k in keys)
+    ]
+    if not changed:
+        return
+    name, dataset = study.study_name, recorded.get("dataset") or study.user_attrs.get("dataset")
+    what = "; ".join(f"{label}: {_data_text(recorded, label)} then, {_data_text(data, label)} now" for label in changed)
+    if "validation hold-out" in changed:
+        fix = (
+            f"rebuild the cache as it was (`dlops data prepare {dataset} --force --val-fraction "
+            f"{recorded.get('holdout_fraction')} --seed {recorded.get('holdout_seed')}`)"
+        )
+    else:
+        fix = "use the data it was measured on"
+    raise DlopsError(
+        f"study {name!r} was measured on other {dataset + ' ' if dataset else ''}data ({what}): "
+        f"its values would not compare; {ANOTHER}, or {fix}"
+    )
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
-    """Labels, and the baseline as trial 0 of a new study. Run under the study lock, so
-    workers starting at once enqueue one baseline. Returns whether the study was new."""
+    """Labels, the data the study is measured on (:func:`data_record`, recorded once), and
+    the baseline as trial 0 of a new study. Run under the study lock, so workers starting
+    at once enqueue one baseline. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
     dataset = options.dataset or spec.train.get("dataset")
-    check_same_objective(study, spec, options)
+    data = data_record(spec, options)
+    check_same_objective(study, spec, options, data)
     if new:  # checkpoints left by a deleted study of the same name are not this study's
         shutil.rmtree(checkpoint_path(study.study_name, 0, options.storage).parent, ignore_errors=True)
     if study.metric_names != [spec.metric]:
@@ -213,6 +292,8 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
     for key, value in (("spec", spec.name), ("trainer", spec.trainer), ("dataset", dataset)):
         if attrs.get(key) != value:
             study.set_user_attr(key, value)
+    if data is not None and not isinstance(attrs.get(DATA_KEY), dict):
+        study.set_user_attr(DATA_KEY, data)
     enqueue_baseline(study, baseline_params(spec, options))
     return new
 
@@ -442,6 +523,13 @@ class RunSlot:
     index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
 
 
+def connect_run(options: RunOptions) -> StudyStorage:
+    """The storage a run writes to, with heartbeats where the storage has them."""
+    url = options.storage or default_storage_url()
+    interval, grace = heartbeat_settings(url, options.heartbeat_interval, options.grace_period)
+    return connect(url, heartbeat_interval=interval, grace_period=grace)
+
+
 def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | None]:
     """(n_trials, total): the finished trials this run adds (``--n-trials``, default the
     spec's), or with ``--total-trials`` the study-wide count every run stops at."""
@@ -484,11 +572,7 @@ def run_study(
     note = objective_note(asked, spec)
     if note and announce:
         say(note)
-    storage = connect(
-        options.storage or default_storage_url(),
-        heartbeat_interval=options.heartbeat_interval,
-        grace_period=options.grace_period,
-    )
+    storage = connect_run(options)
     study = open_study(spec, options, storage, worker)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
@@ -611,7 +695,7 @@ def run_workers(
     note = objective_note(asked, spec)
     if note:
         say(note)
-    storage = connect(url, heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+    storage = connect_run(options)
     name = options.study_name_for(spec)
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)

@@ -27,12 +27,12 @@ def make_sampler(table: dict[str, Any], seed: int | None = None) -> optuna.sampl
 def sampler_seed(base_seed: int, worker: int, run_index: int) -> int:
     """The sampler seed of worker ``worker`` in the ``run_index``-th run to join a study.
 
-    The run that starts a study (index 0) seeds worker k with base + k, so the same spec
-    and seed reproduce a fresh study. A later run (a continuation, the continue command
-    after Ctrl-C, a second machine) gets a seed of its own, derived from its index: it
-    samples new points instead of replaying the first run's."""
+    The run that starts a study (index 0) seeds worker k with base + k (modulo 2**32),
+    so the same spec and seed reproduce a fresh study. A later run (a continuation, the
+    continue command after Ctrl-C, a second machine) gets a seed of its own, derived from
+    its index: it samples new points instead of replaying the first run's."""
     if run_index == 0:
-        return base_seed + worker
+        return (base_seed + worker) % 2**32  # samplers take 0..2**32-1: the top seed wraps
     digest = hashlib.sha256(f"dlops-sampler:{base_seed}:{worker}:{run_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 

@@ -24,7 +24,9 @@ Every message that may show a URL goes through :func:`mask_url`.
 
 Commands that only read (``study list``, ``study show``, ``report``, ``dashboard``, ``final
 --params best``) open a storage with ``create=False``: a SQLite or journal file that does
-not exist is not created (a mistyped ``--storage`` path leaves nothing behind, and says so).
+not exist is not created (a mistyped ``--storage`` path leaves nothing behind, and says so),
+and nothing is created beside one that does (the lock under which a new SQLite database is
+created is taken by writers only). A folder given as the storage is refused in one line.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ _KEY_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<password>[^&\s'\"]+)
 
 JOURNAL_SUFFIXES = (".log", ".journal")
 RETRY_LIMIT = 3  # a trial whose worker keeps dying is retried this often, then left FAIL
+HEARTBEAT_INTERVAL = 60  # seconds between trial heartbeats on a PostgreSQL (RDB) storage, by default
 REDIS_LOCK_TTL = 120  # seconds; a lock whose holder vanished expires after this
 
 
@@ -127,6 +130,39 @@ def sqlite_path(url: str) -> Path | None:
 
     database = make_url(url).database
     return Path(database) if database not in (None, "", ":memory:") else None
+
+
+def heartbeat_settings(url: str, interval: int | None, grace_period: int | None) -> tuple[int | None, int | None]:
+    """The heartbeat interval and grace period (seconds) a run opens ``url`` with.
+
+    Heartbeats exist on PostgreSQL and the other SQLAlchemy databases (not SQLite): the
+    interval defaults to :data:`HEARTBEAT_INTERVAL`, the grace period (None) to twice the
+    interval; a grace period shorter than the interval would fail trials whose workers are
+    alive, and is refused. SQLite and the journal storages have none: an interval or grace
+    period given for one would have no effect, and is refused too (:class:`StorageError`)."""
+    kind = storage_kind(url)
+    if kind not in ("postgresql", "rdb"):
+        given = [
+            name
+            for name, value in (("--heartbeat-interval", interval), ("--grace-period", grace_period))
+            if value is not None
+        ]
+        if given:
+            it = "they" if len(given) > 1 else "it"
+            raise StorageError(
+                f"{' and '.join(given)}: {mask_url(url)} is a {kind} storage, without the heartbeats of PostgreSQL, "
+                f"so {it} would have no effect: leave {'them' if len(given) > 1 else 'it'} out (dlops finds the "
+                "trial of a dead worker by its pid on this machine)"
+            )
+        return None, None
+    interval = HEARTBEAT_INTERVAL if interval is None else interval
+    if grace_period is not None and grace_period < interval:
+        raise StorageError(
+            f"--grace-period {grace_period} is shorter than the heartbeat interval ({interval} s): trials of "
+            "live workers would be failed between two heartbeats; give a grace period of at least the interval "
+            "(by default it is twice the interval)"
+        )
+    return interval, grace_period
 
 
 class NoStorageYet(StorageError):
@@ -319,17 +355,18 @@ def connect(
         # SQLAlchemy splits at the first '@' and would send the rest of the password out as
         # the host name (and print it in the driver's error).
         raise StorageError(f"the password in {mask_url(url)} contains '@': write it as %40 in the URL")
-    if not create:
-        path = storage_file(url)
-        if path is not None and not path.exists():
-            raise NoStorageYet(
-                f"no study storage at {path}: nothing has run with {mask_url(url)} yet "
-                "(check --storage, $DLOPS_STORAGE and $DLOPS_HOME)"
-            )
+    path = storage_file(url)
+    if path is not None and path.is_dir():
+        raise StorageError(f"{mask_url(url)} names the folder {path}, not a study storage file (check --storage)")
+    if not create and path is not None and not path.exists():
+        raise NoStorageYet(
+            f"no study storage at {path}: nothing has run with {mask_url(url)} yet "
+            "(check --storage, $DLOPS_STORAGE and $DLOPS_HOME)"
+        )
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _connect(url, kind, heartbeat_interval, grace_period)
+            return _connect(url, kind, heartbeat_interval, grace_period, create=create)
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
@@ -341,15 +378,18 @@ def connect(
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
 
 
-def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: int | None) -> StudyStorage:
+def _connect(
+    url: str, kind: str, heartbeat_interval: int | None, grace_period: int | None, *, create: bool = True
+) -> StudyStorage:
     if kind == "sqlite":
         _check_sqlite_url(url)
         lock_file = sqlite_path(url)
-        if lock_file is not None:
+        if lock_file is not None and create:
             lock_file.parent.mkdir(parents=True, exist_ok=True)
             # Optuna creates the tables of a new database without a transaction around them:
             # two processes opening one new file at once collide ("table ... already exists").
-            # Whoever holds the lock creates them; the others find them there.
+            # Whoever holds the lock creates them; the others find them there. A reader
+            # (create=False) opens a file that exists and creates nothing, not even this lock.
             with _FileLock(lock_file.with_name(f"{lock_file.name}.dlops-create-lock")):
                 return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
@@ -357,7 +397,8 @@ def _connect(url: str, kind: str, heartbeat_interval: int | None, grace_period: 
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = journal_path(url).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return StudyStorage(url, kind, JournalStorage(JournalFileBackend(str(path))), lock_file=path)
     if kind == "redis":
         import redis

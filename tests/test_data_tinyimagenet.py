@@ -280,6 +280,16 @@ def test_prepare_rebuilds_from_the_extracted_tree_with_another_holdout(good_root
     assert manifest["holdout"]["seed"] == 3 and manifest["source"]["archive"] == "mini.zip"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_hold_out_seed_out_of_range_is_one_line_and_the_cache_survives(good_root: Path, seed: str) -> None:
+    before = snapshot(good_root)
+    line = one_error_line(
+        dlops("data", "prepare", "tiny-imagenet", "--root", str(good_root), "--force", "--seed", seed)
+    )
+    assert "Invalid value for '--seed'" in line, line
+    assert_survived(good_root, before)
+
+
 def test_missing_cache_says_how_to_get_it(tmp_path: Path, dlops_home: Path) -> None:
     with pytest.raises(DatasetNotAvailable, match=r"dlops data fetch tiny-imagenet.*--dataset digits"):
         get_dataset("tiny-imagenet", tmp_path / "empty")

@@ -192,6 +192,53 @@ def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_
     assert [r["name"] for r in list_studies(url)] == ["s"] and find_study(url, "s") is not None
 
 
+def test_reading_a_storage_creates_no_file_beside_it(dlops_home: Path, tmp_path: Path) -> None:
+    """The read commands open an existing SQLite file (here made by Optuna alone) and leave
+    nothing beside it, not even the lock a new database is created under; a folder given as
+    the storage is one line, and nothing appears next to it either."""
+    from data_trees import one_error_line
+    from dlops.dashboard import dashboard_app
+    from dlops.storage import journal_url
+
+    store = tmp_path / "store"
+    store.mkdir()
+    url = f"sqlite:///{store / 'x.db'}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="s", storage=url, direction="maximize").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=1
+    )
+    runner = CliRunner()
+    for command in (["study", "list"], ["study", "show", "s"], ["study", "replay", "s"], ["report"]):
+        result = runner.invoke(app, [*command, "--storage", url])
+        assert "Traceback" not in result.output, (command, result.output)
+    dashboard_app(url)
+    assert [p.name for p in store.iterdir()] == ["x.db"]
+
+    folder = tmp_path / "folder" / "lk"
+    folder.mkdir(parents=True)
+    for bad in (f"sqlite:///{folder}", journal_url(folder)):
+        for command in (["study", "list"], ["study", "show", "s"], ["report"]):
+            line = one_error_line(runner.invoke(app, [*command, "--storage", bad]))
+            assert f"names the folder {folder}, not a study storage file" in line, line
+        with pytest.raises(StorageError, match="names the folder"):
+            dashboard_app(bad)
+    assert [p.name for p in folder.parent.iterdir()] == ["lk"] and not any(folder.iterdir())
+
+
+def test_heartbeat_settings_apply_to_postgresql_only() -> None:
+    from dlops.storage import HEARTBEAT_INTERVAL, heartbeat_settings
+
+    pg = "postgresql://u@127.0.0.1:1/x"
+    assert heartbeat_settings(pg, None, None) == (HEARTBEAT_INTERVAL, None)  # Optuna's default grace: 2x
+    assert heartbeat_settings(pg, 5, 5) == (5, 5) and heartbeat_settings("mysql://u@h/db", None, 90) == (60, 90)
+    with pytest.raises(StorageError, match="--grace-period 4 is shorter than the heartbeat interval"):
+        heartbeat_settings(pg, 5, 4)
+    for url in ("sqlite:///x.db", "journal:///x.log", "redis://127.0.0.1:1/0"):
+        assert heartbeat_settings(url, None, None) == (None, None)
+        with pytest.raises(StorageError, match="without the heartbeats of PostgreSQL, so it would have no effect"):
+            heartbeat_settings(url, 60, None)
+
+
 @pytest.mark.parametrize("folder", ["c9q?x", "p%q", "a%41b", "h#sh", "sp ace%3F"])
 def test_the_default_sqlite_database_stays_under_an_odd_dlops_home(
     folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -714,3 +714,139 @@ def test_a_multi_objective_study_of_another_tool_is_listed_and_refused_in_one_li
         assert result.exit_code == 2, (command, result.output)
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
         assert "'mo' has 2 objectives" in result.output and "not a dlops study" in result.output
+
+
+# --- the data a study is measured on ------------------------------------------------------------
+
+
+def test_a_study_refuses_a_cache_rebuilt_with_another_validation_hold_out(tmp_path: Path, dlops_home: Path) -> None:
+    """A study on a Tiny ImageNet cache records the data it is measured on; after `dlops data
+    prepare --force --val-fraction 0.2 --seed 3` the same run is refused in one line that
+    says what changed and how to go on, and the study stays as it was; with the cache
+    rebuilt as it was, the run joins again."""
+    from data_trees import one_error_line, write_tiny_imagenet, zip_tree
+    from dlops.data.manage import fetch_dataset
+    from dlops.runner import RUNS_KEY, check_run, joinable_counts
+    from dlops.storage import connect
+
+    DATA_KEY = "data"  # the study's user attr
+
+    mini = zip_tree(write_tiny_imagenet(tmp_path / "src"), tmp_path / "mini.zip")  # 3 classes, 10 train images each
+    md5 = fetch_dataset("tiny-imagenet", source=str(mini), workers=1, progress=False)["source"]["md5"]
+    spec = tiny_spec(tmp_path, "ce", epochs=1, per_class=5, overrides={"train": {"dataset": "tiny-imagenet"}})
+    run = ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"]
+    runner = CliRunner()
+    first = runner.invoke(app, run)
+    assert first.exit_code == 0, first.output
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    study = optuna.load_study(study_name="tiny-ce", storage=url)
+    assert study.user_attrs[DATA_KEY] == {
+        "dataset": "tiny-imagenet",
+        "classes": 3,
+        "class_ids_sha256": study.user_attrs[DATA_KEY]["class_ids_sha256"],
+        "splits": {"train": 27, "val": 3},
+        "holdout_fraction": 0.1,
+        "holdout_seed": 0,
+        "source_md5": md5,
+    }
+
+    def stored() -> tuple:
+        s = optuna.load_study(study_name="tiny-ce", storage=url)
+        runs = s._storage.get_study_system_attrs(s._study_id)[RUNS_KEY]
+        return [(t.number, t.state, t.value) for t in s.get_trials()], s.user_attrs, runs
+
+    before = stored()
+    rebuilt = runner.invoke(
+        app, ["data", "prepare", "tiny-imagenet", "--force", "--val-fraction", "0.2", "--seed", "3"]
+    )
+    assert rebuilt.exit_code == 0, rebuilt.output
+    line = one_error_line(runner.invoke(app, run))
+    assert "study 'tiny-ce' was measured on other tiny-imagenet data" in line, line
+    assert "validation hold-out: --val-fraction 0.1 --seed 0 then, --val-fraction 0.2 --seed 3 now" in line, line
+    assert "split sizes: train 27, val 3 then, train 24, val 6 now" in line, line
+    assert (
+        "another --study-name" in line
+        and "dlops data prepare tiny-imagenet --force --val-fraction 0.1 --seed 0" in line
+    )
+    # a run of many workers is refused before it joins too
+    options = RunOptions(n_trials=1, device="cpu")
+    with pytest.raises(DlopsError, match="measured on other tiny-imagenet data"):
+        joinable_counts(connect(url), "tiny-ce", check_run(load_spec(str(spec)), options), options)
+    assert stored() == before
+
+    # another archive (4 classes) under the same name: the classes and the archive changed
+    other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
+    fetch_dataset("tiny-imagenet", source=str(other), force=True, workers=1, progress=False)
+    line = one_error_line(runner.invoke(app, run))
+    assert "classes: 3 (list " in line and "then, 4 (list " in line and f"source archive: md5 {md5} then" in line, line
+    assert "use the data it was measured on" in line, line
+    assert stored() == before
+
+    fetch_dataset("tiny-imagenet", source=str(mini), force=True, workers=1, progress=False)  # the study's data again
+    again = runner.invoke(app, run)
+    assert again.exit_code == 0, again.output
+    assert len(optuna.load_study(study_name="tiny-ce", storage=url).get_trials()) == len(before[0]) + 1
+
+
+def test_a_digits_study_records_its_data_and_one_from_before_the_record_keeps_working(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    DATA_KEY = "data"  # the study's user attr
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5, digits_metric=True)))
+    study = run_study(spec, RunOptions(n_trials=1, device="cpu")).study
+    data = study.user_attrs[DATA_KEY]
+    assert data["classes"] == 10 and data["splits"] == {"train": 1295, "val": 143}  # all of digits, not the subset
+    study.set_user_attr(DATA_KEY, None)  # as a study made before dlops recorded its data
+    study = run_study(spec, RunOptions(n_trials=1, device="cpu")).study
+    assert len(study.get_trials()) == 2 and study.user_attrs[DATA_KEY] == data  # joined, and recorded now
+
+
+# --- options refused in one line before anything is written -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-5"], "Invalid value for '--seed'"),
+        (["--seed", "99999999999"], "Invalid value for '--seed'"),
+        (["--subset-classes", "1"], "--subset-classes 1: a run needs at least 2 classes"),
+        (["--heartbeat-interval", "5"], "--heartbeat-interval: sqlite:///"),
+        (["--heartbeat-interval", "5", "--grace-period", "2"], "--heartbeat-interval and --grace-period: sqlite:///"),
+        (["--grace-period", "2", "--storage", "journal:///{home}/x.log"], "--grace-period: journal:///"),
+        (
+            ["--heartbeat-interval", "5", "--grace-period", "2", "--storage", "postgresql://u@127.0.0.1:1/x"],
+            "--grace-period 2 is shorter than the heartbeat interval (5 s)",
+        ),
+        (["--grace-period", "30", "--storage", "postgresql://u@127.0.0.1:1/x"], "heartbeat interval (60 s)"),
+    ],
+)
+def test_bad_run_options_are_one_line_and_write_nothing(
+    extra: list[str], message: str, tmp_path: Path, dlops_home: Path
+) -> None:
+    from data_trees import one_error_line
+
+    spec = tiny_spec(tmp_path, "triplet", epochs=1, per_class=5)
+    extra = [e.replace("{home}", str(dlops_home)) for e in extra]
+    line = one_error_line(
+        CliRunner().invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu", *extra])
+    )
+    assert message in line, line
+    assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))
+
+
+def test_the_top_sampler_seed_runs_and_wraps_for_a_second_worker(tmp_path: Path, dlops_home: Path) -> None:
+    from dlops.sampling import sampler_seed
+
+    assert sampler_seed(2**32 - 1, 0, 0) == 2**32 - 1 and sampler_seed(2**32 - 1, 1, 0) == 0
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5)))
+    study = run_study(spec, RunOptions(n_trials=1, device="cpu", seed=2**32 - 1), worker=1).study
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_a_final_run_on_one_class_is_one_line_and_writes_nothing(dlops_home: Path) -> None:
+    from data_trees import one_error_line
+
+    args = ["final", "--loss", "triplet", "--dataset", "digits", "--params", "baseline", "--device", "cpu"]
+    line = one_error_line(CliRunner().invoke(app, [*args, "--subset-classes", "1", "--epochs", "1"]))
+    assert "--subset-classes 1: a run needs at least 2 classes" in line, line
+    assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))

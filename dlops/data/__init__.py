@@ -13,7 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from dlops.data.base import Dataset, Split, TestSplitForbidden, first_per_class, forbid_test_split, take_subset
+from dlops.data.base import (
+    Dataset,
+    Split,
+    TestSplitForbidden,
+    check_subset_classes,
+    data_identity,
+    first_per_class,
+    forbid_test_split,
+    take_subset,
+)
 from dlops.errors import DatasetNotAvailable, DlopsError
 
 
@@ -74,6 +83,8 @@ __all__ = [
     "DatasetNotAvailable",
     "Split",
     "TestSplitForbidden",
+    "check_subset_classes",
+    "data_identity",
     "first_per_class",
     "forbid_test_split",
     "get_dataset",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +58,10 @@ class Dataset:
     test_reads: int = 0
     # checks the stored test split (raises DatasetNotAvailable when damaged); None: nothing stored to check
     verify_test: Callable[[], object] | None = field(default=None, repr=False)
+    # How a cached dataset was built, from its manifest (:func:`dlops.data.cache.open_dataset`):
+    # the hold-out's fraction and seed, the split sizes, the source archive's md5. Empty for a
+    # built-in dataset (digits: its split is fixed in the code).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -133,4 +139,35 @@ def take_subset(ds: Dataset, num_classes: int | None = None, per_class: int | No
         load_test=lambda: restrict(load_test(), None),
         hflip=ds.hflip,
         crop_padding=ds.crop_padding,
+        provenance=ds.provenance,
     )
+
+
+def check_subset_classes(ds: Dataset, n: int | None) -> int:
+    """The number of classes a run on ``ds`` trains on with a subset of ``n`` classes (None:
+    all). Fewer than 2 (every validation score is 1.0, a triplet batch has no negative) or
+    more than ``ds`` has is a :class:`DlopsError` in one line."""
+    if n is None:
+        return ds.num_classes
+    if n < 2:
+        raise DlopsError(
+            f"--subset-classes {n}: a run needs at least 2 classes (on one class every prediction is right "
+            "and the triplet loss has no negatives)"
+        )
+    if n > ds.num_classes:
+        raise DlopsError(f"--subset-classes {n}: {ds.name} has {ds.num_classes} classes")
+    return n
+
+
+def data_identity(ds: Dataset) -> dict[str, Any]:
+    """What tells the data a study measures its values on from other data under the same
+    name (``dataset``): the class count and list (a hash), the split sizes and, for a cached dataset, the
+    validation hold-out's fraction and seed and the archive it was built from (its md5,
+    None when the cache was prepared from a tree of unknown origin). JSON-ready."""
+    identity: dict[str, Any] = {
+        "dataset": ds.name,
+        "classes": ds.num_classes,
+        "class_ids_sha256": hashlib.sha256("\n".join(ds.class_ids).encode()).hexdigest()[:16],
+        "splits": {"train": len(ds.train), "val": len(ds.val)},
+    }
+    return {**identity, **ds.provenance}

@@ -181,6 +181,13 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
     manifest = read_manifest(root, name)
     root_path = resolve_root(root)
     classes = len(manifest["class_ids"])
+    holdout, source = (v if isinstance(v := manifest.get(k), dict) else {} for k in ("holdout", "source"))
+    provenance = {
+        "splits": {split: count for split, count in manifest["splits"].items() if split != "test"},
+        "holdout_fraction": holdout.get("fraction"),
+        "holdout_seed": holdout.get("seed"),
+        "source_md5": source.get("md5"),
+    }
     return Dataset(
         name=name,
         class_ids=list(manifest["class_ids"]),
@@ -191,6 +198,7 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
         verify_test=lambda: open_split(root_path, name, "test", classes),
         hflip=hflip,
         crop_padding=crop_padding,
+        provenance=provenance,
     )
 
 
