@@ -142,7 +142,7 @@ def check_study_name(name: str) -> None:
 def run_dataset(spec: StudySpec, options: RunOptions) -> Dataset | None:
     """The dataset (all of it, before any subset) a run of ``spec`` trains on; None for a
     trainer without one. An unknown or unprepared dataset is a one-line error."""
-    config = trial_config(spec.for_dataset(options.dataset), options, spec.baseline_params(), 0)
+    config = trial_config(spec.for_dataset(options.dataset), options, baseline_params(spec, options), 0)
     if not config.dataset:
         return None
     return get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
