@@ -193,6 +193,9 @@ def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch:
     assert result.history["lr"] == pytest.approx([config.lr * resnet._lr_factor(config, e) for e in range(4)])
     with pytest.raises(DlopsError, match="warmup_epochs must be an integer >= 0, got -1"):
         validate_config(small("ce", warmup_epochs=-1))
+    with pytest.raises(DlopsError, match="warmup_epochs = 5 is more than the 4 epochs of the run"):
+        validate_config(small("ce", epochs=4, warmup_epochs=5))  # the lr would stop short of its value
+    validate_config(small("ce", epochs=4, warmup_epochs=4))
 
 
 @pytest.mark.parametrize(

@@ -372,6 +372,11 @@ def validate_config(config: TrainConfig) -> None:
     check_range(config, "margin", 0)  # a distance (in [0, 2] between normalised embeddings)
     check_range(config, "center_lambda", 0)  # 0: plain cross-entropy
     check_range(config, "center_alpha", 0, 1)  # the share of the way to the batch means a center moves
+    if config.warmup_epochs > config.epochs:
+        raise DlopsError(
+            f"warmup_epochs = {config.warmup_epochs} is more than the {config.epochs} epochs of the run: "
+            "its lr would never reach lr"
+        )
 
 
 def _test_figures(
