@@ -26,7 +26,9 @@ Commands that only read (``study list``, ``study show``, ``report``, ``dashboard
 --params best``) open a storage with ``create=False``: a SQLite or journal file that does
 not exist is not created (a mistyped ``--storage`` path leaves nothing behind, and says so),
 and nothing is created beside one that does (the lock under which a new SQLite database is
-created is taken by writers only). A folder given as the storage is refused in one line.
+created is taken by writers only). A folder given as the storage is refused in one line,
+and so is a SQLite file that is not a study storage (another program's database, or not
+a database): Optuna never adds its tables to it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import re
+import sqlite3
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -378,6 +381,31 @@ def connect(
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
 
 
+# Tables every Optuna RDB storage has (Optuna creates them all at once, under the create lock).
+_OPTUNA_TABLES = {"studies", "version_info"}
+
+
+def _check_sqlite_file(url: str, path: Path, create: bool) -> None:
+    """A SQLite file that exists must be a study storage, or (for a writer) an empty
+    database: Optuna would otherwise add its tables to another program's database, or a
+    reader would create them in an empty file."""
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{mask_url(url)}: {path} is not a SQLite database ({exc}); check --storage") from None
+    if not tables and not create:
+        raise NoStorageYet(f"no study storage at {path}: the file holds no tables (check --storage)")
+    if tables and not tables >= _OPTUNA_TABLES:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"{mask_url(url)}: {path} is another program's SQLite database (tables {listed}), "
+            "not a study storage: give another --storage path"
+        )
+
+
 def _connect(
     url: str, kind: str, heartbeat_interval: int | None, grace_period: int | None, *, create: bool = True
 ) -> StudyStorage:
@@ -391,7 +419,10 @@ def _connect(
             # Whoever holds the lock creates them; the others find them there. A reader
             # (create=False) opens a file that exists and creates nothing, not even this lock.
             with _FileLock(lock_file.with_name(f"{lock_file.name}.dlops-create-lock")):
+                _check_sqlite_file(url, lock_file, create)
                 return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
+        if lock_file is not None:
+            _check_sqlite_file(url, lock_file, create)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
         from optuna.storages.journal import JournalFileBackend, JournalStorage

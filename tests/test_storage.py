@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dlops.cli import app
 from dlops.errors import StorageError
-from dlops.storage import connect, journal_path, mask_url, storage_kind
+from dlops.storage import NoStorageYet, connect, journal_path, mask_url, storage_kind
 from dlops.studies import list_studies
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -387,3 +387,37 @@ def test_a_file_of_other_json_lines_given_as_a_journal_says_so(tmp_path: Path) -
     (line,) = result.output.strip().splitlines()
     assert f"{other} is not an Optuna journal file" in line, line
     assert other.read_text() == '{"a": 1}\n'  # left as it was
+
+
+def test_another_programs_sqlite_database_is_never_given_optuna_tables(tmp_path: Path) -> None:
+    """A SQLite file of another program named as the storage: every command refuses it in
+    one line and leaves it as it was (Optuna once added its tables to it); an empty file is
+    no storage yet for a reader, and becomes one for a writer."""
+    import sqlite3
+
+    theirs = tmp_path / "app.db"
+    with sqlite3.connect(theirs) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("INSERT INTO users (name) VALUES ('ada')")
+    before = theirs.read_bytes()
+    for command in (["study", "list"], ["study", "show", "x"], ["report"]):
+        result = CliRunner().invoke(app, [*command, "--storage", f"sqlite:///{theirs}"])
+        assert result.exit_code != 0, (command, result.output)
+        (line,) = result.output.strip().splitlines()
+        assert "is another program's SQLite database (tables users)" in line, line
+    with pytest.raises(StorageError, match="another program's SQLite database"):
+        connect(f"sqlite:///{theirs}")  # a writer too
+    assert theirs.read_bytes() == before
+
+    text = tmp_path / "notes.db"
+    text.write_text("not a database at all, just some text that is long enough to have a header\n" * 3)
+    with pytest.raises(StorageError, match="is not a SQLite database"):
+        connect(f"sqlite:///{text}", create=False)
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(NoStorageYet, match="holds no tables"):
+        connect(f"sqlite:///{empty}", create=False)
+    assert empty.stat().st_size == 0
+    connect(f"sqlite:///{empty}")  # a writer makes it a study storage
+    assert connect(f"sqlite:///{empty}", create=False) is not None
