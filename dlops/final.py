@@ -46,7 +46,7 @@ from typing import Any
 import optuna
 
 from dlops.dashboard import attach_artifacts, withdraw_artifacts
-from dlops.data import check_subset_classes, get_dataset
+from dlops.data import check_subset_classes, data_change_text, data_changes, data_identity, get_dataset
 from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError
 from dlops.io import (
@@ -425,6 +425,16 @@ def run_final(
         dataset = get_dataset(configs[0].dataset, Path(root) if root else None)
         check_subset_classes(dataset, configs[0].subset_classes)
         dataset.check_test()  # a damaged test cache: now, not after training
+        if study is not None and chosen.source.get("kind") == "trial":
+            recorded = study.user_attrs.get("data")  # the data the study measured its trials on
+            now = data_identity(dataset)
+            same_name = isinstance(recorded, dict) and recorded.get("dataset") == dataset.name
+            changed = data_changes(recorded, now) if same_name else []
+            if changed and isinstance(recorded, dict):
+                say(
+                    f"note: study {study.study_name!r} chose trial {chosen.source['trial']} on other data "
+                    f"({data_change_text(recorded, now, changed)}); this run trains on the data as it is now"
+                )
 
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}
     with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):

@@ -35,7 +35,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.console import epoch_line, trial_label
-from dlops.data import Dataset, check_subset_classes, data_identity, forbid_test_split, get_dataset
+from dlops.data import (
+    Dataset,
+    check_subset_classes,
+    data_change_text,
+    data_changes,
+    data_identity,
+    forbid_test_split,
+    get_dataset,
+)
 from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
@@ -223,25 +231,6 @@ def data_record(spec: StudySpec, options: RunOptions) -> dict[str, Any] | None:
     return None if ds is None else data_identity(ds)
 
 
-# What check_same_data compares: a label and the data_identity keys behind it.
-DATA_FIELDS = {
-    "validation hold-out": ("holdout_fraction", "holdout_seed"),
-    "split sizes": ("splits",),
-    "classes": ("classes", "class_ids_sha256"),
-    "source archive": ("source_md5",),
-}
-
-
-def _data_text(data: dict[str, Any], label: str) -> str:
-    if label == "validation hold-out":
-        return f"--val-fraction {data.get('holdout_fraction')} --seed {data.get('holdout_seed')}"
-    if label == "split sizes":
-        return ", ".join(f"{split} {count}" for split, count in (data.get("splits") or {}).items())
-    if label == "classes":
-        return f"{data.get('classes')} (list {data.get('class_ids_sha256')})"
-    return f"md5 {data.get('source_md5')}"
-
-
 def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
     """A run joins a study only on the data its values were measured on (recorded in the
     study's ``user_attrs["data"]`` when it was created): the same validation hold-out
@@ -250,17 +239,11 @@ def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
     would put values measured on two hold-outs side by side. A study from before this
     record is not checked (the run records it)."""
     recorded = study.user_attrs.get(DATA_KEY)
-    if data is None or not isinstance(recorded, dict):
-        return
-    changed = [
-        label
-        for label, keys in DATA_FIELDS.items()
-        if any(recorded.get(k) is not None and data.get(k) is not None and recorded[k] != data[k] for k in keys)
-    ]
-    if not changed:
+    changed = data_changes(recorded, data)
+    if not changed or not isinstance(recorded, dict) or data is None:
         return
     name, dataset = study.study_name, recorded.get("dataset") or study.user_attrs.get("dataset")
-    what = "; ".join(f"{label}: {_data_text(recorded, label)} then, {_data_text(data, label)} now" for label in changed)
+    what = data_change_text(recorded, data, changed)
     if "validation hold-out" in changed:
         fix = (
             f"rebuild the cache as it was (`dlops data prepare {dataset} --force --val-fraction "

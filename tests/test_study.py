@@ -773,6 +773,12 @@ def test_a_study_refuses_a_cache_rebuilt_with_another_validation_hold_out(tmp_pa
     with pytest.raises(DlopsError, match="measured on other tiny-imagenet data"):
         joinable_counts(connect(url), "tiny-ce", check_run(load_spec(str(spec)), options), options)
     assert stored() == before
+    # a reference run of the study's best trial on the rebuilt cache says so, and trains
+    final = runner.invoke(app, ["final", str(spec), "--device", "cpu", "--epochs", "1"])
+    assert final.exit_code == 0, final.output
+    note = " ".join(final.output.split())
+    assert "note: study 'tiny-ce' chose trial 0 on other data (validation hold-out: --val-fraction 0.1" in note, note
+    assert "this run trains on the data as it is now" in note
 
     # another archive (4 classes) under the same name: the classes and the archive changed
     other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")

@@ -171,3 +171,38 @@ def data_identity(ds: Dataset) -> dict[str, Any]:
         "splits": {"train": len(ds.train), "val": len(ds.val)},
     }
     return {**identity, **ds.provenance}
+
+
+# What check_same_data compares: a label and the data_identity keys behind it.
+DATA_FIELDS = {
+    "validation hold-out": ("holdout_fraction", "holdout_seed"),
+    "split sizes": ("splits",),
+    "classes": ("classes", "class_ids_sha256"),
+    "source archive": ("source_md5",),
+}
+
+
+def data_text(data: dict[str, Any], label: str) -> str:
+    if label == "validation hold-out":
+        return f"--val-fraction {data.get('holdout_fraction')} --seed {data.get('holdout_seed')}"
+    if label == "split sizes":
+        return ", ".join(f"{split} {count}" for split, count in (data.get("splits") or {}).items())
+    if label == "classes":
+        return f"{data.get('classes')} (list {data.get('class_ids_sha256')})"
+    return f"md5 {data.get('source_md5')}"
+
+
+def data_changes(recorded: Any, data: dict[str, Any] | None) -> list[str]:
+    """What differs between the data a study recorded and ``data`` (labels of DATA_FIELDS;
+    empty where either is unknown)."""
+    if data is None or not isinstance(recorded, dict):
+        return []
+    return [
+        label
+        for label, keys in DATA_FIELDS.items()
+        if any(recorded.get(k) is not None and data.get(k) is not None and recorded[k] != data[k] for k in keys)
+    ]
+
+
+def data_change_text(recorded: dict[str, Any], data: dict[str, Any], changed: list[str]) -> str:
+    return "; ".join(f"{label}: {data_text(recorded, label)} then, {data_text(data, label)} now" for label in changed)
