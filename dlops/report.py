@@ -464,8 +464,8 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
         never a study of another spec, whatever its name."""
         final = loaded.get(name) or {}
         recorded = (final.get("study") or {}).get("name")
-        if of_spec(recorded, name, named_by_run=True):
-            return recorded
+        if recorded is not None:  # the run's own study, or none if it is gone: never a stand-in
+            return recorded if of_spec(recorded, name, named_by_run=True) else None
         dataset = (final.get("dataset") or {}).get("name")
         if name in builtin and dataset:
             derived = load_spec(name).study_name(dataset)

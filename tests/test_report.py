@@ -501,3 +501,21 @@ def test_a_study_of_another_spec_is_never_shown_as_a_specs_study(dlops_home, spe
     assert f"`dlops final resnet18-ce --study-name {study_name}` trains one" in text
     index = result.index.read_text()
     assert f"study `{study_name}` (spec `resnet18-ce`)" in index and f"({own.folder}/report.md)" in index
+
+
+def test_a_reference_run_whose_study_is_gone_takes_no_stand_in(dlops_home):
+    """The final.json of resnet18-ce names study `resnet18-ce-digits`, since deleted; a study
+    named `resnet18-ce` (the spec's own name, of that spec) once took over the column: its
+    best value and plots next to a reference run it had nothing to do with."""
+    dlops_home.mkdir(parents=True)
+    final = make_final("resnet18-ce", "ce", [0.6])
+    final["study"] = {"name": "resnet18-ce-digits", "storage": "sqlite:///x"}
+    write_final(dlops_home, final)
+    make_study(dlops_home, "resnet18-ce", n=2, loss="ce")  # of the spec, not the run's
+
+    result = build_report()
+    entries = {e.folder: e for e in result.entries}
+    assert entries["resnet18-ce"].study is None and entries["resnet18-ce"].final is not None
+    assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
+    (other,) = [e for e in result.entries if e.study is not None]
+    assert other.study.study_name == "resnet18-ce" and other.final is None and other.folder != "resnet18-ce"
