@@ -155,9 +155,16 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DlopsError(f"--params {path}: not valid JSON: {exc}") from None
-    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
-        raw = raw["params"]  # an earlier final.json
-    if not isinstance(raw, dict) or not raw:
+    earlier_final = isinstance(raw, dict) and isinstance(raw.get("params"), dict)
+    if earlier_final:  # an earlier final.json: its params (empty: the spec trained as it is)
+        made_by = raw.get("trainer")
+        if isinstance(made_by, str) and made_by != spec.trainer:
+            raise DlopsError(
+                f"--params {path}: a reference run of spec {raw.get('spec')!r} (trainer {made_by}), and "
+                f"{spec.name} trains with {spec.trainer}: its settings do not apply; give that spec"
+            )
+        raw = raw["params"]
+    if not isinstance(raw, dict) or not (raw or earlier_final):
         raise DlopsError(f'--params {path}: expected a JSON object of settings, e.g. {{"lr": 0.01}}')
     trainer = get_trainer(spec.trainer)
     config_class = trainer.config_class

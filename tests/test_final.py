@@ -487,6 +487,38 @@ def test_cli_final_refuses_a_params_file_of_the_wrong_types(dlops_home, tmp_path
     assert not (dlops_home / "reports").exists()
 
 
+def test_a_params_file_that_is_another_trainers_final_json_is_refused(dlops_home, tmp_path):
+    """`final autoencoder --params <a resnet18-ce final.json>` took its lr silently."""
+    from dlops.cli import app
+
+    path = tmp_path / "final.json"
+    path.write_text(json.dumps({"spec": "resnet18-ce", "trainer": "resnet18", "params": {"lr": 0.05}}))
+    result = CliRunner().invoke(app, ["final", "autoencoder", "--dataset", "digits", "--params", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: --params {path}: a reference run of spec 'resnet18-ce' (trainer resnet18), and autoencoder "
+        "trains with autoencoder: its settings do not apply; give that spec"
+    ]
+    assert not (dlops_home / "reports").exists()
+
+
+def test_a_final_json_with_no_params_retrains_the_spec_as_it_is(dlops_home, tmp_path):
+    """A reference run of a spec that searches nothing has `"params": {}`; giving its
+    final.json back trains the same settings (it was refused as "expected a JSON object")."""
+    from dlops.cli import app
+
+    path = tmp_path / "final.json"
+    path.write_text(json.dumps({"spec": "resnet18-ce", "trainer": "resnet18", "params": {}}))
+    args = ["final", "--loss", "ce", "--dataset", "digits", "--params", str(path), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "1", "--subset-per-class", "5"])
+    assert result.exit_code == 0, result.output
+    from dlops.spec import load_spec
+
+    final = json.loads((dlops_home / "reports" / "resnet18-ce" / "final.json").read_text())
+    assert final["params"] == {} and final["params_source"]["kind"] == "file"
+    assert final["config"]["lr"] == load_spec("resnet18-ce").config("digits").lr
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
