@@ -243,9 +243,18 @@ def parse_pruner(text: str) -> dict[str, Any]:
     table: dict[str, Any] = {"type": kind}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not re.fullmatch(r"[a-z_]+", key.strip()):
+        key = key.strip()
+        if not eq or not re.fullmatch(r"[a-z_]+", key):
             raise ReplayError(f"pruner setting {item!r} in {text!r} is not key=value")
-        table[key.strip()] = _scalar(value.strip())
+        if key == "type":
+            raise ReplayError(f"pruner setting {item!r} in {text!r}: the type comes before the colon (TYPE:key=value)")
+        if key in table:
+            raise ReplayError(f"pruner setting {key!r} appears twice in {text!r}")
+        table[key] = _scalar(value.strip())
+    try:
+        make_pruner(table)  # a key the type does not take, a bad value: one line naming the text
+    except DlopsError as exc:
+        raise ReplayError(f"pruner {text!r}: {str(exc).removeprefix('[pruner]: ')}") from None
     return table
 
 

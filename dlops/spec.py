@@ -544,7 +544,8 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     _check_keys(final, FINAL_KEYS, "[final]")
 
     pruner = dict(raw.get("pruner", {"type": "median"}))
-    if pruner.get("type", "median") not in PRUNERS:
+    kind = pruner.get("type", "median")
+    if not isinstance(kind, str) or kind not in PRUNERS:
         raise SpecError(f"[pruner]: unknown type {pruner.get('type')!r} ({', '.join(sorted(PRUNERS))})")
     sampler = dict(raw.get("sampler", {"type": "tpe", "seed": 0}))
     _check_sampler(sampler)

@@ -146,6 +146,31 @@ def test_parse_pruner_matches_the_spec_table():
         parse_pruner("patient")
     with pytest.raises(ReplayError, match="n_warmup"):
         replay(Curves(trials=[TrialCurve(0, [0.5])]), ["median:n_warmup=1"])
+    # a setting the type does not take, or a second type, is refused, not ignored
+    with pytest.raises(ReplayError, match=r"pruner 'none:foo=bar': type none does not take 'foo' \(takes no"):
+        parse_pruner("none:foo=bar")
+    with pytest.raises(ReplayError, match="the type comes before the colon"):
+        parse_pruner("median:type=hyperband")
+    with pytest.raises(ReplayError, match="'n_warmup_steps' appears twice"):
+        parse_pruner("median:n_warmup_steps=1,n_warmup_steps=2")
+    with pytest.raises(ReplayError, match="type median does not take 'min_resource'"):
+        replay(Curves(trials=[TrialCurve(0, [0.5])]), [{"type": "median", "min_resource": 1}])
+
+
+@pytest.mark.parametrize(
+    ("pruner", "message"),
+    [
+        ("none:foo=bar", "type none does not take 'foo'"),
+        ("median:type=hyperband", "the type comes before the colon"),
+    ],
+)
+def test_cli_refuses_a_pruner_setting_the_type_does_not_take(tmp_path: Path, pruner: str, message: str):
+    path = tmp_path / "c.json"
+    write_curves(curves_from_study(known_study()), path)
+    out = CliRunner().invoke(app, ["study", "replay", str(path), "--pruner", pruner])
+    assert out.exit_code != 0
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), out.output
 
 
 def test_cli_replays_a_stored_study_and_refuses_a_pruned_one(dlops_home: Path):

@@ -155,6 +155,17 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             {"search": {"width": Add({"type": "categorical", "choices": [[8, 16]]})}},
             "[search.width]: a choice is a number, a string or true/false, not [8, 16]",
         ),
+        # a pruner key the type does not take is refused, not ignored
+        (
+            {"pruner": Add({"type": "none", "n_startup_trials": 5})},
+            "[pruner]: type none does not take 'n_startup_trials' (takes no settings)",
+        ),
+        ({"pruner": Add({"type": "none", "bogus": 1})}, "[pruner]: type none does not take 'bogus'"),
+        (
+            {"pruner": Add({"type": "median", "min_resource": 1})},
+            "[pruner]: type median does not take 'min_resource' (takes n_startup_trials, n_warmup_steps",
+        ),
+        ({"pruner": Add({"type": ["median"]})}, "[pruner]: unknown type ['median']"),
         # log and step as Optuna takes them: a string is not false, a step divides the range
         ({"search": {"lr": {"log": "false"}}}, "[search.lr]: log = 'false' should be true or false"),
         (
