@@ -325,7 +325,7 @@ def study_replay(
         pruner = list(DEFAULT_CANDIDATES)
         try:
             own = pruner_label(dict(load_spec(curves.spec).pruner)) if curves.spec else None
-        except DlopsError:
+        except (DlopsError, OSError, ValueError):  # a spec the curves name that cannot be read: no own pruner
             own = None
         if own and own not in pruner:
             pruner.append(own)

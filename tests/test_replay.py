@@ -131,6 +131,55 @@ def test_curves_json_round_trip_and_bad_files(tmp_path: Path):
         read_curves(bad)
 
 
+BIG = "9" * 400  # an integer no float holds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"number": "abc", "values": [0.5]}', "trials[0]: number must be a non-negative integer, not 'abc'"),
+        ('{"number": null, "values": [0.5]}', "trials[0]: number must be a non-negative integer, not None"),
+        ('{"number": 0, "values": [0.5], "params": "xyz"}', "trials[0]: params must be an object or null, not 'xyz'"),
+        ('{"number": 0, "values": [' + BIG + "]}", "trials[0]: values must be finite numbers"),
+        ('{"number": 0, "values": [0.5], "value": ' + BIG + "}", "trials[0]: value must be a finite number or null"),
+        (
+            '{"number": 5, "values": [0.5, 0.9]}, {"number": 5, "values": [0.05, 0.1]}',
+            "trials[1]: trial number 5 appears twice (also trials[0])",
+        ),
+    ],
+)
+def test_a_malformed_trial_in_a_curves_file_is_refused_in_one_line(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "dlops-curves", "trials": [' + text + "]}")
+    with pytest.raises(ReplayError) as info:
+        read_curves(path)
+    assert str(info.value) == f"{path}: {message}"
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"settings": [1, 2]}, "settings must be an object or null, not [1, 2]"),
+        ({"spec": 123}, "spec must be a string or null, not 123"),
+        ({"metric": ["val_top1"]}, "metric must be a string or null, not ['val_top1']"),
+    ],
+)
+def test_a_malformed_curves_file_header_is_refused_in_one_line(tmp_path: Path, extra: dict, message: str):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "dlops-curves", "trials": [{"number": 0, "values": [0.5]}], **extra}))
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: {message}"]
+
+
+def test_a_curves_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"format": "dlops-curves", "source": "caf\xe9", "trials": []}')
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: not JSON (not UTF-8 text)"]
+
+
 def test_parse_pruner_matches_the_spec_table():
     assert parse_pruner("median:n_startup_trials=3,n_warmup_steps=1") == {
         "type": "median",
