@@ -322,3 +322,50 @@ def test_a_study_without_learning_curves_is_refused_in_one_line_and_reported(dlo
     index = build_report(url).index.read_text()
     assert "| pruning: epochs trained | no per-epoch values recorded |" in index
     assert "- pruning: no per-epoch values recorded" in (dlops_home / "reports" / "plain" / "report.md").read_text()
+
+
+def _plain_optuna_study(url: str, name: str) -> None:
+    """A study made by plain Optuna, whose user attrs mean nothing to dlops."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(storage=url, study_name=name, direction="maximize")
+    study.set_user_attr("spec", 5)
+    dist = {"x": FloatDistribution(0, 1)}
+    for x, state, value, curve, config in (
+        (0.1, TrialState.COMPLETE, 0.5, {0: 0.3, 1: 0.5}, "abc"),
+        (0.2, TrialState.PRUNED, None, {0: 0.1}, {"epochs": "abc"}),
+        (0.3, TrialState.PRUNED, None, {0: 0.2}, "zzz"),
+    ):
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=value,
+                params={"x": x},
+                distributions=dist,
+                intermediate_values=curve,
+                user_attrs={"config": config},
+            )
+        )
+
+
+def test_show_and_replay_treat_malformed_attrs_of_a_plain_optuna_study_as_absent(dlops_home: Path):
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'plain.db'}"
+    _plain_optuna_study(url, "plain")
+    runner = CliRunner()
+    out = runner.invoke(app, ["study", "show", "plain", "--storage", url, "--json"])
+    assert out.exit_code == 0, out.output
+    # the pruned trials count at the longest complete trial's 2 epochs: no config says otherwise
+    assert json.loads(out.output)["epochs"] == {
+        "trained": 4,
+        "unpruned": 6,
+        "share": 4 / 6,
+        "pruned_stop_epochs": {"1": 1, "2": 1},
+    }
+    out = runner.invoke(app, ["study", "show", "plain", "--storage", url])
+    assert out.exit_code == 0 and "epochs trained: 4 of the 6" in out.output, out.output
+    out = runner.invoke(app, ["study", "replay", "plain", "--storage", url, "--complete-only", "--json"])
+    assert out.exit_code == 0, out.output
+    replayed = json.loads(out.output)
+    assert replayed["spec"] is None and replayed["results"][0]["total_epochs"] == 2 and replayed["chosen"] == "none"
