@@ -405,7 +405,8 @@ def replay_one(
     if finals:
         best_trial = min(finals, key=lambda n: rank_of[n])
         best_value, best_rank = finals[best_trial], rank_of[best_trial]
-        gap = abs(unpruned_best - best_value)  # type: ignore[operator]
+        # the same value is no gap, infinite ones included (inf - inf is nan)
+        gap = 0.0 if best_value == unpruned_best else abs(unpruned_best - best_value)  # type: ignore[operator]
     return ReplayResult(
         pruner=pruner_label(table),
         table=dict(table),

@@ -369,3 +369,37 @@ def test_show_and_replay_treat_malformed_attrs_of_a_plain_optuna_study_as_absent
     assert out.exit_code == 0, out.output
     replayed = json.loads(out.output)
     assert replayed["spec"] is None and replayed["results"][0]["total_epochs"] == 2 and replayed["chosen"] == "none"
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_and_an_infinite_best_is_kept_by_the_pruner_that_keeps_it(dlops_home: Path):
+    """A plain Optuna study may hold inf: --json writes null for it (Infinity is not JSON),
+    and a pruner that keeps the trial of value inf keeps the best (inf - inf is no gap)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'inf.db'}"
+    study = optuna.create_study(storage=url, study_name="inf", direction="maximize")
+    dist = {"x": FloatDistribution(0, 1)}
+    for x, curve in ((0.1, {0: 0.2, 1: 0.5}), (0.2, {0: 0.3, 1: float("inf")})):
+        study.add_trial(create_trial(value=curve[1], params={"x": x}, distributions=dist, intermediate_values=curve))
+    runner = CliRunner()
+    out = runner.invoke(app, ["study", "show", "inf", "--storage", url, "--json"])
+    assert out.exit_code == 0, out.output
+    shown = _strict_json(out.output)
+    assert [t["value"] for t in shown["trials"]] == [0.5, None] and shown["best"]["number"] == 1
+    out = runner.invoke(app, ["study", "replay", "inf", "--storage", url, "--pruner", "none", "--json"])
+    assert out.exit_code == 0, out.output
+    (none,) = _strict_json(out.output)["results"]
+    assert none["best_trial"] == 1 and none["best_value"] is None and none["gap"] == 0.0 and none["kept_best"]
+    out = runner.invoke(app, ["study", "replay", "inf", "--storage", url, "--pruner", "none"])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if line.startswith("none"))
+    assert row.split()[-1] == "yes"
