@@ -285,7 +285,9 @@ def study_show(
 
     info = describe_study(name, storage or default_storage_url())
     if as_json:
-        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        from dlops.io import json_safe
+
+        sys.stdout.write(json.dumps(json_safe(info), indent=2, default=str) + "\n")  # strict: no NaN, Infinity
         return
     out.print_study_trials(info)
 
@@ -325,28 +327,32 @@ def study_replay(
         pruner = list(DEFAULT_CANDIDATES)
         try:
             own = pruner_label(dict(load_spec(curves.spec).pruner)) if curves.spec else None
-        except DlopsError:
+        except (DlopsError, OSError, ValueError):  # a spec the curves name that cannot be read: no own pruner
             own = None
         if own and own not in pruner:
             pruner.append(own)
     results = replay(curves, pruner, complete_only=complete_only, tolerance=tolerance)
     chosen = choose(results)
     if as_json:
+        from dlops.io import json_safe
+
         sys.stdout.write(
             json.dumps(
-                {
-                    "source": curves.source,
-                    "spec": curves.spec,
-                    "dataset": curves.dataset,
-                    "metric": curves.metric,
-                    "direction": curves.direction,
-                    "settings": curves.settings,
-                    "trials": len(curves.trials),
-                    "complete_only": complete_only,
-                    "tolerance": tolerance,
-                    "chosen": chosen.pruner if chosen else None,
-                    "results": [r.to_dict() for r in results],
-                },
+                json_safe(  # strict JSON: a non-finite value (a plain Optuna study's inf) is null
+                    {
+                        "source": curves.source,
+                        "spec": curves.spec,
+                        "dataset": curves.dataset,
+                        "metric": curves.metric,
+                        "direction": curves.direction,
+                        "settings": curves.settings,
+                        "trials": len(curves.trials),
+                        "complete_only": complete_only,
+                        "tolerance": tolerance,
+                        "chosen": chosen.pruner if chosen else None,
+                        "results": [r.to_dict() for r in results],
+                    }
+                ),
                 indent=2,
             )
             + "\n"

@@ -109,7 +109,13 @@ class Curves:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A number that is finite as a float (an integer of 400 digits is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def curves_from_study(study: optuna.Study) -> Curves:
@@ -128,49 +134,79 @@ def curves_from_study(study: optuna.Study) -> Curves:
         direction="maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize",
         metric=study.metric_names[0] if study.metric_names else None,
         source=study.study_name,
-        spec=study.user_attrs.get("spec"),
-        dataset=study.user_attrs.get("dataset"),
+        spec=_text_attr(study.user_attrs.get("spec")),  # a study made by plain Optuna may hold anything
+        dataset=_text_attr(study.user_attrs.get("dataset")),
     )
+
+
+def _text_attr(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def write_curves(curves: Curves, path: Path) -> None:
     write_text_atomic(path, json.dumps(curves.to_dict(), indent=1) + "\n")
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short enough for one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def read_curves(path: Path) -> Curves:
-    """Curves from a dlops-curves JSON file; anything else is refused in one line."""
+    """Curves from a dlops-curves JSON file; anything else is refused in one line naming
+    the file and what is wrong."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ReplayError(f"cannot read curves file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ReplayError(f"{path}: not JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise ReplayError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of too many digits, nesting too deep
+        raise ReplayError(f"{path}: not JSON dlops can read ({exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("trials"), list):
         raise ReplayError(f"{path}: not a {FORMAT} file (a JSON object with format {FORMAT!r} and a trials list)")
     if raw.get("direction", "maximize") not in ("maximize", "minimize"):
-        raise ReplayError(f"{path}: direction must be maximize or minimize, not {raw.get('direction')!r}")
+        raise ReplayError(f"{path}: direction must be maximize or minimize, not {_shown(raw.get('direction'))}")
+    for key in ("spec", "dataset", "metric", "command"):
+        if not isinstance(raw.get(key), str | None):
+            raise ReplayError(f"{path}: {key} must be a string or null, not {_shown(raw[key])}")
+    if not isinstance(raw.get("settings"), dict | None):
+        raise ReplayError(f"{path}: settings must be an object or null, not {_shown(raw['settings'])}")
     trials = []
+    seen: dict[int, int] = {}
     for i, t in enumerate(raw["trials"]):
         where = f"{path}: trials[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("values"), list):
             raise ReplayError(f"{where}: needs a values list")
+        number = t.get("number", i)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ReplayError(f"{where}: number must be a non-negative integer, not {_shown(number)}")
+        if number in seen:
+            raise ReplayError(f"{where}: trial number {number} appears twice (also trials[{seen[number]}])")
+        seen[number] = i
         if not all(_finite(v) for v in t["values"]):
             raise ReplayError(f"{where}: values must be finite numbers")
         end = t.get("end", "complete")
         if end not in ENDS:
-            raise ReplayError(f"{where}: end must be one of {', '.join(ENDS)}, not {end!r}")
+            raise ReplayError(f"{where}: end must be one of {', '.join(ENDS)}, not {_shown(end)}")
         value = t.get("value")
         if value is not None and not _finite(value):
             raise ReplayError(f"{where}: value must be a finite number or null")
         if end == "complete" and not t["values"]:
             raise ReplayError(f"{where}: a complete trial needs at least one value")
+        params = t.get("params")
+        if not isinstance(params, dict | None):
+            raise ReplayError(f"{where}: params must be an object or null, not {_shown(params)}")
         trials.append(
             TrialCurve(
-                number=int(t.get("number", i)),
+                number=number,
                 values=[float(v) for v in t["values"]],
                 end=end,
                 value=None if value is None else float(value),
-                params=dict(t.get("params") or {}),
+                params=dict(params or {}),
             )
         )
     return Curves(
@@ -243,9 +279,18 @@ def parse_pruner(text: str) -> dict[str, Any]:
     table: dict[str, Any] = {"type": kind}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not re.fullmatch(r"[a-z_]+", key.strip()):
+        key = key.strip()
+        if not eq or not re.fullmatch(r"[a-z_]+", key):
             raise ReplayError(f"pruner setting {item!r} in {text!r} is not key=value")
-        table[key.strip()] = _scalar(value.strip())
+        if key == "type":
+            raise ReplayError(f"pruner setting {item!r} in {text!r}: the type comes before the colon (TYPE:key=value)")
+        if key in table:
+            raise ReplayError(f"pruner setting {key!r} appears twice in {text!r}")
+        table[key] = _scalar(value.strip())
+    try:
+        make_pruner(table)  # a key the type does not take, a bad value: one line naming the text
+    except DlopsError as exc:
+        raise ReplayError(f"pruner {text!r}: {str(exc).removeprefix('[pruner]: ')}") from None
     return table
 
 
@@ -360,7 +405,8 @@ def replay_one(
     if finals:
         best_trial = min(finals, key=lambda n: rank_of[n])
         best_value, best_rank = finals[best_trial], rank_of[best_trial]
-        gap = abs(unpruned_best - best_value)  # type: ignore[operator]
+        # the same value is no gap, infinite ones included (inf - inf is nan)
+        gap = 0.0 if best_value == unpruned_best else abs(unpruned_best - best_value)  # type: ignore[operator]
     return ReplayResult(
         pruner=pruner_label(table),
         table=dict(table),

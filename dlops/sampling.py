@@ -7,6 +7,7 @@ when it loads a spec, and the pruning replay can build one, without importing a 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Any
 
 import optuna
@@ -37,20 +38,34 @@ def sampler_seed(base_seed: int, worker: int, run_index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+PRUNER_CLASSES: dict[str, type[optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def pruner_keys(kind: str) -> list[str]:
+    """The settings a pruner of type ``kind`` takes (its Optuna class's arguments)."""
+    return [name for name in inspect.signature(PRUNER_CLASSES[kind]).parameters if name != "self"]
+
+
 def make_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
     """The pruner of a ``[pruner]`` table (``type`` median, percentile, hyperband,
-    successive_halving or none; the other keys are the pruner's arguments)."""
+    successive_halving or none; the other keys are the pruner's arguments). A key the
+    type does not take is refused (``none`` takes none), not ignored."""
     cfg = dict(table)
     kind = cfg.pop("type", "median")
+    if not isinstance(kind, str) or kind not in PRUNER_CLASSES:
+        raise SpecError(f"[pruner]: unknown type {kind!r} ({', '.join(sorted(PRUNER_CLASSES))})")
+    allowed = pruner_keys(kind)
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        takes = f"takes {', '.join(allowed)}" if allowed else "takes no settings"
+        raise SpecError(f"[pruner]: type {kind} does not take {unknown[0]!r} ({takes})")
     try:
-        if kind == "median":
-            return optuna.pruners.MedianPruner(**cfg)
-        if kind == "percentile":
-            return optuna.pruners.PercentilePruner(**cfg)
-        if kind == "hyperband":
-            return optuna.pruners.HyperbandPruner(**cfg)
-        if kind == "successive_halving":
-            return optuna.pruners.SuccessiveHalvingPruner(**cfg)
-        return optuna.pruners.NopPruner()
+        return PRUNER_CLASSES[kind](**cfg)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"[pruner]: {exc}") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import enum
 import math
 import re
@@ -95,13 +96,21 @@ class ParamSpec:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         assert self.low is not None and self.high is not None  # numeric parameters have both
-        return self.low <= value <= self.high
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        if self.type == "int":  # Optuna's test: an int off the grid is not in the distribution
+            return isinstance(value, int) and (value - self.low) % self.step == 0
+        k = (value - self.low) / self.step  # Optuna's test for a float grid
+        return abs(k - round(k)) < 1e-8
 
     def describe(self) -> str:
-        """The range or choices, as a spec writes them (``4..8``, ``choices true, false``)."""
+        """The range or choices, as a spec writes them (``4..8``, ``4..10 step 3``,
+        ``choices true, false``)."""
         if self.type == "categorical":
             return "choices " + ", ".join(_toml_value(c) for c in self.choices)
-        return f"{self.low:g}..{self.high:g}"
+        return f"{self.low:g}..{self.high:g}" + (f" step {self.step:g}" if self.step is not None else "")
 
 
 def _toml_value(value: Any) -> str:
@@ -371,6 +380,36 @@ def _parse_when(raw: Any, where: str, earlier: dict[str, ParamSpec]) -> tuple[tu
     return tuple(raw.items())
 
 
+def _check_step(step: Any, kind: str, low: float, high: float, log: bool, where: str) -> float | None:
+    """A ``step`` Optuna takes as written: a positive number (an integer for an int
+    parameter), not on a log scale, that divides ``high - low`` (Optuna would otherwise
+    shrink the range to the last multiple, with only a warning)."""
+    if step is None:
+        return None
+    wanted = "a positive integer" if kind == "int" else "a positive number"
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int if kind == "int" else (int, float))
+        or not math.isfinite(step)
+        or step <= 0
+    ):
+        raise SpecError(f"{where}: step = {step!r} should be {wanted}")
+    if log:
+        raise SpecError(f"{where}: step cannot be combined with log = true (Optuna searches one or the other)")
+    if kind == "int":
+        shrunk = high - (high - low) % step
+    else:  # Optuna's own arithmetic (decimal, on the numbers as written)
+        d_low, d_step = decimal.Decimal(str(float(low))), decimal.Decimal(str(float(step)))
+        d_range = decimal.Decimal(str(float(high))) - d_low
+        shrunk = high if d_range % d_step == 0 else float((d_range // d_step) * d_step + d_low)
+    if shrunk != high:
+        raise SpecError(
+            f"{where}: high - low ({_toml_value(high)} - {_toml_value(low)}) is not a whole multiple of "
+            f"step = {_toml_value(step)}: Optuna would shrink the range to high = {_toml_value(shrunk)}"
+        )
+    return step
+
+
 def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = None) -> ParamSpec:
     where = f"[search.{name}]"
     if not isinstance(raw, dict):
@@ -398,19 +437,19 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
         raise SpecError(f"{where}: int bounds must be integers")
     if low > high:
         raise SpecError(f"{where}: low ({low}) > high ({high})")
-    log = bool(raw.get("log", False))
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise SpecError(f"{where}: log = {log!r} should be true or false")
     if log and low <= 0:
         raise SpecError(f"{where}: log scale needs low > 0, got {low}")
-    step = raw.get("step")
-    if step is not None and (log or step <= 0):
-        raise SpecError(f"{where}: step must be positive and cannot be combined with log")
+    step = _check_step(raw.get("step"), kind, low, high, log, where)
     return ParamSpec(
         name,
         kind,
         float(low) if kind == "float" else low,
         float(high) if kind == "float" else high,
         log,
-        step,
+        float(step) if kind == "float" and step is not None else step,
         when=when,
     )
 
@@ -499,13 +538,14 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
         if key not in search:
             raise SpecError(f"[baseline]: {key} is not searched (a setting every trial shares goes in [train])")
         if not search[key].contains(value):
-            raise SpecError(f"[baseline]: {key} = {value!r} lies outside its search range")
+            raise SpecError(f"[baseline]: {key} = {value!r} lies outside its search range ({search[key].describe()})")
 
     final = raw.get("final", {})
     _check_keys(final, FINAL_KEYS, "[final]")
 
     pruner = dict(raw.get("pruner", {"type": "median"}))
-    if pruner.get("type", "median") not in PRUNERS:
+    kind = pruner.get("type", "median")
+    if not isinstance(kind, str) or kind not in PRUNERS:
         raise SpecError(f"[pruner]: unknown type {pruner.get('type')!r} ({', '.join(sorted(PRUNERS))})")
     sampler = dict(raw.get("sampler", {"type": "tpe", "seed": 0}))
     _check_sampler(sampler)

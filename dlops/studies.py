@@ -95,6 +95,14 @@ def pruned_by_pruner(trial: FrozenTrial) -> bool:
     return not reason or reason.startswith("pruned after")
 
 
+def _planned_epochs(trial: FrozenTrial) -> int | None:
+    """The epochs a trial's recorded config planned, or None where it records none that
+    makes sense (a study made by plain Optuna may hold any ``config`` attr, or none)."""
+    config = trial.user_attrs.get("config")
+    epochs = config.get("epochs") if isinstance(config, dict) else None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else None
+
+
 def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
     """Epochs the finished trials trained against what the same trials would have trained
     unpruned (a trial its pruner stopped counted at its config's ``epochs``, else at the
@@ -109,8 +117,7 @@ def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
         n = len(t.intermediate_values)
         trained += n
         if pruned_by_pruner(t):
-            planned = (t.user_attrs.get("config") or {}).get("epochs") or longest
-            unpruned += max(int(planned), n)
+            unpruned += max(_planned_epochs(t) or longest, n)
             stops[t.number] = n
         else:
             unpruned += n

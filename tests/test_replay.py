@@ -131,6 +131,55 @@ def test_curves_json_round_trip_and_bad_files(tmp_path: Path):
         read_curves(bad)
 
 
+BIG = "9" * 400  # an integer no float holds
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"number": "abc", "values": [0.5]}', "trials[0]: number must be a non-negative integer, not 'abc'"),
+        ('{"number": null, "values": [0.5]}', "trials[0]: number must be a non-negative integer, not None"),
+        ('{"number": 0, "values": [0.5], "params": "xyz"}', "trials[0]: params must be an object or null, not 'xyz'"),
+        ('{"number": 0, "values": [' + BIG + "]}", "trials[0]: values must be finite numbers"),
+        ('{"number": 0, "values": [0.5], "value": ' + BIG + "}", "trials[0]: value must be a finite number or null"),
+        (
+            '{"number": 5, "values": [0.5, 0.9]}, {"number": 5, "values": [0.05, 0.1]}',
+            "trials[1]: trial number 5 appears twice (also trials[0])",
+        ),
+    ],
+)
+def test_a_malformed_trial_in_a_curves_file_is_refused_in_one_line(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "dlops-curves", "trials": [' + text + "]}")
+    with pytest.raises(ReplayError) as info:
+        read_curves(path)
+    assert str(info.value) == f"{path}: {message}"
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: {message}"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"settings": [1, 2]}, "settings must be an object or null, not [1, 2]"),
+        ({"spec": 123}, "spec must be a string or null, not 123"),
+        ({"metric": ["val_top1"]}, "metric must be a string or null, not ['val_top1']"),
+    ],
+)
+def test_a_malformed_curves_file_header_is_refused_in_one_line(tmp_path: Path, extra: dict, message: str):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "dlops-curves", "trials": [{"number": 0, "values": [0.5]}], **extra}))
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: {message}"]
+
+
+def test_a_curves_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"format": "dlops-curves", "source": "caf\xe9", "trials": []}')
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: not JSON (not UTF-8 text)"]
+
+
 def test_parse_pruner_matches_the_spec_table():
     assert parse_pruner("median:n_startup_trials=3,n_warmup_steps=1") == {
         "type": "median",
@@ -146,6 +195,31 @@ def test_parse_pruner_matches_the_spec_table():
         parse_pruner("patient")
     with pytest.raises(ReplayError, match="n_warmup"):
         replay(Curves(trials=[TrialCurve(0, [0.5])]), ["median:n_warmup=1"])
+    # a setting the type does not take, or a second type, is refused, not ignored
+    with pytest.raises(ReplayError, match=r"pruner 'none:foo=bar': type none does not take 'foo' \(takes no"):
+        parse_pruner("none:foo=bar")
+    with pytest.raises(ReplayError, match="the type comes before the colon"):
+        parse_pruner("median:type=hyperband")
+    with pytest.raises(ReplayError, match="'n_warmup_steps' appears twice"):
+        parse_pruner("median:n_warmup_steps=1,n_warmup_steps=2")
+    with pytest.raises(ReplayError, match="type median does not take 'min_resource'"):
+        replay(Curves(trials=[TrialCurve(0, [0.5])]), [{"type": "median", "min_resource": 1}])
+
+
+@pytest.mark.parametrize(
+    ("pruner", "message"),
+    [
+        ("none:foo=bar", "type none does not take 'foo'"),
+        ("median:type=hyperband", "the type comes before the colon"),
+    ],
+)
+def test_cli_refuses_a_pruner_setting_the_type_does_not_take(tmp_path: Path, pruner: str, message: str):
+    path = tmp_path / "c.json"
+    write_curves(curves_from_study(known_study()), path)
+    out = CliRunner().invoke(app, ["study", "replay", str(path), "--pruner", pruner])
+    assert out.exit_code != 0
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), out.output
 
 
 def test_cli_replays_a_stored_study_and_refuses_a_pruned_one(dlops_home: Path):
@@ -248,3 +322,84 @@ def test_a_study_without_learning_curves_is_refused_in_one_line_and_reported(dlo
     index = build_report(url).index.read_text()
     assert "| pruning: epochs trained | no per-epoch values recorded |" in index
     assert "- pruning: no per-epoch values recorded" in (dlops_home / "reports" / "plain" / "report.md").read_text()
+
+
+def _plain_optuna_study(url: str, name: str) -> None:
+    """A study made by plain Optuna, whose user attrs mean nothing to dlops."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(storage=url, study_name=name, direction="maximize")
+    study.set_user_attr("spec", 5)
+    dist = {"x": FloatDistribution(0, 1)}
+    for x, state, value, curve, config in (
+        (0.1, TrialState.COMPLETE, 0.5, {0: 0.3, 1: 0.5}, "abc"),
+        (0.2, TrialState.PRUNED, None, {0: 0.1}, {"epochs": "abc"}),
+        (0.3, TrialState.PRUNED, None, {0: 0.2}, "zzz"),
+    ):
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=value,
+                params={"x": x},
+                distributions=dist,
+                intermediate_values=curve,
+                user_attrs={"config": config},
+            )
+        )
+
+
+def test_show_and_replay_treat_malformed_attrs_of_a_plain_optuna_study_as_absent(dlops_home: Path):
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'plain.db'}"
+    _plain_optuna_study(url, "plain")
+    runner = CliRunner()
+    out = runner.invoke(app, ["study", "show", "plain", "--storage", url, "--json"])
+    assert out.exit_code == 0, out.output
+    # the pruned trials count at the longest complete trial's 2 epochs: no config says otherwise
+    assert json.loads(out.output)["epochs"] == {
+        "trained": 4,
+        "unpruned": 6,
+        "share": 4 / 6,
+        "pruned_stop_epochs": {"1": 1, "2": 1},
+    }
+    out = runner.invoke(app, ["study", "show", "plain", "--storage", url])
+    assert out.exit_code == 0 and "epochs trained: 4 of the 6" in out.output, out.output
+    out = runner.invoke(app, ["study", "replay", "plain", "--storage", url, "--complete-only", "--json"])
+    assert out.exit_code == 0, out.output
+    replayed = json.loads(out.output)
+    assert replayed["spec"] is None and replayed["results"][0]["total_epochs"] == 2 and replayed["chosen"] == "none"
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_and_an_infinite_best_is_kept_by_the_pruner_that_keeps_it(dlops_home: Path):
+    """A plain Optuna study may hold inf: --json writes null for it (Infinity is not JSON),
+    and a pruner that keeps the trial of value inf keeps the best (inf - inf is no gap)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    dlops_home.mkdir(parents=True)
+    url = f"sqlite:///{dlops_home / 'inf.db'}"
+    study = optuna.create_study(storage=url, study_name="inf", direction="maximize")
+    dist = {"x": FloatDistribution(0, 1)}
+    for x, curve in ((0.1, {0: 0.2, 1: 0.5}), (0.2, {0: 0.3, 1: float("inf")})):
+        study.add_trial(create_trial(value=curve[1], params={"x": x}, distributions=dist, intermediate_values=curve))
+    runner = CliRunner()
+    out = runner.invoke(app, ["study", "show", "inf", "--storage", url, "--json"])
+    assert out.exit_code == 0, out.output
+    shown = _strict_json(out.output)
+    assert [t["value"] for t in shown["trials"]] == [0.5, None] and shown["best"]["number"] == 1
+    out = runner.invoke(app, ["study", "replay", "inf", "--storage", url, "--pruner", "none", "--json"])
+    assert out.exit_code == 0, out.output
+    (none,) = _strict_json(out.output)["results"]
+    assert none["best_trial"] == 1 and none["best_value"] is None and none["gap"] == 0.0 and none["kept_best"]
+    out = runner.invoke(app, ["study", "replay", "inf", "--storage", url, "--pruner", "none"])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if line.startswith("none"))
+    assert row.split()[-1] == "yes"

@@ -155,6 +155,55 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             {"search": {"width": Add({"type": "categorical", "choices": [[8, 16]]})}},
             "[search.width]: a choice is a number, a string or true/false, not [8, 16]",
         ),
+        # a pruner key the type does not take is refused, not ignored
+        (
+            {"pruner": Add({"type": "none", "n_startup_trials": 5})},
+            "[pruner]: type none does not take 'n_startup_trials' (takes no settings)",
+        ),
+        ({"pruner": Add({"type": "none", "bogus": 1})}, "[pruner]: type none does not take 'bogus'"),
+        (
+            {"pruner": Add({"type": "median", "min_resource": 1})},
+            "[pruner]: type median does not take 'min_resource' (takes n_startup_trials, n_warmup_steps",
+        ),
+        ({"pruner": Add({"type": ["median"]})}, "[pruner]: unknown type ['median']"),
+        # log and step as Optuna takes them: a string is not false, a step divides the range
+        ({"search": {"lr": {"log": "false"}}}, "[search.lr]: log = 'false' should be true or false"),
+        (
+            {"search": {"lr": {"log": False, "step": Add(0.5)}}},
+            "[search.lr]: high - low (0.1 - 0.0001) is not a whole multiple of step = 0.5: "
+            "Optuna would shrink the range to high = 0.0001",
+        ),
+        (
+            {"search": {"momentum": Add({"type": "float", "low": 0.1, "high": 0.95, "step": 0.2})}},
+            "[search.momentum]: high - low (0.95 - 0.1) is not a whole multiple of step = 0.2: "
+            "Optuna would shrink the range to high = 0.9",
+        ),
+        (
+            {"search": {"width": Add({"type": "int", "low": 4, "high": 11, "step": 3})}},
+            "[search.width]: high - low (11 - 4) is not a whole multiple of step = 3: "
+            "Optuna would shrink the range to high = 10",
+        ),
+        ({"search": {"lr": {"log": False, "step": Add(True)}}}, "[search.lr]: step = True should be a positive number"),
+        ({"search": {"lr": {"log": False, "step": Add("a")}}}, "[search.lr]: step = 'a' should be a positive number"),
+        ({"search": {"lr": {"log": False, "step": Add(-0.1)}}}, "[search.lr]: step = -0.1 should be a positive number"),
+        (
+            {"search": {"width": Add({"type": "int", "low": 4, "high": 10, "step": 0.5})}},
+            "[search.width]: step = 0.5 should be a positive integer",
+        ),
+        ({"search": {"lr": {"step": Add(1e-4)}}}, "[search.lr]: step cannot be combined with log = true"),
+        # the baseline, explicit or implicit, lies on the grid a step makes
+        (
+            {
+                "search": {"width": Add({"type": "int", "low": 4, "high": 10, "step": 3})},
+                "baseline": {"width": Add(5)},
+            },
+            "[baseline]: width = 5 lies outside its search range (4..10 step 3)",
+        ),
+        (
+            {"search": {"momentum": Add({"type": "float", "low": 0.05, "high": 0.95, "step": 0.3})}},
+            "the baseline (trial 0) on digits would train momentum = 0.9 (the trainer's default), outside "
+            "[search.momentum] (0.05..0.95 step 0.3)",
+        ),
         # fixed values the trainer refuses: one line at load, not a FAIL trial per attempt
         ({"train": {"weight_decay": Add(-1)}}, "[train]: weight_decay must be a finite number >= 0, got -1"),
         ({"train": {"momentum": Add(-1)}}, "[train]: momentum must be a finite number in [0, 1), got -1"),
@@ -189,6 +238,26 @@ def test_invalid_specs_are_rejected_with_one_line(tmp_path: Path, change: dict[s
     with pytest.raises(SpecError) as info:  # the same through the file, as the CLI reads it
         load_spec(str(write_spec(tmp_path / "bad.toml", override_table(GOOD, change))))
     assert message in str(info.value) and "bad.toml" in str(info.value)
+
+
+def test_a_step_that_divides_the_range_searches_the_whole_grid(tmp_path: Path) -> None:
+    """The range a spec writes is the range Optuna searches, and the baseline lies on its grid."""
+    from dlops.objective import distribution
+
+    change = {
+        "search": {
+            "momentum": Add({"type": "float", "low": 0.1, "high": 0.9, "step": 0.2}),
+            "width": Add({"type": "int", "low": 4, "high": 10, "step": 3}),
+        },
+        "baseline": {"width": Add(7)},
+    }
+    spec = load_spec(str(write_spec(tmp_path / "grid.toml", GOOD)), change)
+    momentum, width = distribution(spec.search["momentum"]), distribution(spec.search["width"])
+    assert (momentum.low, momentum.high, momentum.step) == (0.1, 0.9, 0.2)
+    assert (width.low, width.high, width.step) == (4, 10, 3)
+    assert spec.baseline_params("digits") == {"lr": 1e-3, "momentum": 0.9, "width": 7}
+    assert spec.search["width"].contains(7) and not spec.search["width"].contains(5)
+    assert spec.search["momentum"].contains(0.7) and not spec.search["momentum"].contains(0.8)
 
 
 def test_cli_reports_a_bad_spec_in_one_line_and_exits_nonzero(tmp_path: Path, dlops_home: Path) -> None:
