@@ -313,9 +313,13 @@ def spec_table(name_or_path: str, overrides: Mapping[str, Any] | None = None) ->
 
 def _read_table(path: Path, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise SpecError(f"{path}: not UTF-8 text (TOML files are UTF-8): byte {exc.start} of the file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     try:
         return override_table(raw, overrides or {})
     except SpecError as exc:

@@ -471,3 +471,14 @@ def test_an_override_of_a_key_the_spec_lacks_raises(overrides: dict[str, Any], m
 def test_a_spec_table_written_as_toml_reads_back_the_same(name: str) -> None:
     table = spec_table(name)
     assert tomllib.loads(toml_text(table)) == table
+
+
+def test_a_spec_file_that_is_not_utf8_is_one_line(tmp_path: Path, dlops_home: Path) -> None:
+    path = tmp_path / "latin.toml"
+    path.write_bytes(toml_text(GOOD).replace('name = "', 'name = "caf\xe9-').encode("latin-1"))
+    for command in (["study", "run", str(path)], ["final", str(path), "--params", "baseline"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert f"{path}: not UTF-8 text (TOML files are UTF-8)" in line, line
+    assert not dlops_home.exists()
