@@ -389,6 +389,24 @@ def dashboard(
     serve_dashboard(storage or default_storage_url(), host, port, ready=say)
 
 
+def sigterm_like_ctrl_c(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SIGTERM stops the command as Ctrl-C does (every ``finally`` runs: partial downloads and
+    scratch folders are removed) and exits 143 instead of dying where it stands."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dlops.io import Terminated, sigterm_interrupts
+
+        try:
+            with sigterm_interrupts():
+                return fn(*args, **kwargs)
+        except Terminated:
+            err_console.print("stopped by SIGTERM", highlight=False, markup=False)
+            raise typer.Exit(128 + Terminated.signum) from None
+
+    return wrapper
+
+
 RootOpt = Annotated[str | None, typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
 WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
 
@@ -398,6 +416,7 @@ def _progress_on() -> bool:
 
 
 @data_app.command("fetch", short_help="Download or take the archive, check it, build the cache.")
+@sigterm_like_ctrl_c
 @user_errors
 def data_fetch(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
@@ -430,6 +449,7 @@ def data_fetch(
 
 
 @data_app.command("prepare")
+@sigterm_like_ctrl_c
 @user_errors
 def data_prepare(
     name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],

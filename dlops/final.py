@@ -33,11 +33,9 @@ import os
 import shlex
 import shutil
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +56,8 @@ from dlops.io import (
     signals_held,
     write_text_atomic,
 )
+from dlops.io import Terminated as _Terminated  # SIGTERM as Ctrl-C, shared with the data commands
+from dlops.io import sigterm_interrupts as _sigterm_interrupts
 from dlops.params import (
     ChosenParams,
     FinalOptions,
@@ -260,30 +260,6 @@ class Interrupted(DlopsError):
         super().__init__(message)
         self.signum, self.resumable = signum, resumable
         self.exit_code = 128 + signum
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is (as Ctrl-C raises KeyboardInterrupt)."""
-
-    signum = signal.SIGTERM
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM stops a reference run the way Ctrl-C does (checkpoints kept, a message
-    with the ``--resume`` command) instead of killing it without a word."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def resume_command(argv: Sequence[str]) -> str:

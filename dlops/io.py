@@ -296,6 +296,30 @@ def signals_held() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is (as Ctrl-C raises KeyboardInterrupt)."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the block the way Ctrl-C does (:class:`Terminated`, a KeyboardInterrupt:
+    every ``finally`` and ``with`` cleans up) instead of killing the process without a word."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 _RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step (Linux)
 
 

@@ -122,6 +122,44 @@ def serve_directory(directory: Path) -> Iterator[str]:
         thread.join()
 
 
+@contextlib.contextmanager
+def serve_stalling(data: bytes) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that sends the first half of ``data`` for any path
+    (with the Content-Length of all of it) and then stalls until it is shut down, so a
+    download is caught half-way; ``/loop`` redirects to itself. Yields its base URL."""
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            release.wait(60)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 def one_error_line(result) -> str:
     """The CLI failed with exactly one line on stderr, ``error: ...``, and no traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]

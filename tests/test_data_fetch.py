@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -11,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
-from data_trees import one_error_line, serve_directory, write_tiny_imagenet, zip_tree
+from data_trees import one_error_line, serve_directory, serve_stalling, write_tiny_imagenet, zip_tree
 from dlops.cli import app
 from dlops.data.cache import is_prepared
 from dlops.data.fetch import download, md5_file, safe_extract
@@ -176,3 +182,105 @@ def test_an_empty_dlops_home_means_storage_not_the_current_directory(
     assert dlops_home() == tmp_path / "storage" and data_root() == tmp_path / "storage" / "data"
     line = one_error_line(dlops("data", "info", "tiny-imagenet"))
     assert str(tmp_path / "storage" / "data") in line
+
+
+def test_a_failed_force_fetch_leaves_the_kept_archive_as_it_was(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    home = root / "tiny-imagenet"
+    args = ("data", "fetch", "tiny-imagenet", "--root", str(root), "--workers", "1")
+    result = dlops(*args, "--source", f"{base}/mini.zip", "--md5", md5_file(archive), "--keep-archive")
+    assert result.exit_code == 0, result.output
+    good = (home / "downloads" / "mini.zip").read_bytes()
+    # A valid zip of the same file name, without a Tiny ImageNet tree in it.
+    (archive.parent / "other").mkdir()
+    with zipfile.ZipFile(archive.parent / "other" / "mini.zip", "w") as zf:
+        zf.writestr("readme.txt", b"not a dataset")
+    other_md5 = md5_file(archive.parent / "other" / "mini.zip")
+    for keep in ((), ("--keep-archive",)):
+        line = one_error_line(dlops(*args, "--force", "--source", f"{base}/other/mini.zip", "--md5", other_md5, *keep))
+        assert "no Tiny ImageNet tree" in line, line
+        assert files_under(home / "downloads") == ["mini.zip"]
+        assert (home / "downloads" / "mini.zip").read_bytes() == good  # the kept archive, untouched
+        assert [p.name for p in home.rglob(".*")] == []  # no scratch folder left
+    assert json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)["source"][
+        "md5"
+    ] == md5_file(archive)
+
+
+def _fetch_process(root: Path, url: str) -> subprocess.Popen:
+    """``dlops data fetch tiny-imagenet`` of ``url`` in a process of its own."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "dlops.cli", "data", "fetch", "tiny-imagenet", "--root", str(root)]
+    return subprocess.Popen(
+        [*command, "--source", url, "--md5", "0" * 32, "--workers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_part(root: Path, process: subprocess.Popen) -> Path:
+    """The ``*.part`` file of a download caught half-way (the server stalls after half)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        parts = list(root.rglob("*.part"))
+        if parts:
+            return parts[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("the download never started")
+
+
+def test_sigterm_during_a_download_cleans_up_as_ctrl_c_does(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    with serve_stalling(b"x" * 300_000) as base:
+        process = _fetch_process(root, f"{base}/mini.zip")
+        _wait_for_part(root, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not root.exists() or list(root.rglob("*")) == []  # no partial download, no scratch folder
+
+
+def test_scratch_left_by_a_killed_fetch_is_removed_by_the_next_one(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    home = root / "tiny-imagenet"
+    with serve_stalling(b"x" * 300_000) as stalling:
+        process = _fetch_process(root, f"{stalling}/mini.zip")
+        part = _wait_for_part(root, process)
+        process.kill()  # SIGKILL: nothing of it can clean up
+        process.communicate(timeout=60)
+    left = part.parent
+    assert left.parent == home / "downloads" and left.name.startswith(".download-tmp-")
+    tag = left.name.removeprefix(".download-tmp-")  # <random>-<pid>-<start>-<host>: the dead process
+    dead = [home / f".extract-tmp-{tag}", home / f".cache-tmp-{tag}"]
+    for folder in dead:
+        (folder / "inside").mkdir(parents=True)
+    alive = home / f".extract-tmp-0123abcd-{os.getpid()}-0-{socket.gethostname()}"  # this process: still running
+    alive.mkdir()
+    result = dlops(
+        "data", "fetch", "tiny-imagenet", "--root", str(root), "--workers", "1",
+        "--source", f"{base}/mini.zip", "--md5", md5_file(archive),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not left.exists() and not any(folder.exists() for folder in dead)
+    assert alive.is_dir()  # a scratch folder of a process that runs is not touched
+    assert sorted(p.name for p in home.iterdir()) == [alive.name, "cache", "raw"]
+
+
+def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    with serve_stalling(b"x" * 300_000) as base:
+        for url in (f"{base}/files/..", f"{base}/files/%2e%2e", f"{base}/files/."):
+            line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", url))
+            assert f"cannot download {url}: its path does not end in a file name" in line, line
+            assert not root.exists() or list(root.rglob("*")) == []  # refused before any download
+        line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/loop"))
+        assert f"cannot download {base}/loop: too many redirects" in line, line
+    assert not root.exists() or list(root.rglob("*")) == []

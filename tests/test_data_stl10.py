@@ -14,7 +14,8 @@ from data_trees import one_error_line, tar_tree, write_stl10
 from dlops.cli import app
 from dlops.data import get_dataset, load_split, stl10
 from dlops.data.cache import read_manifest
-from dlops.errors import DatasetNotAvailable
+from dlops.data.splits import stratified_holdout
+from dlops.errors import DatasetNotAvailable, DlopsError
 
 runner = CliRunner()
 
@@ -163,3 +164,42 @@ def test_tar_members_that_would_escape_are_refused(member: str, good_root: Path,
     assert "unsafe archive bad.tar.gz" in line
     assert snapshot(good_root) == before
     assert list(tmp_path.rglob("evil.txt")) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("one_per_class", "class 0 has only 1 training image: a hold-out takes at least one image of every class"),
+        ("class_missing", "train_y.bin in {tree} has no images of class 10 (truck): every class needs training"),
+        ("names_not_utf8", "stl10: class_names.txt in {tree} is not UTF-8 text"),
+        ("source_not_json", "{tree}/source.json is not readable JSON"),
+        ("source_a_list", "{tree}/source.json holds a JSON list, not an object"),
+    ],
+)
+def test_a_tree_prepare_cannot_use_is_one_line_that_says_why(damage: str, expected: str, tmp_path: Path) -> None:
+    tree, _ = write_stl10(tmp_path / "src", train=10 if damage == "one_per_class" else 30)
+    if damage == "class_missing":
+        (tree / "train_y.bin").write_bytes((np.arange(30) % 9 + 1).astype(np.uint8).tobytes())
+    elif damage == "names_not_utf8":
+        (tree / "class_names.txt").write_bytes("\n".join(["avion"] * 9 + ["cami\xf3n"]).encode("latin-1"))
+    elif damage == "source_not_json":
+        (tree / "source.json").write_text('{"archive": "stl10_binary.tar.gz",')
+    elif damage == "source_a_list":
+        (tree / "source.json").write_text('["stl10_binary.tar.gz"]')
+    root = tmp_path / "data"
+    line = one_error_line(dlops("data", "prepare", "stl10", "--root", str(root), "--raw", str(tree)))
+    assert expected.format(tree=tree) in line, line
+    assert "--val-fraction 0.1" not in line  # not the fraction that has just failed
+    with pytest.raises(DatasetNotAvailable):
+        read_manifest(root, "stl10")
+    assert not (root / "stl10").exists() or list((root / "stl10").iterdir()) == []
+
+
+def test_a_fraction_too_large_for_the_smallest_class_says_which_fraction_works() -> None:
+    labels = np.repeat([0, 1, 2], [40, 4, 40])  # class 1 has 4 images: at most 3 can be held out
+    with pytest.raises(DlopsError) as info:
+        stratified_holdout(labels, 0.9, 0)
+    assert "takes all 4 images of class 1" in str(info.value)
+    assert "use --val-fraction 0.75 or less (the smallest class, 1, has 4 training images)" in str(info.value)
+    keep, held = stratified_holdout(labels, 0.75, 0)
+    assert np.bincount(labels[held]).tolist() == [30, 3, 30] and len(keep) + len(held) == len(labels)

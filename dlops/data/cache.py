@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
@@ -285,6 +286,65 @@ def settle_previous(final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Scratch folders (``.cache-tmp-*``, ``.extract-tmp-*``, ``.download-tmp-*``) carry their
+# maker in their name, ``<prefix><random>-<pid>-<start>-<host>``, so a later fetch or prepare
+# can tell one left by a process that is gone (killed hard: SIGKILL, a power cut) from one
+# that another process is still filling, and remove only the first.
+CACHE_SCRATCH, EXTRACT_SCRATCH, DOWNLOAD_SCRATCH = ".cache-tmp-", ".extract-tmp-", ".download-tmp-"
+
+
+def _process_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks since boot) of ``pid``, None where /proc cannot tell."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], fields[19]
+
+
+def scratch_path(parent: Path, prefix: str) -> Path:
+    """A new scratch name under ``parent`` (not created) that names this process."""
+    pid, stat = os.getpid(), _process_stat(os.getpid())
+    started = stat[1] if stat else "0"
+    return parent / f"{prefix}{uuid.uuid4().hex[:8]}-{pid}-{started}-{socket.gethostname()}"
+
+
+def _maker_gone(name: str, prefix: str) -> bool:
+    """Whether the process named in the scratch name ``name`` is provably gone (False for
+    one of another host, a name without a maker, or a process that runs)."""
+    parts = name[len(prefix) :].split("-", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or parts[3] != socket.gethostname():
+        return False
+    pid, started = int(parts[1]), parts[2]
+    stat = _process_stat(pid)
+    if stat is not None:
+        if stat[0] in ("Z", "X"):
+            return True  # killed, not yet reaped by its parent
+        return started != "0" and stat[1] != started  # the pid now belongs to another process
+    if Path("/proc/self/stat").exists():
+        return True  # /proc works and has no such pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def remove_stale_scratch(parent: Path, *prefixes: str) -> None:
+    """Remove the scratch folders ``parent/<prefix>*`` whose maker is gone."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is not None and _maker_gone(entry.name, prefix):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 class ImageWriter:
     """Writes images into an existing ``.npy`` file at their index with ``pwrite``: no
     memory map, so writing a 2.8 GB split does not fill this process's resident memory."""
@@ -330,7 +390,8 @@ class CacheBuilder:
         self.final = cache_dir(root, name)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         settle_previous(self.final)
-        self.dir = self.final.parent / f".cache-tmp-{uuid.uuid4().hex[:8]}"
+        remove_stale_scratch(self.final.parent, CACHE_SCRATCH)
+        self.dir = scratch_path(self.final.parent, CACHE_SCRATCH)
         self.dir.mkdir()
         self.splits: dict[str, int] = {}
         self.image_shape: tuple[int, ...] | None = None

@@ -76,6 +76,10 @@ def count_progress(enabled: bool) -> Progress:
     )
 
 
+def _one_line(reason: object) -> str:
+    return " ".join(str(reason).split())
+
+
 def download(url: str, dest: Path, expected_md5: str | None, *, progress: bool = True, timeout: float = 60.0) -> str:
     """Download ``url`` to ``dest`` and return its md5.
 
@@ -90,9 +94,13 @@ def download(url: str, dest: Path, expected_md5: str | None, *, progress: bool =
         try:
             response = urllib.request.urlopen(url, timeout=timeout)  # the user-given URL, any scheme urllib opens
         except urllib.error.HTTPError as exc:
-            raise DlopsError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+            if 300 <= exc.code < 400:  # urllib gave up following redirects: its reason runs over three lines
+                raise DlopsError(
+                    f"cannot download {url}: too many redirects (HTTP {exc.code}; a redirect loop?)"
+                ) from None
+            raise DlopsError(f"cannot download {url}: HTTP {exc.code} {_one_line(exc.reason)}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise DlopsError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+            raise DlopsError(f"cannot download {url}: {_one_line(getattr(exc, 'reason', exc))}") from None
         with response, open(part, "wb") as out, byte_progress(progress) as bar:
             total = response.headers.get("Content-Length")
             task = bar.add_task(f"download {dest.name}", total=int(total) if total else None)

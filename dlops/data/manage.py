@@ -10,27 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
 
 from dlops.data import get_dataset
 from dlops.data.cache import (
+    CACHE_SCRATCH,
+    DOWNLOAD_SCRATCH,
+    EXTRACT_SCRATCH,
     CacheBuilder,
     cache_dir,
     dataset_dir,
     directory_bytes,
     is_prepared,
     read_manifest,
+    remove_stale_scratch,
     resolve_root,
+    scratch_path,
     settle_previous,
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
@@ -107,12 +112,14 @@ def fetch_dataset(
     ``source`` is a URL or a local archive (default: the official URL). A download must
     match ``md5`` (default: the official md5). A local file must match ``md5`` when one is
     given; otherwise one that differs from the official md5 (a repack, a sample) is
-    used only if its layout checks out. A downloaded archive is deleted once the cache is
-    built unless ``keep_archive``; a file that was there before the download stays. An
+    used only if its layout checks out. A download goes to a scratch folder and is deleted
+    once the cache is built unless ``keep_archive``; an archive of that name already in
+    ``downloads/`` is replaced by it only then (a failed fetch leaves it as it was). An
     existing cache is kept (the manifest comes back with ``"reused": True``) unless ``force``.
     """
     module = cached_module(name)
     root = resolve_root(root)
+    _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         manifest = read_manifest(root, name)
         if source is not None or md5 is not None:
@@ -121,20 +128,25 @@ def fetch_dataset(
         return {**manifest, "reused": True}
     home = dataset_dir(root, name)
     src = source or module.URL
-    downloaded = False
+    fresh: Path | None = None  # the scratch folder a download goes to
+    kept: Path | None = None  # where a downloaded archive stays (--keep-archive, or one was there)
     # A file:// URL names a local file: read in place, as a path is (never copied onto itself).
     local = Path(url2pathname(urlparse(src).path)) if src.startswith("file://") else None
     if is_url(src) and local is None:
         expected = md5 or module.MD5
-        filename = Path(urlparse(src).path).name or module.ARCHIVE
-        archive = home / "downloads" / filename
-        # A file already there (kept by --keep-archive, or the very file a file:// URL names) stays.
-        downloaded = not archive.exists()
+        filename = _archive_name(src, module.ARCHIVE)
+        target = home / "downloads" / filename
+        # A file already there (kept by --keep-archive) stays until the new download has been
+        # checked and its cache built: a download that fails leaves it as it was.
+        kept = target if keep_archive or target.exists() else None
+        fresh = scratch_path(home / "downloads", DOWNLOAD_SCRATCH)
+        archive = fresh / filename
         say(f"downloading {src}")
         try:
             actual = download(src, archive, expected, progress=progress)
-        except DlopsError:
-            _remove_empty(archive.parent, home)
+        except BaseException:
+            shutil.rmtree(fresh, ignore_errors=True)
+            _remove_empty(home / "downloads", home)
             raise
     else:
         archive = (local or Path(src)).expanduser().absolute()
@@ -162,7 +174,7 @@ def fetch_dataset(
     }
 
     settle_previous(home / "raw")
-    scratch = home / f".extract-tmp-{uuid.uuid4().hex[:8]}"
+    scratch = scratch_path(home, EXTRACT_SCRATCH)
     try:
         say(f"extracting {archive.name}")
         count = safe_extract(archive, scratch, progress=progress)
@@ -180,10 +192,12 @@ def fetch_dataset(
             progress=progress,
             also=[(scratch, home / "raw")],  # the cache and the tree it came from: both or neither
         )
+        if kept is not None:  # checked and built from: it takes the kept archive's place
+            os.replace(archive, kept)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if downloaded and not keep_archive:
-            archive.unlink(missing_ok=True)
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
         _remove_empty(home / "downloads", home)
     return manifest
 
@@ -212,6 +226,23 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
         raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
 
 
+def _archive_name(url: str, default: str) -> str:
+    """The file name a download of ``url`` is saved under (``default`` where the URL's path
+    ends in ``/``); a URL whose last part is ``.`` or ``..`` names a folder, not a file."""
+    last = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+    if last in (".", "..") or "/" in last or "\\" in last or "\0" in last:
+        raise DlopsError(f"cannot download {url}: its path does not end in a file name (it ends in {last!r})")
+    return last or default
+
+
+def _remove_stale_scratch(home: Path) -> None:
+    """Remove the scratch folders a fetch or prepare killed hard (SIGKILL, a power cut) left
+    under ``home``; those of a process still running stay."""
+    remove_stale_scratch(home, EXTRACT_SCRATCH, CACHE_SCRATCH)
+    remove_stale_scratch(home / "downloads", DOWNLOAD_SCRATCH)
+    _remove_empty(home / "downloads", home)
+
+
 def _remove_empty(*folders: Path) -> None:
     """Remove folders this fetch created and left empty (innermost first)."""
     for folder in folders:
@@ -234,6 +265,7 @@ def prepare_dataset(
     """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
     module = cached_module(name)
     root = resolve_root(root)
+    _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         say(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
         return {**read_manifest(root, name), "reused": True}
@@ -247,9 +279,24 @@ def prepare_dataset(
     source: dict[str, Any] = {"tree": str(tree)}
     for candidate in (where / SOURCE_FILE, tree / SOURCE_FILE):
         if candidate.is_file():
-            source = {**json.loads(candidate.read_text()), **source}
+            source = {**_read_source(candidate), **source}
             break
     return _build(module, tree, root, source, val_fraction=val_fraction, seed=seed, workers=workers, progress=progress)
+
+
+def _read_source(path: Path) -> dict[str, Any]:
+    """The record of where an extracted tree came from (``source.json``, written by ``fetch``)."""
+    fix = "fix it or remove it (it only records where the tree came from)"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DlopsError(f"{path} is not readable JSON ({' '.join(str(exc).split())}): {fix}") from None
+    if not isinstance(record, dict):
+        kind = {"list": "list", "str": "string", "NoneType": "null", "bool": "boolean"}.get(
+            type(record).__name__, "number"
+        )
+        raise DlopsError(f"{path} holds a JSON {kind}, not an object: {fix}")
+    return record
 
 
 def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:

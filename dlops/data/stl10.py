@@ -89,7 +89,13 @@ def read_class_names(tree: Path) -> list[str]:
     path = tree / "class_names.txt"
     if not path.is_file():
         raise DlopsError(f"{NAME}: class_names.txt missing in {tree}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DlopsError(
+            f"{NAME}: class_names.txt in {tree} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != NUM_CLASSES:
         raise DlopsError(f"{NAME}: class_names.txt in {tree} has {len(names)} names, expected {NUM_CLASSES}")
     return names
@@ -111,6 +117,13 @@ def build_cache(
     counts = {split: count_images(tree / x) for split, (x, _) in FILES.items()}
     labels = {split: read_labels(tree / y, counts[split]) for split, (_, y) in FILES.items() if y}
     labels["unlabeled"] = np.full(counts["unlabeled"], -1, dtype=np.int64)
+    missing = np.flatnonzero(np.bincount(labels["train"], minlength=NUM_CLASSES) == 0)
+    if len(missing):  # such a class could be neither learned nor held out for validation
+        which = ", ".join(f"{c + 1} ({names[c]})" for c in missing)
+        raise DlopsError(
+            f"{NAME}: train_y.bin in {tree} has no images of class {which}: "
+            "every class needs training images (to learn it and to hold some out)"
+        )
 
     keep, held = stratified_holdout(labels["train"], val_fraction, seed)
     total = sum(counts.values())
