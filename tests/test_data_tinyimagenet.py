@@ -413,6 +413,14 @@ def unknown_wnid(tmp_path: Path, mini_zip: Path) -> Path:
     return _rewrite(tmp_path, edit)
 
 
+def binary_annotations(tmp_path: Path, mini_zip: Path) -> Path:
+    def edit(tree: Path) -> None:
+        ann = tree / "val" / "val_annotations.txt"
+        ann.write_bytes(ann.read_bytes() + b"val_\xff.JPEG\tn90000001\n")
+
+    return _rewrite(tmp_path, edit)
+
+
 def escaping_member(tmp_path: Path, mini_zip: Path) -> Path:
     tree = write_tiny_imagenet(tmp_path / "bad")
     return zip_tree(tree, tmp_path / "bad.zip", extra={"tiny-imagenet-200/../../evil.txt": b"gotcha"})
@@ -435,6 +443,7 @@ BAD_INPUTS = {  # case: (archive maker, decoding processes, what the error line 
     "truncated JPEG, pool": (truncated_jpeg, 2, "cannot decode train/n90000002/images/n90000002_5.JPEG"),
     "missing wnids.txt": (missing_wnids, 1, "wnids.txt missing"),
     "unknown wnid in val_annotations.txt": (unknown_wnid, 1, "line 7 names 'n99999999', which is not in wnids.txt"),
+    "val_annotations.txt not text": (binary_annotations, 1, "is not text (byte"),
     "member escaping the root": (escaping_member, 1, "would be written outside the target directory"),
     "absolute member": (absolute_member, 1, "would be written outside the target directory"),
 }

@@ -77,13 +77,24 @@ def _is_jpeg(path: Path) -> bool:
     return path.suffix.lower() in (".jpeg", ".jpg")
 
 
+def _read_lines(path: Path, tree: Path) -> list[str]:
+    """The lines of a text file of the tree (ASCII in every release), or a one-line DlopsError."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DlopsError(
+            f"{NAME}: {path.relative_to(tree)} in {tree} is not text (byte {exc.start} is not UTF-8): "
+            "a damaged or foreign file"
+        ) from None
+
+
 def read_layout(tree: Path) -> Layout:
     """Check the tree's layout and list its images; any problem is a one-line DlopsError."""
     tree = Path(tree)
     wnids_path = tree / "wnids.txt"
     if not wnids_path.is_file():
         raise DlopsError(f"{NAME}: wnids.txt missing in {tree}")
-    wnids = [line.strip() for line in wnids_path.read_text().splitlines() if line.strip()]
+    wnids = [line.strip() for line in _read_lines(wnids_path, tree) if line.strip()]
     if not wnids:
         raise DlopsError(f"{NAME}: wnids.txt in {tree} is empty")
     if len(set(wnids)) != len(wnids):
@@ -117,7 +128,7 @@ def read_layout(tree: Path) -> Layout:
         raise DlopsError(f"{NAME}: val/val_annotations.txt missing in {tree}")
     test_files: list[str] = []
     test_labels: list[int] = []
-    for n, line in enumerate(ann_path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_read_lines(ann_path, tree), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
