@@ -48,12 +48,14 @@ from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
+    SETTINGS_KEY,
     EpochCallback,
     RunOptions,
     baseline_params,
     check_same_settings,
     checkpoint_path,
     make_objective,
+    study_settings,
     trial_config,
 )
 from dlops.paths import default_storage_url
@@ -258,9 +260,11 @@ def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
-    """Labels, the data the study is measured on (:func:`data_record`, recorded once), and
-    the baseline as trial 0 of a new study. Run under the study lock, so workers starting
-    at once enqueue one baseline. Returns whether the study was new."""
+    """Labels, the data the study is measured on (:func:`data_record`, recorded once), its
+    fixed settings (:func:`dlops.objective.study_settings`, recorded once), and the baseline
+    as trial 0 of a new study. Run under the study lock, so workers starting at once enqueue
+    one baseline, and a run that starts the same new study at once with other settings is
+    refused before any trial has trained. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
     dataset = options.dataset or spec.train.get("dataset")
     data = data_record(spec, options)
@@ -277,6 +281,8 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
             study.set_user_attr(key, value)
     if data is not None and not isinstance(attrs.get(DATA_KEY), dict):
         study.set_user_attr(DATA_KEY, data)
+    if not isinstance(attrs.get(SETTINGS_KEY), dict):  # what every later run is checked against
+        study.set_user_attr(SETTINGS_KEY, study_settings(spec, options))
     enqueue_baseline(study, baseline_params(spec, options))
     return new
 
