@@ -512,11 +512,15 @@ class RunSlot:
     index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
 
 
-def connect_run(options: RunOptions) -> StudyStorage:
-    """The storage a run writes to, with heartbeats where the storage has them."""
+def connect_run(options: RunOptions, say: Say | None = None) -> StudyStorage:
+    """The storage a run writes to, with heartbeats where the storage has them; what opening
+    it repaired (a journal's torn last record set aside) is said."""
     url = options.storage or default_storage_url()
     interval, grace = heartbeat_settings(url, options.heartbeat_interval, options.grace_period)
-    return connect(url, heartbeat_interval=interval, grace_period=grace)
+    storage = connect(url, heartbeat_interval=interval, grace_period=grace)
+    if storage.note and say is not None:
+        say(storage.note)
+    return storage
 
 
 def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | None]:
@@ -561,7 +565,7 @@ def run_study(
     note = objective_note(asked, spec)
     if note and announce:
         say(note)
-    storage = connect_run(options)
+    storage = connect_run(options, say)
     study = open_study(spec, options, storage, worker)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
@@ -684,7 +688,7 @@ def run_workers(
     note = objective_note(asked, spec)
     if note:
         say(note)
-    storage = connect_run(options)
+    storage = connect_run(options, say)
     name = options.study_name_for(spec)
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)

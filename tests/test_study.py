@@ -244,6 +244,35 @@ def test_a_new_study_refuses_other_settings_before_any_trial_trained(tmp_path: P
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["config"]["subset_per_class"] == 10
 
 
+def test_a_study_run_on_a_journal_with_a_torn_last_record_sets_it_aside_and_keeps_every_trial(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """A journal whose last record was cut off (kill -9 mid-write, a full disk): the next
+    run once appended onto the torn line, failed with a JSONDecodeError and left the file
+    unreadable for every command. Now it says it set the torn bytes aside, runs, and the
+    study keeps every trial it had."""
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=10)))
+    path = tmp_path / "w.log"
+    journal = f"journal://{path}"
+    run_study(spec, RunOptions(n_trials=2, device="cpu", storage=journal))
+    path.write_bytes(path.read_bytes()[:-20])
+    before = [
+        (t.number, t.state, t.value)
+        for t in optuna.load_study(study_name="tiny-ce", storage=open_storage(journal, create=False)).get_trials()
+    ]
+    assert [state for _, state, _ in before] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    said: list[str] = []
+    result = run_study(spec, RunOptions(n_trials=1, device="cpu", storage=journal), say=said.append)
+    assert result.added == 1
+    (aside,) = tmp_path.glob("w.log.torn-*")
+    assert any(
+        line.startswith(f"journal {path} ended in a record cut off mid-write") and str(aside) in line for line in said
+    ), said
+    after = optuna.load_study(study_name="tiny-ce", storage=open_storage(journal, create=False)).get_trials()
+    assert [(t.number, t.state, t.value) for t in after][:2] == before
+    assert len(after) == 3 and after[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def test_a_study_keeps_its_settings_direction_and_spec(tmp_path: Path, dlops_home: Path) -> None:
     """A run that would add trials of other fixed settings (epochs, subset, batch size), a
     search space Optuna cannot continue, the other direction or another spec to a study is
