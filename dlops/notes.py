@@ -481,6 +481,8 @@ def finish_study_run(
     say = say or (lambda msg: None)
     try:
         storage = connect(options.storage or default_storage_url())
+        if storage.note:
+            say(storage.note)
         ctx = StudyContext.of(spec.for_dataset(options.dataset), options, storage.masked)
         with storage.lock(study.study_name):
             write_study_note(study, ctx)

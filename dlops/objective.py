@@ -111,28 +111,45 @@ def distribution(p: ParamSpec) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.CategoricalDistribution(list(p.choices))
 
 
+SETTINGS_KEY = "settings"  # study user attr: the config of the run that prepared it first (its fixed settings)
+
+
+def study_settings(spec: StudySpec, options: RunOptions) -> dict[str, Any]:
+    """What a study records of the settings a run trains with (:data:`SETTINGS_KEY`): the
+    config of its baseline; :func:`check_same_settings` compares the fixed ones."""
+    return trial_config(spec, options, baseline_params(spec, options), 0).to_dict()
+
+
 def check_same_settings(study: optuna.Study, spec: StudySpec, options: RunOptions) -> None:
     """A run joins a study only with the settings its trials trained with: the fixed settings
     (every config field but the searched ones, the seed and what changes only speed) of its
-    latest recorded trial, and search-space distributions Optuna can continue. Otherwise its
-    values would sit beside values that do not compare (another epoch count, subset, batch
-    size, loss...)."""
+    latest recorded trial and of the study's own record (:data:`SETTINGS_KEY`, written when
+    it was prepared, so a run that joins before any trial has trained is checked too), and
+    search-space distributions Optuna can continue. Otherwise its values would sit beside
+    values that do not compare (another epoch count, subset, batch size, loss...). A study
+    from before that record is checked against its trials only."""
     trials = study.get_trials(deepcopy=False)
     recorded = [t for t in trials if isinstance(t.user_attrs.get("config"), dict)]
     name = study.study_name
     hint = "run it with the study's settings, or give this run another --study-name"
+    saved_settings: list[tuple[dict[str, Any], str]] = []
     if recorded:
-        last = recorded[-1]
+        saved_settings.append((recorded[-1].user_attrs["config"], f"trial {recorded[-1].number}"))
+    if isinstance(study.user_attrs.get(SETTINGS_KEY), dict):
+        saved_settings.append((study.user_attrs[SETTINGS_KEY], "recorded when the study was prepared"))
+    if saved_settings:
         searched = set(spec.search) | {k for t in recorded for k in t.params} | {"seed"}
-        config = trial_config(spec, options, baseline_params(spec, options), last.number)
+        number = recorded[-1].number if recorded else 0
+        config = trial_config(spec, options, baseline_params(spec, options), number)
         now = {k: v for k, v in config.to_dict().items() if k not in searched}
-        saved = {k: v for k, v in last.user_attrs["config"].items() if k not in searched}
-        change = first_change(saved, now, config)
-        if change:
-            k, was, will = change
-            raise DlopsError(
-                f"study {name!r} trains with {k} = {was!r} (trial {last.number}), this run with {k} = {will!r}: {hint}"
-            )
+        for settings, where in saved_settings:
+            saved = {k: v for k, v in settings.items() if k not in searched}
+            change = first_change(saved, now, config)
+            if change:
+                k, was, will = change
+                raise DlopsError(
+                    f"study {name!r} trains with {k} = {was!r} ({where}), this run with {k} = {will!r}: {hint}"
+                )
     seen: dict[str, optuna.distributions.BaseDistribution] = {}
     for t in trials:
         seen.update(t.distributions)

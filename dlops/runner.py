@@ -48,12 +48,14 @@ from dlops.errors import DlopsError, StorageError
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
+    SETTINGS_KEY,
     EpochCallback,
     RunOptions,
     baseline_params,
     check_same_settings,
     checkpoint_path,
     make_objective,
+    study_settings,
     trial_config,
 )
 from dlops.paths import default_storage_url
@@ -258,9 +260,11 @@ def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
 
 
 def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> bool:
-    """Labels, the data the study is measured on (:func:`data_record`, recorded once), and
-    the baseline as trial 0 of a new study. Run under the study lock, so workers starting
-    at once enqueue one baseline. Returns whether the study was new."""
+    """Labels, the data the study is measured on (:func:`data_record`, recorded once), its
+    fixed settings (:func:`dlops.objective.study_settings`, recorded once), and the baseline
+    as trial 0 of a new study. Run under the study lock, so workers starting at once enqueue
+    one baseline, and a run that starts the same new study at once with other settings is
+    refused before any trial has trained. Returns whether the study was new."""
     new = not study.get_trials(deepcopy=False)
     dataset = options.dataset or spec.train.get("dataset")
     data = data_record(spec, options)
@@ -277,6 +281,8 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
             study.set_user_attr(key, value)
     if data is not None and not isinstance(attrs.get(DATA_KEY), dict):
         study.set_user_attr(DATA_KEY, data)
+    if not isinstance(attrs.get(SETTINGS_KEY), dict):  # what every later run is checked against
+        study.set_user_attr(SETTINGS_KEY, study_settings(spec, options))
     enqueue_baseline(study, baseline_params(spec, options))
     return new
 
@@ -506,11 +512,15 @@ class RunSlot:
     index: int  # among the runs that joined the study, 0 for the one that started it: seeds the sampler
 
 
-def connect_run(options: RunOptions) -> StudyStorage:
-    """The storage a run writes to, with heartbeats where the storage has them."""
+def connect_run(options: RunOptions, say: Say | None = None) -> StudyStorage:
+    """The storage a run writes to, with heartbeats where the storage has them; what opening
+    it repaired (a journal's torn last record set aside) is said."""
     url = options.storage or default_storage_url()
     interval, grace = heartbeat_settings(url, options.heartbeat_interval, options.grace_period)
-    return connect(url, heartbeat_interval=interval, grace_period=grace)
+    storage = connect(url, heartbeat_interval=interval, grace_period=grace)
+    if storage.note and say is not None:
+        say(storage.note)
+    return storage
 
 
 def run_target(spec: StudySpec, options: RunOptions) -> tuple[int | None, int | None]:
@@ -555,7 +565,7 @@ def run_study(
     note = objective_note(asked, spec)
     if note and announce:
         say(note)
-    storage = connect_run(options)
+    storage = connect_run(options, say)
     study = open_study(spec, options, storage, worker)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
     with storage.lock(study.study_name):
@@ -678,7 +688,7 @@ def run_workers(
     note = objective_note(asked, spec)
     if note:
         say(note)
-    storage = connect_run(options)
+    storage = connect_run(options, say)
     name = options.study_name_for(spec)
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)

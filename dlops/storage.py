@@ -29,14 +29,22 @@ and nothing is created beside one that does (the lock under which a new SQLite d
 created is taken by writers only). A folder given as the storage is refused in one line,
 and so is a SQLite file that is not a study storage (another program's database, or not
 a database): Optuna never adds its tables to it.
+
+A writer (``create=True``) checks a journal file's tail first, under the lock Optuna appends
+under (:func:`repair_journal_tail`): a last record cut off mid-write is moved to a side file
+and the journal cut back to its last complete line (:attr:`StudyStorage.note` says so); a
+last complete line that is not JSON is refused. Readers never change the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import os
 import re
 import sqlite3
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -303,6 +311,7 @@ class StudyStorage:
     lock_file: Path | None = None
     redis_url: str | None = None
     redis_prefix: str = ""
+    note: str | None = None  # what opening it repaired (a journal's torn last record set aside), to print
 
     @property
     def masked(self) -> str:
@@ -425,12 +434,16 @@ def _connect(
             _check_sqlite_file(url, lock_file, create)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 
         path = journal_path(url).absolute()
+        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna appends under (its default)
+        note = None
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
-        return StudyStorage(url, kind, JournalStorage(JournalFileBackend(str(path))), lock_file=path)
+            note = repair_journal_tail(path, lock)
+        file_backend = JournalFileBackend(str(path), lock_obj=lock)
+        return StudyStorage(url, kind, JournalStorage(file_backend), lock_file=path, note=note)
     if kind == "redis":
         import redis
         from optuna.storages.journal import JournalRedisBackend, JournalStorage
@@ -447,6 +460,111 @@ def _connect(
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRY_LIMIT),
         )
     return StudyStorage(url, kind, optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs))
+
+
+def _tail_lines(f: IO[bytes], size: int, chunk: int = 1 << 16) -> tuple[int, int]:
+    """Where the last complete line of a file of ``size`` bytes starts and where it ends
+    (just past its newline): (0, 0) when the file holds no complete line."""
+    pos = size
+    found: list[int] = []  # the offsets of the last two newlines, the last first
+    while pos > 0 and len(found) < 2:
+        start = max(0, pos - chunk)
+        f.seek(start)
+        block = f.read(pos - start)
+        i = len(block)
+        while len(found) < 2 and (i := block.rfind(b"\n", 0, i)) >= 0:
+            found.append(start + i)
+        pos = start
+    if not found:
+        return 0, 0
+    return (found[1] + 1 if len(found) == 2 else 0), found[0] + 1
+
+
+def _line_number(f: IO[bytes], offset: int) -> int:
+    """The number (from 1) of the line that starts at byte ``offset``."""
+    f.seek(0)
+    count, done = 0, 0
+    while done < offset:
+        block = f.read(min(1 << 20, offset - done))
+        if not block:
+            break
+        count += block.count(b"\n")
+        done += len(block)
+    return count + 1
+
+
+def repair_journal_tail(path: Path, lock: Any) -> str | None:
+    """Before a writer appends to the journal file ``path``: a last record cut off mid-write
+    (no trailing newline: ``kill -9`` or a full disk during an append), which Optuna's reader
+    skips but would glue the next record onto, making the whole file unreadable, is moved to
+    ``PATH.torn-<time>`` beside it and the journal cut back to its last complete line; the
+    returned note says so (None when there was nothing to do). A last complete line that is
+    not JSON is refused (:class:`StorageError`) and the file left as it is. Runs under
+    ``lock``, the one Optuna appends under, so no record is being written meanwhile."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock.acquire()
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            start, end = _tail_lines(f, size)
+            if end > start:
+                f.seek(start)
+                line = f.read(end - start)
+                try:
+                    json.loads(line)
+                except ValueError:
+                    number = _line_number(f, start)
+                    raise StorageError(
+                        f"journal {path}: line {number}, its last complete line, is not a journal record (not "
+                        "JSON); nothing was written, since a record appended after it would make the file "
+                        "unreadable: move that line out of the file, then run again"
+                    ) from None
+            if end == size:
+                return None
+            f.seek(end)
+            torn = f.read(size - end)
+            aside = _write_aside(path, torn)
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+            complete = f"its last complete line (line {_line_number(f, start)})" if end else "empty"
+    finally:
+        lock.release()
+    return (
+        f"journal {path} ended in a record cut off mid-write ({len(torn)} bytes, without a newline; "
+        f"never applied): moved it to {aside} and cut the journal back to {complete}"
+    )
+
+
+def _write_aside(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new file ``PATH.torn-<time>`` (never over another) and sync it;
+    a failure (a full disk) removes what was begun and raises :class:`StorageError`."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.torn-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StorageError(
+                f"journal {path} ends in a record cut off mid-write, which could not be set aside "
+                f"({exc.strerror or exc}); nothing was changed: free some space, then run again"
+            ) from None
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            aside.unlink(missing_ok=True)
+            raise StorageError(
+                f"journal {path} ends in a record cut off mid-write, which could not be set aside in {aside} "
+                f"({exc.strerror or exc}); nothing was changed: free some space, then run again"
+            ) from None
+        return aside
+    raise StorageError(f"journal {path}: too many {path.name}.torn-* files from this second; run again")
 
 
 def open_storage(url: str, **kwargs: Any) -> optuna.storages.BaseStorage:

@@ -421,3 +421,70 @@ def test_another_programs_sqlite_database_is_never_given_optuna_tables(tmp_path:
     assert empty.stat().st_size == 0
     connect(f"sqlite:///{empty}")  # a writer makes it a study storage
     assert connect(f"sqlite:///{empty}", create=False) is not None
+
+
+def _journal_with_trials(path: Path, n: int = 3) -> list[tuple[int, str, float | None]]:
+    """A journal file holding study "s" with ``n`` complete trials; their (number, state, value)."""
+    study = optuna.create_study(study_name="s", storage=connect(f"journal://{path}").optuna)
+    for i in range(n):
+        study.enqueue_trial({"x": float(i)})
+    study.optimize(lambda t: t.suggest_float("x", 0, 10) ** 2, n_trials=n)
+    return _trials(path)
+
+
+def _trials(path: Path) -> list[tuple[int, str, float | None]]:
+    storage = connect(f"journal://{path}", create=False).optuna
+    return [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="s", storage=storage).trials]
+
+
+def test_a_torn_last_journal_record_is_set_aside_before_a_writer_appends(tmp_path: Path) -> None:
+    """A journal whose last record was cut off mid-write (kill -9, a full disk) reads fine,
+    since Optuna skips a line without its newline, but the next append was glued onto it and
+    made the whole file unreadable. A reader leaves the file as it is; a writer moves the
+    torn bytes to a side file, cuts the journal back to its last complete line and says so,
+    and what it appends then reads back with every earlier trial."""
+    path = tmp_path / "w.log"
+    _journal_with_trials(path)
+    whole = path.read_bytes()
+    torn = whole[:-20]
+    path.write_bytes(torn)
+    kept = torn[: torn.rindex(b"\n") + 1]
+    readable = _trials(path)  # what the torn file shows: the torn record was never applied
+    assert [s for _, s, _ in readable[:2]] == ["COMPLETE", "COMPLETE"]
+    assert path.read_bytes() == torn  # a reader never repairs
+
+    storage = connect(f"journal://{path}")
+    (aside,) = tmp_path.glob("w.log.torn-*")
+    assert aside.read_bytes() == torn[len(kept) :]  # nothing lost: the torn bytes are beside the journal
+    assert path.read_bytes() == kept
+    assert storage.note is not None and str(aside) in storage.note and str(path) in storage.note
+    complete_lines = kept.count(b"\n")
+    assert f"its last complete line (line {complete_lines})" in storage.note
+    study = optuna.load_study(study_name="s", storage=storage.optuna)
+    study.enqueue_trial({"x": 5.0})
+    study.optimize(lambda t: t.suggest_float("x", 0, 10) ** 2, n_trials=1)
+    assert _trials(path) == [*readable, (len(readable), "COMPLETE", 25.0)]
+    assert connect(f"journal://{path}").note is None  # a whole journal is left as it is
+
+    only = tmp_path / "only.log"
+    only.write_bytes(whole[: whole.index(b"\n") - 5])  # not one complete record
+    assert "back to empty" in (connect(f"journal://{only}").note or "")
+    assert only.read_bytes() == b"" and len(list(tmp_path.glob("only.log.torn-*"))) == 1
+
+
+def test_a_journal_whose_last_line_is_not_json_is_refused_before_writing(tmp_path: Path) -> None:
+    """A complete last line that is no record (garbage ending in a newline) is skipped by
+    Optuna's reader while it is last, but a record appended after it makes the file
+    unreadable: a writer refuses in one line naming the file and the line, and changes
+    nothing; a reader still reads the trials."""
+    path = tmp_path / "g.log"
+    trials = _journal_with_trials(path, n=2)
+    lines = path.read_bytes().count(b"\n")
+    with path.open("ab") as f:
+        f.write(b"not json at all\n")
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=rf"journal {path}: line {lines + 1}, its last complete line, is not") as exc:
+        connect(f"journal://{path}")
+    assert "\n" not in str(exc.value)
+    assert path.read_bytes() == before and not list(tmp_path.glob("g.log.torn-*"))
+    assert _trials(path) == trials

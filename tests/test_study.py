@@ -19,6 +19,7 @@ from dlops.objective import RunOptions
 from dlops.paths import default_storage_url
 from dlops.runner import TrialsFailed, run_study
 from dlops.spec import load_spec
+from dlops.storage import open_storage
 from dlops.trainers.base import HISTORY_KEYS
 
 
@@ -207,6 +208,69 @@ def test_digits_studies_optimise_top1_and_a_study_keeps_one_objective(tmp_path: 
     with pytest.raises(DlopsError, match="ran on tiny-imagenet, not digits"):
         run_study(spec, RunOptions(n_trials=1, device="cpu"))
     assert [(t.number, t.state, t.value) for t in study.get_trials()] == before
+
+
+def test_a_new_study_refuses_other_settings_before_any_trial_trained(tmp_path: Path, dlops_home: Path) -> None:
+    """Two runs starting one new study at once: the second prepares it while the only trial
+    is the first's WAITING baseline, which holds no config yet. It was let in, and the study
+    got trials of two epoch counts and subsets; now the settings recorded when the study was
+    prepared refuse it, and the same settings (another device or sampler seed) still join."""
+    from dlops.runner import open_study, prepare_study
+
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=10)))
+    journal = f"journal://{tmp_path / 's.log'}"
+    first = RunOptions(device="cpu", storage=journal)
+    assert prepare_study(open_study(spec, first), spec, first)
+    for options, message in (
+        (
+            RunOptions(device="cpu", storage=journal, epochs=3),
+            r"trains with epochs = 1 \(recorded when the study was prepared\), this run with epochs = 3",
+        ),
+        (
+            RunOptions(device="cpu", storage=journal, train_overrides={"subset_per_class": 20}),
+            "trains with subset_per_class = 10 .*this run with subset_per_class = 20",
+        ),
+    ):
+        with pytest.raises(DlopsError, match=message):
+            prepare_study(open_study(spec, options), spec, options)
+    trials = optuna.load_study(study_name="tiny-ce", storage=open_storage(journal)).get_trials()
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.WAITING)]  # nothing added by the refused runs
+    settings = optuna.load_study(study_name="tiny-ce", storage=open_storage(journal)).user_attrs["settings"]
+    assert (settings["epochs"], settings["subset_per_class"]) == (1, 10)  # the first run's, kept
+    same = RunOptions(device="cuda", storage=journal, seed=7)  # only the speed and the sampler differ
+    assert not prepare_study(open_study(spec, same), spec, same)
+    run_study(spec, RunOptions(n_trials=1, device="cpu", storage=journal, epochs=1))
+    trial = optuna.load_study(study_name="tiny-ce", storage=open_storage(journal)).get_trials()[0]
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["config"]["subset_per_class"] == 10
+
+
+def test_a_study_run_on_a_journal_with_a_torn_last_record_sets_it_aside_and_keeps_every_trial(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """A journal whose last record was cut off (kill -9 mid-write, a full disk): the next
+    run once appended onto the torn line, failed with a JSONDecodeError and left the file
+    unreadable for every command. Now it says it set the torn bytes aside, runs, and the
+    study keeps every trial it had."""
+    spec = load_spec(str(tiny_spec(tmp_path, "ce", epochs=1, per_class=10)))
+    path = tmp_path / "w.log"
+    journal = f"journal://{path}"
+    run_study(spec, RunOptions(n_trials=2, device="cpu", storage=journal))
+    path.write_bytes(path.read_bytes()[:-20])
+    before = [
+        (t.number, t.state, t.value)
+        for t in optuna.load_study(study_name="tiny-ce", storage=open_storage(journal, create=False)).get_trials()
+    ]
+    assert [state for _, state, _ in before] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    said: list[str] = []
+    result = run_study(spec, RunOptions(n_trials=1, device="cpu", storage=journal), say=said.append)
+    assert result.added == 1
+    (aside,) = tmp_path.glob("w.log.torn-*")
+    assert any(
+        line.startswith(f"journal {path} ended in a record cut off mid-write") and str(aside) in line for line in said
+    ), said
+    after = optuna.load_study(study_name="tiny-ce", storage=open_storage(journal, create=False)).get_trials()
+    assert [(t.number, t.state, t.value) for t in after][:2] == before
+    assert len(after) == 3 and after[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def test_a_study_keeps_its_settings_direction_and_spec(tmp_path: Path, dlops_home: Path) -> None:

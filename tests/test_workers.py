@@ -199,6 +199,48 @@ def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_pat
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_runs_starting_a_new_study_at_once_with_other_settings_one_is_refused(
+    backend: Backend, tmp_path: Path, dlops_home: Path
+) -> None:
+    """Two runs start one new study at once, with other epochs and subsets: whichever takes
+    the study lock second finds only the WAITING baseline (no trial config to compare with)
+    and once joined, so the study alternated trials of both settings. Now it is refused."""
+    from dlops.errors import DlopsError
+
+    spec = load_spec(str(tiny_workers_spec(tmp_path)))
+    runs = [
+        RunOptions(storage=backend.url, study_name=backend.study_name, epochs=1),
+        RunOptions(
+            storage=backend.url, study_name=backend.study_name, epochs=3, train_overrides={"subset_per_class": 20}
+        ),
+    ]
+    barrier, joined, refused = threading.Barrier(2), [], []
+
+    def start(options: RunOptions) -> None:
+        storage = backend.storage()
+        study = open_study(spec, options, storage)
+        barrier.wait()
+        try:
+            with storage.lock(study.study_name):
+                prepare_study(study, spec, options)
+            joined.append(options.epochs)
+        except DlopsError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=start, args=(options,)) for options in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(joined) == 1 and len(refused) == 1, (joined, refused)
+    assert "recorded when the study was prepared" in refused[0]
+    settings = backend.study().user_attrs["settings"]
+    assert settings["epochs"] == joined[0] and settings["subset_per_class"] == (10 if joined[0] == 1 else 20)
+    assert len(backend.study().get_trials()) == 1
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_runs_joining_at_once_get_their_own_sampler_seeds(backend: Backend, tmp_path: Path, dlops_home: Path) -> None:
     """Two machines starting one new study at once both see it empty; under the study lock
     each run still gets its own index, so only the first replays the spec's seed and the
