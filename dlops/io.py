@@ -332,3 +332,15 @@ def exchange_paths(a: Path, b: Path) -> bool:
         return False
     at_fdcwd = -100
     return bool(renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0)
+
+
+def process_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks since boot) of ``pid`` from ``/proc``; None
+    where it cannot tell (no such process, no /proc). The start time tells a process from a
+    later one that reuses its pid."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], fields[19]

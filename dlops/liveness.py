@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from dlops.io import process_stat
 from dlops.storage import RETRY_LIMIT, StudyStorage
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
@@ -47,18 +48,8 @@ def _boot_id() -> str | None:
         return None
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state letter, start time in clock ticks since boot) of ``pid``, or None where unknown."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], fields[19]
-
-
 def worker_identity() -> dict[str, Any]:
-    stat = _proc_stat(os.getpid())
+    stat = process_stat(os.getpid())
     return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": stat[1] if stat else None}
 
 
@@ -71,7 +62,7 @@ def is_dead(owner: dict[str, Any]) -> bool | None:
     if owner.get("boot") and boot and owner["boot"] != boot:
         return True  # this machine rebooted since: every process of then is gone
     pid = int(owner["pid"])
-    stat = _proc_stat(pid)
+    stat = process_stat(pid)
     if stat is None:
         if Path("/proc/self/stat").exists():
             return True  # /proc works and has no such pid

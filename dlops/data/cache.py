@@ -32,7 +32,7 @@ import numpy as np
 
 from dlops.data.base import Dataset, Split
 from dlops.errors import DatasetNotAvailable
-from dlops.io import exchange_paths, signals_held
+from dlops.io import exchange_paths, process_stat, signals_held
 from dlops.paths import data_root
 
 FORMAT_VERSION = 1
@@ -293,19 +293,9 @@ def settle_previous(final: Path) -> None:
 CACHE_SCRATCH, EXTRACT_SCRATCH, DOWNLOAD_SCRATCH = ".cache-tmp-", ".extract-tmp-", ".download-tmp-"
 
 
-def _process_stat(pid: int) -> tuple[str, str] | None:
-    """(state letter, start time in clock ticks since boot) of ``pid``, None where /proc cannot tell."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], fields[19]
-
-
 def scratch_path(parent: Path, prefix: str) -> Path:
     """A new scratch name under ``parent`` (not created) that names this process."""
-    pid, stat = os.getpid(), _process_stat(os.getpid())
+    pid, stat = os.getpid(), process_stat(os.getpid())
     started = stat[1] if stat else "0"
     return parent / f"{prefix}{uuid.uuid4().hex[:8]}-{pid}-{started}-{socket.gethostname()}"
 
@@ -317,7 +307,7 @@ def _maker_gone(name: str, prefix: str) -> bool:
     if len(parts) != 4 or not parts[1].isdigit() or parts[3] != socket.gethostname():
         return False
     pid, started = int(parts[1]), parts[2]
-    stat = _process_stat(pid)
+    stat = process_stat(pid)
     if stat is not None:
         if stat[0] in ("Z", "X"):
             return True  # killed, not yet reaped by its parent
