@@ -344,3 +344,24 @@ def process_stat(pid: int) -> tuple[str, str] | None:
         return None
     fields = text[text.rindex(")") + 2 :].split()
     return fields[0], fields[19]
+
+
+def process_gone(pid: int, started: str | None) -> bool:
+    """Whether the process ``pid`` of this machine, started at ``started`` (clock ticks since
+    boot, :func:`process_stat`; None: unknown), is provably gone: no such process, a zombie,
+    or its pid now taken by a later process. False while it may run."""
+    stat = process_stat(pid)
+    if stat is None:
+        if Path("/proc/self/stat").exists():
+            return True  # /proc works and has no such pid
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+    state, now = stat
+    if state in ("Z", "X"):
+        return True  # killed, not yet reaped by its parent
+    return bool(started) and now != started  # the pid now belongs to another process

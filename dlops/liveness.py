@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dlops.io import process_stat
+from dlops.io import process_gone, process_stat
 from dlops.storage import RETRY_LIMIT, StudyStorage
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
@@ -61,22 +61,7 @@ def is_dead(owner: dict[str, Any]) -> bool | None:
     boot = _boot_id()
     if owner.get("boot") and boot and owner["boot"] != boot:
         return True  # this machine rebooted since: every process of then is gone
-    pid = int(owner["pid"])
-    stat = process_stat(pid)
-    if stat is None:
-        if Path("/proc/self/stat").exists():
-            return True  # /proc works and has no such pid
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    state, started = stat
-    if state in ("Z", "X"):
-        return True  # killed, not yet reaped by its parent
-    return bool(owner.get("started")) and started != owner["started"]  # pid reused by another process
+    return process_gone(int(owner["pid"]), owner.get("started"))
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = RETRY_LIMIT) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from dlops.data.base import Dataset, Split
 from dlops.errors import DatasetNotAvailable
-from dlops.io import exchange_paths, process_stat, signals_held
+from dlops.io import exchange_paths, process_gone, process_stat, signals_held
 from dlops.paths import data_root
 
 FORMAT_VERSION = 1
@@ -307,20 +307,7 @@ def _maker_gone(name: str, prefix: str) -> bool:
     if len(parts) != 4 or not parts[1].isdigit() or parts[3] != socket.gethostname():
         return False
     pid, started = int(parts[1]), parts[2]
-    stat = process_stat(pid)
-    if stat is not None:
-        if stat[0] in ("Z", "X"):
-            return True  # killed, not yet reaped by its parent
-        return started != "0" and stat[1] != started  # the pid now belongs to another process
-    if Path("/proc/self/stat").exists():
-        return True  # /proc works and has no such pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return process_gone(pid, None if started == "0" else started)
 
 
 def remove_stale_scratch(parent: Path, *prefixes: str) -> None:
