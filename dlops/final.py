@@ -49,15 +49,15 @@ from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError
 from dlops.io import (
     CorruptCheckpoint,
+    Terminated,
     json_safe,
     load_checkpoint,
     run_lock,
     save_checkpoint,
     signals_held,
+    sigterm_interrupts,
     write_text_atomic,
 )
-from dlops.io import Terminated as _Terminated  # SIGTERM as Ctrl-C, shared with the data commands
-from dlops.io import sigterm_interrupts as _sigterm_interrupts
 from dlops.params import (
     ChosenParams,
     FinalOptions,
@@ -413,7 +413,7 @@ def run_final(
                 )
 
     state: dict[str, Any] = {"seed": seeds[0], "swapped": False}
-    with _sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):
+    with sigterm_interrupts(), run_lock(lock_path(spec.name), f"another `dlops final` of {spec.name}"):
         try:
             return _run_locked(
                 spec, options, trainer, url, study, chosen, seeds, configs, started, state, on_epoch, progress, say
@@ -497,7 +497,7 @@ def _run_locked(
         replace_dirs([(stage, out_dir)])  # in one step where the system can; the old report goes
         state["swapped"] = True
     if pending:  # a signal during the swap stops the run now that it is done
-        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
+        raise Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
     for old in final_checkpoint_dir(spec.name).glob("run-*"):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)

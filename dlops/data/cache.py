@@ -189,14 +189,18 @@ def open_dataset(root: Path | str | None, name: str, *, hflip: bool, crop_paddin
         "holdout_seed": holdout.get("seed"),
         "source_md5": source.get("md5"),
     }
+
+    def load_test() -> Split:
+        return open_split(root_path, name, "test", classes)
+
     return Dataset(
         name=name,
         class_ids=list(manifest["class_ids"]),
         class_names=list(manifest["class_names"]),
         train=open_split(root_path, name, "train", classes),
         val=open_split(root_path, name, "val", classes),
-        load_test=lambda: open_split(root_path, name, "test", classes),
-        verify_test=lambda: open_split(root_path, name, "test", classes),
+        load_test=load_test,
+        verify_test=load_test,  # opening it checks its labels and sizes
         hflip=hflip,
         crop_padding=crop_padding,
         provenance=provenance,
