@@ -251,30 +251,49 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Any:
 
 
 @contextmanager
-def run_lock(path: Path, what: str) -> Iterator[Path]:
+def run_lock(path: Path, what: str, *, remove: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on ``path`` (created if need be) for the ``with`` block, or
     raise :class:`Busy` naming the process that holds it. The kernel drops the lock when
-    its process ends, however it ends: a lock left by a dead process never blocks."""
+    its process ends, however it ends: a lock left by a dead process never blocks.
+
+    With ``remove`` the file goes when the block ends (nothing is left beside the folders
+    it guards). A process that opened it just before it went finds, once it holds the
+    lock, that its file is no longer the one at ``path``, and takes the new one."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise Busy(f"{what} is already running ({holder}; lock {path}): wait for it to end") from None
         except OSError:
-            pass  # a file system without flock: run unlocked rather than not at all
-        else:
+            break  # a file system without flock: run unlocked rather than not at all
+        if not remove or _same_file(fd, path):
             os.ftruncate(fd, 0)
             started = datetime.now(UTC).isoformat(timespec="seconds")
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+            break
+        os.close(fd)  # its holder ended and removed it: lock the file at ``path`` now
+    try:
         yield path
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                path.unlink()  # still held: whoever opens the old file sees it is gone
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 @contextmanager

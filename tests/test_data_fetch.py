@@ -284,3 +284,32 @@ def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path:
         line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/loop"))
         assert f"cannot download {base}/loop: too many redirects" in line, line
     assert not root.exists() or list(root.rglob("*")) == []
+
+
+def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served, tmp_path: Path) -> None:
+    base, archive = served
+    root = tmp_path / "r"
+    with serve_stalling(b"x" * 300_000) as stalling:
+        process = _fetch_process(root, f"{stalling}/mini.zip")
+        _wait_for_part(root, process)
+        lock = root / ".tiny-imagenet.lock"
+        for args in (
+            ("fetch", "tiny-imagenet", "--source", f"{base}/mini.zip", "--md5", md5_file(archive)),
+            ("prepare", "tiny-imagenet", "--raw", str(tmp_path / "src")),
+        ):
+            line = one_error_line(dlops("data", *args, "--root", str(root), "--workers", "1"))
+            assert line.startswith(
+                f"error: another `dlops data fetch` or `prepare` of tiny-imagenet is already running "
+                f"(pid {process.pid} on "
+            ), line
+            assert line.endswith(f"; lock {lock}): wait for it to end"), line
+        assert not is_prepared(root, "tiny-imagenet")  # neither built a cache beside the running fetch
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert not root.exists() or list(root.rglob("*")) == []  # the lock went with its holder
+    result = dlops(
+        "data", "fetch", "tiny-imagenet", "--root", str(root), "--workers", "1",
+        "--source", f"{base}/mini.zip", "--md5", md5_file(archive),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert is_prepared(root, "tiny-imagenet") and not lock.exists()

@@ -166,3 +166,39 @@ def test_fit_refuses_a_damaged_checkpoint_in_one_line(tmp_path, dlops_home):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
         fit(config.replace(epochs=2), checkpoint_path=ckpt)
+
+
+def test_a_removable_run_lock_goes_with_its_holder_and_refuses_a_second_holder(tmp_path, monkeypatch) -> None:
+    import fcntl
+    import os
+
+    from dlops.io import Busy, run_lock
+
+    path = tmp_path / "d" / ".x.lock"
+    with run_lock(path, "another x", remove=True):
+        assert f"pid {os.getpid()}" in path.read_text()
+        busy = r"another x is already running \(pid \d+ on .*; lock .*\.x\.lock\)"
+        with pytest.raises(Busy, match=busy), run_lock(path, "another x", remove=True):
+            pass
+        assert path.exists()  # a refused second holder does not remove the first one's lock
+    assert not path.exists()
+
+    # A process that opened the file just before its holder ended and removed it, and locks
+    # it only then, holds a file no longer at ``path``: it must take the file at ``path``
+    # instead, or a third process could lock a new file there beside it.
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_holder_removed_it(fd: int, operation: int) -> None:
+        if not calls:
+            path.unlink()  # the holder ends between this process's open and its flock
+        calls.append(fd)
+        real_flock(fd, operation)
+
+    path.write_text("pid 1 on elsewhere\n")
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_removed_it)
+    with run_lock(path, "another x", remove=True):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert len(calls) == 2 and f"pid {os.getpid()}" in path.read_text()
+        with pytest.raises(Busy), run_lock(path, "another x", remove=True):
+            pass
+    assert not path.exists()

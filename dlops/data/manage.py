@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -40,6 +40,7 @@ from dlops.data.cache import (
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
+from dlops.io import run_lock
 from dlops.text import plural
 
 Say = Callable[[str], None]
@@ -119,6 +120,34 @@ def fetch_dataset(
     """
     module = cached_module(name)
     root = resolve_root(root)
+    with dataset_lock(root, name):
+        return _fetch(
+            module,
+            root,
+            source,
+            md5,
+            force=force,
+            keep_archive=keep_archive,
+            workers=workers,
+            progress=progress,
+            say=say,
+        )
+
+
+def _fetch(
+    module: ModuleType,
+    root: Path,
+    source: str | None,
+    md5: str | None,
+    *,
+    force: bool,
+    keep_archive: bool,
+    workers: int | None,
+    progress: bool,
+    say: Say,
+) -> dict[str, Any]:
+    """:func:`fetch_dataset` under the dataset's lock."""
+    name = module.NAME
     _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         manifest = read_manifest(root, name)
@@ -202,6 +231,15 @@ def fetch_dataset(
     return manifest
 
 
+@contextlib.contextmanager
+def dataset_lock(root: Path, name: str) -> Iterator[Path]:
+    """One ``fetch`` or ``prepare`` of a dataset at a time: a second one, which would build
+    its own cache and swap it in over the first one's, is refused in one line. The lock is
+    ``<root>/.<name>.lock``, there only while a fetch or prepare runs."""
+    with run_lock(root / f".{name}.lock", f"another `dlops data fetch` or `prepare` of {name}", remove=True) as path:
+        yield path
+
+
 def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: str | None) -> None:
     """A fetch of ``source`` (``md5``) over a cache built from another archive is refused: it
     would do nothing while the user thinks the data is theirs. Same archive: md5 equal (a
@@ -265,6 +303,34 @@ def prepare_dataset(
     """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
     module = cached_module(name)
     root = resolve_root(root)
+    with dataset_lock(root, name):
+        return _prepare(
+            module,
+            root,
+            raw,
+            force=force,
+            val_fraction=val_fraction,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+            say=say,
+        )
+
+
+def _prepare(
+    module: ModuleType,
+    root: Path,
+    raw: Path | str | None,
+    *,
+    force: bool,
+    val_fraction: float,
+    seed: int,
+    workers: int | None,
+    progress: bool,
+    say: Say,
+) -> dict[str, Any]:
+    """:func:`prepare_dataset` under the dataset's lock."""
+    name = module.NAME
     _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         say(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
