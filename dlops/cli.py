@@ -69,6 +69,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dlops.versions import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the versions of dlops (and its commit), Python and the packages it runs on, and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Optuna studies for deep-learning experiments, and reference runs with reports."""
+
+
 study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(study_app, name="study")
 data_app = typer.Typer(

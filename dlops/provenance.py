@@ -5,11 +5,8 @@ package versions, commit, time, study)."""
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,37 +17,7 @@ from dlops.metrics import mean_std
 from dlops.params import ChosenParams
 from dlops.spec import StudySpec
 from dlops.trainers.base import FitResult, Trainer, TrainerConfig
-
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("dlops", "torch", "optuna", "numpy", "scikit-learn", "matplotlib"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    """The commit of the dlops source tree, ``+dirty`` when it has local changes. Outside a
-    git checkout (a copy of the tree on another machine): ``$DLOPS_GIT_COMMIT``, else None."""
-    here = Path(__file__).resolve().parent
-    copied_from = os.environ.get("DLOPS_GIT_COMMIT") or None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return copied_from
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return copied_from
+from dlops.versions import git_commit, package_versions
 
 
 def build_final(

@@ -179,3 +179,19 @@ def test_a_study_name_with_colons_or_brackets_prints_as_typed(capsys) -> None:
     print_study_summary({"name": name, "best": None, "metric": "val_top1", "states": {"COMPLETE": 1}})
     out = capsys.readouterr().out
     assert out.count(name) == 2, out
+
+
+def test_version_names_dlops_its_commit_and_the_packages_it_runs_on() -> None:
+    from importlib import metadata
+
+    import optuna
+
+    import dlops
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    (line,) = result.output.splitlines()
+    assert re.fullmatch(rf"dlops {re.escape(dlops.__version__)}, commit [0-9a-f]{{12}}(\+dirty)? \(python .*\)", line)
+    assert f"torch {metadata.version('torch')}," in line and f"optuna {optuna.__version__}," in line
+    # Eager: it prints and exits before the command after it would run.
+    assert CliRunner().invoke(app, ["--version", "study", "list"]).output == result.output

@@ -925,7 +925,7 @@ def test_a_copied_tree_names_its_commit_from_the_environment(monkeypatch, tmp_pa
     commit comes from $DLOPS_GIT_COMMIT; in a checkout, git's own answer wins."""
     import subprocess
 
-    from dlops import provenance
+    from dlops import versions as provenance
 
     in_checkout = provenance.git_commit()
     assert in_checkout is not None and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", in_checkout)
