@@ -400,6 +400,35 @@ def study_replay(
         )
 
 
+@study_app.command("delete", short_help="Delete a study, its trial checkpoints and its dashboard files.")
+@user_errors
+def study_delete(
+    name: Annotated[str, typer.Argument(help="Study name")],
+    storage: StorageOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed where stdin is not a terminal)")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Delete even with trials RUNNING whose workers are not on this machine (or not known)"),
+    ] = False,
+) -> None:
+    """Delete a study from the storage, with its trials' checkpoints and the files it showed on
+    the dashboard. Refused while one of its workers runs here. Reference runs made from it
+    keep their final.json."""
+    from dlops.paths import default_storage_url
+    from dlops.removal import check_deletable, delete_study, open_for_deletion, plan_deletion
+
+    quiet_optuna()
+    the_storage = open_for_deletion(storage or default_storage_url())
+    plan = plan_deletion(the_storage, name)
+    check_deletable(plan, force=force)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise DlopsError(f"would delete {plan.summary()}: add --yes to delete it without a terminal to ask on")
+        typer.confirm(f"delete {plan.summary()}?", abort=True)
+    done = delete_study(the_storage, name, force=force)
+    say(f"deleted {done.summary()}")
+
+
 @app.command("dashboard", short_help="Serve optuna-dashboard on the study storage.")
 @user_errors
 def dashboard(
