@@ -203,3 +203,23 @@ def test_study_show_of_a_study_without_epochs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["study", "show", "s", "--storage", url])
     assert result.exit_code == 0, result.output
     assert "COMPLETE" in result.output and "epochs trained" not in result.output
+
+
+def test_the_wheel_packages_every_module_and_the_built_in_specs() -> None:
+    """``pip install .`` (not -e) installs what pyproject.toml lists: a package missing
+    there (``dlops.trainers`` once was) is a ModuleNotFoundError on the user's first run."""
+    import tomllib
+
+    root = PACKAGE.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in PACKAGE.rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert on_disk <= listed, f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
+    loose = [p for p in PACKAGE.rglob("*.py") if not (p.parent / "__init__.py").exists()]
+    assert loose == [], f"modules outside any package (a wheel leaves them out): {loose}"
+    assert config["package-dir"]["dlops.study"] == "study" and "dlops.study" in listed
+    assert config["package-data"]["dlops.study"] == ["*.toml"] and list((root / "study").glob("*.toml"))
