@@ -79,7 +79,7 @@ Path(sys.argv[1], "resnet18-ce-original.json").write_text(json.dumps({"lr": 1e-3
 PY
 else
   DEVICE=cuda
-  export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}  # the checkout first: the code under test
   BUDGET=${BUDGET:-520}
   EPOCHS=${EPOCHS:-15}
   EXTRA=""

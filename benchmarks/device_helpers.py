@@ -146,8 +146,9 @@ def failing_imports() -> dict[str, str]:
 
 
 def install(args: argparse.Namespace) -> int:
-    """Install the brought wheels whose distribution this Python lacks, then the project
-    itself (``pip install --no-deps``), all into ``--target``."""
+    """Install the brought wheels whose distribution this Python lacks into ``--target``.
+    dlops itself is not installed: it runs from the checkout, first on PYTHONPATH (an
+    installed copy beside it could shadow the code under test)."""
     before = failing_imports()
     print(f"python {sys.version.split()[0]} at {sys.executable}")
     print("imports failing before:", ", ".join(f"{m} ({e})" for m, e in before.items()) or "none")
@@ -178,15 +179,6 @@ def install(args: argparse.Namespace) -> int:
     ]
     if missing:
         subprocess.run(pip + [str(w) for w in missing], check=True)
-    done = subprocess.run([*pip, "--no-build-isolation", str(ROOT)], capture_output=True, text=True)
-    print(
-        "project: pip install --no-deps "
-        + (
-            "ok"
-            if done.returncode == 0
-            else f"FAILED ({done.stderr.strip()[-300:]}); running from the checkout instead"
-        )
-    )
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
     after = failing_imports()
@@ -206,6 +198,9 @@ def versions(args: argparse.Namespace) -> int:
             info["packages"][dist] = None
     import torch
 
+    import dlops
+
+    info["dlops"] = {"version": dlops.__version__, "from": str(Path(dlops.__file__).resolve().parent)}
     info["torch_cuda"] = torch.version.cuda
     info["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():

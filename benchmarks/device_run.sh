@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU issue needs, in one call on a bare GPU machine, within about 8 minutes:
 #
-#   install     the wheels brought in device/wheels for whatever this Python lacks, then
-#               dlops itself (pip install --no-deps), into /tmp/dlops-site
+#   install     the wheels brought in device/wheels for whatever this Python lacks, into
+#               /tmp/dlops-site (dlops itself runs from the checkout, first on PYTHONPATH)
 #   versions    Python, PyTorch, CUDA, cuDNN, the GPU (nvidia-smi), package versions
 #   cuda_tests  pytest -m cuda (tests/test_cuda.py) with the sample from device/
 #   throughput  benchmarks/throughput.py: train/eval images/s per loss x batch x {eager, compiled}
@@ -63,7 +63,7 @@ if [ "$SMOKE" = 1 ]; then
   THROUGHPUT_ARGS="--smoke"
 else
   export DEVICE=cuda
-  export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}  # the checkout first: the code under test
   BUDGET=${BUDGET:-470}
   L_INSTALL=90 L_VERSIONS=30 L_TESTS=200 L_THROUGHPUT=240 L_FETCH=60 L_STUDY=70 L_CURVES=70
   STUDY_ARGS="--n-trials 4 --epochs 3" CURVE_EPOCHS=5 SPEC_WIDTH= SPEC_BATCH=

@@ -11,8 +11,12 @@ from pathlib import Path
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("dlops", "torch", "optuna", "numpy", "scikit-learn", "matplotlib"):
+    """Python's version and each package's; dlops's is that of the code running (a checkout on
+    PYTHONPATH may differ from, or lack, an installed copy's metadata)."""
+    from dlops import __version__
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "dlops": __version__}
+    for pkg in ("torch", "optuna", "numpy", "scikit-learn", "matplotlib"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -115,3 +115,20 @@ def test_each_call_carries_at_most_the_limit_and_the_wheels_go_with_the_last_par
         parts.MANIFEST,
         "wheels",
     ]
+
+
+def test_the_device_install_brings_wheels_only_and_leaves_dlops_to_the_checkout(tmp_path: Path) -> None:
+    """An installed copy of dlops in the site folder would shadow the checkout that the GPU
+    run is meant to test (and once lacked a subpackage): the install stage puts none there."""
+    import subprocess
+
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "device_helpers.py"), "install", "--wheels", str(wheels),
+         "--target", str(target)],
+        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 wheels brought along" in done.stdout
+    assert sorted(p.name for p in target.iterdir()) == []

@@ -81,6 +81,7 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
     assert re.fullmatch(r"12 skipped in [\d.]+s", summary["cuda_tests"])  # pytest -m cuda skips on the CPU
     assert "no CUDA GPU visible" in log  # ...with the reason
     assert summary["versions"]["cuda_available"] is False and summary["versions"]["packages"]["optuna"]
+    assert summary["versions"]["dlops"]["from"] == str(ROOT / "dlops")  # the checkout's code, not a copy
 
     tp = json.loads((out / "throughput.json").read_text())
     assert tp["meta"]["smoke"] is True
