@@ -116,6 +116,45 @@ def sqlalchemy_url(url: str) -> str:
     return ("postgresql" if importlib.util.find_spec("psycopg") else "postgresql+psycopg2") + "://" + rest
 
 
+def server_identity(url: str) -> str:
+    """A PostgreSQL or Redis URL as one spelling per database, password masked: what a
+    server storage's checkpoints are kept by. The spellings dlops accepts for one database
+    give one identity: ``postgres://``, ``postgresql://`` or any driver, the default port
+    (5432, 6379) written or not, a host name in any case, connection options
+    (``connect_timeout``, ``sslmode``, ...) or not; a Redis database 0 written or not, and
+    Redis connection options. What picks another database (its name, a PostgreSQL
+    ``options=-csearch_path=...``, a Redis ``prefix``) is kept. The documented forms
+    (``postgresql+psycopg2://user:***@host:5432/db``, ``redis://host:6379/0?prefix=p``) are
+    their own identity. Any other URL: :func:`mask_url`."""
+    kind = storage_kind(url)
+    try:
+        if kind == "postgresql":
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            kept = {k: v for k, v in parsed.query.items() if k == "options"}
+            return parsed.set(
+                drivername="postgresql+psycopg2",
+                host=(parsed.host or "").lower() or None,
+                port=parsed.port or 5432,
+                query=kept,
+            ).render_as_string(hide_password=True)
+        if kind == "redis" and url.lower().startswith(("redis://", "rediss://")):
+            from redis.connection import parse_url
+
+            plain, prefix = _split_redis_prefix(url)
+            options = parse_url(plain)
+            user = options.get("username") or ""
+            auth = f"{user}:***@" if options.get("password") else (f"{user}@" if user else "")
+            host = str(options.get("host") or "localhost").lower()
+            tail = f"?{urlencode({'prefix': prefix}, quote_via=quote)}" if prefix else ""
+            scheme = url.split("://", 1)[0].lower()
+            return f"{scheme}://{auth}{host}:{options.get('port') or 6379}/{options.get('db') or 0}{tail}"
+    except Exception:  # noqa: BLE001 - a URL the driver will refuse anyway: as written
+        pass
+    return mask_url(url)
+
+
 def journal_path(url: str) -> Path:
     """The file of a journal URL: ``journal:///abs/x.log`` -> ``/abs/x.log``, ``journal:x.log`` -> ``x.log``.
 
