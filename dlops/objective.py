@@ -29,7 +29,7 @@ from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, sqlite_url
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted, taken_over
-from dlops.storage import journal_path, mask_url, sqlite_path, storage_kind
+from dlops.storage import journal_path, server_identity, sqlite_path, storage_kind
 from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (
@@ -175,7 +175,9 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
 
 def storage_identity(url: str | None) -> str:
     """What tells one storage from another: the database or journal file itself for SQLite
-    and journal URLs (however the path is written), else the URL without its password."""
+    and journal URLs (however the path is written), the database for PostgreSQL and Redis
+    URLs (however the URL is spelled: :func:`dlops.storage.server_identity`), else the URL
+    without its password."""
     url = url or default_storage_url()
     kind = storage_kind(url)
     if kind == "sqlite":
@@ -183,7 +185,7 @@ def storage_identity(url: str | None) -> str:
         return f"sqlite:{path.resolve() if path is not None else ':memory:'}"
     if kind == "journal":
         return f"journal:{journal_path(url).resolve()}"
-    return mask_url(url)
+    return server_identity(url)
 
 
 def checkpoint_path(study_name: str, trial_key: int, storage: str | None = None) -> Path:

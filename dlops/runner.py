@@ -61,7 +61,7 @@ from dlops.objective import (
 from dlops.paths import default_storage_url
 from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
-from dlops.stopping import SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
+from dlops.stopping import SAME_STOP_S, SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
 from dlops.storage import (
     StudyStorage,
     connect,
@@ -583,7 +583,9 @@ def run_study(
         say(study_counts_line(study.study_name, storage, counts, n_trials, target, workers, total=total))
     gate = _TrialGate(run.run_id)
     budget = failure_budget(goal if total is None else max(goal - finished_then, 1), workers)
-    with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label) as stop:
+    # A worker of a --workers run may get one stop twice: from the system and passed on by dlops.
+    same_stop = SAME_STOP_S if workers > 1 else 0.0
+    with forbid_test_split(), warnings.catch_warnings(), GracefulStop(label, same_stop) as stop:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
         _run_trials(

@@ -9,6 +9,7 @@ import re
 import shlex
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,14 +67,24 @@ def interrupted(trial_number: int, epoch: int) -> TrialInterrupted:
     return TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
 
+SAME_STOP_S = 2.0  # a worker takes the same signal again this soon for the same stop
+
+
 class GracefulStop:
     """SIGINT/SIGTERM: the first asks the current trial to stop at its next epoch end (its
     checkpoint stays, the trial is recorded FAIL and queued again to resume); a second one
-    stops at once (KeyboardInterrupt, which Optuna also records as FAIL)."""
+    stops at once (KeyboardInterrupt, which Optuna also records as FAIL).
 
-    def __init__(self, label: str = "") -> None:
+    ``same_stop_within`` (seconds; a worker of a ``--workers`` run): the same signal again
+    that soon is the same stop, not a second one. A scheduler that signals every process of
+    a job (Slurm, systemd) reaches each worker directly and through ``dlops``, which passes
+    its signal on: that is one stop, and the epoch in progress is finished."""
+
+    def __init__(self, label: str = "", same_stop_within: float = 0.0) -> None:
         self.signum: int | None = None
         self.label = label
+        self.same_stop_within = same_stop_within
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -96,8 +107,10 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
+            if signum == self.signum and time.monotonic() - self._first < self.same_stop_within:
+                return  # the same stop, delivered twice (directly and passed on by dlops)
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         # os.write: print() is not safe inside a signal handler.
         os.write(
             2,

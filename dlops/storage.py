@@ -27,8 +27,10 @@ Commands that only read (``study list``, ``study show``, ``report``, ``dashboard
 not exist is not created (a mistyped ``--storage`` path leaves nothing behind, and says so),
 and nothing is created beside one that does (the lock under which a new SQLite database is
 created is taken by writers only). A folder given as the storage is refused in one line,
-and so is a SQLite file that is not a study storage (another program's database, or not
-a database): Optuna never adds its tables to it.
+and so is a SQLite file or a PostgreSQL database that is not a study storage (another
+program's database, or not a database): Optuna never adds its tables to it. A reader finds
+no storage yet in an empty PostgreSQL database, and creates nothing there. A PostgreSQL
+server that does not answer fails after :data:`CONNECT_TIMEOUT` seconds.
 
 A writer (``create=True``) checks a journal file's tail first, under the lock Optuna appends
 under (:func:`repair_journal_tail`): a last record cut off mid-write is moved to a side file
@@ -74,6 +76,7 @@ JOURNAL_SUFFIXES = (".log", ".journal")
 RETRY_LIMIT = 3  # a trial whose worker keeps dying is retried this often, then left FAIL
 HEARTBEAT_INTERVAL = 60  # seconds between trial heartbeats on a PostgreSQL (RDB) storage, by default
 REDIS_LOCK_TTL = 120  # seconds; a lock whose holder vanished expires after this
+CONNECT_TIMEOUT = 10  # seconds a PostgreSQL connection may take to open (unless the URL says)
 
 
 def mask_url(text: str) -> str:
@@ -111,6 +114,45 @@ def sqlalchemy_url(url: str) -> str:
     import importlib.util
 
     return ("postgresql" if importlib.util.find_spec("psycopg") else "postgresql+psycopg2") + "://" + rest
+
+
+def server_identity(url: str) -> str:
+    """A PostgreSQL or Redis URL as one spelling per database, password masked: what a
+    server storage's checkpoints are kept by. The spellings dlops accepts for one database
+    give one identity: ``postgres://``, ``postgresql://`` or any driver, the default port
+    (5432, 6379) written or not, a host name in any case, connection options
+    (``connect_timeout``, ``sslmode``, ...) or not; a Redis database 0 written or not, and
+    Redis connection options. What picks another database (its name, a PostgreSQL
+    ``options=-csearch_path=...``, a Redis ``prefix``) is kept. The documented forms
+    (``postgresql+psycopg2://user:***@host:5432/db``, ``redis://host:6379/0?prefix=p``) are
+    their own identity. Any other URL: :func:`mask_url`."""
+    kind = storage_kind(url)
+    try:
+        if kind == "postgresql":
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            kept = {k: v for k, v in parsed.query.items() if k == "options"}
+            return parsed.set(
+                drivername="postgresql+psycopg2",
+                host=(parsed.host or "").lower() or None,
+                port=parsed.port or 5432,
+                query=kept,
+            ).render_as_string(hide_password=True)
+        if kind == "redis" and url.lower().startswith(("redis://", "rediss://")):
+            from redis.connection import parse_url
+
+            plain, prefix = _split_redis_prefix(url)
+            options = parse_url(plain)
+            user = options.get("username") or ""
+            auth = f"{user}:***@" if options.get("password") else (f"{user}@" if user else "")
+            host = str(options.get("host") or "localhost").lower()
+            tail = f"?{urlencode({'prefix': prefix}, quote_via=quote)}" if prefix else ""
+            scheme = url.split("://", 1)[0].lower()
+            return f"{scheme}://{auth}{host}:{options.get('port') or 6379}/{options.get('db') or 0}{tail}"
+    except Exception:  # noqa: BLE001 - a URL the driver will refuse anyway: as written
+        pass
+    return mask_url(url)
 
 
 def journal_path(url: str) -> Path:
@@ -394,6 +436,43 @@ def connect(
 _OPTUNA_TABLES = {"studies", "version_info"}
 
 
+def rdb_engine_kwargs(url: str, kind: str) -> dict[str, Any]:
+    """SQLAlchemy engine options for a PostgreSQL (or other SQL server) URL: connections
+    checked before use (PostgreSQL drops idle ones) and, on PostgreSQL, a connect timeout
+    of :data:`CONNECT_TIMEOUT` s (psycopg2, psycopg) unless the URL gives ``connect_timeout``: without one,
+    libpq waits forever on a host that drops packets or a port where another server
+    listens (a Redis port, say)."""
+    from sqlalchemy.engine import make_url
+
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    parsed = make_url(sqlalchemy_url(url))
+    libpq = kind == "postgresql" and parsed.get_driver_name() in ("psycopg2", "psycopg")
+    if libpq and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    return kwargs
+
+
+def _check_rdb_database(url: str, engine_kwargs: dict[str, Any], create: bool) -> None:
+    """A SQL server database (PostgreSQL, ...) with tables must hold Optuna's, and a
+    reader does not create them in an empty one: Optuna would add its tables (and an
+    ``alembic_version``) to another program's database, or to a mistyped one."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sqlalchemy_url(url), **engine_kwargs)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not tables and not create:
+        raise NoStorageYet(f"no study storage in {mask_url(url)}: the database holds no tables (check --storage)")
+    if tables and not tables >= _OPTUNA_TABLES:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"{mask_url(url)} is another program's database (tables {listed}), not a study storage: "
+            "give another database in --storage"
+        )
+
+
 def _check_sqlite_file(url: str, path: Path, create: bool) -> None:
     """A SQLite file that exists must be a study storage, or (for a writer) an empty
     database: Optuna would otherwise add its tables to another program's database, or a
@@ -452,7 +531,9 @@ def _connect(
         redis.Redis.from_url(redis_url).ping()  # fail here, in one line, not mid-study
         backend = JournalRedisBackend(redis_url, prefix=prefix)
         return StudyStorage(url, kind, JournalStorage(backend), redis_url=redis_url, redis_prefix=prefix)
-    kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}}  # PostgreSQL drops idle connections
+    engine_kwargs = rdb_engine_kwargs(url, kind)
+    _check_rdb_database(url, engine_kwargs, create)
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
     if heartbeat_interval is not None:
         kwargs.update(
             heartbeat_interval=int(heartbeat_interval),

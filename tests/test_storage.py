@@ -156,6 +156,87 @@ def test_unreachable_servers_are_one_masked_line() -> None:
         assert "s3cret" not in str(err.value) and ":***@127.0.0.1:1" in str(err.value)
 
 
+def test_a_postgresql_port_that_never_answers_times_out_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PostgreSQL URL naming a port where something accepts connections but never answers
+    (another server's port, a host that drops packets) fails after the connect timeout
+    instead of waiting forever (libpq has no timeout of its own)."""
+    import socket
+
+    import dlops.storage
+
+    monkeypatch.setattr(dlops.storage, "CONNECT_TIMEOUT", 2, raising=False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts; nobody ever answers
+    port = silent.getsockname()[1]
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            connect(f"postgresql://u:s3cret@127.0.0.1:{port}/db")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=20)
+    hung = opener.is_alive()
+    silent.close()
+    assert not hung, "connecting to a silent PostgreSQL port hung"
+    (error,) = errors
+    assert isinstance(error, StorageError) and "timeout expired" in str(error), error
+    assert "s3cret" not in str(error) and "\n" not in str(error)
+
+
+@pytest.fixture
+def pg_schema():
+    """A schema of its own in the test database, and its URL (search_path): removed afterwards."""
+    import psycopg2
+
+    schema = f"dlops_test_{uuid.uuid4().hex[:10]}"
+    db = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+    db.autocommit = True
+    db.cursor().execute(f"CREATE SCHEMA {schema}")
+
+    def tables() -> set[str]:
+        cur = db.cursor()
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))
+        return {row[0] for row in cur.fetchall()}
+
+    try:
+        yield f"{PG}?options=-csearch_path%3D{schema}", schema, db, tables
+    finally:
+        db.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+        db.close()
+
+
+@requires_pg
+def test_another_programs_postgresql_database_is_never_given_optuna_tables(pg_schema) -> None:
+    """A PostgreSQL database (here a schema) of another program named as the storage: every
+    command refuses it in one line and adds nothing to it (Optuna added its tables and an
+    alembic_version); an empty one is no storage yet for a reader, and becomes one for a writer."""
+    url, schema, db, tables = pg_schema
+    db.cursor().execute(f"CREATE TABLE {schema}.users (id integer)")
+    for command in (["study", "list"], ["study", "show", "x"], ["report"]):
+        result = CliRunner().invoke(app, [*command, "--storage", url])
+        assert result.exit_code == 2, (command, result.output)
+        (line,) = result.output.strip().splitlines()
+        assert "is another program's database (tables users)" in line, line
+    with pytest.raises(StorageError, match="another program's database"):
+        connect(url)  # a writer too
+    assert tables() == {"users"}
+
+    db.cursor().execute(f"DROP TABLE {schema}.users")
+    result = CliRunner().invoke(app, ["study", "list", "--storage", url])
+    assert result.exit_code == 0 and "no studies yet" in result.output, result.output
+    with pytest.raises(NoStorageYet, match="holds no tables"):
+        connect(url, create=False)
+    assert tables() == set()
+    connect(url)  # a writer makes it a study storage
+    assert {"studies", "version_info"} <= tables()
+    assert connect(url, create=False) is not None
+
+
 def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
     result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output

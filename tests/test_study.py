@@ -401,6 +401,42 @@ def test_one_study_name_in_two_storages_keeps_two_checkpoint_folders(tmp_path: P
     assert kept.read_bytes() == b"trial 1 of tiny-ce in the default storage"
 
 
+def test_a_server_storage_spelled_another_way_finds_its_checkpoints(dlops_home: Path) -> None:
+    """A PostgreSQL or Redis study interrupted, then continued with its URL spelled another
+    way (postgres:// for postgresql+psycopg2://, the default port left out, a connect
+    option added): the retry once looked in another checkpoint folder and trained again
+    from epoch 0. Another database, schema or Redis prefix keeps its own folder."""
+    from dlops.objective import checkpoint_path
+
+    def folder(url: str) -> Path:
+        return checkpoint_path("tiny-ce", 1, url).parent
+
+    pg = folder("postgresql+psycopg2://dlops:s3cret@db-host:5432/dlops")
+    for same in (
+        "postgresql://dlops:s3cret@db-host/dlops",
+        "postgres://dlops:s3cret@DB-Host:5432/dlops?connect_timeout=5",
+        "postgresql+psycopg://dlops:other@db-host:5432/dlops?sslmode=require&application_name=w",
+    ):
+        assert folder(same) == pg, same
+    for other in (
+        "postgresql+psycopg2://dlops:s3cret@db-host:5432/dlops2",
+        "postgresql+psycopg2://dlops:s3cret@db-host:5433/dlops",
+        "postgresql+psycopg2://dlops:s3cret@db-host:5432/dlops?options=-csearch_path%3Dmine",
+    ):
+        assert folder(other) != pg, other
+    redis = folder("redis://127.0.0.1:6379/0?prefix=exp")
+    assert (
+        folder("redis://127.0.0.1/?prefix=exp") == folder("redis://127.0.0.1:6379?prefix=exp&socket_timeout=9") == redis
+    )
+    for other in (
+        "redis://127.0.0.1:6379/0?prefix=exp2",
+        "redis://127.0.0.1:6379/1?prefix=exp",
+        "redis://127.0.0.1:6379/0",
+    ):
+        assert folder(other) != redis, other
+    assert "s3cret" not in str(pg)
+
+
 def test_a_study_reached_through_dlops_storage_keeps_its_own_checkpoint_folder(
     tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -577,6 +577,28 @@ def test_a_second_signal_stops_the_trial_at_once_without_a_traceback(
     assert not [m for m, exc in logged if exc or "failed" in m], logged
 
 
+def test_a_worker_that_gets_one_sigterm_twice_still_finishes_its_epoch(tmp_path: Path, dlops_home: Path) -> None:
+    """A scheduler (Slurm, systemd) that sends SIGTERM to every process of a --workers run
+    reaches each worker twice: directly, and passed on by dlops. That once counted as a
+    second signal: the worker stopped at once and lost the epoch in progress. The same
+    signal again within a moment is the same stop: the trial ends at its epoch end."""
+    spec = load_spec(str(tiny_workers_spec(tmp_path, epochs=3)))
+    sent = []
+
+    def on_epoch(trial: int, epoch: int, metrics: dict) -> None:
+        if trial == 1 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # from the scheduler
+            os.kill(os.getpid(), signal.SIGTERM)  # passed on by dlops
+
+    result = run_study(spec, RunOptions(n_trials=3, device="cpu"), on_epoch, workers=2)  # one worker of two
+    assert result.interrupted == signal.SIGTERM and result.finished == 1
+    trials = result.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["stopped_reason"].startswith("interrupted after epoch 1;")
+    assert checkpoint_path("tiny-workers", 1).exists()
+
+
 def test_a_worker_whose_trial_was_failed_while_it_stalled_drops_it_and_goes_on(
     tmp_path: Path, dlops_home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
