@@ -52,7 +52,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import optuna
 
@@ -252,7 +252,23 @@ def _split_redis_prefix(url: str) -> tuple[str, str]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefix = "".join(v for k, v in query if k == "prefix")
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
+    # Rebuilt by hand: urlunsplit drops the "//" of a URL without a host (unix:///run/redis.sock).
+    plain = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    return plain + (f"#{parts.fragment}" if parts.fragment else ""), prefix
+
+
+def _check_redis_db(url: str) -> None:
+    """The path of a ``redis://`` URL is its database number; redis-py reads any other path
+    (``/abc``, ``/1/x``) as database 0, where other studies may be: refused in one line."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        return
+    db = unquote(parts.path).strip("/")
+    if db and not db.isdigit():
+        raise StorageError(
+            f"the Redis database in {mask_url(url)} is {db!r}, not a number (redis://HOST:6379/0; "
+            "a study's keys are told apart by ?prefix=NAME)"
+        )
 
 
 class _Lock:
@@ -528,6 +544,7 @@ def _connect(
         from optuna.storages.journal import JournalRedisBackend, JournalStorage
 
         redis_url, prefix = _split_redis_prefix(url)
+        _check_redis_db(url)
         redis.Redis.from_url(redis_url).ping()  # fail here, in one line, not mid-study
         backend = JournalRedisBackend(redis_url, prefix=prefix)
         return StudyStorage(url, kind, JournalStorage(backend), redis_url=redis_url, redis_prefix=prefix)

@@ -156,6 +156,19 @@ def test_unreachable_servers_are_one_masked_line() -> None:
         assert "s3cret" not in str(err.value) and ":***@127.0.0.1:1" in str(err.value)
 
 
+def test_a_redis_database_that_is_not_a_number_is_refused_and_a_socket_url_keeps_its_slashes() -> None:
+    from dlops.storage import _split_redis_prefix
+
+    for bad, db in (("redis://:s3cret@127.0.0.1:6379/abc?prefix=p", "abc"), ("rediss://127.0.0.1:6379/1/x", "1/x")):
+        with pytest.raises(StorageError) as err:
+            connect(bad)  # refused before any connection: redis-py would use database 0
+        assert f"the Redis database in {mask_url(bad)} is {db!r}, not a number" in str(err.value)
+        assert "s3cret" not in str(err.value)
+    assert _split_redis_prefix("unix:///run/redis.sock?db=2&prefix=me") == ("unix:///run/redis.sock?db=2", "me")
+    assert _split_redis_prefix("redis://h:6379/3?prefix=me") == ("redis://h:6379/3", "me")
+    assert _split_redis_prefix("redis://h:6379/3") == ("redis://h:6379/3", "")
+
+
 def test_a_postgresql_port_that_never_answers_times_out_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """A PostgreSQL URL naming a port where something accepts connections but never answers
     (another server's port, a host that drops packets) fails after the connect timeout
