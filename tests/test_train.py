@@ -165,6 +165,20 @@ def test_cross_entropy_history_has_no_triplet_diagnostics() -> None:
     assert "triplet_violated" not in run.history
 
 
+def test_a_triplet_run_needs_two_images_of_a_class_in_every_batch() -> None:
+    # K = 1 (one image per class in a batch): no anchor has a positive, so the loss is 0 at
+    # every step, the network never learns, and the violated fraction reads 0.0 as if every
+    # triplet were satisfied. It once ran to the end without a word.
+    from dlops.trainers.resnet import validate_config
+
+    with pytest.raises(DlopsError, match="samples_per_class must be at least 2"):
+        validate_config(small("triplet", samples_per_class=1))
+    with pytest.raises(DlopsError, match="samples_per_class must be at least 2"):
+        fit(small("triplet", samples_per_class=1, batch_size=8, epochs=1))  # 8 classes x 1 image
+    validate_config(small("ce", samples_per_class=1))  # cross-entropy does not read it
+    validate_config(small("triplet", samples_per_class=2))
+
+
 def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     from dlops.trainers import resnet
     from dlops.trainers.resnet import validate_config, warmup_factor

@@ -139,6 +139,12 @@ def train_step(
     return loss, embedding, logits
 
 
+_ONE_PER_CLASS = (
+    "samples_per_class must be at least 2 with the {loss} loss, got {k}: with one image of each class "
+    "in a batch no anchor has a positive, the loss is 0 and nothing trains"
+)
+
+
 def training_loader(
     config: TrainConfig,
     dataset: Dataset,
@@ -150,6 +156,8 @@ def training_loader(
     """The shuffled, augmented training batches of ``fit`` (P x K for a loss that needs them),
     normalised by ``dataset.channel_stats()`` (``mean``, ``std``: the caller has them)."""
     pk = pk_shape(config.batch_size, dataset.num_classes, config.samples_per_class) if loss_fn.needs_pk else None
+    if pk is not None and pk[1] < 2:
+        raise DlopsError(_ONE_PER_CLASS.format(k=pk[1], loss=config.loss))
     return BatchLoader(
         dataset.train,
         config.batch_size,
@@ -372,6 +380,8 @@ def validate_config(config: TrainConfig) -> None:
     check_range(config, "margin", 0)  # a distance (in [0, 2] between normalised embeddings)
     check_range(config, "center_lambda", 0)  # 0: plain cross-entropy
     check_range(config, "center_alpha", 0, 1)  # the share of the way to the batch means a center moves
+    if LOSSES[config.loss].needs_pk and config.samples_per_class < 2:
+        raise DlopsError(_ONE_PER_CLASS.format(k=config.samples_per_class, loss=config.loss))
     if config.warmup_epochs > config.epochs:
         raise DlopsError(
             f"warmup_epochs = {config.warmup_epochs} is more than the {config.epochs} epochs of the run: "
