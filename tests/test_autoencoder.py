@@ -514,3 +514,34 @@ def test_pruned_trial_keeps_its_layer_history(tmp_path: Path, dlops_home: Path) 
     assert layers["hidden_sizes"] == SMALL
     for k in range(6):
         assert len(layers[f"ae{k}_train_loss"]) == len(layers[f"ae{k}_val_loss"]) == k % 2
+
+
+def test_the_test_figures_count_one_set_of_predictions() -> None:
+    """Accuracy, top-1, top-5, loss and the per-class table come from one pass over the test
+    split: a model whose outputs differ from pass to pass (as a bf16 pass and a float32
+    pass do on a GPU) still gives an accuracy equal to its top-1 and to the class-weighted
+    per-class accuracies."""
+    from dlops.data.base import Split
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(300, 1, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=300)
+    model = StackedClassifier((1, 4, 4), [8], 10)
+
+    class Jittery(StackedClassifier):
+        def forward(self, x):
+            embedding, logits = super().forward(x)
+            return embedding, logits + torch.randn_like(logits)  # every pass ranks anew
+
+    jittery = Jittery((1, 4, 4), [8], 10)
+    jittery.load_state_dict(model.state_dict())
+    names = [f"c{i}" for i in range(10)]
+    figures = ae._test_figures(jittery, names, Split(images, labels), batch_size=64)
+    counts = np.bincount(labels, minlength=10)
+    weighted = sum(figures["class_accuracy"][n] * c for n, c in zip(names, counts, strict=True)) / len(labels)
+    assert figures["test_accuracy"] == figures["test_top1"] == pytest.approx(weighted, abs=1e-12)
+    assert 0 < figures["test_top1"] <= figures["test_top5"] < 1 and np.isfinite(figures["test_loss"])
+    # Without the jitter the figures are what the model predicts.
+    plain = ae._test_figures(model, names, Split(images, labels), batch_size=64)
+    assert plain["test_top1"] == pytest.approx(float(np.mean(predict(model, images) == labels)))
