@@ -166,6 +166,27 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             "[pruner]: type median does not take 'min_resource' (takes n_startup_trials, n_warmup_steps",
         ),
         ({"pruner": Add({"type": ["median"]})}, "[pruner]: unknown type ['median']"),
+        # hyperband settings Optuna checks only inside the first trial it prunes (every trial failed)
+        (
+            {"pruner": Add({"type": "hyperband", "max_resource": 0})},
+            "[pruner]: hyperband max_resource = 0 should be 'auto' or an integer >= min_resource (1)",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "min_resource": 3, "max_resource": 2})},
+            "[pruner]: hyperband max_resource = 2 should be 'auto' or an integer >= min_resource (3)",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "reduction_factor": 1})},
+            "[pruner]: hyperband reduction_factor = 1 should be an integer >= 2",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "min_resource": "auto"})},
+            "[pruner]: hyperband min_resource = 'auto' should be an integer >= 1",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "max_resource": 9, "bootstrap_count": -1})},
+            "[pruner]: hyperband bootstrap_count = -1 should be an integer >= 0",
+        ),
         # log and step as Optuna takes them: a string is not false, a step divides the range
         ({"search": {"lr": {"log": "false"}}}, "[search.lr]: log = 'false' should be true or false"),
         (
