@@ -96,6 +96,19 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         # a metric the trainer never reports: refused when the spec loads, not after an epoch of each trial
         ({"metric": Add("val_nope")}, "metric must name a validation metric"),
         ({"datasets": Add({"digits": {"metric": "val_nope"}})}, "[datasets.digits] metric must name"),
+        # a metric edited without its direction (or the other way round): the study ranked its worst trial best
+        (
+            {"metric": Add("val_loss")},
+            "metric = 'val_loss' needs direction = 'minimize', the spec has 'maximize': its study would rank",
+        ),
+        (
+            {
+                "metric": Add("val_loss"),
+                "direction": Add("minimize"),
+                "datasets": Add({"digits": {"metric": "val_top1"}}),
+            },
+            "[datasets.digits] metric = 'val_top1' needs direction = 'maximize', the spec has 'minimize'",
+        ),
         (
             {"pruner": Add({"type": "median", "n_startup_trials": -3})},
             "[pruner]: Number of startup trials cannot be negative",
