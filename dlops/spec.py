@@ -560,6 +560,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
 
     final = raw.get("final", {})
     _check_keys(final, FINAL_KEYS, "[final]")
+    for key, value in final.items():  # else refused only by dlops final, after the study ran, without the file
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"[final]: {key} = {value!r} should be a positive integer")
 
     pruner = dict(raw.get("pruner", {"type": "median"}))
     kind = pruner.get("type", "median")

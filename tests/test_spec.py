@@ -114,6 +114,10 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             "[pruner]: Number of startup trials cannot be negative",
         ),
         ({"pruner": Add({"type": "median", "warmup": 2})}, "[pruner]: "),
+        # [final] as dlops final reads it: once refused only there, after the study, without the file's name
+        ({"final": Add({"epochs": "30"})}, "[final]: epochs = '30' should be a positive integer"),
+        ({"final": Add({"epochs": True})}, "[final]: epochs = True should be a positive integer"),
+        ({"final": Add({"seeds": 0})}, "[final]: seeds = 0 should be a positive integer"),
         ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
         ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
