@@ -648,6 +648,8 @@ def report(storage: StorageOpt = None) -> None:
     result = build_report(storage, attach_study_plots=attach_study_plots)
     for name, why in result.skipped.items():
         say(f"left out study {name}: {why}")
+    for folder, spec in result.copies.items():
+        say(f"left reports/{folder}/ as it is: a copy of a reference run of {spec}, not {folder}'s own")
     say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 

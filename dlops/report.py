@@ -15,7 +15,7 @@ import json
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -433,11 +433,13 @@ class ReportResult:
     files: list[Path]
     entries: list[Entry]
     skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
+    copies: dict[str, str] = field(default_factory=dict)  # folder under reports/ -> the spec whose run it copies
 
 
-def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
-    """Every spec with a reference run or a study: built-in names first; and the studies
-    left out, with the reason."""
+def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str]]:
+    """Every spec with a reference run or a study: built-in names first; the studies left
+    out, with the reason; and the folders that hold a copy of another spec's reference run
+    (``reports/resnet18-ce-old/``, kept before a rerun): not a spec's, left as they are."""
 
     try:
         storage: optuna.storages.BaseStorage | None = open_storage(url, create=False)
@@ -449,6 +451,8 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
     made_by = {s.study_name: s.user_attrs.get("spec") for s in summaries}  # the spec `dlops study run` records
     finals = {p.parent.name for p in reports_dir().glob("*/final.json")}
     loaded = {n: load_final(n) for n in sorted(finals)}  # every one checked before anything is written
+    copies = {n: final["spec"] for n, final in loaded.items() if final is not None and final["spec"] != n}
+    finals -= set(copies)
     builtin = builtin_specs()
 
     def of_spec(study: str | None, spec: str, named_by_run: bool = False) -> bool:
@@ -479,7 +483,7 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
             study_for[n] = n
     names = [n for n in builtin if n in study_for] + sorted(set(study_for) - set(builtin))
     rows = [(n, n, study_for[n], True) for n in names]  # name, folder under reports/, study, a spec's entry
-    taken = {n.lower() for n in names}
+    taken = {n.lower() for n in [*names, *copies]}
     for s in sorted(studies - set(study_for.values())):  # every other study, the spec-named too
         folder = report_folder(s)
         rows.append((s, folder_name(s) if folder.lower() in taken else folder, s, False))
@@ -499,7 +503,7 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str]]:
             except ValueError:
                 pass
         out.append(Entry(name, trainer, loss, final, study, folder, name if of_a_spec else None))
-    return out, skipped
+    return out, skipped, copies
 
 
 def entry_dataset(entry: Entry) -> str | None:
@@ -551,7 +555,7 @@ def build_report(
     plots.use_headless_backend()
     url = storage or default_storage_url()
     root = reports_dir()
-    entries, skipped = _entries(url)  # reads (and checks) every final.json: a damaged one stops here
+    entries, skipped, copies = _entries(url)  # reads (and checks) every final.json: a damaged one stops here
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
     files: list[Path] = []
@@ -607,9 +611,13 @@ def build_report(
         lines += _other_section(e)
     if skipped:
         lines += ["## Left out", "", *(f"- study `{name}`: {why}" for name, why in skipped.items()), ""]
+    if copies:
+        lines += ["## Copies", ""]
+        lines += [f"- `{n}/`: a copy of a reference run of `{spec}`, left as it is" for n, spec in copies.items()]
+        lines.append("")
     index = root / INDEX
     _write_text(index, "\n".join(lines))
-    return ReportResult(index=index, files=[index, *files], entries=entries, skipped=skipped)
+    return ReportResult(index=index, files=[index, *files], entries=entries, skipped=skipped, copies=copies)
 
 
 def _move_aside_old_index_folder(root: Path) -> None:

@@ -52,6 +52,30 @@ def pruner_keys(kind: str) -> list[str]:
     return [name for name in inspect.signature(PRUNER_CLASSES[kind]).parameters if name != "self"]
 
 
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_hyperband(cfg: dict[str, Any]) -> None:
+    """Optuna's HyperbandPruner checks its settings only when it first prunes, inside a
+    trial (``max_resource = 0`` is a math domain error, ``reduction_factor = 1`` a division
+    by zero): every trial would fail. Checked here, once, in one line."""
+    low = cfg.get("min_resource", 1)
+    if not _whole(low, 1):
+        raise SpecError(f"[pruner]: hyperband min_resource = {low!r} should be an integer >= 1")
+    high = cfg.get("max_resource", "auto")
+    if high != "auto" and not _whole(high, low):
+        raise SpecError(
+            f"[pruner]: hyperband max_resource = {high!r} should be 'auto' or an integer >= min_resource ({low})"
+        )
+    factor = cfg.get("reduction_factor", 3)
+    if not _whole(factor, 2):
+        raise SpecError(f"[pruner]: hyperband reduction_factor = {factor!r} should be an integer >= 2")
+    count = cfg.get("bootstrap_count", 0)
+    if not _whole(count, 0):
+        raise SpecError(f"[pruner]: hyperband bootstrap_count = {count!r} should be an integer >= 0")
+
+
 def make_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
     """The pruner of a ``[pruner]`` table (``type`` median, percentile, hyperband,
     successive_halving or none; the other keys are the pruner's arguments). A key the
@@ -65,6 +89,8 @@ def make_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
     if unknown:
         takes = f"takes {', '.join(allowed)}" if allowed else "takes no settings"
         raise SpecError(f"[pruner]: type {kind} does not take {unknown[0]!r} ({takes})")
+    if kind == "hyperband":
+        _check_hyperband(cfg)
     try:
         return PRUNER_CLASSES[kind](**cfg)
     except (TypeError, ValueError) as exc:

@@ -348,6 +348,20 @@ def _check_metric(value: Any, where: str, reported: tuple[str, ...] = ()) -> str
     return value
 
 
+# The way each validation metric gets better: a study that maximised val_loss (the metric
+# edited, the direction forgotten) would rank its worst trial best, and dlops final retrain it.
+METRIC_DIRECTIONS = {"val_loss": "minimize", "val_top1": "maximize", "val_top5": "maximize"}
+
+
+def _check_direction(metric: str, direction: str, where: str) -> None:
+    better = METRIC_DIRECTIONS.get(metric)
+    if better is not None and better != direction:
+        raise SpecError(
+            f"{where} = {metric!r} needs direction = {better!r}, the spec has {direction!r}: "
+            "its study would rank the worst trial best and dlops final retrain it"
+        )
+
+
 def _check_sampler(sampler: dict[str, Any]) -> None:
     _check_keys(sampler, {"type", "seed", "n_startup_trials"}, "[sampler]")
     if sampler.get("type", "tpe") not in SAMPLERS:
@@ -546,6 +560,9 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
 
     final = raw.get("final", {})
     _check_keys(final, FINAL_KEYS, "[final]")
+    for key, value in final.items():  # else refused only by dlops final, after the study ran, without the file
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"[final]: {key} = {value!r} should be a positive integer")
 
     pruner = dict(raw.get("pruner", {"type": "median"}))
     kind = pruner.get("type", "median")
@@ -564,11 +581,15 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise SpecError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
+    metric = _check_metric(raw.get("metric", "val_top5"), "metric", trainer.metrics)
+    for where, name in (("metric", metric), *((f"[datasets.{ds}] metric", m) for ds, m in dataset_metrics.items())):
+        _check_direction(name, direction, where)
+
     spec = StudySpec(
         name=spec_name,
         description=raw.get("description", ""),
         trainer=trainer_name,
-        metric=_check_metric(raw.get("metric", "val_top5"), "metric", trainer.metrics),
+        metric=metric,
         dataset_metrics=dataset_metrics,
         direction=direction,
         n_trials=n_trials,

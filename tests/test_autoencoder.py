@@ -306,6 +306,27 @@ def test_layer_activations_are_those_of_hidden_layer_x3() -> None:
     np.testing.assert_allclose(got, x.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "features",
+    ["np.zeros((60, 4))", "np.ones((60, 3))", "np.zeros((60, 1))", "np.random.default_rng(0).random((60, 1))"],
+)
+def test_tsne_of_a_dead_or_one_unit_layer_is_drawn(features: str) -> None:
+    """A layer whose ReLUs are all dead (every activation the same) crashed the process
+    (segmentation fault in scikit-learn's PCA-initialised t-SNE) after a reference run had
+    trained; a one-unit layer was a traceback. In a child process, so a crash is a failure."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from dlops.trainers.autoencoder import tsne_embedding\n"
+        f"points = tsne_embedding({features})\n"
+        "assert points.shape == (60, 2) and np.isfinite(points).all(), points\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_digits_baseline_shape_learns_quickly() -> None:
     """A cheap stand-in for the full baseline (README: 0.967 test accuracy on digits
     after 10 epochs per layer and 20 of fine-tuning): the real hidden sizes, 1 epoch per

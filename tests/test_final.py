@@ -655,6 +655,17 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     assert "Per-class test accuracy" in (out / "report.md").read_text()
 
 
+def test_final_autoencoder_of_a_one_unit_layer_writes_its_report(tmp_path, monkeypatch):
+    """hidden_sizes = [16, 8, 8, 1]: the t-SNE of the one-unit X[3] was a traceback after
+    training (PCA cannot make 2 components of 1 feature), and no report was written."""
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    path = write_ae_spec(tmp_path)
+    path.write_text(path.read_text().replace("hidden_sizes = [16, 8, 8, 8]", "hidden_sizes = [16, 8, 8, 1]"))
+    run_final(str(path), FinalOptions(params="baseline", device="cpu", epochs=1))
+    out = tmp_path / "home" / "reports" / "tiny-ae"
+    assert (out / "tsne.png").is_file() and (out / "final.json").is_file()
+
+
 def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch):
     """The data root says where the files are, not what they are: a reference run
     interrupted on one machine resumes on another (final.py and the trainer agree)."""

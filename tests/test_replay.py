@@ -211,6 +211,9 @@ def test_parse_pruner_matches_the_spec_table():
     [
         ("none:foo=bar", "type none does not take 'foo'"),
         ("median:type=hyperband", "the type comes before the colon"),
+        # a bad hyperband setting was a traceback from inside Optuna (math domain error)
+        ("hyperband:max_resource=0", "hyperband max_resource = 0 should be 'auto' or an integer >= min_resource"),
+        ("hyperband:reduction_factor=1", "hyperband reduction_factor = 1 should be an integer >= 2"),
     ],
 )
 def test_cli_refuses_a_pruner_setting_the_type_does_not_take(tmp_path: Path, pruner: str, message: str):

@@ -4,6 +4,7 @@ files: no training here (tests/test_final.py covers the real runs)."""
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -519,3 +520,31 @@ def test_a_reference_run_whose_study_is_gone_takes_no_stand_in(dlops_home):
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
     (other,) = [e for e in result.entries if e.study is not None]
     assert other.study.study_name == "resnet18-ce" and other.final is None and other.folder != "resnet18-ce"
+
+
+def test_a_copy_of_a_reference_run_kept_under_reports_is_left_as_it_is(dlops_home):
+    """docs: "Copy reports/<spec>/ first to keep it". A copy kept beside it, as
+    reports/resnet18-ce-old/, was taken for a spec of that name: its report.md rewritten
+    without the study section, a second cross-entropy column in the index."""
+    from dlops.cli import app
+
+    write_final(dlops_home, make_final("resnet18-ce", "ce", [0.90]))  # on digits: its study is resnet18-ce-digits
+    make_study(dlops_home, "resnet18-ce-digits", n=2)
+    build_report()
+    reports = dlops_home / "reports"
+    shutil.copytree(reports / "resnet18-ce", reports / "resnet18-ce-old")
+    kept = {
+        p.relative_to(reports / "resnet18-ce-old"): p.read_bytes() for p in (reports / "resnet18-ce-old").rglob("*.md")
+    }
+    assert kept
+
+    result = build_report()
+    assert {
+        p.relative_to(reports / "resnet18-ce-old"): p.read_bytes() for p in (reports / "resnet18-ce-old").rglob("*.md")
+    } == kept
+    assert [e.name for e in result.entries] == ["resnet18-ce"]
+    assert result.copies == {"resnet18-ce-old": "resnet18-ce"}
+    index = (reports / "index.md").read_text()
+    assert "resnet18-ce-old/report.md" not in index and "`resnet18-ce-old/`: a copy of a reference run" in index
+    out = CliRunner().invoke(app, ["report"])
+    assert out.exit_code == 0 and "left reports/resnet18-ce-old/ as it is" in out.output, out.output

@@ -96,11 +96,28 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         # a metric the trainer never reports: refused when the spec loads, not after an epoch of each trial
         ({"metric": Add("val_nope")}, "metric must name a validation metric"),
         ({"datasets": Add({"digits": {"metric": "val_nope"}})}, "[datasets.digits] metric must name"),
+        # a metric edited without its direction (or the other way round): the study ranked its worst trial best
+        (
+            {"metric": Add("val_loss")},
+            "metric = 'val_loss' needs direction = 'minimize', the spec has 'maximize': its study would rank",
+        ),
+        (
+            {
+                "metric": Add("val_loss"),
+                "direction": Add("minimize"),
+                "datasets": Add({"digits": {"metric": "val_top1"}}),
+            },
+            "[datasets.digits] metric = 'val_top1' needs direction = 'maximize', the spec has 'minimize'",
+        ),
         (
             {"pruner": Add({"type": "median", "n_startup_trials": -3})},
             "[pruner]: Number of startup trials cannot be negative",
         ),
         ({"pruner": Add({"type": "median", "warmup": 2})}, "[pruner]: "),
+        # [final] as dlops final reads it: once refused only there, after the study, without the file's name
+        ({"final": Add({"epochs": "30"})}, "[final]: epochs = '30' should be a positive integer"),
+        ({"final": Add({"epochs": True})}, "[final]: epochs = True should be a positive integer"),
+        ({"final": Add({"seeds": 0})}, "[final]: seeds = 0 should be a positive integer"),
         ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
         ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
@@ -166,6 +183,27 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             "[pruner]: type median does not take 'min_resource' (takes n_startup_trials, n_warmup_steps",
         ),
         ({"pruner": Add({"type": ["median"]})}, "[pruner]: unknown type ['median']"),
+        # hyperband settings Optuna checks only inside the first trial it prunes (every trial failed)
+        (
+            {"pruner": Add({"type": "hyperband", "max_resource": 0})},
+            "[pruner]: hyperband max_resource = 0 should be 'auto' or an integer >= min_resource (1)",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "min_resource": 3, "max_resource": 2})},
+            "[pruner]: hyperband max_resource = 2 should be 'auto' or an integer >= min_resource (3)",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "reduction_factor": 1})},
+            "[pruner]: hyperband reduction_factor = 1 should be an integer >= 2",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "min_resource": "auto"})},
+            "[pruner]: hyperband min_resource = 'auto' should be an integer >= 1",
+        ),
+        (
+            {"pruner": Add({"type": "hyperband", "max_resource": 9, "bootstrap_count": -1})},
+            "[pruner]: hyperband bootstrap_count = -1 should be an integer >= 0",
+        ),
         # log and step as Optuna takes them: a string is not false, a step divides the range
         ({"search": {"lr": {"log": "false"}}}, "[search.lr]: log = 'false' should be true or false"),
         (

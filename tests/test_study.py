@@ -302,7 +302,20 @@ def test_a_study_keeps_its_settings_direction_and_spec(tmp_path: Path, dlops_hom
             "searched lr as FloatDistribution",
         ),
         (
-            load_spec(str(tiny_spec(tmp_path, "ce", digits_metric=True, overrides={"direction": "minimize"}))),
+            load_spec(
+                str(
+                    tiny_spec(
+                        tmp_path,
+                        "ce",
+                        digits_metric=True,
+                        overrides={
+                            "direction": "minimize",
+                            "metric": "val_loss",
+                            "datasets": {"digits": {"metric": "val_loss"}},
+                        },
+                    )
+                )
+            ),
             RunOptions(n_trials=1, device="cpu"),
             "is to maximize its value, this run's spec to minimize",
         ),

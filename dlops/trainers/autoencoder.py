@@ -581,12 +581,17 @@ def layer_activations(
 
 
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE (scikit-learn, PCA initialisation, seeded) of ``features``."""
+    """2-D t-SNE (scikit-learn, PCA initialisation, seeded) of ``features``. A layer of one
+    unit (PCA cannot make 2 components of it) or one whose activations are all the same
+    (a dead ReLU layer: PCA's scale divides by zero and t-SNE crashes the process) starts
+    from a seeded random layout instead."""
     from sklearn.manifold import TSNE
 
     features = np.asarray(features, dtype=np.float32)
     perplexity = float(min(30.0, max(1.0, (len(features) - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    varies = len(features) > 0 and bool(np.ptp(features, axis=0).any())
+    init = "pca" if features.ndim == 2 and features.shape[1] >= 2 and varies else "random"
+    tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
     return tsne.fit_transform(features).astype(np.float32)
 
 
