@@ -18,7 +18,7 @@ import optuna
 
 from dlops.errors import DlopsError
 from dlops.paths import default_storage_url
-from dlops.spec import StudySpec, check_setting_types
+from dlops.spec import MAX_SEEDS, StudySpec, check_setting_types
 from dlops.storage import mask_url
 from dlops.trainers import get_trainer
 from dlops.trainers.base import TrainerConfig, first_change
@@ -209,4 +209,6 @@ def final_seeds(spec: StudySpec, options: FinalOptions) -> list[int]:
     n = options.seeds if options.seeds is not None else spec.final.get("seeds", 1)
     if not isinstance(n, int) or n < 1:
         raise DlopsError(f"seeds must be a positive integer, got {n!r}")
+    if n > MAX_SEEDS:
+        raise DlopsError(f"{n} seeds: a reference run trains at most {MAX_SEEDS} (each seed is a whole training run)")
     return list(range(n))

@@ -53,6 +53,7 @@ PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 PRUNERS = {"median", "percentile", "hyperband", "successive_halving", "none"}
 SAMPLERS = {"tpe", "random"}
 FINAL_KEYS = {"epochs", "seeds"}
+MAX_SEEDS = 1000  # a reference run's seeds: each is a whole training run, so more is a typo
 
 # Settings of the run rather than hyperparameters: a spec fixes them ([train], the command
 # line), it never searches them (a params file of ``dlops final`` may not set most of them
@@ -563,6 +564,8 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     for key, value in final.items():  # else refused only by dlops final, after the study ran, without the file
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"[final]: {key} = {value!r} should be a positive integer")
+    if final.get("seeds", 1) > MAX_SEEDS:
+        raise SpecError(f"[final]: seeds = {final['seeds']} is more than the {MAX_SEEDS} a reference run trains")
 
     pruner = dict(raw.get("pruner", {"type": "median"}))
     kind = pruner.get("type", "median")

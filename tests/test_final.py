@@ -364,6 +364,17 @@ def test_cli_final_baseline_on_fresh_storage(dlops_home):
     assert not (dlops_home / "reports" / "resnet18-ce" / "study").exists()
 
 
+def test_a_typo_of_a_seed_count_is_one_line_before_anything_is_built(dlops_home):
+    """`--seeds 2000000000` built two billion configs (memory, minutes) before any check."""
+    from data_trees import one_error_line
+    from dlops.cli import app
+
+    args = [*BASELINE_FINAL[:-4], "--seeds", "2000000000", "--device", "cpu"]
+    line = one_error_line(CliRunner().invoke(app, args))
+    assert line == "error: 2000000000 seeds: a reference run trains at most 1000 (each seed is a whole training run)"
+    assert not (dlops_home / "reports").exists()
+
+
 def test_final_baseline_trains_a_searched_setting_as_its_dataset_sets_it(tmp_path, dlops_home):
     """`--params baseline --dataset digits` of a spec that searches width and sets it in
     [datasets.digits]: the run trains that width (it trained [train]'s, 8)."""

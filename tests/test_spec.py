@@ -118,6 +118,10 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"final": Add({"epochs": "30"})}, "[final]: epochs = '30' should be a positive integer"),
         ({"final": Add({"epochs": True})}, "[final]: epochs = True should be a positive integer"),
         ({"final": Add({"seeds": 0})}, "[final]: seeds = 0 should be a positive integer"),
+        (
+            {"final": Add({"seeds": 2_000_000_000})},
+            "[final]: seeds = 2000000000 is more than the 1000 a reference run trains",
+        ),
         ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
         ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
