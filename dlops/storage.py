@@ -604,6 +604,11 @@ def repair_journal_tail(path: Path, lock: Any) -> str | None:
     lock.acquire()
     try:
         with open(path, "r+b") as f:
+            if f.read(16) == b"SQLite format 3\x00":
+                raise StorageError(
+                    f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} "
+                    "(nothing was written)"
+                )
             size = os.fstat(f.fileno()).st_size
             start, end = _tail_lines(f, size)
             if end > start:
@@ -622,6 +627,11 @@ def repair_journal_tail(path: Path, lock: Any) -> str | None:
                 return None
             f.seek(end)
             torn = f.read(size - end)
+            if not torn.lstrip().startswith(b"{"):  # every record is a JSON object: this is another file
+                raise StorageError(
+                    f"journal {path}: its last {len(torn)} bytes (after its last complete line) are not the start "
+                    "of a journal record; is it a journal file? Nothing was written"
+                )
             aside = _write_aside(path, torn)
             f.truncate(end)
             f.flush()

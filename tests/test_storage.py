@@ -582,3 +582,26 @@ def test_a_journal_whose_last_line_is_not_json_is_refused_before_writing(tmp_pat
     assert "\n" not in str(exc.value)
     assert path.read_bytes() == before and not list(tmp_path.glob("g.log.torn-*"))
     assert _trials(path) == trials
+
+
+def test_a_writer_never_cuts_a_file_that_is_not_a_journal(tmp_path: Path) -> None:
+    """`--storage journal:FILE` naming a SQLite database, or a text file without a newline,
+    is refused in one line by a writer and left byte for byte as it was (the torn-record
+    repair would have moved the file's tail aside and cut the file)."""
+    import sqlite3
+
+    db = tmp_path / "dlops.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    text = tmp_path / "notes.log"
+    text.write_bytes(b"remember the milk")
+    cases = [
+        (db, f"{db} is a SQLite database, not a journal file: use --storage sqlite:///{db}"),
+        (text, f"journal {text}: its last 17 bytes (after its last complete line) are not the start"),
+    ]
+    for path, says in cases:
+        before = path.read_bytes()
+        with pytest.raises(StorageError) as exc:
+            connect(f"journal://{path}")
+        assert str(exc.value).startswith(says) and "\n" not in str(exc.value)
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
