@@ -161,6 +161,10 @@ def _final_problem(final: Any) -> str | None:
     lacking = [k for k in figures if k not in final["std"]]
     if lacking:
         return f"std has no {', '.join(lacking)}"
+    unpaired = [k for k in figures if (final["mean"][k] is None) != (final["std"][k] is None)]
+    if unpaired:  # dlops writes both or neither: a table row would print a mean ± nothing
+        k = unpaired[0]
+        return f"mean.{k} is {_shown(final['mean'][k])} but std.{k} is {_shown(final['std'][k])}"
     metric = final.get("metric") or "val_top5"
     for i, seed in enumerate(per_seed):
         problem = _schema_problem({k: seed[k] for k in figures if k in seed}, {str: NUMBER_OR_NULL}, f"per_seed[{i}]")

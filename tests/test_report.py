@@ -416,6 +416,7 @@ def _set(path: str, value):
         ("resnet18-ce", _set("mean.test_top5", "abc"), 'mean.test_top5 is "abc", not a number or null'),
         ("resnet18-ce", _set("std", None), "std is not an object"),
         ("resnet18-ce", _set("std", {"test_top1": 0.1}), "std has no test_top5"),
+        ("resnet18-ce", _set("std.test_top1", None), "mean.test_top1 is 0.455 but std.test_top1 is null"),
         ("resnet18-ce", _set("per_seed[0].history.val_top5", None), "per_seed[0].history.val_top5 is null, not a list"),
         ("resnet18-ce", _set("per_seed[1].history.train_loss", [0.5, "x"]), 'per_seed[1].history.train_loss[1] is "x"'),
         ("resnet18-ce", _set("per_seed[0].history", {}), "per_seed[0].history has no train_loss, val_top5"),
