@@ -218,8 +218,9 @@ def _floats(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
-def plot_class_accuracy(acc: dict[str, float]) -> Figure:
-    """Bar chart of the per-class accuracies, with the unweighted mean as a dashed line."""
+def plot_class_accuracy(acc: dict[str, float], n_seeds: int = 1) -> Figure:
+    """Bar chart of the per-class accuracies, with the unweighted mean as a dashed line.
+    ``n_seeds`` > 1: each bar is the mean over that many seeds, and the title says so."""
     names, values = list(acc), _floats(list(acc.values()))
     fig = Figure(figsize=(max(6.0, 0.6 * len(names) + 2), 4.0), layout="constrained")
     ax = fig.add_subplot()
@@ -236,7 +237,7 @@ def plot_class_accuracy(acc: dict[str, float]) -> Figure:
             xytext=(0, -3 if inside else 2),
             textcoords="offset points",
         )
-    title = "Per-class test accuracy"
+    title = "Per-class test accuracy" + (f", mean over {n_seeds} seeds" if n_seeds > 1 else "")
     if np.isfinite(values).any():
         mean = float(np.nanmean(values))
         ax.axhline(mean, color="tab:red", ls="--", lw=1)
@@ -261,11 +262,13 @@ def plot_ae_losses(
     history: dict[str, list[float]],
     layer_history: dict[str, list[float]],
     seconds_per_epoch: Sequence[float | None] | None = None,
+    seed: int | None = None,
 ) -> Figure:
     """Top row: reconstruction MSE of each autoencoder per pretraining epoch (train and
     validation), titled with its ``seconds_per_epoch``. Bottom row: fine-tuning
     cross-entropy and accuracy per epoch (train and validation). ``None`` entries
-    (stored NaN) are skipped."""
+    (stored NaN) are skipped. ``seed``: the run's seed, named in the title (a reference
+    run of several seeds shows one of them here)."""
     n_layers = _num_layers(layer_history)
     hidden = layer_history.get("hidden_sizes", [None] * n_layers)
     seconds = list(seconds_per_epoch) if seconds_per_epoch is not None else [None] * n_layers
@@ -312,7 +315,9 @@ def plot_ae_losses(
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle("Greedy layer-wise pretraining (top) and fine-tuning (bottom)")
+    fig.suptitle(
+        "Greedy layer-wise pretraining (top) and fine-tuning (bottom)" + (f", seed {seed}" if seed is not None else "")
+    )
     return fig
 
 

@@ -116,3 +116,51 @@ def test_plots_are_figures_with_the_expected_panels() -> None:
     scatter = plot_tsne(points, labels, ["a", "b", "c"])
     legend = [t.get_text() for t in scatter.axes[0].get_legend().get_texts()]
     assert legend == ["a (10)", "b (10)", "c (10)"]
+
+
+def test_the_final_plots_say_which_seeds_they_show(tmp_path, monkeypatch) -> None:
+    """With two seeds, class_accuracy.png's bars are each class's mean over the seeds and
+    ae_losses.png is the first seed's run: each title says so (they once read as one
+    model's figures beside a curves.png of the mean over seeds)."""
+    from dlops import plots
+
+    layer_history = {"hidden_sizes": [8], "ae0_train_loss": [0.3, 0.2], "ae0_val_loss": [0.4, 0.3]}
+    layer_history["ae0_epoch_seconds"] = [0.1, 0.1]
+    history = {"train_loss": [2.0, 1.0], "val_loss": [2.1, 1.1], "train_acc": [0.3, 0.6], "val_top1": [0.2, 0.5]}
+    per_seed = [
+        {"seed": s, "history": history, "layer_history": layer_history, "class_accuracy": {"a": acc, "b": 1.0}}
+        for s, acc in ((0, 0.2), (1, 0.6))
+    ]
+    final = {"per_seed": per_seed, "class_accuracy": {"a": 0.4, "b": 1.0}}
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=120: drawn.setdefault(path.name, fig) and path)
+
+    TRAINER.final_plots(final, tmp_path)
+    bars = drawn["class_accuracy.png"].axes[0]
+    assert [round(p.get_height(), 3) for p in bars.patches] == [0.4, 1.0]
+    assert bars.get_title().startswith("Per-class test accuracy, mean over 2 seeds (dashed: mean of classes, 0.700)")
+    assert drawn["ae_losses.png"].get_suptitle().endswith(", seed 0")
+
+    drawn.clear()
+    TRAINER.final_plots({**final, "per_seed": per_seed[:1]}, tmp_path)  # one seed: a plain title
+    assert drawn["class_accuracy.png"].axes[0].get_title() == "Per-class test accuracy (dashed: mean of classes, 0.700)"
+
+
+def test_the_tsne_title_names_the_seed_of_its_model(tmp_path, monkeypatch) -> None:
+    from dlops import plots
+    from dlops.trainers.autoencoder import AEConfig, fit
+
+    config = AEConfig(
+        dataset="digits",
+        hidden_sizes=[16, 12, 10, 8],
+        pretrain_epochs=0,
+        epochs=1,
+        subset_per_class=5,
+        seed=3,
+        device="cpu",
+    )
+    result = fit(config)
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=120: drawn.setdefault(path.name, fig) and path)
+    TRAINER.seed_files(result, result.dataset.test(), tmp_path)
+    assert drawn["tsne.png"].axes[0].get_title().startswith("t-SNE of the 8-unit layer X[3] (seed 3): ")

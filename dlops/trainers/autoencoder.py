@@ -716,8 +716,8 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         points = tsne_embedding(features, seed=result.config.seed)
         fig = plots.plot_tsne(points, np.asarray(split.labels)[chosen], result.dataset.class_names)
         fig.axes[0].set_title(
-            f"t-SNE of the {units}-unit layer X[{layer}]: the first {TSNE_PER_CLASS} test images "
-            f"of each class, or all it has ({len(chosen)} in all)"
+            f"t-SNE of the {units}-unit layer X[{layer}] (seed {result.config.seed}): the first {TSNE_PER_CLASS} "
+            f"test images of each class, or all it has ({len(chosen)} in all)"
         )
         return [plots.save_figure(fig, out_dir / "tsne.png")]
 
@@ -757,19 +757,23 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         return None
 
     def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
-        """``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (seed 0)."""
+        """``class_accuracy.png`` (mean over seeds) and ``ae_losses.png`` (the first seed),
+        each titled with the seeds it shows."""
         from dlops import plots
 
         files = []
         if final.get("class_accuracy"):
             files.append(
-                plots.save_figure(plots.plot_class_accuracy(final["class_accuracy"]), out_dir / "class_accuracy.png")
+                plots.save_figure(
+                    plots.plot_class_accuracy(final["class_accuracy"], n_seeds=len(final["per_seed"])),
+                    out_dir / "class_accuracy.png",
+                )
             )
         seed = final["per_seed"][0]
         layer_history = seed.get("layer_history")
         if layer_history:
             seconds = layer_seconds_per_epoch(layer_history) if "hidden_sizes" in layer_history else None
-            fig = plots.plot_ae_losses(seed["history"], layer_history, seconds)
+            fig = plots.plot_ae_losses(seed["history"], layer_history, seconds, seed=seed["seed"])
             files.append(plots.save_figure(fig, out_dir / "ae_losses.png"))
         return files
 
