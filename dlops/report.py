@@ -307,11 +307,19 @@ def _mean_pm(final: dict[str, Any] | None, key: str) -> str:
     return f"{final['mean'][key]:.4f} ± {final['std'][key]:.4f} ({n} seeds)"
 
 
-def _source_text(final: dict[str, Any]) -> str:
+def _source_text(final: dict[str, Any], facts: StudyFacts | None = None) -> str:
+    """Where the run's settings came from. ``facts``: its study as it is now, which may
+    have found a better trial since the run took its best."""
     src = final["params_source"]
     if src["kind"] == "trial":
         base = " (the baseline)" if src.get("baseline") else ""
-        value = f"{src.get('metric') or 'value'} {_fmt(src.get('value'))}"
+        metric = src.get("metric") or "value"
+        value = f"{metric} {_fmt(src.get('value'))}"
+        if facts is not None and facts.name == src["study"] and facts.best_trial not in (None, src["trial"]):
+            return (
+                f"trial #{src['trial']}{base} of study `{src['study']}` ({value}), its best when this run was made; "
+                f"its best is now trial #{facts.best_trial} ({facts.metric or metric} {_fmt(facts.best_value)})"
+            )
         return f"best trial #{src['trial']}{base} of study `{src['study']}` ({value})"
     if src["kind"] == "file":
         return f"file `{src['path']}`"
@@ -342,7 +350,7 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
             f"| dataset | {ds['name']} ({ds['num_classes']} classes; train {sizes['train']}, "
             f"validation {sizes['val']}, test {sizes['test']}) |",
             f"| settings | {_fmt_params(final['params'])} |",
-            f"| from | {_source_text(final)} |",
+            f"| from | {_source_text(final, facts)} |",
             f"| epochs × seeds | {final['epochs']} × {len(final['seeds'])} |",
             f"| device | {final['device']} ({final.get('device_name') or '?'}) |",
             f"| wall time | {_fmt_seconds(final['wall_seconds'])} |",
@@ -678,7 +686,10 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     rows.append(
         (
             "final settings",
-            [f"{_fmt_params(e.final['params'])} ({_source_text(e.final)})" if e.final else "–" for e in entries],
+            [
+                f"{_fmt_params(e.final['params'])} ({_source_text(e.final, f)})" if e.final else "–"
+                for e, f in zip(entries, facts)
+            ],
         )
     )
     rows.append(
@@ -705,7 +716,7 @@ def _other_section(e: Entry) -> list[str]:
         if "test_accuracy" in e.final["mean"]:
             lines.append(f"| final test accuracy (mean ± std) | {_mean_pm(e.final, 'test_accuracy')} |")
         lines.append(f"| final test top-5 (mean ± std) | {_mean_pm(e.final, 'test_top5')} |")
-        lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final)}) |")
+        lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final, facts)}) |")
         lines.append(f"| final epochs × seeds | {e.final['epochs']} × {len(e.final['seeds'])} |")
     if facts:
         lines.append(

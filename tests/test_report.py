@@ -549,3 +549,38 @@ def test_a_copy_of_a_reference_run_kept_under_reports_is_left_as_it_is(dlops_hom
     assert "resnet18-ce-old/report.md" not in index and "`resnet18-ce-old/`: a copy of a reference run" in index
     out = CliRunner().invoke(app, ["report"])
     assert out.exit_code == 0 and "left reports/resnet18-ce-old/ as it is" in out.output, out.output
+
+
+def test_a_reference_run_whose_study_found_a_better_trial_since_is_not_called_its_best(dlops_home):
+    """The run took trial 0, then the study's best; trial 2 beat it later. The report
+    showed "best trial #0" beside the study's "best: trial 2"."""
+    dlops_home.mkdir(parents=True)
+    study = make_study(dlops_home, "resnet18-ce-digits", n=3)
+    taken = min(study.trials, key=lambda t: t.value)  # any trial but the best
+    assert taken.number != study.best_trial.number
+    final = make_final("resnet18-ce", "ce", [0.9], study={"name": "resnet18-ce-digits"})
+    final["params_source"] = {
+        "kind": "trial",
+        "study": "resnet18-ce-digits",
+        "trial": taken.number,
+        "metric": "val_top5",
+        "value": taken.value,
+    }
+    write_final(dlops_home, final)
+    build_report()
+    now = f"its best is now trial #{study.best_trial.number} (val_top5 {study.best_value:.4f})"
+    report = (dlops_home / "reports" / "resnet18-ce" / "report.md").read_text()
+    index = (dlops_home / "reports" / "index.md").read_text()
+    for text in (report, index):
+        assert f"best trial #{taken.number}" not in text
+        assert (
+            f"trial #{taken.number} of study `resnet18-ce-digits` (val_top5 {taken.value:.4f}), its best when" in text
+        )
+        assert now in text
+
+    final["params_source"]["trial"] = study.best_trial.number  # the study's best still: as before
+    write_final(dlops_home, final)
+    build_report()
+    report = (dlops_home / "reports" / "resnet18-ce" / "report.md").read_text()
+    assert f"| from | best trial #{study.best_trial.number} of study `resnet18-ce-digits`" in report
+    assert "its best is now" not in report
