@@ -218,6 +218,7 @@ def _floats(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
+@_default_style
 def plot_class_accuracy(acc: dict[str, float], n_seeds: int = 1) -> Figure:
     """Bar chart of the per-class accuracies, with the unweighted mean as a dashed line.
     ``n_seeds`` > 1: each bar is the mean over that many seeds, and the title says so."""
@@ -258,6 +259,7 @@ def _num_layers(layer_history: dict[str, Any]) -> int:
     return max(found) + 1 if found else 0
 
 
+@_default_style
 def plot_ae_losses(
     history: dict[str, list[float]],
     layer_history: dict[str, list[float]],
@@ -321,6 +323,7 @@ def plot_ae_losses(
     return fig
 
 
+@_default_style
 def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> Figure:
     """Scatter of 2-D points coloured by class, with a legend of class names."""
     import matplotlib

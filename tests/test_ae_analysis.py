@@ -118,6 +118,29 @@ def test_plots_are_figures_with_the_expected_panels() -> None:
     assert legend == ["a (10)", "b (10)", "c (10)"]
 
 
+def test_the_autoencoder_figures_keep_the_default_style_after_optuna_switched_to_ggplot() -> None:
+    """Optuna's study plots switch pyplot to ggplot; a figure drawn after them (the
+    autoencoder's, in a report) keeps matplotlib's default look like every other run figure."""
+    import matplotlib.style
+    from matplotlib.colors import to_hex
+
+    with matplotlib.style.context("ggplot"):
+        layer_history = {
+            "hidden_sizes": [4],
+            "ae0_train_loss": [1.0],
+            "ae0_val_loss": [1.1],
+            "ae0_epoch_seconds": [0.1],
+        }
+        history = {"train_loss": [2.0], "val_loss": [2.1], "train_acc": [0.3], "val_top1": [0.2]}
+        figures = [
+            plot_ae_losses(history, layer_history),
+            plot_class_accuracy({"cat": 0.5, "dog": 1.0}),
+            plot_tsne(np.zeros((4, 2)), np.array([0, 0, 1, 1]), ["a", "b"]),
+        ]
+    for fig in figures:
+        assert to_hex(fig.axes[0].get_facecolor()) == "#ffffff"  # ggplot's panels are #e5e5e5
+
+
 def test_the_final_plots_say_which_seeds_they_show(tmp_path, monkeypatch) -> None:
     """With two seeds, class_accuracy.png's bars are each class's mean over the seeds and
     ae_losses.png is the first seed's run: each title says so (they once read as one
