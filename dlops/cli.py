@@ -646,6 +646,8 @@ def report(storage: StorageOpt = None) -> None:
 
     quiet_optuna()
     result = build_report(storage, attach_study_plots=attach_study_plots)
+    if result.no_storage:
+        say(f"note: {result.no_storage}; the report has reference runs only")
     for name, why in result.skipped.items():
         say(f"left out study {name}: {why}")
     for folder, spec in result.copies.items():

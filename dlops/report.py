@@ -446,17 +446,20 @@ class ReportResult:
     entries: list[Entry]
     skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
     copies: dict[str, str] = field(default_factory=dict)  # folder under reports/ -> the spec whose run it copies
+    no_storage: str | None = None  # why no study was read: the storage does not exist (a mistyped --storage?)
 
 
-def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str]]:
+def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str], str | None]:
     """Every spec with a reference run or a study: built-in names first; the studies left
     out, with the reason; and the folders that hold a copy of another spec's reference run
-    (``reports/resnet18-ce-old/``, kept before a rerun): not a spec's, left as they are."""
+    (``reports/resnet18-ce-old/``, kept before a rerun): not a spec's, left as they are;
+    and, where the storage does not exist, why no study was read."""
 
+    no_storage = None
     try:
         storage: optuna.storages.BaseStorage | None = open_storage(url, create=False)
-    except NoStorageYet:  # reference runs only: no study has run with this storage
-        storage = None
+    except NoStorageYet as exc:  # reference runs only: no study has run with this storage
+        storage, no_storage = None, str(exc)
     summaries = optuna.get_all_study_summaries(storage, include_best_trial=False) if storage else []
     skipped = {s.study_name: r for s in summaries if (r := not_dlops_reason(s.directions)) is not None}
     studies = {s.study_name for s in summaries} - set(skipped)
@@ -515,7 +518,7 @@ def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str]]:
             except ValueError:
                 pass
         out.append(Entry(name, trainer, loss, final, study, folder, name if of_a_spec else None))
-    return out, skipped, copies
+    return out, skipped, copies, no_storage
 
 
 def entry_dataset(entry: Entry) -> str | None:
@@ -567,7 +570,7 @@ def build_report(
     plots.use_headless_backend()
     url = storage or default_storage_url()
     root = reports_dir()
-    entries, skipped, copies = _entries(url)  # reads (and checks) every final.json: a damaged one stops here
+    entries, skipped, copies, no_storage = _entries(url)  # checks every final.json: a damaged one stops here
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
     files: list[Path] = []
@@ -629,7 +632,9 @@ def build_report(
         lines.append("")
     index = root / INDEX
     _write_text(index, "\n".join(lines))
-    return ReportResult(index=index, files=[index, *files], entries=entries, skipped=skipped, copies=copies)
+    return ReportResult(
+        index=index, files=[index, *files], entries=entries, skipped=skipped, copies=copies, no_storage=no_storage
+    )
 
 
 def _move_aside_old_index_folder(root: Path) -> None:

@@ -286,6 +286,21 @@ def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_
     assert [r["name"] for r in list_studies(url)] == ["s"] and find_study(url, "s") is not None
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_report_on_a_storage_that_does_not_exist_says_so(kind: str, dlops_home: Path, tmp_path: Path) -> None:
+    """`dlops report` with a mistyped --storage writes the reference runs' report, as on an
+    empty storage, but says in one line that no study storage is there."""
+    from dlops.storage import journal_url
+
+    missing = tmp_path / "typo" / ("x.db" if kind == "sqlite" else "x.log")
+    url = f"sqlite:///{missing}" if kind == "sqlite" else journal_url(missing)
+    result = CliRunner().invoke(app, ["report", "--storage", url])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and f"no study storage at {missing}" in notes[0], result.output
+    assert not (tmp_path / "typo").exists()
+
+
 def test_reading_a_storage_creates_no_file_beside_it(dlops_home: Path, tmp_path: Path) -> None:
     """The read commands open an existing SQLite file (here made by Optuna alone) and leave
     nothing beside it, not even the lock a new database is created under; a folder given as
