@@ -195,3 +195,20 @@ def test_version_names_dlops_its_commit_and_the_packages_it_runs_on() -> None:
     assert f"torch {metadata.version('torch')}," in line and f"optuna {optuna.__version__}," in line
     # Eager: it prints and exits before the command after it would run.
     assert CliRunner().invoke(app, ["--version", "study", "list"]).output == result.output
+
+
+def test_python_dash_m_dlops_is_the_dlops_command() -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "dlops", "study", "--bogus"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr == "error: No such option: --bogus (see `dlops study --help`)\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "dlops", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("Usage: dlops [OPTIONS] COMMAND [ARGS]...")
