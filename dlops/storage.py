@@ -49,6 +49,7 @@ import sqlite3
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -479,14 +480,25 @@ def _check_rdb_database(url: str, engine_kwargs: dict[str, Any], create: bool) -
         tables = set(sqlalchemy.inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    if not tables and not create:
-        raise NoStorageYet(f"no study storage in {mask_url(url)}: the database holds no tables (check --storage)")
-    if tables and not tables >= _OPTUNA_TABLES:
-        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise StorageError(
+    _check_tables(
+        tables,
+        create,
+        empty=f"no study storage in {mask_url(url)}: the database holds no tables (check --storage)",
+        foreign=lambda listed: (
             f"{mask_url(url)} is another program's database (tables {listed}), not a study storage: "
             "give another database in --storage"
-        )
+        ),
+    )
+
+
+def _check_tables(tables: set[str], create: bool, *, empty: str, foreign: Callable[[str], str]) -> None:
+    """A database with no tables is no storage yet for a reader (``empty``: :class:`NoStorageYet`);
+    one with tables but not Optuna's is refused for everyone (``foreign`` of the tables listed)."""
+    if not tables and not create:
+        raise NoStorageYet(empty)
+    if tables and not tables >= _OPTUNA_TABLES:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(foreign(listed))
 
 
 def _check_sqlite_file(url: str, path: Path, create: bool) -> None:
@@ -500,14 +512,15 @@ def _check_sqlite_file(url: str, path: Path, create: bool) -> None:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"{mask_url(url)}: {path} is not a SQLite database ({exc}); check --storage") from None
-    if not tables and not create:
-        raise NoStorageYet(f"no study storage at {path}: the file holds no tables (check --storage)")
-    if tables and not tables >= _OPTUNA_TABLES:
-        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise StorageError(
+    _check_tables(
+        tables,
+        create,
+        empty=f"no study storage at {path}: the file holds no tables (check --storage)",
+        foreign=lambda listed: (
             f"{mask_url(url)}: {path} is another program's SQLite database (tables {listed}), "
             "not a study storage: give another --storage path"
-        )
+        ),
+    )
 
 
 def _connect(
