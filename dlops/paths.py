@@ -30,6 +30,14 @@ def folder_name(name: str) -> str:
     return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
+# What reports/ holds beside the spec folders (no spec may be named so, in any case).
+REPORTS_RESERVED = {
+    "index.md": "the index of every spec's report",
+    "val_top5_by_loss.png": "the index's chart",
+    "data": "the PNGs of `dlops data show`",
+}
+
+
 def reports_dir() -> Path:
     return dlops_home() / "reports"
 

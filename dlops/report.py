@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from dlops import plots
 from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
-from dlops.paths import default_storage_url, folder_name, reports_dir
+from dlops.paths import REPORTS_RESERVED, default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
 from dlops.storage import NoStorageYet, mask_url, open_storage
 from dlops.studies import epochs_summary, not_dlops_reason
@@ -47,8 +47,7 @@ STUDY_PLOT_TITLES = {
     "parallel_coordinate": "Parallel coordinates",
 }
 INDEX = "index.md"
-# What reports/ holds beside the spec folders (the index, its chart, `dlops data show`'s PNGs).
-_NOT_A_FOLDER = {INDEX, "val_top5_by_loss.png", "data"}
+_NOT_A_FOLDER = set(REPORTS_RESERVED)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from dlops.errors import DlopsError, SpecError
+from dlops.paths import REPORTS_RESERVED
 from dlops.trainers import get_trainer
 
 if TYPE_CHECKING:  # the protocol's module loads torch; the spec loader need not
@@ -514,6 +515,8 @@ def _check_name(name: Any) -> str:
         raise SpecError(
             f"name = {name!r}: a spec's name is up to 100 letters, digits and . _ + -, starting with a letter or digit"
         )
+    if name.lower() in REPORTS_RESERVED:
+        raise SpecError(f"name = {name!r} is taken: reports/{name} holds {REPORTS_RESERVED[name.lower()]}")
     return name
 
 

@@ -137,6 +137,8 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"name": "../data"}, "name = '../data': a spec's name is up to 100 letters"),
         ({"name": "."}, "name = '.'"),
         ({"name": "a/b"}, "name = 'a/b'"),
+        ({"name": "data"}, "name = 'data' is taken: reports/data holds the PNGs of `dlops data show`"),
+        ({"name": "Index.md"}, "name = 'Index.md' is taken: reports/Index.md holds the index of every spec's report"),
         # settings of the run are not hyperparameters: a study of them would mix runs that do not compare
         *(
             ({"search": {key: Add(table)}}, f"[search.{key}]: {key} is a setting of the run, not a hyperparameter")
