@@ -49,6 +49,35 @@ def test_resume_from_checkpoint_gives_the_same_result_as_an_uninterrupted_run(lo
         assert torch.equal(a, b), name
 
 
+def test_a_checkpoint_is_read_onto_the_cpu_whatever_device_resumes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's generators take only a CPU ByteTensor as their state: read with
+    ``map_location=device`` on a GPU, the loader's saved generator state came back as a CUDA
+    tensor and every resume there (a cut ``dlops final --resume``) failed with "RNG state
+    must be a torch.ByteTensor". ``fit`` reads a checkpoint onto the CPU; ``load_state_dict``
+    moves the weights, buffers and optimizer state to the device."""
+    from dlops.trainers import base
+
+    generator = torch.Generator()
+    with pytest.raises(TypeError, match=r"RNG state must be a torch\.ByteTensor"):
+        generator.set_state(generator.get_state().to("meta"))  # any device but the CPU, as CUDA
+
+    config = small("center")
+    ckpt = tmp_path / "ckpt.pt"
+    checkpoint_after_one_epoch(config, ckpt)
+    read_with = []
+    real = base.load_checkpoint
+
+    def load(path: Path, map_location: object = "cpu") -> object:
+        read_with.append(map_location)
+        return real(path, map_location=map_location)
+
+    monkeypatch.setattr(base, "load_checkpoint", load)
+    resumed = fit(config, checkpoint_path=ckpt)
+    assert resumed.start_epoch == 1 and read_with == ["cpu"]
+
+
 def test_triplet_model_is_scored_by_its_stored_centroids() -> None:
     result = fit(small("triplet", epochs=1))
     centroids = result.model.centroids

@@ -268,7 +268,9 @@ def fit(
         centroid_split = Split(np.ascontiguousarray(dataset.train.images[keep]), np.asarray(dataset.train.labels)[keep])
     history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
     start_epoch = 0
-    state = load_state(checkpoint_path, config, map_location=device)  # CorruptCheckpoint if damaged
+    # Read onto the CPU whatever the device: the RNG states (the loader's generator, torch's)
+    # must stay CPU tensors, and load_state_dict moves the rest to the model's device.
+    state = load_state(checkpoint_path, config, map_location="cpu")  # CorruptCheckpoint if damaged
     if state is not None:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
