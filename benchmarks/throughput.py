@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -151,7 +153,10 @@ def synthetic_split(n: int, size: int, classes: int, seed: int) -> Split:
 
 
 def loader_for(split: Split, batch_size: int, device: torch.device, classes: int, pk: bool) -> BatchLoader:
-    """The training loader ``fit`` builds (padding 8 of 64 px, flips), shuffled or P x K."""
+    """The training loader ``fit`` builds (padding 8 of 64 px, flips), shuffled or P x K; full
+    batches only. A timed step is a full batch: ``--train-images`` 20,000 at batch 512 leave 32
+    over, and that short batch, inside the timed repeats, would recompile a compiled model (for
+    dynamic shapes, which the batches after it then run) and autotune cuDNN anew."""
     return BatchLoader(
         split,
         batch_size,
@@ -164,6 +169,7 @@ def loader_for(split: Split, batch_size: int, device: torch.device, classes: int
         crop_padding=split.images.shape[-1] // 8,
         seed=0,
         pk=pk_shape(batch_size, classes, 4) if pk else None,
+        drop_last=True,
         channels_last=device.type == "cuda",
     )
 
@@ -202,9 +208,12 @@ class Bench:
         return 0.0 if self.compile_started is None else time.perf_counter() - self.compile_started
 
     def save(self) -> None:
+        """Write the JSON whole or not at all: a stage killed at its time limit keeps the last one."""
         if self.args.json:
             self.args.json.parent.mkdir(parents=True, exist_ok=True)
-            self.args.json.write_text(json.dumps(self.results, indent=1))
+            tmp = self.args.json.with_name(self.args.json.name + ".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1))
+            os.replace(tmp, self.args.json)
 
     def model(self) -> ResNet18:
         torch.manual_seed(0)
@@ -287,14 +296,14 @@ class Bench:
         )
         return row
 
-    def training(self) -> None:
+    def training(self, mode: str) -> None:
         a = self.args
-        if "eager" in a.modes:
+        if mode == "eager":
             net = self.model()
             for loss_name in a.losses:
                 for bs in a.batch_sizes:
                     self.measure_train(net, "eager", loss_name, bs)
-        if "compiled" in a.modes:
+        if mode == "compiled":
             self.compile_started = time.perf_counter()
             for bs in sorted(a.batch_sizes, reverse=True):  # the largest (usually the fastest) first
                 if self.compile_spent() > a.compile_budget_s:
@@ -309,43 +318,42 @@ class Bench:
         self.save()
 
     # ---------------------------------------------------------------- evaluation and options
-    def evaluation(self) -> None:
+    def evaluation(self, mode: str) -> None:
         a = self.args
-        for mode in a.modes:
-            if mode == "compiled" and not any(r["mode"] == "compiled" for r in self.results["train"]):
-                continue
-            if mode == "compiled" and self.compile_spent() > a.compile_budget_s:
-                self.results["skipped"].append(
-                    {"what": "compiled evaluation", "why": f"compile budget of {a.compile_budget_s:.0f} s spent"}
-                )
-                continue
-            net = self.model()
-            if mode == "compiled":
-                torch._dynamo.reset()
-                net = compile_model(net)
-            loss_fn = LOSSES["ce"](a.classes, 8 * a.width).to(self.device)
-            sizes = a.eval_batch_sizes if mode == "eager" else a.eval_batch_sizes[-1:]
-            for bs in sizes:
+        if mode == "compiled" and not any(r["mode"] == "compiled" for r in self.results["train"]):
+            return
+        if mode == "compiled" and self.compile_spent() > a.compile_budget_s:
+            self.results["skipped"].append(
+                {"what": "compiled evaluation", "why": f"compile budget of {a.compile_budget_s:.0f} s spent"}
+            )
+            return
+        net = self.model()
+        if mode == "compiled":
+            torch._dynamo.reset()
+            net = compile_model(net)
+        loss_fn = LOSSES["ce"](a.classes, 8 * a.width).to(self.device)
+        sizes = a.eval_batch_sizes if mode == "eager" else a.eval_batch_sizes[-1:]
+        for bs in sizes:
 
-                def run(net: torch.nn.Module = net, loss_fn: torch.nn.Module = loss_fn, bs: int = bs) -> None:
-                    evaluate(net, loss_fn, self.val, MEAN, STD, self.device, bs)
+            def run(net: torch.nn.Module = net, loss_fn: torch.nn.Module = loss_fn, bs: int = bs) -> None:
+                evaluate(net, loss_fn, self.val, MEAN, STD, self.device, bs)
 
-                reset_peak(self.device)
-                t0 = time.perf_counter()
-                run()
-                first_s = time.perf_counter() - t0
-                secs = statistics.median(self.timer(run, 1) for _ in range(max(2, a.repeats // 2)))
-                self.results["eval"].append(
-                    {
-                        "mode": mode,
-                        "batch_size": bs,
-                        "images_per_s": len(self.val) / secs,
-                        "seconds": secs,
-                        "first_s": first_s,
-                        "peak_mib": peak_mib(self.device),
-                    }
-                )
-                print(f"  eval  {mode:<8} bs {bs:>4} {len(self.val) / secs:>10.0f} img/s", flush=True)
+            reset_peak(self.device)
+            t0 = time.perf_counter()
+            run()
+            first_s = time.perf_counter() - t0
+            secs = statistics.median(self.timer(run, 1) for _ in range(max(2, a.repeats // 2)))
+            self.results["eval"].append(
+                {
+                    "mode": mode,
+                    "batch_size": bs,
+                    "images_per_s": len(self.val) / secs,
+                    "seconds": secs,
+                    "first_s": first_s,
+                    "peak_mib": peak_mib(self.device),
+                }
+            )
+            print(f"  eval  {mode:<8} bs {bs:>4} {len(self.val) / secs:>10.0f} img/s", flush=True)
         self.save()
 
     def options(self) -> None:
@@ -365,8 +373,9 @@ class Bench:
 
     # ---------------------------------------------------------------- projection
     def project(self) -> None:
+        """The projection from what has been measured so far (rebuilt on every call)."""
         train = self.results["train"]
-        eval_ips = max((r["images_per_s"] for r in self.results["eval"]), default=float("nan"))
+        self.results["projection"] = []
         ce_best = {
             m: max(
                 (r for r in train if r["loss"] == "ce" and r["mode"] == m),
@@ -389,6 +398,11 @@ class Bench:
                         if r["loss"] == "ce" and r["mode"] == mode and r["batch_size"] == best["batch_size"]
                     ),
                     None,
+                )
+                # a run evaluates in its training mode (fit compiles the model for both)
+                eval_ips = max(
+                    (r["images_per_s"] for r in self.results["eval"] if r["mode"] == mode),
+                    default=max((r["images_per_s"] for r in self.results["eval"]), default=float("nan")),
                 )
                 eval_images = VAL_IMAGES + (CENTROID_IMAGES if LOSSES[loss_name].scored_by == "centroids" else 0)
                 train_s = TRAIN_IMAGES / best["images_per_s"]
@@ -491,7 +505,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"modes {','.join(args.modes)}",
         flush=True,
     )
-    for section in (bench.loader, bench.training, bench.evaluation, bench.options, bench.project):
+    # Eager first, then compiled, each block ending in the projection: the core figures are on
+    # disk before any compiling, which can outlast a stage's time limit.
+    sections: list[Callable[[], None]] = [bench.loader]
+    for k, mode in enumerate(sorted(args.modes, key=lambda m: m != "eager")):
+        sections += [functools.partial(bench.training, mode), functools.partial(bench.evaluation, mode)]
+        if k == 0:
+            sections.append(bench.options)
+        sections.append(bench.project)
+    for section in sections:
         section()
     bench.results["meta"]["seconds"] = time.perf_counter() - started
     bench.save()
