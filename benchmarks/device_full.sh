@@ -53,6 +53,7 @@ STATE=${DLOPS_FULL_STATE:-/tmp/dlops-full}
 PARTS=${DLOPS_FULL_PARTS:-$ROOT/device/full}
 mkdir -p "$STATE/parts" "$STATE/logs" "$STATE/done"
 exec > >(tee -a "$STATE/logs/run.log") 2>&1
+TEE=$!  # waited for before run.log is copied: it gets every line, the summary too
 
 export PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -100,8 +101,10 @@ finish() {  # $1: exit status
     done
   done
   tar -czf "$OUT/results.tar.gz" -C "$STATE" "${files[@]}"
-  cp "$STATE/logs/run.log" "$OUT/run.log"
   cat "$STATE/logs/summary.log"
+  exec >&- 2>&-  # tee reads to the end of its input, writes it out and ends
+  wait "$TEE"
+  cp "$STATE/logs/run.log" "$OUT/run.log"
   exit "$1"
 }
 

@@ -223,13 +223,9 @@ def versions(args: argparse.Namespace) -> int:
             text=True,
         )
         info["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-    try:
-        info["commit"] = (
-            subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-            or None
-        )
-    except OSError:
-        info["commit"] = None
+    from dlops.versions import git_commit
+
+    info["commit"] = git_commit()  # the GPU machine's copy has no .git: $DLOPS_GIT_COMMIT there
     print(json.dumps(info, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(info, indent=1))
@@ -364,6 +360,8 @@ def summary(args: argparse.Namespace) -> int:
                 if done:
                     b = study.best_trial
                     h = b.user_attrs.get("history", {})
+                    # the fetch failing sends the studies to digits: say which data the figures are of
+                    entry["dataset"] = (b.user_attrs.get("config") or {}).get("dataset")
                     entry["best"] = {
                         "number": b.number,
                         "value": b.value,
@@ -408,18 +406,19 @@ def summary(args: argparse.Namespace) -> int:
                 f"{f(x.get('step_vs_ce'), '.3f'):>6} {share:>7} {f(x.get('peak_mib'), '.0f'):>7} {x['epoch_s']:>8.2f}"
             )
     if result["studies"]:
-        lines.append(f"{'study':<22} {'trials':<30} {'best':>5} {'top-1':>6} {'top-5':>6}")
+        lines.append(f"{'study':<22} {'trials':<30} {'best':>5} {'top-1':>6} {'top-5':>6}  data")
         for name, s in result["studies"].items():
             b = s.get("best") or {}
             states = ", ".join(f"{v} {k.lower()}" for k, v in s["states"].items())
             lines.append(
                 f"{name:<22} {states:<30} {f(b.get('number'), 'd'):>5} {f(b.get('val_top1'), '.3f'):>6} "
-                f"{f(b.get('val_top5'), '.3f'):>6}"
+                f"{f(b.get('val_top5'), '.3f'):>6}  {s.get('dataset') or '-'}"
             )
     for loss, c in (result["curves"] or {}).items():
         h = c["history"]
         lines.append(
-            f"curve {loss:<8} {len(h['val_top5'])} epochs, {c['source']}: val top-1 {h['val_top1'][-1]:.3f}, "
+            f"curve {loss:<8} {c['config'].get('dataset')}, {len(h['val_top5'])} epochs, {c['source']}: "
+            f"val top-1 {h['val_top1'][-1]:.3f}, "
             f"top-5 {h['val_top5'][-1]:.3f} ({c['seconds']:.0f} s)"
         )
     print("\n".join(lines))

@@ -56,13 +56,15 @@ if [ "$total" -ge "$LIMIT" ]; then
   echo "TOO LARGE for one run (64 MiB): leave the sample out or split the wheels" >&2
   exit 1
 fi
+# The GPU machine's copy of the tree has no .git: the commit goes along in the command.
+commit=$(git rev-parse HEAD)$( [ -n "$(git status --porcelain --untracked-files=no)" ] && echo +dirty || true)
 cat <<EOF
 
 On the GPU session (device tool, one call; the script keeps itself within about 8 minutes):
   carry:     ["device"]
   timeout_s: 560
-  command:   bash benchmarks/device_run.sh "\$OUT"
-A second call for a part only, e.g.: bash benchmarks/device_run.sh "\$OUT" --stages install,fetch,studies,curves
+  command:   DLOPS_GIT_COMMIT=$commit bash benchmarks/device_run.sh "\$OUT"
+A second call for a part only, e.g.: DLOPS_GIT_COMMIT=$commit bash benchmarks/device_run.sh "\$OUT" --stages install,fetch,studies,curves
 (stages: install versions cuda_tests throughput fetch studies curves; summary always runs; a fresh
 machine needs install, and studies and curves need fetch, else they run on digits)
 EOF

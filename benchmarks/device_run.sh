@@ -44,6 +44,7 @@ OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d /tmp/dlops-device.XXXXXX)
 mkdir -p "$WORK/logs" "$WORK/specs"
 exec > >(tee "$OUT/run.log") 2>&1
+TEE=$!  # waited for at the end: run.log and the console get the summary whole
 
 export PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -58,6 +59,7 @@ if [ "$SMOKE" = 1 ]; then
   BUDGET=${BUDGET:-480}
   # stage limits (s), CPU rehearsal sizes
   L_INSTALL=60 L_VERSIONS=60 L_TESTS=90 L_THROUGHPUT=90 L_FETCH=120 L_STUDY=90 L_CURVES=90
+  F_FETCH=20 F_STUDY=30 F_CURVES=30
   STUDY_ARGS="--n-trials 4 --epochs 2" CURVE_EPOCHS=2 SPEC_WIDTH=8 SPEC_BATCH=32
   TINY_SUBSET="--subset-classes 10 --subset-per-class 3"
   THROUGHPUT_ARGS="--smoke"
@@ -66,6 +68,7 @@ else
   export PYTHONPATH=$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}  # the checkout first: the code under test
   BUDGET=${BUDGET:-470}
   L_INSTALL=90 L_VERSIONS=30 L_TESTS=200 L_THROUGHPUT=240 L_FETCH=60 L_STUDY=70 L_CURVES=70
+  F_FETCH=20 F_STUDY=40 F_CURVES=45
   STUDY_ARGS="--n-trials 4 --epochs 3" CURVE_EPOCHS=5 SPEC_WIDTH= SPEC_BATCH=
   TINY_SUBSET=""
   THROUGHPUT_ARGS="--compile-budget-s 100"
@@ -76,6 +79,20 @@ START=$(date +%s)
 FAILED=0
 
 want() { [ "$STAGES" = all ] || [[ ",$STAGES," == *",$1,"* ]]; }
+# The limits above add up to more than the budget, and a stage's limit is cut to what is left.
+# The seconds each later stage is sure of (its floor) are held back from the stages before it,
+# so a slow or hanging test or benchmark is cut short rather than leave the studies and the
+# curves (the validation figures) no time at all.
+ORDER=(install versions cuda_tests throughput fetch study_ce study_triplet study_center curves)
+floor() { case $1 in fetch) echo "$F_FETCH" ;; study_*) echo "$F_STUDY" ;; curves) echo "$F_CURVES" ;; *) echo 0 ;; esac; }
+held_back() {  # the floors of the wanted stages after stage $1
+  local s after=0 sum=0
+  for s in "${ORDER[@]}"; do
+    if [ "$after" = 1 ] && want "$s"; then sum=$((sum + $(floor "$s"))); fi
+    [ "$s" = "$1" ] && after=1
+  done
+  echo "$sum"
+}
 pack() { tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs specs $( [ -f "$WORK/versions.json" ] && echo versions.json ) \
              $( [ -f "$WORK/stages.tsv" ] && echo stages.tsv ) 2>/dev/null; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$WORK/stages.tsv"; }
@@ -90,6 +107,9 @@ stage() {
     record "$name" skipped 0 0
     return 0
   fi
+  local mine=$(( left - $(held_back "$name") ))
+  [ "$mine" -lt 10 ] && mine=10
+  [ "$mine" -lt "$left" ] && left=$mine
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
   local t0 t1 rc status
@@ -172,4 +192,6 @@ timeout -k 5 60 "$PYTHON" benchmarks/device_helpers.py summary --work "$WORK" --
 pack
 echo "total $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 cat "$WORK/logs/summary.log"
+exec >&- 2>&-  # tee reads to the end of its input, writes it out and ends
+wait "$TEE"
 exit "$FAILED"

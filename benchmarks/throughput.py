@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -473,15 +472,9 @@ class Bench:
 
 def meta(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        commit = None
+    from dlops.versions import git_commit
+
+    commit = git_commit()  # the GPU machine's copy has no .git: $DLOPS_GIT_COMMIT there
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": commit,

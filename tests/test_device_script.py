@@ -104,6 +104,8 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
     assert sorted(n for _, n in finished) == [4, 4, 4]
     expected_dataset = "tiny-imagenet" if with_sample else "digits"
     assert {c["dataset"] for c in configs} == {expected_dataset} and {c["width"] for c in configs} == {8}
+    assert {s["dataset"] for s in summary["studies"].values()} == {expected_dataset}  # the figures say their data
+    assert summary["versions"]["commit"]
 
     curves = json.loads((out / "curves.json").read_text())
     assert list(curves) == ["ce", "triplet", "center"]
@@ -205,3 +207,42 @@ def test_full_data_script_joins_parts_over_calls_and_runs_what_is_left(tmp_path:
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
     assert {f"home/reports/resnet18-{r}/{f}" for r in ("ce", "triplet") for f in ("final.json", "curves.png")} <= names
+
+
+@pytest.mark.device_rehearsal
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hanging_stage_is_cut_so_that_the_stages_after_it_still_run(tmp_path: Path) -> None:
+    """The stage limits add up to more than the budget: a stage that hangs (here the CUDA
+    tests) is cut where it would eat the floors of the stages after it, not at its own limit,
+    and the study after it still runs."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1 $2" = "-m pytest" ]; then echo hanging; sleep 600; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(wrapper), "OMP_NUM_THREADS": "1"}
+    env.pop("DLOPS_HOME", None)
+    env.pop("DLOPS_STORAGE", None)
+    budget = 75  # 15 s kept for the summary; the study's floor (30 s) and the fetch's (20 s) held back
+    stages = "cuda_tests,fetch,study_ce"
+    script = str(ROOT / "benchmarks" / "device_run.sh")
+    done = subprocess.run(
+        ["bash", script, str(out), "--smoke", "--budget-s", str(budget), "--stages", stages],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    log = done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["stage"]: s for s in summary["stages"]}
+    assert status["cuda_tests"]["status"] == "timeout", log[-4000:]
+    assert status["cuda_tests"]["seconds"] < budget - 15 - 20 - 30 + 12, log[-4000:]  # its share, not its 90 s
+    assert status["fetch"]["status"] in ("ok", "skipped")  # skipped without the sample: digits then
+    assert status["study_ce"]["status"] == "ok", log[-4000:]
+    assert done.returncode == 1  # a stage timed out
