@@ -9,6 +9,7 @@ scratch files and leaves what was there before (a good cache included) untouched
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -96,6 +97,20 @@ def _build(
         )
 
 
+def _one_at_a_time(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run a ``fetch`` or ``prepare`` of ``name`` under :func:`dataset_lock` (a dataset that
+    is not fetched, digits, is refused first, before anything is created)."""
+
+    @functools.wraps(fn)
+    def locked(name: str, root: Path | str | None = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        cached_module(name)
+        with dataset_lock(resolve_root(root), name):
+            return fn(name, root, *args, **kwargs)
+
+    return locked
+
+
+@_one_at_a_time
 def fetch_dataset(
     name: str,
     root: Path | str | None = None,
@@ -120,34 +135,6 @@ def fetch_dataset(
     """
     module = cached_module(name)
     root = resolve_root(root)
-    with dataset_lock(root, name):
-        return _fetch(
-            module,
-            root,
-            source,
-            md5,
-            force=force,
-            keep_archive=keep_archive,
-            workers=workers,
-            progress=progress,
-            say=say,
-        )
-
-
-def _fetch(
-    module: ModuleType,
-    root: Path,
-    source: str | None,
-    md5: str | None,
-    *,
-    force: bool,
-    keep_archive: bool,
-    workers: int | None,
-    progress: bool,
-    say: Say,
-) -> dict[str, Any]:
-    """:func:`fetch_dataset` under the dataset's lock."""
-    name = module.NAME
     _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         manifest = read_manifest(root, name)
@@ -288,6 +275,7 @@ def _remove_empty(*folders: Path) -> None:
             folder.rmdir()
 
 
+@_one_at_a_time
 def prepare_dataset(
     name: str,
     root: Path | str | None = None,
@@ -303,34 +291,6 @@ def prepare_dataset(
     """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
     module = cached_module(name)
     root = resolve_root(root)
-    with dataset_lock(root, name):
-        return _prepare(
-            module,
-            root,
-            raw,
-            force=force,
-            val_fraction=val_fraction,
-            seed=seed,
-            workers=workers,
-            progress=progress,
-            say=say,
-        )
-
-
-def _prepare(
-    module: ModuleType,
-    root: Path,
-    raw: Path | str | None,
-    *,
-    force: bool,
-    val_fraction: float,
-    seed: int,
-    workers: int | None,
-    progress: bool,
-    say: Say,
-) -> dict[str, Any]:
-    """:func:`prepare_dataset` under the dataset's lock."""
-    name = module.NAME
     _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
         say(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
