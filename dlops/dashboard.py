@@ -1,8 +1,10 @@
 """optuna-dashboard's side of a study: its notes, the study's plot artifacts, and the server.
 
 The one module that reaches into the storage below Optuna's public study API: notes are
-optuna-dashboard's own format (chunks of study system attrs, written through its private
-``optuna_dashboard._note`` helpers); plot artifacts keep their ids in a study system
+optuna-dashboard's own format (a version and chunks of study system attrs, written here
+without importing optuna-dashboard, whose import loads scikit-learn: 1.8 s of a study
+run's start on a laptop; ``tests/test_notes.py`` reads and writes them both ways through
+optuna-dashboard itself); plot artifacts keep their ids in a study system
 attr so a refresh replaces the file instead of adding an artifact; a reference run's
 files (``dlops final``) are attached to the finished trial its settings came from, which
 the public API keeps read-only. All of it works on every storage (SQLite, PostgreSQL,
@@ -37,20 +39,37 @@ def _system_attrs(study: optuna.Study) -> dict[str, Any]:
     return study._storage.get_study_system_attrs(study._study_id)
 
 
-def read_note(study: optuna.Study, trial_id: int | None = None, attrs: dict[str, Any] | None = None) -> str:
-    """The note of the study (``trial_id`` None) or of one of its trials ('' if none)."""
-    from optuna_dashboard._note import get_note_from_system_attrs
+NOTE_CHUNK = 2045  # optuna-dashboard's SYSTEM_ATTR_MAX_LENGTH: characters per system attr
 
+
+def note_ver_key(trial_id: int | None) -> str:
+    return "dashboard:note_ver" if trial_id is None else f"dashboard:{trial_id}:note_ver"
+
+
+def note_str_key_prefix(trial_id: int | None) -> str:
+    return "dashboard:note_str:" if trial_id is None else f"dashboard:{trial_id}:note_str:"
+
+
+def split_body(body: str, trial_id: int | None) -> dict[str, str]:
+    prefix = note_str_key_prefix(trial_id)
+    return {f"{prefix}{i}": body[start : start + NOTE_CHUNK] for i, start in enumerate(range(0, len(body), NOTE_CHUNK))}
+
+
+def read_note(study: optuna.Study, trial_id: int | None = None, attrs: dict[str, Any] | None = None) -> str:
+    """The note of the study (``trial_id`` None) or of one of its trials ('' if none):
+    the chunks 0, 1, ... as many as there are chunk attrs (cleared ones are '')."""
     attrs = _system_attrs(study) if attrs is None else attrs
-    return str(get_note_from_system_attrs(attrs, trial_id)["body"])
+    if note_ver_key(trial_id) not in attrs:
+        return ""
+    prefix = note_str_key_prefix(trial_id)
+    count = sum(key.startswith(prefix) for key in attrs)
+    return "".join(str(attrs[f"{prefix}{i}"]) for i in range(count))
 
 
 def save_note(study: optuna.Study, trial_id: int | None, body: str, attrs: dict[str, Any] | None = None) -> None:
     """optuna-dashboard's note format (a version, then the body in chunks of study system
     attrs), writing only the chunks that changed: each write is a commit on SQLite and
     PostgreSQL, and a refreshed study note mostly changes at its end."""
-    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
-
     storage, study_id = study._storage, study._study_id
     attrs = storage.get_study_system_attrs(study_id) if attrs is None else attrs
     prefix = note_str_key_prefix(trial_id)

@@ -240,3 +240,46 @@ def test_a_trial_note_says_why_the_trial_stopped_and_how_it_differs_from_the_bas
     assert "Resumed from trial 1's checkpoint after 2 epoch(s)" in note
     assert "| epoch | train loss | val top-1 |" in note and "| 3 | 1.0000 | 0.4000 |" in note
     assert "Differs from the baseline in: lr 0.01 (baseline 0.001)." in note  # not the seed: that differs by design
+
+
+@pytest.mark.parametrize("trial", [False, True], ids=["study note", "trial note"])
+def test_notes_are_optuna_dashboards_own_format_both_ways(trial: bool) -> None:
+    """dlops writes notes without importing optuna-dashboard: what it writes, optuna-dashboard
+    reads, and the reverse, through long bodies (several chunks) that then shrink."""
+    import optuna_dashboard
+
+    from dlops.dashboard import read_note, save_note
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    live = study.ask()
+    study.tell(live, 1.0)
+    target_id = live._trial_id if trial else None
+
+    def theirs_read() -> str:
+        if not trial:
+            return optuna_dashboard.get_note(study)
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        from optuna_dashboard._note import get_note_from_system_attrs
+
+        return get_note_from_system_attrs(attrs, target_id)["body"]
+
+    def theirs_write(body: str) -> None:
+        from optuna_dashboard._note import note_ver_key, save_note_with_version
+
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        version = int(attrs.get(note_ver_key(target_id), 0)) + 1
+        save_note_with_version(study._storage, study._study_id, target_id, version, body)
+
+    assert read_note(study, target_id) == ""
+    bodies = ["short **note**", "x" * 2045, "ab" * 2500 + "end", "é" * 4091, "shrunk", ""]
+    for body in bodies:
+        save_note(study, target_id, body)
+        assert theirs_read() == body
+        chunks = [v for k, v in study._storage.get_study_system_attrs(study._study_id).items() if "note_str" in k]
+        assert all(len(chunk) <= 2045 for chunk in chunks)  # what optuna-dashboard's storage limit allows
+        assert read_note(study, target_id) == body
+    for body in reversed(bodies):
+        theirs_write(body)
+        assert read_note(study, target_id) == body
+    if trial:  # the study note is untouched by a trial's
+        assert read_note(study) == ""
