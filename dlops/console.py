@@ -43,6 +43,39 @@ def trial_label(number: int) -> str:
     return f"trial {number:>3}"
 
 
+def trial_end_line(trial: Any, metric: str | None, best: tuple[int, float] | None = None) -> str:
+    """How one trial (an Optuna ``FrozenTrial``) ended, after its epoch lines: complete with
+    its value against the study's best, pruned after which epoch, diverged, interrupted, or
+    failed with the reason the trial keeps (``dlops study show`` and its dashboard note say
+    the same)."""
+    state = trial.state.name
+    reason = str(trial.user_attrs.get("stopped_reason") or "")
+    label = trial_label(trial.number)
+    name = metric or "value"
+    if state == "COMPLETE":
+        line = f"{label}  complete  {name} {trial.value:.4f}"
+        if best is not None:
+            line += "  best so far" if best[0] == trial.number else f"  (best: trial {best[0]}, {best[1]:.4f})"
+        return line
+    if state == "PRUNED":
+        if reason.startswith("non-finite"):
+            return f"{label}  diverged: {reason}; pruned"
+        values = trial.intermediate_values
+        epochs = (trial.user_attrs.get("config") or {}).get("epochs")
+        if not values:
+            return f"{label}  pruned"
+        last = max(values)
+        of = f" of {epochs}" if isinstance(epochs, int) else ""
+        return f"{label}  pruned after epoch {last + 1}{of}  ({name} {values[last]:.4f})"
+    if state == "FAIL":
+        if reason.startswith("interrupted"):
+            return f"{label}  {reason}"
+        fail = str(trial.system_attrs.get("fail_reason") or "").strip()  # Optuna's, where dlops recorded none
+        reason = reason.removeprefix("failed: ") or (fail.splitlines()[-1] if fail else "no reason recorded")
+        return f"{label}  failed: {reason}"
+    return f"{label}  {state.lower()}"
+
+
 def print_study_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"study {escape(summary['name'])}", show_header=False)
     best = summary["best"]

@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dlops.console import epoch_line, trial_label
+from dlops.console import epoch_line, trial_end_line, trial_label
 from dlops.data import (
     Dataset,
     check_subset_classes,
@@ -517,6 +517,21 @@ def _run_trials(
                 )
 
 
+def _trial_ended(
+    study: optuna.Study, storage: StudyStorage, trial: FrozenTrial, metric: str, notes: RunNotes, say: Say
+) -> None:
+    """After one of this worker's trials: a line on how it ended, then its dashboard notes."""
+    best = None
+    if trial.state == TrialState.COMPLETE:
+        try:
+            top = study.best_trial
+            best = (top.number, float(top.value)) if top.value is not None else None
+        except ValueError:  # no complete trial, as the storage sees it
+            pass
+    say(trial_end_line(trial, metric, best))
+    notes.trial_finished(study, storage, trial)
+
+
 @dataclass(frozen=True)
 class RunSlot:
     """One run (a ``dlops study run`` command, all its workers) in a study."""
@@ -613,7 +628,7 @@ def run_study(
             timeout=options.timeout if options.timeout is not None else spec.timeout,
             stop=stop,
             say=say,
-            after_trial=lambda trial: notes.trial_finished(study, storage, trial),
+            after_trial=lambda trial: _trial_ended(study, storage, trial, spec.metric, notes, say),
             after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
         )
     return StudyResult(

@@ -212,3 +212,73 @@ def test_python_dash_m_dlops_is_the_dlops_command() -> None:
         [sys.executable, "-m", "dlops", "--help"], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.returncode == 0 and done.stdout.startswith("Usage: dlops [OPTIONS] COMMAND [ARGS]...")
+
+
+def test_every_trial_ends_with_a_line_saying_how(tmp_path: Path, dlops_home: Path) -> None:
+    """After its epoch lines each trial gets one line: complete with its value against the
+    best, or pruned after the epoch it stopped at, as the storage records it."""
+    import optuna
+
+    from dlops.paths import default_storage_url
+    from tests.specs import tiny_workers_spec, toml_text
+
+    spec = tiny_workers_spec(tmp_path, n_trials=5, epochs=2)
+    text = spec.read_text().replace(
+        '[pruner]\ntype = "none"',
+        "[pruner]\n"
+        + toml_text(
+            {"type": "successive_halving", "min_resource": 1, "reduction_factor": 100, "min_early_stopping_rate": 0}
+        ).strip(),
+    )
+    spec.write_text(text)
+    result = CliRunner().invoke(app, ["study", "run", str(spec), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="tiny-workers", storage=default_storage_url())
+    lines = result.output.splitlines()
+    best = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    pruned = 0
+    for t in study.trials:
+        label = f"trial {t.number:>3}  "
+        epochs = [line for line in lines if line.startswith(label + "epoch")]
+        ends = [line for line in lines if line.startswith(label) and line not in epochs]
+        assert len(ends) == 1, (t.number, ends)
+        if t.state.name == "COMPLETE":
+            assert ends[0].startswith(f"{label}complete  val_top5 {t.value:.4f}")
+            if t.number == best.number:
+                assert ends[0].endswith("best so far"), ends[0]
+        else:
+            assert t.state.name == "PRUNED"
+            pruned += 1
+            value = t.intermediate_values[len(epochs) - 1]
+            assert ends[0] == f"{label}pruned after epoch {len(epochs)} of 2  (val_top5 {value:.4f})"
+    assert pruned >= 1  # only a trial best so far at epoch 1 goes on
+
+
+def test_a_trial_that_did_not_finish_says_why() -> None:
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from dlops.console import trial_end_line
+
+    def trial(state: TrialState, reason: str | None, values: dict[int, float]):
+        made = create_trial(
+            state=state,
+            params={"lr": 0.01},
+            distributions={"lr": FloatDistribution(1e-3, 1e-1, log=True)},
+            intermediate_values=values,
+            user_attrs={"stopped_reason": reason, "config": {"epochs": 5}} if reason else {"config": {"epochs": 5}},
+        )
+        made.number = 7
+        return made
+
+    failed = trial(TrialState.FAIL, "failed: CUDA out of memory", {0: 0.5})
+    assert trial_end_line(failed, "val_top5") == "trial   7  failed: CUDA out of memory"
+    stopped = trial(TrialState.FAIL, "interrupted after epoch 2; queued again to resume from its checkpoint", {})
+    assert trial_end_line(stopped, "val_top5") == (
+        "trial   7  interrupted after epoch 2; queued again to resume from its checkpoint"
+    )
+    diverged = trial(TrialState.PRUNED, "non-finite train loss (nan) at epoch 3", {0: 0.4, 1: 0.5})
+    assert trial_end_line(diverged, "val_top5").startswith("trial   7  diverged: non-finite train loss")
+    pruned = trial(TrialState.PRUNED, "pruned after epoch 3 (val_top5=0.6100)", {0: 0.4, 1: 0.5, 2: 0.61})
+    assert trial_end_line(pruned, "val_top5") == "trial   7  pruned after epoch 3 of 5  (val_top5 0.6100)"
+    assert trial_end_line(trial(TrialState.FAIL, None, {}), "val_top5") == "trial   7  failed: no reason recorded"
