@@ -73,9 +73,15 @@ class ResNet18(nn.Module):
         self.register_buffer("centroids", torch.zeros(num_classes, self.embedding_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, logits), both float32 even under autocast: the convolutions run in
+        its low precision, the embedding head and the classifier (a few thousand of the
+        network's FLOPs per image) in float32, so nearest-centroid distances, the triplet
+        mining and the 5th and 6th scores of top-5 are not rounded to bfloat16's 3 digits."""
         features = self.stages(self.stem(x))
-        embedding = self.head(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
-        return embedding, self.fc(embedding)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        with torch.autocast(pooled.device.type, enabled=False):
+            embedding = self.head(pooled.float())
+            return embedding, self.fc(embedding)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18": ResNet18}

@@ -142,13 +142,20 @@ def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(loss: str) -> 
     y = torch.arange(32, device=device).repeat_interleave(4)  # P x K: triplets have positives
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+    seen: dict[str, torch.dtype] = {}
+
+    def keep(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        seen["stages"] = output.dtype
+
+    model.stages.register_forward_hook(keep)
     try:
         with torch.no_grad():
             emb32, logits32 = model(x)
             loss32 = loss_fn(emb32, logits32, y)
             with autocast(device):
                 emb16, logits16 = model(x)
-            assert logits16.dtype == torch.bfloat16  # autocast did run in bf16
+            assert seen["stages"] == torch.bfloat16  # autocast did run the convolutions in bf16
+            assert logits16.dtype == emb16.dtype == torch.float32  # the head and classifier did not
             loss16 = loss_fn(emb16, logits16, y)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
