@@ -32,7 +32,7 @@ import sys
 if sys.argv[1] == "before":
     import sklearn.datasets, optuna_dashboard  # noqa: F401  what the digits and the notes imported
     import dlops.runner
-    dlops.runner.freeze_survivors = lambda: None
+    dlops.runner.SurvivorFreeze.__call__ = lambda self: None
 from dlops.cli import app
 app(sys.argv[2:], prog_name="dlops")
 """

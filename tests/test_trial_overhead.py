@@ -16,31 +16,41 @@ from tests.specs import tiny_workers_spec
 CODE = """
 import gc, json, sys
 from dlops.cli import app
-import dlops.runner as runner
 
-counts = []
-real = runner.freeze_survivors
-def spy():
-    before = gc.get_freeze_count()
-    real()
-    counts.append((before, gc.get_freeze_count()))
-runner.freeze_survivors = spy
+calls = []
+freeze, unfreeze = gc.freeze, gc.unfreeze
+def spy_freeze():
+    calls.append(("freeze", gc.get_freeze_count(), len(study_trials())))
+    freeze()
+def spy_unfreeze():
+    calls.append(("unfreeze", gc.get_freeze_count(), len(study_trials())))
+    unfreeze()
+def study_trials():
+    import optuna
+    from dlops.paths import default_storage_url
+    try:
+        return optuna.load_study(study_name="tiny-workers", storage=default_storage_url()).trials
+    except KeyError:
+        return []
+gc.freeze, gc.unfreeze = spy_freeze, spy_unfreeze
 try:
     app(["study", "run", sys.argv[1], "--n-trials", "3", "--device", "cpu"], standalone_mode=False)
 finally:
-    print(json.dumps({"counts": counts, "sklearn": "sklearn" in sys.modules}))
+    print(json.dumps({"calls": calls, "frozen_at_exit": gc.get_freeze_count(), "sklearn": "sklearn" in sys.modules}))
 """
 
 
-def test_survivors_frozen_once_after_the_first_trial(tmp_path: Path) -> None:
+def test_survivors_frozen_after_the_first_trial_until_the_run_ends(tmp_path: Path) -> None:
     spec = tiny_workers_spec(tmp_path)
     env = {**os.environ, "DLOPS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(Path(__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", CODE, str(spec)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    counts = result["counts"]
-    assert len(counts) == 3, counts  # called after every trial
-    assert counts[0][0] == 0 and counts[0][1] > 10_000, counts  # the first freezes the process's objects
-    assert all(before == after for before, after in counts[1:]), counts  # later calls freeze nothing more
+    calls = result["calls"]
+    # frozen once, after the first trial (nothing frozen before), handed back when the run ended
+    assert [c[0] for c in calls] == ["freeze", "unfreeze"], calls
+    assert calls[0][1] == 0 and calls[0][2] == 1, calls
+    assert calls[1][1] > 10_000 and calls[1][2] == 3, calls
+    assert result["frozen_at_exit"] == 0
     assert result["sklearn"] is False  # a digits study never imports scikit-learn
     assert "│ complete      │ 3" in out.stdout, out.stdout[-1500:]
