@@ -73,7 +73,7 @@ from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder
 from dlops.provenance import build_final, write_final
 from dlops.report import write_final_plots, write_spec_report
 from dlops.spec import StudySpec, load_spec
-from dlops.storage import mask_url
+from dlops.storage import connect, mask_url
 from dlops.studies import find_study
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
@@ -215,6 +215,15 @@ def previous_study(spec_name: str) -> tuple[str, str | None] | None:
         return None
     storage = study.get("storage")
     return study["name"], storage if isinstance(storage, str) else None
+
+
+def study_still_there(study: optuna.Study) -> bool:
+    """Whether ``study`` is still in its storage, not deleted since it was opened (a study
+    made again under its name counts as another one where the storage gives it a new id)."""
+    try:
+        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
+    except KeyError:
+        return False
 
 
 def withdraw_replaced(
@@ -471,6 +480,11 @@ def _run_locked(
         state["seed"] = seed
         runs.append(_run_seed(spec, trainer, seed, config, r, stage, run_dir, i == 0, on_epoch, progress, say))
 
+    study_record = {"name": study.study_name, "storage": mask_url(url)} if study is not None else None
+    skipped = f"no study {study_name_for(spec, options)!r} in the storage"
+    if study is not None and not study_still_there(study):  # `dlops study delete` while this run trained
+        skipped = f"study {study.study_name!r} was deleted during this run"
+        study = None
     final = build_final(
         spec,
         trainer,
@@ -480,7 +494,7 @@ def _run_locked(
         [run.record for run in runs],
         runs[-1].result,
         time.perf_counter() - started + sum(run.record["earlier_seconds"] for run in runs),
-        {"name": study.study_name, "storage": mask_url(url)} if study is not None else None,
+        study_record,
     )
     write_final(final, stage / "final.json")
     files = [stage / "final.json", *write_final_plots(final, stage), *(f for run in runs for f in run.files)]
@@ -511,9 +525,13 @@ def _run_locked(
     if study is not None:
         attach_to = chosen.source.get("trial") if chosen.source.get("kind") == "trial" else None
         uploadable = [f for f in files if f.suffix in (".png", ".json") and f.parent == out_dir]
-        artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
+        with connect(url, create=False).lock(study.study_name):  # `dlops study delete` holds it too
+            if study_still_there(study):
+                artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
+            else:
+                say(f"study {study.study_name!r} was deleted during this run: its artifacts skipped")
     else:
-        say(f"no study {study_name_for(spec, options)!r} in the storage: study plots and artifacts skipped")
+        say(f"{skipped}: study plots and artifacts skipped")
     withdraw_replaced(replaced_study, url, study, spec.name, say)
     return FinalResult(report_dir=out_dir, final=final, files=files, artifacts=artifacts)
 

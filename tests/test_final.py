@@ -1083,3 +1083,34 @@ def test_the_replaced_runs_files_stay_on_a_storage_it_cannot_open_and_a_line_say
         "the replaced reference run's files stay attached to study 'first' in "
         "postgresql://user:***@db.example/dlops: its password is not recorded"
     ]
+
+
+def test_a_study_deleted_while_its_final_run_trains_leaves_a_whole_report(tmp_path, monkeypatch):
+    """`dlops study delete` of the study a `dlops final --params best` run took its trial
+    from, while that run trained, once ended the run in a KeyError traceback after all its
+    training, with no report written."""
+    from dlops.removal import delete_study
+    from dlops.storage import connect
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=1))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    url = f"sqlite:///{home / 'dlops.db'}"
+
+    study = optuna.create_study(study_name="tiny-ce", storage=url, direction="maximize")
+    study.set_user_attr("spec", "tiny-ce")
+    study.optimize(lambda t: t.suggest_float("lr", 1e-3, 1e-1, log=True), n_trials=1)
+
+    def delete_it(seed, epoch, metrics, restored) -> None:  # what a second terminal does meanwhile
+        delete_study(connect(url), "tiny-ce")
+
+    said: list[str] = []
+    result = run_final(spec, FinalOptions(device="cpu", storage=url), on_epoch=delete_it, say=said.append)
+
+    final = json.loads((home / "reports" / "tiny-ce" / "final.json").read_text())
+    assert final["params_source"]["study"] == "tiny-ce" and final["study"]["name"] == "tiny-ce"
+    assert (home / "reports" / "tiny-ce" / "report.md").exists()
+    assert result.artifacts == [] and not list((home / "artifacts").glob("*"))
+    assert "study 'tiny-ce' was deleted during this run: study plots and artifacts skipped" in said
