@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -341,6 +342,14 @@ def _run_seed(
         raise DlopsError(
             f"seed {seed} diverged: {exc} (lr {config.lr} too high?); the previous reference run is untouched"
         ) from None
+    except (MemoryError, RuntimeError) as exc:
+        asked = out_of_memory(exc)
+        if asked is None:
+            raise
+        raise DlopsError(
+            f"seed {seed} ran out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs "
+            "less; the previous reference run is untouched"
+        ) from None
     train_seconds = earlier + time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.
@@ -363,6 +372,17 @@ def _run_seed(
         **trainer.seed_record(result),
     }
     return _Seeded(record, result, files)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """For an exception of torch's allocators (CPU or CUDA) or a ``MemoryError``: what the
+    allocation asked for (``tried to allocate 360000000000 bytes``), or "" where it does not
+    say; None for any other error."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", text):
+        return None
+    asked = re.search(r"tried to allocate [0-9.]+ ?[A-Za-z]+", text, re.IGNORECASE)
+    return asked.group(0)[0].lower() + asked.group(0)[1:] if asked else ""
 
 
 def run_final(

@@ -1114,3 +1114,45 @@ def test_a_study_deleted_while_its_final_run_trains_leaves_a_whole_report(tmp_pa
     assert (home / "reports" / "tiny-ce" / "report.md").exists()
     assert result.artifacts == [] and not list((home / "artifacts").glob("*"))
     assert "study 'tiny-ce' was deleted during this run: study plots and artifacts skipped" in said
+
+
+@pytest.mark.parametrize(
+    "error, asked",
+    [
+        (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 360000000000 bytes. Error code 12 (Cannot allocate memory)",
+            "tried to allocate 360000000000 bytes",
+        ),
+        (
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.8 GiB",
+            "tried to allocate 20.00 GiB",
+        ),
+    ],
+)
+def test_cli_final_out_of_memory_is_one_line_and_leaves_the_previous_run_whole(dlops_home, monkeypatch, error, asked):
+    """A params file with an absurd width (`{"width": 100000}`) once ended `dlops final` in
+    torch's allocator traceback."""
+    import torch
+
+    from dlops.cli import app
+    from dlops.trainers import resnet
+
+    args = [*BASELINE_FINAL, "--device", "cpu"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = _snapshot(dlops_home, "resnet18-ce")
+    kind = torch.OutOfMemoryError if "CUDA" in error else RuntimeError
+
+    def out_of_memory(*args, **kwargs):
+        raise kind(error)
+
+    monkeypatch.setattr(resnet, "fit", out_of_memory)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: seed 0 ran out of memory ({asked}): a smaller model or batch size needs less; the previous "
+        "reference run is untouched"
+    ]
+    assert _snapshot(dlops_home, "resnet18-ce") == before
