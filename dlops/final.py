@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -73,7 +74,7 @@ from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder
 from dlops.provenance import build_final, write_final
 from dlops.report import write_final_plots, write_spec_report
 from dlops.spec import StudySpec, load_spec
-from dlops.storage import mask_url
+from dlops.storage import connect, mask_url
 from dlops.studies import find_study
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
@@ -217,6 +218,15 @@ def previous_study(spec_name: str) -> tuple[str, str | None] | None:
     return study["name"], storage if isinstance(storage, str) else None
 
 
+def study_still_there(study: optuna.Study) -> bool:
+    """Whether ``study`` is still in its storage, not deleted since it was opened (a study
+    made again under its name counts as another one where the storage gives it a new id)."""
+    try:
+        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
+    except KeyError:
+        return False
+
+
 def withdraw_replaced(
     previous: tuple[str, str | None] | None, url: str, study: optuna.Study | None, tag: str, say: Say
 ) -> None:
@@ -332,6 +342,14 @@ def _run_seed(
         raise DlopsError(
             f"seed {seed} diverged: {exc} (lr {config.lr} too high?); the previous reference run is untouched"
         ) from None
+    except (MemoryError, RuntimeError) as exc:
+        asked = out_of_memory(exc)
+        if asked is None:
+            raise
+        raise DlopsError(
+            f"seed {seed} ran out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs "
+            "less; the previous reference run is untouched"
+        ) from None
     train_seconds = earlier + time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.
@@ -354,6 +372,17 @@ def _run_seed(
         **trainer.seed_record(result),
     }
     return _Seeded(record, result, files)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """For an exception of torch's allocators (CPU or CUDA) or a ``MemoryError``: what the
+    allocation asked for (``tried to allocate 360000000000 bytes``), or "" where it does not
+    say; None for any other error."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", text):
+        return None
+    asked = re.search(r"tried to allocate [0-9.]+ ?[A-Za-z]+", text, re.IGNORECASE)
+    return asked.group(0)[0].lower() + asked.group(0)[1:] if asked else ""
 
 
 def run_final(
@@ -471,6 +500,11 @@ def _run_locked(
         state["seed"] = seed
         runs.append(_run_seed(spec, trainer, seed, config, r, stage, run_dir, i == 0, on_epoch, progress, say))
 
+    study_record = {"name": study.study_name, "storage": mask_url(url)} if study is not None else None
+    skipped = f"no study {study_name_for(spec, options)!r} in the storage"
+    if study is not None and not study_still_there(study):  # `dlops study delete` while this run trained
+        skipped = f"study {study.study_name!r} was deleted during this run"
+        study = None
     final = build_final(
         spec,
         trainer,
@@ -480,7 +514,7 @@ def _run_locked(
         [run.record for run in runs],
         runs[-1].result,
         time.perf_counter() - started + sum(run.record["earlier_seconds"] for run in runs),
-        {"name": study.study_name, "storage": mask_url(url)} if study is not None else None,
+        study_record,
     )
     write_final(final, stage / "final.json")
     files = [stage / "final.json", *write_final_plots(final, stage), *(f for run in runs for f in run.files)]
@@ -511,9 +545,13 @@ def _run_locked(
     if study is not None:
         attach_to = chosen.source.get("trial") if chosen.source.get("kind") == "trial" else None
         uploadable = [f for f in files if f.suffix in (".png", ".json") and f.parent == out_dir]
-        artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
+        with connect(url, create=False).lock(study.study_name):  # `dlops study delete` holds it too
+            if study_still_there(study):
+                artifacts = attach_artifacts(study, uploadable, trial_number=attach_to, tag=spec.name)
+            else:
+                say(f"study {study.study_name!r} was deleted during this run: its artifacts skipped")
     else:
-        say(f"no study {study_name_for(spec, options)!r} in the storage: study plots and artifacts skipped")
+        say(f"{skipped}: study plots and artifacts skipped")
     withdraw_replaced(replaced_study, url, study, spec.name, say)
     return FinalResult(report_dir=out_dir, final=final, files=files, artifacts=artifacts)
 

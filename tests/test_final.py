@@ -1083,3 +1083,76 @@ def test_the_replaced_runs_files_stay_on_a_storage_it_cannot_open_and_a_line_say
         "the replaced reference run's files stay attached to study 'first' in "
         "postgresql://user:***@db.example/dlops: its password is not recorded"
     ]
+
+
+def test_a_study_deleted_while_its_final_run_trains_leaves_a_whole_report(tmp_path, monkeypatch):
+    """`dlops study delete` of the study a `dlops final --params best` run took its trial
+    from, while that run trained, once ended the run in a KeyError traceback after all its
+    training, with no report written."""
+    from dlops.removal import delete_study
+    from dlops.storage import connect
+
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=1, final_seeds=1))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+    monkeypatch.delenv("DLOPS_STORAGE", raising=False)
+    url = f"sqlite:///{home / 'dlops.db'}"
+
+    study = optuna.create_study(study_name="tiny-ce", storage=url, direction="maximize")
+    study.set_user_attr("spec", "tiny-ce")
+    study.optimize(lambda t: t.suggest_float("lr", 1e-3, 1e-1, log=True), n_trials=1)
+
+    def delete_it(seed, epoch, metrics, restored) -> None:  # what a second terminal does meanwhile
+        delete_study(connect(url), "tiny-ce")
+
+    said: list[str] = []
+    result = run_final(spec, FinalOptions(device="cpu", storage=url), on_epoch=delete_it, say=said.append)
+
+    final = json.loads((home / "reports" / "tiny-ce" / "final.json").read_text())
+    assert final["params_source"]["study"] == "tiny-ce" and final["study"]["name"] == "tiny-ce"
+    assert (home / "reports" / "tiny-ce" / "report.md").exists()
+    assert result.artifacts == [] and not list((home / "artifacts").glob("*"))
+    assert "study 'tiny-ce' was deleted during this run: study plots and artifacts skipped" in said
+
+
+@pytest.mark.parametrize(
+    "error, asked",
+    [
+        (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 360000000000 bytes. Error code 12 (Cannot allocate memory)",
+            "tried to allocate 360000000000 bytes",
+        ),
+        (
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.8 GiB",
+            "tried to allocate 20.00 GiB",
+        ),
+    ],
+)
+def test_cli_final_out_of_memory_is_one_line_and_leaves_the_previous_run_whole(dlops_home, monkeypatch, error, asked):
+    """A params file with an absurd width (`{"width": 100000}`) once ended `dlops final` in
+    torch's allocator traceback."""
+    import torch
+
+    from dlops.cli import app
+    from dlops.trainers import resnet
+
+    args = [*BASELINE_FINAL, "--device", "cpu"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = _snapshot(dlops_home, "resnet18-ce")
+    kind = torch.OutOfMemoryError if "CUDA" in error else RuntimeError
+
+    def out_of_memory(*args, **kwargs):
+        raise kind(error)
+
+    monkeypatch.setattr(resnet, "fit", out_of_memory)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: seed 0 ran out of memory ({asked}): a smaller model or batch size needs less; the previous "
+        "reference run is untouched"
+    ]
+    assert _snapshot(dlops_home, "resnet18-ce") == before
