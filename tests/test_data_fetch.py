@@ -17,7 +17,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
-from data_trees import one_error_line, serve_directory, serve_stalling, write_tiny_imagenet, zip_tree
+from data_trees import (
+    one_error_line,
+    serve_directory,
+    serve_raw,
+    serve_stalling,
+    write_tiny_imagenet,
+    zip_tree,
+)
 from dlops.cli import app
 from dlops.data.cache import is_prepared
 from dlops.data.fetch import download, md5_file, safe_extract
@@ -284,6 +291,33 @@ def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path:
         line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/loop"))
         assert f"cannot download {base}/loop: too many redirects" in line, line
     assert not root.exists() or list(root.rglob("*")) == []
+
+
+def test_a_reply_cut_off_or_not_http_and_a_url_that_does_not_parse_are_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+
+    def fetch(url: str, *more: str) -> str:
+        return one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", url, *more))
+
+    # A chunked response whose connection closes inside a chunk (http.client's IncompleteRead).
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n186a0\r\n" + b"x" * 50_000
+    with serve_raw(cut) as base:
+        line = fetch(f"{base}/mini.zip")
+        assert f"download of {base}/mini.zip broke off after" in line, line
+        assert "the connection closed before the end of the response" in line, line
+    # A server that is not an HTTP server (BadStatusLine): --source on the wrong port.
+    with serve_raw(b"SSH-2.0-OpenSSH_9.6\r\n") as base:
+        line = fetch(f"{base}/mini.zip")
+        assert f"cannot download {base}/mini.zip: SSH-2.0-OpenSSH_9.6" in line, line
+    # A garbled Content-Length: the length is unknown, the md5 still decides.
+    with serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n" + b"x" * 1000) as base:
+        line = fetch(f"{base}/mini.zip", "--md5", "0" * 32)
+        assert f"md5 mismatch for {base}/mini.zip" in line, line
+    line = fetch("http://127.0.0.1:port/mini.zip")  # http.client's InvalidURL
+    assert "cannot download http://127.0.0.1:port/mini.zip: nonnumeric port" in line, line
+    for url in ("http://[::1/mini.zip", "file://[::1/mini.zip"):
+        assert f"--source {url} is not a valid URL (Invalid IPv6 URL)" in fetch(url)
+    assert files_under(root) == []  # no partial download left
 
 
 def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
@@ -147,7 +147,7 @@ def fetch_dataset(
     fresh: Path | None = None  # the scratch folder a download goes to
     kept: Path | None = None  # where a downloaded archive stays (--keep-archive, or one was there)
     # A file:// URL names a local file: read in place, as a path is (never copied onto itself).
-    local = Path(url2pathname(urlparse(src).path)) if src.startswith("file://") else None
+    local = Path(url2pathname(_parse_url(src).path)) if src.startswith("file://") else None
     if is_url(src) and local is None:
         expected = md5 or module.MD5
         filename = _archive_name(src, module.ARCHIVE)
@@ -251,10 +251,18 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
         raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
 
 
+def _parse_url(url: str) -> ParseResult:
+    """``url`` split into its parts; one that cannot be (``http://[::1``) is a one-line error."""
+    try:
+        return urlparse(url)
+    except ValueError as exc:
+        raise DlopsError(f"--source {url} is not a valid URL ({' '.join(str(exc).split())})") from None
+
+
 def _archive_name(url: str, default: str) -> str:
     """The file name a download of ``url`` is saved under (``default`` where the URL's path
     ends in ``/``); a URL whose last part is ``.`` or ``..`` names a folder, not a file."""
-    last = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+    last = unquote(_parse_url(url).path.rsplit("/", 1)[-1])
     if last in (".", "..") or "/" in last or "\\" in last or "\0" in last:
         raise DlopsError(f"cannot download {url}: its path does not end in a file name (it ends in {last!r})")
     return last or default
