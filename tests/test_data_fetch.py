@@ -320,6 +320,35 @@ def test_a_reply_cut_off_or_not_http_and_a_url_that_does_not_parse_are_one_line(
     assert files_under(root) == []  # no partial download left
 
 
+def test_a_tar_cut_at_a_member_boundary_or_with_a_garbled_header_is_refused(tmp_path: Path) -> None:
+    """tarfile stops without an error at a member boundary or a garbled header: such an archive
+    would give a cache short of images, and exit 0."""
+    tree = write_tiny_imagenet(tmp_path / "src", classes=3, train_per_class=10)
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:  # uncompressed; the train images last, as a repack may put them
+        for part in ("wnids.txt", "words.txt", "val", "train"):
+            tf.add(tree / part, arcname=f"{tree.name}/{part}")
+    with tarfile.open(whole) as tf:
+        last = tf.getmembers()[-3]  # a training image near the end
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: last.offset])
+    garbled = tmp_path / "garbled.tar"
+    garbled.write_bytes(data[: last.offset] + b"\xff" * 512 + data[last.offset + 512 :])
+    for archive in (cut, garbled):
+        root = tmp_path / archive.stem
+        line = one_error_line(
+            dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive), "--workers", "1")
+        )
+        assert f"corrupt archive {archive.name}: it stops after" in line and "end-of-archive marker" in line, line
+        assert files_under(root) == []
+    root = tmp_path / "whole"
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(whole), "--workers", "1")
+    assert result.exit_code == 0, result.output
+    info = json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)
+    assert info["splits"]["train"] + info["splits"]["val"] == 30
+
+
 def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served, tmp_path: Path) -> None:
     base, archive = served
     root = tmp_path / "r"

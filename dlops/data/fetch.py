@@ -221,6 +221,18 @@ def _extract_tar(archive: Path, dest: Path, progress: bool) -> int:
                 raise DlopsError(f"unsafe archive {archive.name}: {exc}") from None
             count += 1
             bar.advance(task)
+        # tarfile ends its iteration without an error where the archive stops at a member's
+        # boundary (a truncated download) or a header is garbled: only the end-of-archive
+        # marker, a zero block where the next header would be, says every member was read.
+        # (A seek back of at most one block: within the reader's buffer for a compressed tar.)
+        assert tf.fileobj is not None
+        tf.fileobj.seek(tf.offset)
+        marker = tf.fileobj.read(tarfile.BLOCKSIZE)
+        if len(marker) != tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
+            raise DlopsError(
+                f"corrupt archive {archive.name}: it stops after {count:,} members without the end-of-archive "
+                "marker (truncated or damaged)"
+            )
     return count
 
 
