@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -279,6 +280,57 @@ def test_scratch_left_by_a_killed_fetch_is_removed_by_the_next_one(served, tmp_p
     assert not left.exists() and not any(folder.exists() for folder in dead)
     assert alive.is_dir()  # a scratch folder of a process that runs is not touched
     assert sorted(p.name for p in home.iterdir()) == [alive.name, "cache", "raw"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_a_fetch_killed_while_its_pool_decodes_leaves_no_worker_and_no_lock(tmp_path: Path) -> None:
+    """SIGKILL during the decoding (2 pool workers, each image slowed down so the kill lands
+    there): the workers end with their parent, and the next fetch runs at once."""
+    tree = write_tiny_imagenet(tmp_path / "src", classes=3, train_per_class=100, val_per_class=2)
+    archive = zip_tree(tree, tmp_path / "mini.zip")
+    root = tmp_path / "r"
+    repo = str(Path(__file__).resolve().parents[1])
+    script = (
+        "import sys, time\n"
+        "from dlops.data import tinyimagenet\n"
+        "decode = tinyimagenet.decode_image\n"
+        "tinyimagenet.decode_image = lambda path: (time.sleep(0.2), decode(path))[1]\n"
+        "from dlops.cli import app\n"
+        "app(sys.argv[1:])\n"
+    )
+    args = ["data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stderr=subprocess.DEVNULL)
+    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    children: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(children) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, "the fetch ended before its pool started"
+        children = [int(pid) for pid in children_file.read_text().split()]
+        time.sleep(0.05)
+    assert len(children) >= 2, "no decoding pool"
+    process.kill()
+    process.wait(60)
+    try:
+        deadline = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+            time.sleep(0.1)
+        assert alive == [], "pool workers outlived the fetch killed with SIGKILL"
+        result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive))
+        assert result.exit_code == 0, result.output
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -177,6 +178,20 @@ def _open_writers(writers: dict[str, ImageWriter]) -> None:
     _writers.update(writers)
 
 
+def _start_worker(writers: dict[str, ImageWriter], parent: int) -> None:
+    """A pool worker's start: open the split files, and end with the process that made the
+    pool. Killed hard (SIGKILL), that process cannot stop its workers, and they would wait
+    for work forever, each holding its memory."""
+    _open_writers(writers)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _close_writers() -> None:
     for w in _writers.values():
         w.close()
@@ -228,7 +243,10 @@ def decode_all(
     # can deadlock multiprocessing's own queues (Pool.terminate hangs on Python 3.11).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=_open_writers, initargs=(writers,)
+        workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_start_worker,
+        initargs=(writers, os.getpid()),
     )
     try:
         futures = [executor.submit(_decode_chunk, chunk) for chunk in _chunks(jobs, CHUNK)]
