@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -399,6 +400,64 @@ def test_a_tar_cut_at_a_member_boundary_or_with_a_garbled_header_is_refused(tmp_
     assert result.exit_code == 0, result.output
     info = json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)
     assert info["splits"]["train"] + info["splits"]["val"] == 30
+
+
+class _FullDisk:
+    """A file opened for writing on a full disk: every write fails with ENOSPC, and so does
+    the close (a buffered file flushes what it holds)."""
+
+    def __init__(self, path: object) -> None:
+        self.path = Path(str(path))
+        self.path.touch()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def tell(self) -> int:
+        return 0
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("stage", ["download", "extraction", "cache"])
+def test_a_full_disk_during_a_fetch_is_one_line_and_leaves_the_cache_as_it_was(
+    served, tmp_path: Path, monkeypatch, stage: str
+) -> None:
+    import builtins
+
+    from dlops.data import cache as cache_module
+    from dlops.data import fetch as fetch_module
+
+    base, archive = served
+    root = tmp_path / "r"
+    home = root / "tiny-imagenet"
+    args = ["data", "fetch", "tiny-imagenet", "--root", str(root), "--workers", "1", "--md5", md5_file(archive)]
+    assert dlops(*args, "--source", f"{base}/mini.zip").exit_code == 0
+    before = {f: (home / f).read_bytes() for f in files_under(home)}
+
+    def no_space(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if stage == "download":
+        real_open = builtins.open
+        monkeypatch.setattr(
+            fetch_module,
+            "open",
+            lambda path, mode="r", *a, **k: _FullDisk(path) if str(path).endswith(".part") else real_open(path, mode),
+            raising=False,
+        )
+    elif stage == "extraction":
+        monkeypatch.setattr(fetch_module.shutil, "copyfileobj", no_space)
+    else:
+        monkeypatch.setattr(cache_module.ImageWriter, "write", no_space)
+    source = f"{base}/mini.zip" if stage == "download" else str(archive)
+    line = one_error_line(dlops(*args, "--source", source, "--force"))
+    assert f"no space left on device while writing {home}" in line, line
+    assert {f: (home / f).read_bytes() for f in files_under(home)} == before  # no scratch left, cache as it was
 
 
 def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served, tmp_path: Path) -> None:

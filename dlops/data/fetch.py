@@ -108,17 +108,20 @@ def download(url: str, dest: Path, expected_md5: str | None, *, progress: bool =
             length = (response.headers.get("Content-Length") or "").strip()
             total = int(length) if length.isdigit() else None  # a missing or garbled length: unknown
             task = bar.add_task(f"download {dest.name}", total=total)
-            try:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.advance(task, len(chunk))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                if isinstance(exc, http.client.IncompleteRead):  # a chunked response cut off mid-chunk
-                    reason = "the connection closed before the end of the response"
-                else:
-                    reason = _one_line(exc) or type(exc).__name__
-                raise DlopsError(f"download of {url} broke off after {out.tell():,} bytes ({reason})") from None
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                    if isinstance(exc, http.client.IncompleteRead):  # a chunked response cut off mid-chunk
+                        reason = "the connection closed before the end of the response"
+                    else:
+                        reason = _one_line(exc) or type(exc).__name__
+                    raise DlopsError(f"download of {url} broke off after {out.tell():,} bytes ({reason})") from None
+                if not chunk:
+                    break
+                out.write(chunk)  # a disk error (a full disk) is not the network's: it propagates
+                digest.update(chunk)
+                bar.advance(task, len(chunk))
             if total is not None and out.tell() != total:
                 raise DlopsError(f"download of {url} broke off after {out.tell():,} of {total:,} bytes")
         md5 = digest.hexdigest()

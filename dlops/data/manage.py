@@ -9,6 +9,7 @@ scratch files and leaves what was there before (a good cache included) untouched
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -41,7 +42,7 @@ from dlops.data.cache import (
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
-from dlops.io import run_lock
+from dlops.io import DiskFull, run_lock
 from dlops.text import plural
 
 Say = Callable[[str], None]
@@ -105,7 +106,13 @@ def _one_at_a_time(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str,
     def locked(name: str, root: Path | str | None = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
         cached_module(name)
         with dataset_lock(resolve_root(root), name):
-            return fn(name, root, *args, **kwargs)
+            try:
+                return fn(name, root, *args, **kwargs)
+            except OSError as exc:  # the scratch files are gone by now; a previous cache is as it was
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = exc.filename or dataset_dir(root, name)
+                raise DiskFull(f"no space left on device while writing {where} ({name} needs more room)") from None
 
     return locked
 

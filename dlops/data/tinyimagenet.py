@@ -203,9 +203,10 @@ def _decode_chunk(chunk: list[tuple[str, str, str, int]]) -> tuple[int, str | No
     done = 0
     for tree, rel, split, i in chunk:
         try:
-            _writers[split].write(i, decode_image(os.path.join(tree, rel)))
+            image = decode_image(os.path.join(tree, rel))
         except Exception as exc:  # noqa: BLE001 (any decoder failure names the file)
             return done, f"cannot decode {rel}: {exc}"
+        _writers[split].write(i, image)  # a failed write (a full disk) is no fault of the image: it propagates
         done += 1
     return done, None
 
