@@ -283,25 +283,34 @@ def test_scratch_left_by_a_killed_fetch_is_removed_by_the_next_one(served, tmp_p
     assert sorted(p.name for p in home.iterdir()) == [alive.name, "cache", "raw"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
-def test_a_fetch_killed_while_its_pool_decodes_leaves_no_worker_and_no_lock(tmp_path: Path) -> None:
-    """SIGKILL during the decoding (2 pool workers, each image slowed down so the kill lands
-    there): the workers end with their parent, and the next fetch runs at once."""
-    tree = write_tiny_imagenet(tmp_path / "src", classes=3, train_per_class=100, val_per_class=2)
+def _slow_pool_fetch(tmp_path: Path) -> tuple[subprocess.Popen, list[int], Path, Path]:
+    """``dlops data fetch`` in a session of its own, Ctrl-C as in a terminal, decoding with 2
+    pool workers, each image slowed down so a signal lands there; the process, its pool
+    workers' pids, the data root and the archive."""
+    # 260 images: two chunks (256 and 4), so one worker is soon idle, waiting for more work
+    tree = write_tiny_imagenet(tmp_path / "src", classes=2, train_per_class=128, val_per_class=2)
     archive = zip_tree(tree, tmp_path / "mini.zip")
     root = tmp_path / "r"
     repo = str(Path(__file__).resolve().parents[1])
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from dlops.data import tinyimagenet\n"
         "decode = tinyimagenet.decode_image\n"
-        "tinyimagenet.decode_image = lambda path: (time.sleep(0.2), decode(path))[1]\n"
+        "tinyimagenet.decode_image = lambda path: (time.sleep(0.02), decode(path))[1]\n"
         "from dlops.cli import app\n"
         "app(sys.argv[1:])\n"
     )
     args = ["data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive), "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
     children: list[int] = []
     deadline = time.monotonic() + 60
@@ -309,9 +318,37 @@ def test_a_fetch_killed_while_its_pool_decodes_leaves_no_worker_and_no_lock(tmp_
         assert process.poll() is None, "the fetch ended before its pool started"
         children = [int(pid) for pid in children_file.read_text().split()]
         time.sleep(0.05)
+    if len(children) < 2:
+        process.kill()
     assert len(children) >= 2, "no decoding pool"
+    return process, children, root, archive
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_ctrl_c_in_a_terminal_while_the_pool_decodes_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches the pool workers too (one process group): the fetch stops
+    (130) with no traceback of a worker, no worker left and no scratch folder."""
+    process, children, root, _ = _slow_pool_fetch(tmp_path)
+    try:
+        time.sleep(2)  # one worker busy with its 256 images, the other one idle
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+        assert files_under(root) == []
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_a_fetch_killed_while_its_pool_decodes_leaves_no_worker_and_no_lock(tmp_path: Path) -> None:
+    """SIGKILL during the decoding: the workers end with their parent, and the next fetch
+    runs at once."""
+    process, children, root, archive = _slow_pool_fetch(tmp_path)
     process.kill()
-    process.wait(60)
+    process.communicate(timeout=60)
     try:
         deadline = time.monotonic() + 20
         alive = children

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -181,7 +182,10 @@ def _open_writers(writers: dict[str, ImageWriter]) -> None:
 def _start_worker(writers: dict[str, ImageWriter], parent: int) -> None:
     """A pool worker's start: open the split files, and end with the process that made the
     pool. Killed hard (SIGKILL), that process cannot stop its workers, and they would wait
-    for work forever, each holding its memory."""
+    for work forever, each holding its memory. Ctrl-C is the parent's to handle (a terminal
+    sends it to the workers too): it stops the pool, and an idle worker does not print the
+    traceback of a KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _open_writers(writers)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
