@@ -249,6 +249,22 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Any:
 
 # --------------------------------------------------------------------------- run lock
 
+# The descriptors of the run locks this process holds. A flock belongs to the open file,
+# which a forked child shares: a child that outlived its parent (the decoding pool of a
+# `data fetch` killed with SIGKILL) would keep the lock, and every later run would be
+# refused in the name of the dead parent. A forked child closes its copies at once.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 @contextmanager
 def run_lock(path: Path, what: str, *, remove: bool = False) -> Iterator[Path]:
@@ -279,13 +295,17 @@ def run_lock(path: Path, what: str, *, remove: bool = False) -> Iterator[Path]:
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
             break
         os.close(fd)  # its holder ended and removed it: lock the file at ``path`` now
+    _held_locks.add(fd)
+    owner = os.getpid()
     try:
         yield path
     finally:
-        if remove:
-            with contextlib.suppress(OSError):
-                path.unlink()  # still held: whoever opens the old file sees it is gone
-        os.close(fd)
+        if os.getpid() == owner:  # a forked child leaving the block holds nothing (closed at the fork)
+            if remove:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # still held: whoever opens the old file sees it is gone
+            _held_locks.discard(fd)
+            os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:

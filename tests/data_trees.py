@@ -160,6 +160,39 @@ def serve_stalling(data: bytes) -> Iterator[str]:
         thread.join()
 
 
+@contextlib.contextmanager
+def serve_raw(reply: bytes) -> Iterator[str]:
+    """A server on 127.0.0.1 that answers any request with the bytes ``reply`` and closes the
+    connection: a response cut off mid-body, or a server that does not speak HTTP. Yields its
+    base URL."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
 def one_error_line(result) -> str:
     """The CLI failed with exactly one line on stderr, ``error: ...``, and no traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]

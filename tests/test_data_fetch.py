@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -17,7 +19,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_IMAGENET_SAMPLE, requires_tiny_imagenet_sample
-from data_trees import one_error_line, serve_directory, serve_stalling, write_tiny_imagenet, zip_tree
+from data_trees import (
+    one_error_line,
+    serve_directory,
+    serve_raw,
+    serve_stalling,
+    write_tiny_imagenet,
+    zip_tree,
+)
 from dlops.cli import app
 from dlops.data.cache import is_prepared
 from dlops.data.fetch import download, md5_file, safe_extract
@@ -274,6 +283,94 @@ def test_scratch_left_by_a_killed_fetch_is_removed_by_the_next_one(served, tmp_p
     assert sorted(p.name for p in home.iterdir()) == [alive.name, "cache", "raw"]
 
 
+def _slow_pool_fetch(tmp_path: Path) -> tuple[subprocess.Popen, list[int], Path, Path]:
+    """``dlops data fetch`` in a session of its own, Ctrl-C as in a terminal, decoding with 2
+    pool workers, each image slowed down so a signal lands there; the process, its pool
+    workers' pids, the data root and the archive."""
+    # 260 images: two chunks (256 and 4), so one worker is soon idle, waiting for more work
+    tree = write_tiny_imagenet(tmp_path / "src", classes=2, train_per_class=128, val_per_class=2)
+    archive = zip_tree(tree, tmp_path / "mini.zip")
+    root = tmp_path / "r"
+    repo = str(Path(__file__).resolve().parents[1])
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from dlops.data import tinyimagenet\n"
+        "decode = tinyimagenet.decode_image\n"
+        "tinyimagenet.decode_image = lambda path: (time.sleep(0.02), decode(path))[1]\n"
+        "from dlops.cli import app\n"
+        "app(sys.argv[1:])\n"
+    )
+    args = ["data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive), "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    children: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(children) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, "the fetch ended before its pool started"
+        children = [int(pid) for pid in children_file.read_text().split()]
+        time.sleep(0.05)
+    if len(children) < 2:
+        process.kill()
+    assert len(children) >= 2, "no decoding pool"
+    return process, children, root, archive
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_ctrl_c_in_a_terminal_while_the_pool_decodes_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches the pool workers too (one process group): the fetch stops
+    (130) with no traceback of a worker, no worker left and no scratch folder."""
+    process, children, root, _ = _slow_pool_fetch(tmp_path)
+    try:
+        time.sleep(2)  # one worker busy with its 256 images, the other one idle
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130, stderr
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+        assert files_under(root) == []
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc (Linux)")
+def test_a_fetch_killed_while_its_pool_decodes_leaves_no_worker_and_no_lock(tmp_path: Path) -> None:
+    """SIGKILL during the decoding: the workers end with their parent, and the next fetch
+    runs at once."""
+    process, children, root, archive = _slow_pool_fetch(tmp_path)
+    process.kill()
+    process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 20
+        alive = children
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+            time.sleep(0.1)
+        assert alive == [], "pool workers outlived the fetch killed with SIGKILL"
+        result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive))
+        assert result.exit_code == 0, result.output
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "r"
     with serve_stalling(b"x" * 300_000) as base:
@@ -284,6 +381,120 @@ def test_a_url_that_ends_in_dot_dot_or_redirects_in_a_loop_is_one_line(tmp_path:
         line = one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", f"{base}/loop"))
         assert f"cannot download {base}/loop: too many redirects" in line, line
     assert not root.exists() or list(root.rglob("*")) == []
+
+
+def test_a_reply_cut_off_or_not_http_and_a_url_that_does_not_parse_are_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+
+    def fetch(url: str, *more: str) -> str:
+        return one_error_line(dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", url, *more))
+
+    # A chunked response whose connection closes inside a chunk (http.client's IncompleteRead).
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n186a0\r\n" + b"x" * 50_000
+    with serve_raw(cut) as base:
+        line = fetch(f"{base}/mini.zip")
+        assert f"download of {base}/mini.zip broke off after" in line, line
+        assert "the connection closed before the end of the response" in line, line
+    # A server that is not an HTTP server (BadStatusLine): --source on the wrong port.
+    with serve_raw(b"SSH-2.0-OpenSSH_9.6\r\n") as base:
+        line = fetch(f"{base}/mini.zip")
+        assert f"cannot download {base}/mini.zip: SSH-2.0-OpenSSH_9.6" in line, line
+    # A garbled Content-Length: the length is unknown, the md5 still decides.
+    with serve_raw(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n" + b"x" * 1000) as base:
+        line = fetch(f"{base}/mini.zip", "--md5", "0" * 32)
+        assert f"md5 mismatch for {base}/mini.zip" in line, line
+    line = fetch("http://127.0.0.1:port/mini.zip")  # http.client's InvalidURL
+    assert "cannot download http://127.0.0.1:port/mini.zip: nonnumeric port" in line, line
+    for url in ("http://[::1/mini.zip", "file://[::1/mini.zip"):
+        assert f"--source {url} is not a valid URL (Invalid IPv6 URL)" in fetch(url)
+    assert files_under(root) == []  # no partial download left
+
+
+def test_a_tar_cut_at_a_member_boundary_or_with_a_garbled_header_is_refused(tmp_path: Path) -> None:
+    """tarfile stops without an error at a member boundary or a garbled header: such an archive
+    would give a cache short of images, and exit 0."""
+    tree = write_tiny_imagenet(tmp_path / "src", classes=3, train_per_class=10)
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:  # uncompressed; the train images last, as a repack may put them
+        for part in ("wnids.txt", "words.txt", "val", "train"):
+            tf.add(tree / part, arcname=f"{tree.name}/{part}")
+    with tarfile.open(whole) as tf:
+        last = tf.getmembers()[-3]  # a training image near the end
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: last.offset])
+    garbled = tmp_path / "garbled.tar"
+    garbled.write_bytes(data[: last.offset] + b"\xff" * 512 + data[last.offset + 512 :])
+    for archive in (cut, garbled):
+        root = tmp_path / archive.stem
+        line = one_error_line(
+            dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(archive), "--workers", "1")
+        )
+        assert f"corrupt archive {archive.name}: it stops after" in line and "end-of-archive marker" in line, line
+        assert files_under(root) == []
+    root = tmp_path / "whole"
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", str(whole), "--workers", "1")
+    assert result.exit_code == 0, result.output
+    info = json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)
+    assert info["splits"]["train"] + info["splits"]["val"] == 30
+
+
+class _FullDisk:
+    """A file opened for writing on a full disk: every write fails with ENOSPC, and so does
+    the close (a buffered file flushes what it holds)."""
+
+    def __init__(self, path: object) -> None:
+        self.path = Path(str(path))
+        self.path.touch()
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def tell(self) -> int:
+        return 0
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("stage", ["download", "extraction", "cache"])
+def test_a_full_disk_during_a_fetch_is_one_line_and_leaves_the_cache_as_it_was(
+    served, tmp_path: Path, monkeypatch, stage: str
+) -> None:
+    import builtins
+
+    from dlops.data import cache as cache_module
+    from dlops.data import fetch as fetch_module
+
+    base, archive = served
+    root = tmp_path / "r"
+    home = root / "tiny-imagenet"
+    args = ["data", "fetch", "tiny-imagenet", "--root", str(root), "--workers", "1", "--md5", md5_file(archive)]
+    assert dlops(*args, "--source", f"{base}/mini.zip").exit_code == 0
+    before = {f: (home / f).read_bytes() for f in files_under(home)}
+
+    def no_space(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if stage == "download":
+        real_open = builtins.open
+        monkeypatch.setattr(
+            fetch_module,
+            "open",
+            lambda path, mode="r", *a, **k: _FullDisk(path) if str(path).endswith(".part") else real_open(path, mode),
+            raising=False,
+        )
+    elif stage == "extraction":
+        monkeypatch.setattr(fetch_module.shutil, "copyfileobj", no_space)
+    else:
+        monkeypatch.setattr(cache_module.ImageWriter, "write", no_space)
+    source = f"{base}/mini.zip" if stage == "download" else str(archive)
+    line = one_error_line(dlops(*args, "--source", source, "--force"))
+    assert f"no space left on device while writing {home}" in line, line
+    assert {f: (home / f).read_bytes() for f in files_under(home)} == before  # no scratch left, cache as it was
 
 
 def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served, tmp_path: Path) -> None:

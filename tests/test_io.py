@@ -168,6 +168,44 @@ def test_fit_refuses_a_damaged_checkpoint_in_one_line(tmp_path, dlops_home):
         fit(config.replace(epochs=2), checkpoint_path=ckpt)
 
 
+def test_a_run_lock_is_not_kept_by_a_forked_child_that_outlives_its_holder(tmp_path) -> None:
+    """A process forked while a run lock is held (the decoding pool of `dlops data fetch`)
+    must not keep the lock once its holder is killed hard (SIGKILL, no cleanup): the next
+    fetch would be refused in the name of the dead holder for as long as the child lives."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from dlops.io import run_lock
+
+    path = tmp_path / ".x.lock"
+    read_end, write_end = os.pipe()
+
+    def holder() -> None:
+        with run_lock(path, "another x", remove=True):
+            child = os.fork()
+            if child == 0:  # a pool worker: lives on after its parent
+                time.sleep(120)
+                os._exit(0)
+            os.write(write_end, f"{child}\n".encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    process = multiprocessing.get_context("fork").Process(target=holder)
+    process.start()
+    process.join(60)
+    child = int(os.read(read_end, 100))
+    try:
+        assert process.exitcode == -signal.SIGKILL
+        os.kill(child, 0)  # the child outlived its parent: it still runs
+        with run_lock(path, "another x", remove=True):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.close(read_end)
+        os.close(write_end)
+
+
 def test_a_removable_run_lock_goes_with_its_holder_and_refuses_a_second_holder(tmp_path, monkeypatch) -> None:
     import fcntl
     import os

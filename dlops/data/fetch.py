@@ -10,6 +10,7 @@ caller throws away on failure.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import stat
@@ -99,20 +100,30 @@ def download(url: str, dest: Path, expected_md5: str | None, *, progress: bool =
                     f"cannot download {url}: too many redirects (HTTP {exc.code}; a redirect loop?)"
                 ) from None
             raise DlopsError(f"cannot download {url}: HTTP {exc.code} {_one_line(exc.reason)}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise DlopsError(f"cannot download {url}: {_one_line(getattr(exc, 'reason', exc))}") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            # HTTPException: a server that does not speak HTTP (BadStatusLine), a bad port (InvalidURL)
+            reason = _one_line(getattr(exc, "reason", exc)) or type(exc).__name__
+            raise DlopsError(f"cannot download {url}: {reason}") from None
         with response, open(part, "wb") as out, byte_progress(progress) as bar:
-            total = response.headers.get("Content-Length")
-            task = bar.add_task(f"download {dest.name}", total=int(total) if total else None)
-            try:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.advance(task, len(chunk))
-            except (urllib.error.URLError, OSError) as exc:
-                raise DlopsError(f"download of {url} broke off: {exc}") from None
-            if total is not None and out.tell() != int(total):
-                raise DlopsError(f"download of {url} broke off after {out.tell():,} of {int(total):,} bytes")
+            length = (response.headers.get("Content-Length") or "").strip()
+            total = int(length) if length.isdigit() else None  # a missing or garbled length: unknown
+            task = bar.add_task(f"download {dest.name}", total=total)
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                    if isinstance(exc, http.client.IncompleteRead):  # a chunked response cut off mid-chunk
+                        reason = "the connection closed before the end of the response"
+                    else:
+                        reason = _one_line(exc) or type(exc).__name__
+                    raise DlopsError(f"download of {url} broke off after {out.tell():,} bytes ({reason})") from None
+                if not chunk:
+                    break
+                out.write(chunk)  # a disk error (a full disk) is not the network's: it propagates
+                digest.update(chunk)
+                bar.advance(task, len(chunk))
+            if total is not None and out.tell() != total:
+                raise DlopsError(f"download of {url} broke off after {out.tell():,} of {total:,} bytes")
         md5 = digest.hexdigest()
         if expected_md5 is not None and md5 != expected_md5.lower():
             raise DlopsError(f"md5 mismatch for {url}: got {md5}, expected {expected_md5} (download removed)")
@@ -213,6 +224,18 @@ def _extract_tar(archive: Path, dest: Path, progress: bool) -> int:
                 raise DlopsError(f"unsafe archive {archive.name}: {exc}") from None
             count += 1
             bar.advance(task)
+        # tarfile ends its iteration without an error where the archive stops at a member's
+        # boundary (a truncated download) or a header is garbled: only the end-of-archive
+        # marker, a zero block where the next header would be, says every member was read.
+        # (A seek back of at most one block: within the reader's buffer for a compressed tar.)
+        assert tf.fileobj is not None
+        tf.fileobj.seek(tf.offset)
+        marker = tf.fileobj.read(tarfile.BLOCKSIZE)
+        if len(marker) != tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
+            raise DlopsError(
+                f"corrupt archive {archive.name}: it stops after {count:,} members without the end-of-archive "
+                "marker (truncated or damaged)"
+            )
     return count
 
 

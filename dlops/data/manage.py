@@ -9,6 +9,7 @@ scratch files and leaves what was there before (a good cache included) untouched
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
@@ -41,7 +42,7 @@ from dlops.data.cache import (
 )
 from dlops.data.fetch import download, is_url, md5_file, safe_extract
 from dlops.errors import DatasetNotAvailable, DlopsError
-from dlops.io import run_lock
+from dlops.io import DiskFull, run_lock
 from dlops.text import plural
 
 Say = Callable[[str], None]
@@ -105,7 +106,13 @@ def _one_at_a_time(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str,
     def locked(name: str, root: Path | str | None = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
         cached_module(name)
         with dataset_lock(resolve_root(root), name):
-            return fn(name, root, *args, **kwargs)
+            try:
+                return fn(name, root, *args, **kwargs)
+            except OSError as exc:  # the scratch files are gone by now; a previous cache is as it was
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = exc.filename or dataset_dir(root, name)
+                raise DiskFull(f"no space left on device while writing {where} ({name} needs more room)") from None
 
     return locked
 
@@ -147,7 +154,7 @@ def fetch_dataset(
     fresh: Path | None = None  # the scratch folder a download goes to
     kept: Path | None = None  # where a downloaded archive stays (--keep-archive, or one was there)
     # A file:// URL names a local file: read in place, as a path is (never copied onto itself).
-    local = Path(url2pathname(urlparse(src).path)) if src.startswith("file://") else None
+    local = Path(url2pathname(_parse_url(src).path)) if src.startswith("file://") else None
     if is_url(src) and local is None:
         expected = md5 or module.MD5
         filename = _archive_name(src, module.ARCHIVE)
@@ -251,10 +258,18 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
         raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
 
 
+def _parse_url(url: str) -> ParseResult:
+    """``url`` split into its parts; one that cannot be (``http://[::1``) is a one-line error."""
+    try:
+        return urlparse(url)
+    except ValueError as exc:
+        raise DlopsError(f"--source {url} is not a valid URL ({' '.join(str(exc).split())})") from None
+
+
 def _archive_name(url: str, default: str) -> str:
     """The file name a download of ``url`` is saved under (``default`` where the URL's path
     ends in ``/``); a URL whose last part is ``.`` or ``..`` names a folder, not a file."""
-    last = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+    last = unquote(_parse_url(url).path.rsplit("/", 1)[-1])
     if last in (".", "..") or "/" in last or "\\" in last or "\0" in last:
         raise DlopsError(f"cannot download {url}: its path does not end in a file name (it ends in {last!r})")
     return last or default

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -177,6 +179,23 @@ def _open_writers(writers: dict[str, ImageWriter]) -> None:
     _writers.update(writers)
 
 
+def _start_worker(writers: dict[str, ImageWriter], parent: int) -> None:
+    """A pool worker's start: open the split files, and end with the process that made the
+    pool. Killed hard (SIGKILL), that process cannot stop its workers, and they would wait
+    for work forever, each holding its memory. Ctrl-C is the parent's to handle (a terminal
+    sends it to the workers too): it stops the pool, and an idle worker does not print the
+    traceback of a KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _open_writers(writers)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _close_writers() -> None:
     for w in _writers.values():
         w.close()
@@ -188,9 +207,10 @@ def _decode_chunk(chunk: list[tuple[str, str, str, int]]) -> tuple[int, str | No
     done = 0
     for tree, rel, split, i in chunk:
         try:
-            _writers[split].write(i, decode_image(os.path.join(tree, rel)))
+            image = decode_image(os.path.join(tree, rel))
         except Exception as exc:  # noqa: BLE001 (any decoder failure names the file)
             return done, f"cannot decode {rel}: {exc}"
+        _writers[split].write(i, image)  # a failed write (a full disk) is no fault of the image: it propagates
         done += 1
     return done, None
 
@@ -228,7 +248,10 @@ def decode_all(
     # can deadlock multiprocessing's own queues (Pool.terminate hangs on Python 3.11).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     executor = ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(method), initializer=_open_writers, initargs=(writers,)
+        workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_start_worker,
+        initargs=(writers, os.getpid()),
     )
     try:
         futures = [executor.submit(_decode_chunk, chunk) for chunk in _chunks(jobs, CHUNK)]
