@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints them as one line and exits non-zero."""
 
+import re
+
 
 class DlopsError(Exception):
     """A problem with the user's input or environment (not a bug in dlops)."""
@@ -17,3 +19,14 @@ class DatasetNotAvailable(DlopsError):
 
 class StorageError(DlopsError):
     """A study storage URL that cannot be opened."""
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """For an exception of torch's allocators (CPU or CUDA) or a ``MemoryError``: what the
+    allocation asked for (``tried to allocate 360000000000 bytes``), or "" where it does not
+    say; None for any other error."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", text):
+        return None
+    asked = re.search(r"tried to allocate [0-9.]+ ?[A-Za-z]+", text, re.IGNORECASE)
+    return asked.group(0)[0].lower() + asked.group(0)[1:] if asked else ""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -47,7 +46,7 @@ import optuna
 from dlops.dashboard import attach_artifacts, withdraw_artifacts
 from dlops.data import check_subset_classes, data_change_text, data_changes, data_identity, get_dataset
 from dlops.data.cache import replace_dirs
-from dlops.errors import DlopsError
+from dlops.errors import DlopsError, out_of_memory
 from dlops.io import (
     CorruptCheckpoint,
     Terminated,
@@ -372,17 +371,6 @@ def _run_seed(
         **trainer.seed_record(result),
     }
     return _Seeded(record, result, files)
-
-
-def out_of_memory(exc: BaseException) -> str | None:
-    """For an exception of torch's allocators (CPU or CUDA) or a ``MemoryError``: what the
-    allocation asked for (``tried to allocate 360000000000 bytes``), or "" where it does not
-    say; None for any other error."""
-    text = " ".join(str(exc).split())
-    if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate memory", text):
-        return None
-    asked = re.search(r"tried to allocate [0-9.]+ ?[A-Za-z]+", text, re.IGNORECASE)
-    return asked.group(0)[0].lower() + asked.group(0)[1:] if asked else ""
 
 
 def run_final(

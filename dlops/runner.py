@@ -19,14 +19,17 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +48,7 @@ from dlops.data import (
     forbid_test_split,
     get_dataset,
 )
-from dlops.errors import DlopsError, StorageError
+from dlops.errors import DlopsError, StorageError, out_of_memory
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
@@ -291,18 +294,6 @@ def prepare_study(study: optuna.Study, spec: StudySpec, options: RunOptions) -> 
 # --- the trial loop -------------------------------------------------------------
 
 
-class _UserErrorLog(logging.Filter):
-    """A trial failed by a DlopsError (bad input, missing data): its line, not a traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], DlopsError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-logging.getLogger("optuna.study._optimize").addFilter(_UserErrorLog())
-
-
 class _TrialGate:
     """Holds the study lock from "how many trials are left?" until the new trial is RUNNING
     and carries its owner (the objective's first step): workers never start more trials
@@ -326,10 +317,14 @@ class _TrialGate:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """An exception as one short line: its message (with its type unless it is a DlopsError)."""
+    """An exception as one short line: its message (with its type unless it is a DlopsError);
+    running out of memory says so, with what the allocation asked for."""
     text = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, DlopsError):
         return text
+    asked = out_of_memory(exc)
+    if asked is not None:
+        return f"out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs less"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -418,6 +413,32 @@ class SurvivorFreeze:
             self.froze = False
 
 
+def explained(exc: BaseException) -> bool:
+    """An error whose one line says all (a user's mistake, the system's: a full disk, a
+    missing permission, running out of memory): no traceback."""
+    return isinstance(exc, DlopsError | OSError) or out_of_memory(exc) is not None
+
+
+class _QuietFailedTrials(logging.Filter):
+    """Drops Optuna's "Trial N failed with ..." warnings (its traceback, then "failed with
+    value None"): dlops says how every trial ended in its own line, and writes the traceback
+    of an error it cannot explain itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.match(r"Trial \d+ failed with ", record.getMessage())
+
+
+@contextmanager
+def optuna_failures_quiet() -> Iterator[None]:
+    logger = logging.getLogger("optuna.study._optimize")
+    quiet = _QuietFailedTrials()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def _run_trials(
     study: optuna.Study,
     storage: StudyStorage,
@@ -448,6 +469,15 @@ def _run_trials(
             return objective(trial)
         except (optuna.TrialPruned, TrialInterrupted):
             raise
+        except KeyboardInterrupt:  # a second signal: the trial stops at once, mid-epoch
+            try:
+                trial.set_user_attr(
+                    "stopped_reason",
+                    "interrupted at once by a second signal; queued again to resume from its last checkpoint",
+                )
+            except Exception:  # noqa: BLE001 - the storage may be what the signal cut short
+                pass
+            raise
         except TrialTakenOver as exc:
             gate.taken_over = exc
             raise
@@ -457,6 +487,8 @@ def _run_trials(
                 trial.set_user_attr("stopped_reason", f"failed: {failure_reason(exc)}")
             except Exception:  # noqa: BLE001 - the storage itself may be what failed
                 pass
+            if not explained(exc):  # a bug, or something dlops cannot name: its traceback, once
+                sys.stderr.write(mask_url(f"trial {trial.number}: " + traceback.format_exc()))
             raise
 
     started, failures, waiting = time.monotonic(), 0, False
@@ -635,6 +667,7 @@ def run_study(
         warnings.catch_warnings(),
         GracefulStop(label, same_stop) as stop,
         SurvivorFreeze() as freeze,
+        optuna_failures_quiet(),
     ):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)

@@ -3,9 +3,7 @@ it stands and prints the command that continues it, and exits 128 + the signal."
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import shlex
 import signal
 import threading
@@ -31,39 +29,15 @@ class TrialTakenOver(Exception):
 
 
 def taken_over(trial_number: int) -> TrialTakenOver:
-    INTERRUPTED_LOG.numbers.add(trial_number)
     return TrialTakenOver(
         f"trial {trial_number}: failed and queued again while this worker stalled (no heartbeat for the "
         "grace period); its retry trains it, dropped here"
     )
 
 
-class _InterruptedTrialLog(logging.Filter):
-    """Optuna logs a failed trial with its traceback; an interrupted trial is no error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numbers: set[int] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            # A second signal stopped the trial at once: dlops says so, without Optuna's traceback.
-            found = re.match(r"Trial (\d+) failed", msg)
-            if found:
-                self.numbers.add(int(found[1]))
-            return False
-        return not any(msg.startswith(f"Trial {n} failed") for n in self.numbers)
-
-
-INTERRUPTED_LOG = _InterruptedTrialLog()
-logging.getLogger("optuna.study._optimize").addFilter(INTERRUPTED_LOG)
-
-
 def interrupted(trial_number: int, epoch: int) -> TrialInterrupted:
     """The exception that stops trial ``trial_number`` after ``epoch`` (0-based) on a
-    signal; Optuna records it FAIL without a traceback in the log."""
-    INTERRUPTED_LOG.numbers.add(trial_number)
+    signal; Optuna records it FAIL (``runner.optuna_failures_quiet`` keeps its log quiet)."""
     return TrialInterrupted(f"interrupted after epoch {epoch + 1}")
 
 

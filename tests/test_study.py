@@ -539,8 +539,7 @@ def test_a_full_disk_fails_the_trial_with_one_line(
     assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
     reason = trials[0].user_attrs["stopped_reason"]
     assert reason.startswith("failed: no space left on device while writing ") and reason.endswith("trial-0.pt"), reason
-    failed = [r for r in caplog.records if "Trial 0 failed with parameters" in r.getMessage()]
-    assert len(failed) == 1 and "no space left on device while writing" in failed[0].getMessage()
+    assert "failed with" not in caplog.text  # Optuna's warnings: dlops's trial line says it
     assert "Traceback" not in caplog.text and "unexpected pos" not in caplog.text
     assert not list((dlops_home / "checkpoints").rglob("*.tmp"))
 

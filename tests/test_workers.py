@@ -572,6 +572,9 @@ def test_a_second_signal_stops_the_trial_at_once_without_a_traceback(
     err = capfd.readouterr().err
     assert result.interrupted == signal.SIGINT and result.finished == 1
     assert [t.state for t in result.study.get_trials()][:2] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert result.study.get_trials()[1].user_attrs["stopped_reason"] == (
+        "interrupted at once by a second signal; queued again to resume from its last checkpoint"
+    )
     assert "send it again to stop now" in err
     logged = [(r.getMessage(), r.exc_info) for r in caplog.records if r.name.startswith("optuna")]
     assert not [m for m, exc in logged if exc or "failed" in m], logged
