@@ -524,3 +524,27 @@ def test_a_second_fetch_or_prepare_of_a_dataset_while_one_runs_is_refused(served
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert is_prepared(root, "tiny-imagenet") and not lock.exists()
+
+
+def test_url_schemes_in_any_case_and_file_urls_name_local_files(served, tmp_path: Path) -> None:
+    """``HTTP://`` is a URL (it was taken for a path); ``file://data/x.zip`` names a host,
+    not a relative path, and is refused; ``file:///abs/x.zip`` is that file, the same source
+    as its path (it was refused as another source)."""
+    base, archive = served
+    root = tmp_path / "r"
+    upper = base.replace("http://", "HTTP://") + "/mini.zip"
+    result = dlops("data", "fetch", "tiny-imagenet", "--root", str(root), "--source", upper, "--md5", md5_file(archive))
+    assert result.exit_code == 0, result.output
+    assert json.loads(dlops("data", "info", "tiny-imagenet", "--root", str(root), "--json").stdout)["classes"] > 0
+
+    line = one_error_line(
+        dlops("data", "fetch", "tiny-imagenet", "--root", str(tmp_path / "h"), "--source", "file://site/mini.zip")
+    )
+    assert "names the host 'site'" in line and "file:///ABSOLUTE/PATH" in line
+    assert not (tmp_path / "h").exists() or list((tmp_path / "h").rglob("*")) == []
+
+    by_path = tmp_path / "p"
+    assert dlops("data", "fetch", "tiny-imagenet", "--root", str(by_path), "--source", str(archive)).exit_code == 0
+    again = dlops("data", "fetch", "tiny-imagenet", "--root", str(by_path), "--source", archive.as_uri())
+    assert again.exit_code == 0, again.output
+    assert "already prepared" in again.output

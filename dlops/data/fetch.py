@@ -31,7 +31,8 @@ CHUNK = 1 << 20
 
 
 def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://", "ftp://", "file://"))
+    """A URL, not a path: its scheme is one dlops reads (in any case: ``HTTP://`` too)."""
+    return source[:8].lower().startswith(("http://", "https://", "ftp://", "file://"))
 
 
 def md5_file(path: Path) -> str:

@@ -154,7 +154,7 @@ def fetch_dataset(
     fresh: Path | None = None  # the scratch folder a download goes to
     kept: Path | None = None  # where a downloaded archive stays (--keep-archive, or one was there)
     # A file:// URL names a local file: read in place, as a path is (never copied onto itself).
-    local = Path(url2pathname(_parse_url(src).path)) if src.startswith("file://") else None
+    local = _local_file(src)
     if is_url(src) and local is None:
         expected = md5 or module.MD5
         filename = _archive_name(src, module.ARCHIVE)
@@ -243,6 +243,9 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
     else:
         was = f"the extracted tree {built_from.get('tree', '?')} (no archive recorded)"
     again = f"add --force to rebuild {name} from {source}"
+    local = _local_file(source)  # file:///x.zip is the file /x.zip
+    if local is not None:
+        source = str(local)
     if is_url(source):
         same = source == built_from.get("location") and md5 in (None, built_from.get("md5"))
         if not same:
@@ -256,6 +259,20 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
         raise DlopsError(f"md5 mismatch for {path}: got {actual}, expected {md5}")
     if actual != built_from.get("md5"):
         raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
+
+
+def _local_file(source: str) -> Path | None:
+    """The file a ``file://`` URL names (None for any other source). A host other than
+    localhost is refused: ``file://data/x.zip`` names host ``data``, not a relative path."""
+    if source[:7].lower() != "file://":
+        return None
+    parts = _parse_url(source)
+    if parts.netloc not in ("", "localhost"):
+        raise DlopsError(
+            f"--source {source} names the host {parts.netloc!r}: a local file is file:///ABSOLUTE/PATH "
+            "(three slashes), or give the path itself"
+        )
+    return Path(url2pathname(parts.path))
 
 
 def _parse_url(url: str) -> ParseResult:
