@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -228,12 +229,25 @@ def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(monkeypatch:
     monkeypatch.setattr(resnet, "train_step", recording_step)
     result = fit(config)
     steps = len(seen) // config.epochs
-    ramp = [config.lr * resnet._lr_factor(config, i // steps) * (i + 1) / (2 * steps) for i in range(2 * steps)]
+    # The ramp climbs linearly to lr itself over the 2 warm-up epochs. It was once a share of
+    # the cosine-scheduled lr: it stalled at each epoch's start, peaked at 0.854 lr here, and
+    # with a long warm-up fell before the warm-up ended (10 of 15 epochs: a peak of 0.46 lr in
+    # epoch 7, 0.35 lr at its end).
+    ramp = [config.lr * (i + 1) / (2 * steps) for i in range(2 * steps)]
     assert seen[: 2 * steps] == pytest.approx(ramp)
-    assert seen[2 * steps :] == pytest.approx(
-        [config.lr * resnet._lr_factor(config, 2 + i // steps) for i in range(2 * steps)]
-    )
-    assert result.history["lr"] == pytest.approx([config.lr * resnet._lr_factor(config, e) for e in range(4)])
+    # Then the cosine, from 1 in the last warm-up epoch to 0 after the last: 0.75, then 0.25.
+    assert seen[2 * steps :] == pytest.approx([config.lr * 0.75] * steps + [config.lr * 0.25] * steps)
+    # The history's lr is the epoch's (in a warm-up epoch, where its ramp ended).
+    assert result.history["lr"] == pytest.approx([config.lr * f for f in (0.5, 1.0, 0.75, 0.25)])
+    # Without a warm-up, or with one epoch of it, the schedule is the plain cosine over the epochs.
+    for warmup in (0, 1):
+        plain = small("ce", warmup_epochs=warmup, epochs=5)
+        assert [resnet._lr_factor(plain, e) for e in range(5)] == pytest.approx(
+            [0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
+        )
+    # A warm-up of every epoch ends at lr; a constant schedule is lr after any warm-up.
+    assert [resnet._lr_factor(small("ce", warmup_epochs=4, epochs=4), e) for e in range(4)] == [1.0] * 4
+    assert [resnet._lr_factor(small("ce", warmup_epochs=2, lr_schedule="constant"), e) for e in range(3)] == [1.0] * 3
     with pytest.raises(DlopsError, match="warmup_epochs must be an integer >= 0, got -1"):
         validate_config(small("ce", warmup_epochs=-1))
     with pytest.raises(DlopsError, match="warmup_epochs = 5 is more than the 4 epochs of the run"):

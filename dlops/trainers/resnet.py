@@ -204,16 +204,22 @@ def update_centroids(
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
-    if config.lr_schedule == "constant":
+    """The schedule's share of ``lr`` in ``epoch``, warm-up aside: 1 during the warm-up (its
+    ramp, :func:`warmup_factor`, climbs to ``lr``), then constant or a cosine that starts at 1
+    in the last warm-up epoch (where the ramp reaches ``lr``; epoch 0 without a warm-up) and
+    would reach 0 after the last epoch. Without a warm-up or with one epoch of it, that is
+    the plain cosine over ``epochs``."""
+    if config.lr_schedule == "constant" or epoch < config.warmup_epochs:
         return 1.0
     if config.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+        start = max(config.warmup_epochs - 1, 0)
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / (config.epochs - start)))
     raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
 
 
 def warmup_factor(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """The linear warm-up's share of the scheduled lr at ``step`` of ``epoch``: it rises by
-    equal steps to 1 at the last step of epoch ``warmup_epochs - 1``, and is 1 after."""
+    """The linear warm-up's share of ``lr`` at ``step`` of ``epoch``: it rises by equal steps
+    to 1 (``lr`` itself) at the last step of epoch ``warmup_epochs - 1``, and is 1 after."""
     if epoch >= config.warmup_epochs:
         return 1.0
     return (epoch * steps_per_epoch + step + 1) / (config.warmup_epochs * steps_per_epoch)
@@ -310,6 +316,7 @@ def fit(
                 correct += (logits.detach().argmax(1) == y).sum()
             check_step_loss(loss, epoch, step)
         train_loss = check_epoch_loss(float(loss_sum) / max(seen, 1), epoch, step)
+        lr = optimizer.param_groups[0]["lr"]  # the epoch's lr; in a warm-up epoch, where its ramp ended
         if loss_fn.scored_by == "centroids":
             # Training accuracy: nearest-centroid top-1 of this epoch's own training
             # embeddings (train mode, as they came). The model's centroids, used for
