@@ -268,7 +268,7 @@ def layer_user_attrs(layer_history: dict[str, list[float]]) -> dict[str, Any]:
 def layer_seconds_per_epoch(layer_history: dict[str, list[float]]) -> list[float | None]:
     out = []
     for k in range(len(layer_history["hidden_sizes"])):
-        secs = layer_history[f"ae{k}_epoch_seconds"]
+        secs = [s for s in layer_history[f"ae{k}_epoch_seconds"] if s is not None]  # null: not measured
         out.append(sum(secs) / len(secs) if secs else None)
     return out
 
@@ -611,8 +611,8 @@ def layer_cost_table(layer_history: dict[str, list[float]]) -> Table:
             (
                 f"X[{k}]",
                 str(units),
-                str(len(secs)),
-                _fmt(per_epoch[k]) if per_epoch[k] is not None else "0 (skipped)",
+                str(len(train)),
+                _fmt(per_epoch[k]) if per_epoch[k] is not None else ("-" if train else "0 (skipped)"),
                 f"{sum(secs):.2f}",
                 _fmt(train[-1]) if train else "-",
                 _fmt(val[-1]) if val else "-",
