@@ -52,6 +52,7 @@ from dlops.trainers.base import (
     HISTORY_KEYS,
     MAX_LR,
     FitResult,
+    NonFiniteLossError,
     ProgressFn,
     ReportFn,
     Table,
@@ -456,7 +457,12 @@ def fit(
             optimizer.load_state_dict(resume["optimizer"])  # type: ignore[index]
         for epoch in range(first, n_epochs):
             t0 = time.perf_counter()
-            train_loss = pretrain_epoch(stack, layer, pretrain_loader, optimizer, epoch)
+            try:
+                train_loss = pretrain_epoch(stack, layer, pretrain_loader, optimizer, epoch)
+            except NonFiniteLossError as exc:  # pretrain_lr's doing, not the fine-tuning lr's
+                raise NonFiniteLossError(
+                    exc.epoch, exc.step, exc.value, stage=f"the pretraining of AE {layer}", lr_setting="pretrain_lr"
+                ) from None
             val_loss = reconstruction_loss(stack, layer, recon_val_loader)
             seconds = time.perf_counter() - t0
             for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("epoch_seconds", seconds)):
