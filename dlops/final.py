@@ -339,7 +339,8 @@ def _run_seed(
         result = trainer.fit(config, report=report, checkpoint_path=checkpoint, progress=progress_line)
     except NonFiniteLossError as exc:
         raise DlopsError(
-            f"seed {seed} diverged: {exc} (lr {config.lr} too high?); the previous reference run is untouched"
+            f"seed {seed} diverged: {exc} ({exc.lr_setting} {getattr(config, exc.lr_setting)} too high?); "
+            "the previous reference run is untouched"
         ) from None
     except (MemoryError, RuntimeError) as exc:
         asked = out_of_memory(exc)

@@ -187,3 +187,26 @@ def test_the_tsne_title_names_the_seed_of_its_model(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(plots, "save_figure", lambda fig, path, dpi=120: drawn.setdefault(path.name, fig) and path)
     TRAINER.seed_files(result, result.dataset.test(), tmp_path)
     assert drawn["tsne.png"].axes[0].get_title().startswith("t-SNE of the 8-unit layer X[3] (seed 3): ")
+
+
+def test_a_final_json_with_an_unmeasured_pretraining_epoch_is_reported_and_drawn(tmp_path) -> None:
+    """final.json may hold null for a number (a stored NaN; the check accepts it): the
+    seconds of a layer are then the mean of its measured epochs, and the report's table
+    and ae_losses.png are still drawn (it was a TypeError inside `dlops report`)."""
+    layers = {
+        "hidden_sizes": [16, 8],
+        "ae0_train_loss": [0.5, 0.25, 0.2],
+        "ae0_val_loss": [0.6, 0.3, 0.25],
+        "ae0_epoch_seconds": [0.5, None, 1.5],
+        "ae1_train_loss": [0.4],
+        "ae1_val_loss": [0.5],
+        "ae1_epoch_seconds": [None],
+    }
+    assert layer_seconds_per_epoch(layers) == [1.0, None]
+    history = {"train_loss": [1.0], "train_acc": [0.5], "val_loss": [1.1], "val_top1": [0.4]}
+    final = {"per_seed": [{"seed": 0, "history": history, "layer_history": layers}]}
+    assert TRAINER.final_problem(final) is None
+    (cost,) = ("\n".join(markdown_table(t)) for t in TRAINER.report_tables(final))
+    assert "| X[0] | 16 | 3 | 1.000 | 2.00 | 0.200 | 0.250 |" in cost
+    assert "| X[1] | 8 | 1 | - | 0.00 | 0.400 | 0.500 |" in cost  # trained, but its time is unknown
+    assert [p.name for p in TRAINER.final_plots(final, tmp_path)] == ["ae_losses.png"]

@@ -29,7 +29,7 @@ from dlops.trainers.autoencoder import (
     predict,
     validate_config,
 )
-from dlops.trainers.base import HISTORY_KEYS
+from dlops.trainers.base import HISTORY_KEYS, NonFiniteLossError
 
 SMALL = [32, 24, 20, 16, 12, 8]
 
@@ -566,3 +566,24 @@ def test_the_test_figures_count_one_set_of_predictions() -> None:
     # Without the jitter the figures are what the model predicts.
     plain = ae._test_figures(model, names, Split(images, labels), batch_size=64)
     assert plain["test_top1"] == pytest.approx(float(np.mean(predict(model, images) == labels)))
+
+
+def test_a_diverging_pretraining_names_pretrain_lr_not_the_finetuning_lr() -> None:
+    """A NaN reconstruction loss comes from pretrain_lr: the error names the stage and that
+    setting, so `dlops final` does not send the user to the fine-tuning lr."""
+    config = small_config(pretrain_lr=1e20, lr=1e-3, pretrain_epochs=3)
+    with pytest.raises(NonFiniteLossError, match=r"in the pretraining of AE \d") as caught:
+        fit(config)
+    assert caught.value.lr_setting == "pretrain_lr"
+    with pytest.raises(NonFiniteLossError) as caught:  # fine-tuning: the fine-tuning lr
+        fit(small_config(lr=1e20, pretrain_epochs=0))
+    assert caught.value.lr_setting == "lr" and "pretraining" not in str(caught.value)
+
+
+def test_final_says_which_lr_diverged(tmp_path: Path, dlops_home: Path) -> None:
+    params = tmp_path / "p.json"
+    params.write_text('{"hidden_sizes": [16, 8], "pretrain_epochs": 2, "pretrain_lr": 1e20}')
+    args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--subset-per-class", "20", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "(pretrain_lr 1e+20 too high?)" in result.output and "(lr 0.001" not in result.output

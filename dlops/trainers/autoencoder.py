@@ -52,6 +52,7 @@ from dlops.trainers.base import (
     HISTORY_KEYS,
     MAX_LR,
     FitResult,
+    NonFiniteLossError,
     ProgressFn,
     ReportFn,
     Table,
@@ -268,7 +269,7 @@ def layer_user_attrs(layer_history: dict[str, list[float]]) -> dict[str, Any]:
 def layer_seconds_per_epoch(layer_history: dict[str, list[float]]) -> list[float | None]:
     out = []
     for k in range(len(layer_history["hidden_sizes"])):
-        secs = layer_history[f"ae{k}_epoch_seconds"]
+        secs = [s for s in layer_history[f"ae{k}_epoch_seconds"] if s is not None]  # null: not measured
         out.append(sum(secs) / len(secs) if secs else None)
     return out
 
@@ -456,7 +457,12 @@ def fit(
             optimizer.load_state_dict(resume["optimizer"])  # type: ignore[index]
         for epoch in range(first, n_epochs):
             t0 = time.perf_counter()
-            train_loss = pretrain_epoch(stack, layer, pretrain_loader, optimizer, epoch)
+            try:
+                train_loss = pretrain_epoch(stack, layer, pretrain_loader, optimizer, epoch)
+            except NonFiniteLossError as exc:  # pretrain_lr's doing, not the fine-tuning lr's
+                raise NonFiniteLossError(
+                    exc.epoch, exc.step, exc.value, stage=f"the pretraining of AE {layer}", lr_setting="pretrain_lr"
+                ) from None
             val_loss = reconstruction_loss(stack, layer, recon_val_loader)
             seconds = time.perf_counter() - t0
             for key, value in (("train_loss", train_loss), ("val_loss", val_loss), ("epoch_seconds", seconds)):
@@ -611,8 +617,8 @@ def layer_cost_table(layer_history: dict[str, list[float]]) -> Table:
             (
                 f"X[{k}]",
                 str(units),
-                str(len(secs)),
-                _fmt(per_epoch[k]) if per_epoch[k] is not None else "0 (skipped)",
+                str(len(train)),
+                _fmt(per_epoch[k]) if per_epoch[k] is not None else ("-" if train else "0 (skipped)"),
                 f"{sum(secs):.2f}",
                 _fmt(train[-1]) if train else "-",
                 _fmt(val[-1]) if val else "-",

@@ -63,11 +63,15 @@ ConfigT = TypeVar("ConfigT", bound=TrainerConfig)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite (usually: the learning rate is too high)."""
+    """The training loss became NaN or infinite (usually: the learning rate is too high).
+    ``stage`` names the training stage where that is not the only one (the autoencoder's
+    pretraining of a layer), ``lr_setting`` the config field of the learning rate it used."""
 
-    def __init__(self, epoch: int, step: int, value: float):
-        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int, value: float, stage: str = "", lr_setting: str = "lr"):
+        where = f" in {stage}" if stage else ""
+        super().__init__(f"non-finite training loss {value}{where} at epoch {epoch}, step {step}")
         self.epoch, self.step, self.value = epoch, step, value
+        self.stage, self.lr_setting = stage, lr_setting
 
 
 def check_step_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
