@@ -44,7 +44,14 @@ from typing import Any
 import optuna
 
 from dlops.dashboard import attach_artifacts, withdraw_artifacts
-from dlops.data import check_subset_classes, data_change_text, data_changes, data_identity, get_dataset
+from dlops.data import (
+    check_dataset_name,
+    check_subset_classes,
+    data_change_text,
+    data_changes,
+    data_identity,
+    get_dataset,
+)
 from dlops.data.cache import replace_dirs
 from dlops.errors import DlopsError, out_of_memory
 from dlops.io import (
@@ -394,6 +401,8 @@ def run_final(
     started = time.perf_counter()
     spec = load_spec(spec_name)
     trainer = get_trainer(spec.trainer)
+    if options.dataset is not None:  # before the study's name is made of it
+        check_dataset_name(options.dataset)
     url = options.storage or default_storage_url()
     study = own_study(spec, options, find_study(url, study_name_for(spec, options)))
     chosen = choose_params(spec, options, study)

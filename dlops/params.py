@@ -107,7 +107,7 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
             dataset=study.user_attrs.get("dataset"),
             trained=best.user_attrs.get("config"),
         )
-    return _params_from_file(spec, Path(source))
+    return _params_from_file(spec, Path(source), options.dataset)
 
 
 # What a reference run may change from the trial it retrains: how long, which seeds, where,
@@ -146,7 +146,7 @@ RUN_SETTINGS = {
 }
 
 
-def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
+def _params_from_file(spec: StudySpec, path: Path, dataset: str | None = None) -> ChosenParams:
     if path.is_dir():
         raise DlopsError(f"--params {path}: a directory, not a file (give best, baseline or a JSON file)")
     if not path.is_file():
@@ -184,8 +184,8 @@ def _params_from_file(spec: StudySpec, path: Path) -> ChosenParams:
                 f"--params {path}: {key!r} is read only by {foreign[key]}, and {spec.name} trains "
                 f"the {getattr(base, 'loss', '?')} loss: it would have no effect; remove it or use that loss's spec"
             )
-    try:  # the trainer's own check: a null lr, a negative weight decay, a momentum of 1...
-        spec.config(params=raw)
+    try:  # the trainer's own check, on the run's dataset: a null lr, a momentum of 1, unlabeled data on digits...
+        spec.config(dataset, params=raw)
     except DlopsError as exc:
         raise DlopsError(f"--params {path}: {exc}") from None
     return ChosenParams(dict(raw), {"kind": "file", "path": str(path.absolute())})  # the file, wherever run from

@@ -1156,3 +1156,23 @@ def test_cli_final_out_of_memory_is_one_line_and_leaves_the_previous_run_whole(d
         "reference run is untouched"
     ]
     assert _snapshot(dlops_home, "resnet18-ce") == before
+
+
+def test_an_unknown_dataset_and_a_params_file_wrong_for_the_run_s_dataset_are_one_line(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """An unknown --dataset is named as such (it was 'no study named autoencoder-nope: run
+    `dlops study run autoencoder --dataset nope` first', a command that fails too); a params
+    file is checked on the run's dataset, so its error names the file."""
+    from data_trees import one_error_line
+
+    from dlops.cli import app
+
+    line = one_error_line(CliRunner().invoke(app, ["final", "autoencoder", "--dataset", "nope"]))
+    assert line == "error: unknown dataset 'nope' (known: digits, stl10, tiny-imagenet)"
+    params = tmp_path / "p.json"
+    params.write_text('{"pretrain_data": "unlabeled"}')
+    args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
+    line = one_error_line(CliRunner().invoke(app, args))
+    assert line == f"error: --params {params}: pretrain_data = 'unlabeled' needs dataset stl10 (got 'digits')"
+    assert not (dlops_home / "reports").exists() and not (dlops_home / "checkpoints").exists()

@@ -181,17 +181,22 @@ def test_workers_starting_at_once_enqueue_one_baseline(backend: Backend, tmp_pat
         try:
             storage = backend.storage()
             study = open_study(spec, options, storage, worker)
-            barrier.wait()
+            barrier.wait(timeout=120)
             with storage.lock(study.study_name):
                 prepare_study(study, spec, options)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
+            barrier.abort()  # the others stop waiting for this one
 
+    # One connection first, in this thread: SQLAlchemy imports parts of itself on first use, and
+    # four threads doing that at once can see a module half imported (dlops's workers are processes).
+    backend.storage()
     threads = [threading.Thread(target=join, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not [e for e in errors if not isinstance(e, threading.BrokenBarrierError)], errors
     assert not errors
     trials = backend.study().get_trials()
     assert len(trials) == 1 and trials[0].state == TrialState.WAITING and trials[0].user_attrs["baseline"] is True

@@ -57,11 +57,16 @@ def register_dataset(name: str, loader: Callable[[Path | None], Dataset]) -> Non
     DATASETS[name] = loader
 
 
-def get_dataset(name: str, root: Path | None = None) -> Dataset:
-    """Load a registered dataset; an unknown or unprepared one is a one-line error."""
+def check_dataset_name(name: str) -> None:
+    """An unknown dataset name is a one-line error naming the known ones."""
     if name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise DlopsError(f"unknown dataset {name!r} (known: {known})")
+
+
+def get_dataset(name: str, root: Path | None = None) -> Dataset:
+    """Load a registered dataset; an unknown or unprepared one is a one-line error."""
+    check_dataset_name(name)
     return DATASETS[name](root)
 
 
