@@ -1165,7 +1165,6 @@ def test_an_unknown_dataset_and_a_params_file_wrong_for_the_run_s_dataset_are_on
     `dlops study run autoencoder --dataset nope` first', a command that fails too); a params
     file is checked on the run's dataset, so its error names the file."""
     from data_trees import one_error_line
-
     from dlops.cli import app
 
     line = one_error_line(CliRunner().invoke(app, ["final", "autoencoder", "--dataset", "nope"]))
