@@ -1168,7 +1168,7 @@ def test_an_unknown_dataset_and_a_params_file_wrong_for_the_run_s_dataset_are_on
     from dlops.cli import app
 
     line = one_error_line(CliRunner().invoke(app, ["final", "autoencoder", "--dataset", "nope"]))
-    assert line == "error: unknown dataset 'nope' (known: digits, stl10, tiny-imagenet)"
+    assert line.startswith("error: unknown dataset 'nope' (known: ") and "digits, stl10, tiny-imagenet" in line
     params = tmp_path / "p.json"
     params.write_text('{"pretrain_data": "unlabeled"}')
     args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
