@@ -3,14 +3,18 @@ from (one worker or many, a study or a final run)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from dlops.storage import mask_url
+from dlops.studies import trial_ending
 from dlops.text import plural
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 console = Console(emoji=False)  # ":b:" in a study name is text, not an emoji code
 err_console = Console(stderr=True, emoji=False)
@@ -43,37 +47,30 @@ def trial_label(number: int) -> str:
     return f"trial {number:>3}"
 
 
-def trial_end_line(trial: Any, metric: str | None, best: tuple[int, float] | None = None) -> str:
-    """How one trial (an Optuna ``FrozenTrial``) ended, after its epoch lines: complete with
-    its value against the study's best, pruned after which epoch, diverged, interrupted, or
-    failed with the reason the trial keeps (``dlops study show`` and its dashboard note say
-    the same)."""
-    state = trial.state.name
-    reason = str(trial.user_attrs.get("stopped_reason") or "")
+def trial_end_line(trial: FrozenTrial, metric: str | None, best: tuple[int, float] | None = None) -> str:
+    """How one trial ended, after its epoch lines: complete with its value against the
+    study's best, pruned after which epoch, diverged, interrupted, or failed with the reason
+    the trial keeps (its dashboard note says the same, from :func:`dlops.studies.trial_ending`)."""
+    end = trial_ending(trial)
     label = trial_label(trial.number)
     name = metric or "value"
-    if state == "COMPLETE":
+    if end.kind == "complete":
         line = f"{label}  complete  {name} {trial.value:.4f}"
         if best is not None:
             line += "  best so far" if best[0] == trial.number else f"  (best: trial {best[0]}, {best[1]:.4f})"
         return line
-    if state == "PRUNED":
-        if reason.startswith("non-finite"):
-            return f"{label}  diverged: {reason}; pruned"
-        values = trial.intermediate_values
-        epochs = (trial.user_attrs.get("config") or {}).get("epochs")
-        if not values:
+    if end.kind == "diverged":
+        return f"{label}  diverged: {end.reason}; pruned"
+    if end.kind == "pruned":
+        if end.last is None:
             return f"{label}  pruned"
-        last = max(values)
-        of = f" of {epochs}" if isinstance(epochs, int) else ""
-        return f"{label}  pruned after epoch {last + 1}{of}  ({name} {values[last]:.4f})"
-    if state == "FAIL":
-        if reason.startswith("interrupted"):
-            return f"{label}  {reason}"
-        fail = str(trial.system_attrs.get("fail_reason") or "").strip()  # Optuna's, where dlops recorded none
-        reason = reason.removeprefix("failed: ") or (fail.splitlines()[-1] if fail else "no reason recorded")
-        return f"{label}  failed: {reason}"
-    return f"{label}  {state.lower()}"
+        of = f" of {end.planned}" if end.planned else ""
+        return f"{label}  pruned after epoch {end.epochs}{of}  ({name} {end.last:.4f})"
+    if end.kind == "interrupted":
+        return f"{label}  {end.reason}"
+    if end.kind == "failed":
+        return f"{label}  failed: {end.reason or 'no reason recorded'}"
+    return f"{label}  {end.kind}"
 
 
 def print_study_summary(summary: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from dlops.objective import RunOptions, baseline_params, trial_config
 from dlops.paths import default_storage_url
 from dlops.spec import StudySpec, builtin_spec_dir
 from dlops.storage import StudyStorage, connect, mask_url
+from dlops.studies import trial_ending
 
 KEEP_MARKER = "*Your notes go below this line: dlops keeps them when it refreshes this note.*"
 HISTORY_COLUMNS = (  # (history key, column title, format)
@@ -308,29 +309,21 @@ def write_study_note(study: optuna.Study, ctx: StudyContext, trials: list[Frozen
 
 
 def stop_reason(trial: FrozenTrial, metric: str | None) -> str:
-    """Why the trial stopped, in one sentence."""
-    history = trial.user_attrs.get("history") or {}
-    done = max((len(v) for v in history.values() if isinstance(v, list)), default=len(trial.intermediate_values))
-    epochs = (trial.user_attrs.get("config") or {}).get("epochs")
-    of = f" of {epochs}" if epochs else ""
-    reason = trial.user_attrs.get("stopped_reason") or ""
-    last = trial.intermediate_values.get(max(trial.intermediate_values)) if trial.intermediate_values else None
-    if trial.state == TrialState.COMPLETE:
+    """Why the trial stopped, in one sentence (as ``dlops study run``'s line after it, from
+    :func:`dlops.studies.trial_ending`)."""
+    end = trial_ending(trial)
+    done, of = end.epochs, f" of {end.planned}" if end.planned else ""
+    if end.kind == "complete":
         return f"Completed all {done} epochs: `{metric}` {_value(trial.value)}."
-    if trial.state == TrialState.PRUNED:
-        if reason.startswith("non-finite"):
-            return f"Diverged: {reason}; pruned, so the sampler learns from it."
-        value = f" (`{metric}` {_value(last)})" if last is not None else ""
+    if end.kind == "diverged":
+        return f"Diverged: {end.reason}; pruned, so the sampler learns from it."
+    if end.kind == "pruned":
+        value = f" (`{metric}` {_value(end.last)})" if end.last is not None else ""
         return f"Pruned after epoch {done}{of}{value}: below the pruner's bar at that epoch."
-    if trial.state == TrialState.FAIL:
-        if reason.startswith("interrupted"):
-            return (
-                f"Interrupted (Ctrl-C or SIGTERM) after epoch {done}{of}; queued again to resume from its checkpoint."
-            )
-        if reason:
-            return f"Failed: {reason}."
-        fail = trial.system_attrs.get("fail_reason")
-        return "Failed" + (f": {str(fail).strip().splitlines()[-1]}" if fail else "") + f" after epoch {done}{of}."
+    if end.kind == "interrupted":
+        return f"Interrupted (Ctrl-C or SIGTERM) after epoch {done}{of}; queued again to resume from its checkpoint."
+    if end.kind == "failed":
+        return "Failed" + (f": {end.reason}" if end.reason else "") + f" after epoch {done}{of}."
     return f"{trial.state.name.capitalize()} after epoch {done}{of}."
 
 

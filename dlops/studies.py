@@ -103,6 +103,37 @@ def _planned_epochs(trial: FrozenTrial) -> int | None:
     return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else None
 
 
+@dataclass(frozen=True)
+class TrialEnding:
+    """How a finished trial ended, for the line ``dlops study run`` prints after it and the
+    sentence its dashboard note starts with."""
+
+    kind: str  # complete, diverged, pruned, interrupted, failed; else the state's name in lower case
+    epochs: int  # epochs it trained (its history's rows, else its reported values)
+    planned: int | None  # epochs its config planned
+    last: float | None  # its last reported value
+    reason: str  # diverged, interrupted: the recorded reason; failed: the error ('' where none is known)
+
+
+def trial_ending(trial: FrozenTrial) -> TrialEnding:
+    history = trial.user_attrs.get("history") or {}
+    values = trial.intermediate_values
+    epochs = max((len(v) for v in history.values() if isinstance(v, list)), default=len(values))
+    last = values[max(values)] if values else None
+    reason = str(trial.user_attrs.get("stopped_reason") or "")
+    kind = trial.state.name.lower()
+    if trial.state == TrialState.PRUNED and reason.startswith("non-finite"):
+        kind = "diverged"
+    elif trial.state == TrialState.FAIL:
+        if reason.startswith("interrupted"):
+            kind = "interrupted"
+        else:
+            kind = "failed"
+            fail = str(trial.system_attrs.get("fail_reason") or "").strip()  # Optuna's, where dlops recorded none
+            reason = reason.removeprefix("failed: ") or (fail.splitlines()[-1] if fail else "")
+    return TrialEnding(kind, epochs, _planned_epochs(trial), last, reason)
+
+
 def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
     """Epochs the finished trials trained against what the same trials would have trained
     unpruned (a trial its pruner stopped counted at its config's ``epochs``, else at the

@@ -234,6 +234,8 @@ def test_a_trial_note_says_why_the_trial_stopped_and_how_it_differs_from_the_bas
     assert stop_reason(diverged, "val_top1").startswith("Diverged: non-finite training loss nan at epoch 1, step 3")
     interrupted = _trial(TrialState.FAIL, "interrupted after epoch 2; queued again to resume from its checkpoint")
     assert stop_reason(interrupted, "val_top1").startswith("Interrupted (Ctrl-C or SIGTERM) after epoch 2 of 3")
+    failed = _trial(TrialState.FAIL, "failed: ZeroDivisionError: division by zero")
+    assert stop_reason(failed, "val_top1") == "Failed: ZeroDivisionError: division by zero after epoch 2 of 3."
     resumed = _trial(TrialState.COMPLETE, epochs_done=3, resumed_from={"trial": 1, "epoch": 2})
     note = trial_note(resumed, "val_top1", {"lr": 0.001, "epochs": 3, "seed": 0, "width": 8})
     assert "Completed all 3 epochs: `val_top1` 0.3000." in note
