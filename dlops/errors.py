@@ -30,3 +30,12 @@ def out_of_memory(exc: BaseException) -> str | None:
         return None
     asked = re.search(r"tried to allocate [0-9.]+ ?[A-Za-z]+", text, re.IGNORECASE)
     return asked.group(0)[0].lower() + asked.group(0)[1:] if asked else ""
+
+
+def out_of_memory_text(exc: BaseException) -> str | None:
+    """Running out of memory as the words after "ran" or "failed:" (``out of memory (tried
+    to allocate 3 GiB): a smaller model or batch size needs less``); None for another error."""
+    asked = out_of_memory(exc)
+    if asked is None:
+        return None
+    return f"out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs less"

@@ -53,7 +53,7 @@ from dlops.data import (
     get_dataset,
 )
 from dlops.data.cache import replace_dirs
-from dlops.errors import DlopsError, out_of_memory
+from dlops.errors import DlopsError, out_of_memory_text
 from dlops.io import (
     CorruptCheckpoint,
     Terminated,
@@ -350,13 +350,10 @@ def _run_seed(
             "the previous reference run is untouched"
         ) from None
     except (MemoryError, RuntimeError) as exc:
-        asked = out_of_memory(exc)
-        if asked is None:
+        memory = out_of_memory_text(exc)
+        if memory is None:
             raise
-        raise DlopsError(
-            f"seed {seed} ran out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs "
-            "less; the previous reference run is untouched"
-        ) from None
+        raise DlopsError(f"seed {seed} ran {memory}; the previous reference run is untouched") from None
     train_seconds = earlier + time.perf_counter() - t0
     # The one read of the test split for this seed: everything test-based below
     # (figures, per-class accuracy, t-SNE) uses this split object.

@@ -48,7 +48,7 @@ from dlops.data import (
     forbid_test_split,
     get_dataset,
 )
-from dlops.errors import DlopsError, StorageError, out_of_memory
+from dlops.errors import DlopsError, StorageError, out_of_memory, out_of_memory_text
 from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
@@ -322,9 +322,9 @@ def failure_reason(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, DlopsError):
         return text
-    asked = out_of_memory(exc)
-    if asked is not None:
-        return f"out of memory{f' ({asked})' if asked else ''}: a smaller model or batch size needs less"
+    memory = out_of_memory_text(exc)
+    if memory is not None:
+        return memory
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
