@@ -463,6 +463,14 @@ def sigterm_like_ctrl_c(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 RootOpt = Annotated[str | None, typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
 WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
+ValFractionOpt = Annotated[
+    float | None,
+    typer.Option(help="Hold-out of each training class for validation [default: the present cache's, else 0.1]"),
+]
+HoldoutSeedOpt = Annotated[
+    int | None,
+    typer.Option(min=0, max=2**32 - 1, help="Seed of the validation hold-out [default: the present cache's, else 0]"),
+]
 
 
 def _progress_on() -> bool:
@@ -483,6 +491,8 @@ def data_fetch(
     keep_archive: Annotated[
         bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")
     ] = False,
+    val_fraction: ValFractionOpt = None,
+    seed: HoldoutSeedOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
     """Download (or take) the archive, verify its md5, extract it safely and build the cache."""
@@ -495,6 +505,8 @@ def data_fetch(
         md5,
         force=force,
         keep_archive=keep_archive,
+        val_fraction=val_fraction,
+        seed=seed,
         workers=workers,
         progress=_progress_on(),
         say=say,
@@ -510,8 +522,8 @@ def data_prepare(
     root: RootOpt = None,
     raw: Annotated[str | None, typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
-    val_fraction: Annotated[float, typer.Option(help="Hold-out of each training class for validation")] = 0.1,
-    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the validation hold-out")] = 0,
+    val_fraction: ValFractionOpt = None,
+    seed: HoldoutSeedOpt = None,
     workers: WorkersOpt = None,
 ) -> None:
     """Build the uint8 cache (and manifest) from an extracted tree."""

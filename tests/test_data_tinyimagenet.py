@@ -23,6 +23,7 @@ from conftest import TINY_IMAGENET_SAMPLE, TINY_IMAGENET_SAMPLE_MISSING, require
 from data_trees import one_error_line, write_tiny_imagenet, zip_tree
 from dlops.cli import app
 from dlops.data import DATASETS, cache, get_dataset, load_split, take_subset, tinyimagenet
+from dlops.data.base import data_identity
 from dlops.data.cache import read_manifest
 from dlops.data.manage import fetch_dataset
 from dlops.data.splits import stratified_holdout
@@ -278,6 +279,79 @@ def test_prepare_rebuilds_from_the_extracted_tree_with_another_holdout(good_root
     manifest = read_manifest(good_root, "tiny-imagenet")
     assert manifest["splits"] == {"train": 24, "val": 6, "test": 6}
     assert manifest["holdout"]["seed"] == 3 and manifest["source"]["archive"] == "mini.zip"
+
+
+def holdout_of(root: Path) -> tuple[float, int, list[int]]:
+    manifest = read_manifest(root, "tiny-imagenet")
+    index = np.load(root / "tiny-imagenet" / "cache" / "val_source_index.npy").tolist()
+    return manifest["holdout"]["fraction"], manifest["holdout"]["seed"], index
+
+
+def test_a_forced_rebuild_keeps_the_hold_out_of_the_cache_it_replaces(good_root: Path, mini_zip: Path) -> None:
+    """A study records the hold-out it is measured on: `--force` (to repair a cache, say)
+    without --val-fraction/--seed must not quietly go back to the default split."""
+    root = str(good_root)
+    result = dlops(
+        "data", "prepare", "tiny-imagenet", "--root", root, "--force", "--val-fraction", "0.2", "--seed", "3"
+    )
+    assert result.exit_code == 0, result.output
+    built = holdout_of(good_root)
+    assert built[:2] == (0.2, 3) and len(built[2]) == 6
+    identity = data_identity(get_dataset("tiny-imagenet", good_root))
+    for args in (
+        ("prepare", "tiny-imagenet", "--force"),
+        ("fetch", "tiny-imagenet", "--force", "--source", str(mini_zip)),
+        ("prepare", "tiny-imagenet", "--force", "--seed", "3"),  # the fraction not given is kept too
+    ):
+        result = dlops("data", *args, "--root", root, "--workers", "1")
+        assert result.exit_code == 0, result.output
+        assert "keeping the validation hold-out of the present cache (fraction 0.2, seed 3)" in result.stdout
+        assert holdout_of(good_root) == built
+        assert data_identity(get_dataset("tiny-imagenet", good_root)) == identity
+    # Only the part given changes; the other is the present cache's.
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", root, "--force", "--seed", "4", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.stdout.split())
+    assert "changes from fraction 0.2, seed 3 to fraction 0.2, seed 4" in line and "will not continue" in line
+    fraction, seed, index = holdout_of(good_root)
+    assert (fraction, seed) == (0.2, 4) and len(index) == 6 and index != built[2]
+
+
+def test_rebuilding_a_damaged_cache_keeps_the_hold_out_its_manifest_records(good_root: Path) -> None:
+    root = str(good_root)
+    result = dlops(
+        "data", "prepare", "tiny-imagenet", "--root", root, "--force", "--val-fraction", "0.2", "--seed", "3"
+    )
+    assert result.exit_code == 0, result.output
+    built = holdout_of(good_root)
+    images = good_root / "tiny-imagenet" / "cache" / "train_images.npy"
+    images.write_bytes(images.read_bytes()[:1000])  # cut short: the cache no longer reads
+    assert "dlops data prepare tiny-imagenet --force" in one_error_line(
+        dlops("data", "info", "tiny-imagenet", "--root", root)
+    )
+    result = dlops("data", "prepare", "tiny-imagenet", "--root", root, "--force", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert holdout_of(good_root) == built
+
+
+@pytest.mark.parametrize("command", ["prepare", "fetch"])
+def test_a_hold_out_given_without_force_is_refused_not_ignored(good_root: Path, mini_zip: Path, command: str) -> None:
+    """Without --force a present cache is kept, so another hold-out asked for would be
+    silently dropped: it is one line saying --force, and the cache is as it was."""
+    source = ("--source", str(mini_zip)) if command == "fetch" else ()
+    before = snapshot(good_root)
+    line = one_error_line(
+        dlops("data", command, "tiny-imagenet", "--root", str(good_root), *source, "--val-fraction", "0.3")
+    )
+    assert "already prepared with the validation hold-out fraction 0.1, seed 0" in line, line
+    assert "add --force to rebuild it with fraction 0.3, seed 0" in line, line
+    assert_survived(good_root, before)
+    # The hold-out it has, asked for again, is no change: the cache is reused.
+    result = dlops(
+        "data", command, "tiny-imagenet", "--root", str(good_root), *source, "--val-fraction", "0.1", "--seed", "0"
+    )
+    assert result.exit_code == 0 and "already prepared" in result.stdout, result.output
+    assert snapshot(good_root) == before
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])

@@ -29,6 +29,7 @@ from dlops.data.cache import (
     CACHE_SCRATCH,
     DOWNLOAD_SCRATCH,
     EXTRACT_SCRATCH,
+    MANIFEST,
     CacheBuilder,
     cache_dir,
     dataset_dir,
@@ -81,8 +82,7 @@ def _build(
     also: Sequence[tuple[Path, Path]] = (),
 ) -> dict[str, Any]:
     """Build the cache of ``tree`` and swap it in, with the folders ``also`` (all or none)."""
-    if not 0 < val_fraction < 1:
-        raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    _check_fraction(val_fraction)
     with CacheBuilder(root, module.NAME) as builder:
         entries = module.build_cache(
             tree, builder, val_fraction=val_fraction, seed=seed, workers=workers, progress=progress
@@ -96,6 +96,11 @@ def _build(
             },
             also,
         )
+
+
+def _check_fraction(val_fraction: float) -> None:
+    if not 0 < val_fraction < 1:
+        raise DlopsError(f"validation fraction must be between 0 and 1, got {val_fraction:g}")
 
 
 def _one_at_a_time(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -126,6 +131,8 @@ def fetch_dataset(
     *,
     force: bool = False,
     keep_archive: bool = False,
+    val_fraction: float | None = None,
+    seed: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     say: Say = _quiet,
@@ -147,8 +154,11 @@ def fetch_dataset(
         manifest = read_manifest(root, name)
         if source is not None or md5 is not None:
             _check_same_source(name, manifest.get("source") or {}, source or module.URL, md5)
+        choose_holdout(root, name, val_fraction, seed, rebuild=False)
         say(f"{name} is already prepared in {cache_dir(root, name)} (--force fetches it again)")
         return {**manifest, "reused": True}
+    val_fraction, seed = choose_holdout(root, name, val_fraction, seed, rebuild=True, say=say)
+    _check_fraction(val_fraction)
     home = dataset_dir(root, name)
     src = source or module.URL
     fresh: Path | None = None  # the scratch folder a download goes to
@@ -209,8 +219,8 @@ def fetch_dataset(
             tree,
             root,
             {**info, "tree": str(home / "raw" / tree.relative_to(scratch))},
-            val_fraction=0.1,
-            seed=0,
+            val_fraction=val_fraction,
+            seed=seed,
             workers=workers,
             progress=progress,
             also=[(scratch, home / "raw")],  # the cache and the tree it came from: both or neither
@@ -259,6 +269,67 @@ def _check_same_source(name: str, built_from: dict[str, Any], source: str, md5: 
         raise DlopsError(f"md5 mismatch for {path}: got {actual}, expected {md5}")
     if actual != built_from.get("md5"):
         raise DlopsError(f"{name} is already prepared from {was}, not from {path} (md5 {actual}): {again}")
+
+
+DEFAULT_HOLDOUT = (0.1, 0)  # fraction of each training class held out for validation, its seed
+
+
+def _cached_holdout(root: Path, name: str) -> tuple[float, int] | None:
+    """The validation hold-out (fraction, seed) the present cache of ``name`` was built with,
+    read from its manifest even where an array file is damaged (a rebuild that repairs it
+    keeps the split); None where no manifest records one."""
+    try:
+        manifest = read_manifest(root, name)
+    except DatasetNotAvailable:
+        try:
+            manifest = json.loads((cache_dir(root, name) / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    holdout = manifest.get("holdout") if isinstance(manifest, dict) else None
+    if not isinstance(holdout, dict):
+        return None
+    fraction, seed = holdout.get("fraction"), holdout.get("seed")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return None
+    return float(fraction), seed
+
+
+def _describe(holdout: tuple[float, int]) -> str:
+    return f"fraction {holdout[0]:g}, seed {holdout[1]}"
+
+
+def choose_holdout(
+    root: Path,
+    name: str,
+    val_fraction: float | None,
+    seed: int | None,
+    *,
+    rebuild: bool,
+    say: Say = _quiet,
+) -> tuple[float, int]:
+    """The validation hold-out a fetch or prepare builds with. What is not given is the
+    present cache's (a rebuild keeps the split its studies were measured on), else the
+    default (0.1, seed 0). Without ``rebuild`` (no --force) a present cache is kept, so a
+    hold-out given that differs from its own is refused rather than silently ignored."""
+    previous = _cached_holdout(root, name)
+    base = previous or DEFAULT_HOLDOUT
+    chosen = (base[0] if val_fraction is None else float(val_fraction), base[1] if seed is None else seed)
+    if previous is None or chosen == previous:
+        if previous is not None and rebuild and (val_fraction is None or seed is None):
+            say(f"keeping the validation hold-out of the present cache ({_describe(previous)})")
+        return chosen
+    if not rebuild:
+        raise DlopsError(
+            f"{name} is already prepared with the validation hold-out {_describe(previous)}: "
+            f"add --force to rebuild it with {_describe(chosen)}"
+        )
+    say(
+        f"note: the validation hold-out changes from {_describe(previous)} to {_describe(chosen)}: "
+        "studies measured on the old one will not continue on this cache"
+    )
+    return chosen
 
 
 def _local_file(source: str) -> Path | None:
@@ -314,19 +385,23 @@ def prepare_dataset(
     *,
     raw: Path | str | None = None,
     force: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: float | None = None,
+    seed: int | None = None,
     workers: int | None = None,
     progress: bool = True,
     say: Say = _quiet,
 ) -> dict[str, Any]:
-    """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``)."""
+    """Build the cache of ``name`` from an extracted tree (default ``<root>/<name>/raw``).
+    The hold-out not given is the present cache's, else 10% with seed 0 (:func:`choose_holdout`)."""
     module = cached_module(name)
     root = resolve_root(root)
     _remove_stale_scratch(dataset_dir(root, name))
     if not force and is_prepared(root, name):
+        choose_holdout(root, name, val_fraction, seed, rebuild=False)
         say(f"{name} is already prepared in {cache_dir(root, name)} (--force rebuilds it)")
         return {**read_manifest(root, name), "reused": True}
+    val_fraction, seed = choose_holdout(root, name, val_fraction, seed, rebuild=True, say=say)
+    _check_fraction(val_fraction)
     where = Path(raw).expanduser().absolute() if raw is not None else dataset_dir(root, name) / "raw"
     if not where.is_dir():
         raise DatasetNotAvailable(
