@@ -747,11 +747,10 @@ def test_labels_out_of_range_are_one_line_with_the_fix(good_root: Path, tmp_path
     labels = np.load(path)
     labels[0] = label
     np.save(path, labels)
-    line = one_error_line(
-        dlops("data", "show", "tiny-imagenet", "--root", str(good_root), "--out", str(tmp_path / "x.png"))
-    )
-    assert f"{split}_labels.npy holds labels" in line and "not class indices 0..2" in line, line
-    assert "dlops data prepare tiny-imagenet --force" in line
+    for command in (("show", "--out", str(tmp_path / "x.png")), ("info",), ("info", "--json")):
+        line = one_error_line(dlops("data", *command, "tiny-imagenet", "--root", str(good_root)))
+        assert f"{split}_labels.npy holds labels" in line and "not class indices 0..2" in line, line
+        assert "dlops data prepare tiny-imagenet --force" in line
 
 
 def test_a_reference_run_finds_a_damaged_test_split_before_it_trains(

@@ -35,6 +35,7 @@ from dlops.data.cache import (
     dataset_dir,
     directory_bytes,
     is_prepared,
+    open_split,
     read_manifest,
     remove_stale_scratch,
     resolve_root,
@@ -437,6 +438,9 @@ def dataset_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
     if name in ("tiny-imagenet", "stl10"):
         manifest = read_manifest(root, name)
         directory = cache_dir(root, name)
+        for split in manifest["splits"]:  # labels that are not class indices: one line, as a study would say
+            if split != "unlabeled":
+                open_split(root, name, split, len(manifest["class_ids"]))
         return {
             "name": name,
             "classes": manifest["classes"],
