@@ -668,7 +668,10 @@ class AutoencoderTrainer(Trainer[AEConfig]):
     report_figures = (
         ("class_accuracy.png", "per-class test accuracy"),
         ("ae_losses.png", "autoencoder losses (pretraining per layer, fine-tuning)"),
-        ("tsne.png", "t-SNE of hidden layer X[3] (the last one of a shorter stack; the figure names it), test images"),
+        (
+            "tsne.png",
+            "t-SNE of the 256-unit hidden layer X[3] (the last layer where the stack is shorter), test images",
+        ),
     )
 
     def validate(self, config: AEConfig) -> None:
