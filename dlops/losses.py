@@ -33,6 +33,11 @@ class Loss(nn.Module):
         """This loss's own per-epoch figures since the last call (none by default)."""
         return {}
 
+    def validation_loss_sum(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective summed over a validation batch, with no side effect (no
+        center moves): softmax cross-entropy by default. Only for losses scored by logits."""
+        return F.cross_entropy(at_least_fp32(logits), labels, reduction="sum")
+
 
 class CrossEntropyLoss(Loss):
     """Softmax cross-entropy on the logits, averaged over the batch."""
@@ -203,6 +208,13 @@ class CenterLoss(Loss):
         if self.training:
             self.update_centers(f.detach(), labels)
         return loss
+
+    def validation_loss_sum(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy plus the center term, as in training, summed; the centers stay put."""
+        f = at_least_fp32(embedding)
+        center_term = ((f - self.centers[labels]) ** 2).sum(1)
+        ce = F.cross_entropy(at_least_fp32(logits), labels, reduction="sum")
+        return ce + 0.5 * self.center_lambda * center_term.sum()
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:

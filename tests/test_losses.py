@@ -172,6 +172,29 @@ def test_center_loss_centers_are_not_moved_by_sgd() -> None:
     torch.testing.assert_close(loss_fn.centers, before)
 
 
+def test_center_loss_validation_sum_is_the_training_objective_and_moves_no_center() -> None:
+    """A center-loss run's val_loss is what its train_loss is (cross-entropy plus the
+    center term), not cross-entropy alone; and validating never moves a center."""
+    g = torch.Generator().manual_seed(1)
+    feats, logits = torch.randn(7, 5, generator=g), torch.randn(7, 3, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    loss_fn = CenterLoss(3, 5, center_lambda=0.4, center_alpha=0.5)
+    loss_fn.centers.copy_(torch.randn(3, 5, generator=g))
+    before = loss_fn.centers.clone()
+    got = loss_fn.validation_loss_sum(feats, logits, labels)
+    torch.testing.assert_close(loss_fn.centers, before)  # still in training mode, and no update
+    naive = sum(
+        F.cross_entropy(logits[i : i + 1], labels[i : i + 1]) + 0.2 * ((feats[i] - before[labels[i]]) ** 2).sum()
+        for i in range(7)
+    )
+    torch.testing.assert_close(got, naive)
+    assert float(got) > float(F.cross_entropy(logits, labels, reduction="sum")) + 1.0
+    ce = LOSSES["ce"](3, 5)
+    torch.testing.assert_close(
+        ce.validation_loss_sum(feats, logits, labels), F.cross_entropy(logits, labels, reduction="sum")
+    )
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_registered_loss_gives_a_finite_differentiable_scalar(name: str) -> None:
     loss_fn = LOSSES[name](3, 8)

@@ -155,6 +155,32 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
 
 
+def test_a_center_loss_run_validates_its_whole_objective() -> None:
+    """val_loss of center loss adds the center term to the cross-entropy, as train_loss
+    does, and evaluating leaves the centers where training put them."""
+    import numpy as np
+
+    from dlops.trainers.base import evaluate
+
+    result = fit(small("center", epochs=1, center_lambda=0.5))
+    ds, device, loss_fn = result.dataset, result.device, result.loss_fn
+    mean, std = ds.channel_stats()
+    centers = loss_fn.centers.clone()
+    got = evaluate(result.model, loss_fn, ds.val, mean, std, device, batch_size=7)
+    torch.testing.assert_close(loss_fn.centers, centers)
+    x = (
+        torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)
+    ) / torch.tensor(std).float().view(1, -1, 1, 1)
+    y = torch.from_numpy(np.asarray(ds.val.labels))
+    with torch.no_grad():
+        embedding, logits = result.model.eval()(x)
+    ce = float(torch.nn.functional.cross_entropy(logits, y))
+    center = float(((embedding - centers[y]) ** 2).sum(1).mean())
+    assert center > 0.1
+    assert got["loss"] == pytest.approx(ce + 0.25 * center, rel=1e-5)
+    assert result.history["val_loss"][-1] == pytest.approx(got["loss"], rel=1e-5)
+
+
 def test_triplet_history_has_diagnostics_and_a_stuck_run_stays_violated() -> None:
     # lr 0: the network never changes, so batch-hard triplets of a random network stay
     # violated (the hardest positive is farther than the nearest negative).

@@ -234,7 +234,8 @@ def evaluate(
     device: torch.device,
     batch_size: int = 512,
 ) -> dict[str, float]:
-    """Top-1/top-5 (and cross-entropy where the model has a classifier) on a split."""
+    """Top-1/top-5 on a split and, for a loss scored by logits, its training objective
+    (cross-entropy; plus the center term for center loss): ``loss``, NaN otherwise."""
     model.eval()
     loader = BatchLoader(split, batch_size, mean, std, device, channels_last=device.type == "cuda")
     # Sums stay on the device and are read once at the end: no host sync per batch.
@@ -248,7 +249,7 @@ def evaluate(
             scores = centroid_scores(loss_fn.scoring_embedding(embedding), centroids_of(model))
         else:
             scores = logits.float()
-            loss_sum += nn.functional.cross_entropy(scores, y, reduction="sum")
+            loss_sum += loss_fn.validation_loss_sum(embedding, scores, y)
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices == y[:, None]
         hits[0] += top[:, 0].sum()
         hits[1] += top.any(1).sum()
