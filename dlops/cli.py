@@ -648,6 +648,8 @@ def report(storage: StorageOpt = None) -> None:
     result = build_report(storage, attach_study_plots=attach_study_plots)
     if result.no_storage:
         say(f"note: {result.no_storage}; the report has reference runs only")
+    if result.not_attached:
+        say(f"note: {result.not_attached}; the report has every study's plots, the dashboard those it had")
     for name, why in result.skipped.items():
         say(f"left out study {name}: {why}")
     for folder, spec in result.copies.items():

@@ -28,7 +28,7 @@ from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
 from dlops.paths import REPORTS_RESERVED, default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
-from dlops.storage import NoStorageYet, mask_url, open_storage
+from dlops.storage import NoStorageYet, StorageWriteRefused, mask_url, open_storage
 from dlops.studies import epochs_summary, not_dlops_reason
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
@@ -446,6 +446,7 @@ class ReportResult:
     skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
     copies: dict[str, str] = field(default_factory=dict)  # folder under reports/ -> the spec whose run it copies
     no_storage: str | None = None  # why no study was read: the storage does not exist (a mistyped --storage?)
+    not_attached: str | None = None  # why the study plots are not on the dashboard: the storage refused the write
 
 
 def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str], str | None]:
@@ -564,7 +565,8 @@ def build_report(
 ) -> ReportResult:
     """``dlops report``: refresh every spec's folder and write ``reports/index.md``.
     ``attach_study_plots(study, files)`` (the dashboard's Study Artifacts) gets every
-    study's refreshed plots."""
+    study's refreshed plots; where the storage refuses that write (a read-only storage),
+    the report is written all the same and :attr:`ReportResult.not_attached` says why."""
 
     plots.use_headless_backend()
     url = storage or default_storage_url()
@@ -573,14 +575,18 @@ def build_report(
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
     files: list[Path] = []
+    not_attached = None  # a storage that refuses writes (read-only, locked): the report is written all the same
     for e in entries:
         out_dir = root / e.folder
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
             study_files = write_study_plots(e.study, out_dir / "study")
-            if attach_study_plots is not None:
-                attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
+            if attach_study_plots is not None and not_attached is None:
+                try:  # the dashboard's Study Artifacts, refreshed in place
+                    attach_study_plots(e.study, study_files)
+                except StorageWriteRefused as exc:
+                    not_attached = str(exc)
             files += study_files
         files.append(write_spec_report(e.name, e.study, out_dir))
 
@@ -632,7 +638,13 @@ def build_report(
     index = root / INDEX
     _write_text(index, "\n".join(lines))
     return ReportResult(
-        index=index, files=[index, *files], entries=entries, skipped=skipped, copies=copies, no_storage=no_storage
+        index=index,
+        files=[index, *files],
+        entries=entries,
+        skipped=skipped,
+        copies=copies,
+        no_storage=no_storage,
+        not_attached=not_attached,
     )
 
 

@@ -223,6 +223,25 @@ class NoStorageYet(StorageError):
     """A SQLite or journal storage whose file does not exist, opened to read."""
 
 
+class StorageWriteRefused(StorageError):
+    """A storage that can be read but refused a write (a read-only file or mount, a
+    read-only database user, a database locked by another writer for too long)."""
+
+
+def write_refusal(exc: BaseException) -> str:
+    """Why a storage refused a write, in a few words: the first line of the innermost
+    error (``attempt to write a readonly database``), not the driver's SQL and parameters."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return mask_url(lines[0][:200]) if lines else type(exc).__name__
+
+
 def storage_file(url: str) -> Path | None:
     """The file a SQLite or journal storage lives in (None for a server or in-memory one)."""
     kind = storage_kind(url)

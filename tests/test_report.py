@@ -227,6 +227,48 @@ def test_cli_report_bad_storage_is_one_line(dlops_home):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+def test_a_storage_that_refuses_writes_still_gets_its_report_and_keeps_its_data(dlops_home):
+    """`dlops report` on a storage it can read but not write (here another writer holds
+    SQLite's write lock; a read-only file or mount is refused the same way): the report is
+    written in full, one note says the plots are not on the dashboard, the database is
+    unchanged and no orphan file is left in the artifact store. It used to end in a traceback
+    of Optuna's StorageInternalError."""
+    import sqlite3
+
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    make_study(dlops_home, "resnet18-ce", n=2)
+    make_study(dlops_home, "resnet18-center", n=2, loss="center")
+    db = dlops_home / "dlops.db"
+    before = db.read_bytes()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer's lock: others still read, nobody else writes
+    try:
+        result = CliRunner().invoke(app, ["report"])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, result.output
+    assert "could not attach the plots of study resnet18-ce to the dashboard" in notes[0]
+    assert "database is locked" in notes[0] and "INSERT" not in notes[0]
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "[cross-entropy](resnet18-ce/report.md)" in index and "[center loss](resnet18-center/report.md)" in index
+    for name in ("resnet18-ce", "resnet18-center"):
+        assert (dlops_home / "reports" / name / "study" / "optimization_history.png").is_file()
+    assert db.read_bytes() == before
+    assert not list((dlops_home / "artifacts").iterdir())
+
+    again = CliRunner().invoke(app, ["report"])  # writable again: the plots go to the dashboard
+    assert again.exit_code == 0 and "note:" not in again.output, again.output
+    study = optuna.load_study(study_name="resnet18-ce", storage=f"sqlite:///{db}")
+    ids = study._storage.get_study_system_attrs(study._study_id)["dlops:study_plots"]
+    assert ids and all((dlops_home / "artifacts" / i).is_file() for i in ids.values())
+
+
 def test_study_figures_label_the_metric_and_read_integer_epochs(dlops_home):
     from matplotlib.ticker import MaxNLocator
 
