@@ -236,6 +236,13 @@ class StudyFacts:
     epochs: dict[str, Any] | None = None  # dlops.studies.epochs_summary: trained vs unpruned
 
     @property
+    def best_text(self) -> str:
+        """The best value and its trial, or that the study has no complete trial yet."""
+        if self.best_trial is None:
+            return "– (no complete trial yet)"
+        return f"{_fmt(self.best_value)} (trial {self.best_trial})"
+
+    @property
     def pruning_text(self) -> str:
         """One line: the epochs the study trained against its trials unpruned."""
         e = self.epochs
@@ -403,7 +410,7 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         lines += [
             f"## Study `{facts.name}`",
             "",
-            f"- best {facts.metric or 'value'}: {_fmt(facts.best_value)} (trial {_fmt(facts.best_trial)})",
+            f"- best {facts.metric or 'value'}: {facts.best_text}",
             f"- trials: {facts.complete} complete, {facts.pruned} pruned, {facts.failed} failed",
             f"- compute: {_fmt_seconds(facts.trial_seconds)} of trial time",
             f"- pruning: {facts.pruning_text}",
@@ -735,9 +742,7 @@ def _other_section(e: Entry) -> list[str]:
         lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final, facts)}) |")
         lines.append(f"| final epochs × seeds | {e.final['epochs']} × {len(e.final['seeds'])} |")
     if facts:
-        lines.append(
-            f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |"
-        )
+        lines.append(f"| best {facts.metric or 'value'} in the study | {facts.best_text} |")
         lines.append(f"| trials complete / pruned | {facts.complete} / {facts.pruned} |")
         lines.append(f"| pruning: epochs trained | {facts.pruning_text} |")
     lines.append(

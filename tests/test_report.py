@@ -437,6 +437,29 @@ def test_an_entry_without_a_reference_run_is_headed_by_its_study(dlops_home):
     assert "Spec `autoencoder-digits`" not in index
 
 
+def _plain_optuna_study(home: Path, name: str, *, complete: bool) -> optuna.Study:
+    """A study made with plain Optuna, not by `dlops study run`: no spec, no metric name."""
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{home / 'dlops.db'}", direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    if complete:
+        trial.report(0.5, 0)
+        study.tell(trial, 0.5)
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return study
+
+
+def test_a_study_without_a_complete_trial_shows_no_best_rather_than_trial_none(dlops_home):
+    dlops_home.mkdir(parents=True)
+    _plain_optuna_study(dlops_home, "sweep", complete=False)
+    index = build_report().index.read_text()
+    part = index[index.index("## sweep") :]
+    assert "| best value in the study | – (no complete trial yet) |" in part, part
+    assert "None" not in index
+    report = (dlops_home / "reports" / "sweep" / "report.md").read_text()
+    assert "- best value: – (no complete trial yet)" in report and "None" not in report
+
+
 def _set(path: str, value):
     """A damage: set the key at ``path`` (dots, and [i] for a list item) to ``value``."""
 
