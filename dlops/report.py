@@ -402,10 +402,20 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
                     lines += [f"![{caption}]({png})", ""]
     else:
         made_by = study.user_attrs.get("spec") if study is not None else None
+        made_by = made_by if isinstance(made_by, str) else None  # plain Optuna's study may hold anything
         command = f"dlops final {spec_name}"
         if study is not None and made_by not in (None, spec_name):  # another spec's study, under its own name
             command = f"dlops final {made_by} --study-name {shlex.quote(study.study_name)}"
-        lines += [f"No reference run yet: `{command}` trains one.", ""]
+        if study is not None and made_by is None and spec_name not in builtin_specs():
+            # not made by `dlops study run` and no spec of its name: `dlops final NAME` would be refused
+            command = f"dlops final SPEC --study-name {shlex.quote(study.study_name)}"
+            lines += [
+                f"No reference run yet. The study records no spec (it was not made by `dlops study run`): "
+                f"`{command}` trains one, with SPEC the spec its parameters belong to.",
+                "",
+            ]
+        else:
+            lines += [f"No reference run yet: `{command}` trains one.", ""]
     if facts is not None:
         lines += [
             f"## Study `{facts.name}`",

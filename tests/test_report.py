@@ -460,6 +460,26 @@ def test_a_study_without_a_complete_trial_shows_no_best_rather_than_trial_none(d
     assert "- best value: – (no complete trial yet)" in report and "None" not in report
 
 
+def test_a_plain_optuna_study_is_not_told_to_run_a_spec_of_its_name(dlops_home):
+    """A study not made by `dlops study run` records no spec: its report once said
+    `dlops final sweep` trains a reference run, which is refused (no spec 'sweep'). It
+    names the command that works; a study of a spec keeps its spec's command."""
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    _plain_optuna_study(dlops_home, "sweep", complete=True)
+    make_study(dlops_home, "ce-digits", n=2)  # made by resnet18-ce, under another name
+    build_report()
+    text = (dlops_home / "reports" / "sweep" / "report.md").read_text()
+    assert "`dlops final sweep`" not in text
+    assert "The study records no spec (it was not made by `dlops study run`)" in text
+    assert "`dlops final SPEC --study-name sweep` trains one" in text
+    refused = CliRunner().invoke(app, ["final", "sweep"])
+    assert refused.exit_code == 2 and "unknown spec 'sweep'" in refused.output
+    ce = (dlops_home / "reports" / "ce-digits" / "report.md").read_text()
+    assert "No reference run yet: `dlops final resnet18-ce --study-name ce-digits` trains one." in ce
+
+
 def _set(path: str, value):
     """A damage: set the key at ``path`` (dots, and [i] for a list item) to ``value``."""
 
