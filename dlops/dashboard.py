@@ -185,19 +185,42 @@ def missing_artifacts(url: str) -> int:
     return missing
 
 
+def dashboard_server(host: str, port: int, app: Any) -> Any:
+    """wsgiref's server for ``app`` on ``host:port``: IPv6 for an address with a colon
+    (``::1``, ``[::1]``, ``::`` for every interface), which the plain IPv4 server refused
+    ("Address family for hostname not supported"). One line where it cannot listen."""
+    import socket
+    from wsgiref import simple_server
+
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    kwargs: dict[str, Any] = {}
+    if ":" in address:
+
+        class IPv6Server(simple_server.WSGIServer):
+            address_family = socket.AF_INET6
+
+        kwargs["server_class"] = IPv6Server
+    try:
+        return simple_server.make_server(address, port, app, **kwargs)
+    except OSError as exc:
+        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def server_url(server: Any) -> str:
+    """The address a browser opens for ``server``: the one it is bound to (``0.0.0.0`` for
+    ``--host ''``, which read ``http://:8080/``), an IPv6 one in brackets."""
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve_dashboard(url: str, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
     """Serve the dashboard until Ctrl-C; ``ready`` gets the lines to print once the storage
     is open and the port is taken (its password masked), and a note on artifacts stored on
     another machine."""
-    from wsgiref.simple_server import make_server
-
     app = dashboard_app(url)
-    try:
-        server = make_server(host, port, app)
-    except OSError as exc:
-        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    server = dashboard_server(host, port, app)
     if ready is not None:
-        ready(f"optuna-dashboard for {mask_url(url)} on http://{host}:{server.server_port}/ (Ctrl-C stops)")
+        ready(f"optuna-dashboard for {mask_url(url)} on {server_url(server)} (Ctrl-C stops)")
         missing = missing_artifacts(url)
         if missing:
             ready(
