@@ -291,10 +291,11 @@ def study_run(
 def study_list(storage: StorageOpt = None) -> None:
     """List the studies in the storage."""
     from dlops.paths import default_storage_url
-    from dlops.studies import list_studies
+    from dlops.studies import study_listing
 
     url = storage or default_storage_url()
-    out.print_study_list(list_studies(url), url)
+    rows, absent = study_listing(url)
+    out.print_study_list(rows, url, absent)
 
 
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")

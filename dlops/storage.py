@@ -482,9 +482,15 @@ def connect(
     if path is not None and path.is_dir():
         raise StorageError(f"{mask_url(url)} names the folder {path}, not a study storage file (check --storage)")
     if not create and path is not None and not path.exists():
+        relative = (
+            f"; sqlite:/// with three slashes is a path relative to the current folder, {Path.cwd()}, "
+            "sqlite://// with four an absolute one"
+            if kind == "sqlite" and not path.is_absolute()
+            else ""
+        )
         raise NoStorageYet(
-            f"no study storage at {path}: nothing has run with {mask_url(url)} yet "
-            "(check --storage, $DLOPS_STORAGE and $DLOPS_HOME)"
+            f"no study storage at {path.absolute()}: nothing has run with {mask_url(url)} yet "
+            f"(check --storage, $DLOPS_STORAGE and $DLOPS_HOME{relative})"
         )
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"

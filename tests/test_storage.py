@@ -275,6 +275,27 @@ def test_a_mistyped_storage_scheme_is_named_in_one_line(dlops_home: Path, tmp_pa
     assert not list(tmp_path.iterdir())  # no database, no reports, no $DLOPS_HOME
 
 
+def test_a_relative_sqlite_path_that_does_not_exist_is_named_in_full(
+    dlops_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///tmp/x.db` (three slashes: relative) meant for /tmp/x.db: `study list` said
+    only "no studies yet", `study show` "no study storage at tmp/x.db"; both name the file
+    they looked for, and say how an absolute path is written. Nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///typo/x.db"
+    where = f"no study storage at {tmp_path / 'typo' / 'x.db'}: nothing has run with {url} yet"
+    hint = f"sqlite:/// with three slashes is a path relative to the current folder, {tmp_path}"
+    listed = CliRunner().invoke(app, ["study", "list", "--storage", url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.startswith(f"no studies yet in {url}: {where}") and hint in listed.output, listed.output
+    shown = CliRunner().invoke(app, ["study", "show", "s", "--storage", url])
+    (line,) = shown.output.strip().splitlines()
+    assert shown.exit_code == 2 and line.startswith(f"error: {where}") and hint in line, line
+    absolute = CliRunner().invoke(app, ["study", "show", "s", "--storage", f"sqlite:///{tmp_path}/typo/x.db"])
+    assert absolute.exit_code == 2 and "three slashes" not in absolute.output, absolute.output
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_home: Path, tmp_path: Path) -> None:
     """A mistyped --storage path: the read-only commands say so and leave no file or folder."""
