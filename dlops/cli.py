@@ -291,10 +291,11 @@ def study_run(
 def study_list(storage: StorageOpt = None) -> None:
     """List the studies in the storage."""
     from dlops.paths import default_storage_url
-    from dlops.studies import list_studies
+    from dlops.studies import study_listing
 
     url = storage or default_storage_url()
-    out.print_study_list(list_studies(url), url)
+    rows, absent = study_listing(url)
+    out.print_study_list(rows, url, absent)
 
 
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")
@@ -660,6 +661,8 @@ def report(storage: StorageOpt = None) -> None:
     result = build_report(storage, attach_study_plots=attach_study_plots)
     if result.no_storage:
         say(f"note: {result.no_storage}; the report has reference runs only")
+    if result.not_attached:
+        say(f"note: {result.not_attached}; the report has every study's plots, the dashboard those it had")
     for name, why in result.skipped.items():
         say(f"left out study {name}: {why}")
     for folder, spec in result.copies.items():

@@ -87,9 +87,11 @@ def print_study_summary(summary: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_study_list(rows: list[dict[str, Any]], url: str) -> None:
+def print_study_list(rows: list[dict[str, Any]], url: str, absent: str | None = None) -> None:
+    """The studies of ``url`` as a table; ``absent``: why there are none (no storage there yet)."""
     if not rows:
-        console.print(f"no studies yet in {mask_url(url)}", markup=False, highlight=False, soft_wrap=True)
+        why = f": {absent}" if absent else ""
+        console.print(f"no studies yet in {mask_url(url)}{why}", markup=False, highlight=False, soft_wrap=True)
         return
     table = Table("study", "trials", "complete", "pruned", "fail", "best")
     for r in rows:

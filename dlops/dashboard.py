@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import mimetypes
 import uuid
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +27,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from dlops.errors import DlopsError
 from dlops.io import write_atomic
 from dlops.paths import artifacts_dir
-from dlops.storage import mask_url, open_storage
+from dlops.storage import StorageWriteRefused, mask_url, open_storage, write_refusal
 
 STUDY_PLOTS_KEY = "dlops:study_plots"  # study system attr: plot file name -> artifact id
 FINAL_ARTIFACTS_KEY = "dlops:final_artifacts:"  # study system attr: earlier uploads per spec
@@ -100,7 +99,8 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
     """Attach the study's plot files to the study in the artifact store under
     ``$DLOPS_HOME/artifacts``. A file name attached before keeps its artifact id and its
     content is replaced (atomically), so refreshing never piles up artifacts. Returns
-    file name -> artifact id."""
+    file name -> artifact id. A storage that refuses the write (read-only, locked) raises
+    :class:`StorageWriteRefused` and leaves no new file in the artifact store."""
     root = artifacts_dir()
     root.mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(root))
@@ -115,13 +115,44 @@ def attach_study_plots(study: optuna.Study, files: Iterable[Path]) -> dict[str, 
         if artifact_id and meta and json.loads(meta) is not None:  # not deleted in the dashboard (it leaves "null")
             write_atomic(root / artifact_id, _writer(path.read_bytes()))
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            known[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+        known[path.name] = _upload_study_plot(study, store, path)
         changed = True
     if changed:
-        storage.set_study_system_attr(study_id, STUDY_PLOTS_KEY, known)
+        _set_plot_attr(study, STUDY_PLOTS_KEY, known)
     return known
+
+
+def _set_plot_attr(study: optuna.Study, key: str, value: Any) -> None:
+    """Set a study system attr of its plots; a storage that refuses the write (read-only,
+    locked) raises :class:`StorageWriteRefused` in one line."""
+    try:
+        study._storage.set_study_system_attr(study._study_id, key, value)
+    except Exception as exc:  # noqa: BLE001 - any driver's refusal: the storage is not writable now
+        raise StorageWriteRefused(
+            f"could not attach the plots of study {study.study_name} to the dashboard: the storage refused "
+            f"the write ({write_refusal(exc)})"
+        ) from None
+
+
+def _upload_study_plot(study: optuna.Study, store: FileSystemArtifactStore, path: Path) -> str:
+    """Optuna's ``upload_artifact`` for a study, except that where the storage refuses
+    the artifact's attr the file written to the store is removed again (no orphan)."""
+    artifact_id = str(uuid.uuid4())
+    mimetype, encoding = mimetypes.guess_type(path.name)
+    with open(path, "rb") as f:
+        store.write(artifact_id, f)
+    meta = {
+        "artifact_id": artifact_id,
+        "filename": path.name,
+        "mimetype": mimetype or "application/octet-stream",
+        "encoding": encoding,
+    }
+    try:
+        _set_plot_attr(study, "artifacts:" + artifact_id, json.dumps(meta))
+    except BaseException:
+        store.remove(artifact_id)
+        raise
+    return artifact_id
 
 
 def study_plot_ids(study: optuna.Study) -> dict[str, str]:
@@ -154,19 +185,42 @@ def missing_artifacts(url: str) -> int:
     return missing
 
 
+def dashboard_server(host: str, port: int, app: Any) -> Any:
+    """wsgiref's server for ``app`` on ``host:port``: IPv6 for an address with a colon
+    (``::1``, ``[::1]``, ``::`` for every interface), which the plain IPv4 server refused
+    ("Address family for hostname not supported"). One line where it cannot listen."""
+    import socket
+    from wsgiref import simple_server
+
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    kwargs: dict[str, Any] = {}
+    if ":" in address:
+
+        class IPv6Server(simple_server.WSGIServer):
+            address_family = socket.AF_INET6
+
+        kwargs["server_class"] = IPv6Server
+    try:
+        return simple_server.make_server(address, port, app, **kwargs)
+    except OSError as exc:
+        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def server_url(server: Any) -> str:
+    """The address a browser opens for ``server``: the one it is bound to (``0.0.0.0`` for
+    ``--host ''``, which read ``http://:8080/``), an IPv6 one in brackets."""
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve_dashboard(url: str, host: str, port: int, ready: Callable[[str], None] | None = None) -> None:
     """Serve the dashboard until Ctrl-C; ``ready`` gets the lines to print once the storage
     is open and the port is taken (its password masked), and a note on artifacts stored on
     another machine."""
-    from wsgiref.simple_server import make_server
-
     app = dashboard_app(url)
-    try:
-        server = make_server(host, port, app)
-    except OSError as exc:
-        raise DlopsError(f"cannot serve the dashboard on {host}:{port}: {exc.strerror}") from None
+    server = dashboard_server(host, port, app)
     if ready is not None:
-        ready(f"optuna-dashboard for {mask_url(url)} on http://{host}:{server.server_port}/ (Ctrl-C stops)")
+        ready(f"optuna-dashboard for {mask_url(url)} on {server_url(server)} (Ctrl-C stops)")
         missing = missing_artifacts(url)
         if missing:
             ready(

@@ -28,7 +28,7 @@ from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
 from dlops.paths import REPORTS_RESERVED, default_storage_url, folder_name, reports_dir
 from dlops.spec import builtin_specs, load_spec
-from dlops.storage import NoStorageYet, mask_url, open_storage
+from dlops.storage import NoStorageYet, StorageWriteRefused, mask_url, open_storage
 from dlops.studies import epochs_summary, not_dlops_reason
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
@@ -236,6 +236,13 @@ class StudyFacts:
     epochs: dict[str, Any] | None = None  # dlops.studies.epochs_summary: trained vs unpruned
 
     @property
+    def best_text(self) -> str:
+        """The best value and its trial, or that the study has no complete trial yet."""
+        if self.best_trial is None:
+            return "– (no complete trial yet)"
+        return f"{_fmt(self.best_value)} (trial {self.best_trial})"
+
+    @property
     def pruning_text(self) -> str:
         """One line: the epochs the study trained against its trials unpruned."""
         e = self.epochs
@@ -395,15 +402,25 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
                     lines += [f"![{caption}]({png})", ""]
     else:
         made_by = study.user_attrs.get("spec") if study is not None else None
+        made_by = made_by if isinstance(made_by, str) else None  # plain Optuna's study may hold anything
         command = f"dlops final {spec_name}"
         if study is not None and made_by not in (None, spec_name):  # another spec's study, under its own name
             command = f"dlops final {made_by} --study-name {shlex.quote(study.study_name)}"
-        lines += [f"No reference run yet: `{command}` trains one.", ""]
+        if study is not None and made_by is None and spec_name not in builtin_specs():
+            # not made by `dlops study run` and no spec of its name: `dlops final NAME` would be refused
+            command = f"dlops final SPEC --study-name {shlex.quote(study.study_name)}"
+            lines += [
+                f"No reference run yet. The study records no spec (it was not made by `dlops study run`): "
+                f"`{command}` trains one, with SPEC the spec its parameters belong to.",
+                "",
+            ]
+        else:
+            lines += [f"No reference run yet: `{command}` trains one.", ""]
     if facts is not None:
         lines += [
             f"## Study `{facts.name}`",
             "",
-            f"- best {facts.metric or 'value'}: {_fmt(facts.best_value)} (trial {_fmt(facts.best_trial)})",
+            f"- best {facts.metric or 'value'}: {facts.best_text}",
             f"- trials: {facts.complete} complete, {facts.pruned} pruned, {facts.failed} failed",
             f"- compute: {_fmt_seconds(facts.trial_seconds)} of trial time",
             f"- pruning: {facts.pruning_text}",
@@ -446,6 +463,7 @@ class ReportResult:
     skipped: dict[str, str]  # study -> why the report leaves it out (another tool's multi-objective study)
     copies: dict[str, str] = field(default_factory=dict)  # folder under reports/ -> the spec whose run it copies
     no_storage: str | None = None  # why no study was read: the storage does not exist (a mistyped --storage?)
+    not_attached: str | None = None  # why the study plots are not on the dashboard: the storage refused the write
 
 
 def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str], str | None]:
@@ -564,7 +582,8 @@ def build_report(
 ) -> ReportResult:
     """``dlops report``: refresh every spec's folder and write ``reports/index.md``.
     ``attach_study_plots(study, files)`` (the dashboard's Study Artifacts) gets every
-    study's refreshed plots."""
+    study's refreshed plots; where the storage refuses that write (a read-only storage),
+    the report is written all the same and :attr:`ReportResult.not_attached` says why."""
 
     plots.use_headless_backend()
     url = storage or default_storage_url()
@@ -573,14 +592,18 @@ def build_report(
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
     files: list[Path] = []
+    not_attached = None  # a storage that refuses writes (read-only, locked): the report is written all the same
     for e in entries:
         out_dir = root / e.folder
         if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
             study_files = write_study_plots(e.study, out_dir / "study")
-            if attach_study_plots is not None:
-                attach_study_plots(e.study, study_files)  # the dashboard's Study Artifacts, refreshed in place
+            if attach_study_plots is not None and not_attached is None:
+                try:  # the dashboard's Study Artifacts, refreshed in place
+                    attach_study_plots(e.study, study_files)
+                except StorageWriteRefused as exc:
+                    not_attached = str(exc)
             files += study_files
         files.append(write_spec_report(e.name, e.study, out_dir))
 
@@ -632,7 +655,13 @@ def build_report(
     index = root / INDEX
     _write_text(index, "\n".join(lines))
     return ReportResult(
-        index=index, files=[index, *files], entries=entries, skipped=skipped, copies=copies, no_storage=no_storage
+        index=index,
+        files=[index, *files],
+        entries=entries,
+        skipped=skipped,
+        copies=copies,
+        no_storage=no_storage,
+        not_attached=not_attached,
     )
 
 
@@ -723,9 +752,7 @@ def _other_section(e: Entry) -> list[str]:
         lines.append(f"| final settings | {_fmt_params(e.final['params'])} ({_source_text(e.final, facts)}) |")
         lines.append(f"| final epochs × seeds | {e.final['epochs']} × {len(e.final['seeds'])} |")
     if facts:
-        lines.append(
-            f"| best {facts.metric or 'value'} in the study | {_fmt(facts.best_value)} (trial {facts.best_trial}) |"
-        )
+        lines.append(f"| best {facts.metric or 'value'} in the study | {facts.best_text} |")
         lines.append(f"| trials complete / pruned | {facts.complete} / {facts.pruned} |")
         lines.append(f"| pruning: epochs trained | {facts.pruning_text} |")
     lines.append(

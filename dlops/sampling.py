@@ -76,6 +76,40 @@ def _check_hyperband(cfg: dict[str, Any]) -> None:
         raise SpecError(f"[pruner]: hyperband bootstrap_count = {count!r} should be an integer >= 0")
 
 
+# The settings of the other pruners that are whole numbers (Optuna compares them with
+# ``<`` and counts with them: a string was "'<' not supported between instances of 'str'
+# and 'int'", a 1.5 or a true was taken as it is). Their ranges Optuna checks itself.
+_WHOLE_SETTINGS = {
+    "median": ("n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"),
+    "percentile": ("n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"),
+    "successive_halving": ("min_resource", "reduction_factor", "min_early_stopping_rate", "bootstrap_count"),
+}
+
+
+def _check_types(kind: str, cfg: dict[str, Any]) -> None:
+    """Every setting of a median, percentile or successive-halving pruner of its type, and
+    the ones it needs there, in one line naming the setting (Optuna's own messages for
+    these are about Python: a missing argument, two types that cannot be compared)."""
+    required = [
+        name
+        for name, p in inspect.signature(PRUNER_CLASSES[kind]).parameters.items()
+        if p.default is inspect.Parameter.empty and name not in cfg
+    ]
+    if required:
+        raise SpecError(f"[pruner]: {kind} needs the setting {required[0]} (a number from 0 to 100)")
+    for key in _WHOLE_SETTINGS.get(kind, ()):
+        value = cfg.get(key, 0)
+        if kind == "successive_halving" and key == "min_resource" and value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            also = " or 'auto'" if kind == "successive_halving" and key == "min_resource" else ""
+            raise SpecError(f"[pruner]: {kind} {key} = {value!r} should be an integer{also}")
+    if kind == "percentile":
+        value = cfg["percentile"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"[pruner]: percentile percentile = {value!r} should be a number from 0 to 100")
+
+
 def make_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
     """The pruner of a ``[pruner]`` table (``type`` median, percentile, hyperband,
     successive_halving or none; the other keys are the pruner's arguments). A key the
@@ -91,6 +125,8 @@ def make_pruner(table: dict[str, Any]) -> optuna.pruners.BasePruner:
         raise SpecError(f"[pruner]: type {kind} does not take {unknown[0]!r} ({takes})")
     if kind == "hyperband":
         _check_hyperband(cfg)
+    else:
+        _check_types(kind, cfg)
     try:
         return PRUNER_CLASSES[kind](**cfg)
     except (TypeError, ValueError) as exc:

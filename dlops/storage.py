@@ -16,7 +16,8 @@ ending in ``.log`` / ``.journal``
                                                        Redis journal; ``prefix`` namespaces keys)
 =====================================================  ==========================================
 
-Other SQLAlchemy URLs (``mysql+pymysql://...``) are passed to Optuna's ``RDBStorage``.
+Other SQLAlchemy URLs (``mysql+pymysql://...``) are passed to Optuna's ``RDBStorage``; a
+scheme SQLAlchemy does not know (``sqlit://``, ``file://``) is one line naming it.
 In ``sqlite:`` and ``journal:`` URLs a path with ``?``, ``%`` or ``#`` is percent-encoded
 (``%3F``, ``%25``, ``%23``), as the default URL under ``$DLOPS_HOME`` is; a password with
 ``@`` in a SQL URL is written ``%40``.
@@ -103,6 +104,36 @@ def storage_kind(url: str) -> str:
         f"unsupported storage {mask_url(url)!r}: use sqlite:///path.db, postgresql+psycopg2://user@host/db, "
         "journal:///path.log or redis://host:6379/0"
     )
+
+
+_SCHEMES = ("sqlite", "postgresql", "postgres", "journal", "redis", "rediss", "unix")
+
+
+def check_sql_scheme(url: str) -> None:
+    """A PostgreSQL URL or one of another SQL database names a dialect SQLAlchemy has: a
+    mistyped scheme (``sqlit://``, ``postgress://``, ``file://``, ``http://``) is one line
+    naming it, with the nearest dlops scheme, rather than SQLAlchemy's "Can't load plugin:
+    sqlalchemy.dialects:sqlit". (A dialect whose driver is not installed, ``mysql://``
+    without MySQLdb, passes: the driver's own error names the module.)"""
+    import difflib
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    scheme = url.split("://", 1)[0]
+    try:
+        make_url(sqlalchemy_url(url)).get_dialect()
+    except NoSuchModuleError:
+        base = scheme.split("+")[0].lower()
+        near = difflib.get_close_matches(base, _SCHEMES, n=1, cutoff=0.6)
+        hint = f" (a typo of {near[0]}?)" if near and near[0] != base else ""
+        raise StorageError(
+            f"unknown storage scheme {scheme!r} in {mask_url(url)!r}{hint}: use sqlite:///path.db, "
+            "postgresql+psycopg2://user@host/db, journal:///path.log, redis://host:6379/0 or another "
+            "SQLAlchemy database URL"
+        ) from None
+    except ArgumentError:
+        pass  # a URL SQLAlchemy cannot parse: its own message, when it is opened
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -221,6 +252,25 @@ def heartbeat_settings(url: str, interval: int | None, grace_period: int | None)
 
 class NoStorageYet(StorageError):
     """A SQLite or journal storage whose file does not exist, opened to read."""
+
+
+class StorageWriteRefused(StorageError):
+    """A storage that can be read but refused a write (a read-only file or mount, a
+    read-only database user, a database locked by another writer for too long)."""
+
+
+def write_refusal(exc: BaseException) -> str:
+    """Why a storage refused a write, in a few words: the first line of the innermost
+    error (``attempt to write a readonly database``), not the driver's SQL and parameters."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return mask_url(lines[0][:200]) if lines else type(exc).__name__
 
 
 def storage_file(url: str) -> Path | None:
@@ -416,6 +466,8 @@ def connect(
     The journal storages have no heartbeat (dlops proves dead workers by pid instead).
     """
     kind = storage_kind(url)
+    if kind in ("rdb", "postgresql"):
+        check_sql_scheme(url)
     if kind == "sqlite" and storage_file(url) is None:
         raise StorageError(
             f"{mask_url(url)} is an in-memory SQLite database: the study would vanish with this process "
@@ -430,9 +482,15 @@ def connect(
     if path is not None and path.is_dir():
         raise StorageError(f"{mask_url(url)} names the folder {path}, not a study storage file (check --storage)")
     if not create and path is not None and not path.exists():
+        relative = (
+            f"; sqlite:/// with three slashes is a path relative to the current folder, {Path.cwd()}, "
+            "sqlite://// with four an absolute one"
+            if kind == "sqlite" and not path.is_absolute()
+            else ""
+        )
         raise NoStorageYet(
-            f"no study storage at {path}: nothing has run with {mask_url(url)} yet "
-            "(check --storage, $DLOPS_STORAGE and $DLOPS_HOME)"
+            f"no study storage at {path.absolute()}: nothing has run with {mask_url(url)} yet "
+            f"(check --storage, $DLOPS_STORAGE and $DLOPS_HOME{relative})"
         )
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"

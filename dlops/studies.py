@@ -163,10 +163,20 @@ def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
 def list_studies(url: str) -> list[dict[str, Any]]:
     """One row per study in the storage ``url``: name, trial count, states, best value
     (none where its file does not exist yet; nothing is created)."""
+    return study_listing(url)[0]
+
+
+def study_listing(url: str) -> tuple[list[dict[str, Any]], str | None]:
+    """:func:`list_studies`, and where the storage does not exist, the line that says so
+    (naming the file, made absolute: a mistyped or relative ``--storage`` path is seen)."""
     try:
         storage = open_storage(url, create=False)
-    except NoStorageYet:
-        return []
+    except NoStorageYet as exc:
+        return [], str(exc)
+    return _rows(storage), None
+
+
+def _rows(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=s.study_name, storage=storage)

@@ -100,7 +100,7 @@ def _serving_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     served: list[str] = []
 
     class Server:
-        server_port = 43210
+        server_address = ("127.0.0.1", 43210)
 
         def __enter__(self):
             return self
@@ -111,7 +111,7 @@ def _serving_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         def serve_forever(self):
             served.append("serving")
 
-    monkeypatch.setattr(wsgiref.simple_server, "make_server", lambda host, port, app: Server())
+    monkeypatch.setattr(wsgiref.simple_server, "make_server", lambda host, port, app, **kwargs: Server())
     return served
 
 
@@ -168,3 +168,58 @@ def test_artifacts_stored_under_another_dlops_home_are_counted_and_said(
     assert len(lines) == 2 and lines[1].startswith(
         f"note: 1 of the artifacts the studies list are not in {stored[0].parent}"
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "shown"), [("::1", "[::1]"), ("[::1]", "[::1]"), ("", "0.0.0.0"), ("127.0.0.1", "127.0.0.1")]
+)
+def test_the_dashboard_listens_on_ipv6_and_every_interface_at_an_address_a_browser_opens(
+    dlops_home: Path, host: str, shown: str
+) -> None:
+    """`--host ::1` was "Address family for hostname not supported" (an IPv4-only server)
+    and `--host ''` announced http://:8080/. The announced address answers."""
+    import socket
+    import threading
+    import urllib.request
+
+    from dlops.dashboard import dashboard_server, server_url
+
+    if ":" in host:
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    optuna.create_study(study_name="s", storage=url)
+    server = dashboard_server(host, 0, dashboard_app(url))
+    with server:
+        address = server_url(server)
+        port = server.server_address[1]
+        assert address == f"http://{shown}:{port}/"
+        thread = threading.Thread(target=server.handle_request)
+        thread.start()
+        reach = address.replace("0.0.0.0", "127.0.0.1")
+        with urllib.request.urlopen(reach + "api/studies", timeout=30) as response:
+            studies = json.loads(response.read())["study_summaries"]
+        thread.join(timeout=30)
+    assert [s["study_name"] for s in studies] == ["s"]
+
+
+def test_a_host_the_dashboard_cannot_listen_on_is_one_line(dlops_home: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    optuna.create_study(study_name="s", storage=url)
+    for host, says in (
+        ("no-such-host.invalid", "no-such-host.invalid:0: "),
+        ("::ffff:1.2.3.4:5", "::ffff:1.2.3.4:5:0"),
+    ):
+        result = CliRunner().invoke(app, ["dashboard", "--host", host, "--port", "0"])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"error: cannot serve the dashboard on {says}"), line

@@ -214,6 +214,17 @@ def test_parse_pruner_matches_the_spec_table():
         # a bad hyperband setting was a traceback from inside Optuna (math domain error)
         ("hyperband:max_resource=0", "hyperband max_resource = 0 should be 'auto' or an integer >= min_resource"),
         ("hyperband:reduction_factor=1", "hyperband reduction_factor = 1 should be an integer >= 2"),
+        # a setting of the wrong type was Optuna's "'<' not supported between instances of 'str' and 'int'",
+        # or was taken as it is (1.5 start-up trials, true warm-up steps)
+        ("median:n_startup_trials=abc", "median n_startup_trials = 'abc' should be an integer"),
+        ("median:n_startup_trials=3:n_warmup_steps=1", "n_startup_trials = '3:n_warmup_steps=1' should be an integer"),
+        ("median:n_startup_trials=1.5", "median n_startup_trials = 1.5 should be an integer"),
+        ("percentile:percentile=25,n_warmup_steps=true", "percentile n_warmup_steps = True should be an integer"),
+        ("percentile:percentile=high", "percentile percentile = 'high' should be a number from 0 to 100"),
+        ("successive_halving:reduction_factor=2.5", "successive_halving reduction_factor = 2.5 should be an integer"),
+        ("sha:min_resource=one", "successive_halving min_resource = 'one' should be an integer or 'auto'"),
+        # a missing setting was "PercentilePruner.__init__() missing 1 required positional argument"
+        ("percentile", "pruner 'percentile': percentile needs the setting percentile (a number from 0 to 100)"),
     ],
 )
 def test_cli_refuses_a_pruner_setting_the_type_does_not_take(tmp_path: Path, pruner: str, message: str):

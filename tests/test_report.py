@@ -227,6 +227,48 @@ def test_cli_report_bad_storage_is_one_line(dlops_home):
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
+def test_a_storage_that_refuses_writes_still_gets_its_report_and_keeps_its_data(dlops_home):
+    """`dlops report` on a storage it can read but not write (here another writer holds
+    SQLite's write lock; a read-only file or mount is refused the same way): the report is
+    written in full, one note says the plots are not on the dashboard, the database is
+    unchanged and no orphan file is left in the artifact store. It used to end in a traceback
+    of Optuna's StorageInternalError."""
+    import sqlite3
+
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    make_study(dlops_home, "resnet18-ce", n=2)
+    make_study(dlops_home, "resnet18-center", n=2, loss="center")
+    db = dlops_home / "dlops.db"
+    before = db.read_bytes()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a writer's lock: others still read, nobody else writes
+    try:
+        result = CliRunner().invoke(app, ["report"])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, result.output
+    assert "could not attach the plots of study resnet18-ce to the dashboard" in notes[0]
+    assert "database is locked" in notes[0] and "INSERT" not in notes[0]
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert "[cross-entropy](resnet18-ce/report.md)" in index and "[center loss](resnet18-center/report.md)" in index
+    for name in ("resnet18-ce", "resnet18-center"):
+        assert (dlops_home / "reports" / name / "study" / "optimization_history.png").is_file()
+    assert db.read_bytes() == before
+    assert not list((dlops_home / "artifacts").iterdir())
+
+    again = CliRunner().invoke(app, ["report"])  # writable again: the plots go to the dashboard
+    assert again.exit_code == 0 and "note:" not in again.output, again.output
+    study = optuna.load_study(study_name="resnet18-ce", storage=f"sqlite:///{db}")
+    ids = study._storage.get_study_system_attrs(study._study_id)["dlops:study_plots"]
+    assert ids and all((dlops_home / "artifacts" / i).is_file() for i in ids.values())
+
+
 def test_study_figures_label_the_metric_and_read_integer_epochs(dlops_home):
     from matplotlib.ticker import MaxNLocator
 
@@ -393,6 +435,49 @@ def test_an_entry_without_a_reference_run_is_headed_by_its_study(dlops_home):
     part = index[index.index("## Autoencoder") :]
     assert "Study `autoencoder-digits` — [full report](autoencoder-digits/report.md)" in part
     assert "Spec `autoencoder-digits`" not in index
+
+
+def _plain_optuna_study(home: Path, name: str, *, complete: bool) -> optuna.Study:
+    """A study made with plain Optuna, not by `dlops study run`: no spec, no metric name."""
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{home / 'dlops.db'}", direction="maximize")
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True)})
+    if complete:
+        trial.report(0.5, 0)
+        study.tell(trial, 0.5)
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return study
+
+
+def test_a_study_without_a_complete_trial_shows_no_best_rather_than_trial_none(dlops_home):
+    dlops_home.mkdir(parents=True)
+    _plain_optuna_study(dlops_home, "sweep", complete=False)
+    index = build_report().index.read_text()
+    part = index[index.index("## sweep") :]
+    assert "| best value in the study | – (no complete trial yet) |" in part, part
+    assert "None" not in index
+    report = (dlops_home / "reports" / "sweep" / "report.md").read_text()
+    assert "- best value: – (no complete trial yet)" in report and "None" not in report
+
+
+def test_a_plain_optuna_study_is_not_told_to_run_a_spec_of_its_name(dlops_home):
+    """A study not made by `dlops study run` records no spec: its report once said
+    `dlops final sweep` trains a reference run, which is refused (no spec 'sweep'). It
+    names the command that works; a study of a spec keeps its spec's command."""
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    _plain_optuna_study(dlops_home, "sweep", complete=True)
+    make_study(dlops_home, "ce-digits", n=2)  # made by resnet18-ce, under another name
+    build_report()
+    text = (dlops_home / "reports" / "sweep" / "report.md").read_text()
+    assert "`dlops final sweep`" not in text
+    assert "The study records no spec (it was not made by `dlops study run`)" in text
+    assert "`dlops final SPEC --study-name sweep` trains one" in text
+    refused = CliRunner().invoke(app, ["final", "sweep"])
+    assert refused.exit_code == 2 and "unknown spec 'sweep'" in refused.output
+    ce = (dlops_home / "reports" / "ce-digits" / "report.md").read_text()
+    assert "No reference run yet: `dlops final resnet18-ce --study-name ce-digits` trains one." in ce
 
 
 def _set(path: str, value):

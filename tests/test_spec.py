@@ -189,6 +189,16 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             "[pruner]: type median does not take 'min_resource' (takes n_startup_trials, n_warmup_steps",
         ),
         ({"pruner": Add({"type": ["median"]})}, "[pruner]: unknown type ['median']"),
+        # a setting of the wrong type, once taken as it is (5.0 start-up trials) or a traceback-like line
+        (
+            {"pruner": Add({"type": "median", "n_startup_trials": 5.0})},
+            "[pruner]: median n_startup_trials = 5.0 should be an integer",
+        ),
+        (
+            {"pruner": Add({"type": "successive_halving", "min_resource": "1"})},
+            "[pruner]: successive_halving min_resource = '1' should be an integer or 'auto'",
+        ),
+        ({"pruner": Add({"type": "percentile"})}, "[pruner]: percentile needs the setting percentile"),
         # hyperband settings Optuna checks only inside the first trial it prunes (every trial failed)
         (
             {"pruner": Add({"type": "hyperband", "max_resource": 0})},

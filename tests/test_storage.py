@@ -255,6 +255,47 @@ def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlit:///{tmp}/x.db", "unknown storage scheme 'sqlit' in 'sqlit:///{tmp}/x.db' (a typo of sqlite?)"),
+        ("jornal:///{tmp}/x.log", "unknown storage scheme 'jornal' in 'jornal:///{tmp}/x.log' (a typo of journal?)"),
+        ("postgress://u:secret@h/db", "unknown storage scheme 'postgress' in 'postgress://u:***@h/db' (a typo of"),
+        ("file:///{tmp}/x.db", "unknown storage scheme 'file' in 'file:///{tmp}/x.db': use sqlite:///path.db"),
+    ],
+)
+def test_a_mistyped_storage_scheme_is_named_in_one_line(dlops_home: Path, tmp_path: Path, url: str, says: str):
+    """A mistyped scheme was SQLAlchemy's "Can't load plugin: sqlalchemy.dialects:sqlit"."""
+    url, says = url.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    for command in (["study", "list"], ["study", "show", "s"], ["study", "replay", "s"], ["report"], ["dashboard"]):
+        result = CliRunner().invoke(app, [*command, "--storage", url])
+        assert result.exit_code == 2, (command, result.output)
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("error: ") and says in line and "plugin" not in line and "secret" not in line, line
+    assert not list(tmp_path.iterdir())  # no database, no reports, no $DLOPS_HOME
+
+
+def test_a_relative_sqlite_path_that_does_not_exist_is_named_in_full(
+    dlops_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///tmp/x.db` (three slashes: relative) meant for /tmp/x.db: `study list` said
+    only "no studies yet", `study show` "no study storage at tmp/x.db"; both name the file
+    they looked for, and say how an absolute path is written. Nothing is created."""
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///typo/x.db"
+    where = f"no study storage at {tmp_path / 'typo' / 'x.db'}: nothing has run with {url} yet"
+    hint = f"sqlite:/// with three slashes is a path relative to the current folder, {tmp_path}"
+    listed = CliRunner().invoke(app, ["study", "list", "--storage", url])
+    assert listed.exit_code == 0, listed.output
+    assert listed.output.startswith(f"no studies yet in {url}: {where}") and hint in listed.output, listed.output
+    shown = CliRunner().invoke(app, ["study", "show", "s", "--storage", url])
+    (line,) = shown.output.strip().splitlines()
+    assert shown.exit_code == 2 and line.startswith(f"error: {where}") and hint in line, line
+    absolute = CliRunner().invoke(app, ["study", "show", "s", "--storage", f"sqlite:///{tmp_path}/typo/x.db"])
+    assert absolute.exit_code == 2 and "three slashes" not in absolute.output, absolute.output
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_home: Path, tmp_path: Path) -> None:
     """A mistyped --storage path: the read-only commands say so and leave no file or folder."""
