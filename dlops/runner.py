@@ -250,11 +250,11 @@ def check_same_data(study: optuna.Study, data: dict[str, Any] | None) -> None:
         return
     name, dataset = study.study_name, recorded.get("dataset") or study.user_attrs.get("dataset")
     what = data_change_text(recorded, data, changed)
-    if "validation hold-out" in changed:
-        fix = (
-            f"rebuild the cache as it was (`dlops data prepare {dataset} --force --val-fraction "
-            f"{recorded.get('holdout_fraction')} --seed {recorded.get('holdout_seed')}`)"
-        )
+    holdout = f"--val-fraction {recorded.get('holdout_fraction')} --seed {recorded.get('holdout_seed')}"
+    if "validation hold-out" in changed and not {"classes", "source archive"} & set(changed):
+        fix = f"rebuild the cache as it was (`dlops data prepare {dataset} --force {holdout}`)"
+    elif "validation hold-out" in changed:
+        fix = f"use the data it was measured on (its archive, with {holdout})"
     else:
         fix = "use the data it was measured on"
     raise DlopsError(

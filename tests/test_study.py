@@ -892,15 +892,21 @@ def test_a_study_refuses_a_cache_rebuilt_with_another_validation_hold_out(tmp_pa
     assert "note: study 'tiny-ce' chose trial 0 on other data (validation hold-out: --val-fraction 0.1" in note, note
     assert "this run trains on the data as it is now" in note
 
-    # another archive (4 classes) under the same name: the classes and the archive changed
+    # another archive (4 classes) under the same name: the classes and the archive changed,
+    # and the hold-out of the cache it replaced is kept (0.2, seed 3)
     other = zip_tree(write_tiny_imagenet(tmp_path / "other", classes=4), tmp_path / "other.zip")
     fetch_dataset("tiny-imagenet", source=str(other), force=True, workers=1, progress=False)
     line = one_error_line(runner.invoke(app, run))
     assert "classes: 3 (list " in line and "then, 4 (list " in line and f"source archive: md5 {md5} then" in line, line
-    assert "use the data it was measured on" in line, line
+    assert "use the data it was measured on (its archive, with --val-fraction 0.1 --seed 0)" in line, line
+    assert "dlops data prepare" not in line, line  # rebuilding the other archive's tree would not help
     assert stored() == before
+    fetch_dataset("tiny-imagenet", source=str(other), force=True, val_fraction=0.1, seed=0, workers=1, progress=False)
+    line = one_error_line(runner.invoke(app, run))
+    assert "validation hold-out" not in line and line.endswith("use the data it was measured on"), line
 
-    fetch_dataset("tiny-imagenet", source=str(mini), force=True, workers=1, progress=False)  # the study's data again
+    # the study's data again
+    fetch_dataset("tiny-imagenet", source=str(mini), force=True, workers=1, progress=False)
     again = runner.invoke(app, run)
     assert again.exit_code == 0, again.output
     assert len(optuna.load_study(study_name="tiny-ce", storage=url).get_trials()) == len(before[0]) + 1
