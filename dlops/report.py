@@ -605,6 +605,8 @@ def build_report(
                 except StorageWriteRefused as exc:
                     not_attached = str(exc)
             files += study_files
+        else:  # a reference run whose study is gone: no plots of that study beside it
+            _remove_study_plots(out_dir / "study")
         files.append(write_spec_report(e.name, e.study, out_dir))
 
     by_loss = {e.folder for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
@@ -663,6 +665,17 @@ def build_report(
         no_storage=no_storage,
         not_attached=not_attached,
     )
+
+
+def _remove_study_plots(folder: Path) -> None:
+    """Take the study plots that dlops drew out of ``folder`` (a report's ``study/``), and
+    the folder once empty; a file of another name stays, and so does the folder then."""
+    for name in STUDY_PLOT_TITLES:
+        (folder / f"{name}.png").unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holding a file dlops did not draw
+        pass
 
 
 def _move_aside_old_index_folder(root: Path) -> None:

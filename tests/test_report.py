@@ -669,3 +669,31 @@ def test_a_reference_run_whose_study_found_a_better_trial_since_is_not_called_it
     report = (dlops_home / "reports" / "resnet18-ce" / "report.md").read_text()
     assert f"| from | best trial #{study.best_trial.number} of study `resnet18-ce-digits`" in report
     assert "its best is now" not in report
+
+
+def test_a_reference_run_whose_study_was_deleted_keeps_no_plots_of_it(dlops_home):
+    """`dlops study delete` of the study a reference run came from, then `dlops report`: the
+    report said "no study" while reports/resnet18-ce/study/ still held that study's plots.
+    They go; a file dlops did not draw stays, and the reference run is untouched."""
+    final = make_final("resnet18-ce", "ce", [0.6])
+    final["study"] = {"name": "resnet18-ce-digits", "storage": "sqlite:///x"}
+    write_final(dlops_home, final)
+    make_study(dlops_home, "resnet18-ce-digits", n=3)
+    build_report()
+    folder = dlops_home / "reports" / "resnet18-ce"
+    assert {p.name for p in (folder / "study").glob("*.png")} >= {"optimization_history.png", "slice.png"}
+    kept_final = (folder / "final.json").read_bytes()
+
+    optuna.delete_study(study_name="resnet18-ce-digits", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert not (folder / "study").exists()
+    assert "study/" not in (folder / "report.md").read_text()
+    assert (folder / "final.json").read_bytes() == kept_final and (folder / "curves.png").exists()
+
+    # a file of the user's own in study/ keeps the folder (and itself)
+    make_study(dlops_home, "resnet18-ce-digits", n=3)
+    build_report()
+    (folder / "study" / "notes.txt").write_text("mine")
+    optuna.delete_study(study_name="resnet18-ce-digits", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert [p.name for p in (folder / "study").iterdir()] == ["notes.txt"]
