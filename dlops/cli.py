@@ -667,6 +667,10 @@ def report(storage: StorageOpt = None) -> None:
         say(f"left out study {name}: {why}")
     for folder, spec in result.copies.items():
         say(f"left reports/{folder}/ as it is: a copy of a reference run of {spec}, not {folder}'s own")
+    for folder, why in result.removed.items():
+        say(f"removed reports/{folder}/, which an earlier report wrote: {why}")
+    for folder, (why, left) in result.kept.items():
+        say(f"took the report files out of reports/{folder}/ ({why}); it stays for {', '.join(left)}, not dlops's")
     say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
 
 

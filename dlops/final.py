@@ -167,6 +167,23 @@ def discard_checkpoints(spec_name: str, say: Say) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def discard_other_seeds(spec_name: str, seeds: list[int], say: Say) -> None:
+    """Before a resumed run becomes the reference run: remove the checkpoints of seeds it
+    did not train (an interrupted run with more seeds, resumed with fewer), which would sit
+    in its ``run-*`` folder, named by no ``final.json``. Kept until then, for a ``--resume``
+    with those seeds should this run be interrupted too."""
+    ours = {f"seed{s}" for s in seeds}
+    others = sorted(p for p in staging_dir(spec_name).glob("seed*") if p.name not in ours)
+    if others:
+        names = ", ".join(p.name.removeprefix("seed") for p in others)
+        say(
+            f"discarded the checkpoints of {'seed' if len(others) == 1 else 'seeds'} {names} of an interrupted run "
+            f"under {staging_dir(spec_name)}: this run has {plural(len(seeds), 'seed')}"
+        )
+    for path in others:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _check_checkpoint(path: Path, config: TrainerConfig, say: Say | None = None) -> int:
     """Check that an existing checkpoint belongs to ``config``; returns how many
     reported epochs it holds, 0 when there is none. One that does not load or fails
@@ -517,6 +534,7 @@ def _run_locked(
         files += write_study_plots(study, stage / "study")
     files.append(write_spec_report(spec.name, study, stage))
 
+    discard_other_seeds(spec.name, seeds, say)
     # The swap: the new run's checkpoints take their final name, then its report takes the
     # place of the old one; only then do the previous run's files go.
     out_dir = report_dir(spec.name)

@@ -32,7 +32,7 @@ from dlops.storage import NoStorageYet, StorageWriteRefused, mask_url, open_stor
 from dlops.studies import epochs_summary, not_dlops_reason
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
-from dlops.trainers import get_trainer
+from dlops.trainers import TRAINER_MODULES, get_trainer
 
 if TYPE_CHECKING:  # the trainers load torch: only once a report needs one
     from dlops.trainers.base import Table, Trainer
@@ -47,6 +47,10 @@ STUDY_PLOT_TITLES = {
     "parallel_coordinate": "Parallel coordinates",
 }
 INDEX = "index.md"
+# The folders under reports/ that `dlops report` wrote, each with the name it reported there
+# and the storage it read: a later report removes those that no longer report anything,
+# and never a folder it did not write (a copy, a folder of the user's own).
+WRITTEN = ".dlops-report.json"
 _NOT_A_FOLDER = set(REPORTS_RESERVED)
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -464,6 +468,8 @@ class ReportResult:
     copies: dict[str, str] = field(default_factory=dict)  # folder under reports/ -> the spec whose run it copies
     no_storage: str | None = None  # why no study was read: the storage does not exist (a mistyped --storage?)
     not_attached: str | None = None  # why the study plots are not on the dashboard: the storage refused the write
+    removed: dict[str, str] = field(default_factory=dict)  # folder an earlier report wrote, now gone -> why
+    kept: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # one kept: why, files not dlops's
 
 
 def _entries(url: str) -> tuple[list[Entry], dict[str, str], dict[str, str], str | None]:
@@ -591,6 +597,7 @@ def build_report(
     entries, skipped, copies, no_storage = _entries(url)  # checks every final.json: a damaged one stops here
     root.mkdir(parents=True, exist_ok=True)
     _move_aside_old_index_folder(root)
+    earlier = _read_written(root)
     files: list[Path] = []
     not_attached = None  # a storage that refuses writes (read-only, locked): the report is written all the same
     for e in entries:
@@ -605,6 +612,8 @@ def build_report(
                 except StorageWriteRefused as exc:
                     not_attached = str(exc)
             files += study_files
+        else:  # a reference run whose study is gone: no plots of that study beside it
+            _remove_study_plots(out_dir / "study")
         files.append(write_spec_report(e.name, e.study, out_dir))
 
     by_loss = {e.folder for e in entries if getattr(trainer_of(e.trainer), "index_by_loss", False)}
@@ -638,6 +647,7 @@ def build_report(
             "",
         ]
     else:
+        (root / "val_top5_by_loss.png").unlink(missing_ok=True)  # drawn while there were some
         lines += [
             "## ResNet18: the three losses",
             "",
@@ -654,6 +664,7 @@ def build_report(
         lines.append("")
     index = root / INDEX
     _write_text(index, "\n".join(lines))
+    removed, kept = _remove_stale_folders(root, earlier, entries, url, no_storage is None)
     return ReportResult(
         index=index,
         files=[index, *files],
@@ -662,7 +673,99 @@ def build_report(
         copies=copies,
         no_storage=no_storage,
         not_attached=not_attached,
+        removed=removed,
+        kept=kept,
     )
+
+
+def _read_written(root: Path) -> dict[str, dict[str, str]]:
+    """The folders an earlier ``dlops report`` wrote (:data:`WRITTEN`): folder -> the name
+    it reported there and the storage (masked) it read. Nothing where the record is absent
+    (a dlops before it) or unreadable: then no folder is taken for dlops's own."""
+    try:
+        data = json.loads((root / WRITTEN).read_text())
+    except (OSError, ValueError):
+        return {}
+    folders = data.get("folders") if isinstance(data, dict) else None
+    if not isinstance(folders, dict):
+        return {}
+    return {
+        folder: {"name": record["name"], "storage": record["storage"]}
+        for folder, record in folders.items()
+        if isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and isinstance(record.get("storage"), str)
+        and Path(folder).name == folder  # a folder right under reports/, whatever the file says
+        and folder not in ("", ".", "..")
+        and not folder.startswith(".")
+        and folder.lower() not in _NOT_A_FOLDER
+    }
+
+
+def _remove_stale_folders(
+    root: Path, earlier: dict[str, dict[str, str]], entries: list[Entry], url: str, storage_read: bool
+) -> tuple[dict[str, str], dict[str, tuple[str, list[str]]]]:
+    """Remove the folders an earlier report wrote from this storage that report nothing now
+    (a deleted study; a study that a reference run has taken over, reported in the spec's
+    folder). Only the files dlops writes there go; a folder holding anything else (a file of
+    the user's, a ``final.json``) stays with it. A folder written from another storage, or
+    when this one could not be read, is left for a report on that storage, and stays on
+    record. Returns folder -> why it went, and folder -> the files that kept it."""
+    here = mask_url(url)
+    now = {e.folder: {"name": e.name, "storage": here} for e in entries}
+    current = {folder.lower() for folder in now}  # a case-insensitive file system: the same folder
+    carried: dict[str, dict[str, str]] = {}
+    removed: dict[str, str] = {}
+    kept: dict[str, tuple[str, list[str]]] = {}
+    for folder, record in earlier.items():
+        path = root / folder
+        if folder.lower() in current or path.is_symlink() or not path.is_dir():
+            continue  # reported now, gone, or replaced by a link of the user's
+        if record["storage"] != here or not storage_read:
+            carried[folder] = record
+            continue
+        if (path / "final.json").exists():  # a reference run (or a copy of one): never dlops report's to remove
+            continue
+        name = record["name"]
+        moved = [e.folder for e in entries if name in (e.name, e.study.study_name if e.study else None)]
+        why = f"{name} is reported in reports/{moved[0]}/ now" if moved else f"{name} has no study in {here} any more"
+        left = _remove_report_files(path)
+        if left:
+            kept[folder] = (why, left)
+        else:
+            removed[folder] = why
+    write_text_atomic(root / WRITTEN, json.dumps({"folders": {**carried, **now}}, indent=1, sort_keys=True) + "\n")
+    return removed, kept
+
+
+def _remove_report_files(folder: Path) -> list[str]:
+    """Remove from ``folder`` what ``dlops report`` and ``dlops final`` draw there (its
+    ``report.md``, the run's and the study's plots), then the folder if that empties it.
+    Returns what is left in it (files dlops did not write), sorted."""
+    names = {"report.md", "curves.png"}
+    for trainer_name in TRAINER_MODULES:
+        trainer = trainer_of(trainer_name)
+        names.update(png for png, _ in (trainer.report_figures if trainer is not None else ()))
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    _remove_study_plots(folder / "study")
+    try:
+        folder.rmdir()
+    except OSError:
+        left = sorted(p for p in folder.rglob("*"))
+        return [str(p.relative_to(folder)) for p in [p for p in left if not p.is_dir()] or left]
+    return []
+
+
+def _remove_study_plots(folder: Path) -> None:
+    """Take the study plots that dlops drew out of ``folder`` (a report's ``study/``), and
+    the folder once empty; a file of another name stays, and so does the folder then."""
+    for name in STUDY_PLOT_TITLES:
+        (folder / f"{name}.png").unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holding a file dlops did not draw
+        pass
 
 
 def _move_aside_old_index_folder(root: Path) -> None:

@@ -1175,3 +1175,34 @@ def test_an_unknown_dataset_and_a_params_file_wrong_for_the_run_s_dataset_are_on
     line = one_error_line(CliRunner().invoke(app, args))
     assert line == f"error: --params {params}: pretrain_data = 'unlabeled' needs dataset stl10 (got 'digits')"
     assert not (dlops_home / "reports").exists() and not (dlops_home / "checkpoints").exists()
+
+
+def test_a_run_resumed_with_fewer_seeds_keeps_no_checkpoint_of_the_others(tmp_path, monkeypatch):
+    """`dlops final --seeds 2` stopped during seed 1, then `--seeds 1 --resume`: the
+    reference run's folder held run-*/seed1/checkpoint.pt, a half-trained seed that no
+    final.json names. It goes once the run is complete, with a line; until then it stays."""
+    spec = str(write_spec(tmp_path, "tiny-ce", "ce", final_epochs=2, final_seeds=2))
+    home = tmp_path / "home"
+    monkeypatch.setenv("DLOPS_HOME", str(home))
+
+    def ctrl_c(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        if (seed, epoch) == (1, 0):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(spec, FinalOptions(params="baseline", device="cpu"), on_epoch=ctrl_c)
+    seed1 = final_checkpoint_dir("tiny-ce") / "staging" / "seed1" / "checkpoint.pt"
+    assert seed1.is_file()
+
+    def ctrl_c_again(seed: int, epoch: int, metrics: dict, restored: bool) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):  # stopped again before it is complete: seed 1's checkpoint stays
+        run_final(spec, FinalOptions(params="baseline", device="cpu", seeds=1, resume=True), on_epoch=ctrl_c_again)
+    assert seed1.is_file()
+    messages: list[str] = []
+    final = run_final(spec, FinalOptions(params="baseline", device="cpu", seeds=1, resume=True), say=messages.append)
+    assert final.final["seeds"] == [0]
+    (run,) = final_checkpoint_dir("tiny-ce").glob("run-*")
+    assert sorted(p.name for p in run.iterdir()) == ["seed0"]
+    assert any("discarded the checkpoints of seed 1 of an interrupted run" in m for m in messages), messages

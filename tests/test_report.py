@@ -669,3 +669,138 @@ def test_a_reference_run_whose_study_found_a_better_trial_since_is_not_called_it
     report = (dlops_home / "reports" / "resnet18-ce" / "report.md").read_text()
     assert f"| from | best trial #{study.best_trial.number} of study `resnet18-ce-digits`" in report
     assert "its best is now" not in report
+
+
+def test_a_reference_run_whose_study_was_deleted_keeps_no_plots_of_it(dlops_home):
+    """`dlops study delete` of the study a reference run came from, then `dlops report`: the
+    report said "no study" while reports/resnet18-ce/study/ still held that study's plots.
+    They go; a file dlops did not draw stays, and the reference run is untouched."""
+    final = make_final("resnet18-ce", "ce", [0.6])
+    final["study"] = {"name": "resnet18-ce-digits", "storage": "sqlite:///x"}
+    write_final(dlops_home, final)
+    make_study(dlops_home, "resnet18-ce-digits", n=3)
+    build_report()
+    folder = dlops_home / "reports" / "resnet18-ce"
+    assert {p.name for p in (folder / "study").glob("*.png")} >= {"optimization_history.png", "slice.png"}
+    kept_final = (folder / "final.json").read_bytes()
+
+    optuna.delete_study(study_name="resnet18-ce-digits", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert not (folder / "study").exists()
+    assert "study/" not in (folder / "report.md").read_text()
+    assert (folder / "final.json").read_bytes() == kept_final and (folder / "curves.png").exists()
+
+    # a file of the user's own in study/ keeps the folder (and itself)
+    make_study(dlops_home, "resnet18-ce-digits", n=3)
+    build_report()
+    (folder / "study" / "notes.txt").write_text("mine")
+    optuna.delete_study(study_name="resnet18-ce-digits", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert [p.name for p in (folder / "study").iterdir()] == ["notes.txt"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_study_folder_goes_once_a_reference_run_takes_the_study_over(dlops_home):
+    """`dlops report`, `dlops final` (which takes study resnet18-ce-digits into the spec's
+    column), `dlops report`: reports/resnet18-ce-digits/ stayed beside reports/resnet18-ce/,
+    its report.md telling to run a final that exists, its plots those of the spec's folder."""
+    dlops_home.mkdir(parents=True)
+    from dlops.cli import app
+
+    make_study(dlops_home, "resnet18-ce-digits", n=3)
+    build_report()
+    reports = dlops_home / "reports"
+    assert (reports / "resnet18-ce-digits" / "study" / "slice.png").exists()
+    final = make_final("resnet18-ce", "ce", [0.6])
+    final["study"] = {"name": "resnet18-ce-digits", "storage": "sqlite:///x"}
+    write_final(dlops_home, final)
+
+    out = CliRunner().invoke(app, ["report"])
+    assert out.exit_code == 0, out.output
+    assert not (reports / "resnet18-ce-digits").exists()
+    assert (
+        "removed reports/resnet18-ce-digits/, which an earlier report wrote: "
+        "resnet18-ce-digits is reported in reports/resnet18-ce/ now"
+    ) in out.output
+    assert (reports / "resnet18-ce" / "study" / "slice.png").exists()
+    assert (reports / "resnet18-ce" / "final.json").exists()
+
+
+def test_the_folder_of_a_deleted_study_goes_but_never_a_folder_dlops_did_not_write(dlops_home):
+    """`dlops study delete extra`, then `dlops report`: reports/extra/ stayed, a report of a
+    study that no longer exists. It goes; a copy of it, a look-alike folder of the user's, and
+    a file the user put in it (with the folder) stay."""
+    dlops_home.mkdir(parents=True)
+    from dlops.cli import app
+
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    make_study(dlops_home, "extra", n=3)
+    make_study(dlops_home, "other", n=3)
+    build_report()
+    reports = dlops_home / "reports"
+    shutil.copytree(reports / "extra", reports / "extra-kept")  # the user's copy
+    shutil.copytree(reports / "other", reports / "mine")  # looks like dlops's, written by the user
+    (reports / "other" / "notes.txt").write_text("mine")
+    copies = {name: _tree(reports / name) for name in ("extra-kept", "mine")}
+
+    optuna.delete_study(study_name="extra", storage=url)
+    optuna.delete_study(study_name="other", storage=url)
+    out = CliRunner().invoke(app, ["report"])
+    assert out.exit_code == 0, out.output
+    assert not (reports / "extra").exists()
+    assert f"removed reports/extra/, which an earlier report wrote: extra has no study in {url} any more" in out.output
+    assert _tree(reports / "other") == {"notes.txt": b"mine"}
+    assert "took the report files out of reports/other/ (other has no study" in out.output
+    assert "it stays for notes.txt, not dlops's" in out.output
+    assert {name: _tree(reports / name) for name in ("extra-kept", "mine")} == copies
+    assert "extra" not in (reports / "index.md").read_text()
+
+    out = CliRunner().invoke(app, ["report"])  # said once: the folder is the user's now
+    assert out.exit_code == 0 and "reports/other/" not in out.output, out.output
+    assert _tree(reports / "other") == {"notes.txt": b"mine"}
+
+
+def test_folders_of_a_report_on_another_storage_or_by_an_older_dlops_stay(dlops_home, tmp_path):
+    """A report on another --storage (or on one that does not exist, a typo) shows other
+    studies: the folders written from the default storage are not its to remove, and a later
+    report there still knows them. Folders from before the record (an older dlops) stay."""
+    dlops_home.mkdir(parents=True)
+    from dlops.cli import app
+
+    make_study(dlops_home, "extra", n=3)
+    build_report()
+    reports = dlops_home / "reports"
+    before = _tree(reports / "extra")
+    other = tmp_path / "other.db"
+    optuna.create_study(study_name="elsewhere", storage=f"sqlite:///{other}")
+    for storage in (f"sqlite:///{other}", f"sqlite:///{tmp_path / 'typo.db'}"):
+        out = CliRunner().invoke(app, ["report", "--storage", storage])
+        assert out.exit_code == 0 and "removed" not in out.output, out.output
+        assert _tree(reports / "extra") == before
+
+    optuna.delete_study(study_name="extra", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert not (reports / "extra").exists()
+
+    # no record (the reports of a dlops before it): nothing is taken for dlops's own
+    make_study(dlops_home, "extra", n=3)
+    build_report()
+    (reports / ".dlops-report.json").unlink()
+    optuna.delete_study(study_name="extra", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    assert build_report().removed == {}
+    assert (reports / "extra" / "report.md").exists()
+
+
+def test_the_loss_chart_goes_with_the_last_resnet_entry(dlops_home):
+    dlops_home.mkdir(parents=True)
+    make_study(dlops_home, "resnet18-ce-digits", n=2)
+    build_report()
+    chart = dlops_home / "reports" / "val_top5_by_loss.png"
+    assert chart.exists()
+    optuna.delete_study(study_name="resnet18-ce-digits", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
+    build_report()
+    assert not chart.exists()
+    assert "val_top5_by_loss.png" not in (dlops_home / "reports" / "index.md").read_text()
