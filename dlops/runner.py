@@ -13,6 +13,7 @@ needs is checked (:func:`check_run`) before any storage, study or file is touche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -29,7 +30,6 @@ import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +49,15 @@ from dlops.data import (
     get_dataset,
 )
 from dlops.errors import DlopsError, StorageError, out_of_memory, out_of_memory_text
-from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
+from dlops.liveness import (
+    OWNER_KEY,
+    identity,
+    of_run,
+    recover_dead_trials,
+    register_process,
+    retry_trial,
+    worth_waiting_for,
+)
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
     SETTINGS_KEY,
@@ -90,21 +98,62 @@ Say = Callable[[str], None]
 
 
 def open_study(
-    spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0
+    spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0, *, create: bool = True
 ) -> optuna.Study:
     """Create or load the study. Worker ``k`` of a many-worker run seeds its sampler with
-    seed + k, so workers do not propose the same random start-up trials."""
+    seed + k, so workers do not propose the same random start-up trials. With ``create``
+    False (a worker of a run whose parent opened the study) a study that is not there, since
+    it was deleted meanwhile, raises :class:`StudyDeleted` instead of starting anew."""
     storage = storage or connect(options.storage or default_storage_url())
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
+    name = options.study_name_for(spec)
+    sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0))
+    if not create:
+        try:
+            return optuna.load_study(
+                study_name=name, storage=storage.optuna, sampler=sampler, pruner=make_pruner(spec.pruner)
+            )
+        except KeyError:
+            raise StudyDeleted(name, storage) from None
     study = optuna.create_study(
-        study_name=options.study_name_for(spec),
+        study_name=name,
         storage=storage.optuna,
-        sampler=make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0)),
+        sampler=sampler,
         pruner=make_pruner(spec.pruner),
         direction=optuna.study.StudyDirection[spec.direction.upper()],
         load_if_exists=True,
     )
     return study
+
+
+class StudyDeleted(DlopsError):
+    """The study of a run was deleted (``dlops study delete``) while the run was in it: the
+    run stops, and does not start the study anew under the same name."""
+
+    def __init__(self, name: str, storage: StudyStorage) -> None:
+        super().__init__(
+            f"study {name} was deleted from {storage.masked} while this run was in it (dlops study delete): "
+            "stopped, without starting it anew"
+        )
+
+
+def still_there(study: optuna.Study) -> bool:
+    """Whether ``study`` is still in its storage (not deleted, nor deleted and created anew)."""
+    try:
+        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
+    except KeyError:
+        return False
+
+
+@contextlib.contextmanager
+def stop_if_deleted(study: optuna.Study, storage: StudyStorage) -> Iterator[None]:
+    """Optuna's ``KeyError`` on a study deleted meanwhile becomes :class:`StudyDeleted`."""
+    try:
+        yield
+    except KeyError:
+        if still_there(study):
+            raise
+        raise StudyDeleted(study.study_name, storage) from None
 
 
 def enqueue_baseline(study: optuna.Study, params: dict[str, Any], trials: Sequence[FrozenTrial] | None = None) -> bool:
@@ -428,7 +477,7 @@ class _QuietFailedTrials(logging.Filter):
         return not re.match(r"Trial \d+ failed with ", record.getMessage())
 
 
-@contextmanager
+@contextlib.contextmanager
 def optuna_failures_quiet() -> Iterator[None]:
     logger = logging.getLogger("optuna.study._optimize")
     quiet = _QuietFailedTrials()
@@ -643,14 +692,15 @@ def run_study(
     if note and announce:
         say(note)
     storage = connect_run(options, say)
-    study = open_study(spec, options, storage, worker)
+    study = open_study(spec, options, storage, worker, create=run is None)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
-    with storage.lock(study.study_name):
+    with storage.lock(study.study_name), stop_if_deleted(study, storage):
         counts = state_counts(study)  # where the study stood on (re)joining
         prepare_study(study, spec, options)
         notes.opened(study)
         if run is None:
             run = RunSlot(uuid.uuid4().hex, join_run(study, storage))
+        leave = register_process(study, run.run_id, f"w{worker}")  # `dlops study delete` waits for it
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
     study.sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, run.index))
     finished_then = sum(counts[s.name] for s in FINISHED)
@@ -662,40 +712,45 @@ def run_study(
     budget = failure_budget(goal if total is None else max(goal - finished_then, 1), workers)
     # A worker of a --workers run may get one stop twice: from the system and passed on by dlops.
     same_stop = SAME_STOP_S if workers > 1 else 0.0
-    with (
-        forbid_test_split(),
-        warnings.catch_warnings(),
-        GracefulStop(label, same_stop) as stop,
-        SurvivorFreeze() as freeze,
-        optuna_failures_quiet(),
-    ):
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
-        _run_trials(
-            study,
-            storage,
-            objective,
-            gate,
-            target=goal,
-            own_trials=total is None,
-            baseline=baseline_params(spec, options),
-            max_failures=budget,
-            timeout=options.timeout if options.timeout is not None else spec.timeout,
-            stop=stop,
-            say=say,
-            after_trial=lambda trial: _trial_ended(study, storage, trial, spec.metric, notes, say),
-            after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
-            after_collection=freeze,
-        )
-    return StudyResult(
-        study=study,
-        counts=state_counts(study),
-        best=summarize(study)["best"],
-        interrupted=stop.signum,
-        target=target,
-        n_trials=n_trials,
-        added=run_trials_finished(study, run.run_id),
-    )
+    try:
+        with (
+            forbid_test_split(),
+            warnings.catch_warnings(),
+            GracefulStop(label, same_stop) as stop,
+            SurvivorFreeze() as freeze,
+            optuna_failures_quiet(),
+            stop_if_deleted(study, storage),
+        ):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
+            _run_trials(
+                study,
+                storage,
+                objective,
+                gate,
+                target=goal,
+                own_trials=total is None,
+                baseline=baseline_params(spec, options),
+                max_failures=budget,
+                timeout=options.timeout if options.timeout is not None else spec.timeout,
+                stop=stop,
+                say=say,
+                after_trial=lambda trial: _trial_ended(study, storage, trial, spec.metric, notes, say),
+                after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
+                after_collection=freeze,
+            )
+        with stop_if_deleted(study, storage):
+            return StudyResult(
+                study=study,
+                counts=state_counts(study),
+                best=summarize(study)["best"],
+                interrupted=stop.signum,
+                target=target,
+                n_trials=n_trials,
+                added=run_trials_finished(study, run.run_id),
+            )
+    finally:
+        leave()
 
 
 # --- worker processes -----------------------------------------------------------
@@ -780,7 +835,9 @@ def run_workers(
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
     target = total if total is not None else finished + (n_trials or 0)
     with storage.lock(name):  # one index per run, its workers share it
-        run = RunSlot(uuid.uuid4().hex, join_run(open_study(spec, options, storage), storage))
+        opened = open_study(spec, options, storage)
+        run = RunSlot(uuid.uuid4().hex, join_run(opened, storage))
+        leave = register_process(opened, run.run_id, "parent")  # `dlops study delete` waits for the run
     say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
 
     plans = plan_workers(workers, options.device or "auto")
@@ -840,7 +897,10 @@ def run_workers(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        leave()
 
+    if not still_there(opened):  # deleted from another machine (this one's delete waits for the run)
+        raise StudyDeleted(name, storage)
     study = optuna.load_study(study_name=name, storage=storage.optuna)
     codes = [p.returncode for p in procs]
     interrupted = received[0] if received else None
