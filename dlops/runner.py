@@ -421,6 +421,11 @@ def study_counts_line(
         )
     if total is not None:
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        if finished >= total:
+            return head + (
+                f"; it already has {plural(finished, 'finished trial')}, at least the {total} asked "
+                "(--total-trials counts every run's): this run starts no trial"
+            )
         tail = (
             f"; this run works until the study has {total} finished trials in all ({finished} now, "
             "counting every run's)"
@@ -834,6 +839,12 @@ def run_workers(
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
     target = total if total is not None else finished + (n_trials or 0)
+    if total is not None and finished >= total:  # nothing to do: no worker (each would load torch for nothing)
+        say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
+        there = optuna.load_study(study_name=name, storage=storage.optuna)
+        return StudyResult(
+            study=there, counts=state_counts(there), best=summarize(there)["best"], target=target, n_trials=None
+        )
     with storage.lock(name):  # one index per run, its workers share it
         opened = open_study(spec, options, storage)
         run = RunSlot(uuid.uuid4().hex, join_run(opened, storage))
