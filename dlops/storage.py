@@ -35,7 +35,8 @@ server that does not answer fails after :data:`CONNECT_TIMEOUT` seconds.
 A writer (``create=True``) checks a journal file's tail first, under the lock Optuna appends
 under (:func:`repair_journal_tail`): a last record cut off mid-write is moved to a side file
 and the journal cut back to its last complete line (:attr:`StudyStorage.note` says so); a
-last complete line that is not JSON is refused. Readers never change the file.
+last complete line that is not JSON is refused. While the run goes on, each of its appends
+does the same first (a record another worker tore meanwhile). Readers never change the file.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 import time
 import warnings
 import zlib
@@ -56,6 +58,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from dlops.errors import StorageError
 
@@ -542,7 +545,7 @@ def _connect(
             _check_sqlite_file(url, lock_file, create)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
 
         path = journal_path(url).absolute()
         lock = JournalFileSymlinkLock(str(path))  # the lock Optuna appends under (its default)
@@ -550,7 +553,7 @@ def _connect(
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             note = repair_journal_tail(path, lock)
-        file_backend = JournalFileBackend(str(path), lock_obj=lock)
+        file_backend = (_CheckedJournalFileBackend if create else JournalFileBackend)(str(path), lock_obj=lock)
         return StudyStorage(url, kind, JournalStorage(file_backend), lock_file=path, note=note)
     if kind == "redis":
         import redis
@@ -571,6 +574,28 @@ def _connect(
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRY_LIMIT),
         )
     return StudyStorage(url, kind, optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs))
+
+
+class _CheckedJournalFileBackend(JournalFileBackend):
+    """Optuna's journal file, whose every append first sets aside a record another process
+    cut off mid-write since the last one (``kill -9`` or a full disk during its append,
+    while this run goes on): glued to it, the next record would make the whole file
+    unreadable. Says so on stderr, once per torn record."""
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._lock.acquire()
+        try:
+            note = _set_aside_torn_tail(Path(self._file_path), quick=True)
+            if note:
+                sys.stderr.write(f"{note}\n")
+                sys.stderr.flush()
+            data = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with open(self._file_path, "ab") as f:  # as Optuna appends
+                f.write(data.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self._lock.release()
 
 
 def _tail_lines(f: IO[bytes], size: int, chunk: int = 1 << 16) -> tuple[int, int]:
@@ -616,42 +641,56 @@ def repair_journal_tail(path: Path, lock: Any) -> str | None:
         return None
     lock.acquire()
     try:
-        with open(path, "r+b") as f:
-            if f.read(16) == b"SQLite format 3\x00":
-                raise StorageError(
-                    f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} "
-                    "(nothing was written)"
-                )
-            size = os.fstat(f.fileno()).st_size
-            start, end = _tail_lines(f, size)
-            if end > start:
-                f.seek(start)
-                line = f.read(end - start)
-                try:
-                    json.loads(line)
-                except ValueError:
-                    number = _line_number(f, start)
-                    raise StorageError(
-                        f"journal {path}: line {number}, its last complete line, is not a journal record (not "
-                        "JSON); nothing was written, since a record appended after it would make the file "
-                        "unreadable: move that line out of the file, then run again"
-                    ) from None
-            if end == size:
-                return None
-            f.seek(end)
-            torn = f.read(size - end)
-            if not torn.lstrip().startswith(b"{"):  # every record is a JSON object: this is another file
-                raise StorageError(
-                    f"journal {path}: its last {len(torn)} bytes (after its last complete line) are not the start "
-                    "of a journal record; is it a journal file? Nothing was written"
-                )
-            aside = _write_aside(path, torn)
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-            complete = f"its last complete line (line {_line_number(f, start)})" if end else "empty"
+        return _set_aside_torn_tail(path)
     finally:
         lock.release()
+
+
+def _set_aside_torn_tail(path: Path, *, quick: bool = False) -> str | None:
+    """:func:`repair_journal_tail` under the journal's lock, held by the caller. ``quick``
+    (before each append): a file that is empty or ends in a newline, as after every append
+    but a torn one, is left at that, by its last byte."""
+    if quick:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return None
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return None
+    with open(path, "r+b") as f:
+        if f.read(16) == b"SQLite format 3\x00":
+            raise StorageError(
+                f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} (nothing was written)"
+            )
+        size = os.fstat(f.fileno()).st_size
+        start, end = _tail_lines(f, size)
+        if end > start:
+            f.seek(start)
+            line = f.read(end - start)
+            try:
+                json.loads(line)
+            except ValueError:
+                number = _line_number(f, start)
+                raise StorageError(
+                    f"journal {path}: line {number}, its last complete line, is not a journal record (not "
+                    "JSON); nothing was written, since a record appended after it would make the file "
+                    "unreadable: move that line out of the file, then run again"
+                ) from None
+        if end == size:
+            return None
+        f.seek(end)
+        torn = f.read(size - end)
+        if not torn.lstrip().startswith(b"{"):  # every record is a JSON object: this is another file
+            raise StorageError(
+                f"journal {path}: its last {len(torn)} bytes (after its last complete line) are not the start "
+                "of a journal record; is it a journal file? Nothing was written"
+            )
+        aside = _write_aside(path, torn)
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+        complete = f"its last complete line (line {_line_number(f, start)})" if end else "empty"
     return (
         f"journal {path} ended in a record cut off mid-write ({len(torn)} bytes, without a newline; "
         f"never applied): moved it to {aside} and cut the journal back to {complete}"

@@ -581,6 +581,34 @@ def test_a_torn_last_journal_record_is_set_aside_before_a_writer_appends(tmp_pat
     assert only.read_bytes() == b"" and len(list(tmp_path.glob("only.log.torn-*"))) == 1
 
 
+def test_a_record_torn_by_another_worker_during_a_run_is_set_aside_before_the_next_append(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Another worker of the study killed mid-append (or out of disk) while this run goes
+    on: the storage this run opened before checks the tail under the lock before each
+    append, so its next record is not glued to the torn one (which made the whole journal
+    unreadable for every command, this run's next read included)."""
+    path = tmp_path / "live.log"
+    trials = _journal_with_trials(path, n=2)
+    storage = connect(f"journal://{path}")  # opened while the journal was whole
+    study = optuna.load_study(study_name="s", storage=storage.optuna)
+    torn = b'{"op_code":6,"worker_id":"w1","trial_id":1,"user_attr":{"hist'
+    with path.open("ab") as f:  # the other worker's append, cut off
+        f.write(torn)
+    study.enqueue_trial({"x": 3.0})
+    study.optimize(lambda t: t.suggest_float("x", 0, 10) ** 2, n_trials=1)
+    assert _trials(path) == [*trials, (len(trials), "COMPLETE", 9.0)]
+    assert [t.value for t in study.trials] == [v for _, _, v in trials] + [9.0]
+    (aside,) = tmp_path.glob("live.log.torn-*")
+    assert aside.read_bytes() == torn
+    said = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert (
+        len(said) == 1
+        and said[0].startswith(f"journal {path} ended in a record cut off mid-write")
+        and str(aside) in said[0]
+    )
+
+
 def test_a_journal_whose_last_line_is_not_json_is_refused_before_writing(tmp_path: Path) -> None:
     """A complete last line that is no record (garbage ending in a newline) is skipped by
     Optuna's reader while it is last, but a record appended after it makes the file
