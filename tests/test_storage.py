@@ -250,9 +250,20 @@ def test_another_programs_postgresql_database_is_never_given_optuna_tables(pg_sc
     assert connect(url, create=False) is not None
 
 
-def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
+def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path, tmp_path: Path) -> None:
+    from data_trees import one_error_line
+
     result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
+    # A scheme SQLAlchemy has no database for (file:// for a journal, a typo): the forms to use,
+    # not "Can't load plugin: sqlalchemy.dialects:file".
+    for url in (f"file://{tmp_path}/j.log", "postgress://me@db/x"):
+        for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+            line = one_error_line(CliRunner().invoke(app, [*command, "--storage", url]))
+            scheme = url.split("://")[0]
+            assert line.startswith(f"error: unsupported storage {url!r}: {scheme}:// is no storage"), line
+            assert "journal:///path.log" in line and "plugin" not in line and "dialects" not in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
