@@ -456,6 +456,12 @@ def connect(
         if kind == "journal" and isinstance(exc, (KeyError, TypeError, ValueError)):
             # a file of other JSON lines: Optuna fails on a missing key of its log format
             detail = f"{storage_file(url)} is not an Optuna journal file ({type(exc).__name__} {detail})"
+        elif kind == "journal" and isinstance(exc, AssertionError):
+            # Optuna's replay meets an op_code it does not know: "Should not reach."
+            detail = (
+                f"{storage_file(url)} holds a record of an operation Optuna {optuna.__version__} does not know "
+                "(a journal written by a newer Optuna, or not an Optuna journal file)"
+            )
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
 
 

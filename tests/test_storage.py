@@ -509,6 +509,25 @@ def test_a_file_of_other_json_lines_given_as_a_journal_says_so(tmp_path: Path) -
     assert other.read_text() == '{"a": 1}\n'  # left as it was
 
 
+def test_a_journal_with_an_operation_this_optuna_does_not_know_says_so(tmp_path: Path, dlops_home: Path) -> None:
+    """A record of an operation Optuna's replay has no case for (a newer Optuna's journal)
+    was "cannot open storage ...: Should not reach."."""
+    path = tmp_path / "newer.log"
+    _journal_with_trials(path, n=1)
+    with path.open("a") as f:
+        f.write('{"op_code": 99, "worker_id": "w", "study_id": 0}\n')
+    before = path.read_bytes()
+    for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+        result = CliRunner().invoke(app, [*command, "--storage", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        line = result.output.strip().splitlines()[-1]
+        assert line == (
+            f"error: cannot open storage {path}: {path} holds a record of an operation Optuna {optuna.__version__} "
+            "does not know (a journal written by a newer Optuna, or not an Optuna journal file)"
+        ), result.output
+        assert path.read_bytes() == before
+
+
 def test_another_programs_sqlite_database_is_never_given_optuna_tables(tmp_path: Path) -> None:
     """A SQLite file of another program named as the storage: every command refuses it in
     one line and leaves it as it was (Optuna once added its tables to it); an empty file is
