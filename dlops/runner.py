@@ -900,7 +900,10 @@ def run_workers(
                 reported.add(i)
                 if code < 0:
                     sig = signal.Signals(-code).name
-                    say(f"worker w{i} (pid {p.pid}) was killed by {sig}; the others re-queue the trial it was running")
+                    say(
+                        f"worker w{i} (pid {p.pid}) was killed by {sig}: the trial it was running is queued again "
+                        "to resume from its checkpoint"
+                    )
                 elif code not in (0, 130, 143):
                     say(f"worker w{i} (pid {p.pid}) exited with code {code}")
             time.sleep(0.1)
@@ -914,6 +917,8 @@ def run_workers(
         raise StudyDeleted(name, storage)
     study = optuna.load_study(study_name=name, storage=storage.optuna)
     codes = [p.returncode for p in procs]
+    if any(c < 0 for c in codes):  # the trials of killed workers, when no worker was left to re-queue them
+        recover_after_workers(study, storage, RunNotes(StudyContext.of(spec, options, storage.masked), say), say)
     interrupted = received[0] if received else None
     if interrupted is None:
         stopped = [c for c in codes if c in (130, 143)]
@@ -928,13 +933,24 @@ def run_workers(
     )
     reason = last_failure(study, run.run_id)
     stand += f"; the last failed trial: {reason}" if reason else ""
-    if interrupted is None and all(c != 0 for c in codes):
-        raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
     gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
+    see = ", see their error lines above" if gave_up else ""
+    if interrupted is None and all(c != 0 for c in codes):
+        killed = [f"w{i} by {signal.Signals(-c).name}" for i, c in enumerate(codes) if c < 0]
+        if killed:
+            left = (target or 0) - done if total is not None else (n_trials or 0) - added
+            again = (
+                "run the same command again to continue"
+                if total is not None
+                else f"run the same command with --n-trials {left} to add the rest"
+            )
+            stand += (
+                f"; killed: {', '.join(killed)}; the trials they were running are queued to resume from their "
+                f"checkpoints: {again}"
+            )
+        raise DlopsError(f"all {workers} workers failed (exit codes {codes}{see}); {stand}")
     if interrupted is None and gave_up:
-        raise DlopsError(
-            f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); {stand}"
-        )
+        raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}{see}); {stand}")
     return StudyResult(
         study=study,
         counts=counts_now,
@@ -944,6 +960,18 @@ def run_workers(
         n_trials=n_trials,
         added=added,
     )
+
+
+def recover_after_workers(study: optuna.Study, storage: StudyStorage, notes: RunNotes, say: Say) -> None:
+    """After a run's workers ended, some killed: fail and re-queue the trials they left
+    RUNNING (each retry resumes from its checkpoint), as a live worker would have, so the
+    study shows no trial RUNNING for a worker that is gone."""
+    with storage.lock(study.study_name):
+        recovered = recover_dead_trials(study, storage, say)
+    if recovered:
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number in recovered:
+                notes.trial_recovered(study, trial, recovered[trial.number])
 
 
 def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: RunOptions) -> dict[str, int]:

@@ -414,6 +414,52 @@ def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
     return wait_until(find)
 
 
+def test_when_every_worker_is_killed_their_trials_are_queued_again_and_the_run_says_how_to_go_on(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker is left to re-queue what the killed ones ran (it stayed RUNNING, and dlops
+    said "the others re-queue the trial it was running" and "see their error lines above"
+    of workers that printed none): dlops itself re-queues those trials, and says so."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    b = Backend("journal", tmp_path)
+    epochs = 8
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=20)
+
+    def kill_every_worker_mid_trial():
+        def two_running():
+            if not Path(b.url[len("journal://") :]).exists():
+                return None
+            try:
+                trials = b.study().get_trials()
+            except KeyError:  # the run has not created it yet
+                return None
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            return running if len(running) == 2 else None
+
+        victims = wait_until(two_running)
+        for t in victims:
+            os.kill(t.system_attrs[OWNER_KEY]["pid"], signal.SIGKILL)
+        return victims
+
+    args = ["study", "run", str(spec), "--storage", b.url, "--study-name", b.study_name, "--workers", "2"]
+    result, victims = invoke_in_background_of(kill_every_worker_mid_trial, [*args, "--n-trials", "3"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 2, output
+    assert "the others re-queue" not in output and "error lines above" not in output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith("error: all 2 workers failed (exit codes [-9, -9]); this run added 0 of its 3"), last
+    assert last.endswith(
+        "killed: w0 by SIGKILL, w1 by SIGKILL; the trials they were running are queued to resume from their "
+        "checkpoints: run the same command with --n-trials 3 to add the rest"
+    ), last
+    trials = b.study().get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for victim in victims:
+        assert trials[victim.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+        assert retry.state == TrialState.WAITING and retry.params == victim.params
+
+
 @requires_pg
 def test_a_killed_worker_trial_is_retried_and_resumes_from_its_checkpoint(
     tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
