@@ -36,7 +36,9 @@ A writer (``create=True``) checks a journal file's tail first, under the lock Op
 under (:func:`repair_journal_tail`): a last record cut off mid-write is moved to a side file
 and the journal cut back to its last complete line (:attr:`StudyStorage.note` says so); a
 last complete line that is not JSON is refused. While the run goes on, each of its appends
-does the same first (a record another worker tore meanwhile). Readers never change the file.
+does the same first (a record another worker tore meanwhile), and so does every append of any
+command (the record of ``study delete``, a note written in the dashboard). Commands that only
+read never change the file.
 """
 
 from __future__ import annotations
@@ -566,7 +568,9 @@ def _connect(
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             note = repair_journal_tail(path, lock)
-        file_backend = (_CheckedJournalFileBackend if create else JournalFileBackend)(str(path), lock_obj=lock)
+        # Every command's appends check the tail (a reader's only append may be a deletion or
+        # a dashboard note); a command that appends nothing never changes the file.
+        file_backend = _CheckedJournalFileBackend(str(path), lock_obj=lock)
         return StudyStorage(url, kind, JournalStorage(file_backend), lock_file=path, note=note)
     if kind == "redis":
         import redis

@@ -207,3 +207,30 @@ def test_a_run_whose_study_is_deleted_elsewhere_stops_in_one_line_and_never_recr
     with pytest.raises(StudyDeleted):
         run_study(load_spec(str(spec)), options, run=RunSlot("parent-run", 1), worker=1, workers=2)
     assert optuna.get_all_study_names(connect(journal).optuna) == []
+
+
+def test_delete_in_a_journal_with_a_torn_last_record_deletes_and_keeps_the_journal_readable(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """The deletion record was glued to the torn one: `study delete` said "deleted", the
+    study was still listed (the glued line is skipped while last), and the next append made
+    the journal unreadable."""
+    spec = str(tiny_workers_spec(tmp_path, n_trials=1))
+    journal = tmp_path / "j.log"
+    for name in ("tiny-workers", "kept"):
+        args = ["study", "run", spec, "--device", "cpu", "--storage", str(journal), "--study-name", name]
+        assert dlops(*args).exit_code == 0
+    torn = b'{"op_code":6,"worker_id":"w1","trial_id":0,"user_attr":{"hist'
+    with journal.open("ab") as f:  # a worker killed mid-append
+        f.write(torn)
+
+    result = dlops("study", "delete", "tiny-workers", "--yes", "--storage", str(journal))
+    assert result.exit_code == 0, result.output
+    assert f"journal {journal} ended in a record cut off mid-write" in result.stderr
+    assert optuna.get_all_study_names(connect(str(journal), create=False).optuna) == ["kept"]
+    (aside,) = tmp_path.glob("j.log.torn-*")
+    assert aside.read_bytes() == torn
+    # and the journal takes more records: the kept study goes on
+    args = ["study", "run", spec, "--device", "cpu", "--storage", str(journal), "--study-name", "kept"]
+    assert dlops(*args, "--n-trials", "1").exit_code == 0
+    assert len(optuna.load_study(study_name="kept", storage=connect(str(journal)).optuna).trials) == 2
