@@ -241,7 +241,16 @@ def storage_file(url: str) -> Path | None:
 
 def _check_sqlite_url(url: str) -> None:
     """SQLAlchemy takes everything after a ``?`` for options and silently drops what is not
-    ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Refuse such a URL."""
+    ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Nor does it expand ``~``:
+    ``sqlite:///~/dlops.db`` is ``./~/dlops.db``, another database in every folder it runs
+    from. Refuse such URLs."""
+    database = url.split("://", 1)[1][1:] if "://" in url else ""
+    if database.startswith("~/"):
+        home = Path(database).expanduser()
+        raise StorageError(
+            f"SQLite URL {mask_url(url)!r}: SQLAlchemy does not expand '~' (it would open {Path.cwd() / database}, "
+            f"a folder named '~' here): write the path out, sqlite:///{home}"
+        )
     if "?" not in url:
         return
     options = url.split("?", 1)[1]

@@ -384,6 +384,25 @@ def test_a_sqlite_url_with_a_raw_question_mark_in_its_path_is_refused(tmp_path: 
     assert connect(f"sqlite:///{tmp_path / 'ok.db'}?timeout=5").lock_file == tmp_path / "ok.db"  # real options pass
 
 
+def test_a_sqlite_url_with_a_tilde_is_refused_not_made_a_folder_named_tilde(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy does not expand '~': sqlite:///~/dlops.db was ./~/dlops.db, a new database
+    in each folder a command ran from (a $DLOPS_STORAGE in a shell profile)."""
+    from data_trees import one_error_line
+
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///~/dlops.db"
+    expected = (
+        f"error: SQLite URL {url!r}: SQLAlchemy does not expand '~' (it would open {tmp_path / '~' / 'dlops.db'}, "
+        f"a folder named '~' here): write the path out, sqlite:///{Path('~/dlops.db').expanduser()}"
+    )
+    for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+        assert one_error_line(CliRunner().invoke(app, [*command, "--storage", url])) == expected
+    assert list(tmp_path.iterdir()) == []
+    assert storage_kind("sqlite:////abs/~/x.db") == "sqlite" and connect(f"sqlite:///{tmp_path / 'a~' / 'x.db'}")
+
+
 def test_journal_urls_round_trip_odd_folders(tmp_path: Path) -> None:
     from dlops.storage import journal_url
 
