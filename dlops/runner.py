@@ -849,7 +849,13 @@ def run_workers(
         opened = open_study(spec, options, storage)
         run = RunSlot(uuid.uuid4().hex, join_run(opened, storage))
         leave = register_process(opened, run.run_id, "parent")  # `dlops study delete` waits for the run
+    asked_workers, workers = workers, min(workers, target - finished)  # one trial at a time each
     say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
+    if workers < asked_workers:
+        say(
+            f"--workers {asked_workers}, {plural(workers, 'trial')} to run: starting {plural(workers, 'worker')} "
+            "(the others would only wait, each holding its memory)"
+        )
 
     plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:

@@ -414,6 +414,35 @@ def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
     return wait_until(find)
 
 
+def test_no_more_workers_start_than_there_are_trials_to_run(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 3 for 2 trials started 3 processes (each loading torch), the third only to
+    wait: --workers 100 by mistake was 100 of them."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = tiny_workers_spec(tmp_path, epochs=1, per_class=5)
+    url = f"journal://{tmp_path / 'j.log'}"
+    args = ["study", "run", str(spec), "--storage", url, "--workers", "3", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--n-trials", "2"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 0, output
+    assert "this run adds 2 finished trials of its own (other runs' trials not counted) with 2 workers" in output
+    assert "--workers 3, 2 trials to run: starting 2 workers (the others would only wait" in output
+    assert "[w1]" in output and "[w2]" not in output
+    study = optuna.load_study(study_name="tiny-workers", storage=connect(url).optuna)
+    assert sum(t.state in FINISHED for t in study.trials) == 2
+    # --total-trials: what the study lacks
+    result = CliRunner().invoke(app, [*args, "--total-trials", "3"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 0 and "--workers 3, 1 trial to run: starting 1 worker (" in output, output
+    assert "[w1]" not in output
+    assert len(optuna.load_study(study_name="tiny-workers", storage=connect(url).optuna).trials) == 3
+
+
 def test_when_every_worker_is_killed_their_trials_are_queued_again_and_the_run_says_how_to_go_on(
     tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
