@@ -75,6 +75,7 @@ from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
 from dlops.stopping import SAME_STOP_S, SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
 from dlops.storage import (
+    StorageLost,
     StudyStorage,
     connect,
     heartbeat_settings,
@@ -82,6 +83,7 @@ from dlops.storage import (
     mask_url,
     sqlite_path,
     storage_kind,
+    storage_outage,
 )
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
@@ -124,6 +126,21 @@ def open_study(
         load_if_exists=True,
     )
     return study
+
+
+@contextlib.contextmanager
+def stop_if_lost(storage: StudyStorage) -> Iterator[None]:
+    """An error out of Optuna while the storage does not answer becomes :class:`StorageLost`
+    (one line), not the driver's traceback or Optuna's own error in failing to record it."""
+    try:
+        yield
+    except DlopsError:
+        raise
+    except Exception:
+        reason = storage_outage(storage.optuna)
+        if reason is None:
+            raise
+        raise StorageLost(storage.url, reason) from None
 
 
 class StudyDeleted(DlopsError):
@@ -541,7 +558,8 @@ def _run_trials(
                 trial.set_user_attr("stopped_reason", f"failed: {failure_reason(exc)}")
             except Exception:  # noqa: BLE001 - the storage itself may be what failed
                 pass
-            if not explained(exc):  # a bug, or something dlops cannot name: its traceback, once
+            if not explained(exc) and storage_outage(trial.storage) is None:
+                # a bug, or something dlops cannot name: its traceback, once
                 sys.stderr.write(mask_url(f"trial {trial.number}: " + traceback.format_exc()))
             raise
 
@@ -725,6 +743,7 @@ def run_study(
             SurvivorFreeze() as freeze,
             optuna_failures_quiet(),
             stop_if_deleted(study, storage),
+            stop_if_lost(storage),
         ):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
@@ -919,53 +938,54 @@ def run_workers(
             signal.signal(signum, handler)
         leave()
 
-    if not still_there(opened):  # deleted from another machine (this one's delete waits for the run)
-        raise StudyDeleted(name, storage)
-    study = optuna.load_study(study_name=name, storage=storage.optuna)
-    codes = [p.returncode for p in procs]
-    if any(c < 0 for c in codes):  # the trials of killed workers, when no worker was left to re-queue them
-        recover_after_workers(study, storage, RunNotes(StudyContext.of(spec, options, storage.masked), say), say)
-    interrupted = received[0] if received else None
-    if interrupted is None:
-        stopped = [c for c in codes if c in (130, 143)]
-        interrupted = stopped[0] - 128 if stopped else None
-    counts_now = state_counts(study)
-    added = run_trials_finished(study, run.run_id)
-    done = sum(counts_now[s.name] for s in FINISHED)
-    stand = (
-        f"the study has {done} of {target} finished trials"
-        if total is not None
-        else f"this run added {added} of its {n_trials} finished trials"
-    )
-    reason = last_failure(study, run.run_id)
-    stand += f"; the last failed trial: {reason}" if reason else ""
-    gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
-    see = ", see their error lines above" if gave_up else ""
-    if interrupted is None and all(c != 0 for c in codes):
-        killed = [f"w{i} by {signal.Signals(-c).name}" for i, c in enumerate(codes) if c < 0]
-        if killed:
-            left = (target or 0) - done if total is not None else (n_trials or 0) - added
-            again = (
-                "run the same command again to continue"
-                if total is not None
-                else f"run the same command with --n-trials {left} to add the rest"
-            )
-            stand += (
-                f"; killed: {', '.join(killed)}; the trials they were running are queued to resume from their "
-                f"checkpoints: {again}"
-            )
-        raise DlopsError(f"all {workers} workers failed (exit codes {codes}{see}); {stand}")
-    if interrupted is None and gave_up:
-        raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}{see}); {stand}")
-    return StudyResult(
-        study=study,
-        counts=counts_now,
-        best=summarize(study)["best"],
-        interrupted=interrupted,
-        target=target,
-        n_trials=n_trials,
-        added=added,
-    )
+    with stop_if_lost(storage):  # the storage gone: one line, and what the workers left waits for the next run
+        if not still_there(opened):  # deleted from another machine (this one's delete waits for the run)
+            raise StudyDeleted(name, storage)
+        study = optuna.load_study(study_name=name, storage=storage.optuna)
+        codes = [p.returncode for p in procs]
+        if any(c < 0 for c in codes):  # the trials of killed workers, when no worker was left to re-queue them
+            recover_after_workers(study, storage, RunNotes(StudyContext.of(spec, options, storage.masked), say), say)
+        interrupted = received[0] if received else None
+        if interrupted is None:
+            stopped = [c for c in codes if c in (130, 143)]
+            interrupted = stopped[0] - 128 if stopped else None
+        counts_now = state_counts(study)
+        added = run_trials_finished(study, run.run_id)
+        done = sum(counts_now[s.name] for s in FINISHED)
+        stand = (
+            f"the study has {done} of {target} finished trials"
+            if total is not None
+            else f"this run added {added} of its {n_trials} finished trials"
+        )
+        reason = last_failure(study, run.run_id)
+        stand += f"; the last failed trial: {reason}" if reason else ""
+        gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
+        see = ", see their error lines above" if gave_up else ""
+        if interrupted is None and all(c != 0 for c in codes):
+            killed = [f"w{i} by {signal.Signals(-c).name}" for i, c in enumerate(codes) if c < 0]
+            if killed:
+                left = (target or 0) - done if total is not None else (n_trials or 0) - added
+                again = (
+                    "run the same command again to continue"
+                    if total is not None
+                    else f"run the same command with --n-trials {left} to add the rest"
+                )
+                stand += (
+                    f"; killed: {', '.join(killed)}; the trials they were running are queued to resume from their "
+                    f"checkpoints: {again}"
+                )
+            raise DlopsError(f"all {workers} workers failed (exit codes {codes}{see}); {stand}")
+        if interrupted is None and gave_up:
+            raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}{see}); {stand}")
+        return StudyResult(
+            study=study,
+            counts=counts_now,
+            best=summarize(study)["best"],
+            interrupted=interrupted,
+            target=target,
+            n_trials=n_trials,
+            added=added,
+        )
 
 
 def recover_after_workers(study: optuna.Study, storage: StudyStorage, notes: RunNotes, say: Say) -> None:

@@ -224,6 +224,32 @@ def heartbeat_settings(url: str, interval: int | None, grace_period: int | None)
     return interval, grace_period
 
 
+class StorageLost(StorageError):
+    """The storage stopped answering during a run (a server down, a network gone)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"lost the storage {mask_url(url)} ({mask_url(reason)}): a trial it was running stays RUNNING there with "
+            "its checkpoint; once the storage answers, run the same command again and it resumes from that checkpoint"
+        )
+
+
+_PROBE = "\0dlops-probe"  # a study name no study has
+
+
+def storage_outage(storage: optuna.storages.BaseStorage) -> str | None:
+    """Why ``storage`` does not answer (one line), or None when it does: a look-up of a
+    study that does not exist, which a storage that answers refuses with ``KeyError``."""
+    try:
+        storage.get_study_id_from_name(_PROBE)
+    except KeyError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises is the reason
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
+        return " ".join(lines)[:200] or type(exc).__name__
+    return None
+
+
 class NoStorageYet(StorageError):
     """A SQLite or journal storage whose file does not exist, opened to read."""
 

@@ -8,6 +8,7 @@ removes it afterwards. Worker runs are real ``dlops study run`` processes on tin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -412,6 +413,127 @@ def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
         return None
 
     return wait_until(find)
+
+
+class Proxy:
+    """A TCP proxy to a local server that can go down (every connection cut, the port closed)
+    and come back on the same port: a storage server lost mid-run."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target, self.conns = target_port, []
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.up()
+
+    def up(self) -> None:
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def down(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):  # wakes the accept(): a closed socket alone keeps listening
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self.conns = []
+
+
+@requires_redis
+def test_a_storage_lost_mid_run_is_one_line_and_the_rerun_resumes_the_trial_from_its_checkpoint(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Redis server gone mid-trial: each worker printed two tracebacks (the driver's, then
+    Optuna's UnboundLocalError in failing to record the trial), dlops a third, and the
+    trial's checkpoint was deleted, so the trial left RUNNING started over from epoch 0."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    proxy = Proxy(6379)
+    tag = uuid.uuid4().hex[:10]
+    url = f"redis://127.0.0.1:{proxy.port}/0?prefix=dlops-test-{tag}"
+    epochs = 8
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=40)
+    args = ["study", "run", str(spec), "--storage", url, "--n-trials", "2", "--device", "cpu"]
+
+    def study(name: str):
+        return optuna.load_study(study_name=name, storage=connect(url).optuna)
+
+    def cut_mid_trial(name: str):
+        def mid_trial():
+            try:
+                running = [t for t in study(name).get_trials() if t.state == TrialState.RUNNING]
+            except KeyError:
+                return None
+            return running[0] if running and len(running[0].intermediate_values) >= 2 else None
+
+        trial = wait_until(mid_trial)
+        proxy.down()
+        return trial
+
+    try:
+        # One worker (this process, which lives on: its trial is not provably dead here) and
+        # two worker processes.
+        for name, workers in (("solo", "1"), ("tiny-workers", "2")):
+            run_args = [*args, "--study-name", name, "--workers", workers]
+            result, cut = invoke_in_background_of(lambda name=name: cut_mid_trial(name), run_args)
+            output = result.output + "".join(capfd.readouterr())
+            assert result.exit_code == 2, output
+            assert "Traceback" not in output and "UnboundLocalError" not in output, output
+            last = [line for line in result.output.splitlines() if line.strip()][-1]
+            assert last.startswith(f"error: lost the storage {url} (") and last.endswith(
+                "a trial it was running stays RUNNING there with its checkpoint; once the storage answers, run "
+                "the same command again and it resumes from that checkpoint"
+            ), last
+            assert checkpoint_path(name, cut.number, url).exists()
+            proxy.up()
+
+        result = CliRunner().invoke(app, run_args)  # the workers of the run cut short are gone
+        output = result.output + "".join(capfd.readouterr())
+        assert result.exit_code == 0, output
+        trials = study("tiny-workers").get_trials()
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == cut.number]
+        assert retry.state in FINISHED and retry.user_attrs["resumed_from"]["epoch"] >= 2, output
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+    finally:
+        proxy.down()
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        for key in client.scan_iter(f"dlops-test-{tag}*"):
+            client.delete(key)
 
 
 def test_no_more_workers_start_than_there_are_trials_to_run(
