@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -78,6 +79,7 @@ from dlops.storage import (
     StorageLost,
     StudyStorage,
     connect,
+    driver_error_line,
     heartbeat_settings,
     journal_url,
     mask_url,
@@ -141,6 +143,26 @@ def stop_if_lost(storage: StudyStorage) -> Iterator[None]:
         if reason is None:
             raise
         raise StorageLost(storage.url, reason) from None
+
+
+@contextlib.contextmanager
+def heartbeat_failures_said(say: Say) -> Iterator[None]:
+    """Optuna's heartbeat thread dies on a storage that stops answering, and Python prints
+    its traceback: one line instead (the trial itself then stops with :class:`StorageLost`,
+    or, the storage back, is failed for its silence and retried)."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and "_record_heartbeat" in args.thread.name and args.exc_value is not None:
+            say(f"a trial's heartbeat stopped: {driver_error_line(args.exc_value)}")
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 class StudyDeleted(DlopsError):
@@ -744,6 +766,7 @@ def run_study(
             optuna_failures_quiet(),
             stop_if_deleted(study, storage),
             stop_if_lost(storage),
+            heartbeat_failures_said(say),
         ):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)

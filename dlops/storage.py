@@ -245,9 +245,17 @@ def storage_outage(storage: optuna.storages.BaseStorage) -> str | None:
     except KeyError:
         return None
     except Exception as exc:  # noqa: BLE001 - whatever the driver raises is the reason
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
-        return " ".join(lines)[:200] or type(exc).__name__
+        return driver_error_line(exc)
     return None
+
+
+def driver_error_line(exc: BaseException) -> str:
+    """A storage driver's error as one line: the root of Optuna's wrapping (its "An exception
+    is raised during the commit ..." hides a lost connection), without SQLAlchemy's link."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
+    return " ".join(lines)[:200] or type(exc).__name__
 
 
 class NoStorageYet(StorageError):

@@ -536,6 +536,38 @@ def test_a_storage_lost_mid_run_is_one_line_and_the_rerun_resumes_the_trial_from
             client.delete(key)
 
 
+@requires_pg
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_heartbeat_thread_that_loses_the_storage_says_so_in_one_line(capfd: pytest.CaptureFixture) -> None:
+    """Optuna's heartbeat thread dies on a PostgreSQL server gone; Python printed its
+    traceback (three chained exceptions ending in "An exception is raised during the commit.
+    This typically happens due to invalid data ...")."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from dlops.runner import heartbeat_failures_said
+
+    proxy = Proxy(5432)
+    name = f"w-{uuid.uuid4().hex[:10]}"
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/test?connect_timeout=3"
+    storage = connect(url, heartbeat_interval=1)
+    trial = optuna.create_study(study_name=name, storage=storage.optuna).ask()
+    said: list[str] = []
+    try:
+        proxy.down()
+        with heartbeat_failures_said(said.append):
+            beat = HeartbeatThread(trial._trial_id, storage.optuna)
+            beat.start()
+            wait_until(lambda: beat._thread is not None and not beat._thread.is_alive(), timeout=60)
+            beat.join()
+        assert len(said) == 1 and said[0].startswith("a trial's heartbeat stopped: connection to server at"), said
+        assert "Connection refused" in said[0] and "invalid data" not in said[0]
+        assert "Traceback" not in "".join(capfd.readouterr())
+    finally:
+        proxy.up()
+        optuna.delete_study(study_name=name, storage=PG)
+        proxy.down()
+
+
 def test_no_more_workers_start_than_there_are_trials_to_run(
     tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
