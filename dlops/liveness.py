@@ -8,6 +8,11 @@ re-queued, and the retry resumes from the trial's last checkpoint. Trials of wor
 other machines are recovered by Optuna's heartbeats on PostgreSQL; the journal storages
 have none, so there a dead worker on another machine leaves its trial RUNNING (shown by
 ``dlops study show``; it does not block other workers).
+
+Every process of a run (a ``dlops study run`` and each of its workers) also records itself
+in the study's system attrs while it is in the study (:func:`register_process`, under
+:data:`LIVE_PREFIX`), so ``dlops study delete`` can tell a study in use on this machine
+even between two trials, when none of its trials is RUNNING.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dlops.storage import RETRY_LIMIT, StudyStorage
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
 RUN_FIELD = "run"  # in a trial's owner: the run (one `dlops study run`, all its workers)
+LIVE_PREFIX = "dlops:live:"  # study system attrs: a process of a run in the study (None once it left)
 
 Say = Callable[[str], None]
 
@@ -62,6 +68,33 @@ def is_dead(owner: dict[str, Any]) -> bool | None:
     if owner.get("boot") and boot and owner["boot"] != boot:
         return True  # this machine rebooted since: every process of then is gone
     return process_gone(int(owner["pid"]), owner.get("started"))
+
+
+def register_process(study: optuna.Study, run_id: str, role: str) -> Callable[[], None]:
+    """Record this process (``role``: ``parent``, ``w0``, ...) of the run ``run_id`` as in
+    ``study`` until the returned function, called when it leaves, clears the record. A record
+    left by a killed process is told apart by :func:`live_processes_here` (its pid is gone)."""
+    key = f"{LIVE_PREFIX}{run_id}:{role}"
+    storage, study_id = study._storage, study._study_id
+    storage.set_study_system_attr(study_id, key, worker_identity())
+
+    def leave() -> None:
+        try:
+            storage.set_study_system_attr(study_id, key, None)
+        except Exception:  # noqa: BLE001 - the study is gone, or the storage with it: nothing to clear
+            pass
+
+    return leave
+
+
+def live_processes_here(system_attrs: dict[str, Any]) -> list[int]:
+    """The pids of this machine's processes of runs that are in the study (its system attrs):
+    records cleared or left by processes that are gone, and those of other machines, are not."""
+    return sorted(
+        int(owner["pid"])
+        for key, owner in system_attrs.items()
+        if key.startswith(LIVE_PREFIX) and isinstance(owner, dict) and "pid" in owner and is_dead(owner) is False
+    )
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = RETRY_LIMIT) -> None:

@@ -29,7 +29,7 @@ from dlops.io import CorruptCheckpoint, json_safe, load_checkpoint
 from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder_name, sqlite_url
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted, taken_over
-from dlops.storage import journal_path, server_identity, sqlite_path, storage_kind
+from dlops.storage import StorageLost, journal_path, server_identity, sqlite_path, storage_kind, storage_outage
 from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (
@@ -321,6 +321,14 @@ def make_objective(
         except DlopsError as exc:  # a full disk, a damaged file: the trial fails with one line
             trial.set_user_attr("stopped_reason", str(exc))
             raise
+        except Exception:
+            reason = storage_outage(trial.storage)
+            if reason is None:
+                raise
+            # The storage is gone (the trial cannot even be recorded FAIL): it stays RUNNING,
+            # and the run that re-queues it resumes from this checkpoint.
+            keep_checkpoint = True
+            raise StorageLost(options.storage or default_storage_url(), reason) from None
         finally:
             if not keep_checkpoint:
                 remove_checkpoint(ckpt)

@@ -20,7 +20,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from dlops.errors import DlopsError
-from dlops.liveness import OWNER_KEY, is_dead
+from dlops.liveness import OWNER_KEY, is_dead, live_processes_here
 from dlops.paths import artifacts_dir
 from dlops.storage import StudyStorage, connect, mask_url
 from dlops.studies import state_counts
@@ -39,6 +39,7 @@ class Deletion:
     has_checkpoints: bool
     running_here: list[int] = field(default_factory=list)  # trials whose worker runs on this machine
     running_elsewhere: list[int] = field(default_factory=list)  # trials of workers nothing here can see
+    live_here: list[int] = field(default_factory=list)  # pids of this machine's `dlops study run` processes in it
 
     @property
     def n_trials(self) -> int:
@@ -94,6 +95,7 @@ def plan_deletion(storage: StudyStorage, name: str) -> Deletion:
         checkpoints=checkpoint_path(name, 0, storage.url).parent,
         has_checkpoints=checkpoint_path(name, 0, storage.url).parent.is_dir(),
     )
+    plan.live_here = live_processes_here(study._storage.get_study_system_attrs(study._study_id))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.system_attrs.get(OWNER_KEY)
         alive = is_dead(owner) if isinstance(owner, dict) and "pid" in owner else None
@@ -105,13 +107,20 @@ def plan_deletion(storage: StudyStorage, name: str) -> Deletion:
 
 
 def check_deletable(plan: Deletion, *, force: bool) -> None:
-    """A study with a trial whose worker runs here is never deleted (the worker would fail
+    """A study with a trial whose worker runs here, or with a ``dlops study run`` of this
+    machine in it (between two trials, or starting), is never deleted (the run would fail
     on a study that is gone); one whose running trials nothing here can see is deleted only
     with ``force`` (their workers may be dead, or running on another machine)."""
     if plan.running_here:
         raise DlopsError(
             f"study {plan.name} has {_trials(plan.running_here)} running on this machine: "
             "stop its workers (Ctrl-C) before deleting it"
+        )
+    if plan.live_here:
+        pids = plan.live_here
+        raise DlopsError(
+            f"study {plan.name} is in use by a dlops study run on this machine ({'pid' if len(pids) == 1 else 'pids'} "
+            f"{', '.join(map(str, pids))}), between two trials or starting: stop it (Ctrl-C) before deleting it"
         )
     if plan.running_elsewhere and not force:
         raise DlopsError(

@@ -13,6 +13,7 @@ needs is checked (:func:`check_run`) before any storage, study or file is touche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -24,12 +25,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +50,15 @@ from dlops.data import (
     get_dataset,
 )
 from dlops.errors import DlopsError, StorageError, out_of_memory, out_of_memory_text
-from dlops.liveness import OWNER_KEY, identity, of_run, recover_dead_trials, retry_trial, worth_waiting_for
+from dlops.liveness import (
+    OWNER_KEY,
+    identity,
+    of_run,
+    recover_dead_trials,
+    register_process,
+    retry_trial,
+    worth_waiting_for,
+)
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
     SETTINGS_KEY,
@@ -67,13 +76,16 @@ from dlops.sampling import make_pruner, make_sampler, sampler_seed
 from dlops.spec import StudySpec
 from dlops.stopping import SAME_STOP_S, SIGNAL_NAMES, GracefulStop, TrialInterrupted, TrialTakenOver, exit_code
 from dlops.storage import (
+    StorageLost,
     StudyStorage,
     connect,
+    driver_error_line,
     heartbeat_settings,
     journal_url,
     mask_url,
     sqlite_path,
     storage_kind,
+    storage_outage,
 )
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
 from dlops.text import plural
@@ -90,21 +102,97 @@ Say = Callable[[str], None]
 
 
 def open_study(
-    spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0
+    spec: StudySpec, options: RunOptions, storage: StudyStorage | None = None, worker: int = 0, *, create: bool = True
 ) -> optuna.Study:
     """Create or load the study. Worker ``k`` of a many-worker run seeds its sampler with
-    seed + k, so workers do not propose the same random start-up trials."""
+    seed + k, so workers do not propose the same random start-up trials. With ``create``
+    False (a worker of a run whose parent opened the study) a study that is not there, since
+    it was deleted meanwhile, raises :class:`StudyDeleted` instead of starting anew."""
     storage = storage or connect(options.storage or default_storage_url())
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
+    name = options.study_name_for(spec)
+    sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0))
+    if not create:
+        try:
+            return optuna.load_study(
+                study_name=name, storage=storage.optuna, sampler=sampler, pruner=make_pruner(spec.pruner)
+            )
+        except KeyError:
+            raise StudyDeleted(name, storage) from None
     study = optuna.create_study(
-        study_name=options.study_name_for(spec),
+        study_name=name,
         storage=storage.optuna,
-        sampler=make_sampler(spec.sampler, sampler_seed(base_seed, worker, 0)),
+        sampler=sampler,
         pruner=make_pruner(spec.pruner),
         direction=optuna.study.StudyDirection[spec.direction.upper()],
         load_if_exists=True,
     )
     return study
+
+
+@contextlib.contextmanager
+def stop_if_lost(storage: StudyStorage) -> Iterator[None]:
+    """An error out of Optuna while the storage does not answer becomes :class:`StorageLost`
+    (one line), not the driver's traceback or Optuna's own error in failing to record it."""
+    try:
+        yield
+    except DlopsError:
+        raise
+    except Exception:
+        reason = storage_outage(storage.optuna)
+        if reason is None:
+            raise
+        raise StorageLost(storage.url, reason) from None
+
+
+@contextlib.contextmanager
+def heartbeat_failures_said(say: Say) -> Iterator[None]:
+    """Optuna's heartbeat thread dies on a storage that stops answering, and Python prints
+    its traceback: one line instead (the trial itself then stops with :class:`StorageLost`,
+    or, the storage back, is failed for its silence and retried)."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and "_record_heartbeat" in args.thread.name and args.exc_value is not None:
+            say(f"a trial's heartbeat stopped: {driver_error_line(args.exc_value)}")
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+class StudyDeleted(DlopsError):
+    """The study of a run was deleted (``dlops study delete``) while the run was in it: the
+    run stops, and does not start the study anew under the same name."""
+
+    def __init__(self, name: str, storage: StudyStorage) -> None:
+        super().__init__(
+            f"study {name} was deleted from {storage.masked} while this run was in it (dlops study delete): "
+            "stopped, without starting it anew"
+        )
+
+
+def still_there(study: optuna.Study) -> bool:
+    """Whether ``study`` is still in its storage (not deleted, nor deleted and created anew)."""
+    try:
+        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
+    except KeyError:
+        return False
+
+
+@contextlib.contextmanager
+def stop_if_deleted(study: optuna.Study, storage: StudyStorage) -> Iterator[None]:
+    """Optuna's ``KeyError`` on a study deleted meanwhile becomes :class:`StudyDeleted`."""
+    try:
+        yield
+    except KeyError:
+        if still_there(study):
+            raise
+        raise StudyDeleted(study.study_name, storage) from None
 
 
 def enqueue_baseline(study: optuna.Study, params: dict[str, Any], trials: Sequence[FrozenTrial] | None = None) -> bool:
@@ -372,6 +460,11 @@ def study_counts_line(
         )
     if total is not None:
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        if finished >= total:
+            return head + (
+                f"; it already has {plural(finished, 'finished trial')}, at least the {total} asked "
+                "(--total-trials counts every run's): this run starts no trial"
+            )
         tail = (
             f"; this run works until the study has {total} finished trials in all ({finished} now, "
             "counting every run's)"
@@ -428,7 +521,7 @@ class _QuietFailedTrials(logging.Filter):
         return not re.match(r"Trial \d+ failed with ", record.getMessage())
 
 
-@contextmanager
+@contextlib.contextmanager
 def optuna_failures_quiet() -> Iterator[None]:
     logger = logging.getLogger("optuna.study._optimize")
     quiet = _QuietFailedTrials()
@@ -487,7 +580,8 @@ def _run_trials(
                 trial.set_user_attr("stopped_reason", f"failed: {failure_reason(exc)}")
             except Exception:  # noqa: BLE001 - the storage itself may be what failed
                 pass
-            if not explained(exc):  # a bug, or something dlops cannot name: its traceback, once
+            if not explained(exc) and storage_outage(trial.storage) is None:
+                # a bug, or something dlops cannot name: its traceback, once
                 sys.stderr.write(mask_url(f"trial {trial.number}: " + traceback.format_exc()))
             raise
 
@@ -643,14 +737,15 @@ def run_study(
     if note and announce:
         say(note)
     storage = connect_run(options, say)
-    study = open_study(spec, options, storage, worker)
+    study = open_study(spec, options, storage, worker, create=run is None)
     notes = RunNotes(StudyContext.of(spec, options, storage.masked), say)
-    with storage.lock(study.study_name):
+    with storage.lock(study.study_name), stop_if_deleted(study, storage):
         counts = state_counts(study)  # where the study stood on (re)joining
         prepare_study(study, spec, options)
         notes.opened(study)
         if run is None:
             run = RunSlot(uuid.uuid4().hex, join_run(study, storage))
+        leave = register_process(study, run.run_id, f"w{worker}")  # `dlops study delete` waits for it
     base_seed = options.seed if options.seed is not None else spec.sampler.get("seed", 0)
     study.sampler = make_sampler(spec.sampler, sampler_seed(base_seed, worker, run.index))
     finished_then = sum(counts[s.name] for s in FINISHED)
@@ -662,40 +757,47 @@ def run_study(
     budget = failure_budget(goal if total is None else max(goal - finished_then, 1), workers)
     # A worker of a --workers run may get one stop twice: from the system and passed on by dlops.
     same_stop = SAME_STOP_S if workers > 1 else 0.0
-    with (
-        forbid_test_split(),
-        warnings.catch_warnings(),
-        GracefulStop(label, same_stop) as stop,
-        SurvivorFreeze() as freeze,
-        optuna_failures_quiet(),
-    ):
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
-        _run_trials(
-            study,
-            storage,
-            objective,
-            gate,
-            target=goal,
-            own_trials=total is None,
-            baseline=baseline_params(spec, options),
-            max_failures=budget,
-            timeout=options.timeout if options.timeout is not None else spec.timeout,
-            stop=stop,
-            say=say,
-            after_trial=lambda trial: _trial_ended(study, storage, trial, spec.metric, notes, say),
-            after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
-            after_collection=freeze,
-        )
-    return StudyResult(
-        study=study,
-        counts=state_counts(study),
-        best=summarize(study)["best"],
-        interrupted=stop.signum,
-        target=target,
-        n_trials=n_trials,
-        added=run_trials_finished(study, run.run_id),
-    )
+    try:
+        with (
+            forbid_test_split(),
+            warnings.catch_warnings(),
+            GracefulStop(label, same_stop) as stop,
+            SurvivorFreeze() as freeze,
+            optuna_failures_quiet(),
+            stop_if_deleted(study, storage),
+            stop_if_lost(storage),
+            heartbeat_failures_said(say),
+        ):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            objective = make_objective(spec, options, on_epoch, stop=stop, on_trial_start=gate, say=say)
+            _run_trials(
+                study,
+                storage,
+                objective,
+                gate,
+                target=goal,
+                own_trials=total is None,
+                baseline=baseline_params(spec, options),
+                max_failures=budget,
+                timeout=options.timeout if options.timeout is not None else spec.timeout,
+                stop=stop,
+                say=say,
+                after_trial=lambda trial: _trial_ended(study, storage, trial, spec.metric, notes, say),
+                after_recovery=lambda trial, why: notes.trial_recovered(study, trial, why),
+                after_collection=freeze,
+            )
+        with stop_if_deleted(study, storage):
+            return StudyResult(
+                study=study,
+                counts=state_counts(study),
+                best=summarize(study)["best"],
+                interrupted=stop.signum,
+                target=target,
+                n_trials=n_trials,
+                added=run_trials_finished(study, run.run_id),
+            )
+    finally:
+        leave()
 
 
 # --- worker processes -----------------------------------------------------------
@@ -779,9 +881,23 @@ def run_workers(
     counts = joinable_counts(storage, name, spec, options)
     finished = sum(counts.get(s.name, 0) for s in FINISHED)
     target = total if total is not None else finished + (n_trials or 0)
+    if total is not None and finished >= total:  # nothing to do: no worker (each would load torch for nothing)
+        say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
+        there = optuna.load_study(study_name=name, storage=storage.optuna)
+        return StudyResult(
+            study=there, counts=state_counts(there), best=summarize(there)["best"], target=target, n_trials=None
+        )
     with storage.lock(name):  # one index per run, its workers share it
-        run = RunSlot(uuid.uuid4().hex, join_run(open_study(spec, options, storage), storage))
+        opened = open_study(spec, options, storage)
+        run = RunSlot(uuid.uuid4().hex, join_run(opened, storage))
+        leave = register_process(opened, run.run_id, "parent")  # `dlops study delete` waits for the run
+    asked_workers, workers = workers, min(workers, target - finished)  # one trial at a time each
     say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
+    if workers < asked_workers:
+        say(
+            f"--workers {asked_workers}, {plural(workers, 'trial')} to run: starting {plural(workers, 'worker')} "
+            "(the others would only wait, each holding its memory)"
+        )
 
     plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:
@@ -832,7 +948,10 @@ def run_workers(
                 reported.add(i)
                 if code < 0:
                     sig = signal.Signals(-code).name
-                    say(f"worker w{i} (pid {p.pid}) was killed by {sig}; the others re-queue the trial it was running")
+                    say(
+                        f"worker w{i} (pid {p.pid}) was killed by {sig}: the trial it was running is queued again "
+                        "to resume from its checkpoint"
+                    )
                 elif code not in (0, 130, 143):
                     say(f"worker w{i} (pid {p.pid}) exited with code {code}")
             time.sleep(0.1)
@@ -840,39 +959,68 @@ def run_workers(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNAL_NAMES))
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        leave()
 
-    study = optuna.load_study(study_name=name, storage=storage.optuna)
-    codes = [p.returncode for p in procs]
-    interrupted = received[0] if received else None
-    if interrupted is None:
-        stopped = [c for c in codes if c in (130, 143)]
-        interrupted = stopped[0] - 128 if stopped else None
-    counts_now = state_counts(study)
-    added = run_trials_finished(study, run.run_id)
-    done = sum(counts_now[s.name] for s in FINISHED)
-    stand = (
-        f"the study has {done} of {target} finished trials"
-        if total is not None
-        else f"this run added {added} of its {n_trials} finished trials"
-    )
-    reason = last_failure(study, run.run_id)
-    stand += f"; the last failed trial: {reason}" if reason else ""
-    if interrupted is None and all(c != 0 for c in codes):
-        raise DlopsError(f"all {workers} workers failed (exit codes {codes}, see their error lines above); {stand}")
-    gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
-    if interrupted is None and gave_up:
-        raise DlopsError(
-            f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}, see their error lines above); {stand}"
+    with stop_if_lost(storage):  # the storage gone: one line, and what the workers left waits for the next run
+        if not still_there(opened):  # deleted from another machine (this one's delete waits for the run)
+            raise StudyDeleted(name, storage)
+        study = optuna.load_study(study_name=name, storage=storage.optuna)
+        codes = [p.returncode for p in procs]
+        if any(c < 0 for c in codes):  # the trials of killed workers, when no worker was left to re-queue them
+            recover_after_workers(study, storage, RunNotes(StudyContext.of(spec, options, storage.masked), say), say)
+        interrupted = received[0] if received else None
+        if interrupted is None:
+            stopped = [c for c in codes if c in (130, 143)]
+            interrupted = stopped[0] - 128 if stopped else None
+        counts_now = state_counts(study)
+        added = run_trials_finished(study, run.run_id)
+        done = sum(counts_now[s.name] for s in FINISHED)
+        stand = (
+            f"the study has {done} of {target} finished trials"
+            if total is not None
+            else f"this run added {added} of its {n_trials} finished trials"
         )
-    return StudyResult(
-        study=study,
-        counts=counts_now,
-        best=summarize(study)["best"],
-        interrupted=interrupted,
-        target=target,
-        n_trials=n_trials,
-        added=added,
-    )
+        reason = last_failure(study, run.run_id)
+        stand += f"; the last failed trial: {reason}" if reason else ""
+        gave_up = [f"w{i}" for i, c in enumerate(codes) if c > 0 and c not in (130, 143)]
+        see = ", see their error lines above" if gave_up else ""
+        if interrupted is None and all(c != 0 for c in codes):
+            killed = [f"w{i} by {signal.Signals(-c).name}" for i, c in enumerate(codes) if c < 0]
+            if killed:
+                left = (target or 0) - done if total is not None else (n_trials or 0) - added
+                again = (
+                    "run the same command again to continue"
+                    if total is not None
+                    else f"run the same command with --n-trials {left} to add the rest"
+                )
+                stand += (
+                    f"; killed: {', '.join(killed)}; the trials they were running are queued to resume from their "
+                    f"checkpoints: {again}"
+                )
+            raise DlopsError(f"all {workers} workers failed (exit codes {codes}{see}); {stand}")
+        if interrupted is None and gave_up:
+            raise DlopsError(f"worker(s) {', '.join(gave_up)} failed (exit codes {codes}{see}); {stand}")
+        return StudyResult(
+            study=study,
+            counts=counts_now,
+            best=summarize(study)["best"],
+            interrupted=interrupted,
+            target=target,
+            n_trials=n_trials,
+            added=added,
+        )
+
+
+def recover_after_workers(study: optuna.Study, storage: StudyStorage, notes: RunNotes, say: Say) -> None:
+    """After a run's workers ended, some killed: fail and re-queue the trials they left
+    RUNNING (each retry resumes from its checkpoint), as a live worker would have, so the
+    study shows no trial RUNNING for a worker that is gone."""
+    with storage.lock(study.study_name):
+        recovered = recover_dead_trials(study, storage, say)
+    if recovered:
+        for trial in study.get_trials(deepcopy=False):
+            if trial.number in recovered:
+                notes.trial_recovered(study, trial, recovered[trial.number])
 
 
 def joinable_counts(storage: StudyStorage, name: str, spec: StudySpec, options: RunOptions) -> dict[str, int]:

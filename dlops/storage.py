@@ -36,7 +36,10 @@ server that does not answer fails after :data:`CONNECT_TIMEOUT` seconds.
 A writer (``create=True``) checks a journal file's tail first, under the lock Optuna appends
 under (:func:`repair_journal_tail`): a last record cut off mid-write is moved to a side file
 and the journal cut back to its last complete line (:attr:`StudyStorage.note` says so); a
-last complete line that is not JSON is refused. Readers never change the file.
+last complete line that is not JSON is refused. While the run goes on, each of its appends
+does the same first (a record another worker tore meanwhile), and so does every append of any
+command (the record of ``study delete``, a note written in the dashboard). Commands that only
+read never change the file.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 import time
 import warnings
 import zlib
@@ -57,6 +61,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from dlops.errors import StorageError
 
@@ -250,6 +255,40 @@ def heartbeat_settings(url: str, interval: int | None, grace_period: int | None)
     return interval, grace_period
 
 
+class StorageLost(StorageError):
+    """The storage stopped answering during a run (a server down, a network gone)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"lost the storage {mask_url(url)} ({mask_url(reason)}): a trial it was running stays RUNNING there with "
+            "its checkpoint; once the storage answers, run the same command again and it resumes from that checkpoint"
+        )
+
+
+_PROBE = "\0dlops-probe"  # a study name no study has
+
+
+def storage_outage(storage: optuna.storages.BaseStorage) -> str | None:
+    """Why ``storage`` does not answer (one line), or None when it does: a look-up of a
+    study that does not exist, which a storage that answers refuses with ``KeyError``."""
+    try:
+        storage.get_study_id_from_name(_PROBE)
+    except KeyError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises is the reason
+        return driver_error_line(exc)
+    return None
+
+
+def driver_error_line(exc: BaseException) -> str:
+    """A storage driver's error as one line: the root of Optuna's wrapping (its "An exception
+    is raised during the commit ..." hides a lost connection), without SQLAlchemy's link."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
+    return " ".join(lines)[:200] or type(exc).__name__
+
+
 class NoStorageYet(StorageError):
     """A SQLite or journal storage whose file does not exist, opened to read."""
 
@@ -286,7 +325,16 @@ def storage_file(url: str) -> Path | None:
 
 def _check_sqlite_url(url: str) -> None:
     """SQLAlchemy takes everything after a ``?`` for options and silently drops what is not
-    ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Refuse such a URL."""
+    ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Nor does it expand ``~``:
+    ``sqlite:///~/dlops.db`` is ``./~/dlops.db``, another database in every folder it runs
+    from. Refuse such URLs."""
+    database = url.split("://", 1)[1][1:] if "://" in url else ""
+    if database.startswith("~/"):
+        home = Path(database).expanduser()
+        raise StorageError(
+            f"SQLite URL {mask_url(url)!r}: SQLAlchemy does not expand '~' (it would open {Path.cwd() / database}, "
+            f"a folder named '~' here): write the path out, sqlite:///{home}"
+        )
     if "?" not in url:
         return
     options = url.split("?", 1)[1]
@@ -499,11 +547,24 @@ def connect(
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
+        if type(exc).__name__ == "NoSuchModuleError":  # SQLAlchemy knows no database of that scheme
+            scheme = url.split("://", 1)[0]
+            raise StorageError(
+                f"unsupported storage {mask_url(url)!r}: {scheme}:// is no storage dlops or SQLAlchemy knows; use "
+                "sqlite:///path.db, postgresql+psycopg2://user@host/db, journal:///path.log (or a path ending in "
+                ".log) or redis://host:6379/0"
+            ) from None
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
         detail = " ".join(lines)[:300] or type(exc).__name__
         if kind == "journal" and isinstance(exc, (KeyError, TypeError, ValueError)):
             # a file of other JSON lines: Optuna fails on a missing key of its log format
             detail = f"{storage_file(url)} is not an Optuna journal file ({type(exc).__name__} {detail})"
+        elif kind == "journal" and isinstance(exc, AssertionError):
+            # Optuna's replay meets an op_code it does not know: "Should not reach."
+            detail = (
+                f"{storage_file(url)} holds a record of an operation Optuna {optuna.__version__} does not know "
+                "(a journal written by a newer Optuna, or not an Optuna journal file)"
+            )
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
 
 
@@ -600,7 +661,7 @@ def _connect(
             _check_sqlite_file(url, lock_file, create)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
 
         path = journal_path(url).absolute()
         lock = JournalFileSymlinkLock(str(path))  # the lock Optuna appends under (its default)
@@ -608,7 +669,9 @@ def _connect(
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
             note = repair_journal_tail(path, lock)
-        file_backend = JournalFileBackend(str(path), lock_obj=lock)
+        # Every command's appends check the tail (a reader's only append may be a deletion or
+        # a dashboard note); a command that appends nothing never changes the file.
+        file_backend = _CheckedJournalFileBackend(str(path), lock_obj=lock)
         return StudyStorage(url, kind, JournalStorage(file_backend), lock_file=path, note=note)
     if kind == "redis":
         import redis
@@ -629,6 +692,28 @@ def _connect(
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRY_LIMIT),
         )
     return StudyStorage(url, kind, optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs))
+
+
+class _CheckedJournalFileBackend(JournalFileBackend):
+    """Optuna's journal file, whose every append first sets aside a record another process
+    cut off mid-write since the last one (``kill -9`` or a full disk during its append,
+    while this run goes on): glued to it, the next record would make the whole file
+    unreadable. Says so on stderr, once per torn record."""
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        self._lock.acquire()
+        try:
+            note = _set_aside_torn_tail(Path(self._file_path), quick=True)
+            if note:
+                sys.stderr.write(f"{note}\n")
+                sys.stderr.flush()
+            data = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with open(self._file_path, "ab") as f:  # as Optuna appends
+                f.write(data.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            self._lock.release()
 
 
 def _tail_lines(f: IO[bytes], size: int, chunk: int = 1 << 16) -> tuple[int, int]:
@@ -674,42 +759,56 @@ def repair_journal_tail(path: Path, lock: Any) -> str | None:
         return None
     lock.acquire()
     try:
-        with open(path, "r+b") as f:
-            if f.read(16) == b"SQLite format 3\x00":
-                raise StorageError(
-                    f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} "
-                    "(nothing was written)"
-                )
-            size = os.fstat(f.fileno()).st_size
-            start, end = _tail_lines(f, size)
-            if end > start:
-                f.seek(start)
-                line = f.read(end - start)
-                try:
-                    json.loads(line)
-                except ValueError:
-                    number = _line_number(f, start)
-                    raise StorageError(
-                        f"journal {path}: line {number}, its last complete line, is not a journal record (not "
-                        "JSON); nothing was written, since a record appended after it would make the file "
-                        "unreadable: move that line out of the file, then run again"
-                    ) from None
-            if end == size:
-                return None
-            f.seek(end)
-            torn = f.read(size - end)
-            if not torn.lstrip().startswith(b"{"):  # every record is a JSON object: this is another file
-                raise StorageError(
-                    f"journal {path}: its last {len(torn)} bytes (after its last complete line) are not the start "
-                    "of a journal record; is it a journal file? Nothing was written"
-                )
-            aside = _write_aside(path, torn)
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-            complete = f"its last complete line (line {_line_number(f, start)})" if end else "empty"
+        return _set_aside_torn_tail(path)
     finally:
         lock.release()
+
+
+def _set_aside_torn_tail(path: Path, *, quick: bool = False) -> str | None:
+    """:func:`repair_journal_tail` under the journal's lock, held by the caller. ``quick``
+    (before each append): a file that is empty or ends in a newline, as after every append
+    but a torn one, is left at that, by its last byte."""
+    if quick:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return None
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return None
+    with open(path, "r+b") as f:
+        if f.read(16) == b"SQLite format 3\x00":
+            raise StorageError(
+                f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} (nothing was written)"
+            )
+        size = os.fstat(f.fileno()).st_size
+        start, end = _tail_lines(f, size)
+        if end > start:
+            f.seek(start)
+            line = f.read(end - start)
+            try:
+                json.loads(line)
+            except ValueError:
+                number = _line_number(f, start)
+                raise StorageError(
+                    f"journal {path}: line {number}, its last complete line, is not a journal record (not "
+                    "JSON); nothing was written, since a record appended after it would make the file "
+                    "unreadable: move that line out of the file, then run again"
+                ) from None
+        if end == size:
+            return None
+        f.seek(end)
+        torn = f.read(size - end)
+        if not torn.lstrip().startswith(b"{"):  # every record is a JSON object: this is another file
+            raise StorageError(
+                f"journal {path}: its last {len(torn)} bytes (after its last complete line) are not the start "
+                "of a journal record; is it a journal file? Nothing was written"
+            )
+        aside = _write_aside(path, torn)
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+        complete = f"its last complete line (line {_line_number(f, start)})" if end else "empty"
     return (
         f"journal {path} ended in a record cut off mid-write ({len(torn)} bytes, without a newline; "
         f"never applied): moved it to {aside} and cut the journal back to {complete}"

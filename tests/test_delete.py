@@ -10,14 +10,16 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from typer.testing import CliRunner
 
 from data_trees import one_error_line
 from dlops.cli import app
-from dlops.liveness import OWNER_KEY, identity
+from dlops.liveness import LIVE_PREFIX, OWNER_KEY, identity, worker_identity
 from dlops.objective import checkpoint_path
 from dlops.paths import default_storage_url
 from dlops.removal import artifact_ids
+from dlops.storage import connect
 from specs import tiny_workers_spec
 
 runner = CliRunner()
@@ -125,3 +127,110 @@ def test_delete_asks_on_a_terminal_and_keeps_the_study_unless_told_yes(dlops_hom
             f"delete study asked in {url}: 1 trial (1 complete), with 0 dashboard files? "
         )
         assert names(url) == left
+
+
+def test_a_study_run_between_two_trials_keeps_its_study(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No trial is RUNNING between two trials (nor while workers start): the run itself,
+    recorded in the study while it is in it, is what makes the delete wait."""
+    from dlops import runner as run_module
+
+    spec = str(tiny_workers_spec(tmp_path, n_trials=2))
+    url = default_storage_url()
+    ended = run_module._trial_ended
+    refusals: list[str] = []
+
+    def delete_after_trial_0(study, storage, trial, *args) -> None:
+        ended(study, storage, trial, *args)
+        if trial.number == 0:
+            refusals.append(one_error_line(dlops("study", "delete", "tiny-workers", "--yes", "--force")))
+
+    monkeypatch.setattr(run_module, "_trial_ended", delete_after_trial_0)
+    result = dlops("study", "run", spec, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert refusals == [
+        f"error: study tiny-workers is in use by a dlops study run on this machine (pid {os.getpid()}), "
+        "between two trials or starting: stop it (Ctrl-C) before deleting it"
+    ]
+    study = optuna.load_study(study_name="tiny-workers", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    # Once the run is over, nothing holds the study.
+    monkeypatch.setattr(run_module, "_trial_ended", ended)
+    assert dlops("study", "delete", "tiny-workers", "--yes").exit_code == 0
+    assert names(url) == []
+
+
+def test_a_record_left_by_a_killed_run_does_not_block_delete(dlops_home: Path) -> None:
+    url = default_storage_url()
+    dlops_home.mkdir()
+    study = optuna.create_study(study_name="left", storage=url, direction="maximize")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    key = f"{LIVE_PREFIX}run-1:parent"
+    study._storage.set_study_system_attr(study._study_id, key, {**worker_identity(), "pid": dead.pid, "started": 0})
+    study._storage.set_study_system_attr(study._study_id, f"{LIVE_PREFIX}run-2:w0", {**worker_identity(), "host": "x"})
+    assert dlops("study", "delete", "left", "--yes").exit_code == 0
+    assert names(url) == []
+
+
+def test_a_run_whose_study_is_deleted_elsewhere_stops_in_one_line_and_never_recreates_it(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted from another machine (whose delete cannot see this run) between two trials,
+    or before a worker of a --workers run opens it: the run stops, the study stays gone."""
+    from dlops import runner as run_module
+    from dlops.objective import RunOptions
+    from dlops.runner import RunSlot, StudyDeleted, run_study
+    from dlops.spec import load_spec
+
+    spec = tiny_workers_spec(tmp_path, n_trials=3)
+    journal = str(tmp_path / "j.log")
+    ended = run_module._trial_ended
+
+    def deleted_after_trial_0(study, storage, trial, *args) -> None:
+        ended(study, storage, trial, *args)
+        if trial.number == 0:
+            optuna.delete_study(study_name=study.study_name, storage=connect(journal).optuna)
+
+    monkeypatch.setattr(run_module, "_trial_ended", deleted_after_trial_0)
+    line = one_error_line(dlops("study", "run", str(spec), "--device", "cpu", "--storage", journal))
+    assert line == (
+        f"error: study tiny-workers was deleted from {journal} while this run was in it (dlops study delete): "
+        "stopped, without starting it anew"
+    )
+    assert optuna.get_all_study_names(connect(journal).optuna) == []
+
+    # A worker process of a --workers run opens the study its parent opened; gone, it stops.
+    monkeypatch.setattr(run_module, "_trial_ended", ended)
+    options = RunOptions(device="cpu", storage=journal, n_trials=1)
+    with pytest.raises(StudyDeleted):
+        run_study(load_spec(str(spec)), options, run=RunSlot("parent-run", 1), worker=1, workers=2)
+    assert optuna.get_all_study_names(connect(journal).optuna) == []
+
+
+def test_delete_in_a_journal_with_a_torn_last_record_deletes_and_keeps_the_journal_readable(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """The deletion record was glued to the torn one: `study delete` said "deleted", the
+    study was still listed (the glued line is skipped while last), and the next append made
+    the journal unreadable."""
+    spec = str(tiny_workers_spec(tmp_path, n_trials=1))
+    journal = tmp_path / "j.log"
+    for name in ("tiny-workers", "kept"):
+        args = ["study", "run", spec, "--device", "cpu", "--storage", str(journal), "--study-name", name]
+        assert dlops(*args).exit_code == 0
+    torn = b'{"op_code":6,"worker_id":"w1","trial_id":0,"user_attr":{"hist'
+    with journal.open("ab") as f:  # a worker killed mid-append
+        f.write(torn)
+
+    result = dlops("study", "delete", "tiny-workers", "--yes", "--storage", str(journal))
+    assert result.exit_code == 0, result.output
+    assert f"journal {journal} ended in a record cut off mid-write" in result.stderr
+    assert optuna.get_all_study_names(connect(str(journal), create=False).optuna) == ["kept"]
+    (aside,) = tmp_path.glob("j.log.torn-*")
+    assert aside.read_bytes() == torn
+    # and the journal takes more records: the kept study goes on
+    args = ["study", "run", spec, "--device", "cpu", "--storage", str(journal), "--study-name", "kept"]
+    assert dlops(*args, "--n-trials", "1").exit_code == 0
+    assert len(optuna.load_study(study_name="kept", storage=connect(str(journal)).optuna).trials) == 2

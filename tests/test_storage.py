@@ -250,9 +250,20 @@ def test_another_programs_postgresql_database_is_never_given_optuna_tables(pg_sc
     assert connect(url, create=False) is not None
 
 
-def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path) -> None:
+def test_an_unknown_storage_is_refused_by_the_cli(dlops_home: Path, tmp_path: Path) -> None:
+    from data_trees import one_error_line
+
     result = CliRunner().invoke(app, ["study", "list", "--storage", "nowhere.db"])
     assert result.exit_code == 2 and "unsupported storage" in result.output and "journal:///" in result.output
+    # A scheme SQLAlchemy has no database for (file:// for a journal, a typo): the forms to use,
+    # not "Can't load plugin: sqlalchemy.dialects:file".
+    for url in (f"file://{tmp_path}/j.log", "postgress://me@db/x"):
+        for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+            line = one_error_line(CliRunner().invoke(app, [*command, "--storage", url]))
+            scheme = url.split("://")[0]
+            assert line.startswith(f"error: unsupported storage {url!r}: {scheme}:// is no storage"), line
+            assert "journal:///path.log" in line and "plugin" not in line and "dialects" not in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -414,6 +425,25 @@ def test_a_sqlite_url_with_a_raw_question_mark_in_its_path_is_refused(tmp_path: 
     assert connect(f"sqlite:///{tmp_path / 'ok.db'}?timeout=5").lock_file == tmp_path / "ok.db"  # real options pass
 
 
+def test_a_sqlite_url_with_a_tilde_is_refused_not_made_a_folder_named_tilde(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy does not expand '~': sqlite:///~/dlops.db was ./~/dlops.db, a new database
+    in each folder a command ran from (a $DLOPS_STORAGE in a shell profile)."""
+    from data_trees import one_error_line
+
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///~/dlops.db"
+    expected = (
+        f"error: SQLite URL {url!r}: SQLAlchemy does not expand '~' (it would open {tmp_path / '~' / 'dlops.db'}, "
+        f"a folder named '~' here): write the path out, sqlite:///{Path('~/dlops.db').expanduser()}"
+    )
+    for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+        assert one_error_line(CliRunner().invoke(app, [*command, "--storage", url])) == expected
+    assert list(tmp_path.iterdir()) == []
+    assert storage_kind("sqlite:////abs/~/x.db") == "sqlite" and connect(f"sqlite:///{tmp_path / 'a~' / 'x.db'}")
+
+
 def test_journal_urls_round_trip_odd_folders(tmp_path: Path) -> None:
     from dlops.storage import journal_url
 
@@ -539,6 +569,25 @@ def test_a_file_of_other_json_lines_given_as_a_journal_says_so(tmp_path: Path) -
     assert other.read_text() == '{"a": 1}\n'  # left as it was
 
 
+def test_a_journal_with_an_operation_this_optuna_does_not_know_says_so(tmp_path: Path, dlops_home: Path) -> None:
+    """A record of an operation Optuna's replay has no case for (a newer Optuna's journal)
+    was "cannot open storage ...: Should not reach."."""
+    path = tmp_path / "newer.log"
+    _journal_with_trials(path, n=1)
+    with path.open("a") as f:
+        f.write('{"op_code": 99, "worker_id": "w", "study_id": 0}\n')
+    before = path.read_bytes()
+    for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits"]):
+        result = CliRunner().invoke(app, [*command, "--storage", str(path)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        line = result.output.strip().splitlines()[-1]
+        assert line == (
+            f"error: cannot open storage {path}: {path} holds a record of an operation Optuna {optuna.__version__} "
+            "does not know (a journal written by a newer Optuna, or not an Optuna journal file)"
+        ), result.output
+        assert path.read_bytes() == before
+
+
 def test_another_programs_sqlite_database_is_never_given_optuna_tables(tmp_path: Path) -> None:
     """A SQLite file of another program named as the storage: every command refuses it in
     one line and leaves it as it was (Optuna once added its tables to it); an empty file is
@@ -620,6 +669,34 @@ def test_a_torn_last_journal_record_is_set_aside_before_a_writer_appends(tmp_pat
     only.write_bytes(whole[: whole.index(b"\n") - 5])  # not one complete record
     assert "back to empty" in (connect(f"journal://{only}").note or "")
     assert only.read_bytes() == b"" and len(list(tmp_path.glob("only.log.torn-*"))) == 1
+
+
+def test_a_record_torn_by_another_worker_during_a_run_is_set_aside_before_the_next_append(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Another worker of the study killed mid-append (or out of disk) while this run goes
+    on: the storage this run opened before checks the tail under the lock before each
+    append, so its next record is not glued to the torn one (which made the whole journal
+    unreadable for every command, this run's next read included)."""
+    path = tmp_path / "live.log"
+    trials = _journal_with_trials(path, n=2)
+    storage = connect(f"journal://{path}")  # opened while the journal was whole
+    study = optuna.load_study(study_name="s", storage=storage.optuna)
+    torn = b'{"op_code":6,"worker_id":"w1","trial_id":1,"user_attr":{"hist'
+    with path.open("ab") as f:  # the other worker's append, cut off
+        f.write(torn)
+    study.enqueue_trial({"x": 3.0})
+    study.optimize(lambda t: t.suggest_float("x", 0, 10) ** 2, n_trials=1)
+    assert _trials(path) == [*trials, (len(trials), "COMPLETE", 9.0)]
+    assert [t.value for t in study.trials] == [v for _, _, v in trials] + [9.0]
+    (aside,) = tmp_path.glob("live.log.torn-*")
+    assert aside.read_bytes() == torn
+    said = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert (
+        len(said) == 1
+        and said[0].startswith(f"journal {path} ended in a record cut off mid-write")
+        and str(aside) in said[0]
+    )
 
 
 def test_a_journal_whose_last_line_is_not_json_is_refused_before_writing(tmp_path: Path) -> None:

@@ -731,10 +731,21 @@ def test_cli_total_trials_is_one_target_for_every_run(tmp_path: Path, dlops_home
     spec = str(tiny_spec(tmp_path, "ce", epochs=1, per_class=5))
     result = CliRunner().invoke(app, ["study", "run", spec, "--total-trials", "2", "--device", "cpu"])
     assert result.exit_code == 0 and "until the study has 2 finished trials in all" in result.output, result.output
-    result = CliRunner().invoke(app, ["study", "run", spec, "--total-trials", "2", "--device", "cpu"])
-    assert result.exit_code == 0 and "2 complete" in result.output, result.output
+    result = CliRunner().invoke(app, ["study", "run", spec, "--total-trials", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "2 complete, 0 pruned, 0 failed, 0 running, 0 waiting; it already has 2 finished trials, at least the 1 "
+        "asked (--total-trials counts every run's): this run starts no trial"
+    ) in " ".join(result.output.split())
     study = optuna.load_study(study_name="tiny-ce", storage=f"sqlite:///{dlops_home / 'dlops.db'}")
     assert len(study.get_trials()) == 2  # nothing to add: the study already has 2
+    # With workers, none is started for nothing (each would load torch and leave at once).
+    journal = str(tmp_path / "j.log")
+    assert CliRunner().invoke(app, ["study", "run", spec, "--n-trials", "1", "--storage", journal]).exit_code == 0
+    args = ["study", "run", spec, "--total-trials", "1", "--workers", "3", "--storage", journal]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "this run starts no trial" in result.output and "3 workers" not in result.output, result.output
     help_text = " ".join(CliRunner().invoke(app, ["study", "run", "--help"]).output.replace("│", " ").split())
     assert "--total-trials" in help_text and "other runs' trials do not count" in help_text
 

@@ -8,6 +8,7 @@ removes it afterwards. Worker runs are real ``dlops study run`` processes on tin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -412,6 +413,234 @@ def running_with_checkpoint(study_of, ckpt_dir: Path, epochs: int):
         return None
 
     return wait_until(find)
+
+
+class Proxy:
+    """A TCP proxy to a local server that can go down (every connection cut, the port closed)
+    and come back on the same port: a storage server lost mid-run."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target, self.conns = target_port, []
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.up()
+
+    def up(self) -> None:
+        import socket
+
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def down(self) -> None:
+        import socket
+
+        with contextlib.suppress(OSError):  # wakes the accept(): a closed socket alone keeps listening
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self.conns = []
+
+
+@requires_redis
+def test_a_storage_lost_mid_run_is_one_line_and_the_rerun_resumes_the_trial_from_its_checkpoint(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Redis server gone mid-trial: each worker printed two tracebacks (the driver's, then
+    Optuna's UnboundLocalError in failing to record the trial), dlops a third, and the
+    trial's checkpoint was deleted, so the trial left RUNNING started over from epoch 0."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    proxy = Proxy(6379)
+    tag = uuid.uuid4().hex[:10]
+    url = f"redis://127.0.0.1:{proxy.port}/0?prefix=dlops-test-{tag}"
+    epochs = 8
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=40)
+    args = ["study", "run", str(spec), "--storage", url, "--n-trials", "2", "--device", "cpu"]
+
+    def study(name: str):
+        return optuna.load_study(study_name=name, storage=connect(url).optuna)
+
+    def cut_mid_trial(name: str):
+        def mid_trial():
+            try:
+                running = [t for t in study(name).get_trials() if t.state == TrialState.RUNNING]
+            except KeyError:
+                return None
+            return running[0] if running and len(running[0].intermediate_values) >= 2 else None
+
+        trial = wait_until(mid_trial)
+        proxy.down()
+        return trial
+
+    try:
+        # One worker (this process, which lives on: its trial is not provably dead here) and
+        # two worker processes.
+        for name, workers in (("solo", "1"), ("tiny-workers", "2")):
+            run_args = [*args, "--study-name", name, "--workers", workers]
+            result, cut = invoke_in_background_of(lambda name=name: cut_mid_trial(name), run_args)
+            output = result.output + "".join(capfd.readouterr())
+            assert result.exit_code == 2, output
+            assert "Traceback" not in output and "UnboundLocalError" not in output, output
+            last = [line for line in result.output.splitlines() if line.strip()][-1]
+            assert last.startswith(f"error: lost the storage {url} (") and last.endswith(
+                "a trial it was running stays RUNNING there with its checkpoint; once the storage answers, run "
+                "the same command again and it resumes from that checkpoint"
+            ), last
+            assert checkpoint_path(name, cut.number, url).exists()
+            proxy.up()
+
+        result = CliRunner().invoke(app, run_args)  # the workers of the run cut short are gone
+        output = result.output + "".join(capfd.readouterr())
+        assert result.exit_code == 0, output
+        trials = study("tiny-workers").get_trials()
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == cut.number]
+        assert retry.state in FINISHED and retry.user_attrs["resumed_from"]["epoch"] >= 2, output
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+    finally:
+        proxy.down()
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=6379)
+        for key in client.scan_iter(f"dlops-test-{tag}*"):
+            client.delete(key)
+
+
+@requires_pg
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_heartbeat_thread_that_loses_the_storage_says_so_in_one_line(capfd: pytest.CaptureFixture) -> None:
+    """Optuna's heartbeat thread dies on a PostgreSQL server gone; Python printed its
+    traceback (three chained exceptions ending in "An exception is raised during the commit.
+    This typically happens due to invalid data ...")."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from dlops.runner import heartbeat_failures_said
+
+    proxy = Proxy(5432)
+    name = f"w-{uuid.uuid4().hex[:10]}"
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{proxy.port}/test?connect_timeout=3"
+    storage = connect(url, heartbeat_interval=1)
+    trial = optuna.create_study(study_name=name, storage=storage.optuna).ask()
+    said: list[str] = []
+    try:
+        proxy.down()
+        with heartbeat_failures_said(said.append):
+            beat = HeartbeatThread(trial._trial_id, storage.optuna)
+            beat.start()
+            wait_until(lambda: beat._thread is not None and not beat._thread.is_alive(), timeout=60)
+            beat.join()
+        assert len(said) == 1 and said[0].startswith("a trial's heartbeat stopped: connection to server at"), said
+        assert "Connection refused" in said[0] and "invalid data" not in said[0]
+        assert "Traceback" not in "".join(capfd.readouterr())
+    finally:
+        proxy.up()
+        optuna.delete_study(study_name=name, storage=PG)
+        proxy.down()
+
+
+def test_no_more_workers_start_than_there_are_trials_to_run(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers 3 for 2 trials started 3 processes (each loading torch), the third only to
+    wait: --workers 100 by mistake was 100 of them."""
+    from typer.testing import CliRunner
+
+    from dlops.cli import app
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = tiny_workers_spec(tmp_path, epochs=1, per_class=5)
+    url = f"journal://{tmp_path / 'j.log'}"
+    args = ["study", "run", str(spec), "--storage", url, "--workers", "3", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--n-trials", "2"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 0, output
+    assert "this run adds 2 finished trials of its own (other runs' trials not counted) with 2 workers" in output
+    assert "--workers 3, 2 trials to run: starting 2 workers (the others would only wait" in output
+    assert "[w1]" in output and "[w2]" not in output
+    study = optuna.load_study(study_name="tiny-workers", storage=connect(url).optuna)
+    assert sum(t.state in FINISHED for t in study.trials) == 2
+    # --total-trials: what the study lacks
+    result = CliRunner().invoke(app, [*args, "--total-trials", "3"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 0 and "--workers 3, 1 trial to run: starting 1 worker (" in output, output
+    assert "[w1]" not in output
+    assert len(optuna.load_study(study_name="tiny-workers", storage=connect(url).optuna).trials) == 3
+
+
+def test_when_every_worker_is_killed_their_trials_are_queued_again_and_the_run_says_how_to_go_on(
+    tmp_path: Path, dlops_home: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker is left to re-queue what the killed ones ran (it stayed RUNNING, and dlops
+    said "the others re-queue the trial it was running" and "see their error lines above"
+    of workers that printed none): dlops itself re-queues those trials, and says so."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    b = Backend("journal", tmp_path)
+    epochs = 8
+    spec = tiny_workers_spec(tmp_path, epochs=epochs, per_class=20)
+
+    def kill_every_worker_mid_trial():
+        def two_running():
+            if not Path(b.url[len("journal://") :]).exists():
+                return None
+            try:
+                trials = b.study().get_trials()
+            except KeyError:  # the run has not created it yet
+                return None
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            return running if len(running) == 2 else None
+
+        victims = wait_until(two_running)
+        for t in victims:
+            os.kill(t.system_attrs[OWNER_KEY]["pid"], signal.SIGKILL)
+        return victims
+
+    args = ["study", "run", str(spec), "--storage", b.url, "--study-name", b.study_name, "--workers", "2"]
+    result, victims = invoke_in_background_of(kill_every_worker_mid_trial, [*args, "--n-trials", "3"])
+    output = result.output + "".join(capfd.readouterr())
+    assert result.exit_code == 2, output
+    assert "the others re-queue" not in output and "error lines above" not in output
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith("error: all 2 workers failed (exit codes [-9, -9]); this run added 0 of its 3"), last
+    assert last.endswith(
+        "killed: w0 by SIGKILL, w1 by SIGKILL; the trials they were running are queued to resume from their "
+        "checkpoints: run the same command with --n-trials 3 to add the rest"
+    ), last
+    trials = b.study().get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    for victim in victims:
+        assert trials[victim.number].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+        assert retry.state == TrialState.WAITING and retry.params == victim.params
 
 
 @requires_pg
