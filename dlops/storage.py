@@ -134,8 +134,8 @@ def check_sql_scheme(url: str) -> None:
         hint = f" (a typo of {near[0]}?)" if near and near[0] != base else ""
         raise StorageError(
             f"unknown storage scheme {scheme!r} in {mask_url(url)!r}{hint}: use sqlite:///path.db, "
-            "postgresql+psycopg2://user@host/db, journal:///path.log, redis://host:6379/0 or another "
-            "SQLAlchemy database URL"
+            "postgresql+psycopg2://user@host/db, journal:///path.log (or a path ending in .log), "
+            "redis://host:6379/0 or another SQLAlchemy database URL"
         ) from None
     except ArgumentError:
         pass  # a URL SQLAlchemy cannot parse: its own message, when it is opened
@@ -547,13 +547,6 @@ def connect(
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
-        if type(exc).__name__ == "NoSuchModuleError":  # SQLAlchemy knows no database of that scheme
-            scheme = url.split("://", 1)[0]
-            raise StorageError(
-                f"unsupported storage {mask_url(url)!r}: {scheme}:// is no storage dlops or SQLAlchemy knows; use "
-                "sqlite:///path.db, postgresql+psycopg2://user@host/db, journal:///path.log (or a path ending in "
-                ".log) or redis://host:6379/0"
-            ) from None
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
         detail = " ".join(lines)[:300] or type(exc).__name__
         if kind == "journal" and isinstance(exc, (KeyError, TypeError, ValueError)):
