@@ -328,7 +328,15 @@ def _check_sqlite_url(url: str) -> None:
     ``key=value``: ``sqlite:////a/b?c/dlops.db`` opens ``/a/b``. Nor does it expand ``~``:
     ``sqlite:///~/dlops.db`` is ``./~/dlops.db``, another database in every folder it runs
     from. Refuse such URLs."""
-    database = url.split("://", 1)[1][1:] if "://" in url else ""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if rest and not rest.startswith("/"):  # sqlite://host.db, sqlite://tmp/x.db: SQLite has no host
+        path = rest.split("?", 1)[0]
+        raise StorageError(
+            f"SQLite URL {mask_url(url)!r} names a host, {path.split('/', 1)[0]!r}, which SQLite ignores "
+            f"(it would open {'an in-memory database' if '/' not in path else repr(path.split('/', 1)[1])}): "
+            f"write sqlite:///{path} for a path relative to the current folder, sqlite:////{path} for an absolute one"
+        )
+    database = rest[1:]
     if database.startswith("~/"):
         home = Path(database).expanduser()
         raise StorageError(

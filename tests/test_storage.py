@@ -559,6 +559,27 @@ def test_an_in_memory_sqlite_storage_is_refused_in_one_line(memory: str, dlops_h
     assert "epoch" not in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("url", "opens"),
+    [("sqlite://host.db", "an in-memory database"), ("sqlite://tmp/x.db", "'x.db'")],
+)
+def test_a_sqlite_url_with_a_host_is_refused_with_the_slashes_to_write(
+    url: str, opens: str, dlops_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite ignores the host part: sqlite://tmp/x.db opened ./x.db, sqlite://host.db a
+    database in memory that vanished with the run."""
+    monkeypatch.chdir(tmp_path)
+    path = url.removeprefix("sqlite://")
+    for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1"]):
+        result = CliRunner().invoke(app, [*command, "--storage", url])
+        assert result.exit_code == 2, result.output
+        (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in result.output and "epoch" not in result.output
+        assert line.startswith(f"error: SQLite URL {url!r} names a host") and f"it would open {opens}" in line, line
+        assert f"sqlite:///{path} for a path relative" in line and f"sqlite:////{path} for an absolute" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_of_other_json_lines_given_as_a_journal_says_so(tmp_path: Path) -> None:
     other = tmp_path / "events.log"
     other.write_text('{"a": 1}\n')
