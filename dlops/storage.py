@@ -111,6 +111,7 @@ def storage_kind(url: str) -> str:
     )
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 _SCHEMES = ("sqlite", "postgresql", "postgres", "journal", "redis", "rediss", "unix")
 
 
@@ -548,6 +549,8 @@ def connect(
             f"no study storage at {path.absolute()}: nothing has run with {mask_url(url)} yet "
             f"(check --storage, $DLOPS_STORAGE and $DLOPS_HOME{relative})"
         )
+    if kind == "journal" and path is not None and _is_sqlite_file(path):  # read or written: the same line
+        raise StorageError(f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path}")
     try:
         with warnings.catch_warnings():  # the journal backends and the retry callback are "experimental"
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -567,6 +570,14 @@ def connect(
                 "(a journal written by a newer Optuna, or not an Optuna journal file)"
             )
         raise StorageError(f"cannot open storage {mask_url(url)}: {mask_url(detail)}") from None
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
 
 
 # Tables every Optuna RDB storage has (Optuna creates them all at once, under the create lock).
@@ -778,7 +789,7 @@ def _set_aside_torn_tail(path: Path, *, quick: bool = False) -> str | None:
             if f.read(1) == b"\n":
                 return None
     with open(path, "r+b") as f:
-        if f.read(16) == b"SQLite format 3\x00":
+        if f.read(16) == SQLITE_MAGIC:
             raise StorageError(
                 f"{path} is a SQLite database, not a journal file: use --storage sqlite:///{path} (nothing was written)"
             )

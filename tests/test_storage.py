@@ -759,3 +759,10 @@ def test_a_writer_never_cuts_a_file_that_is_not_a_journal(tmp_path: Path) -> Non
             connect(f"journal://{path}")
         assert str(exc.value).startswith(says) and "\n" not in str(exc.value)
         assert path.read_bytes() == before and not list(tmp_path.glob("*.torn-*"))
+    # A reader (study list, show, replay, report, dashboard) says the same of the database,
+    # where it said "not an Optuna journal file (UnicodeDecodeError ...)".
+    for command in (["study", "list"], ["study", "show", "s"], ["report"]):
+        result = CliRunner().invoke(app, [*command, "--storage", f"journal://{db}"])
+        assert result.exit_code == 2, result.output
+        (line,) = result.output.strip().splitlines()
+        assert f"{db} is a SQLite database, not a journal file: use --storage sqlite:///{db}" in line, line
