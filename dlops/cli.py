@@ -671,7 +671,10 @@ def report(storage: StorageOpt = None) -> None:
         say(f"removed reports/{folder}/, which an earlier report wrote: {why}")
     for folder, (why, left) in result.kept.items():
         say(f"took the report files out of reports/{folder}/ ({why}); it stays for {', '.join(left)}, not dlops's")
-    say(f"wrote {result.index} ({plural(len(result.entries), 'spec')}, {plural(len(result.files), 'file')})")
+    specs = sum(e.spec is not None for e in result.entries)
+    parts = [plural(specs, "spec"), plural(len(result.entries) - specs, "study")]
+    counted = ", ".join(p for p in parts if not p.startswith("0 ")) or "0 specs"
+    say(f"wrote {result.index} ({counted}, {plural(len(result.files), 'file')})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ files: no training here (tests/test_final.py covers the real runs)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -804,3 +805,19 @@ def test_the_loss_chart_goes_with_the_last_resnet_entry(dlops_home):
     build_report()
     assert not chart.exists()
     assert "val_top5_by_loss.png" not in (dlops_home / "reports" / "index.md").read_text()
+
+
+def test_the_report_line_counts_specs_and_studies_apart(dlops_home):
+    """A study made under its own name is reported as a study, not counted as a spec."""
+    from dlops.cli import app
+
+    dlops_home.mkdir(parents=True)
+    empty = CliRunner().invoke(app, ["report"])
+    assert empty.exit_code == 0 and "index.md (0 specs, 1 file)" in empty.output, empty.output
+    make_study(dlops_home, "resnet18-ce", n=2)  # the spec's own study: the spec's entry
+    _plain_optuna_study(dlops_home, "sweep", complete=True)
+    _plain_optuna_study(dlops_home, "sweep-2", complete=True)
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert re.search(r"index\.md \(1 spec, 2 studies, \d+ files\)$", line), line
