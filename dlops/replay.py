@@ -163,6 +163,8 @@ def read_curves(path: Path) -> Curves:
     except UnicodeDecodeError:
         raise ReplayError(f"{path}: not JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
+        if not exc.doc.strip():
+            raise ReplayError(f"{path}: the file is empty, not a {FORMAT} file") from None
         raise ReplayError(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
     except (ValueError, RecursionError) as exc:  # an integer of too many digits, nesting too deep
         raise ReplayError(f"{path}: not JSON dlops can read ({exc})") from None

@@ -173,6 +173,15 @@ def test_a_malformed_curves_file_header_is_refused_in_one_line(tmp_path: Path, e
     assert out.exit_code != 0 and out.output.strip().splitlines() == [f"error: {path}: {message}"]
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_curves_file_is_called_empty(tmp_path: Path, content: str):
+    path = tmp_path / "curves.json"
+    path.write_text(content)
+    out = CliRunner().invoke(app, ["study", "replay", str(path)])
+    expected = f"error: {path}: the file is empty, not a dlops-curves file"
+    assert out.exit_code != 0 and out.output.strip().splitlines() == [expected]
+
+
 def test_a_curves_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: Path):
     path = tmp_path / "latin1.json"
     path.write_bytes(b'{"format": "dlops-curves", "source": "caf\xe9", "trials": []}')
