@@ -85,11 +85,14 @@ class GracefulStop:
                 return  # the same stop, delivered twice (directly and passed on by dlops)
             raise KeyboardInterrupt
         self.signum, self._first = signum, time.monotonic()
+        # A worker takes the same signal within same_stop_within for this one: say when a
+        # second one counts.
+        later = f" {self.same_stop_within:g} s or more from now" if self.same_stop_within else ""
         # os.write: print() is not safe inside a signal handler.
         os.write(
             2,
             f"{self.label}{SIGNAL_NAMES.get(signum, signum)}: stopping after this epoch "
-            "(the trial is kept to resume); send it again to stop now\n".encode(),
+            f"(the trial is kept to resume); send it again{later} to stop now\n".encode(),
         )
 
 

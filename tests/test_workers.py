@@ -925,3 +925,24 @@ def test_workers_that_give_up_fail_the_run_with_the_last_reason(
     assert "workers failed" in last and "this run added 0 of its 2 finished trials" in last, output
     assert "the last failed trial: " in last and ("NotADirectoryError" in last or "FileExistsError" in last), last
     assert "giving up" in output  # each worker's own line
+
+
+def test_a_worker_says_when_a_second_signal_counts(capfd: pytest.CaptureFixture) -> None:
+    """A worker takes the same signal again within SAME_STOP_S for the same stop (the
+    scheduler's copy and dlops' copy of one Ctrl-C): its line says when a second one stops
+    it at once; a lone run's line says simply to send it again."""
+    from dlops.stopping import SAME_STOP_S, GracefulStop
+
+    with GracefulStop("worker 1: ", SAME_STOP_S) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same stop: no KeyboardInterrupt
+        assert stop.requested
+    err = capfd.readouterr().err
+    assert err == (
+        "worker 1: SIGINT: stopping after this epoch (the trial is kept to resume); "
+        f"send it again {SAME_STOP_S:g} s or more from now to stop now\n"
+    )
+    with pytest.raises(KeyboardInterrupt), GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err.endswith("; send it again to stop now\n")
