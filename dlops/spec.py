@@ -366,7 +366,8 @@ def _check_direction(metric: str, direction: str, where: str) -> None:
 
 def _check_sampler(sampler: dict[str, Any]) -> None:
     _check_keys(sampler, {"type", "seed", "n_startup_trials"}, "[sampler]")
-    if sampler.get("type", "tpe") not in SAMPLERS:
+    kind = sampler.get("type", "tpe")
+    if not isinstance(kind, str) or kind not in SAMPLERS:  # a list would be unhashable
         raise SpecError(f"[sampler]: unknown type {sampler.get('type')!r} ({', '.join(sorted(SAMPLERS))})")
     seed = sampler.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -437,7 +438,7 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
     _check_keys(raw, PARAM_KEYS, where)
     when = _parse_when(raw["when"], where, earlier or {}) if "when" in raw else ()
     kind = raw.get("type", "float")
-    if kind not in PARAM_TYPES:
+    if not isinstance(kind, str) or kind not in PARAM_TYPES:  # a list would be unhashable
         raise SpecError(f"{where}: unknown type {kind!r} (float, int, categorical)")
     if kind == "categorical":
         choices = raw.get("choices")

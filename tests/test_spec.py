@@ -89,6 +89,10 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"baseline": {"lr": 5.0}}, "outside its search range"),
         ({"train": {"epochs": "ten"}}, "epochs = 'ten' should be an integer"),
         ({"search": {"lr": {"type": "complex"}}}, "unknown type 'complex'"),
+        # a type written as a list was a TypeError traceback (unhashable), not one line
+        ({"search": {"lr": {"type": ["float"]}}}, "[search.lr]: unknown type ['float']"),
+        ({"sampler": Add({"type": ["tpe"]})}, "[sampler]: unknown type ['tpe']"),
+        ({"trainer": ["resnet18"]}, "unknown trainer ['resnet18']"),
         ({"search": {"lr": REMOVE, "lr_decay": Add(GOOD["search"]["lr"])}}, "'lr_decay' is not a setting"),
         ({"search": {"lr": {"low2": Add(3)}}}, "unknown key 'low2' in [search.lr]"),
         ({"datasets": Add({"digits": {"metric": 5}})}, "[datasets.digits] metric must name a validation metric"),

@@ -24,6 +24,6 @@ TRAINER_MODULES: dict[str, str] = {
 
 def get_trainer(name: str) -> Trainer[Any]:
     """The trainer called ``name``; an unknown name is a :class:`SpecError`."""
-    if name not in TRAINER_MODULES:
+    if not isinstance(name, str) or name not in TRAINER_MODULES:  # a list would be unhashable
         raise SpecError(f"unknown trainer {name!r} (known: {', '.join(sorted(TRAINER_MODULES))})")
     return importlib.import_module(TRAINER_MODULES[name]).TRAINER
