@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dlops.dashboard import attach_study_plots, read_note, save_note, trial_id
 from dlops.objective import RunOptions, baseline_params, trial_config
 from dlops.paths import default_storage_url
-from dlops.spec import StudySpec, builtin_spec_dir
+from dlops.spec import StudySpec
 from dlops.storage import StudyStorage, connect, mask_url
 from dlops.studies import trial_ending
 
@@ -115,12 +115,7 @@ def _search_rows(spec: StudySpec, options: RunOptions) -> list[str]:
 
 
 def _continue_command(spec: StudySpec, options: RunOptions, study_name: str) -> str:
-    path = getattr(spec, "path", None)
-    try:
-        builtin = path is not None and Path(path).resolve().parent == builtin_spec_dir().resolve()
-    except Exception:  # noqa: BLE001 - no built-in specs here: name the file
-        builtin = False
-    args = ["dlops", "study", "run", spec.name if builtin or path is None else str(path)]
+    args = ["dlops", "study", "run", spec.command_arg()]
     if options.dataset:
         args += ["--dataset", options.dataset]
     args += ["--study-name", study_name]

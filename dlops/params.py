@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,8 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
         if study is None:
             dataset = f" --dataset {options.dataset}" if options.dataset else ""
             named = f" --study-name {name}" if options.study_name else ""
-            raise DlopsError(
-                f"no study named {name!r} in {mask_url(url)}: run `dlops study run {spec.name}{dataset}{named}` first, "
-                "or use --params baseline"
-            )
+            run = f"dlops study run {shlex.quote(spec.command_arg())}{dataset}{named}"
+            raise DlopsError(f"no study named {name!r} in {mask_url(url)}: run `{run}` first, or use --params baseline")
         study = own_study(spec, options, study)
         assert study is not None
         try:

@@ -153,6 +153,17 @@ class StudySpec:
         own = self.train.get("dataset") or getattr(get_trainer(self.trainer).config_class, "dataset", None)
         return self.name if dataset is None or dataset == own else f"{self.name}-{dataset}"
 
+    def command_arg(self) -> str:
+        """The spec as a command takes it: a built-in spec's name, else the path of its
+        file (``dlops study run my-ce`` would not find ``./my.toml``)."""
+        if self.path is None:
+            return self.name
+        try:
+            builtin = Path(self.path).resolve().parent == builtin_spec_dir().resolve()
+        except SpecError:  # no built-in specs here: name the file
+            builtin = False
+        return self.name if builtin else str(self.path)
+
     def _values(self, dataset: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The settings of a run on ``dataset`` before any trial's params: ``[train]``, then
         ``[datasets.<dataset>]``, then ``overrides`` (``None`` values are ignored)."""

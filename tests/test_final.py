@@ -479,6 +479,21 @@ def test_cli_final_user_errors_are_one_line(dlops_home, args, message):
     assert not (dlops_home / "reports").exists()
 
 
+def test_cli_final_of_a_spec_file_without_its_study_names_the_file(dlops_home, tmp_path):
+    """`dlops final ./my.toml` before any study: the command it suggests runs that file
+    (`dlops study run my-ce`, the spec's name, was an unknown spec)."""
+    from data_trees import one_error_line
+    from dlops.cli import app
+    from dlops.spec import spec_table
+    from specs import write_spec
+
+    spec = write_spec(tmp_path / "my spec.toml", spec_table("resnet18-ce", {"name": "my-ce"}))
+    result = CliRunner().invoke(app, ["final", str(spec), "--dataset", "digits"])
+    line = one_error_line(result)
+    assert f"run `dlops study run '{spec}' --dataset digits` first" in line, line
+    assert not (dlops_home / "reports").exists()
+
+
 @pytest.mark.parametrize(
     "params, message",
     [
