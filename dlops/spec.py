@@ -662,6 +662,17 @@ def _check_values(spec: StudySpec) -> None:
         check(f"[datasets.{name}]", name)
     for ds in (None, *spec.datasets):
         check("[baseline]" if ds is None else f"[baseline] on {ds}", ds, spec.baseline_params(ds))
+    for ds in (None, *spec.datasets):  # a setting the run's loss never reads: every trial the same
+        config = spec.config(ds)
+        foreign = trainer.foreign_settings(config)
+        for name in spec.search:
+            if name in foreign:
+                on = f" on {ds}" if ds else ""
+                raise SpecError(
+                    f"[search.{name}]: {name} is read only by {foreign[name]}, and this spec trains the "
+                    f"{getattr(config, 'loss', '?')} loss{on}: searching it would have no effect; remove it "
+                    "or use that loss's spec"
+                )
     base = spec.config()
     for name, p in spec.search.items():
         if p.type == "categorical":

@@ -182,6 +182,16 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             {"search": {"width": Add({"type": "categorical", "choices": [[8, 16]]})}},
             "[search.width]: a choice is a number, a string or true/false, not [8, 16]",
         ),
+        # a setting the spec's loss never reads: a dimension of the search that changes nothing
+        (
+            {"search": {"margin": Add({"type": "float", "low": 0.1, "high": 0.5})}},
+            "[search.margin]: margin is read only by the triplet loss, and this spec trains the ce loss: "
+            "searching it would have no effect",
+        ),
+        (
+            {"search": {"center_lambda": Add({"type": "float", "low": 1e-3, "high": 0.5, "log": True})}},
+            "[search.center_lambda]: center_lambda is read only by the center loss, and this spec trains the ce",
+        ),
         # a pruner key the type does not take is refused, not ignored
         (
             {"pruner": Add({"type": "none", "n_startup_trials": 5})},
