@@ -49,7 +49,7 @@ from dlops.data import (
     forbid_test_split,
     get_dataset,
 )
-from dlops.errors import DlopsError, StorageError, out_of_memory, out_of_memory_text
+from dlops.errors import DlopsError, SpecError, StorageError, out_of_memory, out_of_memory_text
 from dlops.liveness import (
     OWNER_KEY,
     identity,
@@ -261,6 +261,10 @@ def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
     heartbeat_settings(options.storage or default_storage_url(), options.heartbeat_interval, options.grace_period)
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, baseline_params(spec, options), 0)
+    try:  # --epochs 2, a dataset's epochs: a range this run's trials could not all train
+        spec.check_search_values(config, "this run")
+    except SpecError as exc:
+        raise SpecError(f"{spec.path.name if spec.path else spec.name}: {exc}") from None
     resolve_device(config.device or "auto")
     ds = run_dataset(spec, options)
     if ds is None:

@@ -228,6 +228,23 @@ class StudySpec:
             params[name] = value
         return params
 
+    def check_search_values(self, base: TrainerConfig, context: str = "a run") -> None:
+        """Both ends of every searched range and every choice, each set in ``base`` (a run's
+        config), are values the trainer accepts there: a :class:`SpecError` naming the key
+        otherwise (``warmup_epochs`` up to 10 in a run of 5 epochs: every trial that drew
+        more would fail)."""
+        trainer = get_trainer(self.trainer)
+        for name, p in self.search.items():
+            if p.type == "categorical":
+                values = [(f"choice {_toml_value(c)}", c) for c in p.choices]
+            else:
+                values = [(f"{end} = {_toml_value(v)}", v) for end, v in (("low", p.low), ("high", p.high))]
+            for label, value in values:
+                try:
+                    trainer.validate(base.replace(**{name: value}))
+                except DlopsError as exc:
+                    raise SpecError(f"[search.{name}]: {label} is not a value {context} can use ({exc})") from None
+
 
 def builtin_spec_dir() -> Path:
     """The specs shipped with dlops: ``study/`` of the source tree, which a wheel
@@ -673,14 +690,11 @@ def _check_values(spec: StudySpec) -> None:
                     f"{getattr(config, 'loss', '?')} loss{on}: searching it would have no effect; remove it "
                     "or use that loss's spec"
                 )
-    base = spec.config()
-    for name, p in spec.search.items():
-        if p.type == "categorical":
-            values = [(f"choice {_toml_value(c)}", c) for c in p.choices]
-        else:
-            values = [(f"{end} = {_toml_value(v)}", v) for end, v in (("low", p.low), ("high", p.high))]
-        for label, value in values:
-            try:
-                trainer.validate(base.replace(**{name: value}))
-            except DlopsError as exc:
-                raise SpecError(f"[search.{name}]: {label} is not a value a run can use ({exc})") from None
+    final_epochs = spec.final.get("epochs")
+    for ds in (None, *spec.datasets):  # every dataset the spec names, and what dlops final trains
+        on = f" on {ds}" if ds else ""
+        spec.check_search_values(spec.config(ds), f"a run{on}")
+        if final_epochs is not None:
+            context = f"dlops final{on} ([final] epochs = {final_epochs})"
+            check(f"[final] epochs = {final_epochs}{on}", ds, {**spec.baseline_params(ds), "epochs": final_epochs})
+            spec.check_search_values(spec.config(ds, epochs=final_epochs), context)

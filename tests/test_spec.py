@@ -192,6 +192,29 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             {"search": {"center_lambda": Add({"type": "float", "low": 1e-3, "high": 0.5, "log": True})}},
             "[search.center_lambda]: center_lambda is read only by the center loss, and this spec trains the ce",
         ),
+        # a range one of the spec's runs could not train: every trial that drew its end failed
+        (
+            {
+                "train": {"epochs": 20},
+                "search": {"warmup_epochs": Add({"type": "int", "low": 0, "high": 10})},
+                "datasets": Add({"stl10": {"epochs": 5}}),
+            },
+            "[search.warmup_epochs]: high = 10 is not a value a run on stl10 can use (warmup_epochs = 10 is more "
+            "than the 5 epochs of the run",
+        ),
+        (
+            {
+                "train": {"epochs": 20},
+                "search": {"warmup_epochs": Add({"type": "int", "low": 0, "high": 10})},
+                "final": Add({"epochs": 5}),
+            },
+            "[search.warmup_epochs]: high = 10 is not a value dlops final ([final] epochs = 5) can use",
+        ),
+        # [final] epochs the fixed settings cannot train: refused by dlops final only, after the study
+        (
+            {"train": {"epochs": 20, "warmup_epochs": Add(3)}, "final": Add({"epochs": 2})},
+            "[final] epochs = 2: warmup_epochs = 3 is more than the 2 epochs of the run",
+        ),
         # a pruner key the type does not take is refused, not ignored
         (
             {"pruner": Add({"type": "none", "n_startup_trials": 5})},
@@ -398,6 +421,24 @@ def test_cli_refuses_a_run_whose_implicit_baseline_lies_outside_its_range(tmp_pa
     assert result.output.strip().splitlines() == [
         "error: own.toml: the baseline (trial 0) on stl10 would train width = 12 ([train]), outside "
         "[search.width] (4..8): add width to [baseline] or widen the range"
+    ]
+    assert not (dlops_home / "dlops.db").exists()
+
+
+def test_cli_refuses_a_run_whose_epochs_a_searched_range_exceeds(tmp_path: Path, dlops_home: Path) -> None:
+    """`--epochs 1` with warmup_epochs searched up to 4: one line before any study, where every
+    trial that drew more than 1 failed (and the run gave up after three)."""
+    table = override_table(
+        GOOD, {"train": {"epochs": 5}, "search": {"warmup_epochs": Add({"type": "int", "low": 0, "high": 4})}}
+    )
+    path = write_spec(tmp_path / "warm.toml", table)
+    load_spec(str(path))  # its own 5 epochs can train the whole range
+    args = ["study", "run", str(path), "--epochs", "1", "--subset-per-class", "10", "--n-trials", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: warm.toml: [search.warmup_epochs]: high = 4 is not a value this run can use (warmup_epochs = 4 "
+        "is more than the 1 epochs of the run: its lr would never reach lr)"
     ]
     assert not (dlops_home / "dlops.db").exists()
 
