@@ -567,6 +567,11 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     for ds, table in datasets.items():
         if ds not in DATASETS:
             raise SpecError(f"[datasets.{ds}]: unknown dataset {ds!r} (known: {', '.join(sorted(DATASETS))})")
+        if "dataset" in table:  # --dataset digits would have trained this other dataset
+            raise SpecError(
+                f"[datasets.{ds}]: dataset = {table['dataset']!r} cannot stand in it: the table's name is the "
+                f"dataset its settings apply to (a run on {ds} trains {ds})"
+            )
         if "metric" in table:
             dataset_metrics[ds] = _check_metric(table.pop("metric"), f"[datasets.{ds}] metric", trainer.metrics)
         check_setting_types(table, config_cls, f"[datasets.{ds}]")

@@ -131,6 +131,11 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
         # a typo in a dataset's table once left it unused without a word
         ({"datasets": Add({"digit": {"epochs": 2}})}, "[datasets.digit]: unknown dataset 'digit' (known: digits,"),
+        # a dataset's table naming another dataset: --dataset digits trained STL-10 under a digits study
+        (
+            {"datasets": Add({"digits": {"dataset": "stl10"}})},
+            "[datasets.digits]: dataset = 'stl10' cannot stand in it: the table's name is the dataset",
+        ),
         # a setting the baseline cannot change: trial 0 trained without it, silently
         ({"baseline": {"momentum": Add(0.0)}}, "[baseline]: momentum is not searched"),
         ({"train": Replace(5)}, "[train] must be a table, got 5"),
