@@ -400,6 +400,8 @@ def _check_sampler(sampler: dict[str, Any]) -> None:
     seed = sampler.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise SpecError(f"[sampler]: seed = {seed!r} should be an integer from 0 to 2**32 - 1")
+    if kind == "random" and "n_startup_trials" in sampler:  # make_sampler would drop it without a word
+        raise SpecError("[sampler]: type random does not take n_startup_trials (the tpe sampler's random start)")
     startup = sampler.get("n_startup_trials", 0)
     if isinstance(startup, bool) or not isinstance(startup, int) or startup < 0:
         raise SpecError(f"[sampler]: n_startup_trials = {startup!r} should be a non-negative integer")

@@ -129,6 +129,10 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"sampler": Add({"seed": "x"})}, "[sampler]: seed = 'x' should be an integer"),
         ({"sampler": Add({"seed": -1})}, "[sampler]: seed = -1 should be an integer"),
         ({"sampler": Add({"n_startup_trials": 1.5})}, "[sampler]: n_startup_trials = 1.5"),
+        (
+            {"sampler": Add({"type": "random", "n_startup_trials": 5})},
+            "[sampler]: type random does not take n_startup_trials",
+        ),
         # a typo in a dataset's table once left it unused without a word
         ({"datasets": Add({"digit": {"epochs": 2}})}, "[datasets.digit]: unknown dataset 'digit' (known: digits,"),
         # a dataset's table naming another dataset: --dataset digits trained STL-10 under a digits study
