@@ -474,9 +474,13 @@ def _parse_param(name: str, raw: Any, earlier: dict[str, ParamSpec] | None = Non
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise SpecError(f"{where}: categorical needs a non-empty list 'choices'")
-        for choice in choices:
+        for i, choice in enumerate(choices):
             if not isinstance(choice, bool | int | float | str):
                 raise SpecError(f"{where}: a choice is a number, a string or true/false, not {choice!r}")
+            if ParamSpec(name, kind, choices=tuple(choices[:i])).contains(choice):  # 1 and 1.0 are one value
+                raise SpecError(
+                    f"{where}: choice {_toml_value(choice)} is listed twice (a sampler would draw it twice as often)"
+                )
         return ParamSpec(name, kind, choices=tuple(choices), when=when)
     if "low" not in raw or "high" not in raw:
         raise SpecError(f"{where}: {kind} needs 'low' and 'high'")

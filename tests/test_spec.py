@@ -224,6 +224,15 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             {"train": {"epochs": 20, "warmup_epochs": Add(3)}, "final": Add({"epochs": 2})},
             "[final] epochs = 2: warmup_epochs = 3 is more than the 2 epochs of the run",
         ),
+        # a choice written twice (a typo) weighs it double
+        (
+            {"search": {"momentum": Add({"type": "categorical", "choices": [0.9, 0.5, 0.9]})}},
+            "[search.momentum]: choice 0.9 is listed twice",
+        ),
+        (
+            {"search": {"weight_decay": Add({"type": "categorical", "choices": [0, 5e-4, 0.0]})}},
+            "[search.weight_decay]: choice 0.0 is listed twice",
+        ),
         # a pruner key the type does not take is refused, not ignored
         (
             {"pruner": Add({"type": "none", "n_startup_trials": 5})},
