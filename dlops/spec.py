@@ -624,7 +624,7 @@ def parse_spec(raw: dict[str, Any], default_name: str = "study", path: Path | No
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
         raise SpecError(f"n_trials must be a positive integer, got {n_trials!r}")
     timeout = raw.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
         raise SpecError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
     metric = _check_metric(raw.get("metric", "val_top5"), "metric", trainer.metrics)

@@ -146,6 +146,8 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
         ({"datasets": Add({"digits": 5})}, "[datasets.digits] must be a table, got 5"),
         ({"timeout": Add("soon")}, "timeout must be a positive number of seconds, got 'soon'"),
         ({"timeout": Add(0)}, "timeout must be a positive number of seconds, got 0"),
+        # nan passed `timeout <= 0` and stopped nothing (no elapsed time is more than nan)
+        ({"timeout": Add(float("nan"))}, "timeout must be a positive number of seconds, got nan"),
         # the name names folders under $DLOPS_HOME: reports/../data would have been the data
         ({"name": "../data"}, "name = '../data': a spec's name is up to 100 letters"),
         ({"name": "."}, "name = '.'"),
