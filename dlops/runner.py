@@ -207,6 +207,28 @@ def enqueue_baseline(study: optuna.Study, params: dict[str, Any], trials: Sequen
     return True
 
 
+def baseline_note(study: optuna.Study, params: dict[str, Any]) -> str | None:
+    """A study trains its baseline once: where the spec's ``[baseline]`` (``params``) has
+    changed since, a line saying which trial stays the baseline and that the new one is
+    not trained; None where they agree, or where no baseline is kept (it is queued)."""
+    kept = [
+        t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR) and t.state != TrialState.FAIL
+    ]
+    if not kept:
+        return None
+    trial = kept[0]
+    old = trial.params or trial.system_attrs.get("fixed_params") or {}
+    changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+    if not changed:
+        return None
+    was = ", ".join(f"{k} {old[k]:g}" if isinstance(old[k], float) else f"{k} {old[k]}" for k in changed)
+    now = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changed.items())
+    return (
+        f"note: the baseline of study {study.study_name!r} is trial {trial.number} ({was}); the spec's baseline "
+        f"is {now} now, which a study that has one does not train ({ANOTHER} to train it)"
+    )
+
+
 def join_run(study: optuna.Study, storage: StudyStorage) -> int:
     """Count this run among those that joined ``study`` and return its index (0: the run
     that started it). Call under the study lock: runs joining at once get distinct indexes."""
@@ -746,6 +768,7 @@ def run_study(
     with storage.lock(study.study_name), stop_if_deleted(study, storage):
         counts = state_counts(study)  # where the study stood on (re)joining
         prepare_study(study, spec, options)
+        changed_baseline = baseline_note(study, baseline_params(spec, options)) if announce else None
         notes.opened(study)
         if run is None:
             run = RunSlot(uuid.uuid4().hex, join_run(study, storage))
@@ -757,6 +780,8 @@ def run_study(
     target = goal if total is not None else finished_then + goal
     if announce:
         say(study_counts_line(study.study_name, storage, counts, n_trials, target, workers, total=total))
+        if changed_baseline is not None:
+            say(changed_baseline)
     gate = _TrialGate(run.run_id)
     budget = failure_budget(goal if total is None else max(goal - finished_then, 1), workers)
     # A worker of a --workers run may get one stop twice: from the system and passed on by dlops.

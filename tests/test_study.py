@@ -985,3 +985,34 @@ def test_a_final_run_on_one_class_is_one_line_and_writes_nothing(dlops_home: Pat
     line = one_error_line(CliRunner().invoke(app, [*args, "--subset-classes", "1", "--epochs", "1"]))
     assert "--subset-classes 1: a run needs at least 2 classes" in line, line
     assert not dlops_home.exists(), sorted(dlops_home.rglob("*"))
+
+
+def test_a_baseline_edited_after_the_study_began_is_named_not_silently_dropped(
+    tmp_path: Path, dlops_home: Path
+) -> None:
+    """A study trains its baseline once: a spec whose [baseline] changed since says which
+    trial stays the baseline and that the new one is not trained."""
+    import tomllib
+
+    from specs import tiny_workers_spec, write_spec
+
+    path = tiny_workers_spec(tmp_path, name="edited-baseline", per_class=5)
+    run = ["study", "run", str(path), "--n-trials", "1", "--device", "cpu"]
+    first = CliRunner().invoke(app, run)
+    assert first.exit_code == 0, first.output
+    assert "note: the baseline" not in first.output
+    again = CliRunner().invoke(app, run)  # the same spec: nothing to say
+    assert again.exit_code == 0 and "note: the baseline" not in again.output, again.output
+    table = tomllib.loads(path.read_text())
+    table["baseline"]["lr"] = 0.05
+    write_spec(path, table)
+    edited = CliRunner().invoke(app, run)
+    assert edited.exit_code == 0, edited.output
+    line = " ".join(edited.output.split())
+    assert (
+        "note: the baseline of study 'edited-baseline' is trial 0 (lr 0.01); the spec's baseline is lr 0.05 now, "
+        "which a study that has one does not train (give this run another --study-name to train it)"
+    ) in line, line
+    study = optuna.load_study(study_name="edited-baseline", storage=default_storage_url())
+    assert [t.params["lr"] for t in study.trials if t.user_attrs.get("baseline")] == [0.01]
+    assert len(study.trials) == 3
