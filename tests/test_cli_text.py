@@ -197,6 +197,42 @@ def test_version_names_dlops_its_commit_and_the_packages_it_runs_on() -> None:
     assert CliRunner().invoke(app, ["--version", "study", "list"]).output == result.output
 
 
+def test_version_names_no_commit_of_another_projects_repository(tmp_path: Path) -> None:
+    """dlops installed inside another project's git tree (a .venv it ignores) is not that
+    project's checkout: --version (and final.json) named the project's commit as dlops's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "site"
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "init", "-q", str(project)], check=True)
+    (project / ".gitignore").write_text(".venv/\n")
+    subprocess.run([*git, "add", ".gitignore"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "the project"], cwd=project, check=True)
+    theirs = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    shutil.copytree(Path(__file__).resolve().parents[1] / "dlops", site / "dlops")
+    env = {k: v for k, v in os.environ.items() if k not in ("DLOPS_GIT_COMMIT", "PYTHONPATH")}
+
+    def version(**extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "dlops", "--version"],
+            capture_output=True,
+            text=True,
+            env={**env, "PYTHONPATH": str(site), **extra},
+            cwd=project,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    line = version()
+    assert line.startswith("dlops ") and theirs[:12] not in line and "commit" not in line, line
+    assert ", commit abc1234 (" in version(DLOPS_GIT_COMMIT="abc1234")
+
+
 def test_python_dash_m_dlops_is_the_dlops_command() -> None:
     import os
     import subprocess
