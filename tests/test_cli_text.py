@@ -54,7 +54,30 @@ def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.Mon
         for default in re.findall(r"[\[(]default: [^\])]*[\])]", param.help or ""):
             assert " ".join(default.split()) in flat, (default, text)  # a default in the help text is shown whole
     if any(getattr(p, "name", None) == "storage" for p in getattr(command, "params", [])):
-        assert "sqlite:///$DLOPS_HOME/dlops.db)" in text
+        assert "sqlite:///$DLOPS_HOME/dlops.db]" in text
+    # Every default reads "[default: ...]", as Typer prints its own; an option without one
+    # says so, or says what it stands instead of (--loss: SPEC).
+    assert "(default:" not in text, text
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") != "option" or param.is_flag or param.opts[0] == "--help":
+            continue
+        help_text = " ".join((param.help or "").split())
+        stated = "[default: " in help_text or param.default is not None or "instead" in help_text.lower()
+        assert stated, (param.opts[0], help_text)
+
+
+@pytest.mark.parametrize("args", [[], ["study"], ["data"]], ids=["dlops", "study", "data"])
+def test_a_command_line_without_a_command_prints_its_help_on_stderr_and_exits_2(args: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "dlops", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout)
+    usage = " ".join(["dlops", *args, "[OPTIONS] COMMAND [ARGS]..."])
+    assert done.stderr.startswith(f"Usage: {usage}\n") and "Commands:" in done.stderr, done.stderr
 
 
 def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_path: Path, dlops_home: Path) -> None:
