@@ -30,6 +30,12 @@ class OneLineErrors(TyperGroup):
     """A usage error (a bad option value, an unknown option) is one line on stderr and exit 2,
     like every other dlops error, instead of Click's usage block."""
 
+    ORDER = ("study", "data", "final", "report", "dashboard")  # in `dlops --help`: in the order of use
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -187,7 +193,9 @@ StorageOpt = Annotated[
 @study_app.command("run", short_help="Run (or continue) the Optuna study of a spec.")
 @user_errors
 def study_run(
-    spec: Annotated[str | None, typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
+    spec: Annotated[
+        str | None, typer.Argument(metavar="SPEC", help="Built-in spec name or path to a .toml spec")
+    ] = None,
     loss: LossOpt = None,
     dataset: Annotated[
         str | None, typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet) [default: the spec's]")
@@ -321,7 +329,7 @@ def study_list(storage: StorageOpt = None) -> None:
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")
 @user_errors
 def study_show(
-    name: Annotated[str, typer.Argument(help="Study name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Study name")],
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
@@ -341,11 +349,15 @@ def study_show(
 @study_app.command("replay", short_help="What each pruner would save on a study's curves.")
 @user_errors
 def study_replay(
-    name: Annotated[str, typer.Argument(help="Study name, or a JSON file of curves (format dlops-curves)")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME|CURVES.json", help="Study name, or a JSON file of curves (format dlops-curves)"),
+    ],
     pruner: Annotated[
         list[str] | None,
         typer.Option(
             "--pruner",
+            metavar="TYPE[:KEY=VALUE,...]",
             help="A pruner and its settings as in a spec's [pruner] (none, median, percentile, successive_halving, "
             "hyperband); repeat for more [default: each type at the usual settings, and the spec's own]",
         ),
@@ -424,7 +436,7 @@ def study_replay(
 @study_app.command("delete", short_help="Delete a study, its trial checkpoints and its dashboard files.")
 @user_errors
 def study_delete(
-    name: Annotated[str, typer.Argument(help="Study name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Study name")],
     storage: StorageOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed where stdin is not a terminal)")] = False,
     force: Annotated[
@@ -502,7 +514,7 @@ def _progress_on() -> bool:
 @sigterm_like_ctrl_c
 @user_errors
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10")],
     root: RootOpt = None,
     source: Annotated[
         str | None, typer.Option(help="Local archive or URL (mirror) instead of the official URL")
@@ -539,7 +551,7 @@ def data_fetch(
 @sigterm_like_ctrl_c
 @user_errors
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10")],
     root: RootOpt = None,
     raw: Annotated[str | None, typer.Option(help="Extracted tree [default: ROOT/NAME/raw]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
@@ -567,7 +579,7 @@ def data_prepare(
 @data_app.command("info")
 @user_errors
 def data_info(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
@@ -584,7 +596,7 @@ def data_info(
 @data_app.command("show", short_help="Write a PNG of sample images and class counts.")
 @user_errors
 def data_show(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
     out: Annotated[str | None, typer.Option(help="PNG path [default: $DLOPS_HOME/reports/data/NAME.png]")] = None,
     count: Annotated[int, typer.Option(min=1, max=256, help="Sample images in the grid")] = 32,
@@ -601,7 +613,7 @@ def data_show(
 def final(
     spec: Annotated[
         str | None,
-        typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec"),
+        typer.Argument(metavar="SPEC", help="Built-in spec name (e.g. autoencoder) or path to a .toml spec"),
     ] = None,
     loss: LossOpt = None,
     params: Annotated[str, typer.Option(help="best (the study's best trial) | baseline | FILE.json")] = "best",

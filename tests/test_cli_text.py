@@ -66,6 +66,30 @@ def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.Mon
         assert stated, (param.opts[0], help_text)
 
 
+def test_help_lists_the_commands_in_the_order_of_use_and_names_arguments_as_the_readme() -> None:
+    text = CliRunner().invoke(app, ["--help"], terminal_width=80).output
+    listed = re.findall(r"^  (\w+)  ", text.split("Commands:")[1], re.MULTILINE)
+    assert listed == ["study", "data", "final", "report", "dashboard"], text
+    usages = {
+        ("study", "run"): "dlops study run [OPTIONS] [SPEC]",
+        ("study", "show"): "dlops study show [OPTIONS] {NAME}",
+        ("study", "replay"): "dlops study replay [OPTIONS] {NAME|CURVES.json}",
+        ("study", "delete"): "dlops study delete [OPTIONS] {NAME}",
+        ("data", "fetch"): "dlops data fetch [OPTIONS] {NAME}",
+        ("data", "info"): "dlops data info [OPTIONS] {NAME}",
+        ("final",): "dlops final [OPTIONS] [SPEC]",
+    }
+    for path, usage in usages.items():
+        assert CliRunner().invoke(app, [*path, "--help"], prog_name="dlops").output.startswith(f"Usage: {usage}\n"), (
+            path
+        )
+    replay = CliRunner().invoke(app, ["study", "replay", "--help"], terminal_width=100).output
+    assert "--pruner TYPE[:KEY=VALUE,...]" in replay and "list[str]" not in replay, replay
+    missing = CliRunner().invoke(app, ["study", "show"], prog_name="dlops")
+    assert missing.exit_code == 2
+    assert missing.output == "error: Missing argument 'NAME'. (see `dlops study show --help`)\n"
+
+
 @pytest.mark.parametrize("args", [[], ["study"], ["data"]], ids=["dlops", "study", "data"])
 def test_a_command_line_without_a_command_prints_its_help_on_stderr_and_exits_2(args: list[str]) -> None:
     import os
