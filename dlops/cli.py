@@ -71,6 +71,7 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     help="Optuna studies for deep-learning experiments, and reference runs with reports.",
     cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command's: subcommands inherit it
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,

@@ -90,6 +90,14 @@ def test_help_lists_the_commands_in_the_order_of_use_and_names_arguments_as_the_
     assert missing.output == "error: Missing argument 'NAME'. (see `dlops study show --help`)\n"
 
 
+def test_dash_h_is_help_for_every_command() -> None:
+    for path in COMMANDS:
+        long = CliRunner().invoke(app, [*path, "--help"], prog_name="dlops")
+        short = CliRunner().invoke(app, [*path, "-h"], prog_name="dlops")
+        assert short.exit_code == long.exit_code == 0 and short.output == long.output, (path, short.output)
+        assert "-h, --help" in short.output, path
+
+
 @pytest.mark.parametrize("args", [[], ["study"], ["data"]], ids=["dlops", "study", "data"])
 def test_a_command_line_without_a_command_prints_its_help_on_stderr_and_exits_2(args: list[str]) -> None:
     import os
