@@ -30,6 +30,12 @@ class OneLineErrors(TyperGroup):
     """A usage error (a bad option value, an unknown option) is one line on stderr and exit 2,
     like every other dlops error, instead of Click's usage block."""
 
+    ORDER = ("study", "data", "final", "report", "dashboard")  # in `dlops --help`: in the order of use
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -65,6 +71,7 @@ class OneLineErrors(TyperGroup):
 app = typer.Typer(
     help="Optuna studies for deep-learning experiments, and reference runs with reports.",
     cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command's: subcommands inherit it
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -97,7 +104,10 @@ def _main(
 study_app = typer.Typer(help="Run and inspect hyperparameter studies.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(study_app, name="study")
 data_app = typer.Typer(
-    help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10).", no_args_is_help=True, rich_markup_mode=None
+    help="Fetch, prepare and inspect datasets (Tiny ImageNet, STL-10; digits ships with scikit-learn).",
+    short_help="Fetch, prepare and inspect datasets.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(data_app, name="data")
 
@@ -177,22 +187,26 @@ def _spec_name(spec: str | None, loss: Loss | None) -> str:
 
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL (default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db)"),
+    typer.Option("--storage", help="Optuna storage URL [default: $DLOPS_STORAGE, else sqlite:///$DLOPS_HOME/dlops.db]"),
 ]
 
 
 @study_app.command("run", short_help="Run (or continue) the Optuna study of a spec.")
 @user_errors
 def study_run(
-    spec: Annotated[str | None, typer.Argument(help="Built-in spec name or path to a .toml spec")] = None,
+    spec: Annotated[
+        str | None, typer.Argument(metavar="SPEC", help="Built-in spec name or path to a .toml spec")
+    ] = None,
     loss: LossOpt = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet)")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset to run on (e.g. digits, tiny-imagenet) [default: the spec's]")
+    ] = None,
     n_trials: Annotated[
         int | None,
         typer.Option(
             min=1,
             help="Finished trials this run adds, counted from when it "
-            "joins; other runs' trials do not count (default: the spec's)",
+            "joins; other runs' trials do not count [default: the spec's n_trials]",
         ),
     ] = None,
     total_trials: Annotated[
@@ -203,27 +217,42 @@ def study_run(
             "finished trials in all, whichever run or machine ran them",
         ),
     ] = None,
-    timeout: Annotated[float | None, typer.Option(min=0, help="Stop starting trials after S seconds")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Stop starting trials after S seconds [default: no limit]")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per trial [default: the spec's]")] = None,
     storage: StorageOpt = None,
     study_name: Annotated[
         str | None,
         typer.Option(
-            help="Study name (default: the spec's name; SPEC-DATASET "
+            help="Study name [default: the spec's name; SPEC-DATASET "
             "with a --dataset other than the spec's own, e.g. "
-            "resnet18-ce-digits)"
+            "resnet18-ce-digits]"
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(min=0, max=2**32 - 1, help="Sampler seed (0 to 2**32-1); trial k trains with seed+k")
+        int | None,
+        typer.Option(
+            min=0,
+            max=2**32 - 1,
+            help="Sampler seed (0 to 2**32-1); trial k trains with seed+k [default: the spec's sampler seed, else 0]",
+        ),
     ] = None,
     device: DeviceOpt = "auto",
-    subset_classes: Annotated[int | None, typer.Option(min=1, help="Use only the first N classes")] = None,
+    subset_classes: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N classes [default: all]")
+    ] = None,
     subset_per_class: Annotated[
-        int | None, typer.Option(min=1, help="...and the first M training images of each")
+        int | None, typer.Option(min=1, help="...and the first M training images of each [default: all]")
     ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Worker processes on this machine (one GPU each); not with SQLite")
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes on this machine (each its own GPU where there are several); "
+            "more than 1 needs a journal, PostgreSQL or Redis --storage, not SQLite",
+        ),
     ] = 1,
     heartbeat_interval: Annotated[
         int | None,
@@ -301,7 +330,7 @@ def study_list(storage: StorageOpt = None) -> None:
 @study_app.command("show", short_help="Show a study: states, best trial, every trial.")
 @user_errors
 def study_show(
-    name: Annotated[str, typer.Argument(help="Study name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Study name")],
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
@@ -321,13 +350,17 @@ def study_show(
 @study_app.command("replay", short_help="What each pruner would save on a study's curves.")
 @user_errors
 def study_replay(
-    name: Annotated[str, typer.Argument(help="Study name, or a JSON file of curves (format dlops-curves)")],
+    name: Annotated[
+        str,
+        typer.Argument(metavar="NAME|CURVES.json", help="Study name, or a JSON file of curves (format dlops-curves)"),
+    ],
     pruner: Annotated[
         list[str] | None,
         typer.Option(
             "--pruner",
-            help="TYPE[:key=value,...] as a spec's [pruner] (none, median, percentile, successive_halving, "
-            "hyperband); repeat for more [default: each type at the usual settings]",
+            metavar="TYPE[:KEY=VALUE,...]",
+            help="A pruner and its settings as in a spec's [pruner] (none, median, percentile, successive_halving, "
+            "hyperband); repeat for more [default: each type at the usual settings, and the spec's own]",
         ),
     ] = None,
     complete_only: Annotated[
@@ -404,7 +437,7 @@ def study_replay(
 @study_app.command("delete", short_help="Delete a study, its trial checkpoints and its dashboard files.")
 @user_errors
 def study_delete(
-    name: Annotated[str, typer.Argument(help="Study name")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Study name")],
     storage: StorageOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed where stdin is not a terminal)")] = False,
     force: Annotated[
@@ -462,8 +495,8 @@ def sigterm_like_ctrl_c(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-RootOpt = Annotated[str | None, typer.Option("--root", help="Data root (default: $DLOPS_HOME/data)")]
-WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes (default: the CPU count, at most 8)")]
+RootOpt = Annotated[str | None, typer.Option("--root", help="Data root [default: $DLOPS_HOME/data]")]
+WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes [default: the CPU count, at most 8]")]
 ValFractionOpt = Annotated[
     float | None,
     typer.Option(help="Hold-out of each training class for validation [default: the present cache's, else 0.1]"),
@@ -482,12 +515,12 @@ def _progress_on() -> bool:
 @sigterm_like_ctrl_c
 @user_errors
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10")],
     root: RootOpt = None,
     source: Annotated[
         str | None, typer.Option(help="Local archive or URL (mirror) instead of the official URL")
     ] = None,
-    md5: Annotated[str | None, typer.Option(help="Expected md5 of --source (default: the official archive's)")] = None,
+    md5: Annotated[str | None, typer.Option(help="Expected md5 of --source [default: the official archive's]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch and rebuild even if a cache exists")] = False,
     keep_archive: Annotated[
         bool, typer.Option("--keep-archive", help="Keep a downloaded archive after extraction")
@@ -519,9 +552,9 @@ def data_fetch(
 @sigterm_like_ctrl_c
 @user_errors
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10")],
     root: RootOpt = None,
-    raw: Annotated[str | None, typer.Option(help="Extracted tree (default: ROOT/NAME/raw)")] = None,
+    raw: Annotated[str | None, typer.Option(help="Extracted tree [default: ROOT/NAME/raw]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a cache exists")] = False,
     val_fraction: ValFractionOpt = None,
     seed: HoldoutSeedOpt = None,
@@ -547,7 +580,7 @@ def data_prepare(
 @data_app.command("info")
 @user_errors
 def data_info(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
@@ -564,9 +597,9 @@ def data_info(
 @data_app.command("show", short_help="Write a PNG of sample images and class counts.")
 @user_errors
 def data_show(
-    name: Annotated[str, typer.Argument(help="tiny-imagenet | stl10 | digits")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="tiny-imagenet | stl10 | digits")],
     root: RootOpt = None,
-    out: Annotated[str | None, typer.Option(help="PNG path (default: $DLOPS_HOME/reports/data/NAME.png)")] = None,
+    out: Annotated[str | None, typer.Option(help="PNG path [default: $DLOPS_HOME/reports/data/NAME.png]")] = None,
     count: Annotated[int, typer.Option(min=1, max=256, help="Sample images in the grid")] = 32,
 ) -> None:
     """Write a PNG grid of sample images with class names and a per-class count histogram."""
@@ -580,7 +613,8 @@ def data_show(
 @user_errors
 def final(
     spec: Annotated[
-        str | None, typer.Argument(help="Built-in spec name (e.g. autoencoder) or path to a .toml spec")
+        str | None,
+        typer.Argument(metavar="SPEC", help="Built-in spec name (e.g. autoencoder) or path to a .toml spec"),
     ] = None,
     loss: LossOpt = None,
     params: Annotated[str, typer.Option(help="best (the study's best trial) | baseline | FILE.json")] = "best",
@@ -595,14 +629,16 @@ def final(
     study_name: Annotated[
         str | None,
         typer.Option(
-            help="Study to take --params best from (default: the spec's "
+            help="Study to take --params best from [default: the spec's "
             "name; SPEC-DATASET with a --dataset other than the spec's "
-            "own)"
+            "own]"
         ),
     ] = None,
-    subset_classes: Annotated[int | None, typer.Option(min=1, help="Use only the first N classes")] = None,
+    subset_classes: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N classes [default: all]")
+    ] = None,
     subset_per_class: Annotated[
-        int | None, typer.Option(min=1, help="...and the first M training images of each")
+        int | None, typer.Option(min=1, help="...and the first M training images of each [default: all]")
     ] = None,
 ) -> None:
     """Reference run: train the chosen settings, test once per seed, write reports/<spec>/."""

@@ -26,10 +26,20 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     """The commit of the dlops source tree, ``+dirty`` when it has local changes. Outside a
-    git checkout (a copy of the tree on another machine): ``$DLOPS_GIT_COMMIT``, else None."""
+    git checkout of dlops (a copy of the tree on another machine, an install inside another
+    project's repository, whose commit is not dlops's): ``$DLOPS_GIT_COMMIT``, else None."""
     here = Path(__file__).resolve().parent
     copied_from = os.environ.get("DLOPS_GIT_COMMIT") or None
     try:
+        ours = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", "--", Path(__file__).name],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if ours.returncode != 0:  # no repository, or one that does not track this file
+            return copied_from
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return copied_from

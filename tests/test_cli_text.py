@@ -54,7 +54,62 @@ def test_help_reads_at_80_columns(path: tuple[str, ...], monkeypatch: pytest.Mon
         for default in re.findall(r"[\[(]default: [^\])]*[\])]", param.help or ""):
             assert " ".join(default.split()) in flat, (default, text)  # a default in the help text is shown whole
     if any(getattr(p, "name", None) == "storage" for p in getattr(command, "params", [])):
-        assert "sqlite:///$DLOPS_HOME/dlops.db)" in text
+        assert "sqlite:///$DLOPS_HOME/dlops.db]" in text
+    # Every default reads "[default: ...]", as Typer prints its own; an option without one
+    # says so, or says what it stands instead of (--loss: SPEC).
+    assert "(default:" not in text, text
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") != "option" or param.is_flag or param.opts[0] == "--help":
+            continue
+        help_text = " ".join((param.help or "").split())
+        stated = "[default: " in help_text or param.default is not None or "instead" in help_text.lower()
+        assert stated, (param.opts[0], help_text)
+
+
+def test_help_lists_the_commands_in_the_order_of_use_and_names_arguments_as_the_readme() -> None:
+    text = CliRunner().invoke(app, ["--help"], terminal_width=80).output
+    listed = re.findall(r"^  (\w+)  ", text.split("Commands:")[1], re.MULTILINE)
+    assert listed == ["study", "data", "final", "report", "dashboard"], text
+    usages = {
+        ("study", "run"): "dlops study run [OPTIONS] [SPEC]",
+        ("study", "show"): "dlops study show [OPTIONS] {NAME}",
+        ("study", "replay"): "dlops study replay [OPTIONS] {NAME|CURVES.json}",
+        ("study", "delete"): "dlops study delete [OPTIONS] {NAME}",
+        ("data", "fetch"): "dlops data fetch [OPTIONS] {NAME}",
+        ("data", "info"): "dlops data info [OPTIONS] {NAME}",
+        ("final",): "dlops final [OPTIONS] [SPEC]",
+    }
+    for path, usage in usages.items():
+        assert CliRunner().invoke(app, [*path, "--help"], prog_name="dlops").output.startswith(f"Usage: {usage}\n"), (
+            path
+        )
+    replay = CliRunner().invoke(app, ["study", "replay", "--help"], terminal_width=100).output
+    assert "--pruner TYPE[:KEY=VALUE,...]" in replay and "list[str]" not in replay, replay
+    missing = CliRunner().invoke(app, ["study", "show"], prog_name="dlops")
+    assert missing.exit_code == 2
+    assert missing.output == "error: Missing argument 'NAME'. (see `dlops study show --help`)\n"
+
+
+def test_dash_h_is_help_for_every_command() -> None:
+    for path in COMMANDS:
+        long = CliRunner().invoke(app, [*path, "--help"], prog_name="dlops")
+        short = CliRunner().invoke(app, [*path, "-h"], prog_name="dlops")
+        assert short.exit_code == long.exit_code == 0 and short.output == long.output, (path, short.output)
+        assert "-h, --help" in short.output, path
+
+
+@pytest.mark.parametrize("args", [[], ["study"], ["data"]], ids=["dlops", "study", "data"])
+def test_a_command_line_without_a_command_prints_its_help_on_stderr_and_exits_2(args: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "dlops", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout)
+    usage = " ".join(["dlops", *args, "[OPTIONS] COMMAND [ARGS]..."])
+    assert done.stderr.startswith(f"Usage: {usage}\n") and "Commands:" in done.stderr, done.stderr
 
 
 def test_counts_of_one_read_in_the_singular_and_artifacts_name_their_trial(tmp_path: Path, dlops_home: Path) -> None:
@@ -195,6 +250,42 @@ def test_version_names_dlops_its_commit_and_the_packages_it_runs_on() -> None:
     assert f"torch {metadata.version('torch')}," in line and f"optuna {optuna.__version__}," in line
     # Eager: it prints and exits before the command after it would run.
     assert CliRunner().invoke(app, ["--version", "study", "list"]).output == result.output
+
+
+def test_version_names_no_commit_of_another_projects_repository(tmp_path: Path) -> None:
+    """dlops installed inside another project's git tree (a .venv it ignores) is not that
+    project's checkout: --version (and final.json) named the project's commit as dlops's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    site = project / ".venv" / "site"
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.org"]
+    subprocess.run([*git, "init", "-q", str(project)], check=True)
+    (project / ".gitignore").write_text(".venv/\n")
+    subprocess.run([*git, "add", ".gitignore"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "the project"], cwd=project, check=True)
+    theirs = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    shutil.copytree(Path(__file__).resolve().parents[1] / "dlops", site / "dlops")
+    env = {k: v for k, v in os.environ.items() if k not in ("DLOPS_GIT_COMMIT", "PYTHONPATH")}
+
+    def version(**extra: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "dlops", "--version"],
+            capture_output=True,
+            text=True,
+            env={**env, "PYTHONPATH": str(site), **extra},
+            cwd=project,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    line = version()
+    assert line.startswith("dlops ") and theirs[:12] not in line and "commit" not in line, line
+    assert ", commit abc1234 (" in version(DLOPS_GIT_COMMIT="abc1234")
 
 
 def test_python_dash_m_dlops_is_the_dlops_command() -> None:
