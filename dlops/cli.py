@@ -293,7 +293,7 @@ def study_run(
         total_trials=total_trials,
     )
     run_target(asked, options)
-    the_spec = check_run(asked, options)  # device, data, classes: one line before anything is written
+    the_spec = check_run(asked, options, workers)  # storage URL, device, data: one line before anything
     metric = the_spec.metric
 
     def on_epoch(trial: int, epoch: int, m: dict[str, float]) -> None:

@@ -78,13 +78,13 @@ from dlops.stopping import SAME_STOP_S, SIGNAL_NAMES, GracefulStop, TrialInterru
 from dlops.storage import (
     StorageLost,
     StudyStorage,
+    check_url,
     connect,
     driver_error_line,
     heartbeat_settings,
     journal_url,
     mask_url,
     sqlite_path,
-    storage_kind,
     storage_outage,
 )
 from dlops.studies import FINISHED, StudyResult, state_counts, summarize
@@ -272,15 +272,23 @@ def run_dataset(spec: StudySpec, options: RunOptions) -> Dataset | None:
     return get_dataset(config.dataset, Path(config.data_root) if config.data_root else None)
 
 
-def check_run(spec: StudySpec, options: RunOptions) -> StudySpec:
+def check_run(spec: StudySpec, options: RunOptions, workers: int = 1) -> StudySpec:
     """Check everything a run needs before any storage, study or file is touched: the
-    config, the storage's heartbeat options, the device, the dataset and its class count
-    (at least 2). Returns the spec as it runs: on 5 classes or fewer a top-5 objective is
-    always 1.0, so such a study optimises top-1."""
+    config, the storage URL (and that it takes ``workers`` writers), its heartbeat options,
+    the device, the dataset and its class count (at least 2). Returns the spec as it runs:
+    on 5 classes or fewer a top-5 objective is always 1.0, so such a study optimises top-1."""
     check_study_name(options.study_name if options.study_name is not None else options.study_name_for(spec))
     if options.timeout is not None and options.timeout <= 0:
         raise DlopsError(f"--timeout {options.timeout:g}: no trial could start; give a positive number of seconds")
-    heartbeat_settings(options.storage or default_storage_url(), options.heartbeat_interval, options.grace_period)
+    url = options.storage or default_storage_url()
+    if check_url(url) == "sqlite" and workers > 1:
+        journal = (sqlite_path(url) or Path("dlops.db")).with_suffix(".log").absolute()
+        raise StorageError(
+            f'SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get "database is locked"); '
+            f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
+            "or postgresql+psycopg2://user@host/db (many machines)"
+        )
+    heartbeat_settings(url, options.heartbeat_interval, options.grace_period)
     spec = spec.for_dataset(options.dataset)
     config = trial_config(spec, options, baseline_params(spec, options), 0)
     try:  # --epochs 2, a dataset's epochs: a range this run's trials could not all train
@@ -893,15 +901,7 @@ def run_workers(
 
     n_trials, total = run_target(spec, options)
     asked = spec.for_dataset(options.dataset)
-    spec = check_run(spec, options)  # device, data, classes: before any storage or file is touched
-    url = options.storage or default_storage_url()
-    if storage_kind(url) == "sqlite":
-        journal = (sqlite_path(url) or Path("dlops.db")).with_suffix(".log").absolute()
-        raise StorageError(
-            f'SQLite ({mask_url(url)}) takes one worker at a time (parallel writers get "database is locked"); '
-            f"for {workers} workers use --storage {journal_url(journal)} (this machine) "
-            "or postgresql+psycopg2://user@host/db (many machines)"
-        )
+    spec = check_run(spec, options, workers)  # device, data, classes: before any storage or file is touched
     note = objective_note(asked, spec)
     if note:
         say(note)

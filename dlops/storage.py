@@ -509,19 +509,10 @@ class StudyStorage:
         return _NoLock()  # another SQL database: best effort (no cross-worker lock)
 
 
-def connect(
-    url: str, *, create: bool = True, heartbeat_interval: int | None = None, grace_period: int | None = None
-) -> StudyStorage:
-    """Open ``url`` (see the module docstring for the forms).
-
-    With ``create=False`` a SQLite or journal file that does not exist raises
-    :class:`NoStorageYet` instead of being created (with its folders).
-
-    For RDB storages other than SQLite, ``heartbeat_interval`` (seconds) turns on Optuna's
-    heartbeats: a trial whose worker stops beating for ``grace_period`` seconds (default
-    twice the interval) is marked FAIL and re-queued by ``RetryHeartbeatStaleTrialCallback``.
-    The journal storages have no heartbeat (dlops proves dead workers by pid instead).
-    """
+def check_url(url: str) -> str:
+    """What can be told of ``url`` without opening it, in one line each: a scheme that is no
+    storage, an in-memory or host-naming SQLite URL, a password with '@', a folder given as
+    the file. Returns the storage kind (:func:`storage_kind`)."""
     kind = storage_kind(url)
     if kind in ("rdb", "postgresql"):
         check_sql_scheme(url)
@@ -538,6 +529,24 @@ def connect(
     path = storage_file(url)
     if path is not None and path.is_dir():
         raise StorageError(f"{mask_url(url)} names the folder {path}, not a study storage file (check --storage)")
+    return kind
+
+
+def connect(
+    url: str, *, create: bool = True, heartbeat_interval: int | None = None, grace_period: int | None = None
+) -> StudyStorage:
+    """Open ``url`` (see the module docstring for the forms).
+
+    With ``create=False`` a SQLite or journal file that does not exist raises
+    :class:`NoStorageYet` instead of being created (with its folders).
+
+    For RDB storages other than SQLite, ``heartbeat_interval`` (seconds) turns on Optuna's
+    heartbeats: a trial whose worker stops beating for ``grace_period`` seconds (default
+    twice the interval) is marked FAIL and re-queued by ``RetryHeartbeatStaleTrialCallback``.
+    The journal storages have no heartbeat (dlops proves dead workers by pid instead).
+    """
+    kind = check_url(url)
+    path = storage_file(url)
     if not create and path is not None and not path.exists():
         relative = (
             f"; sqlite:/// with three slashes is a path relative to the current folder, {Path.cwd()}, "

@@ -554,9 +554,8 @@ def test_an_in_memory_sqlite_storage_is_refused_in_one_line(memory: str, dlops_h
         app, ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1", "--storage", memory]
     )
     assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    errors = result.output.strip().splitlines()  # one line: the run's header does not come first
     assert len(errors) == 1 and errors[0].startswith(f"error: {memory} is an in-memory SQLite database"), errors
-    assert "epoch" not in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
@@ -573,8 +572,7 @@ def test_a_sqlite_url_with_a_host_is_refused_with_the_slashes_to_write(
     for command in (["study", "list"], ["study", "run", "--loss", "ce", "--dataset", "digits", "--n-trials", "1"]):
         result = CliRunner().invoke(app, [*command, "--storage", url])
         assert result.exit_code == 2, result.output
-        (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
-        assert "Traceback" not in result.output and "epoch" not in result.output
+        (line,) = result.output.strip().splitlines()  # not even the run's header before it
         assert line.startswith(f"error: SQLite URL {url!r} names a host") and f"it would open {opens}" in line, line
         assert f"sqlite:///{path} for a path relative" in line and f"sqlite:////{path} for an absolute" in line
     assert list(tmp_path.iterdir()) == []
