@@ -133,13 +133,13 @@ if [ "$SMOKE" = 0 ] && [ ! -f "$SITE/.dlops-installed" ]; then
   command -v nvidia-smi >/dev/null && nvidia-smi > "$STATE/logs/nvidia-smi.txt" 2>&1
 fi
 
-if [ ! -f "$DLOPS_HOME/data/tiny-imagenet/cache/manifest.json" ]; then
+if [ ! -f "${DLOPS_DATA:-$DLOPS_HOME/data}/tiny-imagenet/cache/manifest.json" ]; then
   echo "== fetch $(date -u +%T)"
   t0=$(date +%s)
   timeout -k 10 "$(left)" "$PYTHON" -m dlops.cli data fetch tiny-imagenet --source "$ZIP" 2>&1 | tee "$STATE/logs/fetch.log"
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "fetch failed"; finish 1; }
   echo "fetch: $(( $(date +%s) - t0 ))s"
-  rm -rf "$DLOPS_HOME/data/tiny-imagenet/raw"  # the cache holds everything the runs read
+  rm -rf "${DLOPS_DATA:-$DLOPS_HOME/data}/tiny-imagenet/raw"  # the cache holds everything the runs read
 fi
 
 run_args() {  # run name -> "SPEC --params P"

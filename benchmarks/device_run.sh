@@ -152,7 +152,7 @@ fetch_stage() {
   "$PYTHON" -m dlops.cli data fetch tiny-imagenet --source "$SAMPLE"
 }
 dataset_args() {
-  if [ -f "$DLOPS_HOME/data/tiny-imagenet/cache/manifest.json" ]; then
+  if [ -f "${DLOPS_DATA:-$DLOPS_HOME/data}/tiny-imagenet/cache/manifest.json" ]; then
     echo "--dataset tiny-imagenet $TINY_SUBSET"
   else
     echo "--dataset digits --subset-per-class 10"

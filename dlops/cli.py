@@ -495,7 +495,7 @@ def sigterm_like_ctrl_c(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-RootOpt = Annotated[str | None, typer.Option("--root", help="Data root [default: $DLOPS_HOME/data]")]
+RootOpt = Annotated[str | None, typer.Option("--root", help="Data root [default: $DLOPS_DATA, else $DLOPS_HOME/data]")]
 WorkersOpt = Annotated[int | None, typer.Option(min=1, help="Decoding processes [default: the CPU count, at most 8]")]
 ValFractionOpt = Annotated[
     float | None,

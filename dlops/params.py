@@ -136,7 +136,7 @@ RUN_SETTINGS = {
     "loss": "the spec defines it (pick the spec of that loss: --loss L or SPEC)",
     "model": "the spec defines it",
     "dataset": "use --dataset",
-    "data_root": "the data root is the spec's or $DLOPS_HOME/data",
+    "data_root": "the data root is the spec's, $DLOPS_DATA or $DLOPS_HOME/data",
     "epochs": "use --epochs",
     "seed": "a run trains seeds 0..N-1: use --seeds N",
     "device": "use --device",

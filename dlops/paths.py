@@ -1,4 +1,5 @@
-"""Where dlops writes: everything lives under ``$DLOPS_HOME`` (default ``./storage``)."""
+"""Where dlops writes: everything lives under ``$DLOPS_HOME`` (default ``./storage``), the data
+under ``$DLOPS_DATA`` where that is set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ def dlops_home() -> Path:
 
 
 def data_root() -> Path:
-    return dlops_home() / "data"
+    """Where the datasets live: ``$DLOPS_DATA`` (a big disk, one copy for many homes), else
+    ``$DLOPS_HOME/data``."""
+    env = os.environ.get("DLOPS_DATA")
+    return Path(env).expanduser().absolute() if env else dlops_home() / "data"
 
 
 def checkpoints_dir() -> Path:

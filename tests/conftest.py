@@ -24,6 +24,9 @@ TINY_IMAGENET_SAMPLE_MISSING = (
 
 # Two cores: one intra-op thread per test process keeps timings steady.
 torch.set_num_threads(1)
+# The data lives under each test's $DLOPS_HOME (or the root a test names), never under a
+# $DLOPS_DATA of the machine's.
+os.environ.pop("DLOPS_DATA", None)
 
 
 @pytest.fixture

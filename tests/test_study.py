@@ -1016,3 +1016,30 @@ def test_a_baseline_edited_after_the_study_began_is_named_not_silently_dropped(
     study = optuna.load_study(study_name="edited-baseline", storage=default_storage_url())
     assert [t.params["lr"] for t in study.trials if t.user_attrs.get("baseline")] == [0.01]
     assert len(study.trials) == 3
+
+
+def test_the_data_can_live_under_dlops_data_for_every_command(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$DLOPS_DATA (a big disk, one copy for many homes) is where fetch puts the data and
+    where info, a study run and a reference run find it; nothing goes to $DLOPS_HOME/data."""
+    from data_trees import write_tiny_imagenet, zip_tree
+
+    mini = zip_tree(write_tiny_imagenet(tmp_path / "src"), tmp_path / "mini.zip")
+    shared = tmp_path / "big-disk" / "datasets"
+    monkeypatch.setenv("DLOPS_DATA", str(shared))
+    runner = CliRunner()
+    fetched = runner.invoke(app, ["data", "fetch", "tiny-imagenet", "--source", str(mini), "--workers", "1"])
+    assert fetched.exit_code == 0, fetched.output
+    assert (shared / "tiny-imagenet" / "cache" / "manifest.json").is_file()
+    info = runner.invoke(app, ["data", "info", "tiny-imagenet", "--json"])
+    assert info.exit_code == 0 and json.loads(info.output)["cache_dir"] == str(shared / "tiny-imagenet" / "cache")
+    spec = tiny_spec(tmp_path, "ce", epochs=1, per_class=5, overrides={"train": {"dataset": "tiny-imagenet"}})
+    run = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
+    assert run.exit_code == 0, run.output
+    final = runner.invoke(app, ["final", str(spec), "--device", "cpu", "--epochs", "1"])
+    assert final.exit_code == 0, final.output
+    assert not (dlops_home / "data").exists()
+    monkeypatch.delenv("DLOPS_DATA")  # without it, the data is not where $DLOPS_HOME keeps it
+    missing = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
+    assert missing.exit_code == 2 and "dlops data fetch tiny-imagenet" in missing.output, missing.output

@@ -1,7 +1,7 @@
 """The decoded-image cache: one directory per dataset, memory-mappable ``.npy`` arrays
 plus ``manifest.json``.
 
-Layout under the data root (default ``$DLOPS_HOME/data``)::
+Layout under the data root (default ``$DLOPS_DATA``, else ``$DLOPS_HOME/data``)::
 
     <root>/<dataset>/cache/manifest.json          written last: no manifest, no cache
     <root>/<dataset>/cache/<split>_images.npy     uint8 (N, 3, H, W)
