@@ -317,13 +317,23 @@ def study_run(
 
 @study_app.command("list")
 @user_errors
-def study_list(storage: StorageOpt = None) -> None:
+def study_list(
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
     """List the studies in the storage."""
     from dlops.paths import default_storage_url
+    from dlops.storage import mask_url
     from dlops.studies import study_listing
 
     url = storage or default_storage_url()
     rows, absent = study_listing(url)
+    if as_json:
+        from dlops.io import json_safe
+
+        listing = {"storage": mask_url(url), "studies": rows, "no_storage": absent}
+        sys.stdout.write(json.dumps(json_safe(listing), indent=2) + "\n")  # strict: no NaN, Infinity
+        return
     out.print_study_list(rows, url, absent)
 
 

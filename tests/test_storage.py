@@ -6,6 +6,7 @@ uses its own study name or key prefix and removes it afterwards.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -320,6 +321,8 @@ def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_
     runner = CliRunner()
     listed = runner.invoke(app, ["study", "list", "--storage", url])
     assert listed.exit_code == 0 and f"no studies yet in {url}" in listed.output
+    as_json = json.loads(runner.invoke(app, ["study", "list", "--storage", url, "--json"]).output)
+    assert as_json["studies"] == [] and f"no study storage at {missing}" in as_json["no_storage"]
     shown = runner.invoke(app, ["study", "show", "s", "--storage", url])
     assert shown.exit_code == 2 and f"no study storage at {missing}" in shown.output
     assert "Traceback" not in shown.output and len(shown.output.strip().splitlines()) == 1

@@ -116,6 +116,10 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
 
     listed = runner.invoke(app, ["study", "list"])
     assert listed.exit_code == 0 and "tiny-triplet" in listed.output
+    as_json = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)
+    (row,) = as_json["studies"]
+    assert as_json["no_storage"] is None and as_json["storage"] == default_storage_url()
+    assert row["name"] == "tiny-triplet" and row["n_trials"] == 2 and row["best_value"] == info["best"]["value"]
 
     # running again adds trials to the same study
     again = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu", "--seed", "5"])
