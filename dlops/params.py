@@ -20,7 +20,7 @@ import optuna
 from dlops.errors import DlopsError
 from dlops.paths import default_storage_url
 from dlops.spec import MAX_SEEDS, StudySpec, check_setting_types
-from dlops.storage import mask_url
+from dlops.storage import NoStorageYet, mask_url, open_storage
 from dlops.trainers import get_trainer
 from dlops.trainers.base import TrainerConfig, first_change
 
@@ -86,7 +86,14 @@ def choose_params(spec: StudySpec, options: FinalOptions, study: optuna.Study | 
             dataset = f" --dataset {options.dataset}" if options.dataset else ""
             named = f" --study-name {name}" if options.study_name else ""
             run = f"dlops study run {shlex.quote(spec.command_arg())}{dataset}{named}"
-            raise DlopsError(f"no study named {name!r} in {mask_url(url)}: run `{run}` first, or use --params baseline")
+            where = mask_url(url)
+            try:
+                open_storage(url, create=False)  # a mistyped --storage: name the file that is not there
+            except NoStorageYet as exc:
+                where = f"{where}: {exc};"
+            else:
+                where += ":"
+            raise DlopsError(f"no study named {name!r} in {where} run `{run}` first, or use --params baseline")
         study = own_study(spec, options, study)
         assert study is not None
         try:

@@ -330,6 +330,7 @@ def test_reading_a_storage_that_does_not_exist_creates_nothing(kind: str, dlops_
     assert replayed.exit_code == 2 and "no study storage at" in replayed.output
     final = runner.invoke(app, ["final", "--loss", "ce", "--storage", url])
     assert final.exit_code == 2 and "no study named 'resnet18-ce'" in final.output
+    assert f"no study storage at {missing}" in final.output, final.output  # the mistyped path, not only the study
     assert find_study(url, "s") is None
     with pytest.raises(StorageError, match="no study storage at"):
         dashboard_app(url)
