@@ -37,7 +37,9 @@ from dlops.trainers.base import (
     TrainerConfig,
     config_defaults,
     config_matches,
+    describe_device,
     first_change,
+    resolve_device,
 )
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]  # (trial number, epoch, metrics)
@@ -298,6 +300,8 @@ def make_objective(
         progress = None if say is None else lambda line: say(f"{trial_label(trial.number)}  {line}")
         keep_checkpoint = False
         try:
+            # What runs the trial, for every trainer and however the trial ends (pruned too).
+            trial.set_user_attr("device", describe_device(resolve_device(config.device)))
             result = trainer.fit(config, report=report, checkpoint_path=ckpt, progress=progress)
         except NonFiniteLossError as exc:
             # A diverging lr is a result about the search space, not a crash: prune, so

@@ -530,11 +530,25 @@ def test_pruned_trial_keeps_its_layer_history(tmp_path: Path, dlops_home: Path) 
     study.optimize(objective, n_trials=1)
     (trial,) = study.get_trials()
     assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["device"] == {"device": "cpu"}  # what ran it, pruned or not
     assert {len(v) for v in trial.user_attrs["history"].values()} == {1}
     layers = trial.user_attrs["layer_history"]
     assert layers["hidden_sizes"] == SMALL
     for k in range(6):
         assert len(layers[f"ae{k}_train_loss"]) == len(layers[f"ae{k}_val_loss"]) == k % 2
+
+
+def test_a_complete_trial_records_its_device(tmp_path: Path, dlops_home: Path) -> None:
+    """Every trial records what ran it in user_attrs["device"], the autoencoder's too."""
+    from dlops.objective import RunOptions, make_objective
+
+    spec = load_spec(str(tiny_autoencoder_spec(tmp_path))).for_dataset("digits")
+    study = optuna.create_study(storage=None, direction="maximize")
+    study.enqueue_trial({**{f"pretrain_epochs_{k}": 0 for k in range(6)}, "lr": 1e-3})
+    study.optimize(make_objective(spec, RunOptions(dataset="digits", epochs=1, device="cpu")), n_trials=1)
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["device"] == {"device": "cpu"}
 
 
 def test_the_test_figures_count_one_set_of_predictions() -> None:
