@@ -1,6 +1,6 @@
 """optuna-dashboard's side of a study: its notes, the study's plot artifacts, and the server.
 
-The one module that reaches into the storage below Optuna's public study API: notes are
+It reaches into the storage below Optuna's public study API: notes are
 optuna-dashboard's own format (a version and chunks of study system attrs, written here
 without importing optuna-dashboard, whose import loads scikit-learn: 1.8 s of a study
 run's start on a laptop; ``tests/test_notes.py`` reads and writes them both ways through
