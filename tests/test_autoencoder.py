@@ -7,6 +7,7 @@ and 20 digits per class, so a whole fit takes well under a second.
 from __future__ import annotations
 
 import copy
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +536,37 @@ def test_pruned_trial_keeps_its_layer_history(tmp_path: Path, dlops_home: Path) 
     assert layers["hidden_sizes"] == SMALL
     for k in range(6):
         assert len(layers[f"ae{k}_train_loss"]) == len(layers[f"ae{k}_val_loss"]) == k % 2
+
+
+def test_a_stop_asked_for_during_pretraining_stops_the_trial_at_that_epoch(tmp_path: Path, dlops_home: Path) -> None:
+    """Ctrl-C in a study while an autoencoder pretrains: the trial stops after the
+    pretraining epoch in progress (checkpointed, queued to resume), not after the rest of
+    the pretraining and a fine-tuning epoch (hours on STL-10)."""
+    from dlops.objective import RunOptions, checkpoint_path, make_objective
+    from dlops.stopping import GracefulStop, TrialInterrupted
+
+    spec = load_spec(str(tiny_autoencoder_spec(tmp_path))).for_dataset("digits")
+    study = optuna.create_study(study_name="stopped", storage=None, direction="maximize")
+    study.enqueue_trial({**{f"pretrain_epochs_{k}": 2 for k in range(6)}, "lr": 1e-3})
+    stop = GracefulStop()  # not entered: the test plays the signal's part
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if "pretraining AE 1 epoch   1" in line:
+            stop.signum = signal.SIGINT
+
+    objective = make_objective(spec, RunOptions(dataset="digits", epochs=2, device="cpu"), stop=stop, say=say)
+    study.optimize(objective, n_trials=1, catch=(TrialInterrupted,))
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["stopped_reason"] == (
+        "interrupted after pretraining AE 1 epoch 1; queued again to resume from its checkpoint"
+    )
+    assert [pretraining_epoch(line[line.index("pretraining") :]) for line in lines] == [(0, 0), (0, 1), (1, 0)]
+    saved = load_checkpoint(checkpoint_path("stopped", 0))
+    assert saved["phase"] == "pretrain" and saved["history"]["train_loss"] == []
+    assert [len(saved["layer_history"][f"ae{k}_train_loss"]) for k in range(6)] == [2, 1, 0, 0, 0, 0]
 
 
 def test_the_test_figures_count_one_set_of_predictions() -> None:

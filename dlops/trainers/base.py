@@ -5,7 +5,9 @@ with one compatibility rule.
 A trainer module (``dlops.trainers.<name>``) defines a ``TRAINER`` object that subclasses
 :class:`Trainer`. It knows nothing of Optuna, the CLI or the reports: after each epoch
 ``fit`` calls ``report(epoch, metrics)`` (which may raise to stop: pruning), and it hands
-extra progress lines, already formatted, to ``progress(line)``.
+extra progress lines, already formatted, to ``progress(line)``: one per epoch of a stage
+that does not report (the autoencoder's pretraining), after that epoch's checkpoint is
+written, so that ``progress`` too may raise to stop the run there (a graceful stop).
 """
 
 from __future__ import annotations
