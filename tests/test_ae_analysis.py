@@ -210,3 +210,17 @@ def test_a_final_json_with_an_unmeasured_pretraining_epoch_is_reported_and_drawn
     assert "| X[0] | 16 | 3 | 1.000 | 2.00 | 0.200 | 0.250 |" in cost
     assert "| X[1] | 8 | 1 | - | 0.00 | 0.400 | 0.500 |" in cost  # trained, but its time is unknown
     assert [p.name for p in TRAINER.final_plots(final, tmp_path)] == ["ae_losses.png"]
+
+
+def test_the_tsne_caption_names_x3_or_the_last_layer_of_a_shorter_stack() -> None:
+    from dlops.trainers.autoencoder import tsne_caption
+
+    assert tsne_caption([1024, 1000, 500, 256, 128, 64]) == "t-SNE of the 256-unit hidden layer X[3], test images"
+    assert tsne_caption([8, 16, 32, 64]) == "t-SNE of the 64-unit hidden layer X[3], test images"
+    one = "t-SNE of the 5-unit hidden layer X[0] (the last: the stack has 1 hidden layer), test images"
+    assert tsne_caption([5]) == one
+    final = {"per_seed": [{"layer_history": {"hidden_sizes": [12, 6, 3]}}], "config": {"hidden_sizes": [99]}}
+    captions = dict(TRAINER.figure_captions(final))
+    assert captions["tsne.png"].startswith("t-SNE of the 3-unit hidden layer X[2] (the last")
+    captions = dict(TRAINER.figure_captions({"per_seed": [{}], "config": {"hidden_sizes": [7, 4]}}))
+    assert captions["tsne.png"].startswith("t-SNE of the 4-unit hidden layer X[1]")

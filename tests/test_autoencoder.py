@@ -619,3 +619,20 @@ def test_final_says_which_lr_diverged(tmp_path: Path, dlops_home: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--subset-per-class", "20", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "(pretrain_lr 1e+20 too high?)" in result.output and "(lr 0.001" not in result.output
+
+
+def test_the_report_names_the_layer_the_tsne_shows(tmp_path: Path, dlops_home: Path) -> None:
+    """A stack of other hidden sizes: report.md and index.md caption tsne.png with the layer
+    it shows (once always "the 256-unit hidden layer X[3]", whatever the stack)."""
+    params = tmp_path / "p.json"
+    params.write_text('{"hidden_sizes": [16, 8], "pretrain_epochs": 1}')
+    args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--subset-per-class", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    caption = "t-SNE of the 8-unit hidden layer X[1] (the last: the stack has 2 hidden layers), test images"
+    report = (dlops_home / "reports" / "autoencoder" / "report.md").read_text()
+    assert f"![{caption}](tsne.png)" in report and "256-unit" not in report
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert f"![{caption}](autoencoder/tsne.png)" in index and "256-unit" not in index

@@ -418,6 +418,11 @@ class Trainer(ABC, Generic[ConfigT]):
         """Figures beyond the training curves, drawn from ``final.json``."""
         return []
 
+    def figure_captions(self, final: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """:attr:`report_figures` with the captions of the run ``final.json`` describes
+        (a caption may name what depends on its settings)."""
+        return self.report_figures
+
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
         return []
