@@ -607,6 +607,8 @@ def test_a_diverging_pretraining_names_pretrain_lr_not_the_finetuning_lr() -> No
     with pytest.raises(NonFiniteLossError, match=r"in the pretraining of AE \d") as caught:
         fit(config)
     assert caught.value.lr_setting == "pretrain_lr"
+    # counted from 1, as the progress lines ("pretraining AE 0 epoch   1") count them
+    assert f"at epoch {caught.value.epoch + 1}, step {caught.value.step + 1}" in str(caught.value)
     with pytest.raises(NonFiniteLossError) as caught:  # fine-tuning: the fine-tuning lr
         fit(small_config(lr=1e20, pretrain_epochs=0))
     assert caught.value.lr_setting == "lr" and "pretraining" not in str(caught.value)

@@ -67,11 +67,13 @@ ConfigT = TypeVar("ConfigT", bound=TrainerConfig)
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (usually: the learning rate is too high).
     ``stage`` names the training stage where that is not the only one (the autoencoder's
-    pretraining of a layer), ``lr_setting`` the config field of the learning rate it used."""
+    pretraining of a layer), ``lr_setting`` the config field of the learning rate it used.
+    ``epoch`` and ``step`` count from 0; the message counts from 1."""
 
     def __init__(self, epoch: int, step: int, value: float, stage: str = "", lr_setting: str = "lr"):
         where = f" in {stage}" if stage else ""
-        super().__init__(f"non-finite training loss {value}{where} at epoch {epoch}, step {step}")
+        # counted from 1, as the progress lines count epochs ("epoch   1")
+        super().__init__(f"non-finite training loss {value}{where} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step, self.value = epoch, step, value
         self.stage, self.lr_setting = stage, lr_setting
 
