@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,8 +297,21 @@ def make_objective(
                 )
                 raise interrupted(trial.number, epoch)
 
-        # A trainer's own progress lines (the autoencoder's pretraining epochs), per trial.
-        progress = None if say is None else lambda line: say(f"{trial_label(trial.number)}  {line}")
+        def progress(line: str) -> None:
+            """A trainer's own progress line (the autoencoder's pretraining epochs, each
+            checkpointed before its line): printed per trial, and where a stop was asked
+            for, the trial stops there as at an epoch end, its pretraining kept to resume
+            (the pretraining alone can take hours)."""
+            if say is not None:
+                say(f"{trial_label(trial.number)}  {line}")
+            if stop is not None and stop.requested:
+                head = re.match(r"(.*?\d)\s{2,}", line)  # "pretraining AE 2 epoch   3", without the figures
+                what = " ".join((head.group(1) if head else line).split())
+                trial.set_user_attr(
+                    "stopped_reason", f"interrupted after {what}; queued again to resume from its checkpoint"
+                )
+                raise TrialInterrupted(f"interrupted after {what}")
+
         keep_checkpoint = False
         try:
             # What runs the trial, for every trainer and however the trial ends (pruned too).

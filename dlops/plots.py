@@ -79,6 +79,12 @@ def _default_style(fn: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
+def epoch_ticks(ax: Any) -> None:
+    """Whole-number ticks on an epoch axis, also where it holds one epoch (a plain
+    ``MaxNLocator(integer=True)`` then falls back to 0.96, 0.98, 1.00, ...)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def _as_array(runs: Sequence[Sequence[float | None]]) -> np.ndarray:
     """Runs of possibly unequal length (and nulls) as an (n_runs, n_epochs) NaN-padded array."""
     length = max((len(r) for r in runs), default=0)
@@ -139,7 +145,7 @@ def plot_training_curves(
             ax.set_ylim(-0.02, 1.02)
         if not drawn:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        epoch_ticks(ax)
     if n > 1:
         axes[0].legend(loc="best", fontsize="small")
     if title:
@@ -200,7 +206,7 @@ def _validation_axes(
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    epoch_ticks(ax)
     if drawn:
         ax.legend(loc="lower right", fontsize="small", title=legend_title, title_fontsize="small")
     else:
@@ -292,7 +298,7 @@ def plot_ae_losses(
             ax.plot(epochs, val, marker=".", label="validation")
             ax.set_yscale("log")
             ax.set_xlabel("pretraining epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            epoch_ticks(ax)
             if seconds[k] is not None:
                 title += f"\n{seconds[k]:.2f} s/epoch"
         if k == 0:
@@ -316,7 +322,7 @@ def plot_ae_losses(
     ax_acc.set_title("Fine-tuning accuracy")
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_ticks(ax)
     fig.suptitle(
         "Greedy layer-wise pretraining (top) and fine-tuning (bottom)" + (f", seed {seed}" if seed is not None else "")
     )

@@ -401,7 +401,7 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         if trainer is not None:
             for table in trainer.report_tables(final):
                 lines += markdown_table(table)
-            for png, caption in trainer.report_figures:
+            for png, caption in trainer.figure_captions(final):
                 if (out_dir / png).exists():
                     lines += [f"![{caption}]({png})", ""]
     else:
@@ -863,7 +863,8 @@ def _other_section(e: Entry) -> list[str]:
         f"{_fmt_seconds((e.final or {}).get('wall_seconds'))} |"
     )
     lines.append("")
-    for png, caption in (("curves.png", "curves"), *(trainer.report_figures if trainer is not None else ())):
+    figures = () if trainer is None else trainer.figure_captions(e.final) if e.final else trainer.report_figures
+    for png, caption in (("curves.png", "curves"), *figures):
         if (reports_dir() / e.folder / png).exists():
             lines += [f"![{caption}]({e.folder}/{png})", ""]
     return lines

@@ -210,3 +210,36 @@ def test_a_final_json_with_an_unmeasured_pretraining_epoch_is_reported_and_drawn
     assert "| X[0] | 16 | 3 | 1.000 | 2.00 | 0.200 | 0.250 |" in cost
     assert "| X[1] | 8 | 1 | - | 0.00 | 0.400 | 0.500 |" in cost  # trained, but its time is unknown
     assert [p.name for p in TRAINER.final_plots(final, tmp_path)] == ["ae_losses.png"]
+
+
+def test_the_tsne_caption_names_x3_or_the_last_layer_of_a_shorter_stack() -> None:
+    from dlops.trainers.autoencoder import tsne_caption
+
+    assert tsne_caption([1024, 1000, 500, 256, 128, 64]) == "t-SNE of the 256-unit hidden layer X[3], test images"
+    assert tsne_caption([8, 16, 32, 64]) == "t-SNE of the 64-unit hidden layer X[3], test images"
+    one = "t-SNE of the 5-unit hidden layer X[0] (the last: the stack has 1 hidden layer), test images"
+    assert tsne_caption([5]) == one
+    final = {"per_seed": [{"layer_history": {"hidden_sizes": [12, 6, 3]}}], "config": {"hidden_sizes": [99]}}
+    captions = dict(TRAINER.figure_captions(final))
+    assert captions["tsne.png"].startswith("t-SNE of the 3-unit hidden layer X[2] (the last")
+    captions = dict(TRAINER.figure_captions({"per_seed": [{}], "config": {"hidden_sizes": [7, 4]}}))
+    assert captions["tsne.png"].startswith("t-SNE of the 4-unit hidden layer X[1]")
+
+
+def test_epoch_axes_of_a_one_epoch_run_tick_whole_epochs() -> None:
+    """One pretraining epoch per layer and one fine-tuning epoch: every epoch axis of
+    ae_losses.png and curves.png ticks at epoch 1 alone (it read 0.945, 0.960, ... 1.050,
+    overprinted, under a single point)."""
+    from dlops.plots import plot_training_curves
+
+    layers = {"hidden_sizes": [16, 8]}
+    for k in range(2):
+        layers.update({f"ae{k}_train_loss": [0.5], f"ae{k}_val_loss": [0.4], f"ae{k}_epoch_seconds": [0.1]})
+    history = {"train_loss": [1.0], "train_acc": [0.5], "val_loss": [1.1], "val_top1": [0.4], "val_top5": [0.9]}
+    for fig in (plot_ae_losses(history, layers, seed=0), plot_training_curves([history], title="t")):
+        fig.draw_without_rendering()
+        epoch_axes = [ax for ax in fig.axes if "epoch" in ax.get_xlabel()]
+        assert len(epoch_axes) in (4, 3)  # two layers and two fine-tuning panels; three curves
+        for ax in epoch_axes:
+            low, high = ax.get_xlim()
+            assert [t for t in ax.get_xticks() if low <= t <= high] == [1.0], ax.get_xlabel()

@@ -7,6 +7,7 @@ and 20 digits per class, so a whole fit takes well under a second.
 from __future__ import annotations
 
 import copy
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -551,6 +552,37 @@ def test_a_complete_trial_records_its_device(tmp_path: Path, dlops_home: Path) -
     assert trial.user_attrs["device"] == {"device": "cpu"}
 
 
+def test_a_stop_asked_for_during_pretraining_stops_the_trial_at_that_epoch(tmp_path: Path, dlops_home: Path) -> None:
+    """Ctrl-C in a study while an autoencoder pretrains: the trial stops after the
+    pretraining epoch in progress (checkpointed, queued to resume), not after the rest of
+    the pretraining and a fine-tuning epoch (hours on STL-10)."""
+    from dlops.objective import RunOptions, checkpoint_path, make_objective
+    from dlops.stopping import GracefulStop, TrialInterrupted
+
+    spec = load_spec(str(tiny_autoencoder_spec(tmp_path))).for_dataset("digits")
+    study = optuna.create_study(study_name="stopped", storage=None, direction="maximize")
+    study.enqueue_trial({**{f"pretrain_epochs_{k}": 2 for k in range(6)}, "lr": 1e-3})
+    stop = GracefulStop()  # not entered: the test plays the signal's part
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if "pretraining AE 1 epoch   1" in line:
+            stop.signum = signal.SIGINT
+
+    objective = make_objective(spec, RunOptions(dataset="digits", epochs=2, device="cpu"), stop=stop, say=say)
+    study.optimize(objective, n_trials=1, catch=(TrialInterrupted,))
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["stopped_reason"] == (
+        "interrupted after pretraining AE 1 epoch 1; queued again to resume from its checkpoint"
+    )
+    assert [pretraining_epoch(line[line.index("pretraining") :]) for line in lines] == [(0, 0), (0, 1), (1, 0)]
+    saved = load_checkpoint(checkpoint_path("stopped", 0))
+    assert saved["phase"] == "pretrain" and saved["history"]["train_loss"] == []
+    assert [len(saved["layer_history"][f"ae{k}_train_loss"]) for k in range(6)] == [2, 1, 0, 0, 0, 0]
+
+
 def test_the_test_figures_count_one_set_of_predictions() -> None:
     """Accuracy, top-1, top-5, loss and the per-class table come from one pass over the test
     split: a model whose outputs differ from pass to pass (as a bf16 pass and a float32
@@ -589,6 +621,8 @@ def test_a_diverging_pretraining_names_pretrain_lr_not_the_finetuning_lr() -> No
     with pytest.raises(NonFiniteLossError, match=r"in the pretraining of AE \d") as caught:
         fit(config)
     assert caught.value.lr_setting == "pretrain_lr"
+    # counted from 1, as the progress lines ("pretraining AE 0 epoch   1") count them
+    assert f"at epoch {caught.value.epoch + 1}, step {caught.value.step + 1}" in str(caught.value)
     with pytest.raises(NonFiniteLossError) as caught:  # fine-tuning: the fine-tuning lr
         fit(small_config(lr=1e20, pretrain_epochs=0))
     assert caught.value.lr_setting == "lr" and "pretraining" not in str(caught.value)
@@ -601,3 +635,20 @@ def test_final_says_which_lr_diverged(tmp_path: Path, dlops_home: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--subset-per-class", "20", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "(pretrain_lr 1e+20 too high?)" in result.output and "(lr 0.001" not in result.output
+
+
+def test_the_report_names_the_layer_the_tsne_shows(tmp_path: Path, dlops_home: Path) -> None:
+    """A stack of other hidden sizes: report.md and index.md caption tsne.png with the layer
+    it shows (once always "the 256-unit hidden layer X[3]", whatever the stack)."""
+    params = tmp_path / "p.json"
+    params.write_text('{"hidden_sizes": [16, 8], "pretrain_epochs": 1}')
+    args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--subset-per-class", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    caption = "t-SNE of the 8-unit hidden layer X[1] (the last: the stack has 2 hidden layers), test images"
+    report = (dlops_home / "reports" / "autoencoder" / "report.md").read_text()
+    assert f"![{caption}](tsne.png)" in report and "256-unit" not in report
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    index = (dlops_home / "reports" / "index.md").read_text()
+    assert f"![{caption}](autoencoder/tsne.png)" in index and "256-unit" not in index

@@ -548,6 +548,19 @@ TSNE_LAYER = 3  # X[3]: the 256-unit layer of X = [1024, 1000, 500, 256, 128, 64
 TSNE_PER_CLASS = 500
 
 
+def tsne_layer(n_layers: int) -> int:
+    """The hidden layer the t-SNE shows: ``X[3]``, or the last of a stack of fewer."""
+    return min(TSNE_LAYER, n_layers - 1)
+
+
+def tsne_caption(hidden_sizes: Sequence[int]) -> str:
+    """What ``tsne.png`` shows, for a stack of ``hidden_sizes``: the layer, its units, and
+    why it is not ``X[3]`` where it is not."""
+    layer = tsne_layer(len(hidden_sizes))
+    why = "" if layer == TSNE_LAYER else f" (the last: the stack has {plural(len(hidden_sizes), 'hidden layer')})"
+    return f"t-SNE of the {hidden_sizes[layer]}-unit hidden layer X[{layer}]{why}, test images"
+
+
 def class_accuracy(labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """Accuracy within each class (NaN for a class with no images), keyed by class name
     in class-index order. Weighted by the class counts they give the overall accuracy."""
@@ -718,7 +731,7 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         from dlops import plots
 
         model: StackedClassifier = result.model  # type: ignore[assignment]
-        layer = min(TSNE_LAYER, len(model.encoders) - 1)
+        layer = tsne_layer(len(model.encoders))
         units = model.hidden_sizes[layer]
         chosen = tsne_selection(split.labels, per_class=TSNE_PER_CLASS)
         features = layer_activations(model, np.asarray(split.images)[chosen], layer_index=layer)
@@ -786,6 +799,15 @@ class AutoencoderTrainer(Trainer[AEConfig]):
             files.append(plots.save_figure(fig, out_dir / "ae_losses.png"))
         return files
 
+    def figure_captions(self, final: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """The t-SNE's caption names the layer it shows, of the run's own hidden sizes."""
+        sizes = _hidden_sizes(final)
+        if not sizes:
+            return self.report_figures
+        return tuple(
+            (png, tsne_caption(sizes) if png == "tsne.png" else caption) for png, caption in self.report_figures
+        )
+
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """The per-class test accuracy (mean over seeds) and the pretraining cost per layer."""
         tables = []
@@ -796,6 +818,20 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         if layer_history and "hidden_sizes" in layer_history:
             tables.append(layer_cost_table(layer_history))
         return tables
+
+
+def _hidden_sizes(final: dict[str, Any]) -> list[int] | None:
+    """The hidden sizes of the run ``final.json`` describes (its first seed's pretraining
+    record, else its config), or None where it holds none that is a list of positive integers."""
+    layers = (final.get("per_seed") or [{}])[0].get("layer_history")
+    config = final.get("config")
+    for sizes in (
+        layers.get("hidden_sizes") if isinstance(layers, dict) else None,
+        config.get("hidden_sizes") if isinstance(config, dict) else None,
+    ):
+        if isinstance(sizes, list) and sizes and all(type(n) is int and n > 0 for n in sizes):
+            return sizes
+    return None
 
 
 def _number_or_null(value: Any) -> bool:

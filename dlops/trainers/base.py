@@ -5,7 +5,9 @@ with one compatibility rule.
 A trainer module (``dlops.trainers.<name>``) defines a ``TRAINER`` object that subclasses
 :class:`Trainer`. It knows nothing of Optuna, the CLI or the reports: after each epoch
 ``fit`` calls ``report(epoch, metrics)`` (which may raise to stop: pruning), and it hands
-extra progress lines, already formatted, to ``progress(line)``.
+extra progress lines, already formatted, to ``progress(line)``: one per epoch of a stage
+that does not report (the autoencoder's pretraining), after that epoch's checkpoint is
+written, so that ``progress`` too may raise to stop the run there (a graceful stop).
 """
 
 from __future__ import annotations
@@ -65,11 +67,13 @@ ConfigT = TypeVar("ConfigT", bound=TrainerConfig)
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite (usually: the learning rate is too high).
     ``stage`` names the training stage where that is not the only one (the autoencoder's
-    pretraining of a layer), ``lr_setting`` the config field of the learning rate it used."""
+    pretraining of a layer), ``lr_setting`` the config field of the learning rate it used.
+    ``epoch`` and ``step`` count from 0; the message counts from 1."""
 
     def __init__(self, epoch: int, step: int, value: float, stage: str = "", lr_setting: str = "lr"):
         where = f" in {stage}" if stage else ""
-        super().__init__(f"non-finite training loss {value}{where} at epoch {epoch}, step {step}")
+        # counted from 1, as the progress lines count epochs ("epoch   1")
+        super().__init__(f"non-finite training loss {value}{where} at epoch {epoch + 1}, step {step + 1}")
         self.epoch, self.step, self.value = epoch, step, value
         self.stage, self.lr_setting = stage, lr_setting
 
@@ -415,6 +419,11 @@ class Trainer(ABC, Generic[ConfigT]):
     def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
         """Figures beyond the training curves, drawn from ``final.json``."""
         return []
+
+    def figure_captions(self, final: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """:attr:`report_figures` with the captions of the run ``final.json`` describes
+        (a caption may name what depends on its settings)."""
+        return self.report_figures
 
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
