@@ -1188,7 +1188,8 @@ def test_an_unknown_dataset_and_a_params_file_wrong_for_the_run_s_dataset_are_on
     params.write_text('{"pretrain_data": "unlabeled"}')
     args = ["final", "autoencoder", "--dataset", "digits", "--params", str(params), "--epochs", "1"]
     line = one_error_line(CliRunner().invoke(app, args))
-    assert line == f"error: --params {params}: pretrain_data = 'unlabeled' needs dataset stl10 (got 'digits')"
+    assert line.startswith(f"error: --params {params}: pretrain_data = 'unlabeled' needs dataset stl10 (got 'digits')")
+    assert line.endswith("set pretrain_data = 'train' for digits (in a spec, under [datasets.digits])"), line
     assert not (dlops_home / "reports").exists() and not (dlops_home / "checkpoints").exists()
 
 

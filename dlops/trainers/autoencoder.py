@@ -152,7 +152,11 @@ def validate_config(config: AEConfig) -> None:
     if config.pretrain_data not in PRETRAIN_DATA:
         raise DlopsError(f"unknown pretrain_data {config.pretrain_data!r} ({', '.join(PRETRAIN_DATA)})")
     if config.pretrain_data == "unlabeled" and config.dataset != "stl10":
-        raise DlopsError(f"pretrain_data = 'unlabeled' needs dataset stl10 (got {config.dataset!r})")
+        raise DlopsError(
+            f"pretrain_data = 'unlabeled' needs dataset stl10 (got {config.dataset!r}): only STL-10 has "
+            f"unlabeled images; set pretrain_data = 'train' for {config.dataset} (in a spec, under "
+            f"[datasets.{config.dataset}])"
+        )
 
 
 # --------------------------------------------------------------------------- models
