@@ -243,3 +243,13 @@ def test_epoch_axes_of_a_one_epoch_run_tick_whole_epochs() -> None:
         for ax in epoch_axes:
             low, high = ax.get_xlim()
             assert [t for t in ax.get_xticks() if low <= t <= high] == [1.0], ax.get_xlabel()
+
+
+def test_the_per_class_table_says_over_which_seeds() -> None:
+    """One seed's table is that seed's, not "mean over seeds"; two seeds' says how many."""
+    per_seed = [{"seed": s, "class_accuracy": {"a": acc}} for s, acc in ((3, 0.2), (4, 0.6))]
+    final = {"per_seed": per_seed, "class_accuracy": {"a": 0.4}}
+    titles = [t.title for t in TRAINER.report_tables(final)]
+    assert titles == ["Per-class test accuracy (mean over 2 seeds)"]
+    titles = [t.title for t in TRAINER.report_tables({**final, "per_seed": per_seed[:1]})]
+    assert titles == ["Per-class test accuracy (seed 3)"]

@@ -817,7 +817,9 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         tables = []
         if final.get("class_accuracy"):
             rows = tuple((name, "–" if acc is None else f"{acc:.4f}") for name, acc in final["class_accuracy"].items())
-            tables.append(Table("Per-class test accuracy (mean over seeds)", ("class", "accuracy"), rows))
+            seeds = len(final.get("per_seed") or ())
+            over = f"mean over {seeds} seeds" if seeds > 1 else f"seed {final['per_seed'][0].get('seed', 0)}"
+            tables.append(Table(f"Per-class test accuracy ({over})", ("class", "accuracy"), rows))
         layer_history = final["per_seed"][0].get("layer_history")
         if layer_history and "hidden_sizes" in layer_history:
             tables.append(layer_cost_table(layer_history))
