@@ -134,9 +134,18 @@ def test_compile_runs_batches_through_the_compiled_module_and_keeps_plain_checkp
     assert result.history["val_top5"] == plain.history["val_top5"]
 
 
-def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
+def normalized_split(split, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's images as the model sees them (float, per-channel normalised), and its labels."""
     import numpy as np
 
+    def channel(values) -> torch.Tensor:
+        return torch.tensor(values).float().view(1, -1, 1, 1)
+
+    x = (torch.from_numpy(np.asarray(split.images)).float() / 255 - channel(mean)) / channel(std)
+    return x, torch.from_numpy(np.asarray(split.labels))
+
+
+def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     from dlops.metrics import topk_accuracy
     from dlops.trainers.base import evaluate
 
@@ -144,10 +153,7 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
     ds, device = result.dataset, result.device
     mean, std = ds.channel_stats()
     got = evaluate(result.model, result.loss_fn, ds.val, mean, std, device, batch_size=7)  # many batches, a ragged last
-    x = (
-        torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)
-    ) / torch.tensor(std).float().view(1, -1, 1, 1)
-    y = torch.from_numpy(np.asarray(ds.val.labels))
+    x, y = normalized_split(ds.val, mean, std)
     with torch.no_grad():
         _, logits = result.model.eval()(x)
     acc = topk_accuracy(logits, y)
@@ -158,8 +164,6 @@ def test_evaluate_sums_on_the_device_give_the_whole_split_metrics() -> None:
 def test_a_center_loss_run_validates_its_whole_objective() -> None:
     """val_loss of center loss adds the center term to the cross-entropy, as train_loss
     does, and evaluating leaves the centers where training put them."""
-    import numpy as np
-
     from dlops.trainers.base import evaluate
 
     result = fit(small("center", epochs=1, center_lambda=0.5))
@@ -168,10 +172,7 @@ def test_a_center_loss_run_validates_its_whole_objective() -> None:
     centers = loss_fn.centers.clone()
     got = evaluate(result.model, loss_fn, ds.val, mean, std, device, batch_size=7)
     torch.testing.assert_close(loss_fn.centers, centers)
-    x = (
-        torch.from_numpy(np.asarray(ds.val.images)).float() / 255 - torch.tensor(mean).float().view(1, -1, 1, 1)
-    ) / torch.tensor(std).float().view(1, -1, 1, 1)
-    y = torch.from_numpy(np.asarray(ds.val.labels))
+    x, y = normalized_split(ds.val, mean, std)
     with torch.no_grad():
         embedding, logits = result.model.eval()(x)
     ce = float(torch.nn.functional.cross_entropy(logits, y))
