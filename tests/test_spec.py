@@ -371,6 +371,14 @@ def test_a_step_that_divides_the_range_searches_the_whole_grid(tmp_path: Path) -
     assert spec.search["momentum"].contains(0.7) and not spec.search["momentum"].contains(0.8)
 
 
+def refused_run(args: list[str], home: Path) -> list[str]:
+    """The output lines of a `dlops` command line that must be refused: exit 2, no storage made."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert not (home / "dlops.db").exists()  # nothing written
+    return result.output.strip().splitlines()
+
+
 def test_cli_reports_a_bad_spec_in_one_line_and_exits_nonzero(tmp_path: Path, dlops_home: Path) -> None:
     path = tmp_path / "bad.toml"
     write_spec(path, override_table(GOOD, {"train": {"loss": "hinge"}}))
@@ -419,13 +427,10 @@ def test_cli_refuses_a_run_whose_implicit_baseline_lies_outside_its_range(tmp_pa
         tmp_path / "wide.toml", override_table(BASELINE_FROM_THE_RUN, {"datasets": {"digits": {"width": 16}}})
     )
     args = ["study", "run", str(path), "--dataset", "digits", "--subset-per-class", "10", "--n-trials", "1"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    assert refused_run(args, dlops_home) == [
         "error: wide.toml: the baseline (trial 0) on digits would train width = 16 ([datasets.digits]), outside "
         "[search.width] (4..8): add width to [baseline] or widen the range"
     ]
-    assert not (dlops_home / "dlops.db").exists()
 
     # tiny-imagenet (the spec's own) and digits are in range; stl10 trains [train]'s width
     path = write_spec(
@@ -436,13 +441,10 @@ def test_cli_refuses_a_run_whose_implicit_baseline_lies_outside_its_range(tmp_pa
         ),
     )
     load_spec(str(path))
-    result = CliRunner().invoke(app, ["study", "run", str(path), "--dataset", "stl10", "--n-trials", "1"])
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    assert refused_run(["study", "run", str(path), "--dataset", "stl10", "--n-trials", "1"], dlops_home) == [
         "error: own.toml: the baseline (trial 0) on stl10 would train width = 12 ([train]), outside "
         "[search.width] (4..8): add width to [baseline] or widen the range"
     ]
-    assert not (dlops_home / "dlops.db").exists()
 
 
 def test_cli_refuses_a_run_whose_epochs_a_searched_range_exceeds(tmp_path: Path, dlops_home: Path) -> None:
@@ -454,13 +456,10 @@ def test_cli_refuses_a_run_whose_epochs_a_searched_range_exceeds(tmp_path: Path,
     path = write_spec(tmp_path / "warm.toml", table)
     load_spec(str(path))  # its own 5 epochs can train the whole range
     args = ["study", "run", str(path), "--epochs", "1", "--subset-per-class", "10", "--n-trials", "2"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines() == [
+    assert refused_run(args, dlops_home) == [
         "error: warm.toml: [search.warmup_epochs]: high = 4 is not a value this run can use (warmup_epochs = 4 "
         "is more than the 1 epochs of the run: its lr would never reach lr)"
     ]
-    assert not (dlops_home / "dlops.db").exists()
 
 
 def test_cli_names_the_search_key_of_a_bad_parameter(tmp_path: Path, dlops_home: Path) -> None:
