@@ -81,7 +81,7 @@ from dlops.provenance import build_final, write_final
 from dlops.report import write_final_plots, write_spec_report
 from dlops.spec import StudySpec, load_spec
 from dlops.storage import connect, mask_url
-from dlops.studies import find_study
+from dlops.studies import find_study, study_still_there
 from dlops.study_plots import write_study_plots
 from dlops.text import plural
 from dlops.trainers import get_trainer
@@ -239,15 +239,6 @@ def previous_study(spec_name: str) -> tuple[str, str | None] | None:
         return None
     storage = study.get("storage")
     return study["name"], storage if isinstance(storage, str) else None
-
-
-def study_still_there(study: optuna.Study) -> bool:
-    """Whether ``study`` is still in its storage, not deleted since it was opened (a study
-    made again under its name counts as another one where the storage gives it a new id)."""
-    try:
-        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
-    except KeyError:
-        return False
 
 
 def withdraw_replaced(

@@ -201,9 +201,13 @@ class CenterLoss(Loss):
         self.center_alpha = center_alpha
         self.register_buffer("centers", torch.zeros(num_classes, embedding_dim))
 
+    def _center_distances(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """||f_i - c_{y_i}||^2 for every row of ``f``."""
+        return ((f - self.centers[labels]) ** 2).sum(1)
+
     def forward(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         f = at_least_fp32(embedding)
-        center_term = ((f - self.centers[labels]) ** 2).sum(1).mean()
+        center_term = self._center_distances(f, labels).mean()
         loss = F.cross_entropy(at_least_fp32(logits), labels) + 0.5 * self.center_lambda * center_term
         if self.training:
             self.update_centers(f.detach(), labels)
@@ -211,10 +215,8 @@ class CenterLoss(Loss):
 
     def validation_loss_sum(self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy plus the center term, as in training, summed; the centers stay put."""
-        f = at_least_fp32(embedding)
-        center_term = ((f - self.centers[labels]) ** 2).sum(1)
-        ce = F.cross_entropy(at_least_fp32(logits), labels, reduction="sum")
-        return ce + 0.5 * self.center_lambda * center_term.sum()
+        center_term = self._center_distances(at_least_fp32(embedding), labels).sum()
+        return super().validation_loss_sum(embedding, logits, labels) + 0.5 * self.center_lambda * center_term
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:

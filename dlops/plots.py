@@ -80,8 +80,8 @@ def _default_style(fn: Callable[..., Figure]) -> Callable[..., Figure]:
 
 
 def epoch_ticks(ax: Any) -> None:
-    """Whole-number ticks on an epoch axis, also where it holds one epoch (a plain
-    ``MaxNLocator(integer=True)`` then falls back to 0.96, 0.98, 1.00, ...)."""
+    """Whole-number ticks on an axis of epochs (or trials), also where it holds one (a
+    plain ``MaxNLocator(integer=True)`` then falls back to 0.96, 0.98, 1.00, ...)."""
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 

@@ -87,7 +87,7 @@ from dlops.storage import (
     sqlite_path,
     storage_outage,
 )
-from dlops.studies import FINISHED, StudyResult, state_counts, summarize
+from dlops.studies import FINISHED, StudyResult, state_counts, study_still_there, summarize
 from dlops.text import plural
 from dlops.trainers.base import resolve_device
 
@@ -176,21 +176,13 @@ class StudyDeleted(DlopsError):
         )
 
 
-def still_there(study: optuna.Study) -> bool:
-    """Whether ``study`` is still in its storage (not deleted, nor deleted and created anew)."""
-    try:
-        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
-    except KeyError:
-        return False
-
-
 @contextlib.contextmanager
 def stop_if_deleted(study: optuna.Study, storage: StudyStorage) -> Iterator[None]:
     """Optuna's ``KeyError`` on a study deleted meanwhile becomes :class:`StudyDeleted`."""
     try:
         yield
     except KeyError:
-        if still_there(study):
+        if study_still_there(study):
             raise
         raise StudyDeleted(study.study_name, storage) from None
 
@@ -916,11 +908,12 @@ def run_workers(
         return StudyResult(
             study=there, counts=state_counts(there), best=summarize(there)["best"], target=target, n_trials=None
         )
+    asked_workers, workers = workers, min(workers, target - finished)  # one trial at a time each
+    plans = plan_workers(workers, options.device or "auto")
     with storage.lock(name):  # one index per run, its workers share it
         opened = open_study(spec, options, storage)
         run = RunSlot(uuid.uuid4().hex, join_run(opened, storage))
         leave = register_process(opened, run.run_id, "parent")  # `dlops study delete` waits for the run
-    asked_workers, workers = workers, min(workers, target - finished)  # one trial at a time each
     say(study_counts_line(name, storage, counts, n_trials, target, workers, total=total))
     if workers < asked_workers:
         say(
@@ -928,7 +921,6 @@ def run_workers(
             "(the others would only wait, each holding its memory)"
         )
 
-    plans = plan_workers(workers, options.device or "auto")
     if "CUDA_VISIBLE_DEVICES" in plans[0]:
         say(
             "GPUs: "
@@ -991,7 +983,7 @@ def run_workers(
         leave()
 
     with stop_if_lost(storage):  # the storage gone: one line, and what the workers left waits for the next run
-        if not still_there(opened):  # deleted from another machine (this one's delete waits for the run)
+        if not study_still_there(opened):  # deleted from another machine (this one's delete waits for the run)
             raise StudyDeleted(name, storage)
         study = optuna.load_study(study_name=name, storage=storage.optuna)
         codes = [p.returncode for p in procs]

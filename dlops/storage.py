@@ -281,13 +281,26 @@ def storage_outage(storage: optuna.storages.BaseStorage) -> str | None:
     return None
 
 
+def _innermost(exc: BaseException, *, context: bool = False) -> BaseException:
+    """The root of a chain of errors: the ``__cause__`` of each (and, with ``context``, the
+    error being handled when it was raised), to the end or to where the chain loops."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or (exc.__context__ if context else None)) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def _error_lines(exc: BaseException) -> list[str]:
+    """The non-blank lines of an error's message, without SQLAlchemy's link to its docs."""
+    return [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
+
+
 def driver_error_line(exc: BaseException) -> str:
     """A storage driver's error as one line: the root of Optuna's wrapping (its "An exception
     is raised during the commit ..." hides a lost connection), without SQLAlchemy's link."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
-    return " ".join(lines)[:200] or type(exc).__name__
+    exc = _innermost(exc)
+    return " ".join(_error_lines(exc))[:200] or type(exc).__name__
 
 
 class NoStorageYet(StorageError):
@@ -302,14 +315,8 @@ class StorageWriteRefused(StorageError):
 def write_refusal(exc: BaseException) -> str:
     """Why a storage refused a write, in a few words: the first line of the innermost
     error (``attempt to write a readonly database``), not the driver's SQL and parameters."""
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    exc = _innermost(exc, context=True)
+    lines = _error_lines(exc)
     return mask_url(lines[0][:200]) if lines else type(exc).__name__
 
 
@@ -567,8 +574,7 @@ def connect(
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any driver error is about the user's URL or server
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "sqlalche.me" not in ln]
-        detail = " ".join(lines)[:300] or type(exc).__name__
+        detail = " ".join(_error_lines(exc))[:300] or type(exc).__name__
         if kind == "journal" and isinstance(exc, (KeyError, TypeError, ValueError)):
             # a file of other JSON lines: Optuna fails on a missing key of its log format
             detail = f"{storage_file(url)} is not an Optuna journal file ({type(exc).__name__} {detail})"

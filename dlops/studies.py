@@ -209,6 +209,15 @@ def _names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
+def study_still_there(study: optuna.Study) -> bool:
+    """Whether ``study`` is still in its storage, not deleted since it was opened (a study
+    made again under its name counts as another one where the storage gives it a new id)."""
+    try:
+        return study._storage.get_study_id_from_name(study.study_name) == study._study_id
+    except KeyError:
+        return False
+
+
 def find_study(url: str, name: str) -> optuna.Study | None:
     """The study ``name`` in the storage at ``url``, or ``None`` when there is none (also
     when the storage's file does not exist: it is not created)."""

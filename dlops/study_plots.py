@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import optuna
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import TrialState
 
-from dlops.plots import save_figure, use_headless_backend
+from dlops.plots import epoch_ticks, save_figure, use_headless_backend
 
 
 def write_study_plots(study: Any, out_dir: Path) -> list[Path]:
@@ -99,12 +99,12 @@ def _tidy_study_figure(name: str, fig: Any, metric: str | None, n_params: int) -
         if name == "slice" and ax.get_xscale() == "log":
             _readable_log_ticks(ax.xaxis, *ax.get_xlim())
         if name == "optimization_history":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one trial or epoch too
+            epoch_ticks(ax)  # whole numbers, one trial or epoch too
             ax.set_xlabel("trial")
             if metric:
                 ax.set_ylabel(metric)
         elif name == "intermediate_values":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one trial or epoch too
+            epoch_ticks(ax)  # whole numbers, one trial or epoch too
             ax.set_xlabel("epoch (0 = the first)")
             if metric:
                 ax.set_ylabel(metric)
