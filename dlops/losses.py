@@ -76,8 +76,33 @@ def batch_hard_distances(
     return d_ap, d_an, pos_mask.any(1) & neg_mask.any(1)
 
 
+def batch_weighted_distances(
+    embedding: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softly weighted batch-hard mining (Ristani & Tomasi 2018, "adaptive weights"): for
+    every anchor, ``d_ap`` = the mean of its positives' distances weighted by
+    ``softmax(d)`` over the positives, ``d_an`` = the mean of its negatives' distances
+    weighted by ``softmax(-d)`` over the negatives. The farthest positive and the nearest
+    negative weigh most, as in batch-hard mining, but every pair gets a share of the
+    gradient (the weights are differentiated through, as in their formulation).
+    ``valid`` as in :func:`batch_hard_distances`."""
+    d = pairwise_distances(at_least_fp32(embedding))
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos_mask = same & ~eye
+    neg_mask = ~same
+    w_p = torch.softmax(d.masked_fill(~pos_mask, float("-inf")), dim=1).nan_to_num(0.0)
+    w_n = torch.softmax((-d).masked_fill(~neg_mask, float("-inf")), dim=1).nan_to_num(0.0)
+    return (w_p * d).sum(1), (w_n * d).sum(1), pos_mask.any(1) & neg_mask.any(1)
+
+
+TRIPLET_MINING = {"hard": batch_hard_distances, "weighted": batch_weighted_distances}
+"""The triplet loss's mining, by the values ``triplet_mining`` takes: each gives every anchor's
+``(d_ap, d_an, valid)``."""
+
+
 def batch_hard_triplet_loss(
-    embedding: torch.Tensor, labels: torch.Tensor, margin: float, soft: bool = False
+    embedding: torch.Tensor, labels: torch.Tensor, margin: float, soft: bool = False, mining: str = "hard"
 ) -> torch.Tensor:
     """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017, eq. 5).
 
@@ -85,11 +110,13 @@ def batch_hard_triplet_loss(
     (same label, not ``a`` itself), ``d_an`` = distance to its nearest negative; the loss
     is the mean over anchors of ``max(0, margin + d_ap - d_an)`` (the hinge), or with
     ``soft`` of ``softplus(d_ap - d_an) = log(1 + exp(d_ap - d_an))`` (their soft margin,
-    which has no margin: ``margin`` is ignored). Anchors with no positive or no negative
+    which has no margin: ``margin`` is ignored). With ``mining="weighted"`` the two
+    distances are softmax-weighted means over all positives and negatives instead
+    (:func:`batch_weighted_distances`). Anchors with no positive or no negative
     in the batch are left out. Distances are Euclidean on the embeddings exactly as given
     (this function does not normalise them).
     """
-    d_ap, d_an, valid = batch_hard_distances(embedding, labels)
+    d_ap, d_an, valid = TRIPLET_MINING[mining](embedding, labels)
     if not bool(valid.any()):
         return embedding.sum() * 0.0
     gap = d_ap - d_an
@@ -98,8 +125,9 @@ def batch_hard_triplet_loss(
 
 
 TRIPLET_DIAGNOSTICS = ("triplet_violated", "triplet_pos_dist", "triplet_neg_dist", "embedding_norm")
-"""Per-epoch means over the training batches, in a triplet run's history: the fraction of
-anchors whose batch-hard triplet is violated (hinge: ``d_ap + margin >= d_an``; soft
+"""Per-epoch means over the training batches, in a triplet run's history, always of
+batch-hard mining (with ``triplet_mining = "weighted"`` too, so runs compare on one
+yardstick): the fraction of anchors whose batch-hard triplet is violated (hinge: ``d_ap + margin >= d_an``; soft
 margin: ``d_ap >= d_an``; ties count, so a collapsed embedding, all distances 0, reads
 1.0), the hardest-positive and hardest-negative distances (in the space the loss sees),
 and the norm of the embedding before normalisation."""
@@ -108,7 +136,8 @@ and the norm of the embedding before normalisation."""
 class BatchHardTripletLoss(Loss):
     """Batch-hard triplet loss, by default on L2-normalised embeddings (distances lie in
     [0, 2], so the margin is on that scale). ``triplet_soft`` swaps the hinge for the soft
-    margin (then ``margin`` plays no part). Needs P x K batches. The model has no
+    margin (then ``margin`` plays no part); ``triplet_mining = "weighted"`` softens the
+    mining (:data:`TRIPLET_MINING`). Needs P x K batches. The model has no
     classifier: it is scored by its nearest class centroids in the space the loss sees.
 
     In training mode every call also adds the batch's diagnostics (``TRIPLET_DIAGNOSTICS``)
@@ -126,9 +155,13 @@ class BatchHardTripletLoss(Loss):
         margin: float = 0.2,
         triplet_soft: bool = False,
         normalize_embedding: bool = True,
+        triplet_mining: str = "hard",
         **_: float,
     ):
         super().__init__()
+        if triplet_mining not in TRIPLET_MINING:
+            raise ValueError(f"unknown triplet_mining {triplet_mining!r} ({', '.join(TRIPLET_MINING)})")
+        self.mining = triplet_mining
         self.margin = margin
         self.soft = bool(triplet_soft)
         self.normalize = bool(normalize_embedding)
@@ -139,7 +172,7 @@ class BatchHardTripletLoss(Loss):
         e = self.scoring_embedding(embedding)
         if self.training:
             self._add_diagnostics(embedding, e, labels)
-        return batch_hard_triplet_loss(e, labels, self.margin, soft=self.soft)
+        return batch_hard_triplet_loss(e, labels, self.margin, soft=self.soft, mining=self.mining)
 
     def scoring_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
         e = at_least_fp32(embedding)

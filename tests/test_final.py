@@ -580,6 +580,8 @@ def test_cli_final_refuses_a_params_file_value_no_run_could_use(dlops_home, tmp_
         ("ce", {"margin": 0.3}, "'margin' is read only by the triplet loss, and resnet18-ce trains the ce loss"),
         ("ce", {"samples_per_class": 8}, "'samples_per_class' is read only by the triplet loss"),
         ("center", {"triplet_soft": True}, "'triplet_soft' is read only by the triplet loss"),
+        ("ce", {"triplet_mining": "weighted"}, "'triplet_mining' is read only by the triplet loss"),
+        ("triplet", {"triplet_mining": "semi-hard"}, "unknown triplet_mining 'semi-hard' (hard, weighted)"),
         ("triplet", {"center_lambda": 0.1}, "'center_lambda' is read only by the center loss"),
     ],
 )
@@ -613,7 +615,13 @@ def test_a_params_file_may_set_every_setting_of_the_specs_own_loss(dlops_home, t
             "warmup_epochs": 1,
             "embedding_dim": 32,
         },
-        "triplet": {"margin": 0.3, "triplet_soft": True, "samples_per_class": 2, "centroid_images_per_class": 5},
+        "triplet": {
+            "margin": 0.3,
+            "triplet_soft": True,
+            "triplet_mining": "weighted",
+            "samples_per_class": 2,
+            "centroid_images_per_class": 5,
+        },
         "center": {"center_lambda": 0.01, "center_alpha": 0.3},
     }
     for loss, params in settings.items():

@@ -11,7 +11,9 @@ from dlops.losses import (
     TRIPLET_DIAGNOSTICS,
     BatchHardTripletLoss,
     CenterLoss,
+    batch_hard_distances,
     batch_hard_triplet_loss,
+    batch_weighted_distances,
     pairwise_distances,
 )
 
@@ -64,6 +66,50 @@ def test_soft_margin_batch_hard_triplet_matches_naive_loop(seed: int) -> None:
     slow.backward()
     torch.testing.assert_close(fast, slow)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def naive_weighted(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(softmax(d)-weighted positive, softmax(-d)-weighted negative) distance of every
+    anchor that has both, one anchor at a time (Ristani & Tomasi 2018)."""
+    out = []
+    n = len(labels)
+    for a in range(n):
+        pos = [torch.linalg.vector_norm(emb[a] - emb[p]) for p in range(n) if p != a and labels[p] == labels[a]]
+        neg = [torch.linalg.vector_norm(emb[a] - emb[q]) for q in range(n) if labels[q] != labels[a]]
+        if pos and neg:
+            dp, dn = torch.stack(pos), torch.stack(neg)
+            wp, wn = torch.exp(dp) / torch.exp(dp).sum(), torch.exp(-dn) / torch.exp(-dn).sum()
+            out.append(((wp * dp).sum(), (wn * dn).sum()))
+    return out
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_weighted_mining_matches_naive_loop(soft: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])  # class 3 has no positive: left out
+    emb = torch.randn(len(labels), 16, generator=g, dtype=torch.float64)
+    a = emb.clone().requires_grad_(True)
+    b = emb.clone().requires_grad_(True)
+    fast = batch_hard_triplet_loss(a, labels, margin=1.5, soft=soft, mining="weighted")
+    terms = [
+        torch.log1p(torch.exp(ap - an)) if soft else torch.clamp(1.5 + ap - an, min=0)
+        for ap, an in naive_weighted(b, labels)
+    ]
+    slow = torch.stack(terms).mean()
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(a.grad, b.grad)  # the weights are differentiated through, too
+    # Unlike batch-hard, every positive and every negative of an anchor gets a gradient.
+    for mine, moved in ((batch_hard_distances, 2), (batch_weighted_distances, 1 + 6)):
+        x = emb.clone().requires_grad_(True)
+        mine(x, labels)[1][0].backward()  # anchor 0's negative term: itself and its negatives
+        assert int((x.grad.abs().sum(1) > 0).sum()) == moved
+    d_ap, d_an, valid = batch_weighted_distances(emb, labels)
+    pairs = naive_hardest(emb, labels)
+    assert valid.tolist() == [True] * 8 + [False]
+    # A softmax-weighted mean lies between the nearest and the farthest: at most the hardest.
+    assert all(float(d_ap[i]) <= float(ap) and float(d_an[i]) >= float(an) for i, (ap, an) in enumerate(pairs))
 
 
 def test_soft_margin_keeps_a_gradient_for_satisfied_triplets() -> None:

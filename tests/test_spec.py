@@ -182,6 +182,10 @@ def test_specs_are_found_from_any_working_directory(tmp_path: Path, monkeypatch:
             "[search.lr_schedule]: choice 'bogus' is not a value a run can use (unknown lr_schedule 'bogus'",
         ),
         (
+            {"search": {"triplet_mining": Add({"type": "categorical", "choices": ["hard", "semi-hard"]})}},
+            "[search.triplet_mining]: triplet_mining is read only by the triplet loss",
+        ),
+        (
             {"search": {"augment": Add({"type": "categorical", "choices": ["yes", "no"]})}},
             "[search.augment]: augment = 'yes' should be true or false",
         ),

@@ -24,7 +24,7 @@ from torch import nn
 from dlops.data import Dataset, Split, first_per_class
 from dlops.data.loader import BatchLoader, pk_shape
 from dlops.errors import DlopsError
-from dlops.losses import LOSSES, Loss
+from dlops.losses import LOSSES, TRIPLET_MINING, Loss
 from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
 from dlops.trainers.base import (
@@ -70,6 +70,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # a linear ramp of the lr, step by step, over the first N epochs (0: none)
     margin: float = 0.2  # triplet hinge margin (unused with triplet_soft)
     triplet_soft: bool = False  # triplet: soft margin softplus(d_ap - d_an) instead of the hinge
+    triplet_mining: str = "hard"  # triplet: "hard" (batch-hard) or "weighted" (softmax-weighted batch-hard)
     normalize_embedding: bool = True  # triplet: L2-normalise embeddings before distances
     embedding_dim: int = 0  # 0: the pooled features are the embedding; > 0: a linear head to this size
     embedding_bn: bool = False  # BatchNorm on the embedding (centres it: no shared orthant)
@@ -111,6 +112,7 @@ def build_model_and_loss(config: TrainConfig, dataset: Dataset, device: torch.de
         margin=config.margin,
         triplet_soft=config.triplet_soft,
         normalize_embedding=config.normalize_embedding,
+        triplet_mining=config.triplet_mining,
         center_lambda=config.center_lambda,
         center_alpha=config.center_alpha,
     )
@@ -376,6 +378,8 @@ def validate_config(config: TrainConfig) -> None:
         raise DlopsError(f"unknown model {config.model!r} (known: {', '.join(MODELS)})")
     if config.lr_schedule not in ("cosine", "constant"):
         raise DlopsError(f"unknown lr_schedule {config.lr_schedule!r} (cosine, constant)")
+    if config.triplet_mining not in TRIPLET_MINING:
+        raise DlopsError(f"unknown triplet_mining {config.triplet_mining!r} ({', '.join(TRIPLET_MINING)})")
     for name in ("epochs", "batch_size", "width", "samples_per_class", "eval_batch_size"):
         check_range(config, name, 1, integer=True)
     for name in ("subset_classes", "subset_per_class", "centroid_images_per_class"):  # None: all
