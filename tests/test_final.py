@@ -917,16 +917,13 @@ def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
     assert report_staging_dir("a/b") != report_staging_dir("a_b")
 
 
-def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path, dlops_home):
+def _final_process(spec: Path, **popen):
+    """`dlops final SPEC --params baseline --device cpu` in a process of its own, its output
+    piped, line by line."""
     import os
-    import shlex
-    import signal
     import subprocess
     import sys
 
-    from dlops.cli import app
-
-    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
     repo = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
@@ -934,23 +931,61 @@ def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "dlops.cli", "final", str(spec), "--params", "baseline", "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        **popen,
     )
+
+
+def _signal_at_epoch_2(proc, signum: int) -> tuple[str, str]:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("seed 0  epoch   2"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
-    out, err = proc.communicate(timeout=300)
+    return proc.communicate(timeout=300)
+
+
+def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path, dlops_home):
+    import shlex
+    import signal
+
+    from dlops.cli import app
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
+    proc = _final_process(spec)
+    out, err = _signal_at_epoch_2(proc, signal.SIGTERM)
     assert proc.returncode == 143, out + err
     assert "stopped by SIGTERM during seed 0" in err and "Traceback" not in err
     command = err.split("--resume continues:")[1].strip().splitlines()[0]
     assert command == f"dlops final {spec} --params baseline --device cpu --resume"
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())
+    assert final["per_seed"][0]["resumed_from_epoch"] >= 2 and len(final["per_seed"][0]["history"]["val_top5"]) == 20
+
+
+def test_sigint_stops_final_started_with_sigint_ignored_and_it_resumes(tmp_path, dlops_home):
+    """A shell script's background job (`dlops final ... &`) starts with SIGINT ignored:
+    `kill -INT` did nothing and the run trained on to the end. It stops as Ctrl-C does."""
+    import shlex
+    import signal
+
+    from dlops.cli import app
+    from dlops.final import staging_dir
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
+    proc = _final_process(spec, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    out, err = _signal_at_epoch_2(proc, signal.SIGINT)
+    assert proc.returncode == 130, out + err
+    assert "stopped by SIGINT during seed 0" in err and "Traceback" not in err
+    assert (staging_dir("tiny-ce") / "seed0" / "checkpoint.pt").is_file()
+    assert not (dlops_home / "reports" / "tiny-ce").exists()
+    command = err.split("--resume continues:")[1].strip().splitlines()[0]
     result = CliRunner().invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
     final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())
