@@ -679,6 +679,36 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     again = recompute_test_metrics(out / "final.json")[0]
     assert again["test_accuracy"] == seed["test_accuracy"] and again["class_accuracy"] == seed["class_accuracy"]
     assert "Per-class test accuracy" in (out / "report.md").read_text()
+    # pretraining learnt from the training split, all of it
+    train = final["dataset"]["splits"]["train"]
+    assert final["dataset"]["pretraining"] == {"split": "train", "images": train, "available": train}
+    assert (
+        f"| pretraining images | the training split's {train} images (labels unused) |"
+        in (out / "report.md").read_text()
+    )
+
+
+def test_an_autoencoder_pretrained_on_stl10_s_unlabeled_images_says_so_in_its_report(tmp_path, dlops_home):
+    """pretrain_data = 'unlabeled': final.json, report.md and index.md say which images
+    pretraining learnt from and how many (the report read as if it were the training split)."""
+    from data_trees import write_stl10
+    from dlops.cli import app
+    from dlops.data.manage import prepare_dataset
+
+    tree, _ = write_stl10(tmp_path / "raw", train=100, test=20, unlabeled=40)
+    prepare_dataset("stl10", raw=tree.parent, progress=False)
+    path = write_ae_spec(tmp_path)
+    text = path.read_text().replace('dataset = "digits"', 'dataset = "stl10"')
+    text = text.replace("hidden_sizes = [16, 8, 8, 8]", 'hidden_sizes = [16, 8, 8, 8]\npretrain_data = "unlabeled"')
+    path.write_text(text.replace("subset_per_class = 10", "subset_per_class = 5\npretrain_limit = 32"))
+    final = run_final(str(path), FinalOptions(params="baseline", device="cpu", epochs=1)).final
+    assert final["dataset"]["pretraining"] == {"split": "unlabeled", "images": 32, "available": 40}
+    row = "| pretraining images | the first 32 of stl10's 40 unlabeled images |"
+    assert row in (dlops_home / "reports" / "tiny-ae" / "report.md").read_text()
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    assert row in (dlops_home / "reports" / "index.md").read_text()
+    assert row in (dlops_home / "reports" / "tiny-ae" / "report.md").read_text()  # redrawn by the report
 
 
 def test_final_autoencoder_of_a_one_unit_layer_writes_its_report(tmp_path, monkeypatch):
