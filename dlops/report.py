@@ -380,10 +380,11 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         ]
         for s in final["per_seed"]:
             last_val = (s["history"].get(metric) or [None])[-1]
+            resumed = trainer.resumed_text(s) if trainer is not None else str(s["resumed_from_epoch"])
             lines.append(
                 f"| {s['seed']} | "
                 + " | ".join(_fmt(s.get(k)) for k in keys)
-                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']})"
+                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({resumed})"
                 + f" | {_fmt_seconds(s['train_seconds'])} |"
             )
         if len(final["per_seed"]) > 1:  # one seed has no spread to show

@@ -748,6 +748,26 @@ def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch)
     }
 
 
+def test_an_autoencoder_resumed_inside_pretraining_says_where_in_its_report(tmp_path, monkeypatch):
+    """A seed resumed in pretraining layer 2 read "resumed at 0" in report.md (0 fine-tuning
+    epochs came from its checkpoint); it names the pretraining epoch, as final.json records."""
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    path = write_ae_spec(tmp_path)
+    path.write_text(path.read_text().replace("pretrain_epochs = 1", "pretrain_epochs = 2"))
+
+    def stop_in_layer_2(seed: int, line: str) -> None:
+        if line.startswith("pretraining AE 2 epoch   1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(str(path), FinalOptions(params="baseline", device="cpu"), progress=stop_in_layer_2)
+    final = run_final(str(path), FinalOptions(params="baseline", device="cpu", resume=True)).final
+    seed = final["per_seed"][0]
+    assert seed["resumed_pretraining_epochs"] == [2, 2, 1, 0] and seed["resumed_from_epoch"] == 0
+    report = (tmp_path / "home" / "reports" / "tiny-ae" / "report.md").read_text()
+    assert f"| {seed['epochs_trained']} (after pretraining AE 2 epoch 1) |" in report, report
+
+
 # --------------------------------------------------------------------------- a run never loses the previous one
 
 

@@ -791,6 +791,12 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         for name, value in (accuracy or {}).items():
             if not _number_or_null(value):
                 return f"class_accuracy.{name} is not a number or null"
+        for i, seed in enumerate(final["per_seed"]):
+            restored = seed.get("resumed_pretraining_epochs")
+            if restored is not None and not (
+                isinstance(restored, list) and all(type(n) is int and n >= 0 for n in restored)
+            ):
+                return f"per_seed[{i}].resumed_pretraining_epochs is not a list of epoch counts"
         pretraining = final["dataset"].get("pretraining")
         if pretraining is not None:
             if not isinstance(pretraining, dict) or not isinstance(pretraining.get("split"), str):
@@ -846,6 +852,16 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         return tuple(
             (png, tsne_caption(sizes) if png == "tsne.png" else caption) for png, caption in self.report_figures
         )
+
+    def resumed_text(self, seed: dict[str, Any]) -> str:
+        """A seed resumed inside pretraining (``resumed_from_epoch`` counts fine-tuning epochs,
+        0 there) names the last pretraining epoch its checkpoint held, as the stop line does:
+        "after pretraining AE 2 epoch 1" (``resumed_pretraining_epochs`` [2, 2, 1, 0, ...])."""
+        restored = seed.get("resumed_pretraining_epochs") or []
+        if seed["resumed_from_epoch"] or not any(restored):
+            return super().resumed_text(seed)
+        layer = max(k for k, n in enumerate(restored) if n)
+        return f"after pretraining AE {layer} epoch {restored[layer]}"
 
     def report_rows(self, final: dict[str, Any]) -> list[tuple[str, str]]:
         """The images pretraining learnt from: the training split or STL-10's unlabeled ones."""

@@ -434,6 +434,11 @@ class Trainer(ABC, Generic[ConfigT]):
         """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
         return []
 
+    def resumed_text(self, seed: dict[str, Any]) -> str:
+        """Where a seed of ``final.json`` resumed (its ``per_seed`` record): the epochs its
+        checkpoint held, 0 for a seed trained from the start."""
+        return str(seed["resumed_from_epoch"])
+
     def report_rows(self, final: dict[str, Any]) -> list[tuple[str, str]]:
         """More (label, text) rows of the reference run's table, in ``report.md`` and in its
         section of ``index.md``, from ``final.json``."""
