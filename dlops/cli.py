@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
@@ -45,6 +47,7 @@ class OneLineErrors(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        take_sigint()
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         try:
@@ -64,6 +67,15 @@ class OneLineErrors(TyperGroup):
             out.error("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def take_sigint() -> None:
+    """SIGINT stops every command as Ctrl-C does, even where the process started with it
+    ignored: a shell script's background job (``dlops final ... &``) inherits SIGINT as
+    SIG_IGN, so Python installs no KeyboardInterrupt for it and ``kill -INT`` did nothing
+    (``dlops study run`` installs its own handler, the other commands did not)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Plain (click-style) help: Typer's rich help shows a flag as "<bool>", reads "[default: ...]"

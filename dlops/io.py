@@ -404,3 +404,28 @@ def process_gone(pid: int, started: str | None) -> bool:
     if state in ("Z", "X"):
         return True  # killed, not yet reaped by its parent
     return bool(started) and now != started  # the pid now belongs to another process
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_identity() -> dict[str, Any]:
+    """This process, as another process of any machine can later tell whether it still runs
+    (:func:`identity_gone`): host, boot id, pid and the pid's start time."""
+    stat = process_stat(os.getpid())
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": stat[1] if stat else None}
+
+
+def identity_gone(owner: dict[str, Any]) -> bool | None:
+    """True when the process ``owner`` (:func:`process_identity`) is provably gone, False
+    while it may run, None when it ran on another machine (nothing here can tell)."""
+    if owner.get("host") != socket.gethostname():
+        return None
+    boot = _boot_id()
+    if owner.get("boot") and boot and owner["boot"] != boot:
+        return True  # this machine rebooted since: every process of then is gone
+    return process_gone(int(owner["pid"]), owner.get("started"))

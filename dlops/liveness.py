@@ -17,17 +17,14 @@ even between two trials, when none of its trials is RUNNING.
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dlops.io import process_gone, process_stat
+from dlops.io import identity_gone, process_identity
 from dlops.storage import RETRY_LIMIT, StudyStorage
 
 OWNER_KEY = "dlops:worker"  # trial system attr: who runs it
@@ -47,27 +44,14 @@ def of_run(trial: FrozenTrial, run_id: str) -> bool:
     return bool((trial.system_attrs.get(OWNER_KEY) or {}).get(RUN_FIELD) == run_id)
 
 
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
 def worker_identity() -> dict[str, Any]:
-    stat = process_stat(os.getpid())
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": stat[1] if stat else None}
+    return process_identity()
 
 
 def is_dead(owner: dict[str, Any]) -> bool | None:
     """True when the worker ``owner`` is provably gone, False when it runs, None when it
     ran on another machine (nothing here can tell)."""
-    if owner.get("host") != socket.gethostname():
-        return None
-    boot = _boot_id()
-    if owner.get("boot") and boot and owner["boot"] != boot:
-        return True  # this machine rebooted since: every process of then is gone
-    return process_gone(int(owner["pid"]), owner.get("started"))
+    return identity_gone(owner)
 
 
 def register_process(study: optuna.Study, run_id: str, role: str) -> Callable[[], None]:

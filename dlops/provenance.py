@@ -52,6 +52,7 @@ def build_final(
             "class_names": list(ds.class_names),
             "image_shape": list(ds.image_shape),
             "splits": per_seed[0]["split_sizes"],
+            **trainer.data_record(last),
         },
         "epochs": configs[0].epochs,
         "seeds": seeds,

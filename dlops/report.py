@@ -352,6 +352,7 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
             lines += [final["description"], ""]
         ds = final["dataset"]
         sizes = ds["splits"]
+        trainer = trainer_of(final.get("trainer"))
         lines += [
             "## Reference run (`dlops final`)",
             "",
@@ -359,6 +360,7 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
             "|---|---|",
             f"| dataset | {ds['name']} ({ds['num_classes']} classes; train {sizes['train']}, "
             f"validation {sizes['val']}, test {sizes['test']}) |",
+            *(f"| {label} | {text} |" for label, text in (trainer.report_rows(final) if trainer else [])),
             f"| settings | {_fmt_params(final['params'])} |",
             f"| from | {_source_text(final, facts)} |",
             f"| epochs × seeds | {final['epochs']} × {len(final['seeds'])} |",
@@ -378,10 +380,11 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         ]
         for s in final["per_seed"]:
             last_val = (s["history"].get(metric) or [None])[-1]
+            resumed = trainer.resumed_text(s) if trainer is not None else str(s["resumed_from_epoch"])
             lines.append(
                 f"| {s['seed']} | "
                 + " | ".join(_fmt(s.get(k)) for k in keys)
-                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({s['resumed_from_epoch']})"
+                + f" | {_fmt(last_val)} | {s['epochs_trained']} ({resumed})"
                 + f" | {_fmt_seconds(s['train_seconds'])} |"
             )
         if len(final["per_seed"]) > 1:  # one seed has no spread to show
@@ -397,7 +400,6 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
         else:
             lines += ["", "One seed: no spread over seeds (`--seeds N` for a mean ± std)."]
         lines += ["", "![training curves](curves.png)", ""]
-        trainer = trainer_of(final.get("trainer"))
         if trainer is not None:
             for table in trainer.report_tables(final):
                 lines += markdown_table(table)
@@ -849,6 +851,7 @@ def _other_section(e: Entry) -> list[str]:
     lines += ["| | |", "|---|---|"]
     if e.final:
         lines.append(f"| dataset | {e.final['dataset']['name']} |")
+        lines += [f"| {label} | {text} |" for label, text in (trainer.report_rows(e.final) if trainer else [])]
         if "test_accuracy" in e.final["mean"]:
             lines.append(f"| final test accuracy (mean ± std) | {_mean_pm(e.final, 'test_accuracy')} |")
         lines.append(f"| final test top-5 (mean ± std) | {_mean_pm(e.final, 'test_top5')} |")

@@ -688,10 +688,12 @@ def _connect(
             _check_sqlite_file(url, lock_file, create)
         return StudyStorage(url, kind, optuna.storages.RDBStorage(url), lock_file=lock_file)
     if kind == "journal":
-        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalStorage
+
+        from dlops.journal_lock import OwnedJournalLock
 
         path = journal_path(url).absolute()
-        lock = JournalFileSymlinkLock(str(path))  # the lock Optuna appends under (its default)
+        lock = OwnedJournalLock(path)  # the lock Optuna appends under, naming its owner
         note = None
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -223,3 +223,42 @@ def test_a_host_the_dashboard_cannot_listen_on_is_one_line(dlops_home: Path) -> 
         assert result.exit_code == 2, result.output
         (line,) = result.output.strip().splitlines()
         assert line.startswith(f"error: cannot serve the dashboard on {says}"), line
+
+
+def test_a_dashboard_started_with_sigint_ignored_stops_on_sigint(dlops_home: Path) -> None:
+    """A shell script's background job (`dlops dashboard &`) starts with SIGINT ignored:
+    `kill -INT` left it serving. Every dlops command takes SIGINT as Ctrl-C (the dashboard,
+    report, data fetch as `dlops final`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{dlops_home / 'dlops.db'}"
+    dlops_home.mkdir(parents=True, exist_ok=True)
+    optuna.create_study(study_name="s", storage=url)
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlops", "dashboard", "--storage", url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("optuna-dashboard for"), line + proc.stderr.read()  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    # 0 once serving (it stops there on Ctrl-C), 130 if the signal came while it still started up
+    assert proc.returncode in (0, 130) and "Traceback" not in err, err

@@ -687,6 +687,36 @@ def test_final_autoencoder_writes_accuracy_per_class_tsne_and_losses(tmp_path, m
     again = recompute_test_metrics(out / "final.json")[0]
     assert again["test_accuracy"] == seed["test_accuracy"] and again["class_accuracy"] == seed["class_accuracy"]
     assert "Per-class test accuracy" in (out / "report.md").read_text()
+    # pretraining learnt from the training split, all of it
+    train = final["dataset"]["splits"]["train"]
+    assert final["dataset"]["pretraining"] == {"split": "train", "images": train, "available": train}
+    assert (
+        f"| pretraining images | the training split's {train} images (labels unused) |"
+        in (out / "report.md").read_text()
+    )
+
+
+def test_an_autoencoder_pretrained_on_stl10_s_unlabeled_images_says_so_in_its_report(tmp_path, dlops_home):
+    """pretrain_data = 'unlabeled': final.json, report.md and index.md say which images
+    pretraining learnt from and how many (the report read as if it were the training split)."""
+    from data_trees import write_stl10
+    from dlops.cli import app
+    from dlops.data.manage import prepare_dataset
+
+    tree, _ = write_stl10(tmp_path / "raw", train=100, test=20, unlabeled=40)
+    prepare_dataset("stl10", raw=tree.parent, progress=False)
+    path = write_ae_spec(tmp_path)
+    text = path.read_text().replace('dataset = "digits"', 'dataset = "stl10"')
+    text = text.replace("hidden_sizes = [16, 8, 8, 8]", 'hidden_sizes = [16, 8, 8, 8]\npretrain_data = "unlabeled"')
+    path.write_text(text.replace("subset_per_class = 10", "subset_per_class = 5\npretrain_limit = 32"))
+    final = run_final(str(path), FinalOptions(params="baseline", device="cpu", epochs=1)).final
+    assert final["dataset"]["pretraining"] == {"split": "unlabeled", "images": 32, "available": 40}
+    row = "| pretraining images | the first 32 of stl10's 40 unlabeled images |"
+    assert row in (dlops_home / "reports" / "tiny-ae" / "report.md").read_text()
+    result = CliRunner().invoke(app, ["report"])
+    assert result.exit_code == 0, result.output
+    assert row in (dlops_home / "reports" / "index.md").read_text()
+    assert row in (dlops_home / "reports" / "tiny-ae" / "report.md").read_text()  # redrawn by the report
 
 
 def test_final_autoencoder_of_a_one_unit_layer_writes_its_report(tmp_path, monkeypatch):
@@ -724,6 +754,26 @@ def test_final_autoencoder_resumes_from_another_data_root(tmp_path, monkeypatch)
     assert resumed["per_seed"][0]["history"] == whole["per_seed"][0]["history"] | {
         "epoch_seconds": resumed["per_seed"][0]["history"]["epoch_seconds"]
     }
+
+
+def test_an_autoencoder_resumed_inside_pretraining_says_where_in_its_report(tmp_path, monkeypatch):
+    """A seed resumed in pretraining layer 2 read "resumed at 0" in report.md (0 fine-tuning
+    epochs came from its checkpoint); it names the pretraining epoch, as final.json records."""
+    monkeypatch.setenv("DLOPS_HOME", str(tmp_path / "home"))
+    path = write_ae_spec(tmp_path)
+    path.write_text(path.read_text().replace("pretrain_epochs = 1", "pretrain_epochs = 2"))
+
+    def stop_in_layer_2(seed: int, line: str) -> None:
+        if line.startswith("pretraining AE 2 epoch   1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        run_final(str(path), FinalOptions(params="baseline", device="cpu"), progress=stop_in_layer_2)
+    final = run_final(str(path), FinalOptions(params="baseline", device="cpu", resume=True)).final
+    seed = final["per_seed"][0]
+    assert seed["resumed_pretraining_epochs"] == [2, 2, 1, 0] and seed["resumed_from_epoch"] == 0
+    report = (tmp_path / "home" / "reports" / "tiny-ae" / "report.md").read_text()
+    assert f"| {seed['epochs_trained']} (after pretraining AE 2 epoch 1) |" in report, report
 
 
 # --------------------------------------------------------------------------- a run never loses the previous one
@@ -925,16 +975,13 @@ def test_final_checkpoint_folders_cannot_collide_or_leave_the_home(dlops_home):
     assert report_staging_dir("a/b") != report_staging_dir("a_b")
 
 
-def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path, dlops_home):
+def _final_process(spec: Path, **popen):
+    """`dlops final SPEC --params baseline --device cpu` in a process of its own, its output
+    piped, line by line."""
     import os
-    import shlex
-    import signal
     import subprocess
     import sys
 
-    from dlops.cli import app
-
-    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
     repo = str(Path(__file__).resolve().parents[1])
     env = {
         **os.environ,
@@ -942,23 +989,61 @@ def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "dlops.cli", "final", str(spec), "--params", "baseline", "--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        **popen,
     )
+
+
+def _signal_at_epoch_2(proc, signum: int) -> tuple[str, str]:
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("seed 0  epoch   2"):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
-    out, err = proc.communicate(timeout=300)
+    return proc.communicate(timeout=300)
+
+
+def test_sigterm_stops_final_like_ctrl_c_and_prints_the_resume_command(tmp_path, dlops_home):
+    import shlex
+    import signal
+
+    from dlops.cli import app
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
+    proc = _final_process(spec)
+    out, err = _signal_at_epoch_2(proc, signal.SIGTERM)
     assert proc.returncode == 143, out + err
     assert "stopped by SIGTERM during seed 0" in err and "Traceback" not in err
     command = err.split("--resume continues:")[1].strip().splitlines()[0]
     assert command == f"dlops final {spec} --params baseline --device cpu --resume"
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())
+    assert final["per_seed"][0]["resumed_from_epoch"] >= 2 and len(final["per_seed"][0]["history"]["val_top5"]) == 20
+
+
+def test_sigint_stops_final_started_with_sigint_ignored_and_it_resumes(tmp_path, dlops_home):
+    """A shell script's background job (`dlops final ... &`) starts with SIGINT ignored:
+    `kill -INT` did nothing and the run trained on to the end. It stops as Ctrl-C does."""
+    import shlex
+    import signal
+
+    from dlops.cli import app
+    from dlops.final import staging_dir
+
+    spec = write_spec(tmp_path, "tiny-ce", "ce", final_epochs=20, final_seeds=1)
+    proc = _final_process(spec, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    out, err = _signal_at_epoch_2(proc, signal.SIGINT)
+    assert proc.returncode == 130, out + err
+    assert "stopped by SIGINT during seed 0" in err and "Traceback" not in err
+    assert (staging_dir("tiny-ce") / "seed0" / "checkpoint.pt").is_file()
+    assert not (dlops_home / "reports" / "tiny-ce").exists()
+    command = err.split("--resume continues:")[1].strip().splitlines()[0]
     result = CliRunner().invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
     final = json.loads((dlops_home / "reports" / "tiny-ce" / "final.json").read_text())

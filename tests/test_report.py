@@ -519,6 +519,17 @@ def _set(path: str, value):
         ("autoencoder", _set("class_accuracy.3", "high"), "class_accuracy.3 is not a number or null"),
         ("autoencoder", _set("per_seed[0].layer_history.ae0_train_loss", None), "ae0_train_loss is not a list"),
         ("autoencoder", _set("per_seed[0].layer_history.hidden_sizes", [8, 4]), "layer_history has no ae1_train_loss"),
+        (
+            "autoencoder",
+            _set("per_seed[0].resumed_pretraining_epochs", [1, "x"]),
+            "per_seed[0].resumed_pretraining_epochs is not a list of epoch counts",
+        ),
+        ("autoencoder", _set("dataset.pretraining", "unlabeled"), "dataset.pretraining is not an object with a split"),
+        (
+            "autoencoder",
+            _set("dataset.pretraining", {"split": "unlabeled", "images": "all", "available": 40}),
+            "dataset.pretraining.images is not an integer",
+        ),
     ],
 )
 def test_a_final_json_of_the_wrong_shape_is_one_line_and_nothing_is_rewritten(dlops_home, spec, damage, says):

@@ -258,6 +258,8 @@ class AEResult(FitResult):
     stack: AutoencoderStack | None = None
     # pretraining epochs of each layer restored from a checkpoint (resumed, not retrained)
     restored_layer_epochs: list[int] = field(default_factory=list)
+    # the images the autoencoders learnt from: {"split", "images", "available"} (pretraining_record)
+    pretraining: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pretrain_seconds_per_epoch(self) -> list[float | None]:
@@ -286,20 +288,41 @@ def empty_layer_history(hidden_sizes: list[int]) -> dict[str, list[float]]:
     return out
 
 
-def pretraining_split(config: AEConfig, dataset: Dataset) -> Split:
-    """The images the autoencoders learn from (labels unused)."""
+def pretraining_split(config: AEConfig, dataset: Dataset) -> tuple[Split, dict[str, Any]]:
+    """The images the autoencoders learn from (labels unused), and what they are for
+    ``final.json``: the split (``train`` or ``unlabeled``), how many images pretraining used
+    and how many that split has (``pretrain_limit`` takes the first N)."""
     if config.pretrain_data == "unlabeled":
         from dlops.data.stl10 import load_unlabeled  # memory-mapped; labels all -1
 
         split = load_unlabeled(Path(config.data_root) if config.data_root else None)
     else:
         split = dataset.train
+    available = len(split)
     if config.pretrain_limit is not None and config.pretrain_limit < len(split):
         split = Split(split.images[: config.pretrain_limit], split.labels[: config.pretrain_limit])
-    return split
+    return split, {"split": config.pretrain_data, "images": len(split), "available": available}
 
 
-@torch.no_grad()
+def pretraining_text(final: dict[str, Any]) -> str | None:
+    """What pretraining learnt from, for a reader of the report: ``final.json``'s
+    ``dataset.pretraining`` (an older one has only ``config.pretrain_data``: no count);
+    None where it records neither."""
+    record = final["dataset"].get("pretraining")
+    config = final.get("config")
+    split = record["split"] if record else config.get("pretrain_data") if isinstance(config, dict) else None
+    if not isinstance(split, str):
+        return None
+    unlabeled = split == "unlabeled"
+    owner = f"{final['dataset']['name']}'s" if unlabeled else "the training split's"
+    kind = "unlabeled images" if unlabeled else "images (labels unused)"
+    if not record:
+        return f"{owner} {kind} (how many is not recorded)"
+    images, available = record["images"], record["available"]
+    first = f"the first {images:,} of " if images < available else ""
+    return f"{first}{owner} {available:,} {kind}"
+
+
 def reconstruction_loss(stack: AutoencoderStack, layer: int, loader: BatchLoader) -> float:
     """Mean squared reconstruction error of autoencoder ``layer`` over a loader."""
     stack.eval()
@@ -406,9 +429,8 @@ def fit(
     model = StackedClassifier(shape, hidden, dataset.num_classes, config.dropout, mean, std).to(device)
     loss_fn = CrossEntropyLoss(dataset.num_classes, model.embedding_dim)
 
-    pretrain_loader = BatchLoader(
-        pretraining_split(config, dataset), config.batch_size, mean, std, device, shuffle=True, seed=config.seed
-    )
+    pretrain_split, pretraining = pretraining_split(config, dataset)
+    pretrain_loader = BatchLoader(pretrain_split, config.batch_size, mean, std, device, shuffle=True, seed=config.seed)
     recon_val_loader = BatchLoader(dataset.val, config.eval_batch_size, mean, std, device)
     finetune_loader = BatchLoader(
         dataset.train, config.batch_size, mean, std, device, shuffle=True, seed=config.seed + 1
@@ -527,6 +549,7 @@ def fit(
         device=device,
         start_epoch=start_epoch,
         restored_layer_epochs=restored_layer_epochs,
+        pretraining=pretraining,
         seconds=time.perf_counter() - started,
         metrics={k: v[-1] for k, v in history.items() if v},
         extra_user_attrs=layer_user_attrs(layer_history),
@@ -729,6 +752,11 @@ class AutoencoderTrainer(Trainer[AEConfig]):
             "resumed_pretraining_epochs": list(result.restored_layer_epochs),
         }
 
+    def data_record(self, result: FitResult) -> dict[str, Any]:
+        """``pretraining``: the images the autoencoders learnt from (:func:`pretraining_split`)."""
+        assert isinstance(result, AEResult)
+        return {"pretraining": dict(result.pretraining)}
+
     def seed_files(self, result: FitResult, split: Split, out_dir: Path) -> list[Path]:
         """``tsne.png``: t-SNE of layer ``X[3]`` (the last hidden layer of a smaller stack)
         for the first 500 test images of each class."""
@@ -763,6 +791,19 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         for name, value in (accuracy or {}).items():
             if not _number_or_null(value):
                 return f"class_accuracy.{name} is not a number or null"
+        for i, seed in enumerate(final["per_seed"]):
+            restored = seed.get("resumed_pretraining_epochs")
+            if restored is not None and not (
+                isinstance(restored, list) and all(type(n) is int and n >= 0 for n in restored)
+            ):
+                return f"per_seed[{i}].resumed_pretraining_epochs is not a list of epoch counts"
+        pretraining = final["dataset"].get("pretraining")
+        if pretraining is not None:
+            if not isinstance(pretraining, dict) or not isinstance(pretraining.get("split"), str):
+                return "dataset.pretraining is not an object with a split"
+            for key in ("images", "available"):
+                if type(pretraining.get(key)) is not int:
+                    return f"dataset.pretraining.{key} is not an integer"
         for i, seed in enumerate(final["per_seed"]):
             layers = seed.get("layer_history")
             where = f"per_seed[{i}].layer_history"
@@ -811,6 +852,21 @@ class AutoencoderTrainer(Trainer[AEConfig]):
         return tuple(
             (png, tsne_caption(sizes) if png == "tsne.png" else caption) for png, caption in self.report_figures
         )
+
+    def resumed_text(self, seed: dict[str, Any]) -> str:
+        """A seed resumed inside pretraining (``resumed_from_epoch`` counts fine-tuning epochs,
+        0 there) names the last pretraining epoch its checkpoint held, as the stop line does:
+        "after pretraining AE 2 epoch 1" (``resumed_pretraining_epochs`` [2, 2, 1, 0, ...])."""
+        restored = seed.get("resumed_pretraining_epochs") or []
+        if seed["resumed_from_epoch"] or not any(restored):
+            return super().resumed_text(seed)
+        layer = max(k for k, n in enumerate(restored) if n)
+        return f"after pretraining AE {layer} epoch {restored[layer]}"
+
+    def report_rows(self, final: dict[str, Any]) -> list[tuple[str, str]]:
+        """The images pretraining learnt from: the training split or STL-10's unlabeled ones."""
+        text = pretraining_text(final)
+        return [("pretraining images", text)] if text else []
 
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """The per-class test accuracy (mean over seeds) and the pretraining cost per layer."""

@@ -401,6 +401,11 @@ class Trainer(ABC, Generic[ConfigT]):
         """More per-seed data for ``final.json`` (JSON-safe)."""
         return {}
 
+    def data_record(self, result: FitResult) -> dict[str, Any]:
+        """More about the data a run trained on, for ``final.json``'s ``dataset`` entry
+        (JSON-safe; beside its name, classes and split sizes)."""
+        return {}
+
     def seed_files(self, result: FitResult, split: Split, out_dir: Path) -> list[Path]:
         """Figures drawn from the fitted model of the first seed (they need the model)."""
         return []
@@ -427,4 +432,14 @@ class Trainer(ABC, Generic[ConfigT]):
 
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
+        return []
+
+    def resumed_text(self, seed: dict[str, Any]) -> str:
+        """Where a seed of ``final.json`` resumed (its ``per_seed`` record): the epochs its
+        checkpoint held, 0 for a seed trained from the start."""
+        return str(seed["resumed_from_epoch"])
+
+    def report_rows(self, final: dict[str, Any]) -> list[tuple[str, str]]:
+        """More (label, text) rows of the reference run's table, in ``report.md`` and in its
+        section of ``index.md``, from ``final.json``."""
         return []
