@@ -428,3 +428,9 @@ class Trainer(ABC, Generic[ConfigT]):
     def report_tables(self, final: dict[str, Any]) -> list[Table]:
         """Tables for ``report.md`` beyond the test figures, from ``final.json``."""
         return []
+
+    def test_notes(self, final: dict[str, Any]) -> list[str]:
+        """Sentences for ``report.md`` under the test figures: what they measure in the run
+        ``final.json`` describes, where that depends on its settings (how a model is scored,
+        what its loss adds up)."""
+        return []
