@@ -39,6 +39,7 @@ from dlops.paths import default_storage_url
 from dlops.spec import StudySpec
 from dlops.storage import StudyStorage, connect, mask_url
 from dlops.studies import trial_ending
+from dlops.trainers import get_trainer
 
 KEEP_MARKER = "*Your notes go below this line: dlops keeps them when it refreshes this note.*"
 HISTORY_COLUMNS = (  # (history key, column title, format)
@@ -47,6 +48,11 @@ HISTORY_COLUMNS = (  # (history key, column title, format)
     ("val_loss", "val loss", ".4f"),
     ("val_top1", "val top-1", ".4f"),
     ("val_top5", "val top-5", ".4f"),
+    # the triplet loss's diagnostics (dlops.losses.TRIPLET_DIAGNOSTICS), explained below the table
+    ("triplet_violated", "violated", ".3f"),
+    ("triplet_pos_dist", "d(a,p)", ".3f"),
+    ("triplet_neg_dist", "d(a,n)", ".3f"),
+    ("embedding_norm", "emb norm", ".2f"),
     ("lr", "lr", ".3g"),
     ("epoch_seconds", "s", ".1f"),
 )
@@ -220,10 +226,11 @@ def study_note(study: optuna.Study, ctx: StudyContext, trials: list[FrozenTrial]
         else:
             lines.append(f"**Data**: `{ds['name']}` ({ds.get('error', 'not loaded')})")
         lines.append("")
+    unread = get_trainer(spec.trainer).foreign_settings(config)  # another loss's settings: this run ignores them
     fixed = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in _CONFIG_IGNORES and k not in spec.search and k != "dataset" and v is not None
+        if k not in _CONFIG_IGNORES and k not in spec.search and k != "dataset" and k not in unread and v is not None
     }
     lines.append("**Fixed settings**: " + ", ".join(f"{k} {_param(v)}" for k, v in fixed.items()))
     lines.append("")
@@ -322,8 +329,25 @@ def stop_reason(trial: FrozenTrial, metric: str | None) -> str:
     return f"{trial.state.name.capitalize()} after epoch {done}{of}."
 
 
+TRIPLET_LEGEND = (
+    "Triplet loss: train acc is the nearest-centroid top-1 of the epoch's own training embeddings; "
+    "val loss is not measured (the model is scored by its nearest class centroids). Per epoch, over "
+    "the training batches: violated, the share of anchors whose batch-hard triplet is violated; "
+    "d(a,p) and d(a,n), the mean hardest-positive and hardest-negative distances (normalised "
+    "embeddings: 0 to 2); emb norm, the embedding's norm before normalisation. Violated stuck at 1 "
+    "with shrinking distances is a collapse."
+)
+
+
+def _recorded(values: list[Any] | None) -> bool:
+    """Whether a history list holds a number (a triplet run's val_loss holds none)."""
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in values or ())
+
+
 def history_table(history: dict[str, list[Any]]) -> list[str]:
-    columns = [(k, title, fmt) for k, title, fmt in HISTORY_COLUMNS if history.get(k)]
+    """The per-epoch table of the columns the history records (with the triplet
+    diagnostics' legend below it where it has them)."""
+    columns = [(k, title, fmt) for k, title, fmt in HISTORY_COLUMNS if _recorded(history.get(k))]
     n = max((len(history[k]) for k, _, _ in columns), default=0)
     if not n:
         return ["No epoch finished."]
@@ -334,6 +358,8 @@ def history_table(history: dict[str, list[Any]]) -> list[str]:
     for i in range(n):
         cells = [_num(history[k][i] if i < len(history[k]) else None, fmt) for k, _, fmt in columns]
         rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    if _recorded(history.get("triplet_violated")):
+        rows += ["", TRIPLET_LEGEND]
     return rows
 
 

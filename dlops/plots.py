@@ -32,6 +32,14 @@ CURVE_PANELS: tuple[tuple[str, str], ...] = (
     ("val_top5", "validation top-5"),
 )
 
+# The training-loss panel's title per ResNet18 loss: a center-loss run's loss adds its center
+# term to the cross-entropy, a triplet run's is on another scale altogether.
+LOSS_CURVE_TITLES = {
+    "ce": "training loss (cross-entropy)",
+    "triplet": "training loss (batch-hard triplet)",
+    "center": "training loss (cross-entropy + center term)",
+}
+
 
 def use_headless_backend() -> None:
     """Agg, unless pyplot is already in use (a notebook keeps its own backend)."""
@@ -61,6 +69,9 @@ def write_curves(final: dict[str, Any], out_dir: Path) -> list[Path]:
     metric = final.get("metric")
     if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
         panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
+    loss = (final.get("config") or {}).get("loss")
+    if loss in LOSS_CURVE_TITLES:  # what "training loss" sums: not the same quantity for every loss
+        panels[0] = ("train_loss", LOSS_CURVE_TITLES[loss])
     n = len(histories)
     title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
     return [save_figure(plot_training_curves(histories, panels, title), out_dir / "curves.png")]
@@ -353,4 +364,40 @@ def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title("t-SNE of the 256-unit layer X[3]")
+    return fig
+
+
+@_default_style
+def plot_triplet_diagnostics(
+    histories: Sequence[dict[str, Sequence[float | None]]], title: str | None = None
+) -> Figure:
+    """A triplet run's diagnostics per epoch (:data:`dlops.losses.TRIPLET_DIAGNOSTICS`, means
+    over the training batches): the share of violated batch-hard triplets, the hardest
+    positive and negative distances on one panel, and the embedding norm before
+    normalisation; mean over runs (seeds) with a min..max band."""
+    fig = Figure(figsize=(12.6, 3.6), layout="constrained")
+    ax_v, ax_d, ax_n = fig.subplots(1, 3, squeeze=False)[0]
+    n = len(histories)
+    over = f"mean of {n} seeds" if n > 1 else "seed 0"
+
+    def runs(key: str) -> list[Sequence[float | None]]:
+        return [h.get(key) or [] for h in histories]
+
+    _mean_band(ax_v, runs("triplet_violated"), over)
+    ax_v.set_title("violated batch-hard triplets")
+    ax_v.set_ylabel("share of anchors")
+    ax_v.set_ylim(-0.02, 1.02)
+    _mean_band(ax_d, runs("triplet_pos_dist"), "hardest positive d(a,p)")
+    _mean_band(ax_d, runs("triplet_neg_dist"), "hardest negative d(a,n)")
+    ax_d.set_title("batch-hard distances")
+    ax_d.set_ylabel("distance")
+    ax_d.legend(loc="best", fontsize="small", title=over, title_fontsize="small")
+    _mean_band(ax_n, runs("embedding_norm"), over)
+    ax_n.set_title("embedding norm (before normalisation)")
+    for ax in (ax_v, ax_d, ax_n):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        epoch_ticks(ax)
+    if title:
+        fig.suptitle(title)
     return fig

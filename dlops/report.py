@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from dlops import plots
+from dlops import plots, run_data
 from dlops.errors import DlopsError, SpecError
 from dlops.io import write_text_atomic
 from dlops.paths import REPORTS_RESERVED, default_storage_url, folder_name, reports_dir
@@ -350,16 +350,13 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
     if final:
         if final.get("description"):
             lines += [final["description"], ""]
-        ds = final["dataset"]
-        sizes = ds["splits"]
         trainer = trainer_of(final.get("trainer"))
         lines += [
             "## Reference run (`dlops final`)",
             "",
             "| | |",
             "|---|---|",
-            f"| dataset | {ds['name']} ({ds['num_classes']} classes; train {sizes['train']}, "
-            f"validation {sizes['val']}, test {sizes['test']}) |",
+            f"| dataset | {run_data.data_text(final)} |",
             *(f"| {label} | {text} |" for label, text in (trainer.report_rows(final) if trainer else [])),
             f"| settings | {_fmt_params(final['params'])} |",
             f"| from | {_source_text(final, facts)} |",
@@ -399,6 +396,8 @@ def write_spec_report(spec_name: str, study: optuna.Study | None, out_dir: Path 
             lines += ["", "Standard deviation: sample (n-1) over seeds."]
         else:
             lines += ["", "One seed: no spread over seeds (`--seeds N` for a mean ± std)."]
+        for note in trainer.test_notes(final) if trainer is not None else ():
+            lines += ["", note]
         lines += ["", "![training curves](curves.png)", ""]
         if trainer is not None:
             for table in trainer.report_tables(final):
@@ -585,6 +584,13 @@ def _stale(product: Path, source: Path) -> bool:
     return not product.exists() or product.stat().st_mtime < source.stat().st_mtime
 
 
+def _figure_missing(final: dict[str, Any], out_dir: Path) -> bool:
+    """Whether a figure the run's report shows is missing (one a later dlops draws, such as
+    a triplet run's diagnostics, for a run made before it did)."""
+    trainer = trainer_of(final.get("trainer"))
+    return trainer is not None and any(not (out_dir / png).exists() for png, _ in trainer.figure_captions(final))
+
+
 def build_report(
     storage: str | None = None, attach_study_plots: Callable[[optuna.Study, list[Path]], Any] | None = None
 ) -> ReportResult:
@@ -604,7 +610,7 @@ def build_report(
     not_attached = None  # a storage that refuses writes (read-only, locked): the report is written all the same
     for e in entries:
         out_dir = root / e.folder
-        if e.final and _stale(out_dir / "curves.png", out_dir / "final.json"):
+        if e.final and (_stale(out_dir / "curves.png", out_dir / "final.json") or _figure_missing(e.final, out_dir)):
             files += write_final_plots(e.final, out_dir)
         if e.study is not None:
             study_files = write_study_plots(e.study, out_dir / "study")
@@ -796,7 +802,9 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     rows: list[tuple[str, list[str]]] = []
     facts = [StudyFacts.of(e.study) if e.study is not None else None for e in entries]
     rows.append(("spec / study", [_spec_and_study(e) for e in entries]))
-    rows.append(("dataset", [entry_dataset(e) or "–" for e in entries]))
+    rows.append(
+        ("dataset", [run_data.short_data_text(e.final) if e.final else entry_dataset(e) or "–" for e in entries])
+    )
     rows.append(
         (
             "best in the study (its objective)",
@@ -838,6 +846,14 @@ def _loss_table(entries: list[Entry]) -> list[str]:
     )
     lines = ["## ResNet18: the three losses", "", "| | " + " | ".join(head) + " |", "|---" * (len(entries) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    measured = {run_data.data_key(e.final) for e in entries if e.final}
+    if len(measured) > 1:
+        lines += [
+            "",
+            "**The reference runs were not measured on the same data** (see the dataset row): their test "
+            "figures do not compare. Run `dlops final` of each loss with the same `--dataset`, "
+            "`--subset-classes` and `--subset-per-class`.",
+        ]
     return [*lines, ""]
 
 
@@ -850,7 +866,7 @@ def _other_section(e: Entry) -> list[str]:
     lines = [f"## {title}", "", f"{what} — [full report]({e.folder}/report.md)", ""]
     lines += ["| | |", "|---|---|"]
     if e.final:
-        lines.append(f"| dataset | {e.final['dataset']['name']} |")
+        lines.append(f"| dataset | {run_data.short_data_text(e.final)} |")
         lines += [f"| {label} | {text} |" for label, text in (trainer.report_rows(e.final) if trainer else [])]
         if "test_accuracy" in e.final["mean"]:
             lines.append(f"| final test accuracy (mean ± std) | {_mean_pm(e.final, 'test_accuracy')} |")

@@ -443,3 +443,9 @@ class Trainer(ABC, Generic[ConfigT]):
         """More (label, text) rows of the reference run's table, in ``report.md`` and in its
         section of ``index.md``, from ``final.json``."""
         return []
+
+    def test_notes(self, final: dict[str, Any]) -> list[str]:
+        """Sentences for ``report.md`` under the test figures: what they measure in the run
+        ``final.json`` describes, where that depends on its settings (how a model is scored,
+        what its loss adds up)."""
+        return []

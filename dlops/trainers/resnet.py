@@ -27,12 +27,14 @@ from dlops.errors import DlopsError
 from dlops.losses import LOSSES, TRIPLET_MINING, Loss
 from dlops.metrics import centroid_scores, class_centroids, topk_correct
 from dlops.models import MODELS
+from dlops.trainers import resnet_report
 from dlops.trainers.base import (
     HISTORY_KEYS,
     MAX_LR,
     FitResult,
     ProgressFn,
     ReportFn,
+    Table,
     Trainer,
     autocast,
     centroids_of,
@@ -429,6 +431,7 @@ class ResNetTrainer(Trainer[TrainConfig]):
     metrics = HISTORY_KEYS
     title = "ResNet18"
     index_by_loss = True
+    report_figures = ((resnet_report.TRIPLET_FIGURE, resnet_report.TRIPLET_CAPTION),)  # a triplet run's only
 
     def validate(self, config: TrainConfig) -> None:
         validate_config(config)
@@ -467,6 +470,22 @@ class ResNetTrainer(Trainer[TrainConfig]):
         model.load_state_dict(saved["model"])
         loss_fn.load_state_dict(saved["loss"])
         return _test_figures(model, loss_fn, dataset, dataset.test(), device, config.eval_batch_size)
+
+    # ---- the written report (dlops.trainers.resnet_report)
+    def final_problem(self, final: dict[str, Any]) -> str | None:
+        return resnet_report.diagnostics_problem(final)
+
+    def final_plots(self, final: dict[str, Any], out_dir: Path) -> list[Path]:
+        return resnet_report.triplet_plots(final, out_dir)
+
+    def report_tables(self, final: dict[str, Any]) -> list[Table]:
+        return resnet_report.triplet_table(final)
+
+    def figure_captions(self, final: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return self.report_figures if resnet_report.has_triplet_diagnostics(final) else ()
+
+    def test_notes(self, final: dict[str, Any]) -> list[str]:
+        return resnet_report.test_notes(final)
 
 
 TRAINER = ResNetTrainer()
