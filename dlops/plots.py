@@ -69,9 +69,13 @@ def write_curves(final: dict[str, Any], out_dir: Path) -> list[Path]:
     metric = final.get("metric")
     if metric and metric not in {k for k, _ in panels}:  # the study's objective, next to the training curves
         panels.insert(2, (metric, f"validation {metric.removeprefix('val_').replace('top', 'top-')}"))
-    loss = (final.get("config") or {}).get("loss")
+    config = final.get("config") or {}
+    loss = config.get("loss")
     if loss in LOSS_CURVE_TITLES:  # what "training loss" sums: not the same quantity for every loss
-        panels[0] = ("train_loss", LOSS_CURVE_TITLES[loss])
+        title = LOSS_CURVE_TITLES[loss]
+        if loss == "triplet" and config.get("triplet_mining") == "weighted":
+            title = title.replace("batch-hard", "weighted batch-hard")
+        panels[0] = ("train_loss", title)
     n = len(histories)
     title = f"{final['spec']} on {final['dataset']['name']}: {plural(n, 'seed')}, {plural(final['epochs'], 'epoch')}"
     return [save_figure(plot_training_curves(histories, panels, title), out_dir / "curves.png")]

@@ -18,6 +18,7 @@ from dlops import plots
 from dlops.cli import app
 from dlops.dashboard import read_note, trial_id
 from dlops.spec import Add, spec_table
+from dlops.trainers import resnet_report
 from tests.specs import write_spec
 
 FAST = {"width": Add(8), "batch_size": 32, "eval_batch_size": Add(256)}
@@ -153,10 +154,18 @@ def test_the_training_loss_panel_names_what_the_loss_adds_up(
         return real(histories, panels, title)
 
     monkeypatch.setattr(plots, "plot_training_curves", spy)
-    for spec in ("m-ce", "m-triplet", "m-center"):
-        plots.write_curves(json.loads((runs["reports"] / spec / "final.json").read_text()), tmp_path)
+    finals = [
+        json.loads((runs["reports"] / spec / "final.json").read_text()) for spec in ("m-ce", "m-triplet", "m-center")
+    ]
+    weighted = json.loads(json.dumps(finals[1]))
+    weighted["config"]["triplet_mining"] = "weighted"
+    for final in [*finals, weighted]:
+        plots.write_curves(final, tmp_path)
     assert drawn == [
         "training loss (cross-entropy)",
         "training loss (batch-hard triplet)",
         "training loss (cross-entropy + center term)",
+        "training loss (weighted batch-hard triplet)",
     ]
+    assert resnet_report.test_notes(weighted)[0].startswith("Batch-hard triplet loss with softmax-weighted mining (")
+    assert resnet_report.test_notes(finals[1])[0].startswith("Batch-hard triplet loss (hinge, margin")

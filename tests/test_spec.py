@@ -41,6 +41,8 @@ def test_builtin_resnet_specs_search_lr_around_the_baseline(loss: str) -> None:
         assert spec.search["triplet_soft"].choices == (True, False)
         assert spec.search["margin"].when == (("triplet_soft", False),)
         assert base.embedding_dim > 0 and base.embedding_bn
+        # the baseline mines batch-hard triplets; the study may soften the mining
+        assert spec.search["triplet_mining"].choices == ("hard", "weighted") and base.triplet_mining == "hard"
     if loss == "center":
         assert {"center_lambda", "center_alpha"} <= set(spec.search)
 

@@ -107,7 +107,7 @@ def test_cli_run_show_and_list(tmp_path: Path, dlops_home: Path) -> None:
     # soft margin or hinge; the margin only for the hinge
     assert info["best"]["number"] in (0, 1) and {"lr", "triplet_soft"} <= set(info["best"]["params"])
     assert (
-        info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2}
+        info["trials"][0]["params"] == {"lr": 1e-3, "triplet_soft": False, "margin": 0.2, "triplet_mining": "hard"}
         and info["trials"][0]["baseline"]
     )
     for t in info["trials"]:

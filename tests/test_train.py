@@ -201,6 +201,18 @@ def test_triplet_violated_fraction_falls_while_a_run_learns() -> None:
     assert run.metrics["val_top1"] > 0.9
 
 
+def test_weighted_mining_trains_its_own_model_and_learns() -> None:
+    # The same easy data, seed and first batches: the weighted means sit between an anchor's
+    # nearest and farthest pairs, so its first epoch's loss is below batch-hard's, and the run
+    # learns as well.
+    config = small("triplet", subset_classes=4, subset_per_class=None, augment=False, lr=0.2, epochs=3)
+    hard = fit(config)
+    weighted = fit(config.replace(triplet_mining="weighted"))
+    assert weighted.history["train_loss"][0] < hard.history["train_loss"][0] - 0.05
+    assert weighted.metrics["val_top1"] > 0.9
+    assert weighted.history["triplet_neg_dist"][-1] > weighted.history["triplet_pos_dist"][-1]
+
+
 def test_the_margin_changes_the_run_once_triplets_are_satisfied() -> None:
     # Easy data, as above: once anchors satisfy their hardest triplet, the hinge switches
     # off for them at a distance gap that depends on the margin, so a larger margin drives

@@ -106,8 +106,13 @@ def test_notes(final: dict[str, Any]) -> list[str]:
             else "hinge"
         )
         embedding = "L2-normalised embedding" if config.get("normalize_embedding", True) else "embedding"
+        mining = (
+            "Batch-hard triplet loss with softmax-weighted mining"
+            if config.get("triplet_mining") == "weighted"
+            else "Batch-hard triplet loss"
+        )
         return [
-            f"Batch-hard triplet loss ({margin}): the model has no classifier. Its test top-1 and top-5 rank "
+            f"{mining} ({margin}): the model has no classifier. Its test top-1 and top-5 rank "
             f"the classes by the distance of a test image's {embedding} to each class centroid, the "
             f"mean embedding of {per_class}, taken after the last epoch. It has no test loss "
             "(–). The training accuracy in the curves is the nearest-centroid top-1 of each epoch's own "
