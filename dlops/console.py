@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dlops.run_data import short_subset_text, study_data_text
 from dlops.storage import mask_url
 from dlops.studies import trial_ending
 from dlops.text import plural
@@ -73,8 +74,27 @@ def trial_end_line(trial: FrozenTrial, metric: str | None, best: tuple[int, floa
     return f"{label}  {end.kind}"
 
 
+NOT_RECORDED = "not recorded (a study of plain Optuna or of an older dlops)"
+
+
+def trains_on_rows(on: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The summary's rows of what a study trains on (:func:`dlops.studies.trains_on`): the
+    dataset with its subset, classes and chance level, and the epochs a trial trains."""
+    if on is None:
+        return [("data", NOT_RECORDED)]
+    if on["dataset"] is None:
+        data = "not recorded"
+    elif on["epochs_per_trial"] is None:  # no config recorded: the subset is not known either
+        data = f"{on['dataset']} (subset not recorded)"
+    else:
+        data = study_data_text(on["dataset"], on, on["classes"])
+    return [("data", data), ("epochs per trial", str(on["epochs_per_trial"] or "not recorded"))]
+
+
 def print_study_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"study {escape(summary['name'])}", show_header=False)
+    for label, text in trains_on_rows(summary.get("trains_on")):
+        table.add_row(label, escape(text))
     best = summary["best"]
     if best:
         table.add_row(f"best {summary['metric'] or 'value'}", f"{best['value']:.4f} (trial {best['number']})")
@@ -93,11 +113,15 @@ def print_study_list(rows: list[dict[str, Any]], url: str, absent: str | None = 
         why = f": {absent}" if absent else ""
         console.print(f"no studies yet in {mask_url(url)}{why}", markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table("study", "trials", "complete", "pruned", "fail", "best")
-    for r in rows:
+    table = Table("study", "data", "epochs/trial", "trials", "complete", "pruned", "fail", "best")
+    table.columns[0].no_wrap = True  # a narrow terminal wraps the data, not the study's name
+    cells = [trains_on_cells(r.get("trains_on")) for r in rows]
+    for r, (data, epochs) in zip(rows, cells, strict=True):
         best = "n/a" if r.get("note") else "-" if r["best_value"] is None else f"{r['best_value']:.4f}"
         table.add_row(
             escape(r["name"]),
+            escape(data),
+            epochs,
             str(r["n_trials"]),
             str(r["states"].get("COMPLETE", 0)),
             str(r["states"].get("PRUNED", 0)),
@@ -105,9 +129,21 @@ def print_study_list(rows: list[dict[str, Any]], url: str, absent: str | None = 
             best,
         )
     console.print(table)
+    if any("?" in data + epochs for data, epochs in cells):
+        say(f"?: {NOT_RECORDED}")
     for r in rows:
         if r.get("note"):
             say(f"{r['name']}: {r['note']}")
+
+
+def trains_on_cells(on: dict[str, Any] | None) -> tuple[str, str]:
+    """``dlops study list``'s data cell (the dataset, with its subset where there is one:
+    ``tiny-imagenet, 10 classes x 20``) and epochs cell; ``?`` for what is not recorded."""
+    if on is None:
+        return "?", "?"
+    epochs = on["epochs_per_trial"]
+    subset = "subset ?" if epochs is None else short_subset_text(on)  # no config recorded: no subset known
+    return ", ".join(c for c in (on["dataset"] or "?", subset) if c), str(epochs or "?")
 
 
 def print_study_trials(info: dict[str, Any]) -> None:

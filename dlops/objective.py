@@ -31,6 +31,7 @@ from dlops.paths import checkpoints_dir, default_storage_url, dlops_home, folder
 from dlops.spec import ParamSpec, StudySpec
 from dlops.stopping import GracefulStop, TrialInterrupted, interrupted, taken_over
 from dlops.storage import StorageLost, journal_path, server_identity, sqlite_path, storage_kind, storage_outage
+from dlops.studies import SETTINGS_KEY
 from dlops.text import plural
 from dlops.trainers import get_trainer
 from dlops.trainers.base import (
@@ -112,9 +113,6 @@ def distribution(p: ParamSpec) -> optuna.distributions.BaseDistribution:
         assert p.low is not None and p.high is not None
         return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
     return optuna.distributions.CategoricalDistribution(list(p.choices))
-
-
-SETTINGS_KEY = "settings"  # study user attr: the config of the run that prepared it first (its fixed settings)
 
 
 def study_settings(spec: StudySpec, options: RunOptions) -> dict[str, Any]:

@@ -61,7 +61,6 @@ from dlops.liveness import (
 )
 from dlops.notes import RunNotes, StudyContext
 from dlops.objective import (
-    SETTINGS_KEY,
     EpochCallback,
     RunOptions,
     baseline_params,
@@ -87,12 +86,19 @@ from dlops.storage import (
     sqlite_path,
     storage_outage,
 )
-from dlops.studies import FINISHED, StudyResult, state_counts, study_still_there, summarize
+from dlops.studies import (
+    DATA_KEY,
+    FINISHED,
+    SETTINGS_KEY,
+    StudyResult,
+    state_counts,
+    study_still_there,
+    summarize,
+)
 from dlops.text import plural
 from dlops.trainers.base import resolve_device
 
 RUNS_KEY = "dlops:runs"  # study system attr: how many runs have joined the study
-DATA_KEY = "data"  # study user attr: the data its values are measured on (dlops.data.data_identity)
 BASELINE_ATTR = "baseline"  # user attr of a baseline trial (a retried copy inherits it)
 
 Say = Callable[[str], None]

@@ -14,9 +14,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dlops.errors import DlopsError
+from dlops.run_data import positive_int, subset_of
 from dlops.storage import NoStorageYet, mask_url, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SETTINGS_KEY = "settings"  # study user attr: the config of the run that prepared it first (its fixed settings)
+DATA_KEY = "data"  # study user attr: the data its values are measured on (dlops.data.data_identity)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -43,8 +46,41 @@ def require_dlops_study(study: optuna.Study) -> optuna.Study:
     return study
 
 
+def recorded_config(study: optuna.Study) -> dict[str, Any] | None:
+    """The config a study records its trials train with: its own record (:data:`SETTINGS_KEY`),
+    else (a study of an older dlops) its latest trial's; None where it records neither."""
+    settings = study.user_attrs.get(SETTINGS_KEY)
+    if isinstance(settings, dict):
+        return settings
+    configs = [t.user_attrs.get("config") for t in study.get_trials(deepcopy=False)]
+    return next((c for c in reversed(configs) if isinstance(c, dict)), None)
+
+
+def trains_on(study: optuna.Study) -> dict[str, Any] | None:
+    """What a study's trials train on, from what it records: the dataset, its classes (those
+    of the subset, where there is one), the subset (``--subset-classes``,
+    ``--subset-per-class``; None for all) and the epochs a trial trains; each None where
+    unrecorded, the whole None where it records none of it (a study of plain Optuna)."""
+    config = recorded_config(study) or {}
+    data = study.user_attrs.get(DATA_KEY)
+    data = data if isinstance(data, dict) else {}
+    names = (config.get("dataset"), study.user_attrs.get("dataset"), data.get("dataset"))
+    dataset = next((d for d in names if isinstance(d, str) and d), None)
+    if not config and dataset is None:
+        return None
+    subset_classes, subset_per_class = subset_of(config)
+    return {
+        "dataset": dataset,
+        "classes": subset_classes or positive_int(data.get("classes")),
+        "subset_classes": subset_classes,
+        "subset_per_class": subset_per_class,
+        "epochs_per_trial": positive_int(config.get("epochs")),
+    }
+
+
 def summarize(study: optuna.Study) -> dict[str, Any]:
-    """JSON-ready summary: name, direction, metric, states, best trial, user attrs."""
+    """JSON-ready summary: name, direction, metric, what it trains on (:func:`trains_on`),
+    states, best trial, user attrs."""
     require_dlops_study(study)
     counts = state_counts(study)
     best = None
@@ -62,6 +98,7 @@ def summarize(study: optuna.Study) -> dict[str, Any]:
         "name": study.study_name,
         "direction": study.direction.name.lower(),
         "metric": study.metric_names[0] if study.metric_names else None,
+        "trains_on": trains_on(study),
         "n_trials": sum(counts.values()),
         "states": {k: v for k, v in counts.items() if v},
         "best": best,
@@ -99,8 +136,7 @@ def _planned_epochs(trial: FrozenTrial) -> int | None:
     """The epochs a trial's recorded config planned, or None where it records none that
     makes sense (a study made by plain Optuna may hold any ``config`` attr, or none)."""
     config = trial.user_attrs.get("config")
-    epochs = config.get("epochs") if isinstance(config, dict) else None
-    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else None
+    return positive_int(config.get("epochs")) if isinstance(config, dict) else None
 
 
 @dataclass(frozen=True)
@@ -161,8 +197,8 @@ def epochs_summary(trials: Iterable[FrozenTrial]) -> dict[str, Any] | None:
 
 
 def list_studies(url: str) -> list[dict[str, Any]]:
-    """One row per study in the storage ``url``: name, trial count, states, best value
-    (none where its file does not exist yet; nothing is created)."""
+    """One row per study in the storage ``url``: name, what it trains on (:func:`trains_on`),
+    trial count, states, best value (none where its file does not exist yet; nothing is created)."""
     return study_listing(url)[0]
 
 
@@ -186,6 +222,7 @@ def _rows(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "name": s.study_name,
+                    "trains_on": trains_on(study),
                     "n_trials": sum(counts.values()),
                     "states": {k: v for k, v in counts.items() if v},
                     "best_value": None,
@@ -197,6 +234,7 @@ def _rows(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": s.study_name,
+                "trains_on": summary["trains_on"],
                 "n_trials": summary["n_trials"],
                 "states": summary["states"],
                 "best_value": summary["best"]["value"] if summary["best"] else None,

@@ -1047,3 +1047,93 @@ def test_the_data_can_live_under_dlops_data_for_every_command(
     monkeypatch.delenv("DLOPS_DATA")  # without it, the data is not where $DLOPS_HOME keeps it
     missing = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
     assert missing.exit_code == 2 and "dlops data fetch tiny-imagenet" in missing.output, missing.output
+
+
+# --- what study show and study list say a study trains on ---------------------------------------
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    """The cells of each row of the tables in ``output`` (rich's box lines, one row a line)."""
+    return [[c.strip() for c in line.strip("│ ").split("│")] for line in output.splitlines() if line.startswith("│")]
+
+
+def test_study_show_and_list_say_the_data_its_subset_and_the_epochs_per_trial(
+    tmp_path: Path, dlops_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two dlops studies of one spec, all of digits and 6 classes x 20 images, tell apart in
+    `study show` and `study list` (text and JSON), with the chance level that reads the best
+    value; a study of plain Optuna, and of an older dlops that recorded a dataset but no
+    settings, or no study record but its trials' configs, say what they do not record."""
+    from dlops.spec import REMOVE
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row a line
+    spec = tiny_spec(tmp_path, "ce", epochs=1, overrides={"train": {"subset_per_class": REMOVE}})
+    runner = CliRunner()
+    full = runner.invoke(app, ["study", "run", str(spec), "--n-trials", "1", "--device", "cpu"])
+    assert full.exit_code == 0, full.output
+    all_digits = ["data", "digits (10 classes); chance: top-1 0.10, top-5 0.50"]
+    assert all_digits in _table_rows(full.output)  # the summary a run ends with says it too
+    few = runner.invoke(
+        app,
+        [
+            *("study", "run", str(spec), "--study-name", "few", "--subset-classes", "6", "--subset-per-class", "20"),
+            *("--epochs", "2", "--n-trials", "1", "--device", "cpu"),
+        ],
+    )
+    assert few.exit_code == 0, few.output
+    url = default_storage_url()
+    optuna.create_study(study_name="plain", storage=url, direction="maximize").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=1
+    )
+    optuna.create_study(study_name="older", storage=url, direction="maximize").set_user_attr("dataset", "digits")
+
+    shown = runner.invoke(app, ["study", "show", "tiny-ce"])
+    assert shown.exit_code == 0, shown.output
+    assert all_digits in _table_rows(shown.output) and ["epochs per trial", "1"] in _table_rows(shown.output)
+    few_rows = [
+        [
+            "data",
+            "digits, subset: the first 6 classes, 20 training images each (6 classes); chance: top-1 0.17, top-5 0.83",
+        ],
+        ["epochs per trial", "2"],
+    ]
+    shown = runner.invoke(app, ["study", "show", "few"])
+    assert shown.exit_code == 0 and _table_rows(shown.output)[:2] == few_rows, shown.output
+    few_json = {"dataset": "digits", "classes": 6, "subset_classes": 6, "subset_per_class": 20, "epochs_per_trial": 2}
+    assert json.loads(runner.invoke(app, ["study", "show", "few", "--json"]).output)["trains_on"] == few_json
+    plain = runner.invoke(app, ["study", "show", "plain"])
+    assert plain.exit_code == 0 and "Traceback" not in plain.output, plain.output
+    assert _table_rows(plain.output)[0] == ["data", "not recorded (a study of plain Optuna or of an older dlops)"]
+    assert json.loads(runner.invoke(app, ["study", "show", "plain", "--json"]).output)["trains_on"] is None
+    older = runner.invoke(app, ["study", "show", "older"])
+    assert older.exit_code == 0, older.output
+    assert _table_rows(older.output)[:2] == [
+        ["data", "digits (subset not recorded)"],
+        ["epochs per trial", "not recorded"],
+    ]
+
+    listed = runner.invoke(app, ["study", "list"])
+    assert listed.exit_code == 0, listed.output
+    rows = _table_rows(listed.output)
+    assert [r[:3] for r in rows] == [
+        ["tiny-ce", "digits", "1"],
+        ["few", "digits, 6 classes x 20", "2"],
+        ["plain", "?", "?"],
+        ["older", "digits, subset ?", "?"],
+    ]
+    assert rows[0][3:7] == rows[1][3:7] == ["1", "1", "0", "0"]  # trials, complete, pruned, fail: in place
+    assert "?: not recorded (a study of plain Optuna or of an older dlops)" in listed.output.splitlines()
+    listing = json.loads(runner.invoke(app, ["study", "list", "--json"]).output)["studies"]
+    no_subset = {"subset_classes": None, "subset_per_class": None}
+    assert [r["trains_on"] for r in listing] == [
+        {"dataset": "digits", "classes": 10, **no_subset, "epochs_per_trial": 1},
+        few_json,
+        None,
+        {"dataset": "digits", "classes": None, **no_subset, "epochs_per_trial": None},  # only its dataset recorded
+    ]
+
+    # a study from before dlops recorded its settings reads them from its latest trial's config
+    optuna.load_study(study_name="few", storage=url).set_user_attr("settings", None)
+    assert json.loads(runner.invoke(app, ["study", "show", "few", "--json"]).output)["trains_on"] == few_json
+    listed = runner.invoke(app, ["study", "list"])
+    assert _table_rows(listed.output)[1][:3] == ["few", "digits, 6 classes x 20", "2"]
