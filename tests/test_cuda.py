@@ -100,12 +100,21 @@ def test_device_loader_gives_the_cpu_loaders_crops_flips_and_normalised_batches(
 # --------------------------------------------------------------------------- fit on real images
 
 
-@pytest.mark.parametrize("loss", ["ce", "triplet", "center"])
-def test_fit_on_cuda_learns_the_sample_and_repeats_with_the_same_seed(loss: str, sample_root: Path) -> None:
+# The triplet loss also with softly weighted mining (its softmax over distance rows)
+LOSS_VARIANTS = {"ce": {}, "triplet": {}, "triplet-weighted": {"triplet_mining": "weighted"}, "center": {}}
+
+
+def _loss_of(variant: str) -> str:
+    return variant.split("-")[0]
+
+
+@pytest.mark.parametrize("variant", list(LOSS_VARIANTS))
+def test_fit_on_cuda_learns_the_sample_and_repeats_with_the_same_seed(variant: str, sample_root: Path) -> None:
     dataset = get_dataset("tiny-imagenet", sample_root)
     assert dataset.num_classes == 200 and dataset.image_shape == (3, 64, 64)
     config = TrainConfig(
-        loss=loss,
+        **LOSS_VARIANTS[variant],
+        loss=_loss_of(variant),
         dataset="tiny-imagenet",
         data_root=str(sample_root),
         epochs=4,
@@ -132,12 +141,13 @@ def test_fit_on_cuda_learns_the_sample_and_repeats_with_the_same_seed(loss: str,
 # --------------------------------------------------------------------------- bf16 against fp32
 
 
-@pytest.mark.parametrize("loss", ["ce", "triplet", "center"])
-def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(loss: str) -> None:
+@pytest.mark.parametrize("variant", list(LOSS_VARIANTS))
+def test_bf16_autocast_matches_fp32_on_the_same_weights_and_batch(variant: str) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = ResNet18(200, 3, 64).to(device).to(memory_format=torch.channels_last).eval()  # BN on running stats
-    loss_fn = LOSSES[loss](200, model.embedding_dim).to(device).eval()  # eval: the centers stay put between calls
+    # eval: the centers stay put between calls
+    loss_fn = LOSSES[_loss_of(variant)](200, model.embedding_dim, **LOSS_VARIANTS[variant]).to(device).eval()
     x = torch.randn(128, 3, 64, 64, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.arange(32, device=device).repeat_interleave(4)  # P x K: triplets have positives
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -36,7 +36,7 @@ class PKSampler:
 
     Classes are drawn without replacement within a batch; images without replacement
     within a class when it has at least ``K`` (with replacement otherwise). An epoch
-    has ``len(labels) // (P * K)`` batches, as many images as a shuffled epoch, but each
+    has ``len(labels) // (P * K)`` batches, at most one batch fewer than a shuffled epoch, but each
     batch is drawn on its own, so an epoch is not one pass over the data: it sees about
     63% (1 - 1/e) of the images at least once, some several times. Every index of a
     batch is grouped by class: ``K`` of class ``c_1``, then ``K`` of ``c_2``, ...
