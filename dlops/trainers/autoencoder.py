@@ -797,7 +797,8 @@ class AutoencoderTrainer(Trainer[AEConfig]):
                 isinstance(restored, list) and all(type(n) is int and n >= 0 for n in restored)
             ):
                 return f"per_seed[{i}].resumed_pretraining_epochs is not a list of epoch counts"
-        pretraining = final["dataset"].get("pretraining")
+        dataset = final.get("dataset")
+        pretraining = dataset.get("pretraining") if isinstance(dataset, dict) else None
         if pretraining is not None:
             if not isinstance(pretraining, dict) or not isinstance(pretraining.get("split"), str):
                 return "dataset.pretraining is not an object with a split"
