@@ -78,7 +78,7 @@ def test_device_script_rehearses_every_stage_on_the_cpu(tmp_path: Path) -> None:
     assert status == {s: ("skipped" if s == "fetch" and not with_sample else "ok") for s in STAGES}
     if not with_sample:
         assert "no Tiny ImageNet sample at" in log
-    assert re.fullmatch(r"12 skipped in [\d.]+s", summary["cuda_tests"])  # pytest -m cuda skips on the CPU
+    assert re.fullmatch(r"14 skipped in [\d.]+s", summary["cuda_tests"])  # pytest -m cuda skips on the CPU
     assert "no CUDA GPU visible" in log  # ...with the reason
     assert summary["versions"]["cuda_available"] is False and summary["versions"]["packages"]["optuna"]
     assert summary["versions"]["dlops"]["from"] == str(ROOT / "dlops")  # the checkout's code, not a copy

@@ -205,8 +205,8 @@ def test_final_writes_the_report_folder(studied):
 
 
 def test_the_dashboard_shows_the_files_on_the_best_trial(studied, monkeypatch):
-    """Through optuna-dashboard's own WSGI app: the best trial lists final.json and
-    curves.png, and serves their bytes."""
+    """Through optuna-dashboard's own WSGI app: the best trial lists final.json,
+    curves.png and (a triplet run) triplet.png, and serves their bytes."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
@@ -229,7 +229,7 @@ def test_the_dashboard_shows_the_files_on_the_best_trial(studied, monkeypatch):
     trials = {t["number"]: t for t in json.loads(body)["trials"]}
     best = studied.study.best_trial.number
     files = {a["filename"]: a for a in trials[best]["artifacts"]}
-    assert set(files) == {"final.json", "curves.png"}
+    assert set(files) == {"final.json", "curves.png", "triplet.png"}
     assert all(not t["artifacts"] for n, t in trials.items() if n != best)
     status, body = get(f"/artifacts/{study_id}/{trials[best]['trial_id']}/{files['final.json']['artifact_id']}")
     assert status.startswith("200")
