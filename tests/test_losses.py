@@ -18,16 +18,22 @@ from dlops.losses import (
 )
 
 
-def naive_hardest(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(farthest positive, nearest negative) distance of every anchor that has both."""
+def naive_anchor_distances(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each anchor's distances to its positives and to its negatives, one anchor at a time,
+    for every anchor that has both."""
     out = []
     n = len(labels)
     for a in range(n):
         pos = [torch.linalg.vector_norm(emb[a] - emb[p]) for p in range(n) if p != a and labels[p] == labels[a]]
         neg = [torch.linalg.vector_norm(emb[a] - emb[q]) for q in range(n) if labels[q] != labels[a]]
         if pos and neg:
-            out.append((torch.stack(pos).max(), torch.stack(neg).min()))
+            out.append((torch.stack(pos), torch.stack(neg)))
     return out
+
+
+def naive_hardest(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(farthest positive, nearest negative) distance of every anchor that has both."""
+    return [(dp.max(), dn.min()) for dp, dn in naive_anchor_distances(emb, labels)]
 
 
 def naive_batch_hard(emb: torch.Tensor, labels: torch.Tensor, margin: float, soft: bool = False) -> torch.Tensor:
@@ -70,16 +76,11 @@ def test_soft_margin_batch_hard_triplet_matches_naive_loop(seed: int) -> None:
 
 def naive_weighted(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(softmax(d)-weighted positive, softmax(-d)-weighted negative) distance of every
-    anchor that has both, one anchor at a time (Ristani & Tomasi 2018)."""
+    anchor that has both (Ristani & Tomasi 2018)."""
     out = []
-    n = len(labels)
-    for a in range(n):
-        pos = [torch.linalg.vector_norm(emb[a] - emb[p]) for p in range(n) if p != a and labels[p] == labels[a]]
-        neg = [torch.linalg.vector_norm(emb[a] - emb[q]) for q in range(n) if labels[q] != labels[a]]
-        if pos and neg:
-            dp, dn = torch.stack(pos), torch.stack(neg)
-            wp, wn = torch.exp(dp) / torch.exp(dp).sum(), torch.exp(-dn) / torch.exp(-dn).sum()
-            out.append(((wp * dp).sum(), (wn * dn).sum()))
+    for dp, dn in naive_anchor_distances(emb, labels):
+        wp, wn = torch.exp(dp) / torch.exp(dp).sum(), torch.exp(-dn) / torch.exp(-dn).sum()
+        out.append(((wp * dp).sum(), (wn * dn).sum()))
     return out
 
 
