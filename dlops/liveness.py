@@ -44,14 +44,8 @@ def of_run(trial: FrozenTrial, run_id: str) -> bool:
     return bool((trial.system_attrs.get(OWNER_KEY) or {}).get(RUN_FIELD) == run_id)
 
 
-def worker_identity() -> dict[str, Any]:
-    return process_identity()
-
-
-def is_dead(owner: dict[str, Any]) -> bool | None:
-    """True when the worker ``owner`` is provably gone, False when it runs, None when it
-    ran on another machine (nothing here can tell)."""
-    return identity_gone(owner)
+worker_identity = process_identity  # this process, as it records itself in a study
+is_dead = identity_gone  # True: provably gone; False: runs; None: ran on another machine
 
 
 def register_process(study: optuna.Study, run_id: str, role: str) -> Callable[[], None]:

@@ -60,17 +60,24 @@ def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(1e-12).sqrt()
 
 
+def _distances_and_pairs(
+    embedding: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distance matrix of a batch's embeddings, and which pairs are positives (same
+    label, not the anchor itself) and negatives."""
+    d = pairwise_distances(at_least_fp32(embedding))
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return d, same & ~eye, ~same
+
+
 def batch_hard_distances(
     embedding: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch-hard mining (Hermans, Beyer & Leibe 2017): for every anchor, ``d_ap`` = the
     distance to its farthest positive (same label, not itself), ``d_an`` = the distance to
     its nearest negative, and ``valid`` = whether it has at least one of each."""
-    d = pairwise_distances(at_least_fp32(embedding))
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos_mask = same & ~eye
-    neg_mask = ~same
+    d, pos_mask, neg_mask = _distances_and_pairs(embedding, labels)
     d_ap = torch.where(pos_mask, d, torch.zeros_like(d)).amax(1)
     d_an = torch.where(neg_mask, d, torch.full_like(d, float("inf"))).amin(1)
     return d_ap, d_an, pos_mask.any(1) & neg_mask.any(1)
@@ -86,11 +93,7 @@ def batch_weighted_distances(
     negative weigh most, as in batch-hard mining, but every pair gets a share of the
     gradient (the weights are differentiated through, as in their formulation).
     ``valid`` as in :func:`batch_hard_distances`."""
-    d = pairwise_distances(at_least_fp32(embedding))
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos_mask = same & ~eye
-    neg_mask = ~same
+    d, pos_mask, neg_mask = _distances_and_pairs(embedding, labels)
     w_p = torch.softmax(d.masked_fill(~pos_mask, float("-inf")), dim=1).nan_to_num(0.0)
     w_n = torch.softmax((-d).masked_fill(~neg_mask, float("-inf")), dim=1).nan_to_num(0.0)
     return (w_p * d).sum(1), (w_n * d).sum(1), pos_mask.any(1) & neg_mask.any(1)

@@ -323,6 +323,7 @@ def pretraining_text(final: dict[str, Any]) -> str | None:
     return f"{first}{owner} {available:,} {kind}"
 
 
+@torch.no_grad()
 def reconstruction_loss(stack: AutoencoderStack, layer: int, loader: BatchLoader) -> float:
     """Mean squared reconstruction error of autoencoder ``layer`` over a loader."""
     stack.eval()
